@@ -1,0 +1,41 @@
+//! Types, wire contract and registry code shared by braid's coordinator, agent
+//! and CLI. Nothing here knows about servers.
+#![forbid(unsafe_code)]
+
+pub mod buildargs;
+pub mod context;
+pub mod digest;
+pub mod dockerignore;
+pub mod limits;
+pub mod oci;
+pub mod platform;
+pub mod reference;
+pub mod settings;
+pub mod telemetry;
+
+pub use digest::Digest;
+pub use platform::Platform;
+pub use reference::ImageRef;
+
+/// Code generated from `proto/braid/v1/braid.proto`.
+pub mod proto {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("braid.v1");
+
+    /// The encoded descriptor set, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/braid_descriptor.bin"));
+}
+
+/// This build of braid, as reported by agents and `--version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// At most `max` bytes of `s`, cut on a character boundary, for quoting
+/// untrusted input in an error without echoing all of it.
+pub fn shorten(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}

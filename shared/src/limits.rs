@@ -1,0 +1,36 @@
+//! Every size braid accepts has a limit; they are all here.
+
+/// Largest gRPC message either side decodes.
+pub const GRPC_MESSAGE_BYTES: usize = 8 << 20;
+/// Chunk size for streamed contexts.
+pub const CONTEXT_CHUNK_BYTES: usize = 1 << 20;
+/// Default bound on a context's file contents (coordinator-configurable).
+pub const CONTEXT_BYTES: u64 = 4 << 30;
+/// Bound on a context's entries.
+pub const CONTEXT_ENTRIES: u64 = 1_000_000;
+/// Longest path inside a context.
+pub const CONTEXT_PATH_BYTES: usize = 4096;
+/// Platforms in one build.
+pub const PLATFORMS: usize = 32;
+/// Tags in one build.
+pub const TAGS: usize = 64;
+/// Build args, and labels, in one build.
+pub const BUILD_ARGS: usize = 256;
+/// Bytes of one build-arg or label key.
+pub const ARG_KEY_BYTES: usize = 256;
+/// Bytes of one build-arg or label value.
+pub const ARG_VALUE_BYTES: usize = 16 << 10;
+/// Size of an inline Dockerfile.
+pub const DOCKERFILE_BYTES: usize = 1 << 20;
+/// Bytes of one log line; longer lines are cut.
+pub const LOG_LINE_BYTES: usize = 8 << 10;
+/// Log bytes kept per job; past that a single notice says the log was cut.
+pub const JOB_LOG_BYTES: usize = 16 << 20;
+/// Bytes of an image manifest or config the coordinator reads back.
+pub const MANIFEST_BYTES: usize = 4 << 20;
+/// Length of an agent name.
+pub const AGENT_NAME_BYTES: usize = 128;
+/// Slots one agent may declare.
+pub const AGENT_SLOTS: u32 = 256;
+/// Builds one List call returns.
+pub const LIST_BUILDS: u32 = 500;

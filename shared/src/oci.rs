@@ -1,0 +1,496 @@
+//! OCI images in registries: push an image from an OCI layout by digest, read a
+//! manifest back to verify its platform, and push a multi-platform index.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use futures::TryStreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, RegistryOperation};
+use oci_spec::image::{
+    Arch, Descriptor, DescriptorBuilder, ImageIndex, ImageIndexBuilder, ImageManifest, MediaType,
+    Os, PlatformBuilder,
+};
+
+use crate::digest::Digest;
+use crate::limits;
+use crate::platform::Platform;
+use crate::reference::ImageRef;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// What went wrong talking to a registry or reading an image.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    #[error("registry {registry}: {message}")]
+    Registry { registry: String, message: String },
+    #[error("reading OCI layout {path:?}: {message}")]
+    Layout { path: PathBuf, message: String },
+    #[error("manifest {digest} in {repository}: {message}")]
+    Manifest {
+        repository: String,
+        digest: String,
+        message: String,
+    },
+    #[error("image {digest} is for {found}, not {wanted}")]
+    WrongPlatform {
+        digest: String,
+        found: String,
+        wanted: String,
+    },
+}
+
+/// One platform's image, as an index descriptor needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageDescriptor {
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+/// A registry client that speaks plain HTTP only to the registries named
+/// insecure.
+#[derive(Clone)]
+pub struct Registry {
+    client: Client,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    pub fn new(insecure_registries: &[String]) -> Registry {
+        let config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(insecure_registries.to_vec()),
+            use_monolithic_push: true,
+            ..Default::default()
+        };
+        Registry {
+            client: Client::new(config),
+        }
+    }
+
+    fn err(image: &ImageRef, e: impl std::fmt::Display) -> OciError {
+        OciError::Registry {
+            registry: image.registry().to_owned(),
+            message: e.to_string(),
+        }
+    }
+
+    async fn login(&self, image: &ImageRef, op: RegistryOperation) -> Result<(), OciError> {
+        self.client
+            .auth(&image.to_oci(), &RegistryAuth::Anonymous, op)
+            .await
+            .map(drop)
+            .map_err(|e| Self::err(image, e))
+    }
+
+    /// Pushes the one image in the OCI layout at `layout` to `repository` by
+    /// digest (no tag): blobs the registry lacks, then the manifest's exact
+    /// bytes, so its digest is unchanged.
+    pub async fn push_layout(
+        &self,
+        layout: &Path,
+        repository: &ImageRef,
+    ) -> Result<ImageDescriptor, OciError> {
+        let image = read_layout(layout).await?;
+        self.login(repository, RegistryOperation::Push).await?;
+        let target = repository.at_digest(&image.descriptor.digest).to_oci();
+        for blob in &image.blobs {
+            let exists = self
+                .client
+                .blob_exists(&target, blob.digest.as_str())
+                .await
+                .map_err(|e| Self::err(repository, e))?;
+            if exists {
+                continue;
+            }
+            let path = blob_path(layout, &blob.digest);
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| OciError::Layout {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
+                .map_err(|e| oci_client::errors::OciDistributionError::IoError(e));
+            self.client
+                .push_blob_stream(&target, stream, blob.digest.as_str(), Some(blob.size))
+                .await
+                .map_err(|e| Self::err(repository, e))?;
+        }
+        self.push_manifest_bytes(
+            repository,
+            &image.manifest,
+            &image.descriptor.media_type,
+            &target,
+        )
+        .await?;
+        Ok(image.descriptor)
+    }
+
+    async fn push_manifest_bytes(
+        &self,
+        repository: &ImageRef,
+        bytes: &[u8],
+        media_type: &str,
+        target: &oci_client::Reference,
+    ) -> Result<(), OciError> {
+        let content_type = media_type.parse().map_err(|e| Self::err(repository, e))?;
+        self.client
+            .push_manifest_raw(target, bytes.to_vec(), content_type)
+            .await
+            .map(drop)
+            .map_err(|e| Self::err(repository, e))
+    }
+
+    /// Reads a manifest by digest, checks its bytes hash to it and its
+    /// config names `platform`; returns its descriptor and raw bytes.
+    pub async fn verify_image(
+        &self,
+        repository: &ImageRef,
+        digest: &Digest,
+        platform: &Platform,
+    ) -> Result<(ImageDescriptor, Vec<u8>), OciError> {
+        self.login(repository, RegistryOperation::Pull).await?;
+        let at = repository.at_digest(digest);
+        let manifest_err = |message: String| OciError::Manifest {
+            repository: repository.name(),
+            digest: digest.to_string(),
+            message,
+        };
+        let (bytes, _) = self
+            .client
+            .pull_manifest_raw(
+                &at.to_oci(),
+                &RegistryAuth::Anonymous,
+                &[OCI_MANIFEST, DOCKER_MANIFEST],
+            )
+            .await
+            .map_err(|e| manifest_err(e.to_string()))?;
+        if bytes.len() > limits::MANIFEST_BYTES {
+            return Err(manifest_err(format!(
+                "larger than {} bytes",
+                limits::MANIFEST_BYTES
+            )));
+        }
+        if Digest::of(&bytes) != *digest {
+            return Err(manifest_err("content does not match its digest".to_owned()));
+        }
+        let manifest: ImageManifest = serde_json::from_slice(&bytes)
+            .map_err(|e| manifest_err(format!("not an image manifest: {e}")))?;
+        let media_type = manifest
+            .media_type()
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| OCI_MANIFEST.to_owned());
+        let config = manifest.config();
+        if config.size() > limits::MANIFEST_BYTES as u64 {
+            return Err(manifest_err(format!(
+                "config larger than {} bytes",
+                limits::MANIFEST_BYTES
+            )));
+        }
+        let config_digest: Digest = config
+            .digest()
+            .to_string()
+            .parse()
+            .map_err(|e| manifest_err(format!("{e}")))?;
+        let config_bytes = self
+            .fetch_blob(repository, &config_digest, limits::MANIFEST_BYTES)
+            .await
+            .map_err(|e| manifest_err(format!("reading its config: {e}")))?;
+        let found = config_platform(&config_bytes).map_err(manifest_err)?;
+        if found != *platform {
+            return Err(OciError::WrongPlatform {
+                digest: digest.to_string(),
+                found: found.to_string(),
+                wanted: platform.to_string(),
+            });
+        }
+        let descriptor = ImageDescriptor {
+            digest: digest.clone(),
+            size: bytes.len() as u64,
+            media_type,
+        };
+        Ok((descriptor, bytes.to_vec()))
+    }
+
+    /// Makes the manifest `bytes` (already in `from`) available in `to` too,
+    /// mounting its blobs across repositories of one registry.
+    pub async fn copy_manifest(
+        &self,
+        from: &ImageRef,
+        to: &ImageRef,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<(), OciError> {
+        self.login(to, RegistryOperation::Push).await?;
+        let manifest: ImageManifest =
+            serde_json::from_slice(bytes).map_err(|e| Self::err(from, e))?;
+        let digest = Digest::of(bytes);
+        let target = to.at_digest(&digest).to_oci();
+        let source = from.at_digest(&digest).to_oci();
+        for blob in std::iter::once(manifest.config()).chain(manifest.layers()) {
+            let blob_digest = blob.digest().to_string();
+            if self
+                .client
+                .blob_exists(&target, &blob_digest)
+                .await
+                .map_err(|e| Self::err(to, e))?
+            {
+                continue;
+            }
+            self.client
+                .mount_blob(&target, &source, &blob_digest)
+                .await
+                .map_err(|e| {
+                    Self::err(
+                        to,
+                        format!("mounting {blob_digest} from {}: {e}", from.name()),
+                    )
+                })?;
+        }
+        self.push_manifest_bytes(to, bytes, media_type, &target)
+            .await
+    }
+
+    /// Pushes an index under `tag`.
+    pub async fn push_index(
+        &self,
+        tag: &ImageRef,
+        index: &[u8],
+        media_type: &str,
+    ) -> Result<(), OciError> {
+        self.login(tag, RegistryOperation::Push).await?;
+        self.push_manifest_bytes(tag, index, media_type, &tag.to_oci())
+            .await
+    }
+
+    /// Reads raw manifest bytes by tag or digest (index or image).
+    pub async fn fetch_manifest(
+        &self,
+        reference: &ImageRef,
+    ) -> Result<(Vec<u8>, String), OciError> {
+        self.login(reference, RegistryOperation::Pull).await?;
+        let (bytes, digest) = self
+            .client
+            .pull_manifest_raw(
+                &reference.to_oci(),
+                &RegistryAuth::Anonymous,
+                &[
+                    OCI_INDEX,
+                    DOCKER_MANIFEST_LIST,
+                    OCI_MANIFEST,
+                    DOCKER_MANIFEST,
+                ],
+            )
+            .await
+            .map_err(|e| Self::err(reference, e))?;
+        Ok((bytes.to_vec(), digest))
+    }
+
+    /// Reads one blob fully (bounded by `limit` bytes).
+    pub async fn fetch_blob(
+        &self,
+        repository: &ImageRef,
+        digest: &Digest,
+        limit: usize,
+    ) -> Result<Vec<u8>, OciError> {
+        self.login(repository, RegistryOperation::Pull).await?;
+        let at = repository.at_digest(digest).to_oci();
+        let mut out = Vec::new();
+        let descriptor = oci_client::manifest::OciDescriptor {
+            digest: digest.to_string(),
+            ..Default::default()
+        };
+        self.client
+            .pull_blob(&at, &descriptor, &mut out)
+            .await
+            .map_err(|e| Self::err(repository, e))?;
+        if out.len() > limit {
+            return Err(Self::err(
+                repository,
+                format!("blob {digest} is larger than {limit} bytes"),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// The platform an image config declares.
+pub fn config_platform(config: &[u8]) -> Result<Platform, String> {
+    #[derive(serde::Deserialize)]
+    struct ConfigPlatform {
+        os: String,
+        architecture: String,
+        #[serde(default)]
+        variant: Option<String>,
+    }
+    let c: ConfigPlatform = serde_json::from_slice(config)
+        .map_err(|e| format!("image config without a platform: {e}"))?;
+    let raw = match c.variant.as_deref().filter(|v| !v.is_empty()) {
+        Some(v) => format!("{}/{}/{v}", c.os, c.architecture),
+        None => format!("{}/{}", c.os, c.architecture),
+    };
+    raw.parse()
+        .map_err(|e: crate::platform::PlatformError| e.to_string())
+}
+
+/// An image index over one manifest per platform, as its JSON bytes.
+pub fn build_index(
+    manifests: &[(Platform, ImageDescriptor)],
+    annotations: HashMap<String, String>,
+) -> Result<Vec<u8>, OciError> {
+    let err = |e: &dyn std::fmt::Display| OciError::Manifest {
+        repository: String::new(),
+        digest: String::new(),
+        message: format!("building the index: {e}"),
+    };
+    let mut descriptors: Vec<Descriptor> = Vec::with_capacity(manifests.len());
+    for (platform, image) in manifests {
+        let mut p = PlatformBuilder::default()
+            .os(Os::from(platform.os()))
+            .architecture(Arch::from(platform.arch()));
+        if let Some(v) = platform.variant() {
+            p = p.variant(v.to_owned());
+        }
+        let descriptor = DescriptorBuilder::default()
+            .media_type(MediaType::from(image.media_type.as_str()))
+            .digest(oci_spec::image::Digest::from_str(image.digest.as_str()).map_err(|e| err(&e))?)
+            .size(image.size)
+            .platform(p.build().map_err(|e| err(&e))?)
+            .build()
+            .map_err(|e| err(&e))?;
+        descriptors.push(descriptor);
+    }
+    let mut builder = ImageIndexBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageIndex)
+        .manifests(descriptors);
+    if !annotations.is_empty() {
+        builder = builder.annotations(annotations);
+    }
+    let index: ImageIndex = builder.build().map_err(|e| err(&e))?;
+    serde_json::to_vec(&index).map_err(|e| err(&e))
+}
+
+struct LayoutImage {
+    descriptor: ImageDescriptor,
+    manifest: Vec<u8>,
+    blobs: Vec<Blob>,
+}
+
+struct Blob {
+    digest: Digest,
+    size: u64,
+}
+
+fn blob_path(layout: &Path, digest: &Digest) -> PathBuf {
+    layout.join("blobs/sha256").join(digest.hex())
+}
+
+/// The single image in an OCI layout directory.
+async fn read_layout(layout: &Path) -> Result<LayoutImage, OciError> {
+    let err = |message: String| OciError::Layout {
+        path: layout.to_owned(),
+        message,
+    };
+    let index_bytes = tokio::fs::read(layout.join("index.json"))
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let index: ImageIndex =
+        serde_json::from_slice(&index_bytes).map_err(|e| err(format!("index.json: {e}")))?;
+    let [entry] = index.manifests().as_slice() else {
+        return Err(err(format!(
+            "expected one image, found {}",
+            index.manifests().len()
+        )));
+    };
+    let digest: Digest = entry
+        .digest()
+        .to_string()
+        .parse()
+        .map_err(|e| err(format!("{e}")))?;
+    let manifest = tokio::fs::read(blob_path(layout, &digest))
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    if Digest::of(&manifest) != digest {
+        return Err(err(format!("manifest {digest} does not match its digest")));
+    }
+    let parsed: ImageManifest =
+        serde_json::from_slice(&manifest).map_err(|e| err(format!("manifest: {e}")))?;
+    let mut blobs = Vec::new();
+    for d in std::iter::once(parsed.config()).chain(parsed.layers()) {
+        let digest = d
+            .digest()
+            .to_string()
+            .parse()
+            .map_err(|e| err(format!("{e}")))?;
+        blobs.push(Blob {
+            digest,
+            size: d.size(),
+        });
+    }
+    let media_type = parsed
+        .media_type()
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| entry.media_type().to_string());
+    Ok(LayoutImage {
+        descriptor: ImageDescriptor {
+            digest,
+            size: manifest.len() as u64,
+            media_type,
+        },
+        manifest,
+        blobs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_has_one_descriptor_per_platform() {
+        let image = |c: char| ImageDescriptor {
+            digest: format!("sha256:{}", c.to_string().repeat(64))
+                .parse()
+                .unwrap(),
+            size: 500,
+            media_type: OCI_MANIFEST.to_owned(),
+        };
+        let bytes = build_index(
+            &[
+                ("linux/amd64".parse().unwrap(), image('a')),
+                ("linux/arm/v7".parse().unwrap(), image('b')),
+            ],
+            HashMap::new(),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["schemaVersion"], 2);
+        assert_eq!(v["mediaType"], OCI_INDEX);
+        assert_eq!(v["manifests"][0]["platform"]["architecture"], "amd64");
+        assert_eq!(v["manifests"][1]["platform"]["variant"], "v7");
+        assert_eq!(v["manifests"][1]["mediaType"], OCI_MANIFEST);
+        assert_eq!(v["manifests"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn config_platform_normalizes() {
+        let p =
+            config_platform(br#"{"os":"linux","architecture":"arm64","variant":"v8"}"#).unwrap();
+        assert_eq!(p.to_string(), "linux/arm64");
+        assert!(config_platform(b"{}").is_err());
+    }
+}
