@@ -1,1 +1,111 @@
-fn main() {}
+//! `braid-coordinator`: the farm's gRPC server.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+use braid_coordinator::server::{self, Coordinator};
+use braid_coordinator::settings::{self, Settings};
+use braid_shared::settings::Override;
+use braid_shared::telemetry::{self, LogFormat};
+
+/// Takes multi-platform builds and splits them across native agents.
+///
+/// Every flag is also a key of the --config TOML file and a BRAID_<KEY>
+/// environment variable (e.g. BRAID_DATA_DIR); flags win over variables,
+/// variables over the file.
+#[derive(Debug, Parser)]
+#[command(name = "braid-coordinator", version)]
+struct Args {
+    /// gRPC listen address [default: 127.0.0.1:7700]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Where builds, events and contexts are kept [default: ./braid-data]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML settings file
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Reach this registry over plain HTTP; passed on to agents (repeatable)
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// Serve plaintext gRPC; only allowed on a loopback address
+    #[arg(long)]
+    insecure: bool,
+    /// Seconds without a heartbeat before an agent is lost [default: 30]
+    #[arg(long, value_name = "SECONDS")]
+    agent_lost_seconds: Option<u32>,
+    /// Log format: pretty or json [default: pretty]
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+impl Args {
+    fn overrides(&self) -> Vec<Override> {
+        let mut o: Vec<Override> = Vec::new();
+        if let Some(v) = &self.listen {
+            o.push(("listen", v.clone().into()));
+        }
+        if let Some(v) = &self.data_dir {
+            o.push(("data_dir", v.display().to_string().into()));
+        }
+        if !self.insecure_registries.is_empty() {
+            o.push((
+                "insecure_registries",
+                self.insecure_registries.clone().into(),
+            ));
+        }
+        if self.insecure {
+            o.push(("insecure", true.into()));
+        }
+        if let Some(v) = self.agent_lost_seconds {
+            o.push(("agent_lost_seconds", v.into()));
+        }
+        if let Some(v) = self.log_format {
+            o.push((
+                "log_format",
+                match v {
+                    LogFormat::Pretty => "pretty",
+                    LogFormat::Json => "json",
+                }
+                .into(),
+            ));
+        }
+        o
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let settings: Settings = braid_shared::settings::load(
+        args.config.as_deref(),
+        settings::KEYS,
+        settings::LIST_KEYS,
+        args.overrides(),
+    )?;
+    telemetry::init(settings.log_format);
+    let addr = settings.validate()?;
+    let coordinator =
+        Coordinator::open(settings).context("opening the coordinator's data directory")?;
+    server::serve(coordinator, addr, shutdown_signal()).await?;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutting down");
+}

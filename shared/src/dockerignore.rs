@@ -212,11 +212,7 @@ fn valid_go_glob(pattern: &str) -> bool {
     let mut chars = pattern.chars().peekable();
     while let Some(ch) = chars.next() {
         match ch {
-            '\\' => {
-                if chars.next().is_none() {
-                    return false;
-                }
-            }
+            '\\' if chars.next().is_none() => return false,
             '[' => {
                 if chars.peek() == Some(&'^') {
                     chars.next();

@@ -121,7 +121,7 @@ impl Registry {
                     message: e.to_string(),
                 })?;
             let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
-                .map_err(|e| oci_client::errors::OciDistributionError::IoError(e));
+                .map_err(oci_client::errors::OciDistributionError::IoError);
             self.client
                 .push_blob_stream(&target, stream, blob.digest.as_str(), Some(blob.size))
                 .await

@@ -1,0 +1,43 @@
+//! The coordinator's errors, mapped once to gRPC statuses.
+
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("store: {0}")]
+    Store(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(e: CoordinatorError) -> Status {
+        match e {
+            CoordinatorError::InvalidArgument(m) => Status::invalid_argument(m),
+            CoordinatorError::NotFound(m) => Status::not_found(m),
+            CoordinatorError::FailedPrecondition(m) => Status::failed_precondition(m),
+            CoordinatorError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            CoordinatorError::Store(e) => {
+                tracing::error!(error = %e, "store failure");
+                Status::internal("the coordinator's store failed; see its log")
+            }
+            CoordinatorError::Io(e) => {
+                tracing::error!(error = %e, "i/o failure");
+                Status::internal("the coordinator hit an i/o error; see its log")
+            }
+            CoordinatorError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;

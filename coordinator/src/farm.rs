@@ -1,0 +1,1181 @@
+//! The farm's state: builds, their jobs, connected agents, and every change
+//! to them, written through to the store and broadcast as build events.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc};
+
+use braid_shared::oci::ImageDescriptor;
+use braid_shared::proto::{
+    self, build_event::Kind as EventKind, coordinator_message::Kind as ToAgent,
+};
+use braid_shared::{ImageRef, Platform};
+
+use crate::error::{CoordinatorError, Result};
+use crate::scheduler::{self, AgentView, QueuedJob};
+use crate::store::Store;
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BuildStatus {
+    Queued,
+    Running,
+    Merging,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl BuildStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            BuildStatus::Succeeded | BuildStatus::Failed | BuildStatus::Cancelled
+        )
+    }
+
+    fn to_proto(self) -> proto::BuildState {
+        match self {
+            BuildStatus::Queued => proto::BuildState::Queued,
+            BuildStatus::Running => proto::BuildState::Running,
+            BuildStatus::Merging => proto::BuildState::Merging,
+            BuildStatus::Succeeded => proto::BuildState::Succeeded,
+            BuildStatus::Failed => proto::BuildState::Failed,
+            BuildStatus::Cancelled => proto::BuildState::Cancelled,
+        }
+    }
+}
+
+/// A job's state; the agent and lease travel with the states that have one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobStatus {
+    Pending,
+    Assigned { agent: String, lease: String },
+    Building { agent: String, lease: String },
+    Pushed { agent: String },
+    Verified { agent: String },
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    fn to_proto(&self) -> proto::JobState {
+        match self {
+            JobStatus::Pending => proto::JobState::Pending,
+            JobStatus::Assigned { .. } => proto::JobState::Assigned,
+            JobStatus::Building { .. } => proto::JobState::Building,
+            JobStatus::Pushed { .. } => proto::JobState::Pushed,
+            JobStatus::Verified { .. } => proto::JobState::Verified,
+            JobStatus::Failed => proto::JobState::Failed,
+            JobStatus::Cancelled => proto::JobState::Cancelled,
+        }
+    }
+
+    /// The agent holding a lease on this job, if any.
+    fn leased(&self) -> Option<(&str, &str)> {
+        match self {
+            JobStatus::Assigned { agent, lease } | JobStatus::Building { agent, lease } => {
+                Some((agent, lease))
+            }
+            _ => None,
+        }
+    }
+
+    fn agent(&self) -> Option<&str> {
+        match self {
+            JobStatus::Assigned { agent, .. }
+            | JobStatus::Building { agent, .. }
+            | JobStatus::Pushed { agent }
+            | JobStatus::Verified { agent } => Some(agent),
+            _ => None,
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(
+            self,
+            JobStatus::Verified { .. } | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub digest: String,
+    pub size: u64,
+    pub media_type: String,
+}
+
+impl From<&ImageDescriptor> for ImageRecord {
+    fn from(d: &ImageDescriptor) -> Self {
+        ImageRecord {
+            digest: d.digest.to_string(),
+            size: d.size,
+            media_type: d.media_type.clone(),
+        }
+    }
+}
+
+impl ImageRecord {
+    fn to_proto(&self) -> proto::ImageResult {
+        proto::ImageResult {
+            digest: self.digest.clone(),
+            size: self.size,
+            media_type: self.media_type.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub platform: Platform,
+    pub status: JobStatus,
+    pub attempt: u32,
+    /// The agent that last held it, kept after it finishes for display.
+    pub last_agent: String,
+    pub result: Option<ImageRecord>,
+    pub message: String,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub emulated: bool,
+    /// Whether a "waiting for an agent" notice went out for this attempt.
+    #[serde(default)]
+    pub waiting_noticed: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildRecord {
+    pub id: String,
+    /// Submission order, for fair scheduling.
+    pub order: u64,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+    pub status: BuildStatus,
+    pub message: String,
+    pub jobs: Vec<JobRecord>,
+    pub index: Option<ImageRecord>,
+    pub last_seq: u64,
+}
+
+/// A build in memory: its record, spec and event channel.
+pub struct BuildEntry {
+    pub record: BuildRecord,
+    pub spec: proto::BuildSpec,
+    pub tags: Vec<ImageRef>,
+    pub events: broadcast::Sender<proto::BuildEvent>,
+}
+
+impl BuildEntry {
+    pub fn to_proto(&self) -> proto::Build {
+        let r = &self.record;
+        proto::Build {
+            build_id: r.id.clone(),
+            state: r.status.to_proto() as i32,
+            spec: Some(proto::BuildSpec {
+                dockerfile_inline: Vec::new(),
+                ..self.spec.clone()
+            }),
+            jobs: r.jobs.iter().map(job_to_proto).collect(),
+            index_digest: r
+                .index
+                .as_ref()
+                .map(|i| i.digest.clone())
+                .unwrap_or_default(),
+            index_size: r.index.as_ref().map(|i| i.size).unwrap_or_default(),
+            index_media_type: r
+                .index
+                .as_ref()
+                .map(|i| i.media_type.clone())
+                .unwrap_or_default(),
+            message: r.message.clone(),
+            created: Some(timestamp(r.created_ms)),
+            finished: r.finished_ms.map(timestamp),
+        }
+    }
+
+    /// Repositories agents push to: the first tag's per registry.
+    pub fn push_repositories(&self) -> Vec<ImageRef> {
+        let mut seen = HashSet::new();
+        self.tags
+            .iter()
+            .filter(|t| seen.insert(t.registry().to_owned()))
+            .cloned()
+            .collect()
+    }
+
+    fn affinity_key(&self, platform: &Platform) -> String {
+        let repo = self.tags.first().map(ImageRef::name).unwrap_or_default();
+        format!("{repo}|{platform}")
+    }
+}
+
+fn job_to_proto(j: &JobRecord) -> proto::Job {
+    proto::Job {
+        job_id: j.id.clone(),
+        platform: j.platform.to_string(),
+        state: j.status.to_proto() as i32,
+        agent: j.status.agent().unwrap_or(&j.last_agent).to_owned(),
+        attempt: j.attempt,
+        result: j.result.as_ref().map(ImageRecord::to_proto),
+        message: j.message.clone(),
+        started: j.started_ms.map(timestamp),
+        finished: j.finished_ms.map(timestamp),
+        emulated: j.emulated,
+    }
+}
+
+pub type AgentSender = mpsc::UnboundedSender<Result<proto::CoordinatorMessage, tonic::Status>>;
+
+/// A connected (or recently disconnected) agent.
+pub struct AgentEntry {
+    pub name: String,
+    pub platforms: Vec<Platform>,
+    pub slots: u32,
+    pub backend: String,
+    pub version: String,
+    /// Jobs leased to it: (build id, job id).
+    pub running: HashSet<(String, String)>,
+    pub session: u64,
+    pub sender: Option<AgentSender>,
+    pub last_seen: Instant,
+    pub cordoned: bool,
+}
+
+/// Everything a merge reads from the farm.
+pub struct MergeInputs {
+    pub tags: Vec<ImageRef>,
+    /// The repositories agents pushed to, one per registry.
+    pub pushed_to: Vec<ImageRef>,
+    pub images: Vec<(Platform, ImageRecord)>,
+}
+
+/// Work the caller must do outside the lock, after a state change.
+#[derive(Debug)]
+pub enum FollowUp {
+    /// Check a pushed image in the registry.
+    Verify {
+        build_id: String,
+        job_id: String,
+        repository: Box<ImageRef>,
+        digest: String,
+        platform: Platform,
+    },
+    /// Merge a build's verified images into an index.
+    Merge { build_id: String },
+}
+
+pub struct Farm {
+    pub builds: HashMap<String, BuildEntry>,
+    pub agents: HashMap<String, AgentEntry>,
+    /// Affinity key -> the agent that last built it.
+    last_agent: HashMap<String, String>,
+    store: Arc<Store>,
+    next_order: u64,
+    next_session: u64,
+    max_attempts: u32,
+    insecure_registries: Vec<String>,
+}
+
+/// Replay and live events for one Watch.
+pub struct Subscription {
+    pub live: broadcast::Receiver<proto::BuildEvent>,
+    pub last_seq: u64,
+    pub terminal: bool,
+}
+
+impl Farm {
+    /// The farm as the store left it: unfinished builds go on, their running
+    /// jobs stay leased until their agents come back or are declared lost.
+    pub fn load(
+        store: Arc<Store>,
+        max_attempts: u32,
+        insecure_registries: Vec<String>,
+    ) -> Result<Farm> {
+        let mut farm = Farm {
+            builds: HashMap::new(),
+            agents: HashMap::new(),
+            last_agent: HashMap::new(),
+            store: store.clone(),
+            next_order: 1,
+            next_session: 1,
+            max_attempts,
+            insecure_registries,
+        };
+        for (record, spec) in store.load_builds()? {
+            farm.next_order = farm.next_order.max(record.order + 1);
+            let tags = spec
+                .tags
+                .iter()
+                .filter_map(|t| t.parse::<ImageRef>().ok())
+                .collect();
+            let (events, _) = broadcast::channel(1024);
+            farm.builds.insert(
+                record.id.clone(),
+                BuildEntry {
+                    record,
+                    spec,
+                    tags,
+                    events,
+                },
+            );
+        }
+        Ok(farm)
+    }
+
+    /// Jobs whose agents we have not heard from since a restart; they get
+    /// `lost_after` to reconnect like any agent that goes quiet.
+    pub fn adopt_orphans(&mut self) {
+        let now = Instant::now();
+        let mut orphans: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for b in self.builds.values() {
+            for j in &b.record.jobs {
+                if let Some((agent, _)) = j.status.leased() {
+                    orphans
+                        .entry(agent.to_owned())
+                        .or_default()
+                        .push((b.record.id.clone(), j.id.clone()));
+                }
+            }
+        }
+        for (name, jobs) in orphans {
+            self.agents.insert(
+                name.clone(),
+                AgentEntry {
+                    name,
+                    platforms: Vec::new(),
+                    slots: 0,
+                    backend: String::new(),
+                    version: String::new(),
+                    running: jobs.into_iter().collect(),
+                    session: 0,
+                    sender: None,
+                    last_seen: now,
+                    cordoned: false,
+                },
+            );
+        }
+    }
+
+    pub fn submit(
+        &mut self,
+        spec: proto::BuildSpec,
+        platforms: Vec<Platform>,
+        tags: Vec<ImageRef>,
+    ) -> Result<String> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let jobs = platforms
+            .into_iter()
+            .map(|platform| JobRecord {
+                id: uuid::Uuid::new_v4().simple().to_string(),
+                platform,
+                status: JobStatus::Pending,
+                attempt: 0,
+                last_agent: String::new(),
+                result: None,
+                message: String::new(),
+                started_ms: None,
+                finished_ms: None,
+                emulated: false,
+                waiting_noticed: false,
+            })
+            .collect();
+        let record = BuildRecord {
+            id: id.clone(),
+            order: self.next_order,
+            created_ms: now_ms(),
+            finished_ms: None,
+            status: BuildStatus::Queued,
+            message: String::new(),
+            jobs,
+            index: None,
+            last_seq: 0,
+        };
+        self.next_order += 1;
+        self.store.insert_build(&record, &spec)?;
+        let (events, _) = broadcast::channel(1024);
+        self.builds.insert(
+            id.clone(),
+            BuildEntry {
+                record,
+                spec,
+                tags,
+                events,
+            },
+        );
+        self.emit(
+            &id,
+            vec![EventKind::Build(proto::BuildStateChanged {
+                state: proto::BuildState::Queued as i32,
+                message: String::new(),
+                index: None,
+            })],
+        )?;
+        Ok(id)
+    }
+
+    pub fn subscribe(&self, build_id: &str) -> Result<Subscription> {
+        let b = self.build(build_id)?;
+        Ok(Subscription {
+            live: b.events.subscribe(),
+            last_seq: b.record.last_seq,
+            terminal: b.record.status.is_terminal(),
+        })
+    }
+
+    pub fn build(&self, build_id: &str) -> Result<&BuildEntry> {
+        self.builds.get(build_id).ok_or_else(|| {
+            CoordinatorError::NotFound(format!(
+                "build {:?} not found",
+                braid_shared::shorten(build_id, 80)
+            ))
+        })
+    }
+
+    /// Appends events to a build: stored, then broadcast.
+    fn emit(&mut self, build_id: &str, kinds: Vec<EventKind>) -> Result<()> {
+        let Some(b) = self.builds.get_mut(build_id) else {
+            return Ok(());
+        };
+        let now = timestamp(now_ms());
+        let events: Vec<proto::BuildEvent> = kinds
+            .into_iter()
+            .map(|kind| {
+                b.record.last_seq += 1;
+                proto::BuildEvent {
+                    seq: b.record.last_seq,
+                    build_id: build_id.to_owned(),
+                    time: Some(now),
+                    kind: Some(kind),
+                }
+            })
+            .collect();
+        self.store.append_events(&events)?;
+        self.store.save_build(&b.record)?;
+        for e in events {
+            // No receiver is fine: nobody is watching.
+            let _ = b.events.send(e);
+        }
+        Ok(())
+    }
+
+    fn job_event(job: &JobRecord) -> EventKind {
+        EventKind::Job(proto::JobStateChanged {
+            job_id: job.id.clone(),
+            platform: job.platform.to_string(),
+            state: job.status.to_proto() as i32,
+            agent: job.status.agent().unwrap_or(&job.last_agent).to_owned(),
+            attempt: job.attempt,
+            message: job.message.clone(),
+            result: job.result.as_ref().map(ImageRecord::to_proto),
+            emulated: job.emulated,
+        })
+    }
+
+    fn build_event(record: &BuildRecord) -> EventKind {
+        EventKind::Build(proto::BuildStateChanged {
+            state: record.status.to_proto() as i32,
+            message: record.message.clone(),
+            index: record.index.as_ref().map(ImageRecord::to_proto),
+        })
+    }
+
+    fn job_mut(&mut self, build_id: &str, job_id: &str) -> Option<&mut JobRecord> {
+        self.builds
+            .get_mut(build_id)?
+            .record
+            .jobs
+            .iter_mut()
+            .find(|j| j.id == job_id)
+    }
+
+    /// Places what can be placed; sends assignments; notes platforms that
+    /// no connected agent builds.
+    pub fn schedule(&mut self) -> Result<()> {
+        let mut queue = Vec::new();
+        let mut waiting: Vec<(String, String, Platform)> = Vec::new();
+        let views: Vec<AgentView> = self
+            .agents
+            .values()
+            .filter(|a| a.sender.is_some())
+            .map(|a| AgentView {
+                name: a.name.clone(),
+                platforms: a.platforms.clone(),
+                slots: a.slots,
+                running: a.running.len() as u32,
+                schedulable: !a.cordoned,
+            })
+            .collect();
+        for b in self.builds.values() {
+            if b.record.status.is_terminal() || b.record.status == BuildStatus::Merging {
+                continue;
+            }
+            for j in b
+                .record
+                .jobs
+                .iter()
+                .filter(|j| j.status == JobStatus::Pending)
+            {
+                queue.push(QueuedJob {
+                    job_id: j.id.clone(),
+                    build_order: b.record.order,
+                    platform: j.platform.clone(),
+                    affinity_key: b.affinity_key(&j.platform),
+                });
+                let served = views
+                    .iter()
+                    .any(|a| a.platforms.iter().any(|p| p.matches(&j.platform)));
+                if !served && !j.waiting_noticed {
+                    waiting.push((b.record.id.clone(), j.id.clone(), j.platform.clone()));
+                }
+            }
+        }
+        for (build_id, job_id, platform) in waiting {
+            if let Some(j) = self.job_mut(&build_id, &job_id) {
+                j.waiting_noticed = true;
+            }
+            self.emit(
+                &build_id,
+                vec![EventKind::Notice(proto::Notice {
+                    platform: platform.to_string(),
+                    text: format!("waiting for an agent for {platform}"),
+                })],
+            )?;
+        }
+        if queue.is_empty() {
+            return Ok(());
+        }
+        let job_build: HashMap<String, String> = self
+            .builds
+            .values()
+            .flat_map(|b| {
+                b.record
+                    .jobs
+                    .iter()
+                    .map(|j| (j.id.clone(), b.record.id.clone()))
+            })
+            .collect();
+        for (job_id, agent) in scheduler::assign(&queue, &views, &self.last_agent) {
+            if let Some(build_id) = job_build.get(&job_id) {
+                self.lease(build_id, &job_id, &agent)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn lease(&mut self, build_id: &str, job_id: &str, agent_name: &str) -> Result<()> {
+        let lease = uuid::Uuid::new_v4().simple().to_string();
+        let insecure = self.insecure_registries.clone();
+        let Some(b) = self.builds.get_mut(build_id) else {
+            return Ok(());
+        };
+        let push_repositories: Vec<String> = if b.spec.push {
+            b.push_repositories().iter().map(ImageRef::name).collect()
+        } else {
+            Vec::new()
+        };
+        let spec = b.spec.clone();
+        let first_start = b.record.status == BuildStatus::Queued;
+        if first_start {
+            b.record.status = BuildStatus::Running;
+        }
+        let Some(job) = b.record.jobs.iter_mut().find(|j| j.id == job_id) else {
+            return Ok(());
+        };
+        job.attempt += 1;
+        job.status = JobStatus::Assigned {
+            agent: agent_name.to_owned(),
+            lease: lease.clone(),
+        };
+        job.last_agent = agent_name.to_owned();
+        job.started_ms.get_or_insert_with(now_ms);
+        job.waiting_noticed = false;
+        let assignment = proto::Assignment {
+            job_id: job_id.to_owned(),
+            build_id: build_id.to_owned(),
+            attempt: job.attempt,
+            lease_id: lease,
+            platform: job.platform.to_string(),
+            spec: Some(spec),
+            push_repositories,
+            insecure_registries: insecure,
+            emulated: false,
+        };
+        let mut events = vec![Self::job_event(job)];
+        if first_start {
+            events.insert(0, Self::build_event(&b.record));
+        }
+        if let Some(agent) = self.agents.get_mut(agent_name) {
+            agent
+                .running
+                .insert((build_id.to_owned(), job_id.to_owned()));
+            if let Some(tx) = &agent.sender {
+                let _ = tx.send(Ok(proto::CoordinatorMessage {
+                    kind: Some(ToAgent::Assign(assignment)),
+                }));
+            }
+        }
+        tracing::info!(build_id, job_id, agent = agent_name, "job assigned");
+        self.emit(build_id, events)
+    }
+
+    /// Registers an agent's session; re-adopts the jobs it still runs and
+    /// hands back those it lost.
+    pub fn agent_connected(
+        &mut self,
+        hello: &proto::Hello,
+        platforms: Vec<Platform>,
+        sender: AgentSender,
+    ) -> Result<u64> {
+        let session = self.next_session;
+        self.next_session += 1;
+        let claimed: HashSet<(String, u32, String)> = hello
+            .running
+            .iter()
+            .map(|r| (r.job_id.clone(), r.attempt, r.lease_id.clone()))
+            .collect();
+        let previous = self.agents.remove(&hello.name);
+        let mut running = HashSet::new();
+        let mut lost = Vec::new();
+        if let Some(prev) = previous {
+            if let Some(old) = prev.sender {
+                let _ = old.send(Err(tonic::Status::aborted(
+                    "replaced by a newer session of the same agent",
+                )));
+            }
+            for (build_id, job_id) in prev.running {
+                let still = self
+                    .builds
+                    .get(&build_id)
+                    .and_then(|b| b.record.jobs.iter().find(|j| j.id == job_id))
+                    .and_then(|j| {
+                        j.status
+                            .leased()
+                            .map(|(_, lease)| (j.attempt, lease.to_owned()))
+                    })
+                    .is_some_and(|(attempt, lease)| {
+                        claimed.contains(&(job_id.clone(), attempt, lease))
+                    });
+                if still {
+                    running.insert((build_id, job_id));
+                } else {
+                    lost.push((build_id, job_id));
+                }
+            }
+        }
+        // Jobs the agent runs that we no longer lease to it: stop them.
+        for r in &hello.running {
+            let ours = running.iter().any(|(_, j)| *j == r.job_id);
+            if !ours {
+                let _ = sender.send(Ok(proto::CoordinatorMessage {
+                    kind: Some(ToAgent::Cancel(proto::CancelJob {
+                        job_id: r.job_id.clone(),
+                        attempt: r.attempt,
+                        reason: "the coordinator no longer leases this job to this agent".into(),
+                    })),
+                }));
+            }
+        }
+        self.agents.insert(
+            hello.name.clone(),
+            AgentEntry {
+                name: hello.name.clone(),
+                platforms,
+                slots: hello.slots,
+                backend: hello.backend.clone(),
+                version: hello.version.clone(),
+                running,
+                session,
+                sender: Some(sender),
+                last_seen: Instant::now(),
+                cordoned: false,
+            },
+        );
+        for (build_id, job_id) in lost {
+            self.requeue(
+                &build_id,
+                &job_id,
+                &format!("agent {} restarted without it", hello.name),
+            )?;
+        }
+        Ok(session)
+    }
+
+    /// The session ended; the agent keeps its jobs until it is lost.
+    pub fn agent_disconnected(&mut self, name: &str, session: u64) {
+        if let Some(agent) = self.agents.get_mut(name)
+            && agent.session == session
+        {
+            agent.sender = None;
+        }
+    }
+
+    pub fn heartbeat(&mut self, name: &str, session: u64) {
+        if let Some(agent) = self.agents.get_mut(name)
+            && agent.session == session
+        {
+            agent.last_seen = Instant::now();
+        }
+    }
+
+    /// Declares lost the agents unheard of for `lost_after`, and re-queues
+    /// their jobs.
+    pub fn reap(&mut self, lost_after: Duration) -> Result<()> {
+        let now = Instant::now();
+        let lost: Vec<String> = self
+            .agents
+            .values()
+            .filter(|a| now.duration_since(a.last_seen) > lost_after)
+            .map(|a| a.name.clone())
+            .collect();
+        for name in lost {
+            let Some(agent) = self.agents.remove(&name) else {
+                continue;
+            };
+            tracing::warn!(agent = %name, jobs = agent.running.len(), "agent lost");
+            if let Some(tx) = agent.sender {
+                let _ = tx.send(Err(tonic::Status::unavailable(
+                    "declared lost: no heartbeat in time",
+                )));
+            }
+            for (build_id, job_id) in agent.running {
+                self.requeue(&build_id, &job_id, &format!("agent {name} was lost"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a leased job back in the queue, or fails it after too many attempts.
+    fn requeue(&mut self, build_id: &str, job_id: &str, why: &str) -> Result<()> {
+        let max = self.max_attempts;
+        let Some(job) = self.job_mut(build_id, job_id) else {
+            return Ok(());
+        };
+        if job.status.leased().is_none() {
+            return Ok(());
+        }
+        if job.attempt >= max {
+            let message = format!("{why}; gave up after {max} attempts");
+            return self.fail_build(build_id, job_id, message);
+        }
+        job.status = JobStatus::Pending;
+        job.message = format!("{why}; re-queued");
+        let event = Self::job_event(job);
+        tracing::info!(build_id, job_id, why, "job re-queued");
+        self.emit(build_id, vec![event])
+    }
+
+    /// Checks that `agent` holds the current lease of a job.
+    fn leased_to(
+        &self,
+        name: &str,
+        session: u64,
+        build_id: &str,
+        job_id: &str,
+        attempt: u32,
+        lease: Option<&str>,
+    ) -> bool {
+        let agent_ok = self.agents.get(name).is_some_and(|a| a.session == session);
+        let job_ok = self
+            .builds
+            .get(build_id)
+            .and_then(|b| b.record.jobs.iter().find(|j| j.id == job_id))
+            .is_some_and(|j| {
+                j.attempt == attempt
+                    && j.status
+                        .leased()
+                        .is_some_and(|(a, l)| a == name && lease.is_none_or(|want| want == l))
+            });
+        agent_ok && job_ok
+    }
+
+    fn build_of_job(&self, job_id: &str) -> Option<String> {
+        self.builds
+            .values()
+            .find(|b| b.record.jobs.iter().any(|j| j.id == job_id))
+            .map(|b| b.record.id.clone())
+    }
+
+    pub fn job_log(&mut self, name: &str, session: u64, log: proto::JobLog) -> Result<()> {
+        let Some(build_id) = self.build_of_job(&log.job_id) else {
+            return Ok(());
+        };
+        if !self.leased_to(name, session, &build_id, &log.job_id, log.attempt, None) {
+            return Ok(());
+        }
+        let platform = self
+            .job_mut(&build_id, &log.job_id)
+            .map(|j| j.platform.to_string())
+            .unwrap_or_default();
+        let kinds = log
+            .lines
+            .into_iter()
+            .map(|line| {
+                EventKind::Log(proto::LogLine {
+                    platform: platform.clone(),
+                    line: braid_shared::shorten(&line, braid_shared::limits::LOG_LINE_BYTES),
+                })
+            })
+            .collect();
+        self.emit(&build_id, kinds)
+    }
+
+    pub fn job_progress(
+        &mut self,
+        name: &str,
+        session: u64,
+        progress: proto::JobProgress,
+    ) -> Result<()> {
+        let Some(build_id) = self.build_of_job(&progress.job_id) else {
+            return Ok(());
+        };
+        if !self.leased_to(
+            name,
+            session,
+            &build_id,
+            &progress.job_id,
+            progress.attempt,
+            None,
+        ) {
+            return Ok(());
+        }
+        let Some(job) = self.job_mut(&build_id, &progress.job_id) else {
+            return Ok(());
+        };
+        if progress.state == proto::JobState::Building as i32
+            && let JobStatus::Assigned { agent, lease } = &job.status
+        {
+            job.status = JobStatus::Building {
+                agent: agent.clone(),
+                lease: lease.clone(),
+            };
+            let event = Self::job_event(job);
+            return self.emit(&build_id, vec![event]);
+        }
+        Ok(())
+    }
+
+    /// Takes an agent's result for a job it holds; stale results are ignored.
+    pub fn job_result(
+        &mut self,
+        name: &str,
+        session: u64,
+        result: proto::JobResult,
+    ) -> Result<Option<FollowUp>> {
+        let Some(build_id) = self.build_of_job(&result.job_id) else {
+            return Ok(None);
+        };
+        // The slot is free whatever the result says.
+        if let Some(agent) = self.agents.get_mut(name) {
+            agent
+                .running
+                .remove(&(build_id.clone(), result.job_id.clone()));
+        }
+        if !self.leased_to(
+            name,
+            session,
+            &build_id,
+            &result.job_id,
+            result.attempt,
+            Some(&result.lease_id),
+        ) {
+            tracing::info!(
+                build_id,
+                job_id = result.job_id,
+                agent = name,
+                "ignoring a result for a stale lease"
+            );
+            return Ok(None);
+        }
+        let job_id = result.job_id.clone();
+        match result.outcome {
+            Some(proto::job_result::Outcome::Image(image)) => {
+                self.image_built(&build_id, &job_id, name, image)
+            }
+            Some(proto::job_result::Outcome::Failure(f)) => {
+                let kind =
+                    proto::FailureKind::try_from(f.kind).unwrap_or(proto::FailureKind::Infra);
+                match kind {
+                    proto::FailureKind::Build => {
+                        let platform = self
+                            .job_mut(&build_id, &job_id)
+                            .map(|j| j.platform.to_string());
+                        let message = format!("{}: {}", platform.unwrap_or_default(), f.message);
+                        self.fail_build(&build_id, &job_id, message)?;
+                    }
+                    proto::FailureKind::Cancelled => {}
+                    _ => {
+                        self.requeue(&build_id, &job_id, &format!("agent {name}: {}", f.message))?
+                    }
+                }
+                Ok(None)
+            }
+            None => {
+                self.requeue(
+                    &build_id,
+                    &job_id,
+                    &format!("agent {name} sent an empty result"),
+                )?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn image_built(
+        &mut self,
+        build_id: &str,
+        job_id: &str,
+        agent: &str,
+        image: proto::ImageResult,
+    ) -> Result<Option<FollowUp>> {
+        let Some(b) = self.builds.get_mut(build_id) else {
+            return Ok(None);
+        };
+        let push = b.spec.push;
+        let repository = b.push_repositories().into_iter().next();
+        let affinity = b.tags.first().map(ImageRef::name);
+        let Some(job) = b.record.jobs.iter_mut().find(|j| j.id == job_id) else {
+            return Ok(None);
+        };
+        job.result = Some(ImageRecord {
+            digest: image.digest.clone(),
+            size: image.size,
+            media_type: image.media_type,
+        });
+        if let Some(repo) = affinity {
+            let key = format!("{repo}|{}", job.platform);
+            self.last_agent.insert(key, agent.to_owned());
+        }
+        let platform = job.platform.clone();
+        if push && let Some(repository) = repository {
+            job.status = JobStatus::Pushed {
+                agent: agent.to_owned(),
+            };
+            let event = Self::job_event(job);
+            self.emit(build_id, vec![event])?;
+            return Ok(Some(FollowUp::Verify {
+                build_id: build_id.to_owned(),
+                job_id: job_id.to_owned(),
+                repository: Box::new(repository),
+                digest: image.digest,
+                platform,
+            }));
+        }
+        // Nothing was pushed, so there is nothing in a registry to verify.
+        job.status = JobStatus::Verified {
+            agent: agent.to_owned(),
+        };
+        job.finished_ms = Some(now_ms());
+        let event = Self::job_event(job);
+        self.emit(build_id, vec![event])?;
+        self.maybe_merge(build_id)
+    }
+
+    /// The registry check of a pushed image finished.
+    pub fn verified(
+        &mut self,
+        build_id: &str,
+        job_id: &str,
+        outcome: Result<ImageDescriptor, String>,
+    ) -> Result<Option<FollowUp>> {
+        let Some(job) = self.job_mut(build_id, job_id) else {
+            return Ok(None);
+        };
+        let JobStatus::Pushed { agent } = job.status.clone() else {
+            return Ok(None);
+        };
+        match outcome {
+            Ok(descriptor) => {
+                job.result = Some(ImageRecord::from(&descriptor));
+                job.status = JobStatus::Verified { agent };
+                job.finished_ms = Some(now_ms());
+                let event = Self::job_event(job);
+                self.emit(build_id, vec![event])?;
+                self.maybe_merge(build_id)
+            }
+            Err(message) => {
+                let platform = job.platform.to_string();
+                self.fail_build(
+                    build_id,
+                    job_id,
+                    format!("{platform}: pushed image refused: {message}"),
+                )?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn maybe_merge(&mut self, build_id: &str) -> Result<Option<FollowUp>> {
+        let Some(b) = self.builds.get_mut(build_id) else {
+            return Ok(None);
+        };
+        if b.record.status.is_terminal()
+            || !b
+                .record
+                .jobs
+                .iter()
+                .all(|j| matches!(j.status, JobStatus::Verified { .. }))
+        {
+            return Ok(None);
+        }
+        if !b.spec.push {
+            b.record.status = BuildStatus::Succeeded;
+            b.record.finished_ms = Some(now_ms());
+            let event = Self::build_event(&b.record);
+            self.emit(build_id, vec![event])?;
+            return Ok(None);
+        }
+        b.record.status = BuildStatus::Merging;
+        let event = Self::build_event(&b.record);
+        self.emit(build_id, vec![event])?;
+        Ok(Some(FollowUp::Merge {
+            build_id: build_id.to_owned(),
+        }))
+    }
+
+    /// What a merge needs: tags, push repositories and each platform's image.
+    pub fn merge_inputs(&self, build_id: &str) -> Option<MergeInputs> {
+        let b = self.builds.get(build_id)?;
+        let images = b
+            .record
+            .jobs
+            .iter()
+            .map(|j| Some((j.platform.clone(), j.result.clone()?)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(MergeInputs {
+            tags: b.tags.clone(),
+            pushed_to: b.push_repositories(),
+            images,
+        })
+    }
+
+    pub fn merged(
+        &mut self,
+        build_id: &str,
+        outcome: Result<ImageDescriptor, String>,
+    ) -> Result<()> {
+        let Some(b) = self.builds.get_mut(build_id) else {
+            return Ok(());
+        };
+        if b.record.status != BuildStatus::Merging {
+            return Ok(());
+        }
+        match outcome {
+            Ok(index) => {
+                b.record.status = BuildStatus::Succeeded;
+                b.record.index = Some(ImageRecord::from(&index));
+                tracing::info!(build_id, index = %index.digest, "build succeeded");
+            }
+            Err(message) => {
+                b.record.status = BuildStatus::Failed;
+                b.record.message = format!("pushing the index: {message}");
+                tracing::warn!(build_id, %message, "merge failed");
+            }
+        }
+        b.record.finished_ms = Some(now_ms());
+        let event = Self::build_event(&b.record);
+        self.emit(build_id, vec![event])
+    }
+
+    /// Fails a build because of one job: the job fails, the others are
+    /// cancelled, and no index is pushed.
+    fn fail_build(&mut self, build_id: &str, job_id: &str, message: String) -> Result<()> {
+        let Some(b) = self.builds.get_mut(build_id) else {
+            return Ok(());
+        };
+        if b.record.status.is_terminal() {
+            return Ok(());
+        }
+        let mut events = Vec::new();
+        if let Some(job) = b.record.jobs.iter_mut().find(|j| j.id == job_id) {
+            job.status = JobStatus::Failed;
+            job.message = message.clone();
+            job.finished_ms = Some(now_ms());
+            events.push(Self::job_event(job));
+        }
+        let pushed: Vec<String> = b
+            .record
+            .jobs
+            .iter()
+            .filter_map(|j| Some(format!("{} {}", j.platform, j.result.as_ref()?.digest)))
+            .collect();
+        b.record.status = BuildStatus::Failed;
+        b.record.message = if pushed.is_empty() || !b.spec.push {
+            message
+        } else {
+            format!(
+                "{message} (already pushed by digest, no index written: {})",
+                pushed.join(", ")
+            )
+        };
+        b.record.finished_ms = Some(now_ms());
+        tracing::warn!(build_id, job_id, message = %b.record.message, "build failed");
+        self.stop_jobs(build_id, "another platform failed", &mut events);
+        if let Some(b) = self.builds.get(build_id) {
+            events.push(Self::build_event(&b.record));
+        }
+        self.emit(build_id, events)
+    }
+
+    /// Cancels every unfinished job of a build and tells their agents.
+    fn stop_jobs(&mut self, build_id: &str, reason: &str, events: &mut Vec<EventKind>) {
+        let Some(b) = self.builds.get_mut(build_id) else {
+            return;
+        };
+        let mut cancels = Vec::new();
+        for job in b.record.jobs.iter_mut().filter(|j| !j.status.is_done()) {
+            if let Some((agent, _)) = job.status.leased() {
+                cancels.push((agent.to_owned(), job.id.clone(), job.attempt));
+            }
+            job.status = JobStatus::Cancelled;
+            job.message = reason.to_owned();
+            job.finished_ms = Some(now_ms());
+            events.push(Self::job_event(job));
+        }
+        for (agent, job_id, attempt) in cancels {
+            if let Some(tx) = self.agents.get(&agent).and_then(|a| a.sender.as_ref()) {
+                let _ = tx.send(Ok(proto::CoordinatorMessage {
+                    kind: Some(ToAgent::Cancel(proto::CancelJob {
+                        job_id,
+                        attempt,
+                        reason: reason.to_owned(),
+                    })),
+                }));
+            }
+        }
+    }
+
+    /// Cancels a build; a build that has ended is left as it is.
+    pub fn cancel(&mut self, build_id: &str, reason: &str) -> Result<proto::Build> {
+        let status = self.build(build_id)?.record.status;
+        if !status.is_terminal() {
+            let mut events = Vec::new();
+            self.stop_jobs(build_id, reason, &mut events);
+            if let Some(b) = self.builds.get_mut(build_id) {
+                b.record.status = BuildStatus::Cancelled;
+                b.record.message = reason.to_owned();
+                b.record.finished_ms = Some(now_ms());
+                events.push(Self::build_event(&b.record));
+            }
+            tracing::info!(build_id, reason, "build cancelled");
+            self.emit(build_id, events)?;
+        }
+        Ok(self.build(build_id)?.to_proto())
+    }
+}

@@ -1,0 +1,16 @@
+//! braid's coordinator: takes multi-platform builds, hands one job per platform
+//! to agents that build it natively, verifies what they push and merges the
+//! results into one OCI image index.
+#![forbid(unsafe_code)]
+
+pub mod contexts;
+pub mod error;
+pub mod farm;
+pub mod merge;
+pub mod scheduler;
+pub mod server;
+pub mod service_agents;
+pub mod service_builds;
+pub mod settings;
+pub mod store;
+pub mod validate;

@@ -1,0 +1,217 @@
+//! The placement decision, as a pure function of the queue and the agents.
+
+use std::collections::{BTreeMap, HashMap};
+
+use braid_shared::Platform;
+
+/// A job waiting for an agent.
+#[derive(Debug, Clone)]
+pub struct QueuedJob {
+    pub job_id: String,
+    /// Builds are served in this order, one job each in turn.
+    pub build_order: u64,
+    pub platform: Platform,
+    /// Repository and platform: the agent that last built it has a warm cache.
+    pub affinity_key: String,
+}
+
+/// What the scheduler needs to know of one agent.
+#[derive(Debug, Clone)]
+pub struct AgentView {
+    pub name: String,
+    pub platforms: Vec<Platform>,
+    pub slots: u32,
+    pub running: u32,
+    pub schedulable: bool,
+}
+
+impl AgentView {
+    fn builds(&self, platform: &Platform) -> bool {
+        self.platforms.iter().any(|p| p.matches(platform))
+    }
+}
+
+/// Assigns queued jobs to agents: only to an agent that builds the platform
+/// natively, is schedulable and has a free slot; preferring the agent that
+/// built the same affinity key last, then the least loaded. Builds take turns
+/// (one job each per round), so one wide build cannot starve the others.
+pub fn assign(
+    queue: &[QueuedJob],
+    agents: &[AgentView],
+    last_agent: &HashMap<String, String>,
+) -> Vec<(String, String)> {
+    let mut running: Vec<u32> = agents.iter().map(|a| a.running).collect();
+    let mut by_build: BTreeMap<u64, Vec<&QueuedJob>> = BTreeMap::new();
+    for job in queue {
+        by_build.entry(job.build_order).or_default().push(job);
+    }
+    let mut lanes: Vec<std::collections::VecDeque<&QueuedJob>> =
+        by_build.into_values().map(Into::into).collect();
+    let mut out = Vec::new();
+    loop {
+        let mut progressed = false;
+        for lane in &mut lanes {
+            // Take this build's first job that can be placed now.
+            let Some(pos) = lane
+                .iter()
+                .position(|job| pick(job, agents, &running, last_agent).is_some())
+            else {
+                continue;
+            };
+            let Some(job) = lane.remove(pos) else {
+                continue;
+            };
+            if let Some(i) = pick(job, agents, &running, last_agent) {
+                running[i] += 1;
+                out.push((job.job_id.clone(), agents[i].name.clone()));
+                progressed = true;
+            }
+        }
+        if !progressed {
+            return out;
+        }
+    }
+}
+
+fn pick(
+    job: &QueuedJob,
+    agents: &[AgentView],
+    running: &[u32],
+    last_agent: &HashMap<String, String>,
+) -> Option<usize> {
+    let candidates = agents
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| a.schedulable && running[*i] < a.slots && a.builds(&job.platform));
+    let mut best: Option<(usize, (bool, u64, &str))> = None;
+    for (i, agent) in candidates {
+        let warm = last_agent.get(&job.affinity_key) == Some(&agent.name);
+        // Cold before warm sorts last, so invert: lower key wins.
+        let load = u64::from(running[i]) * 1_000_000 / u64::from(agent.slots.max(1));
+        let key = (!warm, load, agent.name.as_str());
+        if best.as_ref().is_none_or(|(_, b)| key < *b) {
+            best = Some((i, key));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn p(s: &str) -> Platform {
+        s.parse().unwrap()
+    }
+
+    fn agent(name: &str, platforms: &[&str], slots: u32, running: u32) -> AgentView {
+        AgentView {
+            name: name.into(),
+            platforms: platforms.iter().map(|s| p(s)).collect(),
+            slots,
+            running,
+            schedulable: true,
+        }
+    }
+
+    fn job(id: &str, build: u64, platform: &str, key: &str) -> QueuedJob {
+        QueuedJob {
+            job_id: id.into(),
+            build_order: build,
+            platform: p(platform),
+            affinity_key: key.into(),
+        }
+    }
+
+    #[test]
+    fn routes_by_platform_and_prefers_warm_then_least_loaded() {
+        let agents = [
+            agent("amd", &["linux/amd64"], 2, 0),
+            agent("arm-a", &["linux/arm64"], 2, 1),
+            agent("arm-b", &["linux/arm64"], 2, 0),
+        ];
+        let queue = [
+            job("1", 1, "linux/amd64", "r|amd64"),
+            job("2", 1, "linux/aarch64", "r|arm64"),
+        ];
+        let out = assign(&queue, &agents, &HashMap::new());
+        assert_eq!(
+            out,
+            [("1".into(), "amd".into()), ("2".into(), "arm-b".into())]
+        );
+        let warm = HashMap::from([("r|arm64".to_owned(), "arm-a".to_owned())]);
+        let out = assign(&queue[1..], &agents, &warm);
+        assert_eq!(out, [("2".into(), "arm-a".into())]);
+    }
+
+    #[test]
+    fn nothing_for_unserved_platforms_or_cordoned_agents() {
+        let mut cordoned = agent("amd", &["linux/amd64"], 4, 0);
+        cordoned.schedulable = false;
+        let queue = [
+            job("1", 1, "linux/riscv64", "k"),
+            job("2", 1, "linux/amd64", "k"),
+        ];
+        assert!(assign(&queue, &[cordoned], &HashMap::new()).is_empty());
+    }
+
+    #[test]
+    fn builds_take_turns() {
+        let agents = [agent("amd", &["linux/amd64"], 2, 0)];
+        let queue = [
+            job("wide-1", 1, "linux/amd64", "a"),
+            job("wide-2", 1, "linux/amd64", "a"),
+            job("wide-3", 1, "linux/amd64", "a"),
+            job("small-1", 2, "linux/amd64", "b"),
+        ];
+        let out = assign(&queue, &agents, &HashMap::new());
+        let ids: Vec<&str> = out.iter().map(|(j, _)| j.as_str()).collect();
+        assert_eq!(ids, ["wide-1", "small-1"]);
+    }
+
+    const PLATFORMS: &[&str] = &[
+        "linux/amd64",
+        "linux/arm64",
+        "linux/arm/v7",
+        "linux/arm/v6",
+        "linux/386",
+        "linux/riscv64",
+    ];
+
+    proptest! {
+        #[test]
+        fn assignments_respect_every_rule(
+            agent_specs in proptest::collection::vec((proptest::sample::subsequence(PLATFORMS, 1..3), 1u32..4, 0u32..3, any::<bool>()), 0..6),
+            job_specs in proptest::collection::vec((0u64..4, proptest::sample::select(PLATFORMS)), 0..20),
+        ) {
+            let agents: Vec<AgentView> = agent_specs.iter().enumerate().map(|(i, (ps, slots, running, ok))| AgentView {
+                name: format!("a{i}"),
+                platforms: ps.iter().map(|s| p(s)).collect(),
+                slots: *slots,
+                running: (*running).min(*slots),
+                schedulable: *ok,
+            }).collect();
+            let queue: Vec<QueuedJob> = job_specs.iter().enumerate()
+                .map(|(i, (b, pl))| job(&i.to_string(), *b, pl, pl)).collect();
+            let out = assign(&queue, &agents, &HashMap::new());
+
+            let mut load: HashMap<&str, u32> = agents.iter().map(|a| (a.name.as_str(), a.running)).collect();
+            let mut seen = std::collections::HashSet::new();
+            for (job_id, agent_name) in &out {
+                prop_assert!(seen.insert(job_id.clone()), "job assigned twice");
+                let j = queue.iter().find(|j| &j.job_id == job_id).unwrap();
+                let a = agents.iter().find(|a| &a.name == agent_name).unwrap();
+                prop_assert!(a.schedulable);
+                prop_assert!(a.builds(&j.platform));
+                *load.get_mut(a.name.as_str()).unwrap() += 1;
+                prop_assert!(load[a.name.as_str()] <= a.slots, "agent over capacity");
+            }
+            // Maximal: no job left that some agent could still take.
+            for j in queue.iter().filter(|j| !seen.contains(&j.job_id)) {
+                let placeable = agents.iter().any(|a| a.schedulable && a.builds(&j.platform) && load[a.name.as_str()] < a.slots);
+                prop_assert!(!placeable, "job {} left unassigned with a free agent", j.job_id);
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The coordinator process: state, background loops and the gRPC server.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tonic::transport::Server;
+
+use braid_shared::oci::Registry;
+use braid_shared::proto::agents_server::AgentsServer;
+use braid_shared::proto::builds_server::BuildsServer;
+use braid_shared::{limits, proto};
+
+use crate::contexts::ContextStore;
+use crate::error::Result;
+use crate::farm::{Farm, FollowUp};
+use crate::merge;
+use crate::settings::Settings;
+use crate::store::Store;
+
+/// Everything the services share.
+pub struct Coordinator {
+    farm: Mutex<Farm>,
+    pub contexts: ContextStore,
+    pub store: Arc<Store>,
+    pub registry: Registry,
+    pub settings: Settings,
+    /// Wakes the scheduler after anything that may let a job be placed.
+    pub wake: Notify,
+}
+
+impl Coordinator {
+    pub fn open(settings: Settings) -> Result<Arc<Coordinator>> {
+        std::fs::create_dir_all(&settings.data_dir)?;
+        let store = Arc::new(Store::open(&settings.data_dir.join("braid.db"))?);
+        let contexts = ContextStore::open(
+            &settings.data_dir.join("contexts"),
+            store.clone(),
+            settings.max_context_bytes,
+        )?;
+        let mut farm = Farm::load(
+            store.clone(),
+            settings.max_attempts,
+            settings.insecure_registries.clone(),
+        )?;
+        farm.adopt_orphans();
+        let registry = Registry::new(&settings.insecure_registries);
+        Ok(Arc::new(Coordinator {
+            farm: Mutex::new(farm),
+            contexts,
+            store,
+            registry,
+            settings,
+            wake: Notify::new(),
+        }))
+    }
+
+    /// The farm, locked. Never held across an await.
+    pub fn farm(&self) -> MutexGuard<'_, Farm> {
+        // A panic while holding the lock leaves the farm as the last
+        // completed change wrote it; keep serving rather than fail forever.
+        self.farm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs work a state change asked for, in the background.
+    pub fn follow_up(self: &Arc<Self>, follow: Option<FollowUp>) {
+        let Some(follow) = follow else { return };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut next = Some(follow);
+            while let Some(step) = next.take() {
+                next = this.run_follow_up(step).await;
+            }
+        });
+    }
+
+    async fn run_follow_up(&self, step: FollowUp) -> Option<FollowUp> {
+        match step {
+            FollowUp::Verify {
+                build_id,
+                job_id,
+                repository,
+                digest,
+                platform,
+            } => {
+                let outcome = merge::verify(&self.registry, &repository, &digest, &platform).await;
+                let result = self.farm().verified(&build_id, &job_id, outcome);
+                result.unwrap_or_else(|e| {
+                    tracing::error!(build_id, job_id, error = %e, "recording the verification failed");
+                    None
+                })
+            }
+            FollowUp::Merge { build_id } => {
+                let inputs = self.farm().merge_inputs(&build_id);
+                let outcome = match inputs {
+                    Some(m) => merge::merge(&self.registry, &m.tags, &m.pushed_to, &m.images).await,
+                    None => Err("a platform has no image".to_owned()),
+                };
+                if let Err(e) = self.farm().merged(&build_id, outcome) {
+                    tracing::error!(build_id, error = %e, "recording the merge failed");
+                }
+                None
+            }
+        }
+    }
+
+    /// Places queued jobs whenever woken, and at least every second.
+    async fn schedule_loop(self: Arc<Self>) {
+        loop {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
+            let result = {
+                let mut farm = self.farm();
+                farm.reap(self.settings.agent_lost_after())
+                    .and_then(|()| farm.schedule())
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %e, "scheduling failed");
+            }
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    coordinator: Arc<Coordinator>,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve_on(coordinator, listener, shutdown).await
+}
+
+/// Serves on an already-bound listener (tests bind port 0).
+pub async fn serve_on(
+    coordinator: Arc<Coordinator>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<BuildsServer<crate::service_builds::BuildsService>>()
+        .await;
+    health_reporter
+        .set_serving::<AgentsServer<crate::service_agents::AgentsService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    tokio::spawn(coordinator.clone().schedule_loop());
+
+    let builds = BuildsServer::new(crate::service_builds::BuildsService::new(
+        coordinator.clone(),
+    ))
+    .max_decoding_message_size(limits::GRPC_MESSAGE_BYTES)
+    .max_encoding_message_size(limits::GRPC_MESSAGE_BYTES);
+    let agents = AgentsServer::new(crate::service_agents::AgentsService::new(
+        coordinator.clone(),
+    ))
+    .max_decoding_message_size(limits::GRPC_MESSAGE_BYTES)
+    .max_encoding_message_size(limits::GRPC_MESSAGE_BYTES);
+    tracing::info!(addr = %listener.local_addr()?, "coordinator listening");
+    Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(builds)
+        .add_service(agents)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("binding the listener: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}

@@ -1,0 +1,207 @@
+//! The `Agents` service: one session per agent, and context downloads.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, instrument};
+
+use braid_shared::proto::{self, agent_message::Kind as FromAgent, agents_server::Agents};
+use braid_shared::{Digest, Platform, limits};
+
+use crate::server::Coordinator;
+
+pub struct AgentsService {
+    coordinator: Arc<Coordinator>,
+}
+
+impl AgentsService {
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        AgentsService { coordinator }
+    }
+}
+
+/// How long a new session may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= limits::AGENT_NAME_BYTES
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Checks a hello; returns the agent's parsed platforms.
+fn check_hello(hello: &proto::Hello) -> Result<Vec<Platform>, Status> {
+    if !valid_name(&hello.name) {
+        return Err(Status::invalid_argument(format!(
+            "hello.name: {:?} must be 1 to {} letters, digits, '.', '_' or '-'",
+            braid_shared::shorten(&hello.name, 80),
+            limits::AGENT_NAME_BYTES
+        )));
+    }
+    if hello.platforms.is_empty() || hello.platforms.len() > limits::PLATFORMS {
+        return Err(Status::invalid_argument(format!(
+            "hello.platforms: 1 to {} platforms",
+            limits::PLATFORMS
+        )));
+    }
+    let platforms = hello
+        .platforms
+        .iter()
+        .map(|p| {
+            p.parse::<Platform>()
+                .map_err(|e| Status::invalid_argument(format!("hello.platforms: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if hello.slots == 0 || hello.slots > limits::AGENT_SLOTS {
+        return Err(Status::invalid_argument(format!(
+            "hello.slots: must be 1 to {}",
+            limits::AGENT_SLOTS
+        )));
+    }
+    if hello.running.len() > limits::AGENT_SLOTS as usize {
+        return Err(Status::invalid_argument(
+            "hello.running: more jobs than slots allow",
+        ));
+    }
+    Ok(platforms)
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
+type ContextStream = Pin<Box<dyn Stream<Item = Result<proto::ContextChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agents for AgentsService {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<proto::AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 seconds"))??;
+        let Some(proto::AgentMessage {
+            kind: Some(FromAgent::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message of a session must be a hello",
+            ));
+        };
+        let platforms = check_hello(&hello)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(Ok(proto::CoordinatorMessage {
+            kind: Some(proto::coordinator_message::Kind::Welcome(proto::Welcome {
+                heartbeat_seconds: self.coordinator.settings.heartbeat_seconds,
+            })),
+        }));
+        let name = hello.name.clone();
+        let session = self
+            .coordinator
+            .farm()
+            .agent_connected(&hello, platforms.clone(), tx)?;
+        let span = tracing::info_span!("agent_session", agent = %name, session);
+        span.in_scope(|| {
+            tracing::info!(
+                platforms = ?platforms.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                slots = hello.slots,
+                backend = %hello.backend,
+                version = %hello.version,
+                readopted = hello.running.len(),
+                "agent connected"
+            );
+        });
+        self.coordinator.wake.notify_one();
+        let coordinator = self.coordinator.clone();
+        tokio::spawn(
+            async move {
+                let end = read_session(&coordinator, &name, session, &mut inbound).await;
+                match end {
+                    Ok(()) => tracing::info!("agent disconnected"),
+                    Err(e) => tracing::warn!(error = %e, "agent session ended"),
+                }
+                coordinator.farm().agent_disconnected(&name, session);
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    type FetchContextStream = ContextStream;
+
+    #[instrument(skip_all, err, fields(digest = %req.get_ref().digest))]
+    async fn fetch_context(
+        &self,
+        req: Request<proto::FetchContextRequest>,
+    ) -> Result<Response<ContextStream>, Status> {
+        let digest: Digest = req
+            .get_ref()
+            .digest
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;
+        if self.coordinator.contexts.stat(&digest)?.is_none() {
+            return Err(Status::not_found(format!("context {digest} is not stored")));
+        }
+        let mut file = tokio::fs::File::open(self.coordinator.contexts.path(&digest)).await?;
+        let stream = async_stream::try_stream! {
+            loop {
+                let mut buf = vec![0u8; limits::CONTEXT_CHUNK_BYTES];
+                let n = file.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                yield proto::ContextChunk { chunk: buf };
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+async fn read_session(
+    coordinator: &Arc<Coordinator>,
+    name: &str,
+    session: u64,
+    inbound: &mut Streaming<proto::AgentMessage>,
+) -> Result<(), Status> {
+    while let Some(message) = inbound.message().await? {
+        let Some(kind) = message.kind else { continue };
+        let follow = {
+            let mut farm = coordinator.farm();
+            match kind {
+                FromAgent::Hello(_) => {
+                    return Err(Status::invalid_argument("a second hello in one session"));
+                }
+                FromAgent::Heartbeat(_) => {
+                    farm.heartbeat(name, session);
+                    None
+                }
+                FromAgent::Log(log) => {
+                    farm.heartbeat(name, session);
+                    farm.job_log(name, session, log)?;
+                    None
+                }
+                FromAgent::Progress(progress) => {
+                    farm.job_progress(name, session, progress)?;
+                    None
+                }
+                FromAgent::Result(result) => {
+                    tracing::info!(job_id = %result.job_id, attempt = result.attempt, "job result");
+                    farm.job_result(name, session, result)?
+                }
+            }
+        };
+        coordinator.follow_up(follow);
+        coordinator.wake.notify_one();
+    }
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! The `Builds` service: what clients call.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::instrument;
+
+use braid_shared::proto::{self, builds_server::Builds};
+use braid_shared::{Digest, limits};
+
+use crate::error::CoordinatorError;
+use crate::server::Coordinator;
+use crate::validate;
+
+pub struct BuildsService {
+    coordinator: Arc<Coordinator>,
+}
+
+impl BuildsService {
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        BuildsService { coordinator }
+    }
+}
+
+fn parse_digest(field: &str, raw: &str) -> Result<Digest, Status> {
+    raw.parse()
+        .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+fn check_build_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(Status::invalid_argument(format!(
+            "build_id: {:?} is not a build id",
+            braid_shared::shorten(id, 80)
+        )));
+    }
+    Ok(())
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::BuildEvent, Status>> + Send>>;
+
+/// Events replayed from the store per read.
+const REPLAY_BATCH: usize = 1000;
+
+#[tonic::async_trait]
+impl Builds for BuildsService {
+    async fn stat_context(
+        &self,
+        req: Request<proto::StatContextRequest>,
+    ) -> Result<Response<proto::StatContextResponse>, Status> {
+        let digest = parse_digest("digest", &req.get_ref().digest)?;
+        let size = self.coordinator.contexts.stat(&digest)?;
+        Ok(Response::new(proto::StatContextResponse {
+            present: size.is_some(),
+            size: size.unwrap_or(0),
+        }))
+    }
+
+    #[instrument(skip_all, err)]
+    async fn put_context(
+        &self,
+        req: Request<Streaming<proto::PutContextRequest>>,
+    ) -> Result<Response<proto::PutContextResponse>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| {
+            Status::invalid_argument(
+                "put_context: empty stream; the first message carries the digest",
+            )
+        })?;
+        let digest = parse_digest("digest", &first.digest)?;
+        let contexts = &self.coordinator.contexts;
+        if let Some(size) = contexts.stat(&digest)? {
+            // Someone uploaded it meanwhile; drain nothing more.
+            return Ok(Response::new(proto::PutContextResponse {
+                digest: digest.to_string(),
+                size,
+                received: 0,
+            }));
+        }
+        let mut upload = contexts.begin(digest.clone())?;
+        upload.write(&first.chunk)?;
+        while let Some(msg) = stream.message().await? {
+            if msg.chunk.len() > limits::GRPC_MESSAGE_BYTES {
+                return Err(Status::resource_exhausted(
+                    "put_context: chunk larger than the message limit",
+                ));
+            }
+            upload.write(&msg.chunk)?;
+        }
+        let (size, received) = contexts.finish(upload)?;
+        tracing::info!(digest = %digest, size, received, "context stored");
+        Ok(Response::new(proto::PutContextResponse {
+            digest: digest.to_string(),
+            size,
+            received,
+        }))
+    }
+
+    #[instrument(skip_all, err, fields(build_id))]
+    async fn submit(
+        &self,
+        req: Request<proto::SubmitRequest>,
+    ) -> Result<Response<proto::SubmitResponse>, Status> {
+        let spec = req
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: required"))?;
+        let valid = validate::spec(spec)?;
+        let digest: Digest = valid
+            .spec
+            .context_digest
+            .parse()
+            .map_err(|_| Status::internal("validated digest"))?;
+        if self.coordinator.contexts.stat(&digest)?.is_none() {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "context_digest: context {digest} has not been uploaded (PutContext first)"
+            ))
+            .into());
+        }
+        self.coordinator.contexts.touch(&digest)?;
+        let build_id = self
+            .coordinator
+            .farm()
+            .submit(valid.spec, valid.platforms, valid.tags)?;
+        tracing::Span::current().record("build_id", build_id.as_str());
+        tracing::info!(build_id, "build submitted");
+        self.coordinator.wake.notify_one();
+        Ok(Response::new(proto::SubmitResponse { build_id }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        req: Request<proto::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let req = req.into_inner();
+        check_build_id(&req.build_id)?;
+        let sub = self.coordinator.farm().subscribe(&req.build_id)?;
+        let coordinator = self.coordinator.clone();
+        let build_id = req.build_id;
+        let stream = async_stream::try_stream! {
+            let mut live = sub.live;
+            let mut sent = req.after_seq;
+            let mut done = false;
+            // Replay what is stored, then follow live events; a lagging
+            // receiver goes back to the store for what it missed.
+            loop {
+                let replay = coordinator.store.events_after(&build_id, sent, REPLAY_BATCH).map_err(Status::from)?;
+                let replayed = replay.len();
+                for event in replay {
+                    sent = event.seq;
+                    done = is_final(&event);
+                    yield event;
+                }
+                if done || (sub.terminal && replayed == 0) {
+                    break;
+                }
+                if replayed == REPLAY_BATCH {
+                    continue;
+                }
+                match live.recv().await {
+                    Ok(event) if event.seq <= sent => continue,
+                    Ok(event) if event.seq == sent + 1 => {
+                        sent = event.seq;
+                        let last = is_final(&event);
+                        yield event;
+                        if last { break; }
+                    }
+                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get(
+        &self,
+        req: Request<proto::GetBuildRequest>,
+    ) -> Result<Response<proto::Build>, Status> {
+        check_build_id(&req.get_ref().build_id)?;
+        let build = self
+            .coordinator
+            .farm()
+            .build(&req.get_ref().build_id)?
+            .to_proto();
+        Ok(Response::new(build))
+    }
+
+    async fn list(
+        &self,
+        req: Request<proto::ListBuildsRequest>,
+    ) -> Result<Response<proto::ListBuildsResponse>, Status> {
+        let limit = match req.get_ref().limit {
+            0 => 20,
+            n if n > limits::LIST_BUILDS => {
+                return Err(Status::invalid_argument(format!(
+                    "limit: at most {}",
+                    limits::LIST_BUILDS
+                )));
+            }
+            n => n,
+        } as usize;
+        let farm = self.coordinator.farm();
+        let mut builds: Vec<_> = farm.builds.values().collect();
+        builds.sort_by_key(|b| std::cmp::Reverse(b.record.order));
+        let builds = builds
+            .into_iter()
+            .take(limit)
+            .map(|b| b.to_proto())
+            .collect();
+        Ok(Response::new(proto::ListBuildsResponse { builds }))
+    }
+
+    #[instrument(skip_all, err, fields(build_id = %req.get_ref().build_id))]
+    async fn cancel(
+        &self,
+        req: Request<proto::CancelBuildRequest>,
+    ) -> Result<Response<proto::Build>, Status> {
+        check_build_id(&req.get_ref().build_id)?;
+        let build = self
+            .coordinator
+            .farm()
+            .cancel(&req.get_ref().build_id, "cancelled by request")?;
+        self.coordinator.wake.notify_one();
+        Ok(Response::new(build))
+    }
+}
+
+/// The event that ends a build.
+fn is_final(event: &proto::BuildEvent) -> bool {
+    use proto::BuildState::*;
+    matches!(
+        &event.kind,
+        Some(proto::build_event::Kind::Build(b))
+            if [Succeeded as i32, Failed as i32, Cancelled as i32].contains(&b.state)
+    )
+}

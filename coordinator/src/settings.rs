@@ -1,0 +1,119 @@
+//! The coordinator's settings: defaults, `--config` TOML, `BRAID_*`, flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use braid_shared::settings::SettingsError;
+use braid_shared::telemetry::LogFormat;
+
+/// Every key here is also a TOML key and a `BRAID_<KEY>` variable.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// gRPC listen address. Default `127.0.0.1:7700`.
+    pub listen: String,
+    /// Where builds, events and contexts are kept. Default `./braid-data`.
+    pub data_dir: PathBuf,
+    /// Registries (`host:port`) reached over plain HTTP; passed on to agents.
+    /// Default none.
+    pub insecure_registries: Vec<String>,
+    /// Serve plaintext gRPC (loopback only). Default false; until TLS lands
+    /// it must be set.
+    pub insecure: bool,
+    /// Seconds between agent heartbeats. Default 5.
+    pub heartbeat_seconds: u32,
+    /// Seconds without a heartbeat before an agent is lost and its jobs go
+    /// back to the queue. Default 30.
+    pub agent_lost_seconds: u32,
+    /// Attempts per job before an infrastructure failure fails the build.
+    /// Default 3.
+    pub max_attempts: u32,
+    /// Largest context accepted, in bytes. Default 4 GiB.
+    pub max_context_bytes: u64,
+    /// Log format, `pretty` or `json`. Default `pretty`.
+    pub log_format: LogFormat,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: "127.0.0.1:7700".to_owned(),
+            data_dir: PathBuf::from("braid-data"),
+            insecure_registries: Vec::new(),
+            insecure: false,
+            heartbeat_seconds: 5,
+            agent_lost_seconds: 30,
+            max_attempts: 3,
+            max_context_bytes: braid_shared::limits::CONTEXT_BYTES,
+            log_format: LogFormat::Pretty,
+        }
+    }
+}
+
+/// The keys `BRAID_*` variables may set.
+pub const KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "insecure_registries",
+    "insecure",
+    "heartbeat_seconds",
+    "agent_lost_seconds",
+    "max_attempts",
+    "max_context_bytes",
+    "log_format",
+];
+pub const LIST_KEYS: &[&str] = &["insecure_registries"];
+
+impl Settings {
+    /// Checks every value, naming the key that is wrong.
+    pub fn validate(&self) -> Result<SocketAddr, SettingsError> {
+        let invalid = |key, message: String| SettingsError::Invalid { key, message };
+        let addr: SocketAddr = self.listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("{:?} is not an ip:port address", self.listen),
+            )
+        })?;
+        if !self.insecure {
+            return Err(invalid(
+                "insecure",
+                "TLS is not available in this version: pass --insecure to serve plaintext on loopback".into(),
+            ));
+        }
+        if !addr.ip().is_loopback() {
+            return Err(invalid(
+                "listen",
+                format!("plaintext (--insecure) may only listen on loopback, not {addr}"),
+            ));
+        }
+        for r in &self.insecure_registries {
+            if r.is_empty() || r.contains('/') || r.contains("://") {
+                return Err(invalid(
+                    "insecure_registries",
+                    format!("{r:?} is not host[:port]"),
+                ));
+            }
+        }
+        if self.heartbeat_seconds == 0 || self.heartbeat_seconds > 3600 {
+            return Err(invalid("heartbeat_seconds", "must be 1 to 3600".into()));
+        }
+        if self.agent_lost_seconds <= self.heartbeat_seconds {
+            return Err(invalid(
+                "agent_lost_seconds",
+                "must be larger than heartbeat_seconds".into(),
+            ));
+        }
+        if !(1..=20).contains(&self.max_attempts) {
+            return Err(invalid("max_attempts", "must be 1 to 20".into()));
+        }
+        if self.max_context_bytes == 0 {
+            return Err(invalid("max_context_bytes", "must be above 0".into()));
+        }
+        Ok(addr)
+    }
+
+    pub fn agent_lost_after(&self) -> Duration {
+        Duration::from_secs(self.agent_lost_seconds.into())
+    }
+}

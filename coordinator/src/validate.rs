@@ -1,0 +1,260 @@
+//! Every field of a submitted build checked, with a message naming the field
+//! and the limit.
+
+use std::collections::HashMap;
+
+use braid_shared::{ImageRef, Platform, buildargs, limits, proto};
+
+use crate::error::CoordinatorError;
+
+/// A spec that passed validation, with its parsed parts.
+#[derive(Debug)]
+pub struct ValidSpec {
+    pub spec: proto::BuildSpec,
+    pub platforms: Vec<Platform>,
+    pub tags: Vec<ImageRef>,
+}
+
+fn invalid(message: String) -> CoordinatorError {
+    CoordinatorError::InvalidArgument(message)
+}
+
+fn too_many(field: &str, limit: usize) -> CoordinatorError {
+    CoordinatorError::ResourceExhausted(format!("{field}: more than the limit of {limit}"))
+}
+
+/// A Dockerfile ARG name.
+fn is_arg_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A Dockerfile stage name, as `FROM ... AS name` accepts it.
+fn is_stage_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 128
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn check_map(
+    field: &str,
+    map: &HashMap<String, String>,
+    key_ok: impl Fn(&str) -> bool,
+) -> Result<(), CoordinatorError> {
+    if map.len() > limits::BUILD_ARGS {
+        return Err(too_many(field, limits::BUILD_ARGS));
+    }
+    for (k, v) in map {
+        if k.len() > limits::ARG_KEY_BYTES || !key_ok(k) {
+            return Err(invalid(format!(
+                "{field}: invalid name {:?}",
+                braid_shared::shorten(k, 80)
+            )));
+        }
+        if v.len() > limits::ARG_VALUE_BYTES {
+            return Err(CoordinatorError::ResourceExhausted(format!(
+                "{field}: value of {k:?} is longer than the limit of {} bytes",
+                limits::ARG_VALUE_BYTES
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Validates a submitted spec; the context's presence is checked by the caller.
+pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
+    if spec.platforms.is_empty() {
+        return Err(invalid(
+            "platforms: at least one platform is required".into(),
+        ));
+    }
+    if spec.platforms.len() > limits::PLATFORMS {
+        return Err(too_many("platforms", limits::PLATFORMS));
+    }
+    let mut platforms: Vec<Platform> = Vec::new();
+    for raw in &spec.platforms {
+        let p: Platform = raw
+            .parse()
+            .map_err(|e| invalid(format!("platforms: {e}")))?;
+        if !platforms.contains(&p) {
+            platforms.push(p);
+        }
+    }
+    spec.platforms = platforms.iter().map(ToString::to_string).collect();
+
+    if spec.tags.len() > limits::TAGS {
+        return Err(too_many("tags", limits::TAGS));
+    }
+    let mut tags = Vec::new();
+    for raw in &spec.tags {
+        let t: ImageRef = raw.parse().map_err(|e| invalid(format!("tags: {e}")))?;
+        if t.digest().is_some() {
+            return Err(invalid(format!(
+                "tags: {raw:?} has a digest; a tag names where to push"
+            )));
+        }
+        let t = t.with_default_tag();
+        if !tags.contains(&t) {
+            tags.push(t);
+        }
+    }
+    if spec.push && tags.is_empty() {
+        return Err(invalid("tags: --push needs at least one tag (-t)".into()));
+    }
+    spec.tags = tags.iter().map(ToString::to_string).collect();
+
+    spec.context_digest
+        .parse::<braid_shared::Digest>()
+        .map_err(|e| invalid(format!("context_digest: {e}")))?;
+
+    if spec.dockerfile_inline.len() > limits::DOCKERFILE_BYTES {
+        return Err(CoordinatorError::ResourceExhausted(format!(
+            "dockerfile_inline: larger than the limit of {} bytes",
+            limits::DOCKERFILE_BYTES
+        )));
+    }
+    if !spec.dockerfile_inline.is_empty() && !spec.dockerfile_path.is_empty() {
+        return Err(invalid(
+            "dockerfile_path and dockerfile_inline: give one, not both".into(),
+        ));
+    }
+    if spec.dockerfile_inline.is_empty() {
+        if spec.dockerfile_path.is_empty() {
+            spec.dockerfile_path = "Dockerfile".into();
+        }
+        let path = &spec.dockerfile_path;
+        let cleaned = braid_shared::dockerignore::clean(path);
+        if path.len() > limits::CONTEXT_PATH_BYTES
+            || path.starts_with('/')
+            || cleaned == "."
+            || cleaned.starts_with("../")
+            || cleaned == ".."
+            || path.contains('\0')
+        {
+            return Err(invalid(format!(
+                "dockerfile_path: {:?} must be a relative path inside the context",
+                braid_shared::shorten(path, 200)
+            )));
+        }
+        spec.dockerfile_path = cleaned;
+    }
+
+    check_map("build_args", &spec.build_args, is_arg_name)?;
+    if let Some(name) = spec.build_args.keys().find(|k| buildargs::is_automatic(k)) {
+        return Err(invalid(format!(
+            "build_args: {name} is set by braid from each job's platform and cannot be given"
+        )));
+    }
+    check_map("labels", &spec.labels, |k| {
+        !k.is_empty() && !k.contains(['\0', '\n'])
+    })?;
+    if !spec.target.is_empty() && !is_stage_name(&spec.target) {
+        return Err(invalid(format!(
+            "target: invalid stage name {:?}",
+            braid_shared::shorten(&spec.target, 80)
+        )));
+    }
+    Ok(ValidSpec {
+        spec,
+        platforms,
+        tags,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> proto::BuildSpec {
+        proto::BuildSpec {
+            platforms: vec![
+                "linux/amd64".into(),
+                "linux/aarch64".into(),
+                "linux/arm64/v8".into(),
+            ],
+            tags: vec!["127.0.0.1:5000/app:1".into()],
+            context_digest: format!("sha256:{}", "0".repeat(64)),
+            push: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn normalizes_and_dedups() {
+        let v = spec(base()).unwrap();
+        assert_eq!(v.spec.platforms, ["linux/amd64", "linux/arm64"]);
+        assert_eq!(v.spec.dockerfile_path, "Dockerfile");
+    }
+
+    #[test]
+    fn names_the_field() {
+        type Mutation = Box<dyn Fn(&mut proto::BuildSpec)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (Box::new(|s| s.platforms.clear()), "platforms: at least one"),
+            (
+                Box::new(|s| s.platforms.push("linux/arm/v9".into())),
+                "platforms: invalid platform \"linux/arm/v9\"",
+            ),
+            (
+                Box::new(|s| s.platforms = vec!["linux/amd64".into(); 33]),
+                "platforms: more than the limit of 32",
+            ),
+            (
+                Box::new(|s| s.tags = vec!["Bad".into()]),
+                "tags: invalid image reference \"Bad\"",
+            ),
+            (
+                Box::new(|s| s.tags.clear()),
+                "--push needs at least one tag",
+            ),
+            (
+                Box::new(|s| s.context_digest = "x".into()),
+                "context_digest: invalid digest",
+            ),
+            (
+                Box::new(|s| s.dockerfile_path = "../Dockerfile".into()),
+                "dockerfile_path",
+            ),
+            (
+                Box::new(|s| s.dockerfile_path = "/etc/passwd".into()),
+                "dockerfile_path",
+            ),
+            (
+                Box::new(|s| {
+                    s.build_args.insert("1X".into(), "v".into());
+                }),
+                "build_args: invalid name",
+            ),
+            (
+                Box::new(|s| {
+                    s.build_args.insert("TARGETARCH".into(), "v".into());
+                }),
+                "set by braid",
+            ),
+            (
+                Box::new(|s| {
+                    s.build_args.insert("X".into(), "v".repeat(20000));
+                }),
+                "longer than the limit",
+            ),
+            (
+                Box::new(|s| s.target = "-x".into()),
+                "target: invalid stage name",
+            ),
+            (
+                Box::new(|s| s.dockerfile_inline = vec![b'x'; (1 << 20) + 1]),
+                "dockerfile_inline",
+            ),
+        ];
+        for (mutate, want) in cases {
+            let mut s = base();
+            mutate(&mut s);
+            let e = spec(s).unwrap_err().to_string();
+            assert!(e.contains(want), "{e} does not contain {want}");
+        }
+    }
+}
