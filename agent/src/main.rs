@@ -1,1 +1,145 @@
-fn main() {}
+//! `braid-agent`: builds the platforms of this host for a braid coordinator.
+#![forbid(unsafe_code)]
+
+mod cache;
+mod job;
+mod session;
+mod settings;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use braid_shared::settings::Override;
+use braid_shared::telemetry::{self, LogFormat};
+
+/// Dials a braid coordinator, takes the jobs for this host's platforms,
+/// builds them natively with buildah and pushes them by digest.
+///
+/// Every flag is also a key of the --config TOML file and a BRAID_<KEY>
+/// environment variable (e.g. BRAID_SLOTS); flags win over variables,
+/// variables over the file.
+#[derive(Debug, Parser)]
+#[command(name = "braid-agent", version)]
+struct Args {
+    /// Coordinator URL [default: http://127.0.0.1:7700]
+    #[arg(long, value_name = "URL")]
+    coordinator: Option<String>,
+    /// Name of this agent in the farm [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// A platform this host builds, instead of the detected one (repeatable;
+    /// e.g. an arm64 server that runs 32-bit code adds linux/arm/v7)
+    #[arg(long = "platform", value_name = "PLATFORM")]
+    platforms: Vec<String>,
+    /// Jobs to run at once [default: 1]
+    #[arg(long, value_name = "N")]
+    slots: Option<u32>,
+    /// Contexts, job directories and builder storage [default: ./braid-agent]
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// TOML settings file
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Dial the coordinator in plaintext; only to a loopback address
+    #[arg(long)]
+    insecure: bool,
+    /// Log format: pretty or json [default: pretty]
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+impl Args {
+    fn overrides(&self) -> Vec<Override> {
+        let mut o: Vec<Override> = Vec::new();
+        if let Some(v) = &self.coordinator {
+            o.push(("coordinator", v.clone().into()));
+        }
+        if let Some(v) = &self.name {
+            o.push(("name", v.clone().into()));
+        }
+        if !self.platforms.is_empty() {
+            o.push(("platforms", self.platforms.clone().into()));
+        }
+        if let Some(v) = self.slots {
+            o.push(("slots", v.into()));
+        }
+        if let Some(v) = &self.work_dir {
+            o.push(("work_dir", v.display().to_string().into()));
+        }
+        if self.insecure {
+            o.push(("insecure", true.into()));
+        }
+        if let Some(v) = self.log_format {
+            o.push((
+                "log_format",
+                match v {
+                    LogFormat::Pretty => "pretty",
+                    LogFormat::Json => "json",
+                }
+                .into(),
+            ));
+        }
+        o
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let loaded: settings::Settings = braid_shared::settings::load(
+        args.config.as_deref(),
+        settings::KEYS,
+        settings::LIST_KEYS,
+        args.overrides(),
+    )?;
+    telemetry::init(loaded.log_format);
+    let valid = loaded.validate()?;
+    check_backend().await?;
+    std::fs::create_dir_all(&valid.settings.work_dir)?;
+    tracing::info!(
+        name = %valid.settings.name,
+        platforms = ?valid.platforms.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        native = %valid.native,
+        slots = valid.settings.slots,
+        "agent starting"
+    );
+    let stop = CancellationToken::new();
+    let agent = session::Agent::new(valid);
+    let run = tokio::spawn(agent.run(stop.clone()));
+    shutdown_signal().await;
+    stop.cancel();
+    let _ = run.await;
+    Ok(())
+}
+
+/// Fails early, with how to fix it, when buildah is missing or broken.
+async fn check_backend() -> anyhow::Result<()> {
+    let output = tokio::process::Command::new("buildah")
+        .arg("--version")
+        .output()
+        .await;
+    match output {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => anyhow::bail!(
+            "buildah --version failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => {
+            anyhow::bail!("buildah not found ({e}); install it, e.g. apt-get install buildah")
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    if let Ok(mut term) = signal(SignalKind::terminate()) {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    } else {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

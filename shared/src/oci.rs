@@ -345,6 +345,11 @@ pub fn config_platform(config: &[u8]) -> Result<Platform, String> {
         .map_err(|e: crate::platform::PlatformError| e.to_string())
 }
 
+/// The descriptor of the single image in an OCI layout, without pushing it.
+pub async fn layout_descriptor(layout: &Path) -> Result<ImageDescriptor, OciError> {
+    read_layout(layout).await.map(|image| image.descriptor)
+}
+
 /// An image index over one manifest per platform, as its JSON bytes.
 pub fn build_index(
     manifests: &[(Platform, ImageDescriptor)],

@@ -1,0 +1,473 @@
+//! One job: fetch the context, unpack it, build with buildah, export an OCI
+//! layout, push it by digest, report.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use braid_shared::context::{self, ContextLimits};
+use braid_shared::oci::{self, ImageDescriptor, Registry};
+use braid_shared::proto::{self, agent_message::Kind as ToCoordinator};
+use braid_shared::{Digest, ImageRef, Platform, buildargs, limits};
+
+use crate::cache::ContextCache;
+use crate::settings::Valid;
+
+/// How a job ended, in the coordinator's terms.
+#[derive(Debug)]
+pub enum Outcome {
+    Image(ImageDescriptor),
+    Failed(proto::FailureKind, String),
+}
+
+/// What a job needs from the agent around it.
+pub struct JobEnv {
+    pub settings: Valid,
+    pub cache: Arc<ContextCache>,
+    pub outbox: mpsc::UnboundedSender<proto::AgentMessage>,
+}
+
+pub async fn run(
+    env: Arc<JobEnv>,
+    assignment: proto::Assignment,
+    cancel: CancellationToken,
+) -> proto::JobResult {
+    let span = tracing::info_span!(
+        "job",
+        build_id = %assignment.build_id,
+        job_id = %assignment.job_id,
+        attempt = assignment.attempt,
+        platform = %assignment.platform,
+        agent = %env.settings.settings.name,
+    );
+    let outcome = async {
+        tracing::info!("job started");
+        let outcome = tokio::select! {
+            outcome = execute(&env, &assignment, &cancel) => outcome,
+            () = cancel.cancelled() => Outcome::Failed(proto::FailureKind::Cancelled, "cancelled".into()),
+        };
+        match &outcome {
+            Outcome::Image(d) => tracing::info!(digest = %d.digest, "job done"),
+            Outcome::Failed(kind, message) => tracing::warn!(?kind, %message, "job failed"),
+        }
+        outcome
+    }
+    .instrument(span)
+    .await;
+    let outcome = match outcome {
+        Outcome::Image(d) => proto::job_result::Outcome::Image(proto::ImageResult {
+            digest: d.digest.to_string(),
+            size: d.size,
+            media_type: d.media_type,
+        }),
+        Outcome::Failed(kind, message) => proto::job_result::Outcome::Failure(proto::JobFailure {
+            kind: kind as i32,
+            message,
+        }),
+    };
+    proto::JobResult {
+        job_id: assignment.job_id,
+        attempt: assignment.attempt,
+        lease_id: assignment.lease_id,
+        outcome: Some(outcome),
+    }
+}
+
+fn infra(message: impl std::fmt::Display) -> Outcome {
+    Outcome::Failed(proto::FailureKind::Infra, message.to_string())
+}
+
+fn build_failure(message: impl std::fmt::Display) -> Outcome {
+    Outcome::Failed(proto::FailureKind::Build, message.to_string())
+}
+
+async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken) -> Outcome {
+    let Some(spec) = &a.spec else {
+        return build_failure("assignment without a build spec");
+    };
+    let platform: Platform = match a.platform.parse() {
+        Ok(p) => p,
+        Err(e) => return build_failure(e),
+    };
+    let digest: Digest = match spec.context_digest.parse() {
+        Ok(d) => d,
+        Err(e) => return build_failure(e),
+    };
+    let work = &env.settings.settings.work_dir;
+    let job_dir = work
+        .join("jobs")
+        .join(format!("{}-{}", a.job_id, a.attempt));
+    let _cleanup = RemoveOnDrop(job_dir.clone());
+    let context_dir = job_dir.join("context");
+    if let Err(e) = tokio::fs::create_dir_all(&context_dir).await {
+        return infra(format!("creating {}: {e}", context_dir.display()));
+    }
+    send_progress(env, a, proto::JobState::Building);
+
+    let compressed = match env.cache.get(&digest).await {
+        Ok(path) => path,
+        Err(e) => return infra(format!("fetching context {digest}: {e}")),
+    };
+    let unpack_dir = context_dir.clone();
+    let unpacked = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let file = std::fs::File::open(&compressed).map_err(|e| e.to_string())?;
+        let decoder = zstd::stream::read::Decoder::new(file).map_err(|e| e.to_string())?;
+        context::unpack(decoder, &unpack_dir, ContextLimits::default()).map_err(|e| e.to_string())
+    })
+    .await;
+    match unpacked {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return build_failure(format!("unpacking the context: {e}")),
+        Err(e) => return infra(format!("unpacking the context: {e}")),
+    }
+
+    let dockerfile = if spec.dockerfile_inline.is_empty() {
+        context_dir.join(&spec.dockerfile_path)
+    } else {
+        let path = job_dir.join("Dockerfile.inline");
+        if let Err(e) = tokio::fs::write(&path, &spec.dockerfile_inline).await {
+            return infra(e);
+        }
+        path
+    };
+    if !dockerfile.is_file() {
+        return build_failure(format!(
+            "Dockerfile {:?} not found in the context",
+            spec.dockerfile_path
+        ));
+    }
+
+    let insecure: Vec<String> = a.insecure_registries.clone();
+    let conf = match write_containers_conf(&job_dir, &insecure).await {
+        Ok(c) => c,
+        Err(e) => return infra(format!("writing registries.conf: {e}")),
+    };
+    let iidfile = job_dir.join("iid");
+    let mut bud = buildah(env, &conf);
+    bud.arg("bud")
+        .arg("--signature-policy")
+        .arg(&conf.policy)
+        .arg("--platform")
+        .arg(platform.to_string())
+        .arg("--isolation")
+        .arg(&env.settings.settings.isolation)
+        .arg("--layers")
+        .arg("--ignorefile")
+        .arg(&conf.empty_ignore)
+        .arg("--iidfile")
+        .arg(&iidfile)
+        .arg("-f")
+        .arg(&dockerfile);
+    if spec.no_cache {
+        bud.arg("--no-cache");
+    }
+    if !spec.target.is_empty() {
+        bud.arg("--target").arg(&spec.target);
+    }
+    let mut args: Vec<(&String, &String)> = spec.build_args.iter().collect();
+    args.sort();
+    for (k, v) in args {
+        bud.arg("--build-arg").arg(format!("{k}={v}"));
+    }
+    for (k, v) in buildargs::platform_args(&platform, &env.settings.native) {
+        bud.arg("--build-arg").arg(format!("{k}={v}"));
+    }
+    let mut labels: Vec<(&String, &String)> = spec.labels.iter().collect();
+    labels.sort();
+    for (k, v) in labels {
+        bud.arg("--label").arg(format!("{k}={v}"));
+    }
+    bud.arg(&context_dir);
+    match run_logged(env, a, bud, cancel).await {
+        Ok(()) => {}
+        Err(RunError::Exit(tail)) => return build_failure(tail),
+        Err(RunError::Spawn(e)) => return infra(format!("starting buildah: {e}")),
+    }
+    let image_id = match tokio::fs::read_to_string(&iidfile).await {
+        Ok(id) => id.trim().to_owned(),
+        Err(e) => return infra(format!("buildah wrote no image id: {e}")),
+    };
+
+    let layout = job_dir.join("layout");
+    let mut export = buildah(env, &conf);
+    export
+        .arg("push")
+        .arg("--signature-policy")
+        .arg(&conf.policy)
+        .arg("--format")
+        .arg("oci")
+        .arg("--quiet")
+        .arg(&image_id)
+        .arg(format!("oci:{}:image", layout.display()));
+    if let Err(e) = run_logged(env, a, export, cancel).await {
+        return infra(format!("exporting the image: {e}"));
+    }
+    if a.push_repositories.is_empty() {
+        return match oci::layout_descriptor(&layout).await {
+            Ok(d) => Outcome::Image(d),
+            Err(e) => infra(e),
+        };
+    }
+    push_everywhere(env, a, &layout, &insecure).await
+}
+
+/// Pushes to every repository, retrying registry errors with backoff.
+async fn push_everywhere(
+    env: &JobEnv,
+    a: &proto::Assignment,
+    layout: &Path,
+    insecure: &[String],
+) -> Outcome {
+    let registry = Registry::new(insecure);
+    let mut descriptor = None;
+    for raw in &a.push_repositories {
+        let repository: ImageRef = match raw.parse() {
+            Ok(r) => r,
+            Err(e) => return build_failure(e),
+        };
+        let mut delay = Duration::from_millis(500);
+        let mut attempt = 1;
+        loop {
+            match registry.push_layout(layout, &repository).await {
+                Ok(d) => {
+                    log_lines(
+                        env,
+                        a,
+                        vec![format!("pushed {} to {}", d.digest, repository.name())],
+                    );
+                    descriptor = Some(d);
+                    break;
+                }
+                Err(e) if attempt < PUSH_ATTEMPTS => {
+                    log_lines(
+                        env,
+                        a,
+                        vec![format!(
+                            "push to {} failed (attempt {attempt}): {e}; retrying",
+                            repository.name()
+                        )],
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return infra(format!("pushing to {}: {e}", repository.name())),
+            }
+        }
+    }
+    match descriptor {
+        Some(d) => Outcome::Image(d),
+        None => infra("no repository to push to"),
+    }
+}
+
+const PUSH_ATTEMPTS: u32 = 4;
+
+/// Per-job containers configuration: which registries are plain HTTP, and
+/// an accept-anything signature policy so no host-wide policy is needed.
+struct ContainersConf {
+    registries: PathBuf,
+    policy: PathBuf,
+    empty_ignore: PathBuf,
+}
+
+async fn write_containers_conf(
+    job_dir: &Path,
+    insecure: &[String],
+) -> std::io::Result<ContainersConf> {
+    let mut registries = String::from("unqualified-search-registries = [\"docker.io\"]\n");
+    for r in insecure {
+        registries.push_str(&format!(
+            "\n[[registry]]\nlocation = \"{r}\"\ninsecure = true\n"
+        ));
+    }
+    let conf = ContainersConf {
+        registries: job_dir.join("registries.conf"),
+        policy: job_dir.join("policy.json"),
+        // The context was filtered by the client already; filtering again
+        // with the root .dockerignore would undo a Dockerfile-specific one.
+        empty_ignore: job_dir.join("empty.dockerignore"),
+    };
+    tokio::fs::write(&conf.registries, registries).await?;
+    tokio::fs::write(
+        &conf.policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .await?;
+    tokio::fs::write(&conf.empty_ignore, "").await?;
+    Ok(conf)
+}
+
+fn buildah(env: &JobEnv, conf: &ContainersConf) -> Command {
+    let s = &env.settings.settings;
+    let storage = s.work_dir.join("storage");
+    let mut cmd = Command::new("buildah");
+    cmd.arg("--root")
+        .arg(storage.join("root"))
+        .arg("--runroot")
+        .arg(storage.join("runroot"))
+        .arg("--storage-driver")
+        .arg(&s.storage_driver)
+        .env("CONTAINERS_REGISTRIES_CONF", &conf.registries)
+        .env("BUILDAH_ISOLATION", &s.isolation);
+    cmd
+}
+
+enum RunError {
+    /// It ran and failed: the last lines of its output.
+    Exit(String),
+    Spawn(std::io::Error),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Exit(tail) => f.write_str(tail),
+            RunError::Spawn(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Lines kept for a failure message.
+const TAIL_LINES: usize = 12;
+
+/// Runs a builder command in its own process group, streaming its output
+/// as log lines; cancellation kills the whole group.
+async fn run_logged(
+    env: &JobEnv,
+    a: &proto::Assignment,
+    mut cmd: Command,
+    cancel: &CancellationToken,
+) -> Result<(), RunError> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(RunError::Spawn)?;
+    let pgid = child.id();
+    let guard = KillGroupOnDrop(pgid);
+    let (line_tx, mut line_rx) = mpsc::unbounded_channel::<String>();
+    for reader in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = line_tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(reader).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(line_tx);
+    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let mut batch = Vec::new();
+    let mut sent_bytes = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            line = line_rx.recv() => match line {
+                Some(line) => {
+                    let line = braid_shared::shorten(&line, limits::LOG_LINE_BYTES);
+                    if tail.len() == TAIL_LINES { tail.pop_front(); }
+                    tail.push_back(line.clone());
+                    sent_bytes += line.len();
+                    if sent_bytes <= limits::JOB_LOG_BYTES { batch.push(line); }
+                    if batch.len() >= 64 { log_lines(env, a, std::mem::take(&mut batch)); }
+                }
+                None => break,
+            },
+            _ = tick.tick() => if !batch.is_empty() { log_lines(env, a, std::mem::take(&mut batch)); },
+            () = cancel.cancelled() => break,
+        }
+    }
+    if !batch.is_empty() {
+        log_lines(env, a, batch);
+    }
+    let status = tokio::select! {
+        status = child.wait() => status.map_err(RunError::Spawn)?,
+        () = cancel.cancelled() => {
+            drop(guard);
+            return Err(RunError::Exit("cancelled".into()));
+        }
+    };
+    std::mem::forget(guard);
+    if status.success() {
+        return Ok(());
+    }
+    Err(RunError::Exit(failure_summary(&tail, status)))
+}
+
+/// The builder's own error line if it printed one, else its last lines.
+fn failure_summary(
+    tail: &std::collections::VecDeque<String>,
+    status: std::process::ExitStatus,
+) -> String {
+    if let Some(err) = tail.iter().rev().find(|l| l.starts_with("Error: ")) {
+        return err.trim_start_matches("Error: ").to_owned();
+    }
+    let lines: Vec<&str> = tail.iter().map(String::as_str).collect();
+    format!("builder exited with {status}: {}", lines.join(" | "))
+}
+
+fn log_lines(env: &JobEnv, a: &proto::Assignment, lines: Vec<String>) {
+    let _ = env.outbox.send(proto::AgentMessage {
+        kind: Some(ToCoordinator::Log(proto::JobLog {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            lines,
+        })),
+    });
+}
+
+fn send_progress(env: &JobEnv, a: &proto::Assignment, state: proto::JobState) {
+    let _ = env.outbox.send(proto::AgentMessage {
+        kind: Some(ToCoordinator::Progress(proto::JobProgress {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            state: state as i32,
+        })),
+    });
+}
+
+/// Kills a builder's whole process group when its job is dropped (cancelled).
+struct KillGroupOnDrop(Option<u32>);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Removes a job's directory when the job ends, however it ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

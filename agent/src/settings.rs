@@ -1,0 +1,176 @@
+//! The agent's settings: defaults, `--config` TOML, `BRAID_*`, flags.
+
+use std::path::PathBuf;
+
+use braid_shared::Platform;
+use braid_shared::settings::SettingsError;
+use braid_shared::telemetry::LogFormat;
+
+/// Every key here is also a TOML key and a `BRAID_<KEY>` variable.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Coordinator URL. Default `http://127.0.0.1:7700`.
+    pub coordinator: String,
+    /// The agent's name, unique in the farm. Default: the host name.
+    pub name: String,
+    /// Platforms built here. Default: the detected native platform.
+    pub platforms: Vec<String>,
+    /// Jobs run at once. Default 1.
+    pub slots: u32,
+    /// Contexts, job directories and builder storage. Default `./braid-agent`.
+    pub work_dir: PathBuf,
+    /// Dial the coordinator in plaintext (loopback only). Default false.
+    pub insecure: bool,
+    /// Builder backend. Default and only choice so far: `buildah`.
+    pub backend: String,
+    /// buildah's `--isolation`: `chroot` works everywhere, including hosts
+    /// with hybrid cgroups; `oci` isolates more where cgroup v2 is there.
+    /// Default `chroot`.
+    pub isolation: String,
+    /// buildah's storage driver, `overlay` or `vfs`. Default `overlay`.
+    pub storage_driver: String,
+    /// Bytes of contexts kept in the cache. Default 10 GiB.
+    pub context_cache_bytes: u64,
+    /// Log format, `pretty` or `json`. Default `pretty`.
+    pub log_format: LogFormat,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            coordinator: "http://127.0.0.1:7700".to_owned(),
+            name: String::new(),
+            platforms: Vec::new(),
+            slots: 1,
+            work_dir: PathBuf::from("braid-agent"),
+            insecure: false,
+            backend: "buildah".to_owned(),
+            isolation: "chroot".to_owned(),
+            storage_driver: "overlay".to_owned(),
+            context_cache_bytes: 10 << 30,
+            log_format: LogFormat::Pretty,
+        }
+    }
+}
+
+pub const KEYS: &[&str] = &[
+    "coordinator",
+    "name",
+    "platforms",
+    "slots",
+    "work_dir",
+    "insecure",
+    "backend",
+    "isolation",
+    "storage_driver",
+    "context_cache_bytes",
+    "log_format",
+];
+pub const LIST_KEYS: &[&str] = &["platforms"];
+
+/// Settings after validation, with parsed values.
+#[derive(Debug, Clone)]
+pub struct Valid {
+    pub settings: Settings,
+    pub platforms: Vec<Platform>,
+    /// The platform this binary runs on, for BUILDPLATFORM.
+    pub native: Platform,
+}
+
+impl Settings {
+    pub fn validate(mut self) -> Result<Valid, SettingsError> {
+        let invalid = |key, message: String| SettingsError::Invalid { key, message };
+        let url = self.coordinator.clone();
+        let host = url
+            .strip_prefix("http://")
+            .ok_or_else(|| {
+                invalid(
+                    "coordinator",
+                    format!(
+                        "{url:?}: TLS is not available in this version; use http:// with --insecure"
+                    ),
+                )
+            })?
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        if !self.insecure {
+            return Err(invalid(
+                "insecure",
+                "TLS is not available in this version: pass --insecure (loopback only)".into(),
+            ));
+        }
+        let hostname = host
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(&host)
+            .trim_matches(['[', ']']);
+        let loopback = hostname == "localhost"
+            || hostname
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            return Err(invalid(
+                "coordinator",
+                format!("plaintext (--insecure) only to a loopback address, not {host:?}"),
+            ));
+        }
+        if self.name.is_empty() {
+            self.name = std::fs::read_to_string("/etc/hostname")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default();
+        }
+        if self.name.is_empty()
+            || self.name.len() > braid_shared::limits::AGENT_NAME_BYTES
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(invalid(
+                "name",
+                format!("{:?}: 1 to 128 letters, digits, '.', '_' or '-'", self.name),
+            ));
+        }
+        let native = Platform::host();
+        let platforms = if self.platforms.is_empty() {
+            vec![native.clone()]
+        } else {
+            self.platforms
+                .iter()
+                .map(|p| {
+                    p.parse::<Platform>()
+                        .map_err(|e| invalid("platforms", e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        if !(1..=braid_shared::limits::AGENT_SLOTS).contains(&self.slots) {
+            return Err(invalid("slots", "must be 1 to 256".into()));
+        }
+        if self.backend != "buildah" {
+            return Err(invalid(
+                "backend",
+                format!("{:?}: this version supports buildah", self.backend),
+            ));
+        }
+        if !matches!(self.isolation.as_str(), "chroot" | "oci" | "rootless") {
+            return Err(invalid(
+                "isolation",
+                format!("{:?}: chroot, oci or rootless", self.isolation),
+            ));
+        }
+        if !matches!(self.storage_driver.as_str(), "overlay" | "vfs") {
+            return Err(invalid(
+                "storage_driver",
+                format!("{:?}: overlay or vfs", self.storage_driver),
+            ));
+        }
+        Ok(Valid {
+            settings: self,
+            platforms,
+            native,
+        })
+    }
+}

@@ -1,0 +1,389 @@
+//! `braid build`: `docker buildx build`'s flags, one build across the farm.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use tonic::transport::Channel;
+
+use braid_shared::Platform;
+use braid_shared::proto::{self, build_event::Kind, builds_client::BuildsClient};
+
+use crate::upload::{self, DockerfileSource};
+
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// Target platforms, comma-separated or repeated [default: this host's]
+    #[arg(long = "platform", value_name = "PLATFORMS")]
+    platforms: Vec<String>,
+    /// Image name and tag, e.g. registry:5000/app:1 (repeatable)
+    #[arg(short = 't', long = "tag", value_name = "NAME")]
+    tags: Vec<String>,
+    /// Dockerfile, relative to the working directory; "-" reads stdin [default: PATH/Dockerfile]
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    file: Option<String>,
+    /// Build-time variable KEY=VALUE, or KEY to take its value from the environment (repeatable)
+    #[arg(long = "build-arg", value_name = "KEY[=VALUE]")]
+    build_args: Vec<String>,
+    /// Build this stage of a multi-stage Dockerfile
+    #[arg(long, value_name = "STAGE")]
+    target: Option<String>,
+    /// Image label KEY=VALUE (repeatable)
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Do not use the builders' caches
+    #[arg(long)]
+    no_cache: bool,
+    /// Push every platform and the multi-platform index under the tags
+    #[arg(long)]
+    push: bool,
+    /// Write the build result metadata (buildx's keys) to FILE
+    #[arg(long, value_name = "FILE")]
+    metadata_file: Option<PathBuf>,
+    /// Progress output: auto, plain (log lines prefixed by platform) or quiet
+    #[arg(long, value_name = "TYPE", default_value = "auto", value_parser = ["auto", "plain", "quiet"])]
+    progress: String,
+    /// Build context directory
+    #[arg(value_name = "PATH")]
+    path: PathBuf,
+}
+
+async fn connect(url: &str) -> anyhow::Result<BuildsClient<Channel>> {
+    if !url.starts_with("http://") {
+        bail!(
+            "coordinator {url:?}: only http:// (plaintext, loopback) is available in this version"
+        );
+    }
+    let client = BuildsClient::connect(url.to_owned())
+        .await
+        .with_context(|| format!("connecting to the coordinator at {url}"))?;
+    Ok(client.max_decoding_message_size(braid_shared::limits::GRPC_MESSAGE_BYTES))
+}
+
+/// `--build-arg KEY` takes KEY's value from the environment, and is left out
+/// when KEY is unset, as docker does.
+fn parse_build_args(raw: &[String]) -> anyhow::Result<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for arg in raw {
+        match arg.split_once('=') {
+            Some((k, v)) => {
+                out.insert(k.to_owned(), v.to_owned());
+            }
+            None => {
+                if let Ok(v) = std::env::var(arg) {
+                    out.insert(arg.clone(), v);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_labels(raw: &[String]) -> anyhow::Result<HashMap<String, String>> {
+    raw.iter()
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
+            if k.is_empty() {
+                bail!("invalid label {l:?}: expected KEY=VALUE");
+            }
+            Ok((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+fn platforms(raw: &[String]) -> anyhow::Result<Vec<String>> {
+    if raw.is_empty() {
+        return Ok(vec![Platform::host().to_string()]);
+    }
+    let mut out = Vec::new();
+    for list in raw {
+        for p in braid_shared::platform::parse_list(list)? {
+            out.push(p.to_string());
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Progress {
+    Plain,
+    Quiet,
+}
+
+pub async fn run(url: &str, args: BuildArgs) -> anyhow::Result<i32> {
+    let progress = match args.progress.as_str() {
+        "quiet" => Progress::Quiet,
+        _ => Progress::Plain,
+    };
+    let say = |line: String| {
+        if progress != Progress::Quiet {
+            eprintln!("{line}");
+        }
+    };
+    let platforms = platforms(&args.platforms)?;
+    let build_args = parse_build_args(&args.build_args)?;
+    let labels = parse_labels(&args.labels)?;
+    let mut client = connect(url).await?;
+
+    let context_dir = args.path.clone();
+    let file = args.file.clone();
+    let prepared =
+        tokio::task::spawn_blocking(move || upload::prepare(&context_dir, file.as_deref()))
+            .await??;
+    say(format!(
+        "#1 context {} ({} bytes, {} entries)",
+        prepared.summary.digest, prepared.summary.size, prepared.summary.entries
+    ));
+    let sent = upload::ensure_uploaded(&mut client, &prepared).await?;
+    if sent == 0 {
+        say("#1 context already on the coordinator: nothing uploaded".into());
+    } else {
+        say(format!("#1 context uploaded ({sent} bytes compressed)"));
+    }
+    if !args.push {
+        say(
+            "WARNING: no --push: the images are built on the agents but not pushed anywhere".into(),
+        );
+    }
+    let (dockerfile_path, dockerfile_inline) = match prepared.dockerfile {
+        DockerfileSource::InContext(p) => (p, Vec::new()),
+        DockerfileSource::Inline(c) => (String::new(), c),
+    };
+    let spec = proto::BuildSpec {
+        platforms,
+        tags: args.tags.clone(),
+        context_digest: prepared.summary.digest.to_string(),
+        dockerfile_path,
+        dockerfile_inline,
+        build_args,
+        target: args.target.clone().unwrap_or_default(),
+        labels,
+        no_cache: args.no_cache,
+        push: args.push,
+    };
+    let build_id = client
+        .submit(proto::SubmitRequest { spec: Some(spec) })
+        .await?
+        .into_inner()
+        .build_id;
+    say(format!("#2 build {build_id} submitted"));
+
+    let outcome = tokio::select! {
+        outcome = follow(&mut client, &build_id, progress) => outcome?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: cancelling build {build_id}");
+            let mut c = connect(url).await?;
+            c.cancel(proto::CancelBuildRequest { build_id: build_id.clone() }).await?;
+            return Ok(130);
+        }
+    };
+    let build = client
+        .get(proto::GetBuildRequest {
+            build_id: build_id.clone(),
+        })
+        .await?
+        .into_inner();
+    summarize(&build, progress, args.metadata_file.as_deref())?;
+    match outcome {
+        proto::BuildState::Succeeded => Ok(0),
+        state => {
+            let why = if build.message.is_empty() {
+                "no reason given".to_owned()
+            } else {
+                build.message.clone()
+            };
+            eprintln!("error: build {build_id} {}: {why}", state_word(state));
+            Ok(1)
+        }
+    }
+}
+
+/// Prints events until the build ends; resumes after a dropped stream.
+async fn follow(
+    client: &mut BuildsClient<Channel>,
+    build_id: &str,
+    progress: Progress,
+) -> anyhow::Result<proto::BuildState> {
+    let mut after = 0;
+    let mut retries = 0;
+    loop {
+        let mut stream = client
+            .watch(proto::WatchRequest {
+                build_id: build_id.to_owned(),
+                after_seq: after,
+            })
+            .await?
+            .into_inner();
+        loop {
+            match stream.message().await {
+                Ok(Some(event)) => {
+                    after = event.seq;
+                    if let Some(state) = print_event(&event, progress) {
+                        return Ok(state);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) if retries < 10 => {
+                    retries += 1;
+                    eprintln!("watch interrupted ({}); resuming", e.message());
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+fn state_word(state: proto::BuildState) -> &'static str {
+    match state {
+        proto::BuildState::Succeeded => "succeeded",
+        proto::BuildState::Failed => "failed",
+        proto::BuildState::Cancelled => "was cancelled",
+        _ => "ended",
+    }
+}
+
+fn job_word(state: i32) -> &'static str {
+    match proto::JobState::try_from(state).unwrap_or_default() {
+        proto::JobState::Pending => "pending",
+        proto::JobState::Assigned => "assigned",
+        proto::JobState::Building => "building",
+        proto::JobState::Pushed => "pushed",
+        proto::JobState::Verified => "verified",
+        proto::JobState::Failed => "failed",
+        proto::JobState::Cancelled => "cancelled",
+        proto::JobState::Unspecified => "unknown",
+    }
+}
+
+/// Prints one event; returns the final state when the build has ended.
+fn print_event(event: &proto::BuildEvent, progress: Progress) -> Option<proto::BuildState> {
+    let quiet = progress == Progress::Quiet;
+    match &event.kind {
+        Some(Kind::Log(l)) if !quiet => eprintln!("[{}] {}", l.platform, l.line),
+        Some(Kind::Notice(n)) if !quiet => eprintln!("#  {}", n.text),
+        Some(Kind::Job(j)) if !quiet => {
+            let mut line = format!("#  {} {}", j.platform, job_word(j.state));
+            if !j.agent.is_empty() {
+                line.push_str(&format!(" on {}", j.agent));
+            }
+            if j.attempt > 1 {
+                line.push_str(&format!(" (attempt {})", j.attempt));
+            }
+            if !j.message.is_empty() {
+                line.push_str(&format!(": {}", j.message));
+            }
+            eprintln!("{line}");
+        }
+        Some(Kind::Build(b)) => {
+            let state = proto::BuildState::try_from(b.state).unwrap_or_default();
+            if matches!(
+                state,
+                proto::BuildState::Succeeded
+                    | proto::BuildState::Failed
+                    | proto::BuildState::Cancelled
+            ) {
+                return Some(state);
+            }
+        }
+        _ => {}
+    }
+    None
+}
+
+fn seconds(job: &proto::Job) -> f64 {
+    match (&job.started, &job.finished) {
+        (Some(s), Some(f)) => (f.seconds - s.seconds) as f64 + f64::from(f.nanos - s.nanos) / 1e9,
+        _ => 0.0,
+    }
+}
+
+/// One line per platform and the index; the metadata file like buildx's.
+fn summarize(
+    build: &proto::Build,
+    progress: Progress,
+    metadata_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    if progress != Progress::Quiet {
+        for job in &build.jobs {
+            let digest = job
+                .result
+                .as_ref()
+                .map(|r| r.digest.as_str())
+                .unwrap_or("-");
+            let how = if job.emulated { "emulated" } else { "native" };
+            eprintln!(
+                "{:<16} {:<20} {:<8} {:>7.1}s  {}",
+                job.platform,
+                if job.agent.is_empty() {
+                    "-"
+                } else {
+                    &job.agent
+                },
+                how,
+                seconds(job),
+                digest
+            );
+        }
+    }
+    if !build.index_digest.is_empty() {
+        if progress == Progress::Quiet {
+            println!("{}", build.index_digest);
+        } else {
+            println!("index {}", build.index_digest);
+        }
+    }
+    if let Some(path) = metadata_file {
+        let mut platforms = BTreeMap::new();
+        for job in &build.jobs {
+            platforms.insert(
+                job.platform.clone(),
+                serde_json::json!({
+                    "digest": job.result.as_ref().map(|r| r.digest.clone()).unwrap_or_default(),
+                    "agent": job.agent,
+                    "seconds": (seconds(job) * 1000.0).round() / 1000.0,
+                    "emulated": job.emulated,
+                }),
+            );
+        }
+        let mut meta = serde_json::Map::new();
+        meta.insert("braid.build.id".into(), build.build_id.clone().into());
+        meta.insert("braid.platforms".into(), serde_json::to_value(platforms)?);
+        if !build.index_digest.is_empty() {
+            meta.insert(
+                "containerimage.descriptor".into(),
+                serde_json::json!({
+                    "mediaType": build.index_media_type,
+                    "digest": build.index_digest,
+                    "size": build.index_size,
+                }),
+            );
+            meta.insert(
+                "containerimage.digest".into(),
+                build.index_digest.clone().into(),
+            );
+        }
+        if let Some(spec) = &build.spec
+            && !spec.tags.is_empty()
+        {
+            meta.insert("image.name".into(), spec.tags.join(",").into());
+        }
+        std::fs::write(path, serde_json::to_vec_pretty(&meta)?)
+            .with_context(|| format!("writing the metadata file {path:?}"))?;
+    }
+    Ok(())
+}
+
+pub async fn cancel(url: &str, build_id: &str) -> anyhow::Result<i32> {
+    let mut client = connect(url).await?;
+    let build = client
+        .cancel(proto::CancelBuildRequest {
+            build_id: build_id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    let state = proto::BuildState::try_from(build.state).unwrap_or_default();
+    println!("build {} {}", build.build_id, state_word(state));
+    Ok(0)
+}
