@@ -1,1 +1,326 @@
+//! A small toolkit for braid's end-to-end tests: a real `docker-registry` on
+//! loopback, the real `braid-coordinator` and `braid-agent` binaries, and the
+//! `braid` CLI, all started as processes and waited on by health, not sleeps.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// A braid binary built by `cargo build --workspace`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/<bin>
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` before the end-to-end tests (tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Fails the test, saying how to install it, when a tool is missing.
+pub fn require(tool: &str, hint: &str) {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
+    assert!(found.unwrap_or(false), "{tool} is not installed: {hint}");
+}
+
+/// Checks everything the end-to-end tests need, with the fix for each.
+pub fn require_environment() {
+    let setup = "run `bash tests/env/setup.sh setup` as root";
+    require("buildah", setup);
+    require("docker-registry", setup);
+    require("skopeo", setup);
+    require("curl", setup);
+    for entry in ["qemu-aarch64", "qemu-arm"] {
+        let path = format!("/proc/sys/fs/binfmt_misc/{entry}");
+        let enabled = std::fs::read_to_string(&path).map(|s| s.starts_with("enabled")).unwrap_or(false);
+        assert!(enabled, "binfmt entry {entry} is not enabled ({path}): {setup}");
+    }
+}
+
+/// A free loopback port (released before use; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` every 100 ms until it returns Some or `timeout` passes.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
+        let file = std::fs::File::create(log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc { name: name.to_owned(), child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command to completion with a time bound.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let out_thread = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let err_thread = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Output {
+        status,
+        stdout: out_thread.join().unwrap().into_bytes(),
+        stderr: err_thread.join().unwrap().into_bytes(),
+    })
+}
+
+/// A `docker-registry` (the CNCF distribution registry) on loopback.
+pub struct Registry {
+    pub addr: String,
+    _proc: Proc,
+}
+
+impl Registry {
+    pub fn start(dir: &Path) -> anyhow::Result<Registry> {
+        std::fs::create_dir_all(dir.join("data"))?;
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("config.yml");
+        let mut f = std::fs::File::create(&config)?;
+        writeln!(
+            f,
+            "version: 0.1\nlog: {{level: warn, accesslog: {{disabled: true}}}}\nstorage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\nhttp: {{addr: {addr}, secret: braid-tests}}",
+            dir.join("data").display()
+        )?;
+        let proc = Proc::spawn(
+            "docker-registry",
+            Command::new("docker-registry").arg("serve").arg(&config),
+            &dir.join("registry.log"),
+        )?;
+        let url = format!("http://{addr}/v2/");
+        eventually(Duration::from_secs(20), "the registry to answer", || {
+            let out = Command::new("curl").args(["-fsS", "-o", "/dev/null", &url]).output().ok()?;
+            out.status.success().then_some(())
+        })?;
+        Ok(Registry { addr, _proc: proc })
+    }
+
+    /// Pushes the offline multi-platform busybox base image.
+    pub fn push_base_image(&self, repo_tag: &str) -> anyhow::Result<String> {
+        let script = workspace().join("tests/env/setup.sh");
+        let out = run_with_timeout(
+            Command::new("bash").arg(script).arg("make-base-image").arg(&self.addr).arg(repo_tag),
+            Duration::from_secs(300),
+        )?;
+        if !out.status.success() {
+            bail!("making the base image failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(format!("{}/{repo_tag}", self.addr))
+    }
+
+    /// The raw manifest or index at `reference` (tag or digest), if present.
+    pub fn manifest(&self, reference: &str) -> Option<serde_json::Value> {
+        let out = Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/{reference}", self.addr)])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The index digest a tag points at.
+    pub fn digest_of(&self, reference: &str) -> Option<String> {
+        let out = Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/{reference}", self.addr)])
+            .output()
+            .ok()?;
+        out.status.success().then(|| braid_sha256(&out.stdout))
+    }
+
+    /// Reads one file out of an image (by repository and manifest digest),
+    /// searching its layers from the top.
+    pub fn read_file(&self, repository: &str, digest: &str, file: &str, scratch: &Path) -> anyhow::Result<String> {
+        let dir = scratch.join(digest.replace(':', "-"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(scratch)?;
+        let out = run_with_timeout(
+            Command::new("skopeo").args([
+                "copy",
+                "--src-tls-verify=false",
+                &format!("docker://{}/{repository}@{digest}", self.addr),
+                &format!("dir:{}", dir.display()),
+            ]),
+            Duration::from_secs(120),
+        )?;
+        if !out.status.success() {
+            bail!("skopeo copy failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
+        let layers = manifest["layers"].as_array().context("manifest without layers")?;
+        for layer in layers.iter().rev() {
+            let hex = layer["digest"].as_str().unwrap().trim_start_matches("sha256:");
+            let out = Command::new("tar").arg("-xzOf").arg(dir.join(hex)).arg(file).output()?;
+            if out.status.success() {
+                return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+            }
+        }
+        bail!("{file} not found in {repository}@{digest}")
+    }
+}
+
+fn braid_sha256(bytes: &[u8]) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(bytes)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    format!("sha256:{}", String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default())
+}
+
+/// One agent to start: its name and declared platforms (empty: detected).
+pub struct AgentSpec {
+    pub name: &'static str,
+    pub platforms: &'static [&'static str],
+}
+
+/// A coordinator and agents on loopback, sharing one registry.
+pub struct Farm {
+    pub dir: PathBuf,
+    pub url: String,
+    pub agents: Vec<Proc>,
+    pub coordinator: Option<Proc>,
+    coordinator_args: Vec<String>,
+}
+
+impl Farm {
+    pub fn start(dir: &Path, registry: &Registry, agents: &[AgentSpec]) -> anyhow::Result<Farm> {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let coordinator_args = vec![
+            "--insecure".to_owned(),
+            "--listen".to_owned(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".to_owned(),
+            dir.join("coordinator").display().to_string(),
+            "--insecure-registry".to_owned(),
+            registry.addr.clone(),
+        ];
+        let mut farm = Farm { dir: dir.to_owned(), url, agents: Vec::new(), coordinator: None, coordinator_args };
+        farm.start_coordinator()?;
+        for spec in agents {
+            let mut cmd = Command::new(bin("braid-agent"));
+            cmd.args(["--insecure", "--coordinator", &farm.url, "--name", spec.name, "--work-dir"])
+                .arg(dir.join(spec.name));
+            for p in spec.platforms {
+                cmd.args(["--platform", p]);
+            }
+            farm.agents.push(Proc::spawn(spec.name, &mut cmd, &dir.join(format!("{}.log", spec.name)))?);
+        }
+        Ok(farm)
+    }
+
+    pub fn start_coordinator(&mut self) -> anyhow::Result<()> {
+        let log = self.dir.join("coordinator.log");
+        let mut cmd = Command::new(bin("braid-coordinator"));
+        cmd.args(&self.coordinator_args);
+        self.coordinator = Some(Proc::spawn("coordinator", &mut cmd, &log)?);
+        let addr = self.url.trim_start_matches("http://").to_owned();
+        eventually(Duration::from_secs(20), "the coordinator to listen", || {
+            std::net::TcpStream::connect(&addr).ok().map(drop)
+        })
+    }
+
+    /// Waits until the coordinator's log shows `count` agents connected.
+    pub fn wait_for_agents(&self, count: usize) -> anyhow::Result<()> {
+        let log = self.dir.join("coordinator.log");
+        eventually(Duration::from_secs(30), "agents to connect", || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            (text.matches("agent connected").count() >= count).then_some(())
+        })
+    }
+
+    /// `braid --coordinator URL ARGS...`, bounded in time.
+    pub fn braid(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let mut cmd = Command::new(bin("braid"));
+        cmd.arg("--coordinator").arg(&self.url).args(args);
+        run_with_timeout(&mut cmd, Duration::from_secs(600))
+    }
+
+    /// Starts `braid build ...` and returns it with its stderr as lines.
+    pub fn braid_spawn(&self, args: &[&str]) -> anyhow::Result<(Child, std::sync::mpsc::Receiver<String>)> {
+        let mut child = Command::new(bin("braid"))
+            .arg("--coordinator")
+            .arg(&self.url)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok((child, rx))
+    }
+}
