@@ -13,7 +13,10 @@ use anyhow::{Context as _, bail};
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 /// A braid binary built by `cargo build --workspace`.
@@ -31,7 +34,11 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Fails the test, saying how to install it, when a tool is missing.
 pub fn require(tool: &str, hint: &str) {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success());
     assert!(found.unwrap_or(false), "{tool} is not installed: {hint}");
 }
 
@@ -44,18 +51,31 @@ pub fn require_environment() {
     require("curl", setup);
     for entry in ["qemu-aarch64", "qemu-arm"] {
         let path = format!("/proc/sys/fs/binfmt_misc/{entry}");
-        let enabled = std::fs::read_to_string(&path).map(|s| s.starts_with("enabled")).unwrap_or(false);
-        assert!(enabled, "binfmt entry {entry} is not enabled ({path}): {setup}");
+        let enabled = std::fs::read_to_string(&path)
+            .map(|s| s.starts_with("enabled"))
+            .unwrap_or(false);
+        assert!(
+            enabled,
+            "binfmt entry {entry} is not enabled ({path}): {setup}"
+        );
     }
 }
 
 /// A free loopback port (released before use; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `f` every 100 ms until it returns Some or `timeout` passes.
-pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+pub fn eventually<T>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -83,7 +103,10 @@ impl Proc {
             .stderr(file)
             .spawn()
             .with_context(|| format!("starting {name}"))?;
-        Ok(Proc { name: name.to_owned(), child })
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -100,11 +123,17 @@ impl Drop for Proc {
 
 /// Runs a command to completion with a time bound.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
     let stdout = child.stdout.take().unwrap();
     let stderr = child.stderr.take().unwrap();
-    let out_thread = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
-    let err_thread = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let out_thread =
+        std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let err_thread =
+        std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -149,7 +178,10 @@ impl Registry {
         )?;
         let url = format!("http://{addr}/v2/");
         eventually(Duration::from_secs(20), "the registry to answer", || {
-            let out = Command::new("curl").args(["-fsS", "-o", "/dev/null", &url]).output().ok()?;
+            let out = Command::new("curl")
+                .args(["-fsS", "-o", "/dev/null", &url])
+                .output()
+                .ok()?;
             out.status.success().then_some(())
         })?;
         Ok(Registry { addr, _proc: proc })
@@ -159,11 +191,18 @@ impl Registry {
     pub fn push_base_image(&self, repo_tag: &str) -> anyhow::Result<String> {
         let script = workspace().join("tests/env/setup.sh");
         let out = run_with_timeout(
-            Command::new("bash").arg(script).arg("make-base-image").arg(&self.addr).arg(repo_tag),
+            Command::new("bash")
+                .arg(script)
+                .arg("make-base-image")
+                .arg(&self.addr)
+                .arg(repo_tag),
             Duration::from_secs(300),
         )?;
         if !out.status.success() {
-            bail!("making the base image failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "making the base image failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(format!("{}/{repo_tag}", self.addr))
     }
@@ -171,7 +210,12 @@ impl Registry {
     /// The raw manifest or index at `reference` (tag or digest), if present.
     pub fn manifest(&self, reference: &str) -> Option<serde_json::Value> {
         let out = Command::new("skopeo")
-            .args(["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/{reference}", self.addr)])
+            .args([
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                &format!("docker://{}/{reference}", self.addr),
+            ])
             .output()
             .ok()?;
         if !out.status.success() {
@@ -183,7 +227,12 @@ impl Registry {
     /// The index digest a tag points at.
     pub fn digest_of(&self, reference: &str) -> Option<String> {
         let out = Command::new("skopeo")
-            .args(["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/{reference}", self.addr)])
+            .args([
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                &format!("docker://{}/{reference}", self.addr),
+            ])
             .output()
             .ok()?;
         out.status.success().then(|| braid_sha256(&out.stdout))
@@ -191,7 +240,13 @@ impl Registry {
 
     /// Reads one file out of an image (by repository and manifest digest),
     /// searching its layers from the top.
-    pub fn read_file(&self, repository: &str, digest: &str, file: &str, scratch: &Path) -> anyhow::Result<String> {
+    pub fn read_file(
+        &self,
+        repository: &str,
+        digest: &str,
+        file: &str,
+        scratch: &Path,
+    ) -> anyhow::Result<String> {
         let dir = scratch.join(digest.replace(':', "-"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(scratch)?;
@@ -205,13 +260,26 @@ impl Registry {
             Duration::from_secs(120),
         )?;
         if !out.status.success() {
-            bail!("skopeo copy failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "skopeo copy failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
-        let layers = manifest["layers"].as_array().context("manifest without layers")?;
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
+        let layers = manifest["layers"]
+            .as_array()
+            .context("manifest without layers")?;
         for layer in layers.iter().rev() {
-            let hex = layer["digest"].as_str().unwrap().trim_start_matches("sha256:");
-            let out = Command::new("tar").arg("-xzOf").arg(dir.join(hex)).arg(file).output()?;
+            let hex = layer["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:");
+            let out = Command::new("tar")
+                .arg("-xzOf")
+                .arg(dir.join(hex))
+                .arg(file)
+                .output()?;
             if out.status.success() {
                 return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
             }
@@ -230,7 +298,13 @@ fn braid_sha256(bytes: &[u8]) -> String {
             c.wait_with_output()
         })
         .unwrap();
-    format!("sha256:{}", String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default())
+    format!(
+        "sha256:{}",
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+    )
 }
 
 /// One agent to start: its name and declared platforms (empty: detected).
@@ -261,16 +335,33 @@ impl Farm {
             "--insecure-registry".to_owned(),
             registry.addr.clone(),
         ];
-        let mut farm = Farm { dir: dir.to_owned(), url, agents: Vec::new(), coordinator: None, coordinator_args };
+        let mut farm = Farm {
+            dir: dir.to_owned(),
+            url,
+            agents: Vec::new(),
+            coordinator: None,
+            coordinator_args,
+        };
         farm.start_coordinator()?;
         for spec in agents {
             let mut cmd = Command::new(bin("braid-agent"));
-            cmd.args(["--insecure", "--coordinator", &farm.url, "--name", spec.name, "--work-dir"])
-                .arg(dir.join(spec.name));
+            cmd.args([
+                "--insecure",
+                "--coordinator",
+                &farm.url,
+                "--name",
+                spec.name,
+                "--work-dir",
+            ])
+            .arg(dir.join(spec.name));
             for p in spec.platforms {
                 cmd.args(["--platform", p]);
             }
-            farm.agents.push(Proc::spawn(spec.name, &mut cmd, &dir.join(format!("{}.log", spec.name)))?);
+            farm.agents.push(Proc::spawn(
+                spec.name,
+                &mut cmd,
+                &dir.join(format!("{}.log", spec.name)),
+            )?);
         }
         Ok(farm)
     }
@@ -303,7 +394,10 @@ impl Farm {
     }
 
     /// Starts `braid build ...` and returns it with its stderr as lines.
-    pub fn braid_spawn(&self, args: &[&str]) -> anyhow::Result<(Child, std::sync::mpsc::Receiver<String>)> {
+    pub fn braid_spawn(
+        &self,
+        args: &[&str],
+    ) -> anyhow::Result<(Child, std::sync::mpsc::Receiver<String>)> {
         let mut child = Command::new(bin("braid"))
             .arg("--coordinator")
             .arg(&self.url)
