@@ -373,6 +373,36 @@ impl Farm {
         }
     }
 
+    /// Verifications and merges that a restart interrupted.
+    pub fn interrupted_follow_ups(&self) -> Vec<FollowUp> {
+        let mut out = Vec::new();
+        for b in self.builds.values() {
+            match b.record.status {
+                BuildStatus::Merging => out.push(FollowUp::Merge {
+                    build_id: b.record.id.clone(),
+                }),
+                BuildStatus::Running => {
+                    let repository = b.push_repositories().into_iter().next();
+                    for j in &b.record.jobs {
+                        if let (JobStatus::Pushed { .. }, Some(result), Some(repo)) =
+                            (&j.status, &j.result, &repository)
+                        {
+                            out.push(FollowUp::Verify {
+                                build_id: b.record.id.clone(),
+                                job_id: j.id.clone(),
+                                repository: Box::new(repo.clone()),
+                                digest: result.digest.clone(),
+                                platform: j.platform.clone(),
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
     pub fn submit(
         &mut self,
         spec: proto::BuildSpec,

@@ -6,6 +6,8 @@
 pub mod contexts;
 pub mod error;
 pub mod farm;
+#[cfg(test)]
+mod farm_tests;
 pub mod merge;
 pub mod scheduler;
 pub mod server;

@@ -150,6 +150,10 @@ pub async fn serve_on(
         .build_v1()?;
 
     tokio::spawn(coordinator.clone().schedule_loop());
+    let interrupted = coordinator.farm().interrupted_follow_ups();
+    for follow in interrupted {
+        coordinator.follow_up(Some(follow));
+    }
 
     let builds = BuildsServer::new(crate::service_builds::BuildsService::new(
         coordinator.clone(),

@@ -1,0 +1,247 @@
+//! The farm's state machine driven directly, with channels standing in for
+//! agent sessions (the end-to-end tests run the real ones).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use braid_shared::oci::ImageDescriptor;
+use braid_shared::proto::{self, coordinator_message::Kind as ToAgent};
+
+use crate::farm::{BuildStatus, Farm, FollowUp, JobStatus};
+use crate::store::Store;
+use crate::validate;
+
+type Inbox = mpsc::UnboundedReceiver<Result<proto::CoordinatorMessage, tonic::Status>>;
+
+fn farm(dir: &std::path::Path) -> (Farm, Arc<Store>) {
+    let store = Arc::new(Store::open(&dir.join("braid.db")).unwrap());
+    (
+        Farm::load(store.clone(), 2, vec!["127.0.0.1:5000".into()]).unwrap(),
+        store,
+    )
+}
+
+fn connect(farm: &mut Farm, name: &str, platforms: &[&str]) -> (u64, Inbox) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let hello = proto::Hello {
+        name: name.into(),
+        platforms: platforms.iter().map(|p| p.to_string()).collect(),
+        slots: 1,
+        backend: "buildah".into(),
+        version: "test".into(),
+        running: vec![],
+    };
+    let parsed = platforms.iter().map(|p| p.parse().unwrap()).collect();
+    (farm.agent_connected(&hello, parsed, tx).unwrap(), rx)
+}
+
+fn submit(farm: &mut Farm, platforms: &[&str]) -> String {
+    let spec = proto::BuildSpec {
+        platforms: platforms.iter().map(|p| p.to_string()).collect(),
+        tags: vec!["127.0.0.1:5000/app:1".into()],
+        context_digest: format!("sha256:{}", "0".repeat(64)),
+        push: true,
+        ..Default::default()
+    };
+    let v = validate::spec(spec).unwrap();
+    farm.submit(v.spec, v.platforms, v.tags).unwrap()
+}
+
+fn next_assignment(inbox: &mut Inbox) -> proto::Assignment {
+    loop {
+        match inbox
+            .try_recv()
+            .expect("a message for the agent")
+            .unwrap()
+            .kind
+        {
+            Some(ToAgent::Assign(a)) => return a,
+            _ => continue,
+        }
+    }
+}
+
+fn image(result: &proto::Assignment, digest_char: char) -> proto::JobResult {
+    proto::JobResult {
+        job_id: result.job_id.clone(),
+        attempt: result.attempt,
+        lease_id: result.lease_id.clone(),
+        outcome: Some(proto::job_result::Outcome::Image(proto::ImageResult {
+            digest: format!("sha256:{}", digest_char.to_string().repeat(64)),
+            size: 100,
+            media_type: braid_shared::oci::OCI_MANIFEST.into(),
+        })),
+    }
+}
+
+fn descriptor(c: char) -> ImageDescriptor {
+    ImageDescriptor {
+        digest: format!("sha256:{}", c.to_string().repeat(64))
+            .parse()
+            .unwrap(),
+        size: 100,
+        media_type: braid_shared::oci::OCI_MANIFEST.into(),
+    }
+}
+
+#[test]
+fn a_build_goes_from_queue_to_index_and_ignores_stale_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut farm, store) = farm(dir.path());
+    let (amd_session, mut amd) = connect(&mut farm, "amd", &["linux/amd64"]);
+    let build_id = submit(&mut farm, &["linux/amd64"]);
+    farm.schedule().unwrap();
+    let a = next_assignment(&mut amd);
+    assert_eq!((a.platform.as_str(), a.attempt), ("linux/amd64", 1));
+    assert_eq!(a.push_repositories, ["127.0.0.1:5000/app"]);
+    assert_eq!(a.insecure_registries, ["127.0.0.1:5000"]);
+
+    let mut stale = image(&a, 'b');
+    stale.lease_id = "not-the-lease".into();
+    assert!(
+        farm.job_result("amd", amd_session, stale)
+            .unwrap()
+            .is_none(),
+        "a stale lease is ignored"
+    );
+
+    let Some(FollowUp::Verify { job_id, digest, .. }) =
+        farm.job_result("amd", amd_session, image(&a, 'a')).unwrap()
+    else {
+        panic!("a pushed image is verified next");
+    };
+    assert_eq!(digest, format!("sha256:{}", "a".repeat(64)));
+    let merge = farm
+        .verified(&build_id, &job_id, Ok(descriptor('a')))
+        .unwrap();
+    assert!(matches!(merge, Some(FollowUp::Merge { .. })));
+    farm.merged(&build_id, Ok(descriptor('f'))).unwrap();
+    let build = farm.build(&build_id).unwrap();
+    assert_eq!(build.record.status, BuildStatus::Succeeded);
+    assert_eq!(
+        build.record.index.as_ref().unwrap().digest,
+        format!("sha256:{}", "f".repeat(64))
+    );
+
+    let events = store.events_after(&build_id, 0, 1000).unwrap();
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "events are numbered without gaps"
+    );
+    assert!(matches!(
+        &events.last().unwrap().kind,
+        Some(proto::build_event::Kind::Build(b)) if b.state == proto::BuildState::Succeeded as i32
+    ));
+}
+
+#[test]
+fn a_build_error_fails_the_build_and_cancels_the_other_platforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut farm, _) = farm(dir.path());
+    let (amd_session, mut amd) = connect(&mut farm, "amd", &["linux/amd64"]);
+    let (_, mut arm) = connect(&mut farm, "arm", &["linux/arm64"]);
+    let build_id = submit(&mut farm, &["linux/amd64", "linux/arm64"]);
+    farm.schedule().unwrap();
+    let a = next_assignment(&mut amd);
+    let arm_job = next_assignment(&mut arm);
+    let failure = proto::JobResult {
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        lease_id: a.lease_id.clone(),
+        outcome: Some(proto::job_result::Outcome::Failure(proto::JobFailure {
+            kind: proto::FailureKind::Build as i32,
+            message: "exit status 3".into(),
+        })),
+    };
+    farm.job_result("amd", amd_session, failure).unwrap();
+    let b = farm.build(&build_id).unwrap();
+    assert_eq!(b.record.status, BuildStatus::Failed);
+    assert_eq!(b.record.message, "linux/amd64: exit status 3");
+    let other = b
+        .record
+        .jobs
+        .iter()
+        .find(|j| j.id == arm_job.job_id)
+        .unwrap();
+    assert_eq!(other.status, JobStatus::Cancelled);
+    let cancel = arm.try_recv().unwrap().unwrap();
+    assert!(matches!(cancel.kind, Some(ToAgent::Cancel(c)) if c.job_id == arm_job.job_id));
+}
+
+#[test]
+fn a_lost_agent_s_job_runs_elsewhere_and_its_late_result_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut farm, _) = farm(dir.path());
+    let (first_session, mut first) = connect(&mut farm, "arm-a", &["linux/arm64"]);
+    let build_id = submit(&mut farm, &["linux/arm64"]);
+    farm.schedule().unwrap();
+    let a = next_assignment(&mut first);
+    let (second_session, mut second) = connect(&mut farm, "arm-b", &["linux/arm64"]);
+    farm.agent_disconnected("arm-a", first_session);
+    farm.heartbeat("arm-b", second_session);
+    std::thread::sleep(Duration::from_millis(20));
+    farm.heartbeat("arm-b", second_session);
+    farm.reap(Duration::from_millis(10)).unwrap();
+    farm.schedule().unwrap();
+    let retry = next_assignment(&mut second);
+    assert_eq!(
+        (retry.job_id.as_str(), retry.attempt),
+        (a.job_id.as_str(), 2)
+    );
+    assert!(
+        farm.job_result("arm-a", first_session, image(&a, 'a'))
+            .unwrap()
+            .is_none(),
+        "late result ignored"
+    );
+    assert!(
+        farm.job_result("arm-b", second_session, image(&retry, 'b'))
+            .unwrap()
+            .is_some()
+    );
+    let job = &farm.build(&build_id).unwrap().record.jobs[0];
+    assert_eq!(
+        job.result.as_ref().unwrap().digest,
+        format!("sha256:{}", "b".repeat(64))
+    );
+}
+
+#[test]
+fn a_restart_keeps_builds_and_gives_up_after_max_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let build_id = {
+        let (mut farm, _) = farm(dir.path());
+        let (_, mut inbox) = connect(&mut farm, "arm-a", &["linux/arm64"]);
+        let id = submit(&mut farm, &["linux/arm64"]);
+        farm.schedule().unwrap();
+        next_assignment(&mut inbox);
+        id
+    };
+    let (mut farm, _) = farm(dir.path());
+    farm.adopt_orphans();
+    let job = &farm.build(&build_id).unwrap().record.jobs[0];
+    assert!(
+        matches!(job.status, JobStatus::Assigned { .. }),
+        "still leased after the restart"
+    );
+    // arm-a never comes back: lost, re-queued (attempt 2 of 2), lost again: failed.
+    std::thread::sleep(Duration::from_millis(20));
+    farm.reap(Duration::from_millis(10)).unwrap();
+    let (session, mut inbox) = connect(&mut farm, "arm-b", &["linux/arm64"]);
+    farm.schedule().unwrap();
+    assert_eq!(next_assignment(&mut inbox).attempt, 2);
+    farm.agent_disconnected("arm-b", session);
+    std::thread::sleep(Duration::from_millis(20));
+    farm.reap(Duration::from_millis(10)).unwrap();
+    let b = farm.build(&build_id).unwrap();
+    assert_eq!(b.record.status, BuildStatus::Failed);
+    assert!(
+        b.record.message.contains("gave up after 2 attempts"),
+        "{}",
+        b.record.message
+    );
+}
