@@ -108,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let agent = session::Agent::new(valid);
     let run = tokio::spawn(agent.run(stop.clone()));
-    shutdown_signal().await;
+    telemetry::shutdown_signal().await;
     stop.cancel();
     let _ = run.await;
     Ok(())
@@ -129,17 +129,5 @@ async fn check_backend() -> anyhow::Result<()> {
         Err(e) => {
             anyhow::bail!("buildah not found ({e}); install it, e.g. apt-get install buildah")
         }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    if let Ok(mut term) = signal(SignalKind::terminate()) {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    } else {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }

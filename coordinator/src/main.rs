@@ -89,23 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let addr = settings.validate()?;
     let coordinator =
         Coordinator::open(settings).context("opening the coordinator's data directory")?;
-    server::serve(coordinator, addr, shutdown_signal()).await?;
+    server::serve(coordinator, addr, telemetry::shutdown_signal()).await?;
     tracing::info!("coordinator stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("shutting down");
 }

@@ -207,8 +207,8 @@ impl Registry {
         Ok(format!("{}/{repo_tag}", self.addr))
     }
 
-    /// The raw manifest or index at `reference` (tag or digest), if present.
-    pub fn manifest(&self, reference: &str) -> Option<serde_json::Value> {
+    /// The raw bytes of the manifest or index at `reference` (tag or digest).
+    fn raw_manifest(&self, reference: &str) -> Option<Vec<u8>> {
         let out = Command::new("skopeo")
             .args([
                 "inspect",
@@ -218,24 +218,18 @@ impl Registry {
             ])
             .output()
             .ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
+        out.status.success().then_some(out.stdout)
     }
 
-    /// The index digest a tag points at.
+    /// The manifest or index at `reference`, if present.
+    pub fn manifest(&self, reference: &str) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.raw_manifest(reference)?).ok()
+    }
+
+    /// The digest of what a tag points at.
     pub fn digest_of(&self, reference: &str) -> Option<String> {
-        let out = Command::new("skopeo")
-            .args([
-                "inspect",
-                "--raw",
-                "--tls-verify=false",
-                &format!("docker://{}/{reference}", self.addr),
-            ])
-            .output()
-            .ok()?;
-        out.status.success().then(|| braid_sha256(&out.stdout))
+        self.raw_manifest(reference)
+            .map(|bytes| braid_sha256(&bytes))
     }
 
     /// Reads one file out of an image (by repository and manifest digest),
