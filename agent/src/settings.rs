@@ -174,3 +174,83 @@ impl Settings {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(coordinator: &str) -> Settings {
+        Settings {
+            coordinator: coordinator.into(),
+            insecure: true,
+            name: "a1".into(),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn validates_each_key() {
+        let v = with("http://127.0.0.1:7700").validate().unwrap();
+        assert_eq!(
+            v.platforms,
+            vec![Platform::host()],
+            "the detected platform by default"
+        );
+        assert!(with("http://localhost:7700").validate().is_ok());
+        let e = with("http://10.1.2.3:7700")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("invalid setting coordinator") && e.contains("loopback"),
+            "{e}"
+        );
+        let e = with("https://127.0.0.1:7700")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("TLS"), "{e}");
+        let declared = Settings {
+            platforms: vec!["linux/aarch64".into(), "armhf".into()],
+            ..with("http://127.0.0.1:1")
+        };
+        let names: Vec<String> = declared
+            .validate()
+            .unwrap()
+            .platforms
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(names, ["linux/arm64", "linux/arm/v7"]);
+        let bad = Settings {
+            platforms: vec!["linux/arm/v9".into()],
+            ..with("http://127.0.0.1:1")
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("invalid setting platforms")
+        );
+        let bad = Settings {
+            name: "no spaces".into(),
+            ..with("http://127.0.0.1:1")
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("invalid setting name")
+        );
+        let bad = Settings {
+            slots: 0,
+            ..with("http://127.0.0.1:1")
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("invalid setting slots")
+        );
+    }
+}

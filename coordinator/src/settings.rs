@@ -117,3 +117,48 @@ impl Settings {
         Duration::from_secs(self.agent_lost_seconds.into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(listen: &str, insecure: bool) -> Settings {
+        Settings {
+            listen: listen.into(),
+            insecure,
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn plaintext_only_on_loopback_and_only_when_asked() {
+        assert!(with("127.0.0.1:7700", true).validate().is_ok());
+        assert!(with("[::1]:7700", true).validate().is_ok());
+        let e = with("0.0.0.0:7700", true)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("invalid setting listen") && e.contains("loopback"),
+            "{e}"
+        );
+        let e = with("127.0.0.1:7700", false)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--insecure"), "{e}");
+        let e = with("nonsense", true).validate().unwrap_err().to_string();
+        assert!(e.contains("\"nonsense\" is not an ip:port"), "{e}");
+        let bad_registry = Settings {
+            insecure_registries: vec!["http://x".into()],
+            ..with("127.0.0.1:1", true)
+        };
+        assert!(
+            bad_registry
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("insecure_registries")
+        );
+    }
+}
