@@ -36,12 +36,7 @@ const FETCH_ATTEMPTS: u32 = 3;
 impl ContextCache {
     pub fn new(dir: PathBuf, coordinator: String, max_bytes: u64) -> std::io::Result<ContextCache> {
         std::fs::create_dir_all(&dir)?;
-        Ok(ContextCache {
-            dir,
-            coordinator,
-            max_bytes,
-            lock: Mutex::new(()),
-        })
+        Ok(ContextCache { dir, coordinator, max_bytes, lock: Mutex::new(()) })
     }
 
     fn path(&self, digest: &Digest) -> PathBuf {
@@ -54,8 +49,7 @@ impl ContextCache {
         let path = self.path(digest);
         if path.exists() {
             // Touch for LRU.
-            let _ = std::fs::File::open(&path)
-                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            let _ = std::fs::File::open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
             return Ok(path);
         }
         let mut last = None;
@@ -68,15 +62,11 @@ impl ContextCache {
                 Err(e) => {
                     tracing::warn!(%digest, attempt, error = %e, "context fetch failed");
                     last = Some(e);
-                    tokio::time::sleep(std::time::Duration::from_millis(300 * u64::from(attempt)))
-                        .await;
+                    tokio::time::sleep(std::time::Duration::from_millis(300 * u64::from(attempt))).await;
                 }
             }
         }
-        Err(last.unwrap_or(CacheError::Mismatch {
-            got: digest.clone(),
-            want: digest.clone(),
-        }))
+        Err(last.unwrap_or(CacheError::Mismatch { got: digest.clone(), want: digest.clone() }))
     }
 
     /// Streams to a temporary file, verifies the digest, then renames, so an
@@ -85,12 +75,8 @@ impl ContextCache {
         let mut client = AgentsClient::connect(self.coordinator.clone())
             .await?
             .max_decoding_message_size(braid_shared::limits::GRPC_MESSAGE_BYTES);
-        let mut stream = client
-            .fetch_context(proto::FetchContextRequest {
-                digest: digest.to_string(),
-            })
-            .await?
-            .into_inner();
+        let mut stream =
+            client.fetch_context(proto::FetchContextRequest { digest: digest.to_string() }).await?.into_inner();
         let mut temp = tempfile::NamedTempFile::new_in(&self.dir)?;
         let mut decoder = zstd::stream::write::Decoder::new(HashingWriter::new(std::io::sink()))?;
         while let Some(chunk) = stream.message().await? {
@@ -100,10 +86,7 @@ impl ContextCache {
         decoder.flush()?;
         let (got, _, _) = decoder.into_inner().finish();
         if got != *digest {
-            return Err(CacheError::Mismatch {
-                got,
-                want: digest.clone(),
-            });
+            return Err(CacheError::Mismatch { got, want: digest.clone() });
         }
         temp.as_file().sync_all()?;
         temp.persist(path).map_err(|e| CacheError::Io(e.error))?;

@@ -34,11 +34,7 @@ pub struct JobEnv {
     pub outbox: mpsc::UnboundedSender<proto::AgentMessage>,
 }
 
-pub async fn run(
-    env: Arc<JobEnv>,
-    assignment: proto::Assignment,
-    cancel: CancellationToken,
-) -> proto::JobResult {
+pub async fn run(env: Arc<JobEnv>, assignment: proto::Assignment, cancel: CancellationToken) -> proto::JobResult {
     let span = tracing::info_span!(
         "job",
         build_id = %assignment.build_id,
@@ -67,10 +63,9 @@ pub async fn run(
             size: d.size,
             media_type: d.media_type,
         }),
-        Outcome::Failed(kind, message) => proto::job_result::Outcome::Failure(proto::JobFailure {
-            kind: kind as i32,
-            message,
-        }),
+        Outcome::Failed(kind, message) => {
+            proto::job_result::Outcome::Failure(proto::JobFailure { kind: kind as i32, message })
+        }
     };
     proto::JobResult {
         job_id: assignment.job_id,
@@ -101,9 +96,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         Err(e) => return build_failure(e),
     };
     let work = &env.settings.settings.work_dir;
-    let job_dir = work
-        .join("jobs")
-        .join(format!("{}-{}", a.job_id, a.attempt));
+    let job_dir = work.join("jobs").join(format!("{}-{}", a.job_id, a.attempt));
     let _cleanup = RemoveOnDrop(job_dir.clone());
     let context_dir = job_dir.join("context");
     if let Err(e) = tokio::fs::create_dir_all(&context_dir).await {
@@ -138,10 +131,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         path
     };
     if !dockerfile.is_file() {
-        return build_failure(format!(
-            "Dockerfile {:?} not found in the context",
-            spec.dockerfile_path
-        ));
+        return build_failure(format!("Dockerfile {:?} not found in the context", spec.dockerfile_path));
     }
 
     let insecure: Vec<String> = a.insecure_registries.clone();
@@ -150,7 +140,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         Err(e) => return infra(format!("writing registries.conf: {e}")),
     };
     let iidfile = job_dir.join("iid");
-    let mut bud = buildah(env, &conf);
+    let mut bud = buildah(env, &conf, &platform);
     bud.arg("bud")
         .arg("--signature-policy")
         .arg(&conf.policy)
@@ -194,9 +184,13 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         Ok(id) => id.trim().to_owned(),
         Err(e) => return infra(format!("buildah wrote no image id: {e}")),
     };
+    let image_id = match stamp_platform(env, &conf, &platform, image_id).await {
+        Ok(id) => id,
+        Err(e) => return infra(format!("setting the image's platform: {e}")),
+    };
 
     let layout = job_dir.join("layout");
-    let mut export = buildah(env, &conf);
+    let mut export = buildah(env, &conf, &platform);
     export
         .arg("push")
         .arg("--signature-policy")
@@ -219,12 +213,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
 }
 
 /// Pushes to every repository, retrying registry errors with backoff.
-async fn push_everywhere(
-    env: &JobEnv,
-    a: &proto::Assignment,
-    layout: &Path,
-    insecure: &[String],
-) -> Outcome {
+async fn push_everywhere(env: &JobEnv, a: &proto::Assignment, layout: &Path, insecure: &[String]) -> Outcome {
     let registry = Registry::new(insecure);
     let mut descriptor = None;
     for raw in &a.push_repositories {
@@ -237,11 +226,7 @@ async fn push_everywhere(
         loop {
             match registry.push_layout(layout, &repository).await {
                 Ok(d) => {
-                    log_lines(
-                        env,
-                        a,
-                        vec![format!("pushed {} to {}", d.digest, repository.name())],
-                    );
+                    log_lines(env, a, vec![format!("pushed {} to {}", d.digest, repository.name())]);
                     descriptor = Some(d);
                     break;
                 }
@@ -249,10 +234,7 @@ async fn push_everywhere(
                     log_lines(
                         env,
                         a,
-                        vec![format!(
-                            "push to {} failed (attempt {attempt}): {e}; retrying",
-                            repository.name()
-                        )],
+                        vec![format!("push to {} failed (attempt {attempt}): {e}; retrying", repository.name())],
                     );
                     tokio::time::sleep(delay).await;
                     delay *= 2;
@@ -270,6 +252,59 @@ async fn push_everywhere(
 
 const PUSH_ATTEMPTS: u32 = 4;
 
+/// Makes the image's config name the target platform, as BuildKit does.
+/// buildah 1.28 writes `arm/v7` for `--platform linux/arm/v6` when the base
+/// image (or `scratch`) carries no variant of its own.
+async fn stamp_platform(
+    env: &JobEnv,
+    conf: &ContainersConf,
+    platform: &Platform,
+    image_id: String,
+) -> Result<String, String> {
+    let inspect = buildah(env, conf, platform)
+        .args(["inspect", "--type", "image", "--format", "{{.OCIv1.OS}}/{{.OCIv1.Architecture}}/{{.OCIv1.Variant}}"])
+        .arg(&image_id)
+        .output()
+        .await
+        .map_err(|e| e.to_string())?;
+    let found = String::from_utf8_lossy(&inspect.stdout).trim().trim_end_matches('/').to_owned();
+    if found.parse::<Platform>().is_ok_and(|p| p == *platform) {
+        return Ok(image_id);
+    }
+    tracing::info!(%found, wanted = %platform, "rewriting the image config's platform");
+    let run = |args: Vec<String>| {
+        let mut cmd = buildah(env, conf, platform);
+        cmd.args(&args);
+        async move {
+            let out = cmd.output().await.map_err(|e| e.to_string())?;
+            if out.status.success() {
+                Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+            }
+        }
+    };
+    let container = run(vec!["from".into(), "--pull-never".into(), image_id.clone()]).await?;
+    let mut config =
+        vec!["config".into(), "--os".into(), platform.os().into(), "--arch".into(), platform.arch().into()];
+    config.extend(["--variant".into(), platform.variant().unwrap_or_default().into()]);
+    config.push(container.clone());
+    let result = async {
+        run(config).await?;
+        run(vec![
+            "commit".into(),
+            "--quiet".into(),
+            "--signature-policy".into(),
+            conf.policy.display().to_string(),
+            container.clone(),
+        ])
+        .await
+    }
+    .await;
+    let _ = run(vec!["rm".into(), container]).await;
+    result
+}
+
 /// Per-job containers configuration: which registries are plain HTTP, and
 /// an accept-anything signature policy so no host-wide policy is needed.
 struct ContainersConf {
@@ -278,15 +313,10 @@ struct ContainersConf {
     empty_ignore: PathBuf,
 }
 
-async fn write_containers_conf(
-    job_dir: &Path,
-    insecure: &[String],
-) -> std::io::Result<ContainersConf> {
+async fn write_containers_conf(job_dir: &Path, insecure: &[String]) -> std::io::Result<ContainersConf> {
     let mut registries = String::from("unqualified-search-registries = [\"docker.io\"]\n");
     for r in insecure {
-        registries.push_str(&format!(
-            "\n[[registry]]\nlocation = \"{r}\"\ninsecure = true\n"
-        ));
+        registries.push_str(&format!("\n[[registry]]\nlocation = \"{r}\"\ninsecure = true\n"));
     }
     let conf = ContainersConf {
         registries: job_dir.join("registries.conf"),
@@ -296,18 +326,18 @@ async fn write_containers_conf(
         empty_ignore: job_dir.join("empty.dockerignore"),
     };
     tokio::fs::write(&conf.registries, registries).await?;
-    tokio::fs::write(
-        &conf.policy,
-        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-    )
-    .await?;
+    tokio::fs::write(&conf.policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).await?;
     tokio::fs::write(&conf.empty_ignore, "").await?;
     Ok(conf)
 }
 
-fn buildah(env: &JobEnv, conf: &ContainersConf) -> Command {
+/// buildah with this agent's storage for `platform`. One storage per
+/// platform: buildah's layer cache does not key on the platform (a
+/// `FROM scratch` step cached for amd64 is reused for 386), and the
+/// coordinator would rightly refuse the result.
+fn buildah(env: &JobEnv, conf: &ContainersConf, platform: &Platform) -> Command {
     let s = &env.settings.settings;
-    let storage = s.work_dir.join("storage");
+    let storage = s.work_dir.join("storage").join(platform.to_string().replace('/', "-"));
     let mut cmd = Command::new("buildah");
     cmd.arg("--root")
         .arg(storage.join("root"))
@@ -346,24 +376,14 @@ async fn run_logged(
     mut cmd: Command,
     cancel: &CancellationToken,
 ) -> Result<(), RunError> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
     let mut child = cmd.spawn().map_err(RunError::Spawn)?;
     let pgid = child.id();
     let guard = KillGroupOnDrop(pgid);
     let (line_tx, mut line_rx) = mpsc::unbounded_channel::<String>();
     for reader in [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
     ]
     .into_iter()
     .flatten()
@@ -418,10 +438,7 @@ async fn run_logged(
 }
 
 /// The builder's own error line if it printed one, else its last lines.
-fn failure_summary(
-    tail: &std::collections::VecDeque<String>,
-    status: std::process::ExitStatus,
-) -> String {
+fn failure_summary(tail: &std::collections::VecDeque<String>, status: std::process::ExitStatus) -> String {
     if let Some(err) = tail.iter().rev().find(|l| l.starts_with("Error: ")) {
         return err.trim_start_matches("Error: ").to_owned();
     }
@@ -431,11 +448,7 @@ fn failure_summary(
 
 fn log_lines(env: &JobEnv, a: &proto::Assignment, lines: Vec<String>) {
     let _ = env.outbox.send(proto::AgentMessage {
-        kind: Some(ToCoordinator::Log(proto::JobLog {
-            job_id: a.job_id.clone(),
-            attempt: a.attempt,
-            lines,
-        })),
+        kind: Some(ToCoordinator::Log(proto::JobLog { job_id: a.job_id.clone(), attempt: a.attempt, lines })),
     });
 }
 
@@ -455,10 +468,7 @@ struct KillGroupOnDrop(Option<u32>);
 impl Drop for KillGroupOnDrop {
     fn drop(&mut self) {
         if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
 }

@@ -88,12 +88,8 @@ impl Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let loaded: settings::Settings = braid_shared::settings::load(
-        args.config.as_deref(),
-        settings::KEYS,
-        settings::LIST_KEYS,
-        args.overrides(),
-    )?;
+    let loaded: settings::Settings =
+        braid_shared::settings::load(args.config.as_deref(), settings::KEYS, settings::LIST_KEYS, args.overrides())?;
     telemetry::init(loaded.log_format);
     let valid = loaded.validate()?;
     check_backend().await?;
@@ -116,16 +112,10 @@ async fn main() -> anyhow::Result<()> {
 
 /// Fails early, with how to fix it, when buildah is missing or broken.
 async fn check_backend() -> anyhow::Result<()> {
-    let output = tokio::process::Command::new("buildah")
-        .arg("--version")
-        .output()
-        .await;
+    let output = tokio::process::Command::new("buildah").arg("--version").output().await;
     match output {
         Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => anyhow::bail!(
-            "buildah --version failed: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
+        Ok(o) => anyhow::bail!("buildah --version failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
         Err(e) => {
             anyhow::bail!("buildah not found ({e}); install it, e.g. apt-get install buildah")
         }

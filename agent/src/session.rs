@@ -40,11 +40,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Agent {
     pub fn new(settings: Valid) -> Arc<Agent> {
-        Arc::new(Agent {
-            settings,
-            running: Mutex::new(HashMap::new()),
-            undelivered: Mutex::new(Vec::new()),
-        })
+        Arc::new(Agent { settings, running: Mutex::new(HashMap::new()), undelivered: Mutex::new(Vec::new()) })
     }
 
     fn hello(&self) -> proto::AgentMessage {
@@ -108,28 +104,17 @@ impl Agent {
             .max_decoding_message_size(braid_shared::limits::GRPC_MESSAGE_BYTES);
         let (out_tx, out_rx) = mpsc::unbounded_channel::<proto::AgentMessage>();
         out_tx.send(self.hello())?;
-        let mut inbound = client
-            .session(UnboundedReceiverStream::new(out_rx))
-            .await?
-            .into_inner();
+        let mut inbound = client.session(UnboundedReceiverStream::new(out_rx)).await?.into_inner();
         let first = inbound.message().await?;
         let heartbeat = match first.and_then(|m| m.kind) {
-            Some(FromCoordinator::Welcome(w)) => {
-                Duration::from_secs(w.heartbeat_seconds.clamp(1, 3600).into())
-            }
+            Some(FromCoordinator::Welcome(w)) => Duration::from_secs(w.heartbeat_seconds.clamp(1, 3600).into()),
             _ => return Err("the coordinator did not welcome this agent".into()),
         };
         tracing::info!(coordinator = %self.settings.settings.coordinator, "connected");
         for result in std::mem::take(&mut *lock(&self.undelivered)) {
-            out_tx.send(proto::AgentMessage {
-                kind: Some(ToCoordinator::Result(result)),
-            })?;
+            out_tx.send(proto::AgentMessage { kind: Some(ToCoordinator::Result(result)) })?;
         }
-        let env = Arc::new(JobEnv {
-            settings: self.settings.clone(),
-            cache,
-            outbox: out_tx.clone(),
-        });
+        let env = Arc::new(JobEnv { settings: self.settings.clone(), cache, outbox: out_tx.clone() });
         let mut tick = tokio::time::interval(heartbeat);
         loop {
             tokio::select! {
@@ -162,20 +147,14 @@ impl Agent {
             }
             running.insert(
                 assignment.job_id.clone(),
-                Running {
-                    attempt: assignment.attempt,
-                    lease_id: assignment.lease_id.clone(),
-                    cancel: cancel.clone(),
-                },
+                Running { attempt: assignment.attempt, lease_id: assignment.lease_id.clone(), cancel: cancel.clone() },
             );
         }
         tokio::spawn(async move {
             let job_id = assignment.job_id.clone();
             let result = job::run(env.clone(), assignment, cancel).await;
             lock(&self.running).remove(&job_id);
-            let message = proto::AgentMessage {
-                kind: Some(ToCoordinator::Result(result.clone())),
-            };
+            let message = proto::AgentMessage { kind: Some(ToCoordinator::Result(result.clone())) };
             if env.outbox.send(message).is_err() {
                 lock(&self.undelivered).push(result);
             }

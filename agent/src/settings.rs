@@ -87,9 +87,7 @@ impl Settings {
             .ok_or_else(|| {
                 invalid(
                     "coordinator",
-                    format!(
-                        "{url:?}: TLS is not available in this version; use http:// with --insecure"
-                    ),
+                    format!("{url:?}: TLS is not available in this version; use http:// with --insecure"),
                 )
             })?
             .split('/')
@@ -102,15 +100,8 @@ impl Settings {
                 "TLS is not available in this version: pass --insecure (loopback only)".into(),
             ));
         }
-        let hostname = host
-            .rsplit_once(':')
-            .map(|(h, _)| h)
-            .unwrap_or(&host)
-            .trim_matches(['[', ']']);
-        let loopback = hostname == "localhost"
-            || hostname
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
+        let hostname = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(&host).trim_matches(['[', ']']);
+        let loopback = hostname == "localhost" || hostname.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
         if !loopback {
             return Err(invalid(
                 "coordinator",
@@ -118,21 +109,13 @@ impl Settings {
             ));
         }
         if self.name.is_empty() {
-            self.name = std::fs::read_to_string("/etc/hostname")
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default();
+            self.name = std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_owned()).unwrap_or_default();
         }
         if self.name.is_empty()
             || self.name.len() > braid_shared::limits::AGENT_NAME_BYTES
-            || !self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            || !self.name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         {
-            return Err(invalid(
-                "name",
-                format!("{:?}: 1 to 128 letters, digits, '.', '_' or '-'", self.name),
-            ));
+            return Err(invalid("name", format!("{:?}: 1 to 128 letters, digits, '.', '_' or '-'", self.name)));
         }
         let native = Platform::host();
         let platforms = if self.platforms.is_empty() {
@@ -140,38 +123,22 @@ impl Settings {
         } else {
             self.platforms
                 .iter()
-                .map(|p| {
-                    p.parse::<Platform>()
-                        .map_err(|e| invalid("platforms", e.to_string()))
-                })
+                .map(|p| p.parse::<Platform>().map_err(|e| invalid("platforms", e.to_string())))
                 .collect::<Result<Vec<_>, _>>()?
         };
         if !(1..=braid_shared::limits::AGENT_SLOTS).contains(&self.slots) {
             return Err(invalid("slots", "must be 1 to 256".into()));
         }
         if self.backend != "buildah" {
-            return Err(invalid(
-                "backend",
-                format!("{:?}: this version supports buildah", self.backend),
-            ));
+            return Err(invalid("backend", format!("{:?}: this version supports buildah", self.backend)));
         }
         if !matches!(self.isolation.as_str(), "chroot" | "oci" | "rootless") {
-            return Err(invalid(
-                "isolation",
-                format!("{:?}: chroot, oci or rootless", self.isolation),
-            ));
+            return Err(invalid("isolation", format!("{:?}: chroot, oci or rootless", self.isolation)));
         }
         if !matches!(self.storage_driver.as_str(), "overlay" | "vfs") {
-            return Err(invalid(
-                "storage_driver",
-                format!("{:?}: overlay or vfs", self.storage_driver),
-            ));
+            return Err(invalid("storage_driver", format!("{:?}: overlay or vfs", self.storage_driver)));
         }
-        Ok(Valid {
-            settings: self,
-            platforms,
-            native,
-        })
+        Ok(Valid { settings: self, platforms, native })
     }
 }
 
@@ -180,77 +147,27 @@ mod tests {
     use super::*;
 
     fn with(coordinator: &str) -> Settings {
-        Settings {
-            coordinator: coordinator.into(),
-            insecure: true,
-            name: "a1".into(),
-            ..Settings::default()
-        }
+        Settings { coordinator: coordinator.into(), insecure: true, name: "a1".into(), ..Settings::default() }
     }
 
     #[test]
     fn validates_each_key() {
         let v = with("http://127.0.0.1:7700").validate().unwrap();
-        assert_eq!(
-            v.platforms,
-            vec![Platform::host()],
-            "the detected platform by default"
-        );
+        assert_eq!(v.platforms, vec![Platform::host()], "the detected platform by default");
         assert!(with("http://localhost:7700").validate().is_ok());
-        let e = with("http://10.1.2.3:7700")
-            .validate()
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("invalid setting coordinator") && e.contains("loopback"),
-            "{e}"
-        );
-        let e = with("https://127.0.0.1:7700")
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let e = with("http://10.1.2.3:7700").validate().unwrap_err().to_string();
+        assert!(e.contains("invalid setting coordinator") && e.contains("loopback"), "{e}");
+        let e = with("https://127.0.0.1:7700").validate().unwrap_err().to_string();
         assert!(e.contains("TLS"), "{e}");
-        let declared = Settings {
-            platforms: vec!["linux/aarch64".into(), "armhf".into()],
-            ..with("http://127.0.0.1:1")
-        };
-        let names: Vec<String> = declared
-            .validate()
-            .unwrap()
-            .platforms
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let declared =
+            Settings { platforms: vec!["linux/aarch64".into(), "armhf".into()], ..with("http://127.0.0.1:1") };
+        let names: Vec<String> = declared.validate().unwrap().platforms.iter().map(ToString::to_string).collect();
         assert_eq!(names, ["linux/arm64", "linux/arm/v7"]);
-        let bad = Settings {
-            platforms: vec!["linux/arm/v9".into()],
-            ..with("http://127.0.0.1:1")
-        };
-        assert!(
-            bad.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("invalid setting platforms")
-        );
-        let bad = Settings {
-            name: "no spaces".into(),
-            ..with("http://127.0.0.1:1")
-        };
-        assert!(
-            bad.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("invalid setting name")
-        );
-        let bad = Settings {
-            slots: 0,
-            ..with("http://127.0.0.1:1")
-        };
-        assert!(
-            bad.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("invalid setting slots")
-        );
+        let bad = Settings { platforms: vec!["linux/arm/v9".into()], ..with("http://127.0.0.1:1") };
+        assert!(bad.validate().unwrap_err().to_string().contains("invalid setting platforms"));
+        let bad = Settings { name: "no spaces".into(), ..with("http://127.0.0.1:1") };
+        assert!(bad.validate().unwrap_err().to_string().contains("invalid setting name"));
+        let bad = Settings { slots: 0, ..with("http://127.0.0.1:1") };
+        assert!(bad.validate().unwrap_err().to_string().contains("invalid setting slots"));
     }
 }

@@ -9,9 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
 use braid_shared::oci::ImageDescriptor;
-use braid_shared::proto::{
-    self, build_event::Kind as EventKind, coordinator_message::Kind as ToAgent,
-};
+use braid_shared::proto::{self, build_event::Kind as EventKind, coordinator_message::Kind as ToAgent};
 use braid_shared::{ImageRef, Platform};
 
 use crate::error::{CoordinatorError, Result};
@@ -19,17 +17,11 @@ use crate::scheduler::{self, AgentView, QueuedJob};
 use crate::store::Store;
 
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    }
+    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,10 +36,7 @@ pub enum BuildStatus {
 
 impl BuildStatus {
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            BuildStatus::Succeeded | BuildStatus::Failed | BuildStatus::Cancelled
-        )
+        matches!(self, BuildStatus::Succeeded | BuildStatus::Failed | BuildStatus::Cancelled)
     }
 
     fn to_proto(self) -> proto::BuildState {
@@ -90,9 +79,7 @@ impl JobStatus {
     /// The agent holding a lease on this job, if any.
     fn leased(&self) -> Option<(&str, &str)> {
         match self {
-            JobStatus::Assigned { agent, lease } | JobStatus::Building { agent, lease } => {
-                Some((agent, lease))
-            }
+            JobStatus::Assigned { agent, lease } | JobStatus::Building { agent, lease } => Some((agent, lease)),
             _ => None,
         }
     }
@@ -108,10 +95,7 @@ impl JobStatus {
     }
 
     fn is_done(&self) -> bool {
-        matches!(
-            self,
-            JobStatus::Verified { .. } | JobStatus::Failed | JobStatus::Cancelled
-        )
+        matches!(self, JobStatus::Verified { .. } | JobStatus::Failed | JobStatus::Cancelled)
     }
 }
 
@@ -124,21 +108,13 @@ pub struct ImageRecord {
 
 impl From<&ImageDescriptor> for ImageRecord {
     fn from(d: &ImageDescriptor) -> Self {
-        ImageRecord {
-            digest: d.digest.to_string(),
-            size: d.size,
-            media_type: d.media_type.clone(),
-        }
+        ImageRecord { digest: d.digest.to_string(), size: d.size, media_type: d.media_type.clone() }
     }
 }
 
 impl ImageRecord {
     fn to_proto(&self) -> proto::ImageResult {
-        proto::ImageResult {
-            digest: self.digest.clone(),
-            size: self.size,
-            media_type: self.media_type.clone(),
-        }
+        proto::ImageResult { digest: self.digest.clone(), size: self.size, media_type: self.media_type.clone() }
     }
 }
 
@@ -188,22 +164,11 @@ impl BuildEntry {
         proto::Build {
             build_id: r.id.clone(),
             state: r.status.to_proto() as i32,
-            spec: Some(proto::BuildSpec {
-                dockerfile_inline: Vec::new(),
-                ..self.spec.clone()
-            }),
+            spec: Some(proto::BuildSpec { dockerfile_inline: Vec::new(), ..self.spec.clone() }),
             jobs: r.jobs.iter().map(job_to_proto).collect(),
-            index_digest: r
-                .index
-                .as_ref()
-                .map(|i| i.digest.clone())
-                .unwrap_or_default(),
+            index_digest: r.index.as_ref().map(|i| i.digest.clone()).unwrap_or_default(),
             index_size: r.index.as_ref().map(|i| i.size).unwrap_or_default(),
-            index_media_type: r
-                .index
-                .as_ref()
-                .map(|i| i.media_type.clone())
-                .unwrap_or_default(),
+            index_media_type: r.index.as_ref().map(|i| i.media_type.clone()).unwrap_or_default(),
             message: r.message.clone(),
             created: Some(timestamp(r.created_ms)),
             finished: r.finished_ms.map(timestamp),
@@ -213,11 +178,7 @@ impl BuildEntry {
     /// Repositories agents push to: the first tag's per registry.
     pub fn push_repositories(&self) -> Vec<ImageRef> {
         let mut seen = HashSet::new();
-        self.tags
-            .iter()
-            .filter(|t| seen.insert(t.registry().to_owned()))
-            .cloned()
-            .collect()
+        self.tags.iter().filter(|t| seen.insert(t.registry().to_owned())).cloned().collect()
     }
 
     fn affinity_key(&self, platform: &Platform) -> String {
@@ -270,13 +231,7 @@ pub struct MergeInputs {
 #[derive(Debug)]
 pub enum FollowUp {
     /// Check a pushed image in the registry.
-    Verify {
-        build_id: String,
-        job_id: String,
-        repository: Box<ImageRef>,
-        digest: String,
-        platform: Platform,
-    },
+    Verify { build_id: String, job_id: String, repository: Box<ImageRef>, digest: String, platform: Platform },
     /// Merge a build's verified images into an index.
     Merge { build_id: String },
 }
@@ -303,11 +258,7 @@ pub struct Subscription {
 impl Farm {
     /// The farm as the store left it: unfinished builds go on, their running
     /// jobs stay leased until their agents come back or are declared lost.
-    pub fn load(
-        store: Arc<Store>,
-        max_attempts: u32,
-        insecure_registries: Vec<String>,
-    ) -> Result<Farm> {
+    pub fn load(store: Arc<Store>, max_attempts: u32, insecure_registries: Vec<String>) -> Result<Farm> {
         let mut farm = Farm {
             builds: HashMap::new(),
             agents: HashMap::new(),
@@ -320,21 +271,9 @@ impl Farm {
         };
         for (record, spec) in store.load_builds()? {
             farm.next_order = farm.next_order.max(record.order + 1);
-            let tags = spec
-                .tags
-                .iter()
-                .filter_map(|t| t.parse::<ImageRef>().ok())
-                .collect();
+            let tags = spec.tags.iter().filter_map(|t| t.parse::<ImageRef>().ok()).collect();
             let (events, _) = broadcast::channel(1024);
-            farm.builds.insert(
-                record.id.clone(),
-                BuildEntry {
-                    record,
-                    spec,
-                    tags,
-                    events,
-                },
-            );
+            farm.builds.insert(record.id.clone(), BuildEntry { record, spec, tags, events });
         }
         Ok(farm)
     }
@@ -347,10 +286,7 @@ impl Farm {
         for b in self.builds.values() {
             for j in &b.record.jobs {
                 if let Some((agent, _)) = j.status.leased() {
-                    orphans
-                        .entry(agent.to_owned())
-                        .or_default()
-                        .push((b.record.id.clone(), j.id.clone()));
+                    orphans.entry(agent.to_owned()).or_default().push((b.record.id.clone(), j.id.clone()));
                 }
             }
         }
@@ -373,14 +309,35 @@ impl Farm {
         }
     }
 
+    /// Contexts of builds that have not ended.
+    pub fn needed_contexts(&self) -> HashSet<String> {
+        self.builds.values().filter(|b| !b.record.status.is_terminal()).map(|b| b.spec.context_digest.clone()).collect()
+    }
+
+    /// Connected agents, queued jobs and running jobs, for metrics.
+    pub fn gauges(&self) -> crate::metrics::Gauges {
+        let mut g = crate::metrics::Gauges {
+            agents_connected: self.agents.values().filter(|a| a.sender.is_some()).count() as u64,
+            ..Default::default()
+        };
+        for b in self.builds.values().filter(|b| !b.record.status.is_terminal()) {
+            for j in &b.record.jobs {
+                match j.status {
+                    JobStatus::Pending => g.jobs_queued += 1,
+                    JobStatus::Assigned { .. } | JobStatus::Building { .. } => g.jobs_running += 1,
+                    _ => {}
+                }
+            }
+        }
+        g
+    }
+
     /// Verifications and merges that a restart interrupted.
     pub fn interrupted_follow_ups(&self) -> Vec<FollowUp> {
         let mut out = Vec::new();
         for b in self.builds.values() {
             match b.record.status {
-                BuildStatus::Merging => out.push(FollowUp::Merge {
-                    build_id: b.record.id.clone(),
-                }),
+                BuildStatus::Merging => out.push(FollowUp::Merge { build_id: b.record.id.clone() }),
                 BuildStatus::Running => {
                     let repository = b.push_repositories().into_iter().next();
                     for j in &b.record.jobs {
@@ -403,12 +360,7 @@ impl Farm {
         out
     }
 
-    pub fn submit(
-        &mut self,
-        spec: proto::BuildSpec,
-        platforms: Vec<Platform>,
-        tags: Vec<ImageRef>,
-    ) -> Result<String> {
+    pub fn submit(&mut self, spec: proto::BuildSpec, platforms: Vec<Platform>, tags: Vec<ImageRef>) -> Result<String> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let jobs = platforms
             .into_iter()
@@ -440,15 +392,7 @@ impl Farm {
         self.next_order += 1;
         self.store.insert_build(&record, &spec)?;
         let (events, _) = broadcast::channel(1024);
-        self.builds.insert(
-            id.clone(),
-            BuildEntry {
-                record,
-                spec,
-                tags,
-                events,
-            },
-        );
+        self.builds.insert(id.clone(), BuildEntry { record, spec, tags, events });
         self.emit(
             &id,
             vec![EventKind::Build(proto::BuildStateChanged {
@@ -471,10 +415,7 @@ impl Farm {
 
     pub fn build(&self, build_id: &str) -> Result<&BuildEntry> {
         self.builds.get(build_id).ok_or_else(|| {
-            CoordinatorError::NotFound(format!(
-                "build {:?} not found",
-                braid_shared::shorten(build_id, 80)
-            ))
+            CoordinatorError::NotFound(format!("build {:?} not found", braid_shared::shorten(build_id, 80)))
         })
     }
 
@@ -527,12 +468,7 @@ impl Farm {
     }
 
     fn job_mut(&mut self, build_id: &str, job_id: &str) -> Option<&mut JobRecord> {
-        self.builds
-            .get_mut(build_id)?
-            .record
-            .jobs
-            .iter_mut()
-            .find(|j| j.id == job_id)
+        self.builds.get_mut(build_id)?.record.jobs.iter_mut().find(|j| j.id == job_id)
     }
 
     /// Places what can be placed; sends assignments; notes platforms that
@@ -556,21 +492,14 @@ impl Farm {
             if b.record.status.is_terminal() || b.record.status == BuildStatus::Merging {
                 continue;
             }
-            for j in b
-                .record
-                .jobs
-                .iter()
-                .filter(|j| j.status == JobStatus::Pending)
-            {
+            for j in b.record.jobs.iter().filter(|j| j.status == JobStatus::Pending) {
                 queue.push(QueuedJob {
                     job_id: j.id.clone(),
                     build_order: b.record.order,
                     platform: j.platform.clone(),
                     affinity_key: b.affinity_key(&j.platform),
                 });
-                let served = views
-                    .iter()
-                    .any(|a| a.platforms.iter().any(|p| p.matches(&j.platform)));
+                let served = views.iter().any(|a| a.platforms.iter().any(|p| p.matches(&j.platform)));
                 if !served && !j.waiting_noticed {
                     waiting.push((b.record.id.clone(), j.id.clone(), j.platform.clone()));
                 }
@@ -594,12 +523,7 @@ impl Farm {
         let job_build: HashMap<String, String> = self
             .builds
             .values()
-            .flat_map(|b| {
-                b.record
-                    .jobs
-                    .iter()
-                    .map(|j| (j.id.clone(), b.record.id.clone()))
-            })
+            .flat_map(|b| b.record.jobs.iter().map(|j| (j.id.clone(), b.record.id.clone())))
             .collect();
         for (job_id, agent) in scheduler::assign(&queue, &views, &self.last_agent) {
             if let Some(build_id) = job_build.get(&job_id) {
@@ -615,11 +539,8 @@ impl Farm {
         let Some(b) = self.builds.get_mut(build_id) else {
             return Ok(());
         };
-        let push_repositories: Vec<String> = if b.spec.push {
-            b.push_repositories().iter().map(ImageRef::name).collect()
-        } else {
-            Vec::new()
-        };
+        let push_repositories: Vec<String> =
+            if b.spec.push { b.push_repositories().iter().map(ImageRef::name).collect() } else { Vec::new() };
         let spec = b.spec.clone();
         let first_start = b.record.status == BuildStatus::Queued;
         if first_start {
@@ -629,10 +550,7 @@ impl Farm {
             return Ok(());
         };
         job.attempt += 1;
-        job.status = JobStatus::Assigned {
-            agent: agent_name.to_owned(),
-            lease: lease.clone(),
-        };
+        job.status = JobStatus::Assigned { agent: agent_name.to_owned(), lease: lease.clone() };
         job.last_agent = agent_name.to_owned();
         job.started_ms.get_or_insert_with(now_ms);
         job.waiting_noticed = false;
@@ -652,13 +570,9 @@ impl Farm {
             events.insert(0, Self::build_event(&b.record));
         }
         if let Some(agent) = self.agents.get_mut(agent_name) {
-            agent
-                .running
-                .insert((build_id.to_owned(), job_id.to_owned()));
+            agent.running.insert((build_id.to_owned(), job_id.to_owned()));
             if let Some(tx) = &agent.sender {
-                let _ = tx.send(Ok(proto::CoordinatorMessage {
-                    kind: Some(ToAgent::Assign(assignment)),
-                }));
+                let _ = tx.send(Ok(proto::CoordinatorMessage { kind: Some(ToAgent::Assign(assignment)) }));
             }
         }
         tracing::info!(build_id, job_id, agent = agent_name, "job assigned");
@@ -675,33 +589,22 @@ impl Farm {
     ) -> Result<u64> {
         let session = self.next_session;
         self.next_session += 1;
-        let claimed: HashSet<(String, u32, String)> = hello
-            .running
-            .iter()
-            .map(|r| (r.job_id.clone(), r.attempt, r.lease_id.clone()))
-            .collect();
+        let claimed: HashSet<(String, u32, String)> =
+            hello.running.iter().map(|r| (r.job_id.clone(), r.attempt, r.lease_id.clone())).collect();
         let previous = self.agents.remove(&hello.name);
         let mut running = HashSet::new();
         let mut lost = Vec::new();
         if let Some(prev) = previous {
             if let Some(old) = prev.sender {
-                let _ = old.send(Err(tonic::Status::aborted(
-                    "replaced by a newer session of the same agent",
-                )));
+                let _ = old.send(Err(tonic::Status::aborted("replaced by a newer session of the same agent")));
             }
             for (build_id, job_id) in prev.running {
                 let still = self
                     .builds
                     .get(&build_id)
                     .and_then(|b| b.record.jobs.iter().find(|j| j.id == job_id))
-                    .and_then(|j| {
-                        j.status
-                            .leased()
-                            .map(|(_, lease)| (j.attempt, lease.to_owned()))
-                    })
-                    .is_some_and(|(attempt, lease)| {
-                        claimed.contains(&(job_id.clone(), attempt, lease))
-                    });
+                    .and_then(|j| j.status.leased().map(|(_, lease)| (j.attempt, lease.to_owned())))
+                    .is_some_and(|(attempt, lease)| claimed.contains(&(job_id.clone(), attempt, lease)));
                 if still {
                     running.insert((build_id, job_id));
                 } else {
@@ -738,11 +641,7 @@ impl Farm {
             },
         );
         for (build_id, job_id) in lost {
-            self.requeue(
-                &build_id,
-                &job_id,
-                &format!("agent {} restarted without it", hello.name),
-            )?;
+            self.requeue(&build_id, &job_id, &format!("agent {} restarted without it", hello.name))?;
         }
         Ok(session)
     }
@@ -780,9 +679,7 @@ impl Farm {
             };
             tracing::warn!(agent = %name, jobs = agent.running.len(), "agent lost");
             if let Some(tx) = agent.sender {
-                let _ = tx.send(Err(tonic::Status::unavailable(
-                    "declared lost: no heartbeat in time",
-                )));
+                let _ = tx.send(Err(tonic::Status::unavailable("declared lost: no heartbeat in time")));
             }
             for (build_id, job_id) in agent.running {
                 self.requeue(&build_id, &job_id, &format!("agent {name} was lost"))?;
@@ -822,24 +719,16 @@ impl Farm {
         lease: Option<&str>,
     ) -> bool {
         let agent_ok = self.agents.get(name).is_some_and(|a| a.session == session);
-        let job_ok = self
-            .builds
-            .get(build_id)
-            .and_then(|b| b.record.jobs.iter().find(|j| j.id == job_id))
-            .is_some_and(|j| {
+        let job_ok =
+            self.builds.get(build_id).and_then(|b| b.record.jobs.iter().find(|j| j.id == job_id)).is_some_and(|j| {
                 j.attempt == attempt
-                    && j.status
-                        .leased()
-                        .is_some_and(|(a, l)| a == name && lease.is_none_or(|want| want == l))
+                    && j.status.leased().is_some_and(|(a, l)| a == name && lease.is_none_or(|want| want == l))
             });
         agent_ok && job_ok
     }
 
     fn build_of_job(&self, job_id: &str) -> Option<String> {
-        self.builds
-            .values()
-            .find(|b| b.record.jobs.iter().any(|j| j.id == job_id))
-            .map(|b| b.record.id.clone())
+        self.builds.values().find(|b| b.record.jobs.iter().any(|j| j.id == job_id)).map(|b| b.record.id.clone())
     }
 
     pub fn job_log(&mut self, name: &str, session: u64, log: proto::JobLog) -> Result<()> {
@@ -849,10 +738,7 @@ impl Farm {
         if !self.leased_to(name, session, &build_id, &log.job_id, log.attempt, None) {
             return Ok(());
         }
-        let platform = self
-            .job_mut(&build_id, &log.job_id)
-            .map(|j| j.platform.to_string())
-            .unwrap_or_default();
+        let platform = self.job_mut(&build_id, &log.job_id).map(|j| j.platform.to_string()).unwrap_or_default();
         let kinds = log
             .lines
             .into_iter()
@@ -866,23 +752,11 @@ impl Farm {
         self.emit(&build_id, kinds)
     }
 
-    pub fn job_progress(
-        &mut self,
-        name: &str,
-        session: u64,
-        progress: proto::JobProgress,
-    ) -> Result<()> {
+    pub fn job_progress(&mut self, name: &str, session: u64, progress: proto::JobProgress) -> Result<()> {
         let Some(build_id) = self.build_of_job(&progress.job_id) else {
             return Ok(());
         };
-        if !self.leased_to(
-            name,
-            session,
-            &build_id,
-            &progress.job_id,
-            progress.attempt,
-            None,
-        ) {
+        if !self.leased_to(name, session, &build_id, &progress.job_id, progress.attempt, None) {
             return Ok(());
         }
         let Some(job) = self.job_mut(&build_id, &progress.job_id) else {
@@ -891,10 +765,7 @@ impl Farm {
         if progress.state == proto::JobState::Building as i32
             && let JobStatus::Assigned { agent, lease } = &job.status
         {
-            job.status = JobStatus::Building {
-                agent: agent.clone(),
-                lease: lease.clone(),
-            };
+            job.status = JobStatus::Building { agent: agent.clone(), lease: lease.clone() };
             let event = Self::job_event(job);
             return self.emit(&build_id, vec![event]);
         }
@@ -902,66 +773,36 @@ impl Farm {
     }
 
     /// Takes an agent's result for a job it holds; stale results are ignored.
-    pub fn job_result(
-        &mut self,
-        name: &str,
-        session: u64,
-        result: proto::JobResult,
-    ) -> Result<Option<FollowUp>> {
+    pub fn job_result(&mut self, name: &str, session: u64, result: proto::JobResult) -> Result<Option<FollowUp>> {
         let Some(build_id) = self.build_of_job(&result.job_id) else {
             return Ok(None);
         };
         // The slot is free whatever the result says.
         if let Some(agent) = self.agents.get_mut(name) {
-            agent
-                .running
-                .remove(&(build_id.clone(), result.job_id.clone()));
+            agent.running.remove(&(build_id.clone(), result.job_id.clone()));
         }
-        if !self.leased_to(
-            name,
-            session,
-            &build_id,
-            &result.job_id,
-            result.attempt,
-            Some(&result.lease_id),
-        ) {
-            tracing::info!(
-                build_id,
-                job_id = result.job_id,
-                agent = name,
-                "ignoring a result for a stale lease"
-            );
+        if !self.leased_to(name, session, &build_id, &result.job_id, result.attempt, Some(&result.lease_id)) {
+            tracing::info!(build_id, job_id = result.job_id, agent = name, "ignoring a result for a stale lease");
             return Ok(None);
         }
         let job_id = result.job_id.clone();
         match result.outcome {
-            Some(proto::job_result::Outcome::Image(image)) => {
-                self.image_built(&build_id, &job_id, name, image)
-            }
+            Some(proto::job_result::Outcome::Image(image)) => self.image_built(&build_id, &job_id, name, image),
             Some(proto::job_result::Outcome::Failure(f)) => {
-                let kind =
-                    proto::FailureKind::try_from(f.kind).unwrap_or(proto::FailureKind::Infra);
+                let kind = proto::FailureKind::try_from(f.kind).unwrap_or(proto::FailureKind::Infra);
                 match kind {
                     proto::FailureKind::Build => {
-                        let platform = self
-                            .job_mut(&build_id, &job_id)
-                            .map(|j| j.platform.to_string());
+                        let platform = self.job_mut(&build_id, &job_id).map(|j| j.platform.to_string());
                         let message = format!("{}: {}", platform.unwrap_or_default(), f.message);
                         self.fail_build(&build_id, &job_id, message)?;
                     }
                     proto::FailureKind::Cancelled => {}
-                    _ => {
-                        self.requeue(&build_id, &job_id, &format!("agent {name}: {}", f.message))?
-                    }
+                    _ => self.requeue(&build_id, &job_id, &format!("agent {name}: {}", f.message))?,
                 }
                 Ok(None)
             }
             None => {
-                self.requeue(
-                    &build_id,
-                    &job_id,
-                    &format!("agent {name} sent an empty result"),
-                )?;
+                self.requeue(&build_id, &job_id, &format!("agent {name} sent an empty result"))?;
                 Ok(None)
             }
         }
@@ -983,20 +824,14 @@ impl Farm {
         let Some(job) = b.record.jobs.iter_mut().find(|j| j.id == job_id) else {
             return Ok(None);
         };
-        job.result = Some(ImageRecord {
-            digest: image.digest.clone(),
-            size: image.size,
-            media_type: image.media_type,
-        });
+        job.result = Some(ImageRecord { digest: image.digest.clone(), size: image.size, media_type: image.media_type });
         if let Some(repo) = affinity {
             let key = format!("{repo}|{}", job.platform);
             self.last_agent.insert(key, agent.to_owned());
         }
         let platform = job.platform.clone();
         if push && let Some(repository) = repository {
-            job.status = JobStatus::Pushed {
-                agent: agent.to_owned(),
-            };
+            job.status = JobStatus::Pushed { agent: agent.to_owned() };
             let event = Self::job_event(job);
             self.emit(build_id, vec![event])?;
             return Ok(Some(FollowUp::Verify {
@@ -1008,9 +843,7 @@ impl Farm {
             }));
         }
         // Nothing was pushed, so there is nothing in a registry to verify.
-        job.status = JobStatus::Verified {
-            agent: agent.to_owned(),
-        };
+        job.status = JobStatus::Verified { agent: agent.to_owned() };
         job.finished_ms = Some(now_ms());
         let event = Self::job_event(job);
         self.emit(build_id, vec![event])?;
@@ -1041,11 +874,7 @@ impl Farm {
             }
             Err(message) => {
                 let platform = job.platform.to_string();
-                self.fail_build(
-                    build_id,
-                    job_id,
-                    format!("{platform}: pushed image refused: {message}"),
-                )?;
+                self.fail_build(build_id, job_id, format!("{platform}: pushed image refused: {message}"))?;
                 Ok(None)
             }
         }
@@ -1056,11 +885,7 @@ impl Farm {
             return Ok(None);
         };
         if b.record.status.is_terminal()
-            || !b
-                .record
-                .jobs
-                .iter()
-                .all(|j| matches!(j.status, JobStatus::Verified { .. }))
+            || !b.record.jobs.iter().all(|j| matches!(j.status, JobStatus::Verified { .. }))
         {
             return Ok(None);
         }
@@ -1074,32 +899,18 @@ impl Farm {
         b.record.status = BuildStatus::Merging;
         let event = Self::build_event(&b.record);
         self.emit(build_id, vec![event])?;
-        Ok(Some(FollowUp::Merge {
-            build_id: build_id.to_owned(),
-        }))
+        Ok(Some(FollowUp::Merge { build_id: build_id.to_owned() }))
     }
 
     /// What a merge needs: tags, push repositories and each platform's image.
     pub fn merge_inputs(&self, build_id: &str) -> Option<MergeInputs> {
         let b = self.builds.get(build_id)?;
-        let images = b
-            .record
-            .jobs
-            .iter()
-            .map(|j| Some((j.platform.clone(), j.result.clone()?)))
-            .collect::<Option<Vec<_>>>()?;
-        Some(MergeInputs {
-            tags: b.tags.clone(),
-            pushed_to: b.push_repositories(),
-            images,
-        })
+        let images =
+            b.record.jobs.iter().map(|j| Some((j.platform.clone(), j.result.clone()?))).collect::<Option<Vec<_>>>()?;
+        Some(MergeInputs { tags: b.tags.clone(), pushed_to: b.push_repositories(), images })
     }
 
-    pub fn merged(
-        &mut self,
-        build_id: &str,
-        outcome: Result<ImageDescriptor, String>,
-    ) -> Result<()> {
+    pub fn merged(&mut self, build_id: &str, outcome: Result<ImageDescriptor, String>) -> Result<()> {
         let Some(b) = self.builds.get_mut(build_id) else {
             return Ok(());
         };
@@ -1149,10 +960,7 @@ impl Farm {
         b.record.message = if pushed.is_empty() || !b.spec.push {
             message
         } else {
-            format!(
-                "{message} (already pushed by digest, no index written: {})",
-                pushed.join(", ")
-            )
+            format!("{message} (already pushed by digest, no index written: {})", pushed.join(", "))
         };
         b.record.finished_ms = Some(now_ms());
         tracing::warn!(build_id, job_id, message = %b.record.message, "build failed");
@@ -1181,11 +989,7 @@ impl Farm {
         for (agent, job_id, attempt) in cancels {
             if let Some(tx) = self.agents.get(&agent).and_then(|a| a.sender.as_ref()) {
                 let _ = tx.send(Ok(proto::CoordinatorMessage {
-                    kind: Some(ToAgent::Cancel(proto::CancelJob {
-                        job_id,
-                        attempt,
-                        reason: reason.to_owned(),
-                    })),
+                    kind: Some(ToAgent::Cancel(proto::CancelJob { job_id, attempt, reason: reason.to_owned() })),
                 }));
             }
         }

@@ -17,10 +17,7 @@ type Inbox = mpsc::UnboundedReceiver<Result<proto::CoordinatorMessage, tonic::St
 
 fn farm(dir: &std::path::Path) -> (Farm, Arc<Store>) {
     let store = Arc::new(Store::open(&dir.join("braid.db")).unwrap());
-    (
-        Farm::load(store.clone(), 2, vec!["127.0.0.1:5000".into()]).unwrap(),
-        store,
-    )
+    (Farm::load(store.clone(), 2, vec!["127.0.0.1:5000".into()]).unwrap(), store)
 }
 
 fn connect(farm: &mut Farm, name: &str, platforms: &[&str]) -> (u64, Inbox) {
@@ -51,12 +48,7 @@ fn submit(farm: &mut Farm, platforms: &[&str]) -> String {
 
 fn next_assignment(inbox: &mut Inbox) -> proto::Assignment {
     loop {
-        match inbox
-            .try_recv()
-            .expect("a message for the agent")
-            .unwrap()
-            .kind
-        {
+        match inbox.try_recv().expect("a message for the agent").unwrap().kind {
             Some(ToAgent::Assign(a)) => return a,
             _ => continue,
         }
@@ -78,9 +70,7 @@ fn image(result: &proto::Assignment, digest_char: char) -> proto::JobResult {
 
 fn descriptor(c: char) -> ImageDescriptor {
     ImageDescriptor {
-        digest: format!("sha256:{}", c.to_string().repeat(64))
-            .parse()
-            .unwrap(),
+        digest: format!("sha256:{}", c.to_string().repeat(64)).parse().unwrap(),
         size: 100,
         media_type: braid_shared::oci::OCI_MANIFEST.into(),
     }
@@ -100,38 +90,23 @@ fn a_build_goes_from_queue_to_index_and_ignores_stale_results() {
 
     let mut stale = image(&a, 'b');
     stale.lease_id = "not-the-lease".into();
-    assert!(
-        farm.job_result("amd", amd_session, stale)
-            .unwrap()
-            .is_none(),
-        "a stale lease is ignored"
-    );
+    assert!(farm.job_result("amd", amd_session, stale).unwrap().is_none(), "a stale lease is ignored");
 
-    let Some(FollowUp::Verify { job_id, digest, .. }) =
-        farm.job_result("amd", amd_session, image(&a, 'a')).unwrap()
+    let Some(FollowUp::Verify { job_id, digest, .. }) = farm.job_result("amd", amd_session, image(&a, 'a')).unwrap()
     else {
         panic!("a pushed image is verified next");
     };
     assert_eq!(digest, format!("sha256:{}", "a".repeat(64)));
-    let merge = farm
-        .verified(&build_id, &job_id, Ok(descriptor('a')))
-        .unwrap();
+    let merge = farm.verified(&build_id, &job_id, Ok(descriptor('a'))).unwrap();
     assert!(matches!(merge, Some(FollowUp::Merge { .. })));
     farm.merged(&build_id, Ok(descriptor('f'))).unwrap();
     let build = farm.build(&build_id).unwrap();
     assert_eq!(build.record.status, BuildStatus::Succeeded);
-    assert_eq!(
-        build.record.index.as_ref().unwrap().digest,
-        format!("sha256:{}", "f".repeat(64))
-    );
+    assert_eq!(build.record.index.as_ref().unwrap().digest, format!("sha256:{}", "f".repeat(64)));
 
     let events = store.events_after(&build_id, 0, 1000).unwrap();
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-    assert_eq!(
-        seqs,
-        (1..=seqs.len() as u64).collect::<Vec<_>>(),
-        "events are numbered without gaps"
-    );
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "events are numbered without gaps");
     assert!(matches!(
         &events.last().unwrap().kind,
         Some(proto::build_event::Kind::Build(b)) if b.state == proto::BuildState::Succeeded as i32
@@ -161,12 +136,7 @@ fn a_build_error_fails_the_build_and_cancels_the_other_platforms() {
     let b = farm.build(&build_id).unwrap();
     assert_eq!(b.record.status, BuildStatus::Failed);
     assert_eq!(b.record.message, "linux/amd64: exit status 3");
-    let other = b
-        .record
-        .jobs
-        .iter()
-        .find(|j| j.id == arm_job.job_id)
-        .unwrap();
+    let other = b.record.jobs.iter().find(|j| j.id == arm_job.job_id).unwrap();
     assert_eq!(other.status, JobStatus::Cancelled);
     let cancel = arm.try_recv().unwrap().unwrap();
     assert!(matches!(cancel.kind, Some(ToAgent::Cancel(c)) if c.job_id == arm_job.job_id));
@@ -188,26 +158,11 @@ fn a_lost_agent_s_job_runs_elsewhere_and_its_late_result_is_ignored() {
     farm.reap(Duration::from_millis(10)).unwrap();
     farm.schedule().unwrap();
     let retry = next_assignment(&mut second);
-    assert_eq!(
-        (retry.job_id.as_str(), retry.attempt),
-        (a.job_id.as_str(), 2)
-    );
-    assert!(
-        farm.job_result("arm-a", first_session, image(&a, 'a'))
-            .unwrap()
-            .is_none(),
-        "late result ignored"
-    );
-    assert!(
-        farm.job_result("arm-b", second_session, image(&retry, 'b'))
-            .unwrap()
-            .is_some()
-    );
+    assert_eq!((retry.job_id.as_str(), retry.attempt), (a.job_id.as_str(), 2));
+    assert!(farm.job_result("arm-a", first_session, image(&a, 'a')).unwrap().is_none(), "late result ignored");
+    assert!(farm.job_result("arm-b", second_session, image(&retry, 'b')).unwrap().is_some());
     let job = &farm.build(&build_id).unwrap().record.jobs[0];
-    assert_eq!(
-        job.result.as_ref().unwrap().digest,
-        format!("sha256:{}", "b".repeat(64))
-    );
+    assert_eq!(job.result.as_ref().unwrap().digest, format!("sha256:{}", "b".repeat(64)));
 }
 
 #[test]
@@ -224,10 +179,7 @@ fn a_restart_keeps_builds_and_gives_up_after_max_attempts() {
     let (mut farm, _) = farm(dir.path());
     farm.adopt_orphans();
     let job = &farm.build(&build_id).unwrap().record.jobs[0];
-    assert!(
-        matches!(job.status, JobStatus::Assigned { .. }),
-        "still leased after the restart"
-    );
+    assert!(matches!(job.status, JobStatus::Assigned { .. }), "still leased after the restart");
     // arm-a never comes back: lost, re-queued (attempt 2 of 2), lost again: failed.
     std::thread::sleep(Duration::from_millis(20));
     farm.reap(Duration::from_millis(10)).unwrap();
@@ -239,9 +191,5 @@ fn a_restart_keeps_builds_and_gives_up_after_max_attempts() {
     farm.reap(Duration::from_millis(10)).unwrap();
     let b = farm.build(&build_id).unwrap();
     assert_eq!(b.record.status, BuildStatus::Failed);
-    assert!(
-        b.record.message.contains("gave up after 2 attempts"),
-        "{}",
-        b.record.message
-    );
+    assert!(b.record.message.contains("gave up after 2 attempts"), "{}", b.record.message);
 }

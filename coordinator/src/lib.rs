@@ -8,7 +8,9 @@ pub mod error;
 pub mod farm;
 #[cfg(test)]
 mod farm_tests;
+pub mod http;
 pub mod merge;
+pub mod metrics;
 pub mod scheduler;
 pub mod server;
 pub mod service_agents;

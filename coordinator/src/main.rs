@@ -21,6 +21,9 @@ struct Args {
     /// gRPC listen address [default: 127.0.0.1:7700]
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+    /// HTTP listen address for /metrics, /healthz and /readyz [default: 127.0.0.1:7701]
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<String>,
     /// Where builds, events and contexts are kept [default: ./braid-data]
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -47,14 +50,14 @@ impl Args {
         if let Some(v) = &self.listen {
             o.push(("listen", v.clone().into()));
         }
+        if let Some(v) = &self.http_listen {
+            o.push(("http_listen", v.clone().into()));
+        }
         if let Some(v) = &self.data_dir {
             o.push(("data_dir", v.display().to_string().into()));
         }
         if !self.insecure_registries.is_empty() {
-            o.push((
-                "insecure_registries",
-                self.insecure_registries.clone().into(),
-            ));
+            o.push(("insecure_registries", self.insecure_registries.clone().into()));
         }
         if self.insecure {
             o.push(("insecure", true.into()));
@@ -79,17 +82,12 @@ impl Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let settings: Settings = braid_shared::settings::load(
-        args.config.as_deref(),
-        settings::KEYS,
-        settings::LIST_KEYS,
-        args.overrides(),
-    )?;
+    let settings: Settings =
+        braid_shared::settings::load(args.config.as_deref(), settings::KEYS, settings::LIST_KEYS, args.overrides())?;
     telemetry::init(settings.log_format);
-    let addr = settings.validate()?;
-    let coordinator =
-        Coordinator::open(settings).context("opening the coordinator's data directory")?;
-    server::serve(coordinator, addr, telemetry::shutdown_signal()).await?;
+    let (addr, http_addr) = settings.validate()?;
+    let coordinator = Coordinator::open(settings).context("opening the coordinator's data directory")?;
+    server::serve(coordinator, addr, http_addr, telemetry::shutdown_signal()).await?;
     tracing::info!("coordinator stopped");
     Ok(())
 }

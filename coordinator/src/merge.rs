@@ -17,11 +17,7 @@ pub async fn verify(
     platform: &Platform,
 ) -> Result<ImageDescriptor, String> {
     let digest: Digest = digest.parse().map_err(|e| format!("{e}"))?;
-    registry
-        .verify_image(repository, &digest, platform)
-        .await
-        .map(|(d, _)| d)
-        .map_err(|e| e.to_string())
+    registry.verify_image(repository, &digest, platform).await.map(|(d, _)| d).map_err(|e| e.to_string())
 }
 
 /// Writes the index and pushes it under every tag.
@@ -36,11 +32,7 @@ pub async fn merge(
         let digest: Digest = image.digest.parse().map_err(|e| format!("{e}"))?;
         manifests.push((
             platform.clone(),
-            ImageDescriptor {
-                digest,
-                size: image.size,
-                media_type: image.media_type.clone(),
-            },
+            ImageDescriptor { digest, size: image.size, media_type: image.media_type.clone() },
         ));
     }
     let index = oci::build_index(&manifests, HashMap::new()).map_err(|e| e.to_string())?;
@@ -51,10 +43,8 @@ pub async fn merge(
         };
         if source.repository() != tag.repository() {
             for (_, image) in &manifests {
-                let (bytes, _) = registry
-                    .fetch_manifest(&source.at_digest(&image.digest))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let (bytes, _) =
+                    registry.fetch_manifest(&source.at_digest(&image.digest)).await.map_err(|e| e.to_string())?;
                 registry
                     .copy_manifest(source, tag, &bytes, &image.media_type)
                     .await
@@ -62,15 +52,8 @@ pub async fn merge(
             }
         }
         let tag = tag.clone().with_default_tag();
-        registry
-            .push_index(&tag, &index, oci::OCI_INDEX)
-            .await
-            .map_err(|e| format!("{tag}: {e}"))?;
+        registry.push_index(&tag, &index, oci::OCI_INDEX).await.map_err(|e| format!("{tag}: {e}"))?;
         tracing::info!(%tag, index = %index_digest, "index pushed");
     }
-    Ok(ImageDescriptor {
-        digest: index_digest,
-        size: index.len() as u64,
-        media_type: oci::OCI_INDEX.to_owned(),
-    })
+    Ok(ImageDescriptor { digest: index_digest, size: index.len() as u64, media_type: oci::OCI_INDEX.to_owned() })
 }

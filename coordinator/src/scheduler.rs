@@ -45,17 +45,13 @@ pub fn assign(
     for job in queue {
         by_build.entry(job.build_order).or_default().push(job);
     }
-    let mut lanes: Vec<std::collections::VecDeque<&QueuedJob>> =
-        by_build.into_values().map(Into::into).collect();
+    let mut lanes: Vec<std::collections::VecDeque<&QueuedJob>> = by_build.into_values().map(Into::into).collect();
     let mut out = Vec::new();
     loop {
         let mut progressed = false;
         for lane in &mut lanes {
             // Take this build's first job that can be placed now.
-            let Some(pos) = lane
-                .iter()
-                .position(|job| pick(job, agents, &running, last_agent).is_some())
-            else {
+            let Some(pos) = lane.iter().position(|job| pick(job, agents, &running, last_agent).is_some()) else {
                 continue;
             };
             let Some(job) = lane.remove(pos) else {
@@ -73,16 +69,9 @@ pub fn assign(
     }
 }
 
-fn pick(
-    job: &QueuedJob,
-    agents: &[AgentView],
-    running: &[u32],
-    last_agent: &HashMap<String, String>,
-) -> Option<usize> {
-    let candidates = agents
-        .iter()
-        .enumerate()
-        .filter(|(i, a)| a.schedulable && running[*i] < a.slots && a.builds(&job.platform));
+fn pick(job: &QueuedJob, agents: &[AgentView], running: &[u32], last_agent: &HashMap<String, String>) -> Option<usize> {
+    let candidates =
+        agents.iter().enumerate().filter(|(i, a)| a.schedulable && running[*i] < a.slots && a.builds(&job.platform));
     let mut best: Option<(usize, (bool, u64, &str))> = None;
     for (i, agent) in candidates {
         let warm = last_agent.get(&job.affinity_key) == Some(&agent.name);
@@ -116,12 +105,7 @@ mod tests {
     }
 
     fn job(id: &str, build: u64, platform: &str, key: &str) -> QueuedJob {
-        QueuedJob {
-            job_id: id.into(),
-            build_order: build,
-            platform: p(platform),
-            affinity_key: key.into(),
-        }
+        QueuedJob { job_id: id.into(), build_order: build, platform: p(platform), affinity_key: key.into() }
     }
 
     #[test]
@@ -131,15 +115,9 @@ mod tests {
             agent("arm-a", &["linux/arm64"], 2, 1),
             agent("arm-b", &["linux/arm64"], 2, 0),
         ];
-        let queue = [
-            job("1", 1, "linux/amd64", "r|amd64"),
-            job("2", 1, "linux/aarch64", "r|arm64"),
-        ];
+        let queue = [job("1", 1, "linux/amd64", "r|amd64"), job("2", 1, "linux/aarch64", "r|arm64")];
         let out = assign(&queue, &agents, &HashMap::new());
-        assert_eq!(
-            out,
-            [("1".into(), "amd".into()), ("2".into(), "arm-b".into())]
-        );
+        assert_eq!(out, [("1".into(), "amd".into()), ("2".into(), "arm-b".into())]);
         let warm = HashMap::from([("r|arm64".to_owned(), "arm-a".to_owned())]);
         let out = assign(&queue[1..], &agents, &warm);
         assert_eq!(out, [("2".into(), "arm-a".into())]);
@@ -149,10 +127,7 @@ mod tests {
     fn nothing_for_unserved_platforms_or_cordoned_agents() {
         let mut cordoned = agent("amd", &["linux/amd64"], 4, 0);
         cordoned.schedulable = false;
-        let queue = [
-            job("1", 1, "linux/riscv64", "k"),
-            job("2", 1, "linux/amd64", "k"),
-        ];
+        let queue = [job("1", 1, "linux/riscv64", "k"), job("2", 1, "linux/amd64", "k")];
         assert!(assign(&queue, &[cordoned], &HashMap::new()).is_empty());
     }
 
@@ -170,14 +145,8 @@ mod tests {
         assert_eq!(ids, ["wide-1", "small-1"]);
     }
 
-    const PLATFORMS: &[&str] = &[
-        "linux/amd64",
-        "linux/arm64",
-        "linux/arm/v7",
-        "linux/arm/v6",
-        "linux/386",
-        "linux/riscv64",
-    ];
+    const PLATFORMS: &[&str] =
+        &["linux/amd64", "linux/arm64", "linux/arm/v7", "linux/arm/v6", "linux/386", "linux/riscv64"];
 
     proptest! {
         #[test]

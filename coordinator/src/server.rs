@@ -16,6 +16,7 @@ use crate::contexts::ContextStore;
 use crate::error::Result;
 use crate::farm::{Farm, FollowUp};
 use crate::merge;
+use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::store::Store;
 
@@ -28,6 +29,7 @@ pub struct Coordinator {
     pub settings: Settings,
     /// Wakes the scheduler after anything that may let a job be placed.
     pub wake: Notify,
+    pub metrics: Metrics,
 }
 
 impl Coordinator {
@@ -38,12 +40,9 @@ impl Coordinator {
             &settings.data_dir.join("contexts"),
             store.clone(),
             settings.max_context_bytes,
+            settings.context_store_bytes,
         )?;
-        let mut farm = Farm::load(
-            store.clone(),
-            settings.max_attempts,
-            settings.insecure_registries.clone(),
-        )?;
+        let mut farm = Farm::load(store.clone(), settings.max_attempts, settings.insecure_registries.clone())?;
         farm.adopt_orphans();
         let registry = Registry::new(&settings.insecure_registries);
         Ok(Arc::new(Coordinator {
@@ -53,6 +52,7 @@ impl Coordinator {
             registry,
             settings,
             wake: Notify::new(),
+            metrics: Metrics::default(),
         }))
     }
 
@@ -77,13 +77,7 @@ impl Coordinator {
 
     async fn run_follow_up(&self, step: FollowUp) -> Option<FollowUp> {
         match step {
-            FollowUp::Verify {
-                build_id,
-                job_id,
-                repository,
-                digest,
-                platform,
-            } => {
+            FollowUp::Verify { build_id, job_id, repository, digest, platform } => {
                 let outcome = merge::verify(&self.registry, &repository, &digest, &platform).await;
                 let result = self.farm().verified(&build_id, &job_id, outcome);
                 result.unwrap_or_else(|e| {
@@ -111,8 +105,7 @@ impl Coordinator {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
             let result = {
                 let mut farm = self.farm();
-                farm.reap(self.settings.agent_lost_after())
-                    .and_then(|()| farm.schedule())
+                farm.reap(self.settings.agent_lost_after()).and_then(|()| farm.schedule())
             };
             if let Err(e) = result {
                 tracing::error!(error = %e, "scheduling failed");
@@ -125,9 +118,18 @@ impl Coordinator {
 pub async fn serve(
     coordinator: Arc<Coordinator>,
     addr: SocketAddr,
+    http_addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    let http_listener = tokio::net::TcpListener::bind(http_addr).await?;
+    tracing::info!(addr = %http_listener.local_addr()?, "http listening");
+    let http = crate::http::router(coordinator.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(http_listener, http).await {
+            tracing::error!(error = %e, "http server stopped");
+        }
+    });
     serve_on(coordinator, listener, shutdown).await
 }
 
@@ -138,12 +140,8 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<BuildsServer<crate::service_builds::BuildsService>>()
-        .await;
-    health_reporter
-        .set_serving::<AgentsServer<crate::service_agents::AgentsService>>()
-        .await;
+    health_reporter.set_serving::<BuildsServer<crate::service_builds::BuildsService>>().await;
+    health_reporter.set_serving::<AgentsServer<crate::service_agents::AgentsService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -155,16 +153,12 @@ pub async fn serve_on(
         coordinator.follow_up(Some(follow));
     }
 
-    let builds = BuildsServer::new(crate::service_builds::BuildsService::new(
-        coordinator.clone(),
-    ))
-    .max_decoding_message_size(limits::GRPC_MESSAGE_BYTES)
-    .max_encoding_message_size(limits::GRPC_MESSAGE_BYTES);
-    let agents = AgentsServer::new(crate::service_agents::AgentsService::new(
-        coordinator.clone(),
-    ))
-    .max_decoding_message_size(limits::GRPC_MESSAGE_BYTES)
-    .max_encoding_message_size(limits::GRPC_MESSAGE_BYTES);
+    let builds = BuildsServer::new(crate::service_builds::BuildsService::new(coordinator.clone()))
+        .max_decoding_message_size(limits::GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(limits::GRPC_MESSAGE_BYTES);
+    let agents = AgentsServer::new(crate::service_agents::AgentsService::new(coordinator.clone()))
+        .max_decoding_message_size(limits::GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(limits::GRPC_MESSAGE_BYTES);
     tracing::info!(addr = %listener.local_addr()?, "coordinator listening");
     Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
@@ -173,10 +167,7 @@ pub async fn serve_on(
         .add_service(reflection)
         .add_service(builds)
         .add_service(agents)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
 }

@@ -14,6 +14,7 @@ use tracing::{Instrument, instrument};
 use braid_shared::proto::{self, agent_message::Kind as FromAgent, agents_server::Agents};
 use braid_shared::{Digest, Platform, limits};
 
+use crate::metrics::Metrics;
 use crate::server::Coordinator;
 
 pub struct AgentsService {
@@ -32,9 +33,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= limits::AGENT_NAME_BYTES
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Checks a hello; returns the agent's parsed platforms.
@@ -47,29 +46,18 @@ fn check_hello(hello: &proto::Hello) -> Result<Vec<Platform>, Status> {
         )));
     }
     if hello.platforms.is_empty() || hello.platforms.len() > limits::PLATFORMS {
-        return Err(Status::invalid_argument(format!(
-            "hello.platforms: 1 to {} platforms",
-            limits::PLATFORMS
-        )));
+        return Err(Status::invalid_argument(format!("hello.platforms: 1 to {} platforms", limits::PLATFORMS)));
     }
     let platforms = hello
         .platforms
         .iter()
-        .map(|p| {
-            p.parse::<Platform>()
-                .map_err(|e| Status::invalid_argument(format!("hello.platforms: {e}")))
-        })
+        .map(|p| p.parse::<Platform>().map_err(|e| Status::invalid_argument(format!("hello.platforms: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
     if hello.slots == 0 || hello.slots > limits::AGENT_SLOTS {
-        return Err(Status::invalid_argument(format!(
-            "hello.slots: must be 1 to {}",
-            limits::AGENT_SLOTS
-        )));
+        return Err(Status::invalid_argument(format!("hello.slots: must be 1 to {}", limits::AGENT_SLOTS)));
     }
     if hello.running.len() > limits::AGENT_SLOTS as usize {
-        return Err(Status::invalid_argument(
-            "hello.running: more jobs than slots allow",
-        ));
+        return Err(Status::invalid_argument("hello.running: more jobs than slots allow"));
     }
     Ok(platforms)
 }
@@ -81,21 +69,13 @@ type ContextStream = Pin<Box<dyn Stream<Item = Result<proto::ContextChunk, Statu
 impl Agents for AgentsService {
     type SessionStream = SessionStream;
 
-    async fn session(
-        &self,
-        req: Request<Streaming<proto::AgentMessage>>,
-    ) -> Result<Response<SessionStream>, Status> {
+    async fn session(&self, req: Request<Streaming<proto::AgentMessage>>) -> Result<Response<SessionStream>, Status> {
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no hello within 10 seconds"))??;
-        let Some(proto::AgentMessage {
-            kind: Some(FromAgent::Hello(hello)),
-        }) = first
-        else {
-            return Err(Status::invalid_argument(
-                "the first message of a session must be a hello",
-            ));
+        let Some(proto::AgentMessage { kind: Some(FromAgent::Hello(hello)) }) = first else {
+            return Err(Status::invalid_argument("the first message of a session must be a hello"));
         };
         let platforms = check_hello(&hello)?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -105,10 +85,7 @@ impl Agents for AgentsService {
             })),
         }));
         let name = hello.name.clone();
-        let session = self
-            .coordinator
-            .farm()
-            .agent_connected(&hello, platforms.clone(), tx)?;
+        let session = self.coordinator.farm().agent_connected(&hello, platforms.clone(), tx)?;
         let span = tracing::info_span!("agent_session", agent = %name, session);
         span.in_scope(|| {
             tracing::info!(
@@ -139,19 +116,16 @@ impl Agents for AgentsService {
     type FetchContextStream = ContextStream;
 
     #[instrument(skip_all, err, fields(digest = %req.get_ref().digest))]
-    async fn fetch_context(
-        &self,
-        req: Request<proto::FetchContextRequest>,
-    ) -> Result<Response<ContextStream>, Status> {
-        let digest: Digest = req
-            .get_ref()
-            .digest
-            .parse()
-            .map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;
+    async fn fetch_context(&self, req: Request<proto::FetchContextRequest>) -> Result<Response<ContextStream>, Status> {
+        let digest: Digest =
+            req.get_ref().digest.parse().map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;
         if self.coordinator.contexts.stat(&digest)?.is_none() {
             return Err(Status::not_found(format!("context {digest} is not stored")));
         }
         let mut file = tokio::fs::File::open(self.coordinator.contexts.path(&digest)).await?;
+        self.coordinator.contexts.touch(&digest)?;
+        let coordinator = self.coordinator.clone();
+        Metrics::add(&coordinator.metrics.context_fetches, 1);
         let stream = async_stream::try_stream! {
             loop {
                 let mut buf = vec![0u8; limits::CONTEXT_CHUNK_BYTES];
@@ -160,6 +134,7 @@ impl Agents for AgentsService {
                     break;
                 }
                 buf.truncate(n);
+                Metrics::add(&coordinator.metrics.context_bytes_served, n as u64);
                 yield proto::ContextChunk { chunk: buf };
             }
         };

@@ -12,6 +12,7 @@ use braid_shared::proto::{self, builds_server::Builds};
 use braid_shared::{Digest, limits};
 
 use crate::error::CoordinatorError;
+use crate::metrics::Metrics;
 use crate::server::Coordinator;
 use crate::validate;
 
@@ -26,8 +27,7 @@ impl BuildsService {
 }
 
 fn parse_digest(field: &str, raw: &str) -> Result<Digest, Status> {
-    raw.parse()
-        .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+    raw.parse().map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
 
 fn check_build_id(id: &str) -> Result<(), Status> {
@@ -53,10 +53,7 @@ impl Builds for BuildsService {
     ) -> Result<Response<proto::StatContextResponse>, Status> {
         let digest = parse_digest("digest", &req.get_ref().digest)?;
         let size = self.coordinator.contexts.stat(&digest)?;
-        Ok(Response::new(proto::StatContextResponse {
-            present: size.is_some(),
-            size: size.unwrap_or(0),
-        }))
+        Ok(Response::new(proto::StatContextResponse { present: size.is_some(), size: size.unwrap_or(0) }))
     }
 
     #[instrument(skip_all, err)]
@@ -66,54 +63,38 @@ impl Builds for BuildsService {
     ) -> Result<Response<proto::PutContextResponse>, Status> {
         let mut stream = req.into_inner();
         let first = stream.message().await?.ok_or_else(|| {
-            Status::invalid_argument(
-                "put_context: empty stream; the first message carries the digest",
-            )
+            Status::invalid_argument("put_context: empty stream; the first message carries the digest")
         })?;
         let digest = parse_digest("digest", &first.digest)?;
         let contexts = &self.coordinator.contexts;
         if let Some(size) = contexts.stat(&digest)? {
             // Someone uploaded it meanwhile; drain nothing more.
-            return Ok(Response::new(proto::PutContextResponse {
-                digest: digest.to_string(),
-                size,
-                received: 0,
-            }));
+            return Ok(Response::new(proto::PutContextResponse { digest: digest.to_string(), size, received: 0 }));
         }
         let mut upload = contexts.begin(digest.clone())?;
         upload.write(&first.chunk)?;
         while let Some(msg) = stream.message().await? {
             if msg.chunk.len() > limits::GRPC_MESSAGE_BYTES {
-                return Err(Status::resource_exhausted(
-                    "put_context: chunk larger than the message limit",
-                ));
+                return Err(Status::resource_exhausted("put_context: chunk larger than the message limit"));
             }
             upload.write(&msg.chunk)?;
         }
         let (size, received) = contexts.finish(upload)?;
+        let metrics = &self.coordinator.metrics;
+        Metrics::add(&metrics.context_uploads, 1);
+        Metrics::add(&metrics.context_bytes_received, received);
         tracing::info!(digest = %digest, size, received, "context stored");
-        Ok(Response::new(proto::PutContextResponse {
-            digest: digest.to_string(),
-            size,
-            received,
-        }))
+        let needed = self.coordinator.farm().needed_contexts();
+        let evicted = contexts.evict(&needed)?;
+        Metrics::add(&metrics.contexts_evicted, evicted);
+        Ok(Response::new(proto::PutContextResponse { digest: digest.to_string(), size, received }))
     }
 
     #[instrument(skip_all, err, fields(build_id))]
-    async fn submit(
-        &self,
-        req: Request<proto::SubmitRequest>,
-    ) -> Result<Response<proto::SubmitResponse>, Status> {
-        let spec = req
-            .into_inner()
-            .spec
-            .ok_or_else(|| Status::invalid_argument("spec: required"))?;
+    async fn submit(&self, req: Request<proto::SubmitRequest>) -> Result<Response<proto::SubmitResponse>, Status> {
+        let spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec: required"))?;
         let valid = validate::spec(spec)?;
-        let digest: Digest = valid
-            .spec
-            .context_digest
-            .parse()
-            .map_err(|_| Status::internal("validated digest"))?;
+        let digest: Digest = valid.spec.context_digest.parse().map_err(|_| Status::internal("validated digest"))?;
         if self.coordinator.contexts.stat(&digest)?.is_none() {
             return Err(CoordinatorError::FailedPrecondition(format!(
                 "context_digest: context {digest} has not been uploaded (PutContext first)"
@@ -121,11 +102,9 @@ impl Builds for BuildsService {
             .into());
         }
         self.coordinator.contexts.touch(&digest)?;
-        let build_id = self
-            .coordinator
-            .farm()
-            .submit(valid.spec, valid.platforms, valid.tags)?;
+        let build_id = self.coordinator.farm().submit(valid.spec, valid.platforms, valid.tags)?;
         tracing::Span::current().record("build_id", build_id.as_str());
+        Metrics::add(&self.coordinator.metrics.builds_submitted, 1);
         tracing::info!(build_id, "build submitted");
         self.coordinator.wake.notify_one();
         Ok(Response::new(proto::SubmitResponse { build_id }))
@@ -133,10 +112,7 @@ impl Builds for BuildsService {
 
     type WatchStream = EventStream;
 
-    async fn watch(
-        &self,
-        req: Request<proto::WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, req: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let req = req.into_inner();
         check_build_id(&req.build_id)?;
         let sub = self.coordinator.farm().subscribe(&req.build_id)?;
@@ -178,16 +154,9 @@ impl Builds for BuildsService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn get(
-        &self,
-        req: Request<proto::GetBuildRequest>,
-    ) -> Result<Response<proto::Build>, Status> {
+    async fn get(&self, req: Request<proto::GetBuildRequest>) -> Result<Response<proto::Build>, Status> {
         check_build_id(&req.get_ref().build_id)?;
-        let build = self
-            .coordinator
-            .farm()
-            .build(&req.get_ref().build_id)?
-            .to_proto();
+        let build = self.coordinator.farm().build(&req.get_ref().build_id)?.to_proto();
         Ok(Response::new(build))
     }
 
@@ -198,34 +167,21 @@ impl Builds for BuildsService {
         let limit = match req.get_ref().limit {
             0 => 20,
             n if n > limits::LIST_BUILDS => {
-                return Err(Status::invalid_argument(format!(
-                    "limit: at most {}",
-                    limits::LIST_BUILDS
-                )));
+                return Err(Status::invalid_argument(format!("limit: at most {}", limits::LIST_BUILDS)));
             }
             n => n,
         } as usize;
         let farm = self.coordinator.farm();
         let mut builds: Vec<_> = farm.builds.values().collect();
         builds.sort_by_key(|b| std::cmp::Reverse(b.record.order));
-        let builds = builds
-            .into_iter()
-            .take(limit)
-            .map(|b| b.to_proto())
-            .collect();
+        let builds = builds.into_iter().take(limit).map(|b| b.to_proto()).collect();
         Ok(Response::new(proto::ListBuildsResponse { builds }))
     }
 
     #[instrument(skip_all, err, fields(build_id = %req.get_ref().build_id))]
-    async fn cancel(
-        &self,
-        req: Request<proto::CancelBuildRequest>,
-    ) -> Result<Response<proto::Build>, Status> {
+    async fn cancel(&self, req: Request<proto::CancelBuildRequest>) -> Result<Response<proto::Build>, Status> {
         check_build_id(&req.get_ref().build_id)?;
-        let build = self
-            .coordinator
-            .farm()
-            .cancel(&req.get_ref().build_id, "cancelled by request")?;
+        let build = self.coordinator.farm().cancel(&req.get_ref().build_id, "cancelled by request")?;
         self.coordinator.wake.notify_one();
         Ok(Response::new(build))
     }

@@ -13,6 +13,9 @@ use braid_shared::telemetry::LogFormat;
 pub struct Settings {
     /// gRPC listen address. Default `127.0.0.1:7700`.
     pub listen: String,
+    /// HTTP listen address for `/metrics`, `/healthz` and `/readyz`.
+    /// Default `127.0.0.1:7701`.
+    pub http_listen: String,
     /// Where builds, events and contexts are kept. Default `./braid-data`.
     pub data_dir: PathBuf,
     /// Registries (`host:port`) reached over plain HTTP; passed on to agents.
@@ -31,6 +34,9 @@ pub struct Settings {
     pub max_attempts: u32,
     /// Largest context accepted, in bytes. Default 4 GiB.
     pub max_context_bytes: u64,
+    /// Bytes of stored contexts kept; past that the least recently used
+    /// ones no unfinished build needs are removed. Default 20 GiB.
+    pub context_store_bytes: u64,
     /// Log format, `pretty` or `json`. Default `pretty`.
     pub log_format: LogFormat,
 }
@@ -39,6 +45,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             listen: "127.0.0.1:7700".to_owned(),
+            http_listen: "127.0.0.1:7701".to_owned(),
             data_dir: PathBuf::from("braid-data"),
             insecure_registries: Vec::new(),
             insecure: false,
@@ -46,6 +53,7 @@ impl Default for Settings {
             agent_lost_seconds: 30,
             max_attempts: 3,
             max_context_bytes: braid_shared::limits::CONTEXT_BYTES,
+            context_store_bytes: 20 << 30,
             log_format: LogFormat::Pretty,
         }
     }
@@ -54,6 +62,7 @@ impl Default for Settings {
 /// The keys `BRAID_*` variables may set.
 pub const KEYS: &[&str] = &[
     "listen",
+    "http_listen",
     "data_dir",
     "insecure_registries",
     "insecure",
@@ -61,48 +70,45 @@ pub const KEYS: &[&str] = &[
     "agent_lost_seconds",
     "max_attempts",
     "max_context_bytes",
+    "context_store_bytes",
     "log_format",
 ];
 pub const LIST_KEYS: &[&str] = &["insecure_registries"];
 
 impl Settings {
-    /// Checks every value, naming the key that is wrong.
-    pub fn validate(&self) -> Result<SocketAddr, SettingsError> {
+    /// Checks every value, naming the key that is wrong; returns the gRPC
+    /// and HTTP addresses.
+    pub fn validate(&self) -> Result<(SocketAddr, SocketAddr), SettingsError> {
         let invalid = |key, message: String| SettingsError::Invalid { key, message };
-        let addr: SocketAddr = self.listen.parse().map_err(|_| {
-            invalid(
-                "listen",
-                format!("{:?} is not an ip:port address", self.listen),
-            )
-        })?;
+        let addr: SocketAddr = self
+            .listen
+            .parse()
+            .map_err(|_| invalid("listen", format!("{:?} is not an ip:port address", self.listen)))?;
         if !self.insecure {
             return Err(invalid(
                 "insecure",
                 "TLS is not available in this version: pass --insecure to serve plaintext on loopback".into(),
             ));
         }
-        if !addr.ip().is_loopback() {
-            return Err(invalid(
-                "listen",
-                format!("plaintext (--insecure) may only listen on loopback, not {addr}"),
-            ));
+        let http: SocketAddr = self
+            .http_listen
+            .parse()
+            .map_err(|_| invalid("http_listen", format!("{:?} is not an ip:port address", self.http_listen)))?;
+        for (key, a) in [("listen", addr), ("http_listen", http)] {
+            if !a.ip().is_loopback() {
+                return Err(invalid(key, format!("plaintext (--insecure) may only listen on loopback, not {a}")));
+            }
         }
         for r in &self.insecure_registries {
             if r.is_empty() || r.contains('/') || r.contains("://") {
-                return Err(invalid(
-                    "insecure_registries",
-                    format!("{r:?} is not host[:port]"),
-                ));
+                return Err(invalid("insecure_registries", format!("{r:?} is not host[:port]")));
             }
         }
         if self.heartbeat_seconds == 0 || self.heartbeat_seconds > 3600 {
             return Err(invalid("heartbeat_seconds", "must be 1 to 3600".into()));
         }
         if self.agent_lost_seconds <= self.heartbeat_seconds {
-            return Err(invalid(
-                "agent_lost_seconds",
-                "must be larger than heartbeat_seconds".into(),
-            ));
+            return Err(invalid("agent_lost_seconds", "must be larger than heartbeat_seconds".into()));
         }
         if !(1..=20).contains(&self.max_attempts) {
             return Err(invalid("max_attempts", "must be 1 to 20".into()));
@@ -110,7 +116,10 @@ impl Settings {
         if self.max_context_bytes == 0 {
             return Err(invalid("max_context_bytes", "must be above 0".into()));
         }
-        Ok(addr)
+        if self.context_store_bytes < self.max_context_bytes {
+            return Err(invalid("context_store_bytes", "must be at least max_context_bytes".into()));
+        }
+        Ok((addr, http))
     }
 
     pub fn agent_lost_after(&self) -> Duration {
@@ -123,42 +132,20 @@ mod tests {
     use super::*;
 
     fn with(listen: &str, insecure: bool) -> Settings {
-        Settings {
-            listen: listen.into(),
-            insecure,
-            ..Settings::default()
-        }
+        Settings { listen: listen.into(), insecure, ..Settings::default() }
     }
 
     #[test]
     fn plaintext_only_on_loopback_and_only_when_asked() {
         assert!(with("127.0.0.1:7700", true).validate().is_ok());
         assert!(with("[::1]:7700", true).validate().is_ok());
-        let e = with("0.0.0.0:7700", true)
-            .validate()
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("invalid setting listen") && e.contains("loopback"),
-            "{e}"
-        );
-        let e = with("127.0.0.1:7700", false)
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let e = with("0.0.0.0:7700", true).validate().unwrap_err().to_string();
+        assert!(e.contains("invalid setting listen") && e.contains("loopback"), "{e}");
+        let e = with("127.0.0.1:7700", false).validate().unwrap_err().to_string();
         assert!(e.contains("--insecure"), "{e}");
         let e = with("nonsense", true).validate().unwrap_err().to_string();
         assert!(e.contains("\"nonsense\" is not an ip:port"), "{e}");
-        let bad_registry = Settings {
-            insecure_registries: vec!["http://x".into()],
-            ..with("127.0.0.1:1", true)
-        };
-        assert!(
-            bad_registry
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("insecure_registries")
-        );
+        let bad_registry = Settings { insecure_registries: vec!["http://x".into()], ..with("127.0.0.1:1", true) };
+        assert!(bad_registry.validate().unwrap_err().to_string().contains("insecure_registries"));
     }
 }

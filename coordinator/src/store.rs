@@ -44,9 +44,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Store {
-            conn: Mutex::new(conn),
-        })
+        Ok(Store { conn: Mutex::new(conn) })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
@@ -57,8 +55,7 @@ impl Store {
     }
 
     pub fn insert_build(&self, record: &BuildRecord, spec: &proto::BuildSpec) -> Result<()> {
-        let json =
-            serde_json::to_string(record).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+        let json = serde_json::to_string(record).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
         self.with(|c| {
             c.execute(
                 "INSERT INTO builds (id, created, spec, record) VALUES (?1, ?2, ?3, ?4)",
@@ -69,15 +66,8 @@ impl Store {
     }
 
     pub fn save_build(&self, record: &BuildRecord) -> Result<()> {
-        let json =
-            serde_json::to_string(record).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
-        self.with(|c| {
-            c.execute(
-                "UPDATE builds SET record = ?2 WHERE id = ?1",
-                params![record.id, json],
-            )
-            .map(drop)
-        })
+        let json = serde_json::to_string(record).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+        self.with(|c| c.execute("UPDATE builds SET record = ?2 WHERE id = ?1", params![record.id, json]).map(drop))
     }
 
     /// Every build with its spec, oldest first.
@@ -89,10 +79,9 @@ impl Store {
         })?;
         rows.into_iter()
             .map(|(json, spec)| {
-                let record = serde_json::from_str(&json)
-                    .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
-                let spec = proto::BuildSpec::decode(spec.as_slice())
-                    .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+                let record = serde_json::from_str(&json).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+                let spec =
+                    proto::BuildSpec::decode(spec.as_slice()).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
                 Ok((record, spec))
             })
             .collect()
@@ -102,9 +91,7 @@ impl Store {
         self.with(|c| {
             let tx = c.transaction()?;
             {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT INTO events (build_id, seq, body) VALUES (?1, ?2, ?3)",
-                )?;
+                let mut stmt = tx.prepare_cached("INSERT INTO events (build_id, seq, body) VALUES (?1, ?2, ?3)")?;
                 for e in events {
                     stmt.execute(params![e.build_id, e.seq as i64, e.encode_to_vec()])?;
                 }
@@ -114,39 +101,24 @@ impl Store {
     }
 
     /// Events of one build after `after_seq`, at most `limit`.
-    pub fn events_after(
-        &self,
-        build_id: &str,
-        after_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<proto::BuildEvent>> {
+    pub fn events_after(&self, build_id: &str, after_seq: u64, limit: usize) -> Result<Vec<proto::BuildEvent>> {
         let bodies: Vec<Vec<u8>> = self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT body FROM events WHERE build_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(params![build_id, after_seq as i64, limit as i64], |r| {
-                r.get(0)
-            })?;
+            let mut stmt =
+                c.prepare_cached("SELECT body FROM events WHERE build_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")?;
+            let rows = stmt.query_map(params![build_id, after_seq as i64, limit as i64], |r| r.get(0))?;
             rows.collect()
         })?;
         bodies
             .iter()
-            .map(|b| {
-                proto::BuildEvent::decode(b.as_slice())
-                    .map_err(|e| CoordinatorError::Internal(e.to_string()))
-            })
+            .map(|b| proto::BuildEvent::decode(b.as_slice()).map_err(|e| CoordinatorError::Internal(e.to_string())))
             .collect()
     }
 
     pub fn context_size(&self, digest: &str) -> Result<Option<u64>> {
         self.with(|c| {
-            c.query_row(
-                "SELECT size FROM contexts WHERE digest = ?1",
-                params![digest],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()
-            .map(|o| o.map(|s| s as u64))
+            c.query_row("SELECT size FROM contexts WHERE digest = ?1", params![digest], |r| r.get::<_, i64>(0))
+                .optional()
+                .map(|o| o.map(|s| s as u64))
         })
     }
 
@@ -161,13 +133,22 @@ impl Store {
         })
     }
 
+    /// Stored contexts, least recently used first, with their stored bytes.
+    pub fn contexts_by_age(&self) -> Result<Vec<(String, u64)>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT digest, stored FROM contexts ORDER BY last_used, digest")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+            rows.collect()
+        })
+    }
+
+    pub fn context_delete(&self, digest: &str) -> Result<()> {
+        self.with(|c| c.execute("DELETE FROM contexts WHERE digest = ?1", params![digest]).map(drop))
+    }
+
     pub fn context_touch(&self, digest: &str, now_ms: i64) -> Result<()> {
         self.with(|c| {
-            c.execute(
-                "UPDATE contexts SET last_used = ?2 WHERE digest = ?1",
-                params![digest, now_ms],
-            )
-            .map(drop)
+            c.execute("UPDATE contexts SET last_used = ?2 WHERE digest = ?1", params![digest, now_ms]).map(drop)
         })
     }
 }

@@ -26,9 +26,7 @@ fn too_many(field: &str, limit: usize) -> CoordinatorError {
 /// A Dockerfile ARG name.
 fn is_arg_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
@@ -50,10 +48,7 @@ fn check_map(
     }
     for (k, v) in map {
         if k.len() > limits::ARG_KEY_BYTES || !key_ok(k) {
-            return Err(invalid(format!(
-                "{field}: invalid name {:?}",
-                braid_shared::shorten(k, 80)
-            )));
+            return Err(invalid(format!("{field}: invalid name {:?}", braid_shared::shorten(k, 80))));
         }
         if v.len() > limits::ARG_VALUE_BYTES {
             return Err(CoordinatorError::ResourceExhausted(format!(
@@ -68,18 +63,14 @@ fn check_map(
 /// Validates a submitted spec; the context's presence is checked by the caller.
 pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
     if spec.platforms.is_empty() {
-        return Err(invalid(
-            "platforms: at least one platform is required".into(),
-        ));
+        return Err(invalid("platforms: at least one platform is required".into()));
     }
     if spec.platforms.len() > limits::PLATFORMS {
         return Err(too_many("platforms", limits::PLATFORMS));
     }
     let mut platforms: Vec<Platform> = Vec::new();
     for raw in &spec.platforms {
-        let p: Platform = raw
-            .parse()
-            .map_err(|e| invalid(format!("platforms: {e}")))?;
+        let p: Platform = raw.parse().map_err(|e| invalid(format!("platforms: {e}")))?;
         if !platforms.contains(&p) {
             platforms.push(p);
         }
@@ -93,9 +84,7 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
     for raw in &spec.tags {
         let t: ImageRef = raw.parse().map_err(|e| invalid(format!("tags: {e}")))?;
         if t.digest().is_some() {
-            return Err(invalid(format!(
-                "tags: {raw:?} has a digest; a tag names where to push"
-            )));
+            return Err(invalid(format!("tags: {raw:?} has a digest; a tag names where to push")));
         }
         let t = t.with_default_tag();
         if !tags.contains(&t) {
@@ -107,9 +96,7 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
     }
     spec.tags = tags.iter().map(ToString::to_string).collect();
 
-    spec.context_digest
-        .parse::<braid_shared::Digest>()
-        .map_err(|e| invalid(format!("context_digest: {e}")))?;
+    spec.context_digest.parse::<braid_shared::Digest>().map_err(|e| invalid(format!("context_digest: {e}")))?;
 
     if spec.dockerfile_inline.len() > limits::DOCKERFILE_BYTES {
         return Err(CoordinatorError::ResourceExhausted(format!(
@@ -118,9 +105,7 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
         )));
     }
     if !spec.dockerfile_inline.is_empty() && !spec.dockerfile_path.is_empty() {
-        return Err(invalid(
-            "dockerfile_path and dockerfile_inline: give one, not both".into(),
-        ));
+        return Err(invalid("dockerfile_path and dockerfile_inline: give one, not both".into()));
     }
     if spec.dockerfile_inline.is_empty() {
         if spec.dockerfile_path.is_empty() {
@@ -149,20 +134,11 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
             "build_args: {name} is set by braid from each job's platform and cannot be given"
         )));
     }
-    check_map("labels", &spec.labels, |k| {
-        !k.is_empty() && !k.contains(['\0', '\n'])
-    })?;
+    check_map("labels", &spec.labels, |k| !k.is_empty() && !k.contains(['\0', '\n']))?;
     if !spec.target.is_empty() && !is_stage_name(&spec.target) {
-        return Err(invalid(format!(
-            "target: invalid stage name {:?}",
-            braid_shared::shorten(&spec.target, 80)
-        )));
+        return Err(invalid(format!("target: invalid stage name {:?}", braid_shared::shorten(&spec.target, 80))));
     }
-    Ok(ValidSpec {
-        spec,
-        platforms,
-        tags,
-    })
+    Ok(ValidSpec { spec, platforms, tags })
 }
 
 #[cfg(test)]
@@ -171,11 +147,7 @@ mod tests {
 
     fn base() -> proto::BuildSpec {
         proto::BuildSpec {
-            platforms: vec![
-                "linux/amd64".into(),
-                "linux/aarch64".into(),
-                "linux/arm64/v8".into(),
-            ],
+            platforms: vec!["linux/amd64".into(), "linux/aarch64".into(), "linux/arm64/v8".into()],
             tags: vec!["127.0.0.1:5000/app:1".into()],
             context_digest: format!("sha256:{}", "0".repeat(64)),
             push: true,
@@ -195,34 +167,13 @@ mod tests {
         type Mutation = Box<dyn Fn(&mut proto::BuildSpec)>;
         let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|s| s.platforms.clear()), "platforms: at least one"),
-            (
-                Box::new(|s| s.platforms.push("linux/arm/v9".into())),
-                "platforms: invalid platform \"linux/arm/v9\"",
-            ),
-            (
-                Box::new(|s| s.platforms = vec!["linux/amd64".into(); 33]),
-                "platforms: more than the limit of 32",
-            ),
-            (
-                Box::new(|s| s.tags = vec!["Bad".into()]),
-                "tags: invalid image reference \"Bad\"",
-            ),
-            (
-                Box::new(|s| s.tags.clear()),
-                "--push needs at least one tag",
-            ),
-            (
-                Box::new(|s| s.context_digest = "x".into()),
-                "context_digest: invalid digest",
-            ),
-            (
-                Box::new(|s| s.dockerfile_path = "../Dockerfile".into()),
-                "dockerfile_path",
-            ),
-            (
-                Box::new(|s| s.dockerfile_path = "/etc/passwd".into()),
-                "dockerfile_path",
-            ),
+            (Box::new(|s| s.platforms.push("linux/arm/v9".into())), "platforms: invalid platform \"linux/arm/v9\""),
+            (Box::new(|s| s.platforms = vec!["linux/amd64".into(); 33]), "platforms: more than the limit of 32"),
+            (Box::new(|s| s.tags = vec!["Bad".into()]), "tags: invalid image reference \"Bad\""),
+            (Box::new(|s| s.tags.clear()), "--push needs at least one tag"),
+            (Box::new(|s| s.context_digest = "x".into()), "context_digest: invalid digest"),
+            (Box::new(|s| s.dockerfile_path = "../Dockerfile".into()), "dockerfile_path"),
+            (Box::new(|s| s.dockerfile_path = "/etc/passwd".into()), "dockerfile_path"),
             (
                 Box::new(|s| {
                     s.build_args.insert("1X".into(), "v".into());
@@ -241,14 +192,8 @@ mod tests {
                 }),
                 "longer than the limit",
             ),
-            (
-                Box::new(|s| s.target = "-x".into()),
-                "target: invalid stage name",
-            ),
-            (
-                Box::new(|s| s.dockerfile_inline = vec![b'x'; (1 << 20) + 1]),
-                "dockerfile_inline",
-            ),
+            (Box::new(|s| s.target = "-x".into()), "target: invalid stage name"),
+            (Box::new(|s| s.dockerfile_inline = vec![b'x'; (1 << 20) + 1]), "dockerfile_inline"),
         ];
         for (mutate, want) in cases {
             let mut s = base();

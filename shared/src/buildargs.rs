@@ -11,10 +11,7 @@ pub fn platform_args(target: &Platform, build: &Platform) -> Vec<(String, String
         args.push((format!("{prefix}PLATFORM"), p.to_string()));
         args.push((format!("{prefix}OS"), p.os().to_owned()));
         args.push((format!("{prefix}ARCH"), p.arch().to_owned()));
-        args.push((
-            format!("{prefix}VARIANT"),
-            p.variant().unwrap_or_default().to_owned(),
-        ));
+        args.push((format!("{prefix}VARIANT"), p.variant().unwrap_or_default().to_owned()));
     }
     args
 }
@@ -40,16 +37,8 @@ mod tests {
 
     #[test]
     fn arm_v7_on_amd64() {
-        let args = platform_args(
-            &"linux/arm/v7".parse().unwrap(),
-            &"linux/amd64".parse().unwrap(),
-        );
-        let get = |k: &str| {
-            args.iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.as_str())
-                .unwrap()
-        };
+        let args = platform_args(&"linux/arm/v7".parse().unwrap(), &"linux/amd64".parse().unwrap());
+        let get = |k: &str| args.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str()).unwrap();
         assert_eq!(get("TARGETPLATFORM"), "linux/arm/v7");
         assert_eq!(get("TARGETARCH"), "arm");
         assert_eq!(get("TARGETVARIANT"), "v7");

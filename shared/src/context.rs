@@ -23,10 +23,7 @@ pub struct ContextLimits {
 
 impl Default for ContextLimits {
     fn default() -> Self {
-        ContextLimits {
-            max_bytes: crate::limits::CONTEXT_BYTES,
-            max_entries: crate::limits::CONTEXT_ENTRIES,
-        }
+        ContextLimits { max_bytes: crate::limits::CONTEXT_BYTES, max_entries: crate::limits::CONTEXT_ENTRIES }
     }
 }
 
@@ -65,11 +62,7 @@ pub struct HashingWriter<W> {
 
 impl<W: Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hasher: Sha256::new(),
-            written: 0,
-        }
+        HashingWriter { inner, hasher: Sha256::new(), written: 0 }
     }
 
     /// Bytes written so far.
@@ -107,23 +100,13 @@ pub fn write_tar<W: Write>(
 ) -> Result<ContextSummary, ContextError> {
     let mut builder = tar::Builder::new(HashingWriter::new(out));
     builder.follow_symlinks(false);
-    let mut walk = Walk {
-        builder: &mut builder,
-        ignore,
-        limits,
-        bytes: 0,
-        entries: 0,
-    };
+    let mut walk = Walk { builder: &mut builder, ignore, limits, bytes: 0, entries: 0 };
     walk.dir(root, "")?;
     let entries = walk.entries;
     let hashing = builder.into_inner().map_err(ContextError::Write)?;
     let (digest, size, mut inner) = hashing.finish();
     inner.flush().map_err(ContextError::Write)?;
-    Ok(ContextSummary {
-        digest,
-        size,
-        entries,
-    })
+    Ok(ContextSummary { digest, size, entries })
 }
 
 struct Walk<'a, W: Write> {
@@ -136,10 +119,7 @@ struct Walk<'a, W: Write> {
 
 impl<W: Write> Walk<'_, W> {
     fn dir(&mut self, dir: &Path, rel: &str) -> Result<(), ContextError> {
-        let read_err = |source| ContextError::Read {
-            path: dir.to_owned(),
-            source,
-        };
+        let read_err = |source| ContextError::Read { path: dir.to_owned(), source };
         let mut names: Vec<_> = fs::read_dir(dir)
             .map_err(read_err)?
             .map(|e| e.map(|e| e.file_name()))
@@ -153,21 +133,14 @@ impl<W: Write> Walk<'_, W> {
                     reason: "file name is not UTF-8",
                 });
             };
-            let rel_path = if rel.is_empty() {
-                name.to_owned()
-            } else {
-                format!("{rel}/{name}")
-            };
+            let rel_path = if rel.is_empty() { name.to_owned() } else { format!("{rel}/{name}") };
             self.entry(&dir.join(name), &rel_path)?;
         }
         Ok(())
     }
 
     fn entry(&mut self, path: &Path, rel: &str) -> Result<(), ContextError> {
-        let meta = fs::symlink_metadata(path).map_err(|source| ContextError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let meta = fs::symlink_metadata(path).map_err(|source| ContextError::Read { path: path.to_owned(), source })?;
         let kind = meta.file_type();
         if self.ignore.is_ignored(rel) {
             // A re-included file may sit below an ignored directory.
@@ -178,9 +151,7 @@ impl<W: Write> Walk<'_, W> {
         }
         self.entries += 1;
         if self.entries > self.limits.max_entries {
-            return Err(ContextError::TooManyEntries {
-                limit: self.limits.max_entries,
-            });
+            return Err(ContextError::TooManyEntries { limit: self.limits.max_entries });
         }
         let mut header = tar::Header::new_gnu();
         header.set_mode(meta.mode() & 0o7777);
@@ -191,36 +162,22 @@ impl<W: Write> Walk<'_, W> {
         if kind.is_dir() {
             header.set_entry_type(tar::EntryType::Directory);
             header.set_size(0);
-            self.builder
-                .append_data(&mut header, format!("{rel}/"), io::empty())
-                .map_err(write)?;
+            self.builder.append_data(&mut header, format!("{rel}/"), io::empty()).map_err(write)?;
             self.dir(path, rel)?;
         } else if kind.is_symlink() {
-            let target = fs::read_link(path).map_err(|source| ContextError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
+            let target = fs::read_link(path).map_err(|source| ContextError::Read { path: path.to_owned(), source })?;
             header.set_entry_type(tar::EntryType::Symlink);
             header.set_size(0);
-            self.builder
-                .append_link(&mut header, rel, target)
-                .map_err(write)?;
+            self.builder.append_link(&mut header, rel, target).map_err(write)?;
         } else if kind.is_file() {
             self.bytes += meta.len();
             if self.bytes > self.limits.max_bytes {
-                return Err(ContextError::TooLarge {
-                    limit: self.limits.max_bytes,
-                });
+                return Err(ContextError::TooLarge { limit: self.limits.max_bytes });
             }
-            let file = fs::File::open(path).map_err(|source| ContextError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
+            let file = fs::File::open(path).map_err(|source| ContextError::Read { path: path.to_owned(), source })?;
             header.set_entry_type(tar::EntryType::Regular);
             header.set_size(meta.len());
-            self.builder
-                .append_data(&mut header, rel, file.take(meta.len()))
-                .map_err(write)?;
+            self.builder.append_data(&mut header, rel, file.take(meta.len())).map_err(write)?;
         } else {
             self.entries -= 1;
         }
@@ -239,11 +196,7 @@ pub struct UnpackSummary {
 /// that could write outside it: absolute paths, `..`, writing through a
 /// symlink, symlinks or hard links that lead out, and device nodes.
 /// Setuid, setgid and sticky bits are dropped.
-pub fn unpack<R: Read>(
-    reader: R,
-    dest: &Path,
-    limits: ContextLimits,
-) -> Result<UnpackSummary, ContextError> {
+pub fn unpack<R: Read>(reader: R, dest: &Path, limits: ContextLimits) -> Result<UnpackSummary, ContextError> {
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(false);
     archive.set_preserve_mtime(true);
@@ -254,16 +207,11 @@ pub fn unpack<R: Read>(
         let mut entry = entry.map_err(ContextError::Tar)?;
         let raw_path = entry.path().map_err(ContextError::Tar)?.into_owned();
         let shown = raw_path.to_string_lossy().into_owned();
-        let refuse = |reason| ContextError::Refused {
-            entry: shown.clone(),
-            reason,
-        };
+        let refuse = |reason| ContextError::Refused { entry: shown.clone(), reason };
         let rel = relative_inside(&raw_path).map_err(refuse)?;
         summary.entries += 1;
         if summary.entries > limits.max_entries {
-            return Err(ContextError::TooManyEntries {
-                limit: limits.max_entries,
-            });
+            return Err(ContextError::TooManyEntries { limit: limits.max_entries });
         }
         if rel.as_os_str().is_empty() {
             continue;
@@ -288,26 +236,19 @@ pub fn unpack<R: Read>(
                 let size = entry.header().entry_size().map_err(ContextError::Tar)?;
                 summary.bytes += size;
                 if summary.bytes > limits.max_bytes {
-                    return Err(ContextError::TooLarge {
-                        limit: limits.max_bytes,
-                    });
+                    return Err(ContextError::TooLarge { limit: limits.max_bytes });
                 }
                 remove_non_dir(&target).map_err(refuse)?;
                 entry.unpack(&target).map_err(ContextError::Write)?;
             }
             tar::EntryType::Symlink => {
-                let link = entry
-                    .link_name()
-                    .map_err(ContextError::Tar)?
-                    .ok_or_else(|| refuse("symlink without a target"))?;
+                let link =
+                    entry.link_name().map_err(ContextError::Tar)?.ok_or_else(|| refuse("symlink without a target"))?;
                 if link.is_absolute() {
-                    return Err(refuse(
-                        "symlink to an absolute path leads out of the context",
-                    ));
+                    return Err(refuse("symlink to an absolute path leads out of the context"));
                 }
                 let parent = rel.parent().unwrap_or(Path::new(""));
-                relative_inside(&parent.join(&link))
-                    .map_err(|_| refuse("symlink leads out of the context"))?;
+                relative_inside(&parent.join(&link)).map_err(|_| refuse("symlink leads out of the context"))?;
                 remove_non_dir(&target).map_err(refuse)?;
                 std::os::unix::fs::symlink(&link, &target).map_err(ContextError::Write)?;
             }
@@ -316,10 +257,8 @@ pub fn unpack<R: Read>(
                     .link_name()
                     .map_err(ContextError::Tar)?
                     .ok_or_else(|| refuse("hard link without a target"))?;
-                let source_rel = relative_inside(&link)
-                    .map_err(|_| refuse("hard link leads out of the context"))?;
-                ensure_parents(dest, &source_rel)
-                    .map_err(|_| refuse("hard link leads out of the context"))?;
+                let source_rel = relative_inside(&link).map_err(|_| refuse("hard link leads out of the context"))?;
+                ensure_parents(dest, &source_rel).map_err(|_| refuse("hard link leads out of the context"))?;
                 let source = dest.join(&source_rel);
                 match fs::symlink_metadata(&source) {
                     Ok(meta) if meta.is_file() || meta.is_symlink() => {}
@@ -407,13 +346,7 @@ mod tests {
 
     /// Writes a raw path into the header, bypassing the tar crate's own checks,
     /// as a hostile client would.
-    fn raw_entry(
-        b: &mut tar::Builder<Vec<u8>>,
-        kind: tar::EntryType,
-        path: &str,
-        link: Option<&str>,
-        data: &[u8],
-    ) {
+    fn raw_entry(b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, path: &str, link: Option<&str>, data: &[u8]) {
         let mut h = header(kind, data.len() as u64, 0o644);
         let gnu = h.as_gnu_mut().unwrap();
         gnu.name[..path.len()].copy_from_slice(path.as_bytes());
@@ -434,10 +367,7 @@ mod tests {
 
     /// Nothing but `job/` (and what is inside it) exists next to it.
     fn assert_nothing_outside(outer: &tempfile::TempDir) {
-        let names: Vec<_> = fs::read_dir(outer.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(outer.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("job")]);
     }
 
@@ -445,31 +375,11 @@ mod tests {
     fn hostile_tars_are_refused_and_write_nothing_outside() {
         use tar::EntryType::*;
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-            (
-                "absolute",
-                tar_with(|b| raw_entry(b, Regular, "/tmp/evil", None, b"x")),
-                "absolute path",
-            ),
-            (
-                "dotdot",
-                tar_with(|b| raw_entry(b, Regular, "../evil", None, b"x")),
-                "leads out",
-            ),
-            (
-                "deep dotdot",
-                tar_with(|b| raw_entry(b, Regular, "a/../../evil", None, b"x")),
-                "leads out",
-            ),
-            (
-                "symlink out",
-                tar_with(|b| raw_entry(b, Symlink, "link", Some("../../"), b"")),
-                "symlink leads out",
-            ),
-            (
-                "absolute symlink",
-                tar_with(|b| raw_entry(b, Symlink, "link", Some("/etc"), b"")),
-                "absolute path",
-            ),
+            ("absolute", tar_with(|b| raw_entry(b, Regular, "/tmp/evil", None, b"x")), "absolute path"),
+            ("dotdot", tar_with(|b| raw_entry(b, Regular, "../evil", None, b"x")), "leads out"),
+            ("deep dotdot", tar_with(|b| raw_entry(b, Regular, "a/../../evil", None, b"x")), "leads out"),
+            ("symlink out", tar_with(|b| raw_entry(b, Symlink, "link", Some("../../"), b"")), "symlink leads out"),
+            ("absolute symlink", tar_with(|b| raw_entry(b, Symlink, "link", Some("/etc"), b"")), "absolute path"),
             (
                 "write through symlink",
                 tar_with(|b| {
@@ -478,31 +388,15 @@ mod tests {
                 }),
                 "through a symlink",
             ),
-            (
-                "hardlink out",
-                tar_with(|b| raw_entry(b, Link, "hl", Some("../evil"), b"")),
-                "hard link leads out",
-            ),
+            ("hardlink out", tar_with(|b| raw_entry(b, Link, "hl", Some("../evil"), b"")), "hard link leads out"),
             (
                 "hardlink absolute",
                 tar_with(|b| raw_entry(b, Link, "hl", Some("/etc/passwd"), b"")),
                 "hard link leads out",
             ),
-            (
-                "char device",
-                tar_with(|b| raw_entry(b, Char, "null", None, b"")),
-                "device node",
-            ),
-            (
-                "block device",
-                tar_with(|b| raw_entry(b, Block, "sda", None, b"")),
-                "device node",
-            ),
-            (
-                "fifo",
-                tar_with(|b| raw_entry(b, Fifo, "pipe", None, b"")),
-                "named pipe",
-            ),
+            ("char device", tar_with(|b| raw_entry(b, Char, "null", None, b"")), "device node"),
+            ("block device", tar_with(|b| raw_entry(b, Block, "sda", None, b"")), "device node"),
+            ("fifo", tar_with(|b| raw_entry(b, Fifo, "pipe", None, b"")), "named pipe"),
         ];
         for (name, tar, want) in cases {
             let (err, outer) = unpack_refused(tar);
@@ -516,33 +410,15 @@ mod tests {
     fn limits_are_enforced() {
         let tar = tar_with(|b| {
             for i in 0..5 {
-                raw_entry(
-                    b,
-                    tar::EntryType::Regular,
-                    &format!("f{i}"),
-                    None,
-                    b"0123456789",
-                );
+                raw_entry(b, tar::EntryType::Regular, &format!("f{i}"), None, b"0123456789");
             }
         });
         let dir = tempfile::tempdir().unwrap();
-        let few = ContextLimits {
-            max_bytes: 1 << 20,
-            max_entries: 3,
-        };
-        assert!(matches!(
-            unpack(&tar[..], dir.path(), few),
-            Err(ContextError::TooManyEntries { limit: 3 })
-        ));
+        let few = ContextLimits { max_bytes: 1 << 20, max_entries: 3 };
+        assert!(matches!(unpack(&tar[..], dir.path(), few), Err(ContextError::TooManyEntries { limit: 3 })));
         let dir = tempfile::tempdir().unwrap();
-        let small = ContextLimits {
-            max_bytes: 25,
-            max_entries: 100,
-        };
-        assert!(matches!(
-            unpack(&tar[..], dir.path(), small),
-            Err(ContextError::TooLarge { limit: 25 })
-        ));
+        let small = ContextLimits { max_bytes: 25, max_entries: 100 };
+        assert!(matches!(unpack(&tar[..], dir.path(), small), Err(ContextError::TooLarge { limit: 25 })));
     }
 
     #[test]
@@ -574,14 +450,8 @@ mod tests {
 
         let dest = tempfile::tempdir().unwrap();
         unpack(&first[..], dest.path(), ContextLimits::default()).unwrap();
-        assert_eq!(
-            fs::read_to_string(dest.path().join("link")).unwrap(),
-            "hello"
-        );
-        let mode = fs::metadata(dest.path().join("run.sh"))
-            .unwrap()
-            .permissions()
-            .mode();
+        assert_eq!(fs::read_to_string(dest.path().join("link")).unwrap(), "hello");
+        let mode = fs::metadata(dest.path().join("run.sh")).unwrap().permissions().mode();
         assert_eq!(mode & 0o7777, 0o755, "setuid dropped, exec kept");
         assert!(!dest.path().join("secret.env").exists());
     }

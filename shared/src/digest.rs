@@ -41,16 +41,10 @@ impl FromStr for Digest {
     type Err = DigestError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let valid = s.strip_prefix("sha256:").is_some_and(|h| {
-            h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        });
-        if valid {
-            Ok(Digest(s.to_owned()))
-        } else {
-            Err(DigestError {
-                input: crate::shorten(s, 80),
-            })
-        }
+        let valid = s
+            .strip_prefix("sha256:")
+            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+        if valid { Ok(Digest(s.to_owned())) } else { Err(DigestError { input: crate::shorten(s, 80) }) }
     }
 }
 
@@ -67,10 +61,7 @@ mod tests {
     #[test]
     fn parses_only_sha256() {
         let d = Digest::of(b"");
-        assert_eq!(
-            d.as_str(),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(d.as_str(), "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert_eq!(d.as_str().parse::<Digest>().unwrap(), d);
         assert_eq!(d.hex().len(), 64);
         for bad in [

@@ -103,19 +103,12 @@ impl DockerIgnore {
 
 impl Pattern {
     fn new(cleaned: String, exclusion: bool, line: usize) -> Result<Pattern, IgnoreError> {
-        let bad = || IgnoreError::BadPattern {
-            pattern: cleaned.clone(),
-            line,
-        };
+        let bad = || IgnoreError::BadPattern { pattern: cleaned.clone(), line };
         if !valid_go_glob(&cleaned) {
             return Err(bad());
         }
         let matcher = compile(&cleaned).map_err(|_| bad())?;
-        Ok(Pattern {
-            cleaned,
-            exclusion,
-            matcher,
-        })
+        Ok(Pattern { cleaned, exclusion, matcher })
     }
 
     fn matches(&self, path: &str) -> bool {
@@ -340,16 +333,8 @@ mod tests {
             ("*.md\n!README.md", "README.md", false),
             ("*.md\n!README.md", "CHANGES.md", true),
             ("!README.md\n*.md", "README.md", true),
-            (
-                "*.md\n!README*.md\nREADME-secret.md",
-                "README-secret.md",
-                true,
-            ),
-            (
-                "*.md\n!README*.md\nREADME-secret.md",
-                "README-public.md",
-                false,
-            ),
+            ("*.md\n!README*.md\nREADME-secret.md", "README-secret.md", true),
+            ("*.md\n!README*.md\nREADME-secret.md", "README-public.md", false),
             // An ignored directory ignores what is in it unless re-included.
             ("build\n!build/keep", "build/keep", false),
             ("build\n!build/keep", "build/other", true),
@@ -371,36 +356,18 @@ mod tests {
 
     #[test]
     fn refuses_bad_patterns() {
-        assert_eq!(
-            DockerIgnore::parse("a\n!").unwrap_err(),
-            IgnoreError::BareExclusion { line: 2 }
-        );
+        assert_eq!(DockerIgnore::parse("a\n!").unwrap_err(), IgnoreError::BareExclusion { line: 2 });
         for bad in ["[", "a[", "[]", "[z-a]", "x\\"] {
-            assert!(
-                matches!(
-                    DockerIgnore::parse(bad),
-                    Err(IgnoreError::BadPattern { .. })
-                ),
-                "{bad}"
-            );
+            assert!(matches!(DockerIgnore::parse(bad), Err(IgnoreError::BadPattern { .. })), "{bad}");
         }
-        assert!(
-            DockerIgnore::parse("\u{feff}foo")
-                .unwrap()
-                .is_ignored("foo")
-        );
+        assert!(DockerIgnore::parse("\u{feff}foo").unwrap().is_ignored("foo"));
     }
 
     #[test]
     fn clean_matches_go() {
-        for (input, want) in [
-            ("", "."),
-            ("./a/./b/", "a/b"),
-            ("a/../../b", "../b"),
-            ("/../a", "/a"),
-            ("//a//b", "/a/b"),
-            ("a/..", "."),
-        ] {
+        for (input, want) in
+            [("", "."), ("./a/./b/", "a/b"), ("a/../../b", "../b"), ("/../a", "/a"), ("//a//b", "/a/b"), ("a/..", ".")]
+        {
             assert_eq!(clean(input), want, "{input}");
         }
     }

@@ -23,8 +23,7 @@ pub mod proto {
     tonic::include_proto!("braid.v1");
 
     /// The encoded descriptor set, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/braid_descriptor.bin"));
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/braid_descriptor.bin"));
 }
 
 /// This build of braid, as reported by agents and `--version`.

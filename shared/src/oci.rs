@@ -10,8 +10,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, RegistryOperation};
 use oci_spec::image::{
-    Arch, Descriptor, DescriptorBuilder, ImageIndex, ImageIndexBuilder, ImageManifest, MediaType,
-    Os, PlatformBuilder,
+    Arch, Descriptor, DescriptorBuilder, ImageIndex, ImageIndexBuilder, ImageManifest, MediaType, Os, PlatformBuilder,
 };
 
 use crate::digest::Digest;
@@ -32,17 +31,9 @@ pub enum OciError {
     #[error("reading OCI layout {path:?}: {message}")]
     Layout { path: PathBuf, message: String },
     #[error("manifest {digest} in {repository}: {message}")]
-    Manifest {
-        repository: String,
-        digest: String,
-        message: String,
-    },
+    Manifest { repository: String, digest: String, message: String },
     #[error("image {digest} is for {found}, not {wanted}")]
-    WrongPlatform {
-        digest: String,
-        found: String,
-        wanted: String,
-    },
+    WrongPlatform { digest: String, found: String, wanted: String },
 }
 
 /// One platform's image, as an index descriptor needs it.
@@ -73,53 +64,34 @@ impl Registry {
             use_monolithic_push: true,
             ..Default::default()
         };
-        Registry {
-            client: Client::new(config),
-        }
+        Registry { client: Client::new(config) }
     }
 
     fn err(image: &ImageRef, e: impl std::fmt::Display) -> OciError {
-        OciError::Registry {
-            registry: image.registry().to_owned(),
-            message: e.to_string(),
-        }
+        OciError::Registry { registry: image.registry().to_owned(), message: e.to_string() }
     }
 
     async fn login(&self, image: &ImageRef, op: RegistryOperation) -> Result<(), OciError> {
-        self.client
-            .auth(&image.to_oci(), &RegistryAuth::Anonymous, op)
-            .await
-            .map(drop)
-            .map_err(|e| Self::err(image, e))
+        self.client.auth(&image.to_oci(), &RegistryAuth::Anonymous, op).await.map(drop).map_err(|e| Self::err(image, e))
     }
 
     /// Pushes the one image in the OCI layout at `layout` to `repository` by
     /// digest (no tag): blobs the registry lacks, then the manifest's exact
     /// bytes, so its digest is unchanged.
-    pub async fn push_layout(
-        &self,
-        layout: &Path,
-        repository: &ImageRef,
-    ) -> Result<ImageDescriptor, OciError> {
+    pub async fn push_layout(&self, layout: &Path, repository: &ImageRef) -> Result<ImageDescriptor, OciError> {
         let image = read_layout(layout).await?;
         self.login(repository, RegistryOperation::Push).await?;
         let target = repository.at_digest(&image.descriptor.digest).to_oci();
         for blob in &image.blobs {
-            let exists = self
-                .client
-                .blob_exists(&target, blob.digest.as_str())
-                .await
-                .map_err(|e| Self::err(repository, e))?;
+            let exists =
+                self.client.blob_exists(&target, blob.digest.as_str()).await.map_err(|e| Self::err(repository, e))?;
             if exists {
                 continue;
             }
             let path = blob_path(layout, &blob.digest);
             let file = tokio::fs::File::open(&path)
                 .await
-                .map_err(|e| OciError::Layout {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| OciError::Layout { path: path.clone(), message: e.to_string() })?;
             let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
                 .map_err(oci_client::errors::OciDistributionError::IoError);
             self.client
@@ -127,13 +99,7 @@ impl Registry {
                 .await
                 .map_err(|e| Self::err(repository, e))?;
         }
-        self.push_manifest_bytes(
-            repository,
-            &image.manifest,
-            &image.descriptor.media_type,
-            &target,
-        )
-        .await?;
+        self.push_manifest_bytes(repository, &image.manifest, &image.descriptor.media_type, &target).await?;
         Ok(image.descriptor)
     }
 
@@ -162,48 +128,28 @@ impl Registry {
     ) -> Result<(ImageDescriptor, Vec<u8>), OciError> {
         self.login(repository, RegistryOperation::Pull).await?;
         let at = repository.at_digest(digest);
-        let manifest_err = |message: String| OciError::Manifest {
-            repository: repository.name(),
-            digest: digest.to_string(),
-            message,
-        };
+        let manifest_err =
+            |message: String| OciError::Manifest { repository: repository.name(), digest: digest.to_string(), message };
         let (bytes, _) = self
             .client
-            .pull_manifest_raw(
-                &at.to_oci(),
-                &RegistryAuth::Anonymous,
-                &[OCI_MANIFEST, DOCKER_MANIFEST],
-            )
+            .pull_manifest_raw(&at.to_oci(), &RegistryAuth::Anonymous, &[OCI_MANIFEST, DOCKER_MANIFEST])
             .await
             .map_err(|e| manifest_err(e.to_string()))?;
         if bytes.len() > limits::MANIFEST_BYTES {
-            return Err(manifest_err(format!(
-                "larger than {} bytes",
-                limits::MANIFEST_BYTES
-            )));
+            return Err(manifest_err(format!("larger than {} bytes", limits::MANIFEST_BYTES)));
         }
         if Digest::of(&bytes) != *digest {
             return Err(manifest_err("content does not match its digest".to_owned()));
         }
-        let manifest: ImageManifest = serde_json::from_slice(&bytes)
-            .map_err(|e| manifest_err(format!("not an image manifest: {e}")))?;
-        let media_type = manifest
-            .media_type()
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_else(|| OCI_MANIFEST.to_owned());
+        let manifest: ImageManifest =
+            serde_json::from_slice(&bytes).map_err(|e| manifest_err(format!("not an image manifest: {e}")))?;
+        let media_type =
+            manifest.media_type().as_ref().map(ToString::to_string).unwrap_or_else(|| OCI_MANIFEST.to_owned());
         let config = manifest.config();
         if config.size() > limits::MANIFEST_BYTES as u64 {
-            return Err(manifest_err(format!(
-                "config larger than {} bytes",
-                limits::MANIFEST_BYTES
-            )));
+            return Err(manifest_err(format!("config larger than {} bytes", limits::MANIFEST_BYTES)));
         }
-        let config_digest: Digest = config
-            .digest()
-            .to_string()
-            .parse()
-            .map_err(|e| manifest_err(format!("{e}")))?;
+        let config_digest: Digest = config.digest().to_string().parse().map_err(|e| manifest_err(format!("{e}")))?;
         let config_bytes = self
             .fetch_blob(repository, &config_digest, limits::MANIFEST_BYTES)
             .await
@@ -216,11 +162,7 @@ impl Registry {
                 wanted: platform.to_string(),
             });
         }
-        let descriptor = ImageDescriptor {
-            digest: digest.clone(),
-            size: bytes.len() as u64,
-            media_type,
-        };
+        let descriptor = ImageDescriptor { digest: digest.clone(), size: bytes.len() as u64, media_type };
         Ok((descriptor, bytes.to_vec()))
     }
 
@@ -234,64 +176,38 @@ impl Registry {
         media_type: &str,
     ) -> Result<(), OciError> {
         self.login(to, RegistryOperation::Push).await?;
-        let manifest: ImageManifest =
-            serde_json::from_slice(bytes).map_err(|e| Self::err(from, e))?;
+        let manifest: ImageManifest = serde_json::from_slice(bytes).map_err(|e| Self::err(from, e))?;
         let digest = Digest::of(bytes);
         let target = to.at_digest(&digest).to_oci();
         let source = from.at_digest(&digest).to_oci();
         for blob in std::iter::once(manifest.config()).chain(manifest.layers()) {
             let blob_digest = blob.digest().to_string();
-            if self
-                .client
-                .blob_exists(&target, &blob_digest)
-                .await
-                .map_err(|e| Self::err(to, e))?
-            {
+            if self.client.blob_exists(&target, &blob_digest).await.map_err(|e| Self::err(to, e))? {
                 continue;
             }
             self.client
                 .mount_blob(&target, &source, &blob_digest)
                 .await
-                .map_err(|e| {
-                    Self::err(
-                        to,
-                        format!("mounting {blob_digest} from {}: {e}", from.name()),
-                    )
-                })?;
+                .map_err(|e| Self::err(to, format!("mounting {blob_digest} from {}: {e}", from.name())))?;
         }
-        self.push_manifest_bytes(to, bytes, media_type, &target)
-            .await
+        self.push_manifest_bytes(to, bytes, media_type, &target).await
     }
 
     /// Pushes an index under `tag`.
-    pub async fn push_index(
-        &self,
-        tag: &ImageRef,
-        index: &[u8],
-        media_type: &str,
-    ) -> Result<(), OciError> {
+    pub async fn push_index(&self, tag: &ImageRef, index: &[u8], media_type: &str) -> Result<(), OciError> {
         self.login(tag, RegistryOperation::Push).await?;
-        self.push_manifest_bytes(tag, index, media_type, &tag.to_oci())
-            .await
+        self.push_manifest_bytes(tag, index, media_type, &tag.to_oci()).await
     }
 
     /// Reads raw manifest bytes by tag or digest (index or image).
-    pub async fn fetch_manifest(
-        &self,
-        reference: &ImageRef,
-    ) -> Result<(Vec<u8>, String), OciError> {
+    pub async fn fetch_manifest(&self, reference: &ImageRef) -> Result<(Vec<u8>, String), OciError> {
         self.login(reference, RegistryOperation::Pull).await?;
         let (bytes, digest) = self
             .client
             .pull_manifest_raw(
                 &reference.to_oci(),
                 &RegistryAuth::Anonymous,
-                &[
-                    OCI_INDEX,
-                    DOCKER_MANIFEST_LIST,
-                    OCI_MANIFEST,
-                    DOCKER_MANIFEST,
-                ],
+                &[OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST],
             )
             .await
             .map_err(|e| Self::err(reference, e))?;
@@ -299,28 +215,14 @@ impl Registry {
     }
 
     /// Reads one blob fully (bounded by `limit` bytes).
-    pub async fn fetch_blob(
-        &self,
-        repository: &ImageRef,
-        digest: &Digest,
-        limit: usize,
-    ) -> Result<Vec<u8>, OciError> {
+    pub async fn fetch_blob(&self, repository: &ImageRef, digest: &Digest, limit: usize) -> Result<Vec<u8>, OciError> {
         self.login(repository, RegistryOperation::Pull).await?;
         let at = repository.at_digest(digest).to_oci();
         let mut out = Vec::new();
-        let descriptor = oci_client::manifest::OciDescriptor {
-            digest: digest.to_string(),
-            ..Default::default()
-        };
-        self.client
-            .pull_blob(&at, &descriptor, &mut out)
-            .await
-            .map_err(|e| Self::err(repository, e))?;
+        let descriptor = oci_client::manifest::OciDescriptor { digest: digest.to_string(), ..Default::default() };
+        self.client.pull_blob(&at, &descriptor, &mut out).await.map_err(|e| Self::err(repository, e))?;
         if out.len() > limit {
-            return Err(Self::err(
-                repository,
-                format!("blob {digest} is larger than {limit} bytes"),
-            ));
+            return Err(Self::err(repository, format!("blob {digest} is larger than {limit} bytes")));
         }
         Ok(out)
     }
@@ -335,14 +237,13 @@ pub fn config_platform(config: &[u8]) -> Result<Platform, String> {
         #[serde(default)]
         variant: Option<String>,
     }
-    let c: ConfigPlatform = serde_json::from_slice(config)
-        .map_err(|e| format!("image config without a platform: {e}"))?;
+    let c: ConfigPlatform =
+        serde_json::from_slice(config).map_err(|e| format!("image config without a platform: {e}"))?;
     let raw = match c.variant.as_deref().filter(|v| !v.is_empty()) {
         Some(v) => format!("{}/{}/{v}", c.os, c.architecture),
         None => format!("{}/{}", c.os, c.architecture),
     };
-    raw.parse()
-        .map_err(|e: crate::platform::PlatformError| e.to_string())
+    raw.parse().map_err(|e: crate::platform::PlatformError| e.to_string())
 }
 
 /// The descriptor of the single image in an OCI layout, without pushing it.
@@ -362,9 +263,7 @@ pub fn build_index(
     };
     let mut descriptors: Vec<Descriptor> = Vec::with_capacity(manifests.len());
     for (platform, image) in manifests {
-        let mut p = PlatformBuilder::default()
-            .os(Os::from(platform.os()))
-            .architecture(Arch::from(platform.arch()));
+        let mut p = PlatformBuilder::default().os(Os::from(platform.os())).architecture(Arch::from(platform.arch()));
         if let Some(v) = platform.variant() {
             p = p.variant(v.to_owned());
         }
@@ -377,10 +276,8 @@ pub fn build_index(
             .map_err(|e| err(&e))?;
         descriptors.push(descriptor);
     }
-    let mut builder = ImageIndexBuilder::default()
-        .schema_version(2u32)
-        .media_type(MediaType::ImageIndex)
-        .manifests(descriptors);
+    let mut builder =
+        ImageIndexBuilder::default().schema_version(2u32).media_type(MediaType::ImageIndex).manifests(descriptors);
     if !annotations.is_empty() {
         builder = builder.annotations(annotations);
     }
@@ -405,60 +302,26 @@ fn blob_path(layout: &Path, digest: &Digest) -> PathBuf {
 
 /// The single image in an OCI layout directory.
 async fn read_layout(layout: &Path) -> Result<LayoutImage, OciError> {
-    let err = |message: String| OciError::Layout {
-        path: layout.to_owned(),
-        message,
-    };
-    let index_bytes = tokio::fs::read(layout.join("index.json"))
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    let index: ImageIndex =
-        serde_json::from_slice(&index_bytes).map_err(|e| err(format!("index.json: {e}")))?;
+    let err = |message: String| OciError::Layout { path: layout.to_owned(), message };
+    let index_bytes = tokio::fs::read(layout.join("index.json")).await.map_err(|e| err(e.to_string()))?;
+    let index: ImageIndex = serde_json::from_slice(&index_bytes).map_err(|e| err(format!("index.json: {e}")))?;
     let [entry] = index.manifests().as_slice() else {
-        return Err(err(format!(
-            "expected one image, found {}",
-            index.manifests().len()
-        )));
+        return Err(err(format!("expected one image, found {}", index.manifests().len())));
     };
-    let digest: Digest = entry
-        .digest()
-        .to_string()
-        .parse()
-        .map_err(|e| err(format!("{e}")))?;
-    let manifest = tokio::fs::read(blob_path(layout, &digest))
-        .await
-        .map_err(|e| err(e.to_string()))?;
+    let digest: Digest = entry.digest().to_string().parse().map_err(|e| err(format!("{e}")))?;
+    let manifest = tokio::fs::read(blob_path(layout, &digest)).await.map_err(|e| err(e.to_string()))?;
     if Digest::of(&manifest) != digest {
         return Err(err(format!("manifest {digest} does not match its digest")));
     }
-    let parsed: ImageManifest =
-        serde_json::from_slice(&manifest).map_err(|e| err(format!("manifest: {e}")))?;
+    let parsed: ImageManifest = serde_json::from_slice(&manifest).map_err(|e| err(format!("manifest: {e}")))?;
     let mut blobs = Vec::new();
     for d in std::iter::once(parsed.config()).chain(parsed.layers()) {
-        let digest = d
-            .digest()
-            .to_string()
-            .parse()
-            .map_err(|e| err(format!("{e}")))?;
-        blobs.push(Blob {
-            digest,
-            size: d.size(),
-        });
+        let digest = d.digest().to_string().parse().map_err(|e| err(format!("{e}")))?;
+        blobs.push(Blob { digest, size: d.size() });
     }
-    let media_type = parsed
-        .media_type()
-        .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_else(|| entry.media_type().to_string());
-    Ok(LayoutImage {
-        descriptor: ImageDescriptor {
-            digest,
-            size: manifest.len() as u64,
-            media_type,
-        },
-        manifest,
-        blobs,
-    })
+    let media_type =
+        parsed.media_type().as_ref().map(ToString::to_string).unwrap_or_else(|| entry.media_type().to_string());
+    Ok(LayoutImage { descriptor: ImageDescriptor { digest, size: manifest.len() as u64, media_type }, manifest, blobs })
 }
 
 #[cfg(test)]
@@ -468,17 +331,12 @@ mod tests {
     #[test]
     fn index_has_one_descriptor_per_platform() {
         let image = |c: char| ImageDescriptor {
-            digest: format!("sha256:{}", c.to_string().repeat(64))
-                .parse()
-                .unwrap(),
+            digest: format!("sha256:{}", c.to_string().repeat(64)).parse().unwrap(),
             size: 500,
             media_type: OCI_MANIFEST.to_owned(),
         };
         let bytes = build_index(
-            &[
-                ("linux/amd64".parse().unwrap(), image('a')),
-                ("linux/arm/v7".parse().unwrap(), image('b')),
-            ],
+            &[("linux/amd64".parse().unwrap(), image('a')), ("linux/arm/v7".parse().unwrap(), image('b'))],
             HashMap::new(),
         )
         .unwrap();
@@ -493,8 +351,7 @@ mod tests {
 
     #[test]
     fn config_platform_normalizes() {
-        let p =
-            config_platform(br#"{"os":"linux","architecture":"arm64","variant":"v8"}"#).unwrap();
+        let p = config_platform(br#"{"os":"linux","architecture":"arm64","variant":"v8"}"#).unwrap();
         assert_eq!(p.to_string(), "linux/arm64");
         assert!(config_platform(b"{}").is_err());
     }

@@ -27,11 +27,7 @@ const MAX_LEN: usize = 64;
 impl Platform {
     /// The platform with these already-normalized parts.
     fn from_parts(os: &str, arch: &str, variant: Option<&str>) -> Self {
-        Platform {
-            os: os.to_owned(),
-            arch: arch.to_owned(),
-            variant: variant.map(str::to_owned),
-        }
+        Platform { os: os.to_owned(), arch: arch.to_owned(), variant: variant.map(str::to_owned) }
     }
 
     /// The operating system, e.g. `linux`.
@@ -90,17 +86,13 @@ impl Platform {
         };
         // Every architecture Rust targets has a valid Go-style name, so this
         // parse only fails on an unknown one, which we keep verbatim.
-        raw.parse()
-            .unwrap_or_else(|_| Platform::from_parts(std::env::consts::OS, &arch, None))
+        raw.parse().unwrap_or_else(|_| Platform::from_parts(std::env::consts::OS, &arch, None))
     }
 }
 
 /// amd64 micro-architecture level: plain `amd64` is v1.
 fn amd64_level(p: &Platform) -> u32 {
-    p.variant()
-        .and_then(|v| v.strip_prefix('v'))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1)
+    p.variant().and_then(|v| v.strip_prefix('v')).and_then(|n| n.parse().ok()).unwrap_or(1)
 }
 
 fn arm_version(p: &Platform) -> Option<u32> {
@@ -148,9 +140,7 @@ pub fn arm_variant_from_cpuinfo(cpuinfo: &str) -> String {
 }
 
 fn is_component(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 fn normalize_os(os: &str) -> String {
@@ -161,10 +151,7 @@ fn normalize_os(os: &str) -> String {
 }
 
 /// Containerd's architecture normalization, plus `i686` and bare `arm`.
-fn normalize_arch(
-    arch: &str,
-    variant: Option<&str>,
-) -> Result<(String, Option<String>), &'static str> {
+fn normalize_arch(arch: &str, variant: Option<&str>) -> Result<(String, Option<String>), &'static str> {
     let v = variant.map(str::to_owned);
     let out = match arch {
         "i386" | "i686" | "386" => ("386".to_owned(), v),
@@ -237,10 +224,7 @@ impl FromStr for Platform {
     type Err = PlatformError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let err = |reason| PlatformError {
-            input: input.to_owned(),
-            reason,
-        };
+        let err = |reason| PlatformError { input: input.to_owned(), reason };
         if input.len() > MAX_LEN {
             return Err(err("longer than 64 characters"));
         }
@@ -250,9 +234,7 @@ impl FromStr for Platform {
         }
         let parts: Vec<&str> = lower.split('/').collect();
         if !parts.iter().all(|p| is_component(p)) {
-            return Err(err(
-                "expected os/arch[/variant] of letters, digits, '.', '_' and '-'",
-            ));
+            return Err(err("expected os/arch[/variant] of letters, digits, '.', '_' and '-'"));
         }
         let (os, arch, variant) = match parts.as_slice() {
             [arch] if is_known_arch(arch) => ("linux", *arch, None),
@@ -354,11 +336,7 @@ mod tests {
             "linux/arm64/v7",
         ] {
             let e = bad.parse::<Platform>().unwrap_err();
-            assert!(
-                e.to_string()
-                    .starts_with(&format!("invalid platform {bad:?}")),
-                "{e}"
-            );
+            assert!(e.to_string().starts_with(&format!("invalid platform {bad:?}")), "{e}");
         }
         let e = "linux/arm/v9".parse::<Platform>().unwrap_err();
         assert_eq!(
@@ -386,9 +364,7 @@ mod tests {
         assert_eq!(arm_variant_from_cpuinfo("CPU architecture: 7\n"), "v7");
         assert_eq!(arm_variant_from_cpuinfo("CPU architecture\t: 6TEJ\n"), "v6");
         assert_eq!(
-            arm_variant_from_cpuinfo(
-                "model name : ARMv6-compatible processor rev 7 (v6l)\nCPU architecture: 7\n"
-            ),
+            arm_variant_from_cpuinfo("model name : ARMv6-compatible processor rev 7 (v6l)\nCPU architecture: 7\n"),
             "v6"
         );
         assert_eq!(arm_variant_from_cpuinfo("CPU architecture: 8\n"), "v8");

@@ -53,11 +53,7 @@ impl ImageRef {
 
     /// The same repository at `digest`, without a tag.
     pub fn at_digest(&self, digest: &Digest) -> ImageRef {
-        ImageRef {
-            tag: None,
-            digest: Some(digest.clone()),
-            ..self.clone()
-        }
+        ImageRef { tag: None, digest: Some(digest.clone()), ..self.clone() }
     }
 
     /// This reference with `latest` as its tag if it has neither tag nor digest,
@@ -72,11 +68,9 @@ impl ImageRef {
     /// The reference oci-client wants for registry calls.
     pub fn to_oci(&self) -> oci_client::Reference {
         match (&self.digest, &self.tag) {
-            (Some(d), _) => oci_client::Reference::with_digest(
-                self.registry.clone(),
-                self.repository.clone(),
-                d.to_string(),
-            ),
+            (Some(d), _) => {
+                oci_client::Reference::with_digest(self.registry.clone(), self.repository.clone(), d.to_string())
+            }
             (None, tag) => oci_client::Reference::with_tag(
                 self.registry.clone(),
                 self.repository.clone(),
@@ -143,20 +137,14 @@ fn is_path_component(s: &str) -> bool {
 fn is_tag(t: &str) -> bool {
     let b = t.as_bytes();
     let word = |c: &u8| c.is_ascii_alphanumeric() || *c == b'_';
-    !b.is_empty()
-        && b.len() <= MAX_TAG_LEN
-        && word(&b[0])
-        && b.iter().all(|c| word(c) || *c == b'.' || *c == b'-')
+    !b.is_empty() && b.len() <= MAX_TAG_LEN && word(&b[0]) && b.iter().all(|c| word(c) || *c == b'.' || *c == b'-')
 }
 
 impl FromStr for ImageRef {
     type Err = ReferenceError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let err = |reason| ReferenceError {
-            input: crate::shorten(input, 300),
-            reason,
-        };
+        let err = |reason| ReferenceError { input: crate::shorten(input, 300), reason };
         if input.is_empty() {
             return Err(err("empty"));
         }
@@ -164,13 +152,9 @@ impl FromStr for ImageRef {
             return Err(err("too long"));
         }
         let (rest, digest) = match input.split_once('@') {
-            Some((name, d)) => (
-                name,
-                Some(
-                    d.parse::<Digest>()
-                        .map_err(|_| err("invalid digest (expected sha256:<64 hex>)"))?,
-                ),
-            ),
+            Some((name, d)) => {
+                (name, Some(d.parse::<Digest>().map_err(|_| err("invalid digest (expected sha256:<64 hex>)"))?))
+            }
             None => (input, None),
         };
         let (name, tag) = match rest.rfind(':') {
@@ -180,36 +164,25 @@ impl FromStr for ImageRef {
         if let Some(t) = tag
             && !is_tag(t)
         {
-            return Err(err(
-                "invalid tag (letters, digits, '_', '.', '-', at most 128, not starting with '.' or '-')",
-            ));
+            return Err(err("invalid tag (letters, digits, '_', '.', '-', at most 128, not starting with '.' or '-')"));
         }
         if name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(err("cannot specify 64-byte hexadecimal strings"));
         }
         let (registry, remote) = match name.split_once('/') {
             Some((first, remainder))
-                if first.contains(['.', ':'])
-                    || first == "localhost"
-                    || first.to_ascii_lowercase() != first =>
+                if first.contains(['.', ':']) || first == "localhost" || first.to_ascii_lowercase() != first =>
             {
                 (first.to_owned(), remainder.to_owned())
             }
             _ => (DEFAULT_REGISTRY.to_owned(), name.to_owned()),
         };
-        let registry = if registry == "index.docker.io" {
-            DEFAULT_REGISTRY.to_owned()
-        } else {
-            registry
-        };
+        let registry = if registry == "index.docker.io" { DEFAULT_REGISTRY.to_owned() } else { registry };
         if !is_domain(&registry) {
             return Err(err("invalid registry host"));
         }
-        let repository = if registry == DEFAULT_REGISTRY && !remote.contains('/') {
-            format!("library/{remote}")
-        } else {
-            remote
-        };
+        let repository =
+            if registry == DEFAULT_REGISTRY && !remote.contains('/') { format!("library/{remote}") } else { remote };
         if repository.to_ascii_lowercase() != repository {
             return Err(err("repository name must be lowercase"));
         }
@@ -221,12 +194,7 @@ impl FromStr for ImageRef {
         if registry.len() + 1 + repository.len() > MAX_NAME_LEN {
             return Err(err("repository name longer than 255 characters"));
         }
-        Ok(ImageRef {
-            registry,
-            repository,
-            tag: tag.map(str::to_owned),
-            digest,
-        })
+        Ok(ImageRef { registry, repository, tag: tag.map(str::to_owned), digest })
     }
 }
 
@@ -288,16 +256,9 @@ mod tests {
         ] {
             let e = bad.parse::<ImageRef>().unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
-            assert!(
-                e.starts_with(&format!("invalid image reference {bad:?}")),
-                "{e}"
-            );
+            assert!(e.starts_with(&format!("invalid image reference {bad:?}")), "{e}");
         }
-        assert!(
-            format!("app:{}", "t".repeat(129))
-                .parse::<ImageRef>()
-                .is_err()
-        );
+        assert!(format!("app:{}", "t".repeat(129)).parse::<ImageRef>().is_err());
         assert!("a".repeat(64).parse::<ImageRef>().is_err());
     }
 

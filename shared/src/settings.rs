@@ -40,18 +40,13 @@ fn load_from_env<T: DeserializeOwned>(
 ) -> Result<T, SettingsError> {
     let mut builder = config::Config::builder();
     if let Some(path) = file {
-        builder = builder.add_source(
-            config::File::from(path)
-                .format(config::FileFormat::Toml)
-                .required(true),
-        );
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
     }
     let env: HashMap<String, String> = vars
         .filter_map(|(name, value)| {
             let rest = name.strip_prefix("BRAID_")?.to_ascii_lowercase();
             let top = rest.split("__").next().unwrap_or_default();
-            keys.contains(&top)
-                .then(|| (format!("BRAID_{}", rest.to_ascii_uppercase()), value))
+            keys.contains(&top).then(|| (format!("BRAID_{}", rest.to_ascii_uppercase()), value))
         })
         .collect();
     let mut environment = config::Environment::with_prefix("BRAID")
@@ -86,11 +81,7 @@ mod tests {
 
     impl Default for Sample {
         fn default() -> Self {
-            Sample {
-                listen: "127.0.0.1:1".into(),
-                slots: 1,
-                insecure_registries: vec![],
-            }
+            Sample { listen: "127.0.0.1:1".into(), slots: 1, insecure_registries: vec![] }
         }
     }
 
@@ -101,14 +92,8 @@ mod tests {
         std::fs::write(&file, "slots = 4\nlisten = \"from-file\"\n").unwrap();
         let vars = [
             ("BRAID_SLOTS".to_owned(), "6".to_owned()),
-            (
-                "BRAID_INSECURE_REGISTRIES".to_owned(),
-                "a:5000,b:5000".to_owned(),
-            ),
-            (
-                "BRAID_COORDINATOR".to_owned(),
-                "ignored: not a key here".to_owned(),
-            ),
+            ("BRAID_INSECURE_REGISTRIES".to_owned(), "a:5000,b:5000".to_owned()),
+            ("BRAID_COORDINATOR".to_owned(), "ignored: not a key here".to_owned()),
         ];
         let s: Sample = load_from_env(
             Some(&file),
@@ -128,8 +113,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "slotz = 4\n").unwrap();
-        let e = load_from_env::<Sample>(Some(&file), &["slots"], &[], vec![], std::iter::empty())
-            .unwrap_err();
+        let e = load_from_env::<Sample>(Some(&file), &["slots"], &[], vec![], std::iter::empty()).unwrap_err();
         assert!(e.to_string().contains("slotz"), "{e}");
     }
 }

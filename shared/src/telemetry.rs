@@ -20,9 +20,7 @@ impl std::str::FromStr for LogFormat {
         match s {
             "pretty" => Ok(LogFormat::Pretty),
             "json" => Ok(LogFormat::Json),
-            other => Err(format!(
-                "invalid log format {other:?}: expected pretty or json"
-            )),
+            other => Err(format!("invalid log format {other:?}: expected pretty or json")),
         }
     }
 }
@@ -30,17 +28,11 @@ impl std::str::FromStr for LogFormat {
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second init (as in tests) keeps the first subscriber.
     let _ = match format {
         LogFormat::Pretty => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).try_init(),
     };
 }
 

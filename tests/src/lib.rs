@@ -13,10 +13,7 @@ use anyhow::{Context as _, bail};
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
 /// A braid binary built by `cargo build --workspace`.
@@ -34,11 +31,7 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Fails the test, saying how to install it, when a tool is missing.
 pub fn require(tool: &str, hint: &str) {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success());
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
     assert!(found.unwrap_or(false), "{tool} is not installed: {hint}");
 }
 
@@ -51,31 +44,18 @@ pub fn require_environment() {
     require("curl", setup);
     for entry in ["qemu-aarch64", "qemu-arm"] {
         let path = format!("/proc/sys/fs/binfmt_misc/{entry}");
-        let enabled = std::fs::read_to_string(&path)
-            .map(|s| s.starts_with("enabled"))
-            .unwrap_or(false);
-        assert!(
-            enabled,
-            "binfmt entry {entry} is not enabled ({path}): {setup}"
-        );
+        let enabled = std::fs::read_to_string(&path).map(|s| s.starts_with("enabled")).unwrap_or(false);
+        assert!(enabled, "binfmt entry {entry} is not enabled ({path}): {setup}");
     }
 }
 
 /// A free loopback port (released before use; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Polls `f` every 100 ms until it returns Some or `timeout` passes.
-pub fn eventually<T>(
-    timeout: Duration,
-    what: &str,
-    mut f: impl FnMut() -> Option<T>,
-) -> anyhow::Result<T> {
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -103,10 +83,7 @@ impl Proc {
             .stderr(file)
             .spawn()
             .with_context(|| format!("starting {name}"))?;
-        Ok(Proc {
-            name: name.to_owned(),
-            child,
-        })
+        Ok(Proc { name: name.to_owned(), child })
     }
 
     pub fn pid(&self) -> u32 {
@@ -123,17 +100,11 @@ impl Drop for Proc {
 
 /// Runs a command to completion with a time bound.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let stdout = child.stdout.take().unwrap();
     let stderr = child.stderr.take().unwrap();
-    let out_thread =
-        std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
-    let err_thread =
-        std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let out_thread = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let err_thread = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -178,10 +149,7 @@ impl Registry {
         )?;
         let url = format!("http://{addr}/v2/");
         eventually(Duration::from_secs(20), "the registry to answer", || {
-            let out = Command::new("curl")
-                .args(["-fsS", "-o", "/dev/null", &url])
-                .output()
-                .ok()?;
+            let out = Command::new("curl").args(["-fsS", "-o", "/dev/null", &url]).output().ok()?;
             out.status.success().then_some(())
         })?;
         Ok(Registry { addr, _proc: proc })
@@ -191,18 +159,11 @@ impl Registry {
     pub fn push_base_image(&self, repo_tag: &str) -> anyhow::Result<String> {
         let script = workspace().join("tests/env/setup.sh");
         let out = run_with_timeout(
-            Command::new("bash")
-                .arg(script)
-                .arg("make-base-image")
-                .arg(&self.addr)
-                .arg(repo_tag),
+            Command::new("bash").arg(script).arg("make-base-image").arg(&self.addr).arg(repo_tag),
             Duration::from_secs(300),
         )?;
         if !out.status.success() {
-            bail!(
-                "making the base image failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("making the base image failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(format!("{}/{repo_tag}", self.addr))
     }
@@ -210,12 +171,7 @@ impl Registry {
     /// The raw bytes of the manifest or index at `reference` (tag or digest).
     fn raw_manifest(&self, reference: &str) -> Option<Vec<u8>> {
         let out = Command::new("skopeo")
-            .args([
-                "inspect",
-                "--raw",
-                "--tls-verify=false",
-                &format!("docker://{}/{reference}", self.addr),
-            ])
+            .args(["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/{reference}", self.addr)])
             .output()
             .ok()?;
         out.status.success().then_some(out.stdout)
@@ -228,19 +184,28 @@ impl Registry {
 
     /// The digest of what a tag points at.
     pub fn digest_of(&self, reference: &str) -> Option<String> {
-        self.raw_manifest(reference)
-            .map(|bytes| braid_sha256(&bytes))
+        self.raw_manifest(reference).map(|bytes| braid_sha256(&bytes))
     }
 
-    /// Reads one file out of an image (by repository and manifest digest),
-    /// searching its layers from the top.
-    pub fn read_file(
-        &self,
-        repository: &str,
-        digest: &str,
-        file: &str,
-        scratch: &Path,
-    ) -> anyhow::Result<String> {
+    /// Every regular file's path in an image, across its layers.
+    pub fn list_files(&self, repository: &str, digest: &str, scratch: &Path) -> anyhow::Result<Vec<String>> {
+        let dir = self.copy_image(repository, digest, scratch)?;
+        let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
+        let mut files = Vec::new();
+        for layer in manifest["layers"].as_array().context("manifest without layers")? {
+            let hex = layer["digest"].as_str().unwrap().trim_start_matches("sha256:");
+            let out = Command::new("tar").arg("-tvzf").arg(dir.join(hex)).output()?;
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if line.starts_with('-') {
+                    files.push(line.split_whitespace().last().unwrap_or_default().trim_start_matches("./").to_owned());
+                }
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+
+    fn copy_image(&self, repository: &str, digest: &str, scratch: &Path) -> anyhow::Result<PathBuf> {
         let dir = scratch.join(digest.replace(':', "-"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(scratch)?;
@@ -254,26 +219,20 @@ impl Registry {
             Duration::from_secs(120),
         )?;
         if !out.status.success() {
-            bail!(
-                "skopeo copy failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("skopeo copy failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let manifest: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
-        let layers = manifest["layers"]
-            .as_array()
-            .context("manifest without layers")?;
+        Ok(dir)
+    }
+
+    /// Reads one file out of an image (by repository and manifest digest),
+    /// searching its layers from the top.
+    pub fn read_file(&self, repository: &str, digest: &str, file: &str, scratch: &Path) -> anyhow::Result<String> {
+        let dir = self.copy_image(repository, digest, scratch)?;
+        let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
+        let layers = manifest["layers"].as_array().context("manifest without layers")?;
         for layer in layers.iter().rev() {
-            let hex = layer["digest"]
-                .as_str()
-                .unwrap()
-                .trim_start_matches("sha256:");
-            let out = Command::new("tar")
-                .arg("-xzOf")
-                .arg(dir.join(hex))
-                .arg(file)
-                .output()?;
+            let hex = layer["digest"].as_str().unwrap().trim_start_matches("sha256:");
+            let out = Command::new("tar").arg("-xzOf").arg(dir.join(hex)).arg(file).output()?;
             if out.status.success() {
                 return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
             }
@@ -292,13 +251,7 @@ fn braid_sha256(bytes: &[u8]) -> String {
             c.wait_with_output()
         })
         .unwrap();
-    format!(
-        "sha256:{}",
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-    )
+    format!("sha256:{}", String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default())
 }
 
 /// One agent to start: its name and declared platforms (empty: detected).
@@ -311,6 +264,8 @@ pub struct AgentSpec {
 pub struct Farm {
     pub dir: PathBuf,
     pub url: String,
+    /// The coordinator's HTTP address (metrics, health).
+    pub http: String,
     pub agents: Vec<Proc>,
     pub coordinator: Option<Proc>,
     coordinator_args: Vec<String>,
@@ -320,6 +275,7 @@ impl Farm {
     pub fn start(dir: &Path, registry: &Registry, agents: &[AgentSpec]) -> anyhow::Result<Farm> {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
+        let http = format!("127.0.0.1:{}", free_port());
         let coordinator_args = vec![
             "--insecure".to_owned(),
             "--listen".to_owned(),
@@ -328,34 +284,19 @@ impl Farm {
             dir.join("coordinator").display().to_string(),
             "--insecure-registry".to_owned(),
             registry.addr.clone(),
+            "--http-listen".to_owned(),
+            http.clone(),
         ];
-        let mut farm = Farm {
-            dir: dir.to_owned(),
-            url,
-            agents: Vec::new(),
-            coordinator: None,
-            coordinator_args,
-        };
+        let mut farm = Farm { dir: dir.to_owned(), url, http, agents: Vec::new(), coordinator: None, coordinator_args };
         farm.start_coordinator()?;
         for spec in agents {
             let mut cmd = Command::new(bin("braid-agent"));
-            cmd.args([
-                "--insecure",
-                "--coordinator",
-                &farm.url,
-                "--name",
-                spec.name,
-                "--work-dir",
-            ])
-            .arg(dir.join(spec.name));
+            cmd.args(["--insecure", "--coordinator", &farm.url, "--name", spec.name, "--work-dir"])
+                .arg(dir.join(spec.name));
             for p in spec.platforms {
                 cmd.args(["--platform", p]);
             }
-            farm.agents.push(Proc::spawn(
-                spec.name,
-                &mut cmd,
-                &dir.join(format!("{}.log", spec.name)),
-            )?);
+            farm.agents.push(Proc::spawn(spec.name, &mut cmd, &dir.join(format!("{}.log", spec.name)))?);
         }
         Ok(farm)
     }
@@ -380,6 +321,39 @@ impl Farm {
         })
     }
 
+    /// One sample of a coordinator metric, from a real scrape of `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let out = Command::new("curl").args(["-fsS", &format!("http://{}/metrics", self.http)]).output().unwrap();
+        assert!(out.status.success(), "scraping /metrics failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+    }
+
+    /// `braid ... ARGS` with `stdin` as its standard input.
+    pub fn braid_with_stdin(&self, args: &[&str], stdin: Vec<u8>) -> anyhow::Result<Output> {
+        let mut child = Command::new(bin("braid"))
+            .arg("--coordinator")
+            .arg(&self.url)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut input = child.stdin.take().unwrap();
+        std::thread::spawn(move || input.write_all(&stdin));
+        let start = Instant::now();
+        while child.try_wait()?.is_none() {
+            if start.elapsed() > Duration::from_secs(600) {
+                let _ = child.kill();
+                bail!("braid did not finish in time");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(child.wait_with_output()?)
+    }
+
     /// `braid --coordinator URL ARGS...`, bounded in time.
     pub fn braid(&self, args: &[&str]) -> anyhow::Result<Output> {
         let mut cmd = Command::new(bin("braid"));
@@ -388,10 +362,7 @@ impl Farm {
     }
 
     /// Starts `braid build ...` and returns it with its stderr as lines.
-    pub fn braid_spawn(
-        &self,
-        args: &[&str],
-    ) -> anyhow::Result<(Child, std::sync::mpsc::Receiver<String>)> {
+    pub fn braid_spawn(&self, args: &[&str]) -> anyhow::Result<(Child, std::sync::mpsc::Receiver<String>)> {
         let mut child = Command::new(bin("braid"))
             .arg("--coordinator")
             .arg(&self.url)

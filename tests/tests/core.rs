@@ -41,18 +41,9 @@ fn one_build_three_native_agents_one_index() {
         dir,
         &registry,
         &[
-            AgentSpec {
-                name: "amd64-agent",
-                platforms: &[],
-            },
-            AgentSpec {
-                name: "arm64-agent",
-                platforms: &["linux/arm64"],
-            },
-            AgentSpec {
-                name: "armv7-agent",
-                platforms: &["linux/arm/v7"],
-            },
+            AgentSpec { name: "amd64-agent", platforms: &[] },
+            AgentSpec { name: "arm64-agent", platforms: &["linux/arm64"] },
+            AgentSpec { name: "armv7-agent", platforms: &["linux/arm/v7"] },
         ],
     )
     .unwrap();
@@ -91,55 +82,28 @@ fn one_build_three_native_agents_one_index() {
         .unwrap();
     let err = stderr(&out);
     assert!(out.status.success(), "build failed: {err}");
-    assert!(
-        err.contains("[linux/arm64] STEP"),
-        "plain progress prefixes log lines with the platform: {err}"
-    );
+    assert!(err.contains("[linux/arm64] STEP"), "plain progress prefixes log lines with the platform: {err}");
     let stdout = String::from_utf8_lossy(&out.stdout);
 
-    let index = registry
-        .manifest("demo/app:1")
-        .expect("the index is in the registry under the first tag");
-    assert_eq!(
-        index["mediaType"],
-        "application/vnd.oci.image.index.v1+json"
-    );
+    let index = registry.manifest("demo/app:1").expect("the index is in the registry under the first tag");
+    assert_eq!(index["mediaType"], "application/vnd.oci.image.index.v1+json");
     let manifests = index["manifests"].as_array().unwrap();
     let mut platforms: Vec<String> = manifests
         .iter()
         .map(|m| {
             let p = &m["platform"];
             match p["variant"].as_str() {
-                Some(v) => format!(
-                    "{}/{}/{v}",
-                    p["os"].as_str().unwrap(),
-                    p["architecture"].as_str().unwrap()
-                ),
-                None => format!(
-                    "{}/{}",
-                    p["os"].as_str().unwrap(),
-                    p["architecture"].as_str().unwrap()
-                ),
+                Some(v) => format!("{}/{}/{v}", p["os"].as_str().unwrap(), p["architecture"].as_str().unwrap()),
+                None => format!("{}/{}", p["os"].as_str().unwrap(), p["architecture"].as_str().unwrap()),
             }
         })
         .collect();
     platforms.sort();
-    assert_eq!(
-        platforms,
-        ["linux/amd64", "linux/arm/v7", "linux/arm64"],
-        "exactly the three platforms"
-    );
+    assert_eq!(platforms, ["linux/amd64", "linux/arm/v7", "linux/arm64"], "exactly the three platforms");
 
     let index_digest = registry.digest_of("demo/app:1").unwrap();
-    assert_eq!(
-        registry.digest_of("mirror/app:v1").as_deref(),
-        Some(index_digest.as_str()),
-        "both tags, one index"
-    );
-    assert!(
-        stdout.contains(&format!("index {index_digest}")),
-        "the CLI prints the index digest: {stdout}"
-    );
+    assert_eq!(registry.digest_of("mirror/app:v1").as_deref(), Some(index_digest.as_str()), "both tags, one index");
+    assert!(stdout.contains(&format!("index {index_digest}")), "the CLI prints the index digest: {stdout}");
 
     let scratch = dir.join("scratch");
     for m in manifests {
@@ -153,94 +117,33 @@ fn one_build_three_native_agents_one_index() {
         };
         // Read from the second repository too: the manifests were copied there.
         for repo in ["demo/app", "mirror/app"] {
-            assert_eq!(
-                registry
-                    .read_file(repo, digest, "arch", &scratch)
-                    .unwrap()
-                    .trim(),
-                uname,
-                "{repo} {arch}"
-            );
+            assert_eq!(registry.read_file(repo, digest, "arch", &scratch).unwrap().trim(), uname, "{repo} {arch}");
         }
-        assert_eq!(
-            registry
-                .read_file("demo/app", digest, "mapped", &scratch)
-                .unwrap()
-                .trim(),
-            mapped
-        );
-        assert_eq!(
-            registry
-                .read_file("demo/app", digest, "platform", &scratch)
-                .unwrap()
-                .trim(),
-            platform
-        );
-        assert_eq!(
-            registry
-                .read_file("demo/app", digest, "greeting", &scratch)
-                .unwrap()
-                .trim(),
-            "hello-braid"
-        );
-        assert_eq!(
-            registry
-                .read_file("demo/app", digest, "message.txt", &scratch)
-                .unwrap(),
-            "from the context\n"
-        );
+        assert_eq!(registry.read_file("demo/app", digest, "mapped", &scratch).unwrap().trim(), mapped);
+        assert_eq!(registry.read_file("demo/app", digest, "platform", &scratch).unwrap().trim(), platform);
+        assert_eq!(registry.read_file("demo/app", digest, "greeting", &scratch).unwrap().trim(), "hello-braid");
+        assert_eq!(registry.read_file("demo/app", digest, "message.txt", &scratch).unwrap(), "from the context\n");
         let config = registry.manifest(&format!("demo/app@{digest}")).unwrap();
-        assert_eq!(
-            config["mediaType"],
-            "application/vnd.oci.image.manifest.v1+json"
-        );
+        assert_eq!(config["mediaType"], "application/vnd.oci.image.manifest.v1+json");
     }
 
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
     assert_eq!(meta["containerimage.digest"], index_digest.as_str());
-    assert_eq!(
-        meta["containerimage.descriptor"]["digest"],
-        index_digest.as_str()
-    );
-    assert_eq!(
-        meta["containerimage.descriptor"]["mediaType"],
-        "application/vnd.oci.image.index.v1+json"
-    );
+    assert_eq!(meta["containerimage.descriptor"]["digest"], index_digest.as_str());
+    assert_eq!(meta["containerimage.descriptor"]["mediaType"], "application/vnd.oci.image.index.v1+json");
     assert_eq!(meta["image.name"], format!("{tag1},{tag2}"));
-    for (platform, agent) in [
-        ("linux/amd64", "amd64-agent"),
-        ("linux/arm64", "arm64-agent"),
-        ("linux/arm/v7", "armv7-agent"),
-    ] {
-        assert_eq!(
-            meta["braid.platforms"][platform]["agent"], agent,
-            "{platform} built by its own agent"
-        );
-        assert!(
-            meta["braid.platforms"][platform]["digest"]
-                .as_str()
-                .unwrap()
-                .starts_with("sha256:")
-        );
+    for (platform, agent) in
+        [("linux/amd64", "amd64-agent"), ("linux/arm64", "arm64-agent"), ("linux/arm/v7", "armv7-agent")]
+    {
+        assert_eq!(meta["braid.platforms"][platform]["agent"], agent, "{platform} built by its own agent");
+        assert!(meta["braid.platforms"][platform]["digest"].as_str().unwrap().starts_with("sha256:"));
     }
 
     // --- The same context again: nothing uploaded.
-    let again = farm
-        .braid(&[
-            "build",
-            "--platform",
-            "linux/amd64",
-            ctx.to_str().unwrap(),
-            "--target",
-            "final",
-        ])
-        .unwrap();
+    let again =
+        farm.braid(&["build", "--platform", "linux/amd64", ctx.to_str().unwrap(), "--target", "final"]).unwrap();
     assert!(again.status.success(), "{}", stderr(&again));
-    assert!(
-        stderr(&again).contains("nothing uploaded"),
-        "{}",
-        stderr(&again)
-    );
+    assert!(stderr(&again).contains("nothing uploaded"), "{}", stderr(&again));
 
     // --- A failing RUN on one platform: the build fails, names it, writes no tag.
     let bad = dir.join("bad");
@@ -260,18 +163,9 @@ fn one_build_three_native_agents_one_index() {
         .unwrap();
     let err = stderr(&out);
     assert!(!out.status.success(), "a failing RUN fails the build");
-    assert!(
-        err.contains("failed: linux/arm64:"),
-        "the error names the platform: {err}"
-    );
-    assert!(
-        err.contains("exit status 3"),
-        "the error carries the builder's message: {err}"
-    );
-    assert!(
-        registry.manifest("demo/failing:1").is_none(),
-        "no tag is written for a failed build"
-    );
+    assert!(err.contains("failed: linux/arm64:"), "the error names the platform: {err}");
+    assert!(err.contains("exit status 3"), "the error carries the builder's message: {err}");
+    assert!(registry.manifest("demo/failing:1").is_none(), "no tag is written for a failed build");
 
     // --- A platform no agent serves: the build waits, says so, and can be cancelled.
     let (mut child, lines) = farm
@@ -296,18 +190,14 @@ fn one_build_three_native_agents_one_index() {
             waiting |= line.contains("waiting for an agent for linux/riscv64");
         }
     }
-    assert!(
-        waiting,
-        "the build says it waits for an agent for linux/riscv64"
-    );
+    assert!(waiting, "the build says it waits for an agent for linux/riscv64");
     let build_id = build_id.expect("the CLI printed the build id");
     let cancel = farm.braid(&["cancel", &build_id]).unwrap();
     assert!(cancel.status.success(), "{}", stderr(&cancel));
-    let status =
-        braid_tests::eventually(Duration::from_secs(30), "the build command to exit", || {
-            child.try_wait().ok().flatten()
-        })
-        .unwrap();
+    let status = braid_tests::eventually(Duration::from_secs(30), "the build command to exit", || {
+        child.try_wait().ok().flatten()
+    })
+    .unwrap();
     assert!(!status.success(), "a cancelled build exits non-zero");
     let rest: Vec<String> = lines.try_iter().collect();
     assert!(rest.iter().any(|l| l.contains("was cancelled")), "{rest:?}");

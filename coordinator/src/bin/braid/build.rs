@@ -1,7 +1,11 @@
 //! `braid build`: `docker buildx build`'s flags, one build across the farm.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use tonic::transport::Channel;
@@ -43,16 +47,14 @@ pub struct BuildArgs {
     /// Progress output: auto, plain (log lines prefixed by platform) or quiet
     #[arg(long, value_name = "TYPE", default_value = "auto", value_parser = ["auto", "plain", "quiet"])]
     progress: String,
-    /// Build context directory
+    /// Build context directory, or "-" to read a tar from stdin
     #[arg(value_name = "PATH")]
     path: PathBuf,
 }
 
 async fn connect(url: &str) -> anyhow::Result<BuildsClient<Channel>> {
     if !url.starts_with("http://") {
-        bail!(
-            "coordinator {url:?}: only http:// (plaintext, loopback) is available in this version"
-        );
+        bail!("coordinator {url:?}: only http:// (plaintext, loopback) is available in this version");
     }
     let client = BuildsClient::connect(url.to_owned())
         .await
@@ -127,23 +129,36 @@ pub async fn run(url: &str, args: BuildArgs) -> anyhow::Result<i32> {
 
     let context_dir = args.path.clone();
     let file = args.file.clone();
-    let prepared =
-        tokio::task::spawn_blocking(move || upload::prepare(&context_dir, file.as_deref()))
-            .await??;
+    let prepared = tokio::task::spawn_blocking(move || {
+        if context_dir.as_os_str() == "-" {
+            upload::prepare_stdin(file.as_deref())
+        } else {
+            upload::prepare(&context_dir, file.as_deref())
+        }
+    })
+    .await??;
     say(format!(
         "#1 context {} ({} bytes, {} entries)",
         prepared.summary.digest, prepared.summary.size, prepared.summary.entries
     ));
-    let sent = upload::ensure_uploaded(&mut client, &prepared).await?;
+    let counter = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let ticker = (args.progress == "auto" && std::io::stderr().is_terminal())
+        .then(|| tokio::spawn(show_upload_progress(counter.clone(), started)));
+    let sent = upload::ensure_uploaded(&mut client, &prepared, counter).await;
+    if let Some(t) = ticker {
+        t.abort();
+        eprint!("\r\x1b[K");
+    }
+    let sent = sent?;
     if sent == 0 {
         say("#1 context already on the coordinator: nothing uploaded".into());
     } else {
-        say(format!("#1 context uploaded ({sent} bytes compressed)"));
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        say(format!("#1 context uploaded ({sent} bytes compressed, {:.1}s, {})", secs, rate(sent as f64 / secs)));
     }
     if !args.push {
-        say(
-            "WARNING: no --push: the images are built on the agents but not pushed anywhere".into(),
-        );
+        say("WARNING: no --push: the images are built on the agents but not pushed anywhere".into());
     }
     let (dockerfile_path, dockerfile_inline) = match prepared.dockerfile {
         DockerfileSource::InContext(p) => (p, Vec::new()),
@@ -161,11 +176,7 @@ pub async fn run(url: &str, args: BuildArgs) -> anyhow::Result<i32> {
         no_cache: args.no_cache,
         push: args.push,
     };
-    let build_id = client
-        .submit(proto::SubmitRequest { spec: Some(spec) })
-        .await?
-        .into_inner()
-        .build_id;
+    let build_id = client.submit(proto::SubmitRequest { spec: Some(spec) }).await?.into_inner().build_id;
     say(format!("#2 build {build_id} submitted"));
 
     let outcome = tokio::select! {
@@ -177,21 +188,12 @@ pub async fn run(url: &str, args: BuildArgs) -> anyhow::Result<i32> {
             return Ok(130);
         }
     };
-    let build = client
-        .get(proto::GetBuildRequest {
-            build_id: build_id.clone(),
-        })
-        .await?
-        .into_inner();
+    let build = client.get(proto::GetBuildRequest { build_id: build_id.clone() }).await?.into_inner();
     summarize(&build, progress, args.metadata_file.as_deref())?;
     match outcome {
         proto::BuildState::Succeeded => Ok(0),
         state => {
-            let why = if build.message.is_empty() {
-                "no reason given".to_owned()
-            } else {
-                build.message.clone()
-            };
+            let why = if build.message.is_empty() { "no reason given".to_owned() } else { build.message.clone() };
             eprintln!("error: build {build_id} {}: {why}", state_word(state));
             Ok(1)
         }
@@ -207,13 +209,8 @@ async fn follow(
     let mut after = 0;
     let mut retries = 0;
     loop {
-        let mut stream = client
-            .watch(proto::WatchRequest {
-                build_id: build_id.to_owned(),
-                after_seq: after,
-            })
-            .await?
-            .into_inner();
+        let mut stream =
+            client.watch(proto::WatchRequest { build_id: build_id.to_owned(), after_seq: after }).await?.into_inner();
         loop {
             match stream.message().await {
                 Ok(Some(event)) => {
@@ -278,12 +275,8 @@ fn print_event(event: &proto::BuildEvent, progress: Progress) -> Option<proto::B
         }
         Some(Kind::Build(b)) => {
             let state = proto::BuildState::try_from(b.state).unwrap_or_default();
-            if matches!(
-                state,
-                proto::BuildState::Succeeded
-                    | proto::BuildState::Failed
-                    | proto::BuildState::Cancelled
-            ) {
+            if matches!(state, proto::BuildState::Succeeded | proto::BuildState::Failed | proto::BuildState::Cancelled)
+            {
                 return Some(state);
             }
         }
@@ -300,27 +293,15 @@ fn seconds(job: &proto::Job) -> f64 {
 }
 
 /// One line per platform and the index; the metadata file like buildx's.
-fn summarize(
-    build: &proto::Build,
-    progress: Progress,
-    metadata_file: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
+fn summarize(build: &proto::Build, progress: Progress, metadata_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     if progress != Progress::Quiet {
         for job in &build.jobs {
-            let digest = job
-                .result
-                .as_ref()
-                .map(|r| r.digest.as_str())
-                .unwrap_or("-");
+            let digest = job.result.as_ref().map(|r| r.digest.as_str()).unwrap_or("-");
             let how = if job.emulated { "emulated" } else { "native" };
             eprintln!(
                 "{:<16} {:<20} {:<8} {:>7.1}s  {}",
                 job.platform,
-                if job.agent.is_empty() {
-                    "-"
-                } else {
-                    &job.agent
-                },
+                if job.agent.is_empty() { "-" } else { &job.agent },
                 how,
                 seconds(job),
                 digest
@@ -359,10 +340,7 @@ fn summarize(
                     "size": build.index_size,
                 }),
             );
-            meta.insert(
-                "containerimage.digest".into(),
-                build.index_digest.clone().into(),
-            );
+            meta.insert("containerimage.digest".into(), build.index_digest.clone().into());
         }
         if let Some(spec) = &build.spec
             && !spec.tags.is_empty()
@@ -375,14 +353,28 @@ fn summarize(
     Ok(())
 }
 
+fn rate(bytes_per_second: f64) -> String {
+    format!("{:.1} MiB/s", bytes_per_second / f64::from(1 << 20))
+}
+
+/// A live upload line on a terminal: bytes so far and the rate.
+async fn show_upload_progress(sent: Arc<AtomicU64>, started: Instant) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let bytes = sent.load(Ordering::Relaxed);
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        eprint!(
+            "\r\x1b[K#1 uploading context: {:.1} MiB ({})",
+            bytes as f64 / f64::from(1 << 20),
+            rate(bytes as f64 / secs)
+        );
+    }
+}
+
 pub async fn cancel(url: &str, build_id: &str) -> anyhow::Result<i32> {
     let mut client = connect(url).await?;
-    let build = client
-        .cancel(proto::CancelBuildRequest {
-            build_id: build_id.to_owned(),
-        })
-        .await?
-        .into_inner();
+    let build = client.cancel(proto::CancelBuildRequest { build_id: build_id.to_owned() }).await?.into_inner();
     let state = proto::BuildState::try_from(build.state).unwrap_or_default();
     println!("build {} {}", build.build_id, state_word(state));
     Ok(0)

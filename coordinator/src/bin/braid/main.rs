@@ -11,12 +11,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "braid", version)]
 struct Cli {
     /// Coordinator URL (plaintext http:// only to a loopback address in this version)
-    #[arg(
-        long,
-        global = true,
-        env = "BRAID_COORDINATOR",
-        default_value = "http://127.0.0.1:7700"
-    )]
+    #[arg(long, global = true, env = "BRAID_COORDINATOR", default_value = "http://127.0.0.1:7700")]
     coordinator: String,
     #[command(subcommand)]
     command: Command,

@@ -2,6 +2,8 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context as _, bail};
 use tokio::sync::mpsc;
@@ -29,21 +31,32 @@ pub struct PreparedContext {
     pub dockerfile: DockerfileSource,
 }
 
+/// `-` as the context: a tar on stdin, unpacked (safely, bounded) so that its
+/// `.dockerignore` and Dockerfile are handled like a directory's. `-f` then
+/// names a path inside the tar, as with `docker build - < ctx.tar`.
+pub fn prepare_stdin(dockerfile: Option<&str>) -> anyhow::Result<PreparedContext> {
+    if dockerfile == Some("-") {
+        bail!("the context and the Dockerfile cannot both come from stdin");
+    }
+    let dir = tempfile::tempdir()?;
+    context::unpack(std::io::stdin().lock(), dir.path(), ContextLimits::default())
+        .context("reading the context tar from stdin")?;
+    let inside = dir.path().join(dockerfile.unwrap_or("Dockerfile"));
+    let inside = inside.to_str().context("Dockerfile path is not UTF-8")?.to_owned();
+    prepare(dir.path(), Some(&inside))
+}
+
 /// Writes the context tar for `context_dir` with `dockerfile` (as given to
 /// `-f`, relative to the working directory; `-` for stdin).
 pub fn prepare(context_dir: &Path, dockerfile: Option<&str>) -> anyhow::Result<PreparedContext> {
     if !context_dir.is_dir() {
         bail!("context {:?} is not a directory", context_dir);
     }
-    let root = context_dir
-        .canonicalize()
-        .with_context(|| format!("reading context {context_dir:?}"))?;
+    let root = context_dir.canonicalize().with_context(|| format!("reading context {context_dir:?}"))?;
     let (dockerfile_path, stdin_contents) = match dockerfile {
         Some("-") => {
             let mut buf = Vec::new();
-            std::io::stdin()
-                .take(limits::DOCKERFILE_BYTES as u64 + 1)
-                .read_to_end(&mut buf)?;
+            std::io::stdin().take(limits::DOCKERFILE_BYTES as u64 + 1).read_to_end(&mut buf)?;
             (None, Some(buf))
         }
         Some(path) => (Some(PathBuf::from(path)), None),
@@ -65,20 +78,11 @@ pub fn prepare(context_dir: &Path, dockerfile: Option<&str>) -> anyhow::Result<P
     let dockerfile = match (dockerfile_path, stdin_contents) {
         (_, Some(contents)) => DockerfileSource::Inline(contents),
         (Some(path), None) => {
-            let abs = path
-                .canonicalize()
-                .with_context(|| format!("Dockerfile {path:?} not found"))?;
-            match abs
-                .strip_prefix(&root)
-                .ok()
-                .and_then(|r| r.to_str())
-                .map(str::to_owned)
-            {
+            let abs = path.canonicalize().with_context(|| format!("Dockerfile {path:?} not found"))?;
+            match abs.strip_prefix(&root).ok().and_then(|r| r.to_str()).map(str::to_owned) {
                 Some(rel) if !ignore.is_ignored(&rel) => DockerfileSource::InContext(rel),
                 // Outside the context, or ignored: sent beside it, as Docker does.
-                _ => DockerfileSource::Inline(
-                    std::fs::read(&abs).with_context(|| format!("reading {abs:?}"))?,
-                ),
+                _ => DockerfileSource::Inline(std::fs::read(&abs).with_context(|| format!("reading {abs:?}"))?),
             }
         }
         (None, None) => bail!("no Dockerfile"),
@@ -93,11 +97,7 @@ pub fn prepare(context_dir: &Path, dockerfile: Option<&str>) -> anyhow::Result<P
         let writer = std::io::BufWriter::new(tar.as_file_mut());
         context::write_tar(&root, &ignore, ContextLimits::default(), writer)?
     };
-    Ok(PreparedContext {
-        tar,
-        summary,
-        dockerfile,
-    })
+    Ok(PreparedContext { tar, summary, dockerfile })
 }
 
 /// Uploads the context unless the coordinator has it; returns the
@@ -105,20 +105,16 @@ pub fn prepare(context_dir: &Path, dockerfile: Option<&str>) -> anyhow::Result<P
 pub async fn ensure_uploaded(
     client: &mut BuildsClient<Channel>,
     prepared: &PreparedContext,
+    sent: Arc<AtomicU64>,
 ) -> anyhow::Result<u64> {
     let digest = prepared.summary.digest.to_string();
-    let stat = client
-        .stat_context(proto::StatContextRequest {
-            digest: digest.clone(),
-        })
-        .await?
-        .into_inner();
+    let stat = client.stat_context(proto::StatContextRequest { digest: digest.clone() }).await?.into_inner();
     if stat.present {
         return Ok(0);
     }
     let (tx, rx) = mpsc::channel::<proto::PutContextRequest>(4);
     let path = prepared.tar.path().to_owned();
-    let producer = tokio::task::spawn_blocking(move || compress_chunks(&path, digest, tx));
+    let producer = tokio::task::spawn_blocking(move || compress_chunks(&path, digest, tx, sent));
     let response = client.put_context(ReceiverStream::new(rx)).await;
     let produced = producer.await?;
     // The coordinator's refusal explains more than our broken pipe.
@@ -132,21 +128,22 @@ fn compress_chunks(
     path: &Path,
     digest: String,
     tx: mpsc::Sender<proto::PutContextRequest>,
+    sent: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     struct ChunkSender {
         tx: mpsc::Sender<proto::PutContextRequest>,
         digest: Option<String>,
         buf: Vec<u8>,
+        sent: Arc<AtomicU64>,
     }
     impl ChunkSender {
         fn flush_chunk(&mut self) -> std::io::Result<()> {
             let chunk = std::mem::take(&mut self.buf);
+            self.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             let digest = self.digest.take().unwrap_or_default();
             self.tx
                 .blocking_send(proto::PutContextRequest { digest, chunk })
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stream closed")
-                })
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stream closed"))
         }
     }
     impl Write for ChunkSender {
@@ -162,11 +159,7 @@ fn compress_chunks(
         }
     }
     let mut file = std::fs::File::open(path)?;
-    let sender = ChunkSender {
-        tx,
-        digest: Some(digest),
-        buf: Vec::new(),
-    };
+    let sender = ChunkSender { tx, digest: Some(digest), buf: Vec::new(), sent };
     let mut encoder = zstd::stream::write::Encoder::new(sender, 3)?;
     std::io::copy(&mut file, &mut encoder)?;
     let mut sender = encoder.finish()?;
