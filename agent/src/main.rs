@@ -7,6 +7,8 @@ mod session;
 mod settings;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -101,13 +103,46 @@ async fn main() -> anyhow::Result<()> {
         slots = valid.settings.slots,
         "agent starting"
     );
+    let grace = Duration::from_secs(valid.settings.stop_grace_seconds.into());
     let stop = CancellationToken::new();
     let agent = session::Agent::new(valid);
-    let run = tokio::spawn(agent.run(stop.clone()));
+    let run = tokio::spawn(agent.clone().run(stop.clone()));
     telemetry::shutdown_signal().await;
+    stop_gracefully(&agent, grace).await;
     stop.cancel();
     let _ = run.await;
     Ok(())
+}
+
+/// First signal: take no new jobs and let running ones finish (up to
+/// `grace`); a second signal, or the grace running out, cancels them and
+/// hands them back to the coordinator.
+async fn stop_gracefully(agent: &Arc<session::Agent>, grace: Duration) {
+    agent.drain();
+    tracing::info!(
+        running = agent.running_jobs(),
+        ?grace,
+        "stopping: finishing running jobs (signal again to hand them back)"
+    );
+    let finished = tokio::select! {
+        () = wait_idle(agent) => true,
+        () = tokio::time::sleep(grace) => false,
+        () = telemetry::shutdown_signal() => false,
+    };
+    if !finished {
+        tracing::warn!(running = agent.running_jobs(), "handing running jobs back to the coordinator");
+        agent.hand_back_all();
+        let _ = tokio::time::timeout(Duration::from_secs(15), wait_idle(agent)).await;
+    }
+    // Let the session send what is queued.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tracing::info!("agent stopped");
+}
+
+async fn wait_idle(agent: &session::Agent) {
+    while !agent.idle() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Fails early, with how to fix it, when buildah is missing or broken.

@@ -3,10 +3,11 @@
 //! keeping running jobs and undelivered results.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -23,14 +24,27 @@ struct Running {
     attempt: u32,
     lease_id: String,
     cancel: CancellationToken,
+    /// Cancelled because the agent is stopping: report it as an
+    /// infrastructure failure so the coordinator runs it elsewhere.
+    hand_back: Arc<AtomicBool>,
 }
 
 /// State that outlives one connection.
 pub struct Agent {
     settings: Valid,
     running: Mutex<HashMap<String, Running>>,
-    /// Results not yet handed to a live session.
+    /// Everything jobs say (logs, progress, results) goes here and is
+    /// forwarded by whichever session is live, so nothing a job reports is
+    /// tied to the connection it started under.
+    outbox: mpsc::UnboundedSender<proto::AgentMessage>,
+    outbox_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<proto::AgentMessage>>,
+    /// Results queued in the outbox and not yet forwarded.
+    pending: Mutex<HashMap<String, proto::RunningJob>>,
+    /// Results a session failed to forward; sent first by the next one.
     undelivered: Mutex<Vec<proto::JobResult>>,
+    draining: AtomicBool,
+    /// Sends a heartbeat now (the drain state changed).
+    beat_now: Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -38,13 +52,59 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+type SessionError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Agent {
     pub fn new(settings: Valid) -> Arc<Agent> {
-        Arc::new(Agent { settings, running: Mutex::new(HashMap::new()), undelivered: Mutex::new(Vec::new()) })
+        let (outbox, outbox_rx) = mpsc::unbounded_channel();
+        Arc::new(Agent {
+            settings,
+            outbox,
+            outbox_rx: tokio::sync::Mutex::new(outbox_rx),
+            pending: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            undelivered: Mutex::new(Vec::new()),
+            draining: AtomicBool::new(false),
+            beat_now: Notify::new(),
+        })
+    }
+
+    /// Jobs running now and jobs whose results wait for a session: the
+    /// coordinator keeps their leases.
+    fn claimed(&self) -> Vec<proto::RunningJob> {
+        let mut jobs: Vec<proto::RunningJob> = lock(&self.running)
+            .iter()
+            .map(|(job_id, r)| proto::RunningJob {
+                job_id: job_id.clone(),
+                attempt: r.attempt,
+                lease_id: r.lease_id.clone(),
+            })
+            .collect();
+        jobs.extend(lock(&self.pending).values().cloned());
+        jobs.extend(lock(&self.undelivered).iter().map(|r| proto::RunningJob {
+            job_id: r.job_id.clone(),
+            attempt: r.attempt,
+            lease_id: r.lease_id.clone(),
+        }));
+        jobs
     }
 
     fn hello(&self) -> proto::AgentMessage {
         let s = &self.settings;
+        proto::AgentMessage {
+            kind: Some(ToCoordinator::Hello(proto::Hello {
+                name: s.settings.name.clone(),
+                platforms: s.platforms.iter().map(ToString::to_string).collect(),
+                slots: s.settings.slots,
+                backend: s.settings.backend.clone(),
+                version: braid_shared::VERSION.to_owned(),
+                running: self.claimed(),
+                emulated_platforms: s.emulates.iter().map(ToString::to_string).collect(),
+            })),
+        }
+    }
+
+    fn heartbeat(&self) -> proto::AgentMessage {
         let running = lock(&self.running)
             .iter()
             .map(|(job_id, r)| proto::RunningJob {
@@ -54,15 +114,34 @@ impl Agent {
             })
             .collect();
         proto::AgentMessage {
-            kind: Some(ToCoordinator::Hello(proto::Hello {
-                name: s.settings.name.clone(),
-                platforms: s.platforms.iter().map(ToString::to_string).collect(),
-                slots: s.settings.slots,
-                backend: s.settings.backend.clone(),
-                version: braid_shared::VERSION.to_owned(),
+            kind: Some(ToCoordinator::Heartbeat(proto::Heartbeat {
                 running,
+                draining: self.draining.load(Ordering::Relaxed),
             })),
         }
+    }
+
+    /// Takes no new jobs from now on.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.beat_now.notify_one();
+    }
+
+    /// Cancels every running job and hands it back to the coordinator.
+    pub fn hand_back_all(&self) {
+        for r in lock(&self.running).values() {
+            r.hand_back.store(true, Ordering::Relaxed);
+            r.cancel.cancel();
+        }
+    }
+
+    /// No job running and no result waiting to be sent.
+    pub fn idle(&self) -> bool {
+        lock(&self.running).is_empty() && lock(&self.pending).is_empty() && lock(&self.undelivered).is_empty()
+    }
+
+    pub fn running_jobs(&self) -> usize {
+        lock(&self.running).len()
     }
 
     /// Keeps a session up until `stop` is cancelled.
@@ -82,9 +161,7 @@ impl Agent {
         while !stop.is_cancelled() {
             match self.clone().connect_once(cache.clone(), &stop).await {
                 Ok(()) => backoff = Duration::from_millis(250),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "coordinator session ended")
-                }
+                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "coordinator session ended"),
             }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
@@ -98,7 +175,7 @@ impl Agent {
         self: Arc<Self>,
         cache: Arc<ContextCache>,
         stop: &CancellationToken,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<(), SessionError> {
         let mut client = AgentsClient::connect(self.settings.settings.coordinator.clone())
             .await?
             .max_decoding_message_size(braid_shared::limits::GRPC_MESSAGE_BYTES);
@@ -114,10 +191,29 @@ impl Agent {
         for result in std::mem::take(&mut *lock(&self.undelivered)) {
             out_tx.send(proto::AgentMessage { kind: Some(ToCoordinator::Result(result)) })?;
         }
-        let env = Arc::new(JobEnv { settings: self.settings.clone(), cache, outbox: out_tx.clone() });
+        if self.draining.load(Ordering::Relaxed) {
+            out_tx.send(self.heartbeat())?;
+        }
+        let env = Arc::new(JobEnv { settings: self.settings.clone(), cache, outbox: self.outbox.clone() });
+        let mut outbox = self.outbox_rx.lock().await;
         let mut tick = tokio::time::interval(heartbeat);
         loop {
             tokio::select! {
+                Some(message) = outbox.recv() => {
+                    let result = match &message.kind {
+                        Some(ToCoordinator::Result(r)) => Some(r.clone()),
+                        _ => None,
+                    };
+                    if let Some(r) = &result {
+                        lock(&self.pending).remove(&r.job_id);
+                    }
+                    if let Err(e) = out_tx.send(message) {
+                        if let Some(r) = result {
+                            lock(&self.undelivered).push(r);
+                        }
+                        return Err(e.into());
+                    }
+                }
                 message = inbound.message() => {
                     let Some(message) = message? else { return Ok(()) };
                     match message.kind {
@@ -126,20 +222,30 @@ impl Agent {
                         Some(FromCoordinator::Welcome(_)) | None => {}
                     }
                 }
-                _ = tick.tick() => {
-                    let running = lock(&self.running)
-                        .iter()
-                        .map(|(job_id, r)| proto::RunningJob { job_id: job_id.clone(), attempt: r.attempt, lease_id: r.lease_id.clone() })
-                        .collect();
-                    out_tx.send(proto::AgentMessage { kind: Some(ToCoordinator::Heartbeat(proto::Heartbeat { running })) })?;
-                }
+                _ = tick.tick() => out_tx.send(self.heartbeat())?,
+                () = self.beat_now.notified() => out_tx.send(self.heartbeat())?,
                 () = stop.cancelled() => return Ok(()),
             }
         }
     }
 
     fn start(self: Arc<Self>, env: Arc<JobEnv>, assignment: proto::Assignment) {
+        if self.draining.load(Ordering::Relaxed) {
+            // Raced with our drain notice: give it straight back.
+            let refusal = proto::JobResult {
+                job_id: assignment.job_id,
+                attempt: assignment.attempt,
+                lease_id: assignment.lease_id,
+                outcome: Some(proto::job_result::Outcome::Failure(proto::JobFailure {
+                    kind: proto::FailureKind::Infra as i32,
+                    message: "the agent is stopping".into(),
+                })),
+            };
+            self.deliver(refusal);
+            return;
+        }
         let cancel = CancellationToken::new();
+        let hand_back = Arc::new(AtomicBool::new(false));
         {
             let mut running = lock(&self.running);
             if running.contains_key(&assignment.job_id) {
@@ -147,18 +253,40 @@ impl Agent {
             }
             running.insert(
                 assignment.job_id.clone(),
-                Running { attempt: assignment.attempt, lease_id: assignment.lease_id.clone(), cancel: cancel.clone() },
+                Running {
+                    attempt: assignment.attempt,
+                    lease_id: assignment.lease_id.clone(),
+                    cancel: cancel.clone(),
+                    hand_back: hand_back.clone(),
+                },
             );
         }
         tokio::spawn(async move {
             let job_id = assignment.job_id.clone();
-            let result = job::run(env.clone(), assignment, cancel).await;
-            lock(&self.running).remove(&job_id);
-            let message = proto::AgentMessage { kind: Some(ToCoordinator::Result(result.clone())) };
-            if env.outbox.send(message).is_err() {
-                lock(&self.undelivered).push(result);
+            let mut result = job::run(env.clone(), assignment, cancel).await;
+            if hand_back.load(Ordering::Relaxed) {
+                result.outcome = Some(proto::job_result::Outcome::Failure(proto::JobFailure {
+                    kind: proto::FailureKind::Infra as i32,
+                    message: "the agent stopped before finishing; handed back".into(),
+                }));
             }
+            // Queue the result before forgetting the job, so a reconnect in
+            // between still claims it.
+            self.deliver(result);
+            lock(&self.running).remove(&job_id);
         });
+    }
+
+    /// Queues a result for the live session, or the next one.
+    fn deliver(&self, result: proto::JobResult) {
+        let claim = proto::RunningJob {
+            job_id: result.job_id.clone(),
+            attempt: result.attempt,
+            lease_id: result.lease_id.clone(),
+        };
+        lock(&self.pending).insert(result.job_id.clone(), claim);
+        // The receiver lives as long as the agent, so this cannot fail.
+        let _ = self.outbox.send(proto::AgentMessage { kind: Some(ToCoordinator::Result(result)) });
     }
 
     fn cancel(&self, c: &proto::CancelJob) {

@@ -1,6 +1,6 @@
 //! The agent's settings: defaults, `--config` TOML, `BRAID_*`, flags.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use braid_shared::Platform;
 use braid_shared::settings::SettingsError;
@@ -32,6 +32,12 @@ pub struct Settings {
     pub storage_driver: String,
     /// Bytes of contexts kept in the cache. Default 10 GiB.
     pub context_cache_bytes: u64,
+    /// Report the platforms this host can run through binfmt emulation
+    /// (QEMU), for builds that pass `--allow-emulation`. Default true.
+    pub emulation: bool,
+    /// Seconds a stopping agent (first SIGTERM) lets running jobs finish
+    /// before it hands them back. Default 600.
+    pub stop_grace_seconds: u32,
     /// Log format, `pretty` or `json`. Default `pretty`.
     pub log_format: LogFormat,
 }
@@ -49,6 +55,8 @@ impl Default for Settings {
             isolation: "chroot".to_owned(),
             storage_driver: "overlay".to_owned(),
             context_cache_bytes: 10 << 30,
+            emulation: true,
+            stop_grace_seconds: 600,
             log_format: LogFormat::Pretty,
         }
     }
@@ -65,6 +73,8 @@ pub const KEYS: &[&str] = &[
     "isolation",
     "storage_driver",
     "context_cache_bytes",
+    "emulation",
+    "stop_grace_seconds",
     "log_format",
 ];
 pub const LIST_KEYS: &[&str] = &["platforms"];
@@ -76,6 +86,8 @@ pub struct Valid {
     pub platforms: Vec<Platform>,
     /// The platform this binary runs on, for BUILDPLATFORM.
     pub native: Platform,
+    /// Platforms runnable only through binfmt emulation.
+    pub emulates: Vec<Platform>,
 }
 
 impl Settings {
@@ -138,8 +150,40 @@ impl Settings {
         if !matches!(self.storage_driver.as_str(), "overlay" | "vfs") {
             return Err(invalid("storage_driver", format!("{:?}: overlay or vfs", self.storage_driver)));
         }
-        Ok(Valid { settings: self, platforms, native })
+        let emulates = if self.emulation {
+            binfmt_platforms(Path::new(BINFMT_DIR))
+                .into_iter()
+                .filter(|p| !platforms.iter().any(|n| n.matches(p)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Valid { settings: self, platforms, native, emulates })
     }
+}
+
+const BINFMT_DIR: &str = "/proc/sys/fs/binfmt_misc";
+
+/// Platforms with an enabled QEMU binfmt entry (`qemu-aarch64` and so on).
+pub fn binfmt_platforms(dir: &Path) -> Vec<Platform> {
+    const ENTRIES: &[(&str, &str)] = &[
+        ("qemu-aarch64", "linux/arm64"),
+        ("qemu-arm", "linux/arm/v7"),
+        ("qemu-x86_64", "linux/amd64"),
+        ("qemu-i386", "linux/386"),
+        ("qemu-riscv64", "linux/riscv64"),
+        ("qemu-ppc64le", "linux/ppc64le"),
+        ("qemu-s390x", "linux/s390x"),
+        ("qemu-mips64el", "linux/mips64le"),
+        ("qemu-loongarch64", "linux/loong64"),
+    ];
+    ENTRIES
+        .iter()
+        .filter(|(entry, _)| {
+            std::fs::read_to_string(dir.join(entry)).is_ok_and(|s| s.lines().next() == Some("enabled"))
+        })
+        .filter_map(|(_, platform)| platform.parse().ok())
+        .collect()
 }
 
 #[cfg(test)]
@@ -148,6 +192,16 @@ mod tests {
 
     fn with(coordinator: &str) -> Settings {
         Settings { coordinator: coordinator.into(), insecure: true, name: "a1".into(), ..Settings::default() }
+    }
+
+    #[test]
+    fn reads_enabled_binfmt_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("qemu-aarch64"), "enabled\ninterpreter /usr/bin/qemu-aarch64-static\n").unwrap();
+        std::fs::write(dir.path().join("qemu-arm"), "disabled\n").unwrap();
+        std::fs::write(dir.path().join("qemu-riscv64"), "enabled\n").unwrap();
+        let found: Vec<String> = binfmt_platforms(dir.path()).iter().map(ToString::to_string).collect();
+        assert_eq!(found, ["linux/arm64", "linux/riscv64"]);
     }
 
     #[test]

@@ -120,3 +120,71 @@ impl Upload {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compressed(data: &[u8]) -> Vec<u8> {
+        zstd::encode_all(data, 3).unwrap()
+    }
+
+    fn open(dir: &Path, max: u64, keep: u64) -> ContextStore {
+        let store = Arc::new(Store::open(&dir.join("db")).unwrap());
+        ContextStore::open(&dir.join("contexts"), store, max, keep).unwrap()
+    }
+
+    fn put(contexts: &ContextStore, data: &[u8]) -> Result<(u64, u64)> {
+        let mut upload = contexts.begin(Digest::of(data))?;
+        for chunk in compressed(data).chunks(7) {
+            upload.write(chunk)?;
+        }
+        contexts.finish(upload)
+    }
+
+    #[test]
+    fn verifies_the_digest_and_keeps_nothing_on_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let contexts = open(dir.path(), 1 << 20, 1 << 30);
+        let (size, _) = put(&contexts, b"hello context").unwrap();
+        assert_eq!(size, 13);
+        assert_eq!(contexts.stat(&Digest::of(b"hello context")).unwrap(), Some(13));
+
+        let claimed = Digest::of(b"something else");
+        let mut upload = contexts.begin(claimed.clone()).unwrap();
+        upload.write(&compressed(b"the real bytes")).unwrap();
+        let e = contexts.finish(upload).unwrap_err().to_string();
+        assert!(e.contains("context digest mismatch"), "{e}");
+        assert_eq!(contexts.stat(&claimed).unwrap(), None);
+        let files = std::fs::read_dir(dir.path().join("contexts")).unwrap().count();
+        assert_eq!(files, 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn refuses_contexts_over_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let contexts = open(dir.path(), 1000, 1 << 30);
+        let big = vec![7u8; 4 << 20];
+        let e = put(&contexts, &big).unwrap_err();
+        assert!(matches!(e, CoordinatorError::ResourceExhausted(_)), "{e}");
+        assert!(e.to_string().contains("max_context_bytes"));
+    }
+
+    #[test]
+    fn evicts_least_recently_used_but_never_a_needed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let contexts = open(dir.path(), 1 << 20, 1);
+        let a: Vec<u8> = (0..5000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let b: Vec<u8> = a.iter().rev().copied().collect();
+        let c: Vec<u8> = a.iter().map(|x| x ^ 0x55).collect();
+        for data in [&a, &b, &c] {
+            put(&contexts, data).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let needed = HashSet::from([Digest::of(&a).to_string()]);
+        assert_eq!(contexts.evict(&needed).unwrap(), 2);
+        assert!(contexts.stat(&Digest::of(&a)).unwrap().is_some(), "needed by an unfinished build");
+        assert!(contexts.stat(&Digest::of(&b)).unwrap().is_none());
+        assert!(contexts.stat(&Digest::of(&c)).unwrap().is_none());
+    }
+}

@@ -134,6 +134,9 @@ pub struct JobRecord {
     /// Whether a "waiting for an agent" notice went out for this attempt.
     #[serde(default)]
     pub waiting_noticed: bool,
+    /// When it last entered the queue.
+    #[serde(default)]
+    pub queued_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -217,6 +220,10 @@ pub struct AgentEntry {
     pub sender: Option<AgentSender>,
     pub last_seen: Instant,
     pub cordoned: bool,
+    /// Platforms it can run only through emulation.
+    pub emulates: Vec<Platform>,
+    /// Stopping: takes no new jobs.
+    pub draining: bool,
 }
 
 /// Everything a merge reads from the farm.
@@ -304,6 +311,8 @@ impl Farm {
                     sender: None,
                     last_seen: now,
                     cordoned: false,
+                    emulates: Vec::new(),
+                    draining: false,
                 },
             );
         }
@@ -376,6 +385,7 @@ impl Farm {
                 finished_ms: None,
                 emulated: false,
                 waiting_noticed: false,
+                queued_ms: Some(now_ms()),
             })
             .collect();
         let record = BuildRecord {
@@ -483,9 +493,10 @@ impl Farm {
             .map(|a| AgentView {
                 name: a.name.clone(),
                 platforms: a.platforms.clone(),
+                emulates: a.emulates.clone(),
                 slots: a.slots,
                 running: a.running.len() as u32,
-                schedulable: !a.cordoned,
+                schedulable: !a.cordoned && !a.draining,
             })
             .collect();
         for b in self.builds.values() {
@@ -498,8 +509,10 @@ impl Farm {
                     build_order: b.record.order,
                     platform: j.platform.clone(),
                     affinity_key: b.affinity_key(&j.platform),
+                    allow_emulation: b.spec.allow_emulation,
                 });
-                let served = views.iter().any(|a| a.platforms.iter().any(|p| p.matches(&j.platform)));
+                let served =
+                    views.iter().any(|a| a.builds(&j.platform) || (b.spec.allow_emulation && a.emulates(&j.platform)));
                 if !served && !j.waiting_noticed {
                     waiting.push((b.record.id.clone(), j.id.clone(), j.platform.clone()));
                 }
@@ -525,15 +538,15 @@ impl Farm {
             .values()
             .flat_map(|b| b.record.jobs.iter().map(|j| (j.id.clone(), b.record.id.clone())))
             .collect();
-        for (job_id, agent) in scheduler::assign(&queue, &views, &self.last_agent) {
-            if let Some(build_id) = job_build.get(&job_id) {
-                self.lease(build_id, &job_id, &agent)?;
+        for placement in scheduler::assign(&queue, &views, &self.last_agent) {
+            if let Some(build_id) = job_build.get(&placement.job_id) {
+                self.lease(build_id, &placement.job_id, &placement.agent, placement.emulated)?;
             }
         }
         Ok(())
     }
 
-    fn lease(&mut self, build_id: &str, job_id: &str, agent_name: &str) -> Result<()> {
+    fn lease(&mut self, build_id: &str, job_id: &str, agent_name: &str, emulated: bool) -> Result<()> {
         let lease = uuid::Uuid::new_v4().simple().to_string();
         let insecure = self.insecure_registries.clone();
         let Some(b) = self.builds.get_mut(build_id) else {
@@ -552,6 +565,7 @@ impl Farm {
         job.attempt += 1;
         job.status = JobStatus::Assigned { agent: agent_name.to_owned(), lease: lease.clone() };
         job.last_agent = agent_name.to_owned();
+        job.emulated = emulated;
         job.started_ms.get_or_insert_with(now_ms);
         job.waiting_noticed = false;
         let assignment = proto::Assignment {
@@ -563,7 +577,7 @@ impl Farm {
             spec: Some(spec),
             push_repositories,
             insecure_registries: insecure,
-            emulated: false,
+            emulated,
         };
         let mut events = vec![Self::job_event(job)];
         if first_start {
@@ -585,6 +599,7 @@ impl Farm {
         &mut self,
         hello: &proto::Hello,
         platforms: Vec<Platform>,
+        emulates: Vec<Platform>,
         sender: AgentSender,
     ) -> Result<u64> {
         let session = self.next_session;
@@ -638,6 +653,8 @@ impl Farm {
                 sender: Some(sender),
                 last_seen: Instant::now(),
                 cordoned: false,
+                emulates,
+                draining: false,
             },
         );
         for (build_id, job_id) in lost {
@@ -661,6 +678,48 @@ impl Farm {
         {
             agent.last_seen = Instant::now();
         }
+    }
+
+    /// The agent said it is stopping: no new jobs for it.
+    pub fn set_draining(&mut self, name: &str, session: u64, draining: bool) {
+        if let Some(agent) = self.agents.get_mut(name)
+            && agent.session == session
+            && agent.draining != draining
+        {
+            agent.draining = draining;
+            tracing::info!(agent = name, draining, "agent drain state changed");
+        }
+    }
+
+    /// Fails builds past their `--timeout` and jobs that waited longer than
+    /// `queue_timeout` for an agent.
+    pub fn check_timeouts(&mut self, queue_timeout: Option<Duration>) -> Result<()> {
+        let now = now_ms();
+        let mut expired: Vec<(String, String, String)> = Vec::new();
+        for b in self.builds.values().filter(|b| !b.record.status.is_terminal()) {
+            let limit = u64::from(b.spec.timeout_seconds);
+            if limit > 0 && now - b.record.created_ms > (limit * 1000) as i64 {
+                expired.push((b.record.id.clone(), String::new(), format!("timed out after {limit}s (--timeout)")));
+                continue;
+            }
+            let Some(wait) = queue_timeout else { continue };
+            for j in b.record.jobs.iter().filter(|j| j.status == JobStatus::Pending) {
+                let since = j.queued_ms.unwrap_or(b.record.created_ms);
+                if now - since > wait.as_millis() as i64 {
+                    let message = format!(
+                        "{}: no agent took the job within {}s (queue_timeout_seconds)",
+                        j.platform,
+                        wait.as_secs()
+                    );
+                    expired.push((b.record.id.clone(), j.id.clone(), message));
+                    break;
+                }
+            }
+        }
+        for (build_id, job_id, message) in expired {
+            self.fail_build(&build_id, &job_id, message)?;
+        }
+        Ok(())
     }
 
     /// Declares lost the agents unheard of for `lost_after`, and re-queues
@@ -702,6 +761,7 @@ impl Farm {
             return self.fail_build(build_id, job_id, message);
         }
         job.status = JobStatus::Pending;
+        job.queued_ms = Some(now_ms());
         job.message = format!("{why}; re-queued");
         let event = Self::job_event(job);
         tracing::info!(build_id, job_id, why, "job re-queued");

@@ -29,9 +29,10 @@ fn connect(farm: &mut Farm, name: &str, platforms: &[&str]) -> (u64, Inbox) {
         backend: "buildah".into(),
         version: "test".into(),
         running: vec![],
+        emulated_platforms: vec![],
     };
     let parsed = platforms.iter().map(|p| p.parse().unwrap()).collect();
-    (farm.agent_connected(&hello, parsed, tx).unwrap(), rx)
+    (farm.agent_connected(&hello, parsed, vec![], tx).unwrap(), rx)
 }
 
 fn submit(farm: &mut Farm, platforms: &[&str]) -> String {

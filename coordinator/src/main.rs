@@ -39,6 +39,12 @@ struct Args {
     /// Seconds without a heartbeat before an agent is lost [default: 30]
     #[arg(long, value_name = "SECONDS")]
     agent_lost_seconds: Option<u32>,
+    /// Seconds between agent heartbeats [default: 5]
+    #[arg(long, value_name = "SECONDS")]
+    heartbeat_seconds: Option<u32>,
+    /// Seconds a job may wait for an agent before its build fails; 0 waits forever [default: 1800]
+    #[arg(long = "queue-timeout", value_name = "SECONDS")]
+    queue_timeout_seconds: Option<u32>,
     /// Log format: pretty or json [default: pretty]
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
@@ -61,6 +67,12 @@ impl Args {
         }
         if self.insecure {
             o.push(("insecure", true.into()));
+        }
+        if let Some(v) = self.heartbeat_seconds {
+            o.push(("heartbeat_seconds", v.into()));
+        }
+        if let Some(v) = self.queue_timeout_seconds {
+            o.push(("queue_timeout_seconds", v.into()));
         }
         if let Some(v) = self.agent_lost_seconds {
             o.push(("agent_lost_seconds", v.into()));

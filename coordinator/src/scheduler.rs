@@ -13,6 +13,16 @@ pub struct QueuedJob {
     pub platform: Platform,
     /// Repository and platform: the agent that last built it has a warm cache.
     pub affinity_key: String,
+    /// The build allows emulation where no agent builds the platform natively.
+    pub allow_emulation: bool,
+}
+
+/// One placement decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub job_id: String,
+    pub agent: String,
+    pub emulated: bool,
 }
 
 /// What the scheduler needs to know of one agent.
@@ -20,27 +30,37 @@ pub struct QueuedJob {
 pub struct AgentView {
     pub name: String,
     pub platforms: Vec<Platform>,
+    /// Platforms it runs only through emulation.
+    pub emulates: Vec<Platform>,
     pub slots: u32,
     pub running: u32,
     pub schedulable: bool,
 }
 
 impl AgentView {
-    fn builds(&self, platform: &Platform) -> bool {
+    pub fn builds(&self, platform: &Platform) -> bool {
         self.platforms.iter().any(|p| p.matches(platform))
+    }
+
+    pub fn emulates(&self, platform: &Platform) -> bool {
+        self.emulates.iter().any(|p| p.matches(platform))
     }
 }
 
 /// Assigns queued jobs to agents: only to an agent that builds the platform
 /// natively, is schedulable and has a free slot; preferring the agent that
-/// built the same affinity key last, then the least loaded. Builds take turns
+/// built the same affinity key last, then the least loaded, then the one
+/// warm for the fewest other keys (so repositories spread). Builds take turns
 /// (one job each per round), so one wide build cannot starve the others.
-pub fn assign(
-    queue: &[QueuedJob],
-    agents: &[AgentView],
-    last_agent: &HashMap<String, String>,
-) -> Vec<(String, String)> {
+///
+/// A job whose build allows emulation may go to an agent that emulates its
+/// platform, but only while no schedulable agent builds it natively.
+pub fn assign(queue: &[QueuedJob], agents: &[AgentView], last_agent: &HashMap<String, String>) -> Vec<Placement> {
     let mut running: Vec<u32> = agents.iter().map(|a| a.running).collect();
+    let mut warm_keys: HashMap<&str, usize> = HashMap::new();
+    for agent in last_agent.values() {
+        *warm_keys.entry(agent.as_str()).or_default() += 1;
+    }
     let mut by_build: BTreeMap<u64, Vec<&QueuedJob>> = BTreeMap::new();
     for job in queue {
         by_build.entry(job.build_order).or_default().push(job);
@@ -51,17 +71,15 @@ pub fn assign(
         let mut progressed = false;
         for lane in &mut lanes {
             // Take this build's first job that can be placed now.
-            let Some(pos) = lane.iter().position(|job| pick(job, agents, &running, last_agent).is_some()) else {
-                continue;
-            };
-            let Some(job) = lane.remove(pos) else {
-                continue;
-            };
-            if let Some(i) = pick(job, agents, &running, last_agent) {
-                running[i] += 1;
-                out.push((job.job_id.clone(), agents[i].name.clone()));
-                progressed = true;
-            }
+            let found = lane
+                .iter()
+                .enumerate()
+                .find_map(|(pos, job)| pick(job, agents, &running, last_agent, &warm_keys).map(|choice| (pos, choice)));
+            let Some((pos, (i, emulated))) = found else { continue };
+            let Some(job) = lane.remove(pos) else { continue };
+            running[i] += 1;
+            out.push(Placement { job_id: job.job_id.clone(), agent: agents[i].name.clone(), emulated });
+            progressed = true;
         }
         if !progressed {
             return out;
@@ -69,20 +87,31 @@ pub fn assign(
     }
 }
 
-fn pick(job: &QueuedJob, agents: &[AgentView], running: &[u32], last_agent: &HashMap<String, String>) -> Option<usize> {
-    let candidates =
-        agents.iter().enumerate().filter(|(i, a)| a.schedulable && running[*i] < a.slots && a.builds(&job.platform));
-    let mut best: Option<(usize, (bool, u64, &str))> = None;
+/// The agent for a job and whether it would emulate, if any agent can take it now.
+fn pick(
+    job: &QueuedJob,
+    agents: &[AgentView],
+    running: &[u32],
+    last_agent: &HashMap<String, String>,
+    warm_keys: &HashMap<&str, usize>,
+) -> Option<(usize, bool)> {
+    let native_exists = agents.iter().any(|a| a.schedulable && a.builds(&job.platform));
+    let emulated = !native_exists && job.allow_emulation;
+    let fits = |a: &AgentView| if emulated { a.emulates(&job.platform) } else { a.builds(&job.platform) };
+    let candidates = agents.iter().enumerate().filter(|(i, a)| a.schedulable && running[*i] < a.slots && fits(a));
+    // Lower sorts first: warm, then least loaded, then fewest warm keys, then name.
+    type Preference<'a> = (bool, u64, usize, &'a str);
+    let mut best: Option<(usize, Preference)> = None;
     for (i, agent) in candidates {
         let warm = last_agent.get(&job.affinity_key) == Some(&agent.name);
-        // Cold before warm sorts last, so invert: lower key wins.
         let load = u64::from(running[i]) * 1_000_000 / u64::from(agent.slots.max(1));
-        let key = (!warm, load, agent.name.as_str());
+        let spread = warm_keys.get(agent.name.as_str()).copied().unwrap_or(0);
+        let key = (!warm, load, spread, agent.name.as_str());
         if best.as_ref().is_none_or(|(_, b)| key < *b) {
             best = Some((i, key));
         }
     }
-    best.map(|(i, _)| i)
+    best.map(|(i, _)| (i, emulated))
 }
 
 #[cfg(test)]
@@ -98,6 +127,7 @@ mod tests {
         AgentView {
             name: name.into(),
             platforms: platforms.iter().map(|s| p(s)).collect(),
+            emulates: vec![],
             slots,
             running,
             schedulable: true,
@@ -105,7 +135,13 @@ mod tests {
     }
 
     fn job(id: &str, build: u64, platform: &str, key: &str) -> QueuedJob {
-        QueuedJob { job_id: id.into(), build_order: build, platform: p(platform), affinity_key: key.into() }
+        QueuedJob {
+            job_id: id.into(),
+            build_order: build,
+            platform: p(platform),
+            affinity_key: key.into(),
+            allow_emulation: false,
+        }
     }
 
     #[test]
@@ -117,10 +153,37 @@ mod tests {
         ];
         let queue = [job("1", 1, "linux/amd64", "r|amd64"), job("2", 1, "linux/aarch64", "r|arm64")];
         let out = assign(&queue, &agents, &HashMap::new());
-        assert_eq!(out, [("1".into(), "amd".into()), ("2".into(), "arm-b".into())]);
+        assert_eq!(pairs(&out), [("1", "amd"), ("2", "arm-b")]);
         let warm = HashMap::from([("r|arm64".to_owned(), "arm-a".to_owned())]);
         let out = assign(&queue[1..], &agents, &warm);
-        assert_eq!(out, [("2".into(), "arm-a".into())]);
+        assert_eq!(pairs(&out), [("2", "arm-a")]);
+    }
+
+    fn pairs(out: &[Placement]) -> Vec<(&str, &str)> {
+        out.iter().map(|p| (p.job_id.as_str(), p.agent.as_str())).collect()
+    }
+
+    #[test]
+    fn emulation_only_when_asked_and_no_native_agent_exists() {
+        let mut amd = agent("amd", &["linux/amd64"], 2, 0);
+        amd.emulates = vec![p("linux/arm64")];
+        let arm = agent("arm", &["linux/arm64"], 1, 1);
+        let wants = |allow| QueuedJob { allow_emulation: allow, ..job("1", 1, "linux/arm64", "k") };
+        assert!(assign(&[wants(false)], std::slice::from_ref(&amd), &HashMap::new()).is_empty(), "not asked");
+        let out = assign(&[wants(true)], std::slice::from_ref(&amd), &HashMap::new());
+        assert_eq!(out, [Placement { job_id: "1".into(), agent: "amd".into(), emulated: true }]);
+        // A busy native agent is waited for rather than emulated.
+        assert!(assign(&[wants(true)], &[amd, arm], &HashMap::new()).is_empty());
+    }
+
+    #[test]
+    fn a_second_repository_spreads_to_the_cold_agent() {
+        let agents = [agent("arm-a", &["linux/arm64"], 1, 0), agent("arm-b", &["linux/arm64"], 1, 0)];
+        let warm = HashMap::from([("repo-one|linux/arm64".to_owned(), "arm-a".to_owned())]);
+        let out = assign(&[job("1", 1, "linux/arm64", "repo-two|linux/arm64")], &agents, &warm);
+        assert_eq!(pairs(&out), [("1", "arm-b")]);
+        let out = assign(&[job("2", 1, "linux/arm64", "repo-one|linux/arm64")], &agents, &warm);
+        assert_eq!(pairs(&out), [("2", "arm-a")]);
     }
 
     #[test]
@@ -141,7 +204,7 @@ mod tests {
             job("small-1", 2, "linux/amd64", "b"),
         ];
         let out = assign(&queue, &agents, &HashMap::new());
-        let ids: Vec<&str> = out.iter().map(|(j, _)| j.as_str()).collect();
+        let ids: Vec<&str> = out.iter().map(|p| p.job_id.as_str()).collect();
         assert_eq!(ids, ["wide-1", "small-1"]);
     }
 
@@ -157,28 +220,36 @@ mod tests {
             let agents: Vec<AgentView> = agent_specs.iter().enumerate().map(|(i, (ps, slots, running, ok))| AgentView {
                 name: format!("a{i}"),
                 platforms: ps.iter().map(|s| p(s)).collect(),
+                emulates: vec![p("linux/riscv64")],
                 slots: *slots,
                 running: (*running).min(*slots),
                 schedulable: *ok,
             }).collect();
             let queue: Vec<QueuedJob> = job_specs.iter().enumerate()
-                .map(|(i, (b, pl))| job(&i.to_string(), *b, pl, pl)).collect();
+                .map(|(i, (b, pl))| QueuedJob { allow_emulation: i % 2 == 0, ..job(&i.to_string(), *b, pl, pl) }).collect();
             let out = assign(&queue, &agents, &HashMap::new());
 
             let mut load: HashMap<&str, u32> = agents.iter().map(|a| (a.name.as_str(), a.running)).collect();
             let mut seen = std::collections::HashSet::new();
-            for (job_id, agent_name) in &out {
+            for Placement { job_id, agent: agent_name, emulated } in &out {
                 prop_assert!(seen.insert(job_id.clone()), "job assigned twice");
                 let j = queue.iter().find(|j| &j.job_id == job_id).unwrap();
                 let a = agents.iter().find(|a| &a.name == agent_name).unwrap();
                 prop_assert!(a.schedulable);
-                prop_assert!(a.builds(&j.platform));
+                if *emulated {
+                    prop_assert!(a.emulates(&j.platform));
+                    prop_assert!(!agents.iter().any(|x| x.schedulable && x.builds(&j.platform)), "emulated while a native agent exists");
+                } else {
+                    prop_assert!(a.builds(&j.platform));
+                }
                 *load.get_mut(a.name.as_str()).unwrap() += 1;
                 prop_assert!(load[a.name.as_str()] <= a.slots, "agent over capacity");
             }
             // Maximal: no job left that some agent could still take.
             for j in queue.iter().filter(|j| !seen.contains(&j.job_id)) {
-                let placeable = agents.iter().any(|a| a.schedulable && a.builds(&j.platform) && load[a.name.as_str()] < a.slots);
+                let native_exists = agents.iter().any(|a| a.schedulable && a.builds(&j.platform));
+                let fits = |a: &AgentView| if !native_exists && j.allow_emulation { a.emulates(&j.platform) } else { a.builds(&j.platform) };
+                let placeable = agents.iter().any(|a| a.schedulable && fits(a) && load[a.name.as_str()] < a.slots);
                 prop_assert!(!placeable, "job {} left unassigned with a free agent", j.job_id);
             }
         }

@@ -105,7 +105,9 @@ impl Coordinator {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
             let result = {
                 let mut farm = self.farm();
-                farm.reap(self.settings.agent_lost_after()).and_then(|()| farm.schedule())
+                farm.reap(self.settings.agent_lost_after())
+                    .and_then(|()| farm.check_timeouts(self.settings.queue_timeout()))
+                    .and_then(|()| farm.schedule())
             };
             if let Err(e) = result {
                 tracing::error!(error = %e, "scheduling failed");

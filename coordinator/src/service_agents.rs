@@ -36,8 +36,9 @@ fn valid_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Checks a hello; returns the agent's parsed platforms.
-fn check_hello(hello: &proto::Hello) -> Result<Vec<Platform>, Status> {
+/// Checks a hello; returns the platforms the agent builds natively and
+/// those it emulates.
+fn check_hello(hello: &proto::Hello) -> Result<(Vec<Platform>, Vec<Platform>), Status> {
     if !valid_name(&hello.name) {
         return Err(Status::invalid_argument(format!(
             "hello.name: {:?} must be 1 to {} letters, digits, '.', '_' or '-'",
@@ -59,7 +60,15 @@ fn check_hello(hello: &proto::Hello) -> Result<Vec<Platform>, Status> {
     if hello.running.len() > limits::AGENT_SLOTS as usize {
         return Err(Status::invalid_argument("hello.running: more jobs than slots allow"));
     }
-    Ok(platforms)
+    if hello.emulated_platforms.len() > limits::PLATFORMS {
+        return Err(Status::invalid_argument(format!("hello.emulated_platforms: at most {}", limits::PLATFORMS)));
+    }
+    let emulates = hello
+        .emulated_platforms
+        .iter()
+        .map(|p| p.parse::<Platform>().map_err(|e| Status::invalid_argument(format!("hello.emulated_platforms: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((platforms, emulates))
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
@@ -77,7 +86,7 @@ impl Agents for AgentsService {
         let Some(proto::AgentMessage { kind: Some(FromAgent::Hello(hello)) }) = first else {
             return Err(Status::invalid_argument("the first message of a session must be a hello"));
         };
-        let platforms = check_hello(&hello)?;
+        let (platforms, emulates) = check_hello(&hello)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = tx.send(Ok(proto::CoordinatorMessage {
             kind: Some(proto::coordinator_message::Kind::Welcome(proto::Welcome {
@@ -85,11 +94,12 @@ impl Agents for AgentsService {
             })),
         }));
         let name = hello.name.clone();
-        let session = self.coordinator.farm().agent_connected(&hello, platforms.clone(), tx)?;
+        let session = self.coordinator.farm().agent_connected(&hello, platforms.clone(), emulates.clone(), tx)?;
         let span = tracing::info_span!("agent_session", agent = %name, session);
         span.in_scope(|| {
             tracing::info!(
                 platforms = ?platforms.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                emulates = ?emulates.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 slots = hello.slots,
                 backend = %hello.backend,
                 version = %hello.version,
@@ -156,8 +166,9 @@ async fn read_session(
                 FromAgent::Hello(_) => {
                     return Err(Status::invalid_argument("a second hello in one session"));
                 }
-                FromAgent::Heartbeat(_) => {
+                FromAgent::Heartbeat(beat) => {
                     farm.heartbeat(name, session);
+                    farm.set_draining(name, session, beat.draining);
                     None
                 }
                 FromAgent::Log(log) => {

@@ -37,6 +37,9 @@ pub struct Settings {
     /// Bytes of stored contexts kept; past that the least recently used
     /// ones no unfinished build needs are removed. Default 20 GiB.
     pub context_store_bytes: u64,
+    /// Seconds a job may wait for an agent before its build fails; 0 waits
+    /// forever. Default 1800.
+    pub queue_timeout_seconds: u32,
     /// Log format, `pretty` or `json`. Default `pretty`.
     pub log_format: LogFormat,
 }
@@ -54,6 +57,7 @@ impl Default for Settings {
             max_attempts: 3,
             max_context_bytes: braid_shared::limits::CONTEXT_BYTES,
             context_store_bytes: 20 << 30,
+            queue_timeout_seconds: 1800,
             log_format: LogFormat::Pretty,
         }
     }
@@ -71,6 +75,7 @@ pub const KEYS: &[&str] = &[
     "max_attempts",
     "max_context_bytes",
     "context_store_bytes",
+    "queue_timeout_seconds",
     "log_format",
 ];
 pub const LIST_KEYS: &[&str] = &["insecure_registries"];
@@ -120,6 +125,10 @@ impl Settings {
             return Err(invalid("context_store_bytes", "must be at least max_context_bytes".into()));
         }
         Ok((addr, http))
+    }
+
+    pub fn queue_timeout(&self) -> Option<Duration> {
+        (self.queue_timeout_seconds > 0).then(|| Duration::from_secs(self.queue_timeout_seconds.into()))
     }
 
     pub fn agent_lost_after(&self) -> Duration {

@@ -135,6 +135,9 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
         )));
     }
     check_map("labels", &spec.labels, |k| !k.is_empty() && !k.contains(['\0', '\n']))?;
+    if spec.timeout_seconds > 7 * 24 * 3600 {
+        return Err(invalid("timeout_seconds: at most 7 days".into()));
+    }
     if !spec.target.is_empty() && !is_stage_name(&spec.target) {
         return Err(invalid(format!("target: invalid stage name {:?}", braid_shared::shorten(&spec.target, 80))));
     }

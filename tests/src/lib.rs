@@ -19,8 +19,12 @@ pub fn workspace() -> PathBuf {
 /// A braid binary built by `cargo build --workspace`.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> -> target/<profile>/<bin>
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    // Tests run from target/<profile>/deps/, binaries from target/<profile>/.
+    let here = exe.parent().unwrap();
+    let path = [here.join(name), here.parent().unwrap().join(name)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| here.join(name));
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --workspace` before the end-to-end tests (tests/run.sh does)",
@@ -273,6 +277,16 @@ pub struct Farm {
 
 impl Farm {
     pub fn start(dir: &Path, registry: &Registry, agents: &[AgentSpec]) -> anyhow::Result<Farm> {
+        Farm::start_with(dir, Some(&registry.addr), agents, &[])
+    }
+
+    /// A farm with extra coordinator flags, and a registry address or none.
+    pub fn start_with(
+        dir: &Path,
+        registry: Option<&str>,
+        agents: &[AgentSpec],
+        extra: &[&str],
+    ) -> anyhow::Result<Farm> {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let http = format!("127.0.0.1:{}", free_port());
@@ -282,11 +296,14 @@ impl Farm {
             format!("127.0.0.1:{port}"),
             "--data-dir".to_owned(),
             dir.join("coordinator").display().to_string(),
-            "--insecure-registry".to_owned(),
-            registry.addr.clone(),
             "--http-listen".to_owned(),
             http.clone(),
         ];
+        let mut coordinator_args = coordinator_args;
+        if let Some(addr) = registry {
+            coordinator_args.extend(["--insecure-registry".to_owned(), addr.to_owned()]);
+        }
+        coordinator_args.extend(extra.iter().map(|s| s.to_string()));
         let mut farm = Farm { dir: dir.to_owned(), url, http, agents: Vec::new(), coordinator: None, coordinator_args };
         farm.start_coordinator()?;
         for spec in agents {

@@ -41,6 +41,15 @@ pub struct BuildArgs {
     /// Push every platform and the multi-platform index under the tags
     #[arg(long)]
     push: bool,
+    /// Let a platform no agent builds natively go to an agent that emulates it (QEMU, slow)
+    #[arg(long)]
+    allow_emulation: bool,
+    /// Fail the build if it has not finished within this time, e.g. 90s, 20m, 1h30m
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    timeout: Option<u32>,
+    /// Submit and print the build id without following it (Ctrl-C then does not cancel)
+    #[arg(long)]
+    detach: bool,
     /// Write the build result metadata (buildx's keys) to FILE
     #[arg(long, value_name = "FILE")]
     metadata_file: Option<PathBuf>,
@@ -175,9 +184,15 @@ pub async fn run(url: &str, args: BuildArgs) -> anyhow::Result<i32> {
         labels,
         no_cache: args.no_cache,
         push: args.push,
+        allow_emulation: args.allow_emulation,
+        timeout_seconds: args.timeout.unwrap_or(0),
     };
     let build_id = client.submit(proto::SubmitRequest { spec: Some(spec) }).await?.into_inner().build_id;
     say(format!("#2 build {build_id} submitted"));
+    if args.detach {
+        println!("{build_id}");
+        return Ok(0);
+    }
 
     let outcome = tokio::select! {
         outcome = follow(&mut client, &build_id, progress) => outcome?,
@@ -351,6 +366,34 @@ fn summarize(build: &proto::Build, progress: Progress, metadata_file: Option<&st
             .with_context(|| format!("writing the metadata file {path:?}"))?;
     }
     Ok(())
+}
+
+/// `90`, `90s`, `20m`, `1h30m` as seconds.
+fn parse_duration(raw: &str) -> Result<u32, String> {
+    let err = || format!("invalid duration {raw:?}: use e.g. 90s, 20m or 1h30m");
+    let mut total: u64 = 0;
+    let mut number = String::new();
+    for c in raw.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return Err(err()),
+        };
+        total += number.parse::<u64>().map_err(|_| err())? * unit;
+        number.clear();
+    }
+    if !number.is_empty() {
+        total += number.parse::<u64>().map_err(|_| err())?;
+    }
+    if total == 0 || total > 7 * 24 * 3600 {
+        return Err(format!("invalid duration {raw:?}: from 1s to 7 days"));
+    }
+    u32::try_from(total).map_err(|_| err())
 }
 
 fn rate(bytes_per_second: f64) -> String {

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# braid's benchmarks, in one command: builds release binaries, then runs
+# every benchmark (or the one named: context) and prints its tables.
+#
+#   bash tests/bench.sh [context]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
+cargo build --release --workspace --bins
+exec target/release/braid-bench "${1:-all}"
