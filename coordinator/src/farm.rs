@@ -39,7 +39,7 @@ impl BuildStatus {
         matches!(self, BuildStatus::Succeeded | BuildStatus::Failed | BuildStatus::Cancelled)
     }
 
-    fn to_proto(self) -> proto::BuildState {
+    pub fn to_proto(self) -> proto::BuildState {
         match self {
             BuildStatus::Queued => proto::BuildState::Queued,
             BuildStatus::Running => proto::BuildState::Running,

@@ -39,6 +39,9 @@ struct Args {
     /// Seconds without a heartbeat before an agent is lost [default: 30]
     #[arg(long, value_name = "SECONDS")]
     agent_lost_seconds: Option<u32>,
+    /// Attempts per job before an agent or network failure fails the build [default: 3]
+    #[arg(long, value_name = "N")]
+    max_attempts: Option<u32>,
     /// Seconds between agent heartbeats [default: 5]
     #[arg(long, value_name = "SECONDS")]
     heartbeat_seconds: Option<u32>,
@@ -67,6 +70,9 @@ impl Args {
         }
         if self.insecure {
             o.push(("insecure", true.into()));
+        }
+        if let Some(v) = self.max_attempts {
+            o.push(("max_attempts", v.into()));
         }
         if let Some(v) = self.heartbeat_seconds {
             o.push(("heartbeat_seconds", v.into()));

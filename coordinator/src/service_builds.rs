@@ -132,7 +132,7 @@ impl Builds for BuildsService {
                     done = is_final(&event);
                     yield event;
                 }
-                if done || (sub.terminal && replayed == 0) {
+                if done || (replayed == 0 && (sub.terminal || req.history_only)) {
                     break;
                 }
                 if replayed == REPLAY_BATCH {
@@ -172,7 +172,15 @@ impl Builds for BuildsService {
             n => n,
         } as usize;
         let farm = self.coordinator.farm();
-        let mut builds: Vec<_> = farm.builds.values().collect();
+        let state = req.get_ref().state;
+        if proto::BuildState::try_from(state).is_err() {
+            return Err(Status::invalid_argument(format!("state: unknown build state {state}")));
+        }
+        let mut builds: Vec<_> = farm
+            .builds
+            .values()
+            .filter(|b| state == proto::BuildState::Unspecified as i32 || b.record.status.to_proto() as i32 == state)
+            .collect();
         builds.sort_by_key(|b| std::cmp::Reverse(b.record.order));
         let builds = builds.into_iter().take(limit).map(|b| b.to_proto()).collect();
         Ok(Response::new(proto::ListBuildsResponse { builds }))

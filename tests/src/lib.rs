@@ -80,7 +80,8 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
-        let file = std::fs::File::create(log)?;
+        // Append: a restarted process keeps its earlier lines.
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
@@ -128,10 +129,15 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<
     })
 }
 
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
 /// A `docker-registry` (the CNCF distribution registry) on loopback.
 pub struct Registry {
     pub addr: String,
-    _proc: Proc,
+    proc: Option<Proc>,
 }
 
 impl Registry {
@@ -156,7 +162,12 @@ impl Registry {
             let out = Command::new("curl").args(["-fsS", "-o", "/dev/null", &url]).output().ok()?;
             out.status.success().then_some(())
         })?;
-        Ok(Registry { addr, _proc: proc })
+        Ok(Registry { addr, proc: Some(proc) })
+    }
+
+    /// Stops the registry (as an outage would).
+    pub fn stop(&mut self) {
+        self.proc = None;
     }
 
     /// Pushes the offline multi-platform busybox base image.
@@ -258,10 +269,21 @@ fn braid_sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default())
 }
 
-/// One agent to start: its name and declared platforms (empty: detected).
+/// One agent to start: its name, declared platforms (empty: detected) and slots.
 pub struct AgentSpec {
     pub name: &'static str,
     pub platforms: &'static [&'static str],
+    pub slots: u32,
+}
+
+impl AgentSpec {
+    pub const fn new(name: &'static str, platforms: &'static [&'static str]) -> AgentSpec {
+        AgentSpec { name, platforms, slots: 1 }
+    }
+
+    pub const fn slots(self, slots: u32) -> AgentSpec {
+        AgentSpec { slots, ..self }
+    }
 }
 
 /// A coordinator and agents on loopback, sharing one registry.
@@ -313,6 +335,7 @@ impl Farm {
             for p in spec.platforms {
                 cmd.args(["--platform", p]);
             }
+            cmd.args(["--slots", &spec.slots.to_string()]);
             farm.agents.push(Proc::spawn(spec.name, &mut cmd, &dir.join(format!("{}.log", spec.name)))?);
         }
         Ok(farm)
@@ -327,6 +350,25 @@ impl Farm {
         eventually(Duration::from_secs(20), "the coordinator to listen", || {
             std::net::TcpStream::connect(&addr).ok().map(drop)
         })
+    }
+
+    /// Sends `signal` (e.g. "KILL", "STOP", "CONT", "TERM") to an agent.
+    pub fn signal_agent(&self, name: &str, signal: &str) {
+        let agent = self.agents.iter().find(|a| a.name == name).unwrap_or_else(|| panic!("no agent {name}"));
+        send_signal(agent.pid(), signal);
+    }
+
+    /// kill -9 the coordinator, as a crash would.
+    pub fn crash_coordinator(&mut self) {
+        if let Some(c) = &self.coordinator {
+            send_signal(c.pid(), "KILL");
+        }
+        self.coordinator = None;
+    }
+
+    /// The text of a process's log so far.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
 
     /// Waits until the coordinator's log shows `count` agents connected.

@@ -38,9 +38,9 @@ fn context_is_filtered_like_docker_and_sent_once() {
         dir,
         &registry,
         &[
-            AgentSpec { name: "amd64-agent", platforms: &[] },
-            AgentSpec { name: "arm64-agent", platforms: &["linux/arm64"] },
-            AgentSpec { name: "armv7-agent", platforms: &["linux/arm/v7"] },
+            AgentSpec::new("amd64-agent", &[]),
+            AgentSpec::new("arm64-agent", &["linux/arm64"]),
+            AgentSpec::new("armv7-agent", &["linux/arm/v7"]),
         ],
     )
     .unwrap();

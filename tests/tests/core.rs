@@ -41,9 +41,9 @@ fn one_build_three_native_agents_one_index() {
         dir,
         &registry,
         &[
-            AgentSpec { name: "amd64-agent", platforms: &[] },
-            AgentSpec { name: "arm64-agent", platforms: &["linux/arm64"] },
-            AgentSpec { name: "armv7-agent", platforms: &["linux/arm/v7"] },
+            AgentSpec::new("amd64-agent", &[]),
+            AgentSpec::new("arm64-agent", &["linux/arm64"]),
+            AgentSpec::new("armv7-agent", &["linux/arm/v7"]),
         ],
     )
     .unwrap();

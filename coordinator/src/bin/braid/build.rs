@@ -61,7 +61,7 @@ pub struct BuildArgs {
     path: PathBuf,
 }
 
-async fn connect(url: &str) -> anyhow::Result<BuildsClient<Channel>> {
+pub async fn connect(url: &str) -> anyhow::Result<BuildsClient<Channel>> {
     if !url.starts_with("http://") {
         bail!("coordinator {url:?}: only http:// (plaintext, loopback) is available in this version");
     }
@@ -224,8 +224,10 @@ async fn follow(
     let mut after = 0;
     let mut retries = 0;
     loop {
-        let mut stream =
-            client.watch(proto::WatchRequest { build_id: build_id.to_owned(), after_seq: after }).await?.into_inner();
+        let mut stream = client
+            .watch(proto::WatchRequest { build_id: build_id.to_owned(), after_seq: after, history_only: false })
+            .await?
+            .into_inner();
         loop {
             match stream.message().await {
                 Ok(Some(event)) => {
@@ -247,7 +249,7 @@ async fn follow(
     }
 }
 
-fn state_word(state: proto::BuildState) -> &'static str {
+pub fn state_word(state: proto::BuildState) -> &'static str {
     match state {
         proto::BuildState::Succeeded => "succeeded",
         proto::BuildState::Failed => "failed",
@@ -256,7 +258,7 @@ fn state_word(state: proto::BuildState) -> &'static str {
     }
 }
 
-fn job_word(state: i32) -> &'static str {
+pub fn job_word(state: i32) -> &'static str {
     match proto::JobState::try_from(state).unwrap_or_default() {
         proto::JobState::Pending => "pending",
         proto::JobState::Assigned => "assigned",
@@ -300,7 +302,7 @@ fn print_event(event: &proto::BuildEvent, progress: Progress) -> Option<proto::B
     None
 }
 
-fn seconds(job: &proto::Job) -> f64 {
+pub fn seconds(job: &proto::Job) -> f64 {
     match (&job.started, &job.finished) {
         (Some(s), Some(f)) => (f.seconds - s.seconds) as f64 + f64::from(f.nanos - s.nanos) / 1e9,
         _ => 0.0,

@@ -1,0 +1,208 @@
+//! Commands for following and inspecting builds: `logs`, `inspect`, `builds`.
+
+use serde_json::{Value, json};
+
+use braid_shared::Platform;
+use braid_shared::proto::{self, build_event::Kind};
+
+use crate::build::{connect, job_word, seconds};
+
+/// How listings print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+fn time(t: &Option<prost_types::Timestamp>) -> Value {
+    t.as_ref().map_or(Value::Null, |t| json!(t.seconds as f64 + f64::from(t.nanos) / 1e9))
+}
+
+fn build_state_name(state: i32) -> &'static str {
+    match proto::BuildState::try_from(state).unwrap_or_default() {
+        proto::BuildState::Queued => "queued",
+        proto::BuildState::Running => "running",
+        proto::BuildState::Merging => "merging",
+        proto::BuildState::Succeeded => "succeeded",
+        proto::BuildState::Failed => "failed",
+        proto::BuildState::Cancelled => "cancelled",
+        proto::BuildState::Unspecified => "unknown",
+    }
+}
+
+fn image_json(r: &Option<proto::ImageResult>) -> Value {
+    r.as_ref().map_or(Value::Null, |r| json!({"digest": r.digest, "size": r.size, "mediaType": r.media_type}))
+}
+
+pub fn event_json(e: &proto::BuildEvent) -> Value {
+    let mut v = json!({"seq": e.seq, "build_id": e.build_id, "time": time(&e.time)});
+    let extra = match &e.kind {
+        Some(Kind::Build(b)) => {
+            json!({"type": "build", "state": build_state_name(b.state), "message": b.message, "index": image_json(&b.index)})
+        }
+        Some(Kind::Job(j)) => json!({
+            "type": "job", "job_id": j.job_id, "platform": j.platform, "state": job_word(j.state), "agent": j.agent,
+            "attempt": j.attempt, "message": j.message, "result": image_json(&j.result), "emulated": j.emulated,
+        }),
+        Some(Kind::Log(l)) => json!({"type": "log", "platform": l.platform, "line": l.line}),
+        Some(Kind::Notice(n)) => json!({"type": "notice", "platform": n.platform, "text": n.text}),
+        None => json!({"type": "unknown"}),
+    };
+    if let (Value::Object(m), Value::Object(x)) = (&mut v, extra) {
+        m.extend(x);
+    }
+    v
+}
+
+fn event_line(e: &proto::BuildEvent) -> Option<String> {
+    Some(match &e.kind {
+        Some(Kind::Log(l)) => format!("[{}] {}", l.platform, l.line),
+        Some(Kind::Notice(n)) => format!("#  {}", n.text),
+        Some(Kind::Job(j)) => {
+            let mut line = format!("#  {} {}", j.platform, job_word(j.state));
+            if !j.agent.is_empty() {
+                line.push_str(&format!(" on {}", j.agent));
+            }
+            if j.attempt > 1 {
+                line.push_str(&format!(" (attempt {})", j.attempt));
+            }
+            if !j.message.is_empty() {
+                line.push_str(&format!(": {}", j.message));
+            }
+            line
+        }
+        Some(Kind::Build(b)) => format!("#  build {}", build_state_name(b.state)),
+        None => return None,
+    })
+}
+
+fn event_platform(e: &proto::BuildEvent) -> Option<&str> {
+    match &e.kind {
+        Some(Kind::Log(l)) => Some(&l.platform),
+        Some(Kind::Job(j)) => Some(&j.platform),
+        Some(Kind::Notice(n)) if !n.platform.is_empty() => Some(&n.platform),
+        _ => None,
+    }
+}
+
+/// `braid logs`: a build's events from the start; `--follow` keeps going
+/// until the build ends.
+pub async fn logs(
+    url: &str,
+    build_id: &str,
+    platform: Option<&str>,
+    follow: bool,
+    format: Format,
+) -> anyhow::Result<i32> {
+    let only: Option<Platform> = platform.map(str::parse).transpose()?;
+    let mut client = connect(url).await?;
+    let request = proto::WatchRequest { build_id: build_id.to_owned(), after_seq: 0, history_only: !follow };
+    let mut stream = client.watch(request).await?.into_inner();
+    while let Some(event) = stream.message().await? {
+        if let Some(want) = &only
+            && event_platform(&event).is_some_and(|p| p.parse::<Platform>().ok().as_ref() != Some(want))
+        {
+            continue;
+        }
+        match format {
+            Format::Json => println!("{}", event_json(&event)),
+            Format::Table => {
+                if let Some(line) = event_line(&event) {
+                    println!("{line}");
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub fn build_json(b: &proto::Build) -> Value {
+    let jobs: Vec<Value> = b
+        .jobs
+        .iter()
+        .map(|j| {
+            json!({
+                "job_id": j.job_id, "platform": j.platform, "state": job_word(j.state), "agent": j.agent,
+                "attempt": j.attempt, "emulated": j.emulated, "message": j.message, "result": image_json(&j.result),
+                "started": time(&j.started), "finished": time(&j.finished), "seconds": seconds(j),
+            })
+        })
+        .collect();
+    let spec = b.spec.clone().unwrap_or_default();
+    json!({
+        "build_id": b.build_id, "state": build_state_name(b.state), "message": b.message,
+        "tags": spec.tags, "platforms": spec.platforms, "context": spec.context_digest,
+        "index": if b.index_digest.is_empty() { Value::Null } else {
+            json!({"digest": b.index_digest, "size": b.index_size, "mediaType": b.index_media_type})
+        },
+        "created": time(&b.created), "finished": time(&b.finished), "jobs": jobs,
+    })
+}
+
+/// `braid inspect`: one build, per platform.
+pub async fn inspect(url: &str, build_id: &str, format: Format) -> anyhow::Result<i32> {
+    let mut client = connect(url).await?;
+    let b = client.get(proto::GetBuildRequest { build_id: build_id.to_owned() }).await?.into_inner();
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&build_json(&b))?);
+        return Ok(0);
+    }
+    println!("build    {}", b.build_id);
+    println!("state    {}", build_state_name(b.state));
+    if !b.message.is_empty() {
+        println!("message  {}", b.message);
+    }
+    if let Some(spec) = &b.spec {
+        println!("tags     {}", spec.tags.join(", "));
+    }
+    if !b.index_digest.is_empty() {
+        println!("index    {}", b.index_digest);
+    }
+    println!();
+    println!("{:<14} {:<10} {:<16} {:>3} {:>7}  DIGEST", "PLATFORM", "STATE", "AGENT", "TRY", "SECONDS");
+    for j in &b.jobs {
+        let digest = j.result.as_ref().map_or("-", |r| r.digest.as_str());
+        let short = digest.strip_prefix("sha256:").map_or(digest, |h| &h[..h.len().min(12)]);
+        let agent = if j.emulated { format!("{}*", j.agent) } else { j.agent.clone() };
+        println!(
+            "{:<14} {:<10} {:<16} {:>3} {:>7.1}  {}",
+            j.platform,
+            job_word(j.state),
+            agent,
+            j.attempt,
+            seconds(j),
+            short
+        );
+    }
+    if b.jobs.iter().any(|j| j.emulated) {
+        println!("\n* emulated");
+    }
+    Ok(0)
+}
+
+/// `braid builds`: recent builds, newest first.
+pub async fn builds(url: &str, state: Option<&str>, limit: u32, format: Format) -> anyhow::Result<i32> {
+    let state = match state {
+        None => proto::BuildState::Unspecified,
+        Some(s) => {
+            proto::BuildState::from_str_name(&format!("BUILD_STATE_{}", s.to_ascii_uppercase())).ok_or_else(|| {
+                anyhow::anyhow!("unknown state {s:?}: queued, running, merging, succeeded, failed or cancelled")
+            })?
+        }
+    };
+    let mut client = connect(url).await?;
+    let list = client.list(proto::ListBuildsRequest { limit, state: state as i32 }).await?.into_inner();
+    if format == Format::Json {
+        let all: Vec<Value> = list.builds.iter().map(build_json).collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(0);
+    }
+    println!("{:<32} {:<10} {:<9} {}", "BUILD", "STATE", "PLATFORMS", "TAG");
+    for b in &list.builds {
+        let spec = b.spec.clone().unwrap_or_default();
+        let tag = spec.tags.first().cloned().unwrap_or_else(|| "-".into());
+        let tag = if tag.len() > 26 { format!("…{}", &tag[tag.len() - 25..]) } else { tag };
+        println!("{:<32} {:<10} {:<9} {}", b.build_id, build_state_name(b.state), spec.platforms.len(), tag);
+    }
+    Ok(0)
+}
