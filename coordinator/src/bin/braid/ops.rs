@@ -197,7 +197,7 @@ pub async fn builds(url: &str, state: Option<&str>, limit: u32, format: Format) 
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(0);
     }
-    println!("{:<32} {:<10} {:<9} {}", "BUILD", "STATE", "PLATFORMS", "TAG");
+    println!("{:<32} {:<10} {:<9} TAG", "BUILD", "STATE", "PLATFORMS");
     for b in &list.builds {
         let spec = b.spec.clone().unwrap_or_default();
         let tag = spec.tags.first().cloned().unwrap_or_else(|| "-".into());
