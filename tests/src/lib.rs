@@ -94,6 +94,11 @@ impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
 }
 
 impl Drop for Proc {
@@ -356,6 +361,12 @@ impl Farm {
     pub fn signal_agent(&self, name: &str, signal: &str) {
         let agent = self.agents.iter().find(|a| a.name == name).unwrap_or_else(|| panic!("no agent {name}"));
         send_signal(agent.pid(), signal);
+    }
+
+    /// Waits for an agent process to exit on its own.
+    pub fn wait_agent_exit(&mut self, name: &str, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let agent = self.agents.iter_mut().find(|a| a.name == name).unwrap_or_else(|| panic!("no agent {name}"));
+        eventually(timeout, "the agent to exit", || agent.try_wait())
     }
 
     /// kill -9 the coordinator, as a crash would.
