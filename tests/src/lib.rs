@@ -314,6 +314,7 @@ impl Farm {
         agents: &[AgentSpec],
         extra: &[&str],
     ) -> anyhow::Result<Farm> {
+        std::fs::create_dir_all(dir)?;
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let http = format!("127.0.0.1:{}", free_port());
