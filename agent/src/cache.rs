@@ -10,6 +10,8 @@ use braid_shared::Digest;
 use braid_shared::context::HashingWriter;
 use braid_shared::proto::{self, agents_client::AgentsClient};
 
+use crate::settings::Valid;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("{0}")]
@@ -24,7 +26,7 @@ pub enum CacheError {
 
 pub struct ContextCache {
     dir: PathBuf,
-    coordinator: String,
+    settings: Valid,
     max_bytes: u64,
     /// One fetch at a time, so two jobs of one context fetch it once.
     lock: Mutex<()>,
@@ -34,9 +36,9 @@ pub struct ContextCache {
 const FETCH_ATTEMPTS: u32 = 3;
 
 impl ContextCache {
-    pub fn new(dir: PathBuf, coordinator: String, max_bytes: u64) -> std::io::Result<ContextCache> {
+    pub fn new(dir: PathBuf, settings: Valid, max_bytes: u64) -> std::io::Result<ContextCache> {
         std::fs::create_dir_all(&dir)?;
-        Ok(ContextCache { dir, coordinator, max_bytes, lock: Mutex::new(()) })
+        Ok(ContextCache { dir, settings, max_bytes, lock: Mutex::new(()) })
     }
 
     fn path(&self, digest: &Digest) -> PathBuf {
@@ -72,8 +74,7 @@ impl ContextCache {
     /// Streams to a temporary file, verifies the digest, then renames, so an
     /// interrupted fetch never leaves a corrupt entry.
     async fn fetch(&self, digest: &Digest, path: &Path) -> Result<(), CacheError> {
-        let mut client = AgentsClient::connect(self.coordinator.clone())
-            .await?
+        let mut client = AgentsClient::new(self.settings.connect().await?)
             .max_decoding_message_size(braid_shared::limits::GRPC_MESSAGE_BYTES);
         let mut stream =
             client.fetch_context(proto::FetchContextRequest { digest: digest.to_string() }).await?.into_inner();

@@ -3,6 +3,7 @@
 
 mod cache;
 mod job;
+mod join;
 mod session;
 mod settings;
 
@@ -25,6 +26,8 @@ use braid_shared::telemetry::{self, LogFormat};
 #[derive(Debug, Parser)]
 #[command(name = "braid-agent", version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Coordinator URL [default: http://127.0.0.1:7700]
     #[arg(long, value_name = "URL")]
     coordinator: Option<String>,
@@ -47,6 +50,15 @@ struct Args {
     /// Dial the coordinator in plaintext; only to a loopback address
     #[arg(long)]
     insecure: bool,
+    /// The cluster CA (PEM) [default: WORK_DIR/tls/ca.pem, written by join]
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This agent's certificate (PEM) [default: WORK_DIR/tls/agent.pem]
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM) [default: WORK_DIR/tls/agent-key.pem]
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     /// Log format: pretty or json [default: pretty]
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
@@ -73,6 +85,11 @@ impl Args {
         if self.insecure {
             o.push(("insecure", true.into()));
         }
+        for (key, value) in [("tls_ca", &self.tls_ca), ("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)] {
+            if let Some(v) = value {
+                o.push((key, v.display().to_string().into()));
+            }
+        }
         if let Some(v) = self.log_format {
             o.push((
                 "log_format",
@@ -87,11 +104,29 @@ impl Args {
     }
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Enroll with a join token: get this agent's certificate from the
+    /// coordinator and keep it in WORK_DIR/tls (once: an enrolled agent
+    /// is left as it is)
+    Join {
+        /// A join token (`braid token create --role agent --single-use`)
+        #[arg(long, env = "BRAID_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The cluster CA (PEM), to verify the coordinator
+        #[arg(long, value_name = "FILE")]
+        ca: PathBuf,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let loaded: settings::Settings =
         braid_shared::settings::load(args.config.as_deref(), settings::KEYS, settings::LIST_KEYS, args.overrides())?;
+    if let Some(Command::Join { token, ca }) = &args.command {
+        return join::run(&loaded, token, ca).await;
+    }
     telemetry::init(loaded.log_format);
     let valid = loaded.validate()?;
     check_backend().await?;

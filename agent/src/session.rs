@@ -148,7 +148,7 @@ impl Agent {
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let cache = match ContextCache::new(
             self.settings.settings.work_dir.join("contexts"),
-            self.settings.settings.coordinator.clone(),
+            self.settings.clone(),
             self.settings.settings.context_cache_bytes,
         ) {
             Ok(c) => Arc::new(c),
@@ -176,8 +176,7 @@ impl Agent {
         cache: Arc<ContextCache>,
         stop: &CancellationToken,
     ) -> Result<(), SessionError> {
-        let mut client = AgentsClient::connect(self.settings.settings.coordinator.clone())
-            .await?
+        let mut client = AgentsClient::new(self.settings.connect().await?)
             .max_decoding_message_size(braid_shared::limits::GRPC_MESSAGE_BYTES);
         let (out_tx, out_rx) = mpsc::unbounded_channel::<proto::AgentMessage>();
         out_tx.send(self.hello())?;

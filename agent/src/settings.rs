@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
 use braid_shared::Platform;
 use braid_shared::settings::SettingsError;
 use braid_shared::telemetry::LogFormat;
@@ -22,6 +24,12 @@ pub struct Settings {
     pub work_dir: PathBuf,
     /// Dial the coordinator in plaintext (loopback only). Default false.
     pub insecure: bool,
+    /// The cluster CA (PEM). Default: `<work_dir>/tls/ca.pem` from `join`.
+    pub tls_ca: Option<PathBuf>,
+    /// This agent's certificate (PEM). Default: `<work_dir>/tls/agent.pem`.
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM). Default: `<work_dir>/tls/agent-key.pem`.
+    pub tls_key: Option<PathBuf>,
     /// Builder backend. Default and only choice so far: `buildah`.
     pub backend: String,
     /// buildah's `--isolation`: `chroot` works everywhere, including hosts
@@ -51,6 +59,9 @@ impl Default for Settings {
             slots: 1,
             work_dir: PathBuf::from("braid-agent"),
             insecure: false,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
             backend: "buildah".to_owned(),
             isolation: "chroot".to_owned(),
             storage_driver: "overlay".to_owned(),
@@ -69,6 +80,9 @@ pub const KEYS: &[&str] = &[
     "slots",
     "work_dir",
     "insecure",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
     "backend",
     "isolation",
     "storage_driver",
@@ -88,20 +102,86 @@ pub struct Valid {
     pub native: Platform,
     /// Platforms runnable only through binfmt emulation.
     pub emulates: Vec<Platform>,
+    /// TLS material for an https:// coordinator.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The PEM files an agent dials with: the cluster CA and its own
+/// certificate and key.
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsFiles { key: <redacted> }")
+    }
+}
+
+impl Valid {
+    /// A channel to the coordinator, over TLS with this agent's certificate
+    /// when the URL is https://.
+    pub async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
+        let mut endpoint = Endpoint::from_shared(self.settings.coordinator.clone())?
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .http2_keep_alive_interval(std::time::Duration::from_secs(20));
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&tls.ca))
+                    .identity(Identity::from_pem(&tls.cert, tls.key.as_slice())),
+            )?;
+        }
+        endpoint.connect().await
+    }
+}
+
+/// Where `braid-agent join` keeps what it enrolled with.
+pub fn tls_dir(work_dir: &Path) -> PathBuf {
+    work_dir.join("tls")
 }
 
 impl Settings {
-    pub fn validate(mut self) -> Result<Valid, SettingsError> {
+    /// https:// with the TLS files (given, or those `join` wrote), or
+    /// http:// with --insecure to a loopback address.
+    fn check_transport(&mut self) -> Result<Option<TlsFiles>, SettingsError> {
         let invalid = |key, message: String| SettingsError::Invalid { key, message };
         let url = self.coordinator.clone();
+        if let Some(rest) = url.strip_prefix("https://") {
+            if rest.is_empty() {
+                return Err(invalid("coordinator", format!("{url:?} has no host")));
+            }
+            if self.insecure {
+                return Err(invalid("insecure", "--insecure is for http:// coordinators only".into()));
+            }
+            let enrolled = tls_dir(&self.work_dir);
+            let ca = self.tls_ca.clone().unwrap_or_else(|| enrolled.join("ca.pem"));
+            let cert = self.tls_cert.clone().unwrap_or_else(|| enrolled.join("agent.pem"));
+            let key = self.tls_key.clone().unwrap_or_else(|| enrolled.join("agent-key.pem"));
+            let read = |key_name: &'static str, path: &PathBuf| {
+                std::fs::read(path).map_err(|e| {
+                    invalid(
+                        key_name,
+                        format!(
+                            "{}: {e} (run braid-agent join, or give --{})",
+                            path.display(),
+                            key_name.replace('_', "-")
+                        ),
+                    )
+                })
+            };
+            return Ok(Some(TlsFiles {
+                ca: read("tls_ca", &ca)?,
+                cert: read("tls_cert", &cert)?,
+                key: read("tls_key", &key)?.into(),
+            }));
+        }
         let host = url
             .strip_prefix("http://")
-            .ok_or_else(|| {
-                invalid(
-                    "coordinator",
-                    format!("{url:?}: TLS is not available in this version; use http:// with --insecure"),
-                )
-            })?
+            .ok_or_else(|| invalid("coordinator", format!("{url:?} must start with https:// or http://")))?
             .split('/')
             .next()
             .unwrap_or_default()
@@ -109,7 +189,7 @@ impl Settings {
         if !self.insecure {
             return Err(invalid(
                 "insecure",
-                "TLS is not available in this version: pass --insecure (loopback only)".into(),
+                "http:// needs --insecure (plaintext, loopback only); use https:// otherwise".into(),
             ));
         }
         let hostname = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(&host).trim_matches(['[', ']']);
@@ -120,6 +200,12 @@ impl Settings {
                 format!("plaintext (--insecure) only to a loopback address, not {host:?}"),
             ));
         }
+        Ok(None)
+    }
+
+    pub fn validate(mut self) -> Result<Valid, SettingsError> {
+        let invalid = |key, message: String| SettingsError::Invalid { key, message };
+        let tls = self.check_transport()?;
         if self.name.is_empty() {
             self.name = std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_owned()).unwrap_or_default();
         }
@@ -158,7 +244,7 @@ impl Settings {
         } else {
             Vec::new()
         };
-        Ok(Valid { settings: self, platforms, native, emulates })
+        Ok(Valid { settings: self, platforms, native, emulates, tls })
     }
 }
 
@@ -212,7 +298,10 @@ mod tests {
         let e = with("http://10.1.2.3:7700").validate().unwrap_err().to_string();
         assert!(e.contains("invalid setting coordinator") && e.contains("loopback"), "{e}");
         let e = with("https://127.0.0.1:7700").validate().unwrap_err().to_string();
-        assert!(e.contains("TLS"), "{e}");
+        assert!(e.contains("--insecure is for http://"), "{e}");
+        let no_files = Settings { insecure: false, work_dir: "/nonexistent".into(), ..with("https://127.0.0.1:7700") };
+        let e = no_files.validate().unwrap_err().to_string();
+        assert!(e.contains("invalid setting tls_ca") && e.contains("braid-agent join"), "{e}");
         let declared =
             Settings { platforms: vec!["linux/aarch64".into(), "armhf".into()], ..with("http://127.0.0.1:1") };
         let names: Vec<String> = declared.validate().unwrap().platforms.iter().map(ToString::to_string).collect();

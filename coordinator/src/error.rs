@@ -12,6 +12,8 @@ pub enum CoordinatorError {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("store: {0}")]
     Store(#[from] rusqlite::Error),
     #[error("{0}")]
@@ -27,6 +29,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::NotFound(m) => Status::not_found(m),
             CoordinatorError::FailedPrecondition(m) => Status::failed_precondition(m),
             CoordinatorError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            CoordinatorError::PermissionDenied(m) => Status::permission_denied(m),
             CoordinatorError::Store(e) => {
                 tracing::error!(error = %e, "store failure");
                 Status::internal("the coordinator's store failed; see its log")

@@ -12,6 +12,7 @@ use braid_shared::oci::ImageDescriptor;
 use braid_shared::proto::{self, build_event::Kind as EventKind, coordinator_message::Kind as ToAgent};
 use braid_shared::{ImageRef, Platform};
 
+use crate::auth::Caller;
 use crate::error::{CoordinatorError, Result};
 use crate::scheduler::{self, AgentView, QueuedJob};
 use crate::store::Store;
@@ -151,6 +152,9 @@ pub struct BuildRecord {
     pub jobs: Vec<JobRecord>,
     pub index: Option<ImageRecord>,
     pub last_seq: u64,
+    /// The id of the token that submitted it (None without tokens).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// A build in memory: its record, spec and event channel.
@@ -369,7 +373,13 @@ impl Farm {
         out
     }
 
-    pub fn submit(&mut self, spec: proto::BuildSpec, platforms: Vec<Platform>, tags: Vec<ImageRef>) -> Result<String> {
+    pub fn submit(
+        &mut self,
+        spec: proto::BuildSpec,
+        platforms: Vec<Platform>,
+        tags: Vec<ImageRef>,
+        owner: Option<String>,
+    ) -> Result<String> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let jobs = platforms
             .into_iter()
@@ -398,6 +408,7 @@ impl Farm {
             jobs,
             index: None,
             last_seq: 0,
+            owner,
         };
         self.next_order += 1;
         self.store.insert_build(&record, &spec)?;
@@ -421,6 +432,17 @@ impl Farm {
             last_seq: b.record.last_seq,
             terminal: b.record.status.is_terminal(),
         })
+    }
+
+    /// A build the caller may see: its own, or any for an operator.
+    pub fn build_for(&self, build_id: &str, caller: &Caller) -> Result<&BuildEntry> {
+        let b = self.build(build_id)?;
+        if !caller.owns(b.record.owner.as_deref()) {
+            return Err(CoordinatorError::PermissionDenied(format!(
+                "build {build_id} was submitted with another token; the submit role sees only its own"
+            )));
+        }
+        Ok(b)
     }
 
     pub fn build(&self, build_id: &str) -> Result<&BuildEntry> {

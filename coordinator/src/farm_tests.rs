@@ -44,7 +44,7 @@ fn submit(farm: &mut Farm, platforms: &[&str]) -> String {
         ..Default::default()
     };
     let v = validate::spec(spec).unwrap();
-    farm.submit(v.spec, v.platforms, v.tags).unwrap()
+    farm.submit(v.spec, v.platforms, v.tags, None).unwrap()
 }
 
 fn next_assignment(inbox: &mut Inbox) -> proto::Assignment {

@@ -3,6 +3,7 @@
 //! results into one OCI image index.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod contexts;
 pub mod error;
 pub mod farm;
@@ -13,6 +14,7 @@ pub mod merge;
 pub mod metrics;
 pub mod scheduler;
 pub mod server;
+pub mod service_admin;
 pub mod service_agents;
 pub mod service_builds;
 pub mod settings;

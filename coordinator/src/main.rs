@@ -3,7 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::Parser;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use braid_coordinator::auth::{Role, Tokens};
+use braid_coordinator::store::Store;
 
 use braid_coordinator::server::{self, Coordinator};
 use braid_coordinator::settings::{self, Settings};
@@ -18,6 +23,8 @@ use braid_shared::telemetry::{self, LogFormat};
 #[derive(Debug, Parser)]
 #[command(name = "braid-coordinator", version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// gRPC listen address [default: 127.0.0.1:7700]
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
@@ -33,9 +40,21 @@ struct Args {
     /// Reach this registry over plain HTTP; passed on to agents (repeatable)
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
-    /// Serve plaintext gRPC; only allowed on a loopback address
+    /// Serve plaintext gRPC without tokens; only allowed on a loopback address
     #[arg(long)]
     insecure: bool,
+    /// TLS certificate of the coordinator (PEM; `braid certs init` makes one)
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Private key of that certificate (PEM)
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM) agents' certificates must chain to
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// The cluster CA's key, to sign the certificates of agents that join with a token
+    #[arg(long, value_name = "FILE")]
+    tls_ca_key: Option<PathBuf>,
     /// Seconds without a heartbeat before an agent is lost [default: 30]
     #[arg(long, value_name = "SECONDS")]
     agent_lost_seconds: Option<u32>,
@@ -71,6 +90,16 @@ impl Args {
         if self.insecure {
             o.push(("insecure", true.into()));
         }
+        for (key, value) in [
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("tls_ca", &self.tls_ca),
+            ("tls_ca_key", &self.tls_ca_key),
+        ] {
+            if let Some(v) = value {
+                o.push((key, v.display().to_string().into()));
+            }
+        }
         if let Some(v) = self.max_attempts {
             o.push(("max_attempts", v.into()));
         }
@@ -97,11 +126,62 @@ impl Args {
     }
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage tokens directly in the data directory (to make the first
+    /// operator token; afterwards use `braid token`)
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (shown once)
+    Create {
+        /// submit, operate or agent
+        #[arg(long)]
+        role: String,
+        /// Seconds until it expires; 0 never [default: 0]
+        #[arg(long = "ttl", default_value_t = 0)]
+        ttl_seconds: u32,
+        /// It works once (join tokens)
+        #[arg(long)]
+        single_use: bool,
+        /// A note for operators
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+}
+
+/// Writes a token into the store; safe while the coordinator runs (SQLite).
+fn create_token_offline(
+    settings: &Settings,
+    role: &str,
+    ttl_seconds: u32,
+    single_use: bool,
+    description: &str,
+) -> anyhow::Result<()> {
+    let role = Role::parse(role).ok_or_else(|| anyhow::anyhow!("invalid role {role:?}: submit, operate or agent"))?;
+    std::fs::create_dir_all(&settings.data_dir)?;
+    let store = Arc::new(Store::open(&settings.data_dir.join("braid.db"))?);
+    let (record, token) = Tokens::new(store, true).create(role, ttl_seconds, single_use, description)?;
+    eprintln!("token {} ({}) created", record.id, role.name());
+    println!("{token}");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings: Settings =
         braid_shared::settings::load(args.config.as_deref(), settings::KEYS, settings::LIST_KEYS, args.overrides())?;
+    if let Some(Command::Token { command: TokenCommand::Create { role, ttl_seconds, single_use, description } }) =
+        &args.command
+    {
+        return create_token_offline(&settings, role, *ttl_seconds, *single_use, description);
+    }
     telemetry::init(settings.log_format);
     let (addr, http_addr) = settings.validate()?;
     let coordinator = Coordinator::open(settings).context("opening the coordinator's data directory")?;

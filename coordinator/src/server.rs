@@ -5,15 +5,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use braid_shared::oci::Registry;
+use braid_shared::pki::{self, Pem};
+use braid_shared::proto::admin_server::AdminServer;
 use braid_shared::proto::agents_server::AgentsServer;
 use braid_shared::proto::builds_server::BuildsServer;
 use braid_shared::{limits, proto};
 
+use crate::auth::Tokens;
 use crate::contexts::ContextStore;
-use crate::error::Result;
+use crate::error::{CoordinatorError, Result};
 use crate::farm::{Farm, FollowUp};
 use crate::merge;
 use crate::metrics::Metrics;
@@ -30,6 +33,9 @@ pub struct Coordinator {
     /// Wakes the scheduler after anything that may let a job be placed.
     pub wake: Notify,
     pub metrics: Metrics,
+    pub tokens: Tokens,
+    /// The cluster CA and its key, when this coordinator signs joining agents.
+    pub ca: Option<Pem>,
 }
 
 impl Coordinator {
@@ -45,6 +51,14 @@ impl Coordinator {
         let mut farm = Farm::load(store.clone(), settings.max_attempts, settings.insecure_registries.clone())?;
         farm.adopt_orphans();
         let registry = Registry::new(&settings.insecure_registries);
+        let tokens = Tokens::new(store.clone(), settings.tls());
+        let ca = match (&settings.tls_ca, &settings.tls_ca_key) {
+            (Some(cert), Some(key)) => Some(Pem {
+                cert: pki::read(cert).map_err(|e| CoordinatorError::Internal(e.to_string()))?,
+                key: pki::read(key).map_err(|e| CoordinatorError::Internal(e.to_string()))?.into(),
+            }),
+            _ => None,
+        };
         Ok(Arc::new(Coordinator {
             farm: Mutex::new(farm),
             contexts,
@@ -53,6 +67,8 @@ impl Coordinator {
             settings,
             wake: Notify::new(),
             metrics: Metrics::default(),
+            tokens,
+            ca,
         }))
     }
 
@@ -162,20 +178,45 @@ pub async fn serve_on(
         .max_decoding_message_size(limits::GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(limits::GRPC_MESSAGE_BYTES);
     tracing::info!(addr = %listener.local_addr()?, "coordinator listening");
-    Server::builder()
+    let admin = AdminServer::new(crate::service_admin::AdminService::new(coordinator.clone()));
+    let mut server = Server::builder();
+    if let Some(tls) = server_tls(&coordinator.settings)? {
+        server = server.tls_config(tls)?;
+    }
+    server
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(builds)
         .add_service(agents)
+        .add_service(admin)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
 }
 
+/// TLS for gRPC: the coordinator's certificate, and client certificates
+/// checked against the cluster CA when presented (agents must present one;
+/// clients may use a bearer token instead).
+fn server_tls(settings: &Settings) -> Result<Option<ServerTlsConfig>, ServeError> {
+    let (Some(cert), Some(key), Some(ca)) = (&settings.tls_cert, &settings.tls_key, &settings.tls_ca) else {
+        return Ok(None);
+    };
+    let read = |p: &std::path::PathBuf| std::fs::read(p).map_err(|e| ServeError::Tls(format!("{}: {e}", p.display())));
+    let identity = Identity::from_pem(read(cert)?, read(key)?);
+    Ok(Some(
+        ServerTlsConfig::new()
+            .identity(identity)
+            .client_ca_root(Certificate::from_pem(read(ca)?))
+            .client_auth_optional(true),
+    ))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("binding the listener: {0}")]
     Io(#[from] std::io::Error),
     #[error("serving gRPC: {0}")]

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, instrument};
 
 use braid_shared::proto::{self, agent_message::Kind as FromAgent, agents_server::Agents};
-use braid_shared::{Digest, Platform, limits};
+use braid_shared::{Digest, Platform, limits, pki};
 
 use crate::metrics::Metrics;
 use crate::server::Coordinator;
@@ -25,7 +25,25 @@ impl AgentsService {
     pub fn new(coordinator: Arc<Coordinator>) -> Self {
         AgentsService { coordinator }
     }
+
+    /// The agent name in the caller's certificate; None in plaintext mode.
+    fn agent_identity<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+        if !self.coordinator.settings.tls() {
+            return Ok(None);
+        }
+        let missing = || Status::unauthenticated("agents must present a client certificate from the cluster CA");
+        let certs = req.peer_certs().ok_or_else(missing)?;
+        let first = certs.first().ok_or_else(missing)?;
+        let (unit, name) = pki::identity(first.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        if unit != "agent" {
+            return Err(Status::permission_denied(format!("the certificate for {name:?} is not an agent certificate")));
+        }
+        Ok(Some(name))
+    }
 }
+
+/// Validity of certificates issued to joining agents.
+const AGENT_CERT_DAYS: i64 = 365;
 
 /// How long a new session may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,6 +97,7 @@ impl Agents for AgentsService {
     type SessionStream = SessionStream;
 
     async fn session(&self, req: Request<Streaming<proto::AgentMessage>>) -> Result<Response<SessionStream>, Status> {
+        let identity = self.agent_identity(&req)?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -87,6 +106,14 @@ impl Agents for AgentsService {
             return Err(Status::invalid_argument("the first message of a session must be a hello"));
         };
         let (platforms, emulates) = check_hello(&hello)?;
+        if let Some(certified) = identity
+            && certified != hello.name
+        {
+            return Err(Status::permission_denied(format!(
+                "hello names agent {:?} but the certificate is for {certified:?}",
+                hello.name
+            )));
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = tx.send(Ok(proto::CoordinatorMessage {
             kind: Some(proto::coordinator_message::Kind::Welcome(proto::Welcome {
@@ -123,10 +150,36 @@ impl Agents for AgentsService {
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }
 
+    #[instrument(skip_all, err, fields(agent = %req.get_ref().name))]
+    async fn join(&self, req: Request<proto::JoinRequest>) -> Result<Response<proto::JoinResponse>, Status> {
+        let r = req.into_inner();
+        if !valid_name(&r.name) {
+            return Err(Status::invalid_argument(format!(
+                "name: {:?} must be 1 to {} letters, digits, '.', '_' or '-'",
+                braid_shared::shorten(&r.name, 80),
+                limits::AGENT_NAME_BYTES
+            )));
+        }
+        if r.csr_pem.len() > 16 << 10 {
+            return Err(Status::invalid_argument("csr_pem: larger than 16 KiB"));
+        }
+        let ca = self.coordinator.ca.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this coordinator signs no certificates (no tls_ca_key); issue one with braid certs issue",
+            )
+        })?;
+        let cert_pem = pki::sign_agent_request(ca, &r.csr_pem, &r.name, AGENT_CERT_DAYS)
+            .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
+        let token = self.coordinator.tokens.spend_join_token(&r.token)?;
+        tracing::info!(token_id = %token.id, "agent enrolled");
+        Ok(Response::new(proto::JoinResponse { cert_pem, ca_pem: ca.cert.clone() }))
+    }
+
     type FetchContextStream = ContextStream;
 
     #[instrument(skip_all, err, fields(digest = %req.get_ref().digest))]
     async fn fetch_context(&self, req: Request<proto::FetchContextRequest>) -> Result<Response<ContextStream>, Status> {
+        self.agent_identity(&req)?;
         let digest: Digest =
             req.get_ref().digest.parse().map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;
         if self.coordinator.contexts.stat(&digest)?.is_none() {

@@ -11,6 +11,7 @@ use tracing::instrument;
 use braid_shared::proto::{self, builds_server::Builds};
 use braid_shared::{Digest, limits};
 
+use crate::auth::Role;
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
 use crate::server::Coordinator;
@@ -51,6 +52,7 @@ impl Builds for BuildsService {
         &self,
         req: Request<proto::StatContextRequest>,
     ) -> Result<Response<proto::StatContextResponse>, Status> {
+        self.coordinator.tokens.authorize(&req, Role::Submit)?;
         let digest = parse_digest("digest", &req.get_ref().digest)?;
         let size = self.coordinator.contexts.stat(&digest)?;
         Ok(Response::new(proto::StatContextResponse { present: size.is_some(), size: size.unwrap_or(0) }))
@@ -61,6 +63,7 @@ impl Builds for BuildsService {
         &self,
         req: Request<Streaming<proto::PutContextRequest>>,
     ) -> Result<Response<proto::PutContextResponse>, Status> {
+        self.coordinator.tokens.authorize(&req, Role::Submit)?;
         let mut stream = req.into_inner();
         let first = stream.message().await?.ok_or_else(|| {
             Status::invalid_argument("put_context: empty stream; the first message carries the digest")
@@ -92,6 +95,7 @@ impl Builds for BuildsService {
 
     #[instrument(skip_all, err, fields(build_id))]
     async fn submit(&self, req: Request<proto::SubmitRequest>) -> Result<Response<proto::SubmitResponse>, Status> {
+        let caller = self.coordinator.tokens.authorize(&req, Role::Submit)?;
         let spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec: required"))?;
         let valid = validate::spec(spec)?;
         let digest: Digest = valid.spec.context_digest.parse().map_err(|_| Status::internal("validated digest"))?;
@@ -102,7 +106,7 @@ impl Builds for BuildsService {
             .into());
         }
         self.coordinator.contexts.touch(&digest)?;
-        let build_id = self.coordinator.farm().submit(valid.spec, valid.platforms, valid.tags)?;
+        let build_id = self.coordinator.farm().submit(valid.spec, valid.platforms, valid.tags, caller.token_id)?;
         tracing::Span::current().record("build_id", build_id.as_str());
         Metrics::add(&self.coordinator.metrics.builds_submitted, 1);
         tracing::info!(build_id, "build submitted");
@@ -113,9 +117,14 @@ impl Builds for BuildsService {
     type WatchStream = EventStream;
 
     async fn watch(&self, req: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = self.coordinator.tokens.authorize(&req, Role::Submit)?;
         let req = req.into_inner();
         check_build_id(&req.build_id)?;
-        let sub = self.coordinator.farm().subscribe(&req.build_id)?;
+        let sub = {
+            let farm = self.coordinator.farm();
+            farm.build_for(&req.build_id, &caller)?;
+            farm.subscribe(&req.build_id)?
+        };
         let coordinator = self.coordinator.clone();
         let build_id = req.build_id;
         let stream = async_stream::try_stream! {
@@ -155,8 +164,9 @@ impl Builds for BuildsService {
     }
 
     async fn get(&self, req: Request<proto::GetBuildRequest>) -> Result<Response<proto::Build>, Status> {
+        let caller = self.coordinator.tokens.authorize(&req, Role::Submit)?;
         check_build_id(&req.get_ref().build_id)?;
-        let build = self.coordinator.farm().build(&req.get_ref().build_id)?.to_proto();
+        let build = self.coordinator.farm().build_for(&req.get_ref().build_id, &caller)?.to_proto();
         Ok(Response::new(build))
     }
 
@@ -164,6 +174,7 @@ impl Builds for BuildsService {
         &self,
         req: Request<proto::ListBuildsRequest>,
     ) -> Result<Response<proto::ListBuildsResponse>, Status> {
+        let caller = self.coordinator.tokens.authorize(&req, Role::Submit)?;
         let limit = match req.get_ref().limit {
             0 => 20,
             n if n > limits::LIST_BUILDS => {
@@ -180,6 +191,7 @@ impl Builds for BuildsService {
             .builds
             .values()
             .filter(|b| state == proto::BuildState::Unspecified as i32 || b.record.status.to_proto() as i32 == state)
+            .filter(|b| caller.owns(b.record.owner.as_deref()))
             .collect();
         builds.sort_by_key(|b| std::cmp::Reverse(b.record.order));
         let builds = builds.into_iter().take(limit).map(|b| b.to_proto()).collect();
@@ -188,8 +200,13 @@ impl Builds for BuildsService {
 
     #[instrument(skip_all, err, fields(build_id = %req.get_ref().build_id))]
     async fn cancel(&self, req: Request<proto::CancelBuildRequest>) -> Result<Response<proto::Build>, Status> {
+        let caller = self.coordinator.tokens.authorize(&req, Role::Submit)?;
         check_build_id(&req.get_ref().build_id)?;
-        let build = self.coordinator.farm().cancel(&req.get_ref().build_id, "cancelled by request")?;
+        let build = {
+            let mut farm = self.coordinator.farm();
+            farm.build_for(&req.get_ref().build_id, &caller)?;
+            farm.cancel(&req.get_ref().build_id, "cancelled by request")?
+        };
         self.coordinator.wake.notify_one();
         Ok(Response::new(build))
     }

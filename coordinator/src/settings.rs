@@ -21,9 +21,18 @@ pub struct Settings {
     /// Registries (`host:port`) reached over plain HTTP; passed on to agents.
     /// Default none.
     pub insecure_registries: Vec<String>,
-    /// Serve plaintext gRPC (loopback only). Default false; until TLS lands
-    /// it must be set.
+    /// Serve plaintext gRPC (loopback only, no tokens needed). Default false.
     pub insecure: bool,
+    /// The coordinator's TLS certificate (PEM), from `braid certs init`.
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): agents' certificates must chain to it.
+    pub tls_ca: Option<PathBuf>,
+    /// The cluster CA's key, to sign the certificates of agents that join
+    /// with a token. Default none (then agents get certificates from
+    /// `braid certs issue`).
+    pub tls_ca_key: Option<PathBuf>,
     /// Seconds between agent heartbeats. Default 5.
     pub heartbeat_seconds: u32,
     /// Seconds without a heartbeat before an agent is lost and its jobs go
@@ -52,6 +61,10 @@ impl Default for Settings {
             data_dir: PathBuf::from("braid-data"),
             insecure_registries: Vec::new(),
             insecure: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            tls_ca_key: None,
             heartbeat_seconds: 5,
             agent_lost_seconds: 30,
             max_attempts: 3,
@@ -70,6 +83,10 @@ pub const KEYS: &[&str] = &[
     "data_dir",
     "insecure_registries",
     "insecure",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "tls_ca_key",
     "heartbeat_seconds",
     "agent_lost_seconds",
     "max_attempts",
@@ -89,20 +106,39 @@ impl Settings {
             .listen
             .parse()
             .map_err(|_| invalid("listen", format!("{:?} is not an ip:port address", self.listen)))?;
-        if !self.insecure {
-            return Err(invalid(
-                "insecure",
-                "TLS is not available in this version: pass --insecure to serve plaintext on loopback".into(),
-            ));
-        }
         let http: SocketAddr = self
             .http_listen
             .parse()
             .map_err(|_| invalid("http_listen", format!("{:?} is not an ip:port address", self.http_listen)))?;
-        for (key, a) in [("listen", addr), ("http_listen", http)] {
-            if !a.ip().is_loopback() {
-                return Err(invalid(key, format!("plaintext (--insecure) may only listen on loopback, not {a}")));
+        let tls = [&self.tls_cert, &self.tls_key, &self.tls_ca];
+        let tls_given = tls.iter().filter(|t| t.is_some()).count();
+        match (self.insecure, tls_given) {
+            (true, 0) => {
+                for (key, a) in [("listen", addr), ("http_listen", http)] {
+                    if !a.ip().is_loopback() {
+                        return Err(invalid(
+                            key,
+                            format!("plaintext (--insecure) may only listen on loopback, not {a}"),
+                        ));
+                    }
+                }
             }
+            (true, _) => return Err(invalid("insecure", "give either --insecure or the TLS files, not both".into())),
+            (false, 3) => {
+                if !http.ip().is_loopback() {
+                    return Err(invalid(
+                        "http_listen",
+                        format!("the HTTP port has no TLS yet: keep it on loopback, not {http}"),
+                    ));
+                }
+            }
+            (false, 0) => {
+                return Err(invalid(
+                    "tls_cert",
+                    "no TLS files: give --tls-cert, --tls-key and --tls-ca (see braid certs init), or --insecure for plaintext on loopback".into(),
+                ));
+            }
+            (false, _) => return Err(invalid("tls_cert", "tls_cert, tls_key and tls_ca go together".into())),
         }
         for r in &self.insecure_registries {
             if r.is_empty() || r.contains('/') || r.contains("://") {
@@ -125,6 +161,11 @@ impl Settings {
             return Err(invalid("context_store_bytes", "must be at least max_context_bytes".into()));
         }
         Ok((addr, http))
+    }
+
+    /// Whether gRPC is served over TLS (and tokens are required).
+    pub fn tls(&self) -> bool {
+        self.tls_cert.is_some()
     }
 
     pub fn queue_timeout(&self) -> Option<Duration> {

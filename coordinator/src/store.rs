@@ -9,6 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use braid_shared::proto;
 
+use crate::auth::TokenRecord;
 use crate::error::{CoordinatorError, Result};
 use crate::farm::BuildRecord;
 
@@ -29,6 +30,17 @@ CREATE TABLE IF NOT EXISTS events (
     body     BLOB NOT NULL,
     PRIMARY KEY (build_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tokens (
+    id          TEXT PRIMARY KEY,
+    hash        TEXT NOT NULL UNIQUE,
+    role        TEXT NOT NULL,
+    created     INTEGER NOT NULL,
+    expires     INTEGER,
+    single_use  INTEGER NOT NULL,
+    used        INTEGER NOT NULL DEFAULT 0,
+    revoked     INTEGER NOT NULL DEFAULT 0,
+    description TEXT NOT NULL DEFAULT ''
+);
 CREATE TABLE IF NOT EXISTS contexts (
     digest    TEXT PRIMARY KEY,
     size      INTEGER NOT NULL,
@@ -149,6 +161,64 @@ impl Store {
     pub fn context_touch(&self, digest: &str, now_ms: i64) -> Result<()> {
         self.with(|c| {
             c.execute("UPDATE contexts SET last_used = ?2 WHERE digest = ?1", params![digest, now_ms]).map(drop)
+        })
+    }
+}
+
+impl Store {
+    pub fn token_insert(&self, t: &TokenRecord, hash: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (id, hash, role, created, expires, single_use, description)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![t.id, hash, t.role, t.created_ms, t.expires_ms, t.single_use, t.description],
+            )
+            .map(drop)
+        })
+    }
+
+    fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+        Ok(TokenRecord {
+            id: r.get(0)?,
+            role: r.get(1)?,
+            created_ms: r.get(2)?,
+            expires_ms: r.get(3)?,
+            single_use: r.get(4)?,
+            used: r.get(5)?,
+            revoked: r.get(6)?,
+            description: r.get(7)?,
+        })
+    }
+
+    pub fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, role, created, expires, single_use, used, revoked, description FROM tokens WHERE hash = ?1",
+                params![hash],
+                Self::token_row,
+            )
+            .optional()
+        })
+    }
+
+    /// Marks a single-use token used; false if it already was.
+    pub fn token_use(&self, id: &str) -> Result<bool> {
+        self.with(|c| c.execute("UPDATE tokens SET used = 1 WHERE id = ?1 AND used = 0", params![id]).map(|n| n == 1))
+    }
+
+    pub fn token_revoke(&self, id: &str) -> Result<bool> {
+        self.with(|c| {
+            c.execute("UPDATE tokens SET revoked = 1 WHERE id = ?1 AND revoked = 0", params![id]).map(|n| n == 1)
+        })
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, role, created, expires, single_use, used, revoked, description FROM tokens ORDER BY created",
+            )?;
+            let rows = stmt.query_map([], Self::token_row)?;
+            rows.collect()
         })
     }
 }

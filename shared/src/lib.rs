@@ -8,6 +8,7 @@ pub mod digest;
 pub mod dockerignore;
 pub mod limits;
 pub mod oci;
+pub mod pki;
 pub mod platform;
 pub mod reference;
 pub mod settings;

@@ -8,11 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
-use tonic::transport::Channel;
-
 use braid_shared::Platform;
-use braid_shared::proto::{self, build_event::Kind, builds_client::BuildsClient};
+use braid_shared::proto::{self, build_event::Kind};
 
+use crate::conn::{Builds, Conn};
 use crate::upload::{self, DockerfileSource};
 
 #[derive(Debug, clap::Args)]
@@ -59,16 +58,6 @@ pub struct BuildArgs {
     /// Build context directory, or "-" to read a tar from stdin
     #[arg(value_name = "PATH")]
     path: PathBuf,
-}
-
-pub async fn connect(url: &str) -> anyhow::Result<BuildsClient<Channel>> {
-    if !url.starts_with("http://") {
-        bail!("coordinator {url:?}: only http:// (plaintext, loopback) is available in this version");
-    }
-    let client = BuildsClient::connect(url.to_owned())
-        .await
-        .with_context(|| format!("connecting to the coordinator at {url}"))?;
-    Ok(client.max_decoding_message_size(braid_shared::limits::GRPC_MESSAGE_BYTES))
 }
 
 /// `--build-arg KEY` takes KEY's value from the environment, and is left out
@@ -121,7 +110,7 @@ enum Progress {
     Quiet,
 }
 
-pub async fn run(url: &str, args: BuildArgs) -> anyhow::Result<i32> {
+pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     let progress = match args.progress.as_str() {
         "quiet" => Progress::Quiet,
         _ => Progress::Plain,
@@ -134,7 +123,7 @@ pub async fn run(url: &str, args: BuildArgs) -> anyhow::Result<i32> {
     let platforms = platforms(&args.platforms)?;
     let build_args = parse_build_args(&args.build_args)?;
     let labels = parse_labels(&args.labels)?;
-    let mut client = connect(url).await?;
+    let mut client = conn.builds().await?;
 
     let context_dir = args.path.clone();
     let file = args.file.clone();
@@ -198,7 +187,7 @@ pub async fn run(url: &str, args: BuildArgs) -> anyhow::Result<i32> {
         outcome = follow(&mut client, &build_id, progress) => outcome?,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("interrupted: cancelling build {build_id}");
-            let mut c = connect(url).await?;
+            let mut c = conn.builds().await?;
             c.cancel(proto::CancelBuildRequest { build_id: build_id.clone() }).await?;
             return Ok(130);
         }
@@ -216,11 +205,7 @@ pub async fn run(url: &str, args: BuildArgs) -> anyhow::Result<i32> {
 }
 
 /// Prints events until the build ends; resumes after a dropped stream.
-async fn follow(
-    client: &mut BuildsClient<Channel>,
-    build_id: &str,
-    progress: Progress,
-) -> anyhow::Result<proto::BuildState> {
+async fn follow(client: &mut Builds, build_id: &str, progress: Progress) -> anyhow::Result<proto::BuildState> {
     let mut after = 0;
     let mut retries = 0;
     loop {
@@ -371,7 +356,7 @@ fn summarize(build: &proto::Build, progress: Progress, metadata_file: Option<&st
 }
 
 /// `90`, `90s`, `20m`, `1h30m` as seconds.
-fn parse_duration(raw: &str) -> Result<u32, String> {
+pub fn parse_duration(raw: &str) -> Result<u32, String> {
     let err = || format!("invalid duration {raw:?}: use e.g. 90s, 20m or 1h30m");
     let mut total: u64 = 0;
     let mut number = String::new();
@@ -417,8 +402,8 @@ async fn show_upload_progress(sent: Arc<AtomicU64>, started: Instant) {
     }
 }
 
-pub async fn cancel(url: &str, build_id: &str) -> anyhow::Result<i32> {
-    let mut client = connect(url).await?;
+pub async fn cancel(conn: &Conn, build_id: &str) -> anyhow::Result<i32> {
+    let mut client = conn.builds().await?;
     let build = client.cancel(proto::CancelBuildRequest { build_id: build_id.to_owned() }).await?.into_inner();
     let state = proto::BuildState::try_from(build.state).unwrap_or_default();
     println!("build {} {}", build.build_id, state_word(state));

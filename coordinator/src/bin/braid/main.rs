@@ -1,8 +1,13 @@
 //! `braid`: submit multi-platform builds to a braid farm and follow them.
 
 mod build;
+mod certs;
+mod conn;
 mod ops;
+mod tokens;
 mod upload;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -14,6 +19,12 @@ struct Cli {
     /// Coordinator URL (plaintext http:// only to a loopback address in this version)
     #[arg(long, global = true, env = "BRAID_COORDINATOR", default_value = "http://127.0.0.1:7700")]
     coordinator: String,
+    /// Bearer token (from `braid token create` or `braid-coordinator token create`)
+    #[arg(long, global = true, env = "BRAID_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The cluster CA (PEM) to verify an https:// coordinator with
+    #[arg(long, global = true, env = "BRAID_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,6 +57,16 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: ops::Format,
     },
+    /// Make the cluster CA and certificates
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Create, revoke and list tokens (operate role)
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// List recent builds, newest first
     Builds {
         /// Only builds in this state: queued, running, merging, succeeded, failed, cancelled
@@ -59,19 +80,83 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create the cluster CA and the coordinator's certificate in DIR
+    Init {
+        #[arg(long, default_value = "braid-certs")]
+        dir: PathBuf,
+        /// A name or address the coordinator is reached by (repeatable);
+        /// localhost and 127.0.0.1 are always added
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Days the coordinator's certificate is valid
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
+    /// Issue an agent or client certificate signed by the CA in DIR
+    Issue {
+        #[arg(long, default_value = "braid-certs")]
+        dir: PathBuf,
+        /// The agent's (or client's) name, carried in the certificate
+        #[arg(long)]
+        name: String,
+        /// agent or client
+        #[arg(long, default_value = "agent")]
+        kind: String,
+        /// Days the certificate is valid
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (shown once)
+    Create {
+        /// submit (build, watch and cancel one's own), operate (everything) or agent (join)
+        #[arg(long)]
+        role: String,
+        /// Lifetime, e.g. 24h or 30m [default: no expiry]
+        #[arg(long, value_parser = build::parse_duration)]
+        ttl: Option<u32>,
+        /// The token works once (for joining agents)
+        #[arg(long)]
+        single_use: bool,
+        /// A note for operators
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Revoke a token by id
+    Revoke { token_id: String },
+    /// List tokens (never their secrets)
+    List {
+        #[arg(long, value_enum, default_value = "table")]
+        format: ops::Format,
+    },
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    let conn = conn::Conn { url: cli.coordinator.clone(), token: cli.token.clone(), ca: cli.ca.clone() };
     let result = match cli.command {
-        Command::Build(args) => build::run(&cli.coordinator, *args).await,
-        Command::Cancel { build_id } => build::cancel(&cli.coordinator, &build_id).await,
+        Command::Build(args) => build::run(&conn, *args).await,
+        Command::Cancel { build_id } => build::cancel(&conn, &build_id).await,
         Command::Logs { build_id, platform, follow, format } => {
-            ops::logs(&cli.coordinator, &build_id, platform.as_deref(), follow, format).await
+            ops::logs(&conn, &build_id, platform.as_deref(), follow, format).await
         }
-        Command::Inspect { build_id, format } => ops::inspect(&cli.coordinator, &build_id, format).await,
-        Command::Builds { state, limit, format } => {
-            ops::builds(&cli.coordinator, state.as_deref(), limit, format).await
+        Command::Inspect { build_id, format } => ops::inspect(&conn, &build_id, format).await,
+        Command::Certs { command: CertsCommand::Init { dir, hosts, days } } => certs::init(&dir, &hosts, days),
+        Command::Certs { command: CertsCommand::Issue { dir, name, kind, days } } => {
+            certs::issue(&dir, &name, &kind, days)
         }
+        Command::Token { command: TokenCommand::Create { role, ttl, single_use, description } } => {
+            tokens::create(&conn, &role, ttl, single_use, &description).await
+        }
+        Command::Token { command: TokenCommand::Revoke { token_id } } => tokens::revoke(&conn, &token_id).await,
+        Command::Token { command: TokenCommand::List { format } } => tokens::list(&conn, format).await,
+        Command::Builds { state, limit, format } => ops::builds(&conn, state.as_deref(), limit, format).await,
     };
     match result {
         Ok(code) => std::process::exit(code),

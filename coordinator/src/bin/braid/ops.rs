@@ -5,7 +5,8 @@ use serde_json::{Value, json};
 use braid_shared::Platform;
 use braid_shared::proto::{self, build_event::Kind};
 
-use crate::build::{connect, job_word, seconds};
+use crate::build::{job_word, seconds};
+use crate::conn::Conn;
 
 /// How listings print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -88,14 +89,14 @@ fn event_platform(e: &proto::BuildEvent) -> Option<&str> {
 /// `braid logs`: a build's events from the start; `--follow` keeps going
 /// until the build ends.
 pub async fn logs(
-    url: &str,
+    conn: &Conn,
     build_id: &str,
     platform: Option<&str>,
     follow: bool,
     format: Format,
 ) -> anyhow::Result<i32> {
     let only: Option<Platform> = platform.map(str::parse).transpose()?;
-    let mut client = connect(url).await?;
+    let mut client = conn.builds().await?;
     let request = proto::WatchRequest { build_id: build_id.to_owned(), after_seq: 0, history_only: !follow };
     let mut stream = client.watch(request).await?.into_inner();
     while let Some(event) = stream.message().await? {
@@ -140,8 +141,8 @@ pub fn build_json(b: &proto::Build) -> Value {
 }
 
 /// `braid inspect`: one build, per platform.
-pub async fn inspect(url: &str, build_id: &str, format: Format) -> anyhow::Result<i32> {
-    let mut client = connect(url).await?;
+pub async fn inspect(conn: &Conn, build_id: &str, format: Format) -> anyhow::Result<i32> {
+    let mut client = conn.builds().await?;
     let b = client.get(proto::GetBuildRequest { build_id: build_id.to_owned() }).await?.into_inner();
     if format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&build_json(&b))?);
@@ -181,7 +182,7 @@ pub async fn inspect(url: &str, build_id: &str, format: Format) -> anyhow::Resul
 }
 
 /// `braid builds`: recent builds, newest first.
-pub async fn builds(url: &str, state: Option<&str>, limit: u32, format: Format) -> anyhow::Result<i32> {
+pub async fn builds(conn: &Conn, state: Option<&str>, limit: u32, format: Format) -> anyhow::Result<i32> {
     let state = match state {
         None => proto::BuildState::Unspecified,
         Some(s) => {
@@ -190,7 +191,7 @@ pub async fn builds(url: &str, state: Option<&str>, limit: u32, format: Format) 
             })?
         }
     };
-    let mut client = connect(url).await?;
+    let mut client = conn.builds().await?;
     let list = client.list(proto::ListBuildsRequest { limit, state: state as i32 }).await?.into_inner();
     if format == Format::Json {
         let all: Vec<Value> = list.builds.iter().map(build_json).collect();

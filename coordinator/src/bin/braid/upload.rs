@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context as _, bail};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use braid_shared::context::{self, ContextLimits, ContextSummary};
 use braid_shared::dockerignore::DockerIgnore;
 use braid_shared::limits;
-use braid_shared::proto::{self, builds_client::BuildsClient};
+use braid_shared::proto;
+
+use crate::conn::Builds;
 
 /// Where the Dockerfile comes from.
 #[derive(Debug)]
@@ -103,7 +104,7 @@ pub fn prepare(context_dir: &Path, dockerfile: Option<&str>) -> anyhow::Result<P
 /// Uploads the context unless the coordinator has it; returns the
 /// compressed bytes sent (0 when it was already there).
 pub async fn ensure_uploaded(
-    client: &mut BuildsClient<Channel>,
+    client: &mut Builds,
     prepared: &PreparedContext,
     sent: Arc<AtomicU64>,
 ) -> anyhow::Result<u64> {

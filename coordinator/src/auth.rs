@@ -1,0 +1,200 @@
+//! Who is calling: bearer tokens with a role for clients, certificates for
+//! agents. Tokens are stored only as their sha256.
+
+use std::sync::Arc;
+
+use rand::RngCore;
+use tonic::{Request, Status};
+
+use braid_shared::proto;
+
+use crate::error::{CoordinatorError, Result};
+use crate::farm::now_ms;
+use crate::store::Store;
+
+/// A token as stored (never its secret).
+#[derive(Debug, Clone)]
+pub struct TokenRecord {
+    pub id: String,
+    pub role: String,
+    pub created_ms: i64,
+    pub expires_ms: Option<i64>,
+    pub single_use: bool,
+    pub used: bool,
+    pub revoked: bool,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Submit,
+    Operate,
+    Agent,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Submit => "submit",
+            Role::Operate => "operate",
+            Role::Agent => "agent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "submit" => Some(Role::Submit),
+            "operate" => Some(Role::Operate),
+            "agent" => Some(Role::Agent),
+            _ => None,
+        }
+    }
+
+    pub fn from_proto(r: i32) -> Option<Role> {
+        match proto::Role::try_from(r).ok()? {
+            proto::Role::Submit => Some(Role::Submit),
+            proto::Role::Operate => Some(Role::Operate),
+            proto::Role::Agent => Some(Role::Agent),
+            proto::Role::Unspecified => None,
+        }
+    }
+
+    pub fn to_proto(self) -> proto::Role {
+        match self {
+            Role::Submit => proto::Role::Submit,
+            Role::Operate => proto::Role::Operate,
+            Role::Agent => proto::Role::Agent,
+        }
+    }
+}
+
+/// The authenticated caller of a client RPC.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The token's id; None for the loopback development mode without tokens.
+    pub token_id: Option<String>,
+    pub role: Role,
+}
+
+impl Caller {
+    /// Whether the caller may see or steer a build owned by `owner`.
+    pub fn owns(&self, owner: Option<&str>) -> bool {
+        self.role == Role::Operate || self.token_id.is_none() || owner == self.token_id.as_deref()
+    }
+}
+
+fn hash(token: &str) -> String {
+    braid_shared::Digest::of(token.as_bytes()).to_string()
+}
+
+pub struct Tokens {
+    store: Arc<Store>,
+    /// Tokens are required (TLS mode); in the plaintext loopback mode a
+    /// call without one acts as an operator.
+    required: bool,
+}
+
+impl Tokens {
+    pub fn new(store: Arc<Store>, required: bool) -> Tokens {
+        Tokens { store, required }
+    }
+
+    /// Creates a token; returns its record and its secret (shown once).
+    pub fn create(
+        &self,
+        role: Role,
+        ttl_seconds: u32,
+        single_use: bool,
+        description: &str,
+    ) -> Result<(TokenRecord, String)> {
+        if description.len() > 256 {
+            return Err(CoordinatorError::InvalidArgument("description: at most 256 bytes".into()));
+        }
+        let mut secret = [0u8; 32];
+        rand::rng().fill_bytes(&mut secret);
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let token = format!("braid_{id}_{}", hex::encode(secret));
+        let now = now_ms();
+        let record = TokenRecord {
+            id,
+            role: role.name().to_owned(),
+            created_ms: now,
+            expires_ms: (ttl_seconds > 0).then(|| now + i64::from(ttl_seconds) * 1000),
+            single_use,
+            used: false,
+            revoked: false,
+            description: description.to_owned(),
+        };
+        self.store.token_insert(&record, &hash(&token))?;
+        tracing::info!(token_id = %record.id, role = role.name(), single_use, ttl_seconds, "token created");
+        Ok((record, token))
+    }
+
+    /// The valid token behind `secret`, or why not.
+    fn check(&self, secret: &str) -> std::result::Result<(TokenRecord, Role), Status> {
+        if secret.len() > 200 {
+            return Err(Status::unauthenticated("invalid token"));
+        }
+        let record = self
+            .store
+            .token_by_hash(&hash(secret))
+            .map_err(Status::from)?
+            .ok_or_else(|| Status::unauthenticated("invalid token"))?;
+        if record.revoked {
+            return Err(Status::unauthenticated(format!("token {} was revoked", record.id)));
+        }
+        if record.expires_ms.is_some_and(|e| e < now_ms()) {
+            return Err(Status::unauthenticated(format!("token {} has expired", record.id)));
+        }
+        if record.single_use && record.used {
+            return Err(Status::unauthenticated(format!("token {} was already used", record.id)));
+        }
+        let role = Role::parse(&record.role).ok_or_else(|| Status::internal("stored token has an unknown role"))?;
+        Ok((record, role))
+    }
+
+    /// Authorizes a client call that needs `needed` (operate satisfies submit).
+    pub fn authorize<T>(&self, req: &Request<T>, needed: Role) -> std::result::Result<Caller, Status> {
+        let header = req.metadata().get("authorization").map(|v| v.to_str().unwrap_or_default().to_owned());
+        let Some(header) = header else {
+            if self.required {
+                return Err(Status::unauthenticated("missing bearer token (braid --token or BRAID_TOKEN)"));
+            }
+            return Ok(Caller { token_id: None, role: Role::Operate });
+        };
+        let secret = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| Status::unauthenticated("the authorization header must be 'Bearer <token>'"))?;
+        let (record, role) = self.check(secret.trim())?;
+        let allowed = role == needed || (role == Role::Operate && needed == Role::Submit);
+        if !allowed {
+            return Err(Status::permission_denied(format!(
+                "token {} has the {} role; this needs {}",
+                record.id,
+                role.name(),
+                needed.name()
+            )));
+        }
+        Ok(Caller { token_id: Some(record.id), role })
+    }
+
+    /// Spends a join token: valid, agent role, and single-use ones only once.
+    pub fn spend_join_token(&self, secret: &str) -> std::result::Result<TokenRecord, Status> {
+        let (record, role) = self.check(secret)?;
+        if role != Role::Agent {
+            return Err(Status::permission_denied(format!("token {} is not a join token (role agent)", record.id)));
+        }
+        if record.single_use && !self.store.token_use(&record.id).map_err(Status::from)? {
+            return Err(Status::unauthenticated(format!("token {} was already used", record.id)));
+        }
+        Ok(record)
+    }
+
+    pub fn revoke(&self, id: &str) -> Result<bool> {
+        self.store.token_revoke(id)
+    }
+
+    pub fn list(&self) -> Result<Vec<TokenRecord>> {
+        self.store.tokens()
+    }
+}

@@ -1,0 +1,74 @@
+//! How the CLI reaches the coordinator: plaintext on loopback, or TLS
+//! verified against the cluster CA, with a bearer token on every call.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use braid_shared::limits;
+use braid_shared::proto::{admin_client::AdminClient, builds_client::BuildsClient};
+
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub url: String,
+    pub token: Option<String>,
+    pub ca: Option<PathBuf>,
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            req.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Builds = BuildsClient<InterceptedService<Channel, Auth>>;
+pub type Admin = AdminClient<InterceptedService<Channel, Auth>>;
+
+impl Conn {
+    async fn channel(&self) -> anyhow::Result<(Channel, Auth)> {
+        let mut endpoint =
+            Endpoint::from_shared(self.url.clone()).with_context(|| format!("coordinator URL {:?}", self.url))?;
+        if self.url.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new();
+            if let Some(ca) = &self.ca {
+                let pem = std::fs::read(ca).with_context(|| format!("reading the cluster CA {ca:?}"))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            } else {
+                bail!("https coordinator: give the cluster CA with --ca or BRAID_CA");
+            }
+            endpoint = endpoint.tls_config(tls)?;
+        } else if !self.url.starts_with("http://") {
+            bail!("coordinator URL {:?} must start with https:// (or http:// on loopback)", self.url);
+        }
+        let channel =
+            endpoint.connect().await.with_context(|| format!("connecting to the coordinator at {}", self.url))?;
+        let auth = match &self.token {
+            Some(t) => Some(format!("Bearer {t}").parse().context("the token has characters a header cannot carry")?),
+            None => None,
+        };
+        Ok((channel, Auth(auth)))
+    }
+
+    pub async fn builds(&self) -> anyhow::Result<Builds> {
+        let (channel, auth) = self.channel().await?;
+        Ok(BuildsClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(limits::GRPC_MESSAGE_BYTES)
+            .max_encoding_message_size(limits::GRPC_MESSAGE_BYTES))
+    }
+
+    pub async fn admin(&self) -> anyhow::Result<Admin> {
+        let (channel, auth) = self.channel().await?;
+        Ok(AdminClient::with_interceptor(channel, auth))
+    }
+}
