@@ -138,6 +138,12 @@ pub struct JobRecord {
     /// When it last entered the queue.
     #[serde(default)]
     pub queued_ms: Option<i64>,
+    /// Log bytes kept for it, against `limits::JOB_LOG_BYTES`.
+    #[serde(default)]
+    pub log_bytes: u64,
+    /// Its log was cut at a limit.
+    #[serde(default)]
+    pub log_cut: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -396,6 +402,8 @@ impl Farm {
                 emulated: false,
                 waiting_noticed: false,
                 queued_ms: Some(now_ms()),
+                log_bytes: 0,
+                log_cut: false,
             })
             .collect();
         let record = BuildRecord {
@@ -820,17 +828,34 @@ impl Farm {
         if !self.leased_to(name, session, &build_id, &log.job_id, log.attempt, None) {
             return Ok(());
         }
-        let platform = self.job_mut(&build_id, &log.job_id).map(|j| j.platform.to_string()).unwrap_or_default();
-        let kinds = log
-            .lines
-            .into_iter()
-            .map(|line| {
-                EventKind::Log(proto::LogLine {
+        use braid_shared::limits::{BUILD_EVENTS, JOB_LOG_BYTES, LOG_LINE_BYTES};
+        let Some(b) = self.builds.get_mut(&build_id) else { return Ok(()) };
+        let room = BUILD_EVENTS.saturating_sub(b.record.last_seq + 1);
+        let Some(job) = b.record.jobs.iter_mut().find(|j| j.id == log.job_id) else { return Ok(()) };
+        if job.log_cut {
+            return Ok(());
+        }
+        let platform = job.platform.to_string();
+        let mut kinds = Vec::new();
+        for line in log.lines {
+            let line = braid_shared::shorten(&line, LOG_LINE_BYTES);
+            let over_bytes = job.log_bytes + line.len() as u64 > JOB_LOG_BYTES as u64;
+            if over_bytes || kinds.len() as u64 >= room {
+                job.log_cut = true;
+                let why = if over_bytes {
+                    format!("{} MiB per job", JOB_LOG_BYTES >> 20)
+                } else {
+                    format!("{BUILD_EVENTS} events per build")
+                };
+                kinds.push(EventKind::Notice(proto::Notice {
                     platform: platform.clone(),
-                    line: braid_shared::shorten(&line, braid_shared::limits::LOG_LINE_BYTES),
-                })
-            })
-            .collect();
+                    text: format!("log of {platform} cut at the limit of {why}; later lines are dropped"),
+                }));
+                break;
+            }
+            job.log_bytes += line.len() as u64;
+            kinds.push(EventKind::Log(proto::LogLine { platform: platform.clone(), line }));
+        }
         self.emit(&build_id, kinds)
     }
 

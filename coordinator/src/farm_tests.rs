@@ -194,3 +194,44 @@ fn a_restart_keeps_builds_and_gives_up_after_max_attempts() {
     assert_eq!(b.record.status, BuildStatus::Failed);
     assert!(b.record.message.contains("gave up after 2 attempts"), "{}", b.record.message);
 }
+
+#[test]
+fn a_job_log_is_cut_at_its_limit_with_one_notice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut farm, store) = farm(dir.path());
+    let (session, mut inbox) = connect(&mut farm, "amd", &["linux/amd64"]);
+    let build_id = submit(&mut farm, &["linux/amd64"]);
+    farm.schedule().unwrap();
+    let a = next_assignment(&mut inbox);
+    let line = "x".repeat(braid_shared::limits::LOG_LINE_BYTES);
+    let per_message = 64;
+    let messages = braid_shared::limits::JOB_LOG_BYTES / (line.len() * per_message) + 2;
+    for _ in 0..messages {
+        let log = proto::JobLog { job_id: a.job_id.clone(), attempt: a.attempt, lines: vec![line.clone(); per_message] };
+        farm.job_log("amd", session, log).unwrap();
+    }
+    let events = store.events_after(&build_id, 0, 1_000_000).unwrap();
+    let kept: usize = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(proto::build_event::Kind::Log(l)) => Some(l.line.len()),
+            _ => None,
+        })
+        .sum();
+    assert!(kept <= braid_shared::limits::JOB_LOG_BYTES, "kept {kept} bytes");
+    assert!(kept > braid_shared::limits::JOB_LOG_BYTES - line.len() * 2);
+    let notices: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(proto::build_event::Kind::Notice(n)) => Some(n.text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(notices, ["log of linux/amd64 cut at the limit of 16 MiB per job; later lines are dropped"]);
+    // A log line from an agent that holds no lease is dropped.
+    let (intruder, _) = connect(&mut farm, "other", &["linux/amd64"]);
+    let before = store.events_after(&build_id, 0, 1_000_000).unwrap().len();
+    let log = proto::JobLog { job_id: a.job_id.clone(), attempt: a.attempt, lines: vec!["forged".into()] };
+    farm.job_log("other", intruder, log).unwrap();
+    assert_eq!(store.events_after(&build_id, 0, 1_000_000).unwrap().len(), before);
+}

@@ -455,4 +455,47 @@ mod tests {
         assert_eq!(mode & 0o7777, 0o755, "setuid dropped, exec kept");
         assert!(!dest.path().join("secret.env").exists());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Random bytes never panic the unpacker.
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096)) {
+            let outer = tempfile::tempdir().unwrap();
+            let dest = outer.path().join("job");
+            fs::create_dir(&dest).unwrap();
+            let _ = unpack(&bytes[..], &dest, ContextLimits::default());
+            assert_nothing_outside(&outer);
+        }
+
+        /// Entries with hostile paths and link targets never write outside.
+        #[test]
+        fn hostile_entries_stay_inside(
+            entries in proptest::collection::vec(
+                (0u8..4, "(\\.\\./|/|a/|b/|\\./){0,4}[a-c]{1,2}", "(\\.\\./|/|a/|\\./){0,4}[a-c]{0,2}"),
+                1..8,
+            ),
+        ) {
+            use tar::EntryType::*;
+            let tar = tar_with(|b| {
+                for (kind, path, link) in &entries {
+                    let (kind, link) = match kind {
+                        0 => (Regular, None),
+                        1 => (Symlink, Some(link.as_str())),
+                        2 => (Link, Some(link.as_str())),
+                        _ => (Directory, None),
+                    };
+                    if path.len() < 90 && link.is_none_or(|l| l.len() < 90) {
+                        raw_entry(b, kind, path, link, b"data");
+                    }
+                }
+            });
+            let outer = tempfile::tempdir().unwrap();
+            let dest = outer.path().join("job");
+            fs::create_dir(&dest).unwrap();
+            let _ = unpack(&tar[..], &dest, ContextLimits::default());
+            assert_nothing_outside(&outer);
+        }
+    }
 }

@@ -26,6 +26,9 @@ pub const DOCKERFILE_BYTES: usize = 1 << 20;
 pub const LOG_LINE_BYTES: usize = 8 << 10;
 /// Log bytes kept per job; past that a single notice says the log was cut.
 pub const JOB_LOG_BYTES: usize = 16 << 20;
+/// Events kept per build; past that log lines are dropped (state changes
+/// are always kept).
+pub const BUILD_EVENTS: u64 = 250_000;
 /// Bytes of an image manifest or config the coordinator reads back.
 pub const MANIFEST_BYTES: usize = 4 << 20;
 /// Length of an agent name.
