@@ -12,8 +12,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use base64::Engine as _;
 use braid_shared::context::{self, ContextLimits};
-use braid_shared::oci::{self, ImageDescriptor, Registry};
+use braid_shared::oci::{self, Credential, ImageDescriptor, Registry};
 use braid_shared::proto::{self, agent_message::Kind as ToCoordinator};
 use braid_shared::{Digest, ImageRef, Platform, buildargs, limits};
 
@@ -135,7 +136,8 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     }
 
     let insecure: Vec<String> = a.insecure_registries.clone();
-    let conf = match write_containers_conf(&job_dir, &insecure).await {
+    let credentials: Vec<Credential> = a.credentials.iter().map(Credential::from).collect();
+    let conf = match write_containers_conf(&job_dir, &insecure, &credentials).await {
         Ok(c) => c,
         Err(e) => return infra(format!("writing registries.conf: {e}")),
     };
@@ -209,12 +211,11 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
             Err(e) => infra(e),
         };
     }
-    push_everywhere(env, a, &layout, &insecure).await
+    push_everywhere(env, a, &layout, Registry::with_credentials(&insecure, credentials)).await
 }
 
 /// Pushes to every repository, retrying registry errors with backoff.
-async fn push_everywhere(env: &JobEnv, a: &proto::Assignment, layout: &Path, insecure: &[String]) -> Outcome {
-    let registry = Registry::new(insecure);
+async fn push_everywhere(env: &JobEnv, a: &proto::Assignment, layout: &Path, registry: Registry) -> Outcome {
     let mut descriptor = None;
     for raw in &a.push_repositories {
         let repository: ImageRef = match raw.parse() {
@@ -311,9 +312,15 @@ struct ContainersConf {
     registries: PathBuf,
     policy: PathBuf,
     empty_ignore: PathBuf,
+    /// Registry logins for pulls (0600, removed with the job directory).
+    auth: PathBuf,
 }
 
-async fn write_containers_conf(job_dir: &Path, insecure: &[String]) -> std::io::Result<ContainersConf> {
+async fn write_containers_conf(
+    job_dir: &Path,
+    insecure: &[String],
+    credentials: &[Credential],
+) -> std::io::Result<ContainersConf> {
     let mut registries = String::from("unqualified-search-registries = [\"docker.io\"]\n");
     for r in insecure {
         registries.push_str(&format!("\n[[registry]]\nlocation = \"{r}\"\ninsecure = true\n"));
@@ -324,7 +331,16 @@ async fn write_containers_conf(job_dir: &Path, insecure: &[String]) -> std::io::
         // The context was filtered by the client already; filtering again
         // with the root .dockerignore would undo a Dockerfile-specific one.
         empty_ignore: job_dir.join("empty.dockerignore"),
+        auth: job_dir.join("auth.json"),
     };
+    let mut auths = serde_json::Map::new();
+    for c in credentials {
+        let pair = zeroize::Zeroizing::new(format!("{}:{}", c.username, c.password.as_str()));
+        let encoded = base64::engine::general_purpose::STANDARD.encode(pair.as_bytes());
+        auths.insert(c.registry.clone(), serde_json::json!({ "auth": encoded }));
+    }
+    let auth = zeroize::Zeroizing::new(serde_json::json!({ "auths": auths }).to_string());
+    braid_shared::pki::write_private(&conf.auth, &auth).map_err(std::io::Error::other)?;
     tokio::fs::write(&conf.registries, registries).await?;
     tokio::fs::write(&conf.policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).await?;
     tokio::fs::write(&conf.empty_ignore, "").await?;
@@ -346,6 +362,7 @@ fn buildah(env: &JobEnv, conf: &ContainersConf, platform: &Platform) -> Command 
         .arg("--storage-driver")
         .arg(&s.storage_driver)
         .env("CONTAINERS_REGISTRIES_CONF", &conf.registries)
+        .env("REGISTRY_AUTH_FILE", &conf.auth)
         .env("BUILDAH_ISOLATION", &s.isolation);
     cmd
 }

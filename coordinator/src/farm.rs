@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
-use braid_shared::oci::ImageDescriptor;
+use braid_shared::oci::{Credential, ImageDescriptor};
 use braid_shared::proto::{self, build_event::Kind as EventKind, coordinator_message::Kind as ToAgent};
 use braid_shared::{ImageRef, Platform};
 
@@ -168,6 +168,8 @@ pub struct BuildEntry {
     pub record: BuildRecord,
     pub spec: proto::BuildSpec,
     pub tags: Vec<ImageRef>,
+    /// Credentials the client forwarded: memory only, lost on restart.
+    pub credentials: Vec<Credential>,
     pub events: broadcast::Sender<proto::BuildEvent>,
 }
 
@@ -263,6 +265,8 @@ pub struct Farm {
     next_session: u64,
     max_attempts: u32,
     insecure_registries: Vec<String>,
+    /// Credentials from the coordinator's settings.
+    configured: Vec<Credential>,
 }
 
 /// Replay and live events for one Watch.
@@ -285,12 +289,13 @@ impl Farm {
             next_session: 1,
             max_attempts,
             insecure_registries,
+            configured: Vec::new(),
         };
         for (record, spec) in store.load_builds()? {
             farm.next_order = farm.next_order.max(record.order + 1);
             let tags = spec.tags.iter().filter_map(|t| t.parse::<ImageRef>().ok()).collect();
             let (events, _) = broadcast::channel(1024);
-            farm.builds.insert(record.id.clone(), BuildEntry { record, spec, tags, events });
+            farm.builds.insert(record.id.clone(), BuildEntry { record, spec, tags, events, credentials: Vec::new() });
         }
         Ok(farm)
     }
@@ -326,6 +331,22 @@ impl Farm {
                 },
             );
         }
+    }
+
+    pub fn set_configured_credentials(&mut self, credentials: Vec<Credential>) {
+        self.configured = credentials;
+    }
+
+    /// Credentials a build's jobs and merge use: those it forwarded, then
+    /// the configured ones for other registries.
+    pub fn credentials_for(&self, build_id: &str) -> Vec<Credential> {
+        let mut out = self.builds.get(build_id).map(|b| b.credentials.clone()).unwrap_or_default();
+        for c in &self.configured {
+            if !out.iter().any(|o| o.registry == c.registry) {
+                out.push(c.clone());
+            }
+        }
+        out
     }
 
     /// Contexts of builds that have not ended.
@@ -385,6 +406,7 @@ impl Farm {
         platforms: Vec<Platform>,
         tags: Vec<ImageRef>,
         owner: Option<String>,
+        credentials: Vec<Credential>,
     ) -> Result<String> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let jobs = platforms
@@ -421,7 +443,7 @@ impl Farm {
         self.next_order += 1;
         self.store.insert_build(&record, &spec)?;
         let (events, _) = broadcast::channel(1024);
-        self.builds.insert(id.clone(), BuildEntry { record, spec, tags, events });
+        self.builds.insert(id.clone(), BuildEntry { record, spec, tags, events, credentials });
         self.emit(
             &id,
             vec![EventKind::Build(proto::BuildStateChanged {
@@ -579,6 +601,8 @@ impl Farm {
     fn lease(&mut self, build_id: &str, job_id: &str, agent_name: &str, emulated: bool) -> Result<()> {
         let lease = uuid::Uuid::new_v4().simple().to_string();
         let insecure = self.insecure_registries.clone();
+        let credentials: Vec<proto::RegistryCredential> =
+            self.credentials_for(build_id).iter().map(proto::RegistryCredential::from).collect();
         let Some(b) = self.builds.get_mut(build_id) else {
             return Ok(());
         };
@@ -608,6 +632,7 @@ impl Farm {
             push_repositories,
             insecure_registries: insecure,
             emulated,
+            credentials,
         };
         let mut events = vec![Self::job_event(job)];
         if first_start {

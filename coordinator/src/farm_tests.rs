@@ -44,7 +44,7 @@ fn submit(farm: &mut Farm, platforms: &[&str]) -> String {
         ..Default::default()
     };
     let v = validate::spec(spec).unwrap();
-    farm.submit(v.spec, v.platforms, v.tags, None).unwrap()
+    farm.submit(v.spec, v.platforms, v.tags, None, vec![]).unwrap()
 }
 
 fn next_assignment(inbox: &mut Inbox) -> proto::Assignment {
@@ -207,7 +207,8 @@ fn a_job_log_is_cut_at_its_limit_with_one_notice() {
     let per_message = 64;
     let messages = braid_shared::limits::JOB_LOG_BYTES / (line.len() * per_message) + 2;
     for _ in 0..messages {
-        let log = proto::JobLog { job_id: a.job_id.clone(), attempt: a.attempt, lines: vec![line.clone(); per_message] };
+        let log =
+            proto::JobLog { job_id: a.job_id.clone(), attempt: a.attempt, lines: vec![line.clone(); per_message] };
         farm.job_log("amd", session, log).unwrap();
     }
     let events = store.events_after(&build_id, 0, 1_000_000).unwrap();

@@ -28,7 +28,6 @@ pub struct Coordinator {
     farm: Mutex<Farm>,
     pub contexts: ContextStore,
     pub store: Arc<Store>,
-    pub registry: Registry,
     pub settings: Settings,
     /// Wakes the scheduler after anything that may let a job be placed.
     pub wake: Notify,
@@ -50,7 +49,7 @@ impl Coordinator {
         )?;
         let mut farm = Farm::load(store.clone(), settings.max_attempts, settings.insecure_registries.clone())?;
         farm.adopt_orphans();
-        let registry = Registry::new(&settings.insecure_registries);
+        farm.set_configured_credentials(settings.credentials());
         let tokens = Tokens::new(store.clone(), settings.tls());
         let ca = match (&settings.tls_ca, &settings.tls_ca_key) {
             (Some(cert), Some(key)) => Some(Pem {
@@ -63,7 +62,6 @@ impl Coordinator {
             farm: Mutex::new(farm),
             contexts,
             store,
-            registry,
             settings,
             wake: Notify::new(),
             metrics: Metrics::default(),
@@ -94,7 +92,8 @@ impl Coordinator {
     async fn run_follow_up(&self, step: FollowUp) -> Option<FollowUp> {
         match step {
             FollowUp::Verify { build_id, job_id, repository, digest, platform } => {
-                let outcome = merge::verify(&self.registry, &repository, &digest, &platform).await;
+                let registry = self.registry_for(&build_id);
+                let outcome = merge::verify(&registry, &repository, &digest, &platform).await;
                 let result = self.farm().verified(&build_id, &job_id, outcome);
                 result.unwrap_or_else(|e| {
                     tracing::error!(build_id, job_id, error = %e, "recording the verification failed");
@@ -104,7 +103,7 @@ impl Coordinator {
             FollowUp::Merge { build_id } => {
                 let inputs = self.farm().merge_inputs(&build_id);
                 let outcome = match inputs {
-                    Some(m) => merge::merge(&self.registry, &m.tags, &m.pushed_to, &m.images).await,
+                    Some(m) => merge::merge(&self.registry_for(&build_id), &m.tags, &m.pushed_to, &m.images).await,
                     None => Err("a platform has no image".to_owned()),
                 };
                 if let Err(e) = self.farm().merged(&build_id, outcome) {
@@ -113,6 +112,12 @@ impl Coordinator {
                 None
             }
         }
+    }
+
+    /// A registry client with the build's credentials.
+    fn registry_for(&self, build_id: &str) -> Registry {
+        let credentials = self.farm().credentials_for(build_id);
+        Registry::with_credentials(&self.settings.insecure_registries, credentials)
     }
 
     /// Places queued jobs whenever woken, and at least every second.

@@ -96,7 +96,9 @@ impl Builds for BuildsService {
     #[instrument(skip_all, err, fields(build_id))]
     async fn submit(&self, req: Request<proto::SubmitRequest>) -> Result<Response<proto::SubmitResponse>, Status> {
         let caller = self.coordinator.tokens.authorize(&req, Role::Submit)?;
-        let spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec: required"))?;
+        let request = req.into_inner();
+        let credentials = validate::credentials(&request.credentials)?;
+        let spec = request.spec.ok_or_else(|| Status::invalid_argument("spec: required"))?;
         let valid = validate::spec(spec)?;
         let digest: Digest = valid.spec.context_digest.parse().map_err(|_| Status::internal("validated digest"))?;
         if self.coordinator.contexts.stat(&digest)?.is_none() {
@@ -106,7 +108,8 @@ impl Builds for BuildsService {
             .into());
         }
         self.coordinator.contexts.touch(&digest)?;
-        let build_id = self.coordinator.farm().submit(valid.spec, valid.platforms, valid.tags, caller.token_id)?;
+        let build_id =
+            self.coordinator.farm().submit(valid.spec, valid.platforms, valid.tags, caller.token_id, credentials)?;
         tracing::Span::current().record("build_id", build_id.as_str());
         Metrics::add(&self.coordinator.metrics.builds_submitted, 1);
         tracing::info!(build_id, "build submitted");

@@ -49,8 +49,26 @@ pub struct Settings {
     /// Seconds a job may wait for an agent before its build fails; 0 waits
     /// forever. Default 1800.
     pub queue_timeout_seconds: u32,
+    /// Credentials per registry (`[registry_credentials."ghcr.io"]` with
+    /// `username` and `password`), used to verify and merge and handed to
+    /// the agents whose jobs pull from or push to that registry. Keep this
+    /// file private (0600, or vaulted). Default none.
+    pub registry_credentials: std::collections::BTreeMap<String, CredentialSetting>,
     /// Log format, `pretty` or `json`. Default `pretty`.
     pub log_format: LogFormat,
+}
+
+#[derive(Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSetting {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for CredentialSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialSetting").field("username", &self.username).field("password", &"<redacted>").finish()
+    }
 }
 
 impl Default for Settings {
@@ -71,6 +89,7 @@ impl Default for Settings {
             max_context_bytes: braid_shared::limits::CONTEXT_BYTES,
             context_store_bytes: 20 << 30,
             queue_timeout_seconds: 1800,
+            registry_credentials: Default::default(),
             log_format: LogFormat::Pretty,
         }
     }
@@ -93,6 +112,7 @@ pub const KEYS: &[&str] = &[
     "max_context_bytes",
     "context_store_bytes",
     "queue_timeout_seconds",
+    "registry_credentials",
     "log_format",
 ];
 pub const LIST_KEYS: &[&str] = &["insecure_registries"];
@@ -161,6 +181,18 @@ impl Settings {
             return Err(invalid("context_store_bytes", "must be at least max_context_bytes".into()));
         }
         Ok((addr, http))
+    }
+
+    /// The configured registry credentials.
+    pub fn credentials(&self) -> Vec<braid_shared::oci::Credential> {
+        self.registry_credentials
+            .iter()
+            .map(|(registry, c)| braid_shared::oci::Credential {
+                registry: registry.clone(),
+                username: c.username.clone(),
+                password: c.password.clone().into(),
+            })
+            .collect()
     }
 
     /// Whether gRPC is served over TLS (and tokens are required).

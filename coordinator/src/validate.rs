@@ -60,6 +60,33 @@ fn check_map(
     Ok(())
 }
 
+/// Forwarded registry credentials: bounded, one per registry.
+pub fn credentials(raw: &[proto::RegistryCredential]) -> Result<Vec<braid_shared::oci::Credential>, CoordinatorError> {
+    if raw.len() > 16 {
+        return Err(too_many("credentials", 16));
+    }
+    let mut out: Vec<braid_shared::oci::Credential> = Vec::new();
+    for c in raw {
+        let host_ok = !c.registry.is_empty()
+            && c.registry.len() <= 255
+            && c.registry.bytes().all(|b| b.is_ascii_alphanumeric() || b".:-[]".contains(&b));
+        if !host_ok {
+            return Err(invalid(format!("credentials: invalid registry {:?}", braid_shared::shorten(&c.registry, 80))));
+        }
+        if c.username.len() > 256 || c.password.len() > 8192 || c.username.contains('\0') {
+            return Err(invalid(format!(
+                "credentials for {}: username at most 256 bytes, password at most 8 KiB",
+                c.registry
+            )));
+        }
+        if out.iter().any(|o| o.registry == c.registry) {
+            return Err(invalid(format!("credentials: {} given twice", c.registry)));
+        }
+        out.push(c.into());
+    }
+    Ok(out)
+}
+
 /// Validates a submitted spec; the context's presence is checked by the caller.
 pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
     if spec.platforms.is_empty() {

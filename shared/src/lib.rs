@@ -23,6 +23,16 @@ pub mod proto {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("braid.v1");
 
+    impl std::fmt::Debug for RegistryCredential {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("RegistryCredential")
+                .field("registry", &self.registry)
+                .field("username", &self.username)
+                .field("password", &"<redacted>")
+                .finish()
+        }
+    }
+
     /// The encoded descriptor set, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/braid_descriptor.bin"));
 }

@@ -36,6 +36,42 @@ pub enum OciError {
     WrongPlatform { digest: String, found: String, wanted: String },
 }
 
+/// Credentials for one registry. The password is wiped from memory when
+/// dropped and never printed.
+#[derive(Clone)]
+pub struct Credential {
+    /// "host[:port]" as image references name it (`docker.io` for Docker Hub).
+    pub registry: String,
+    pub username: String,
+    pub password: zeroize::Zeroizing<String>,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("registry", &self.registry)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl From<&crate::proto::RegistryCredential> for Credential {
+    fn from(c: &crate::proto::RegistryCredential) -> Self {
+        Credential { registry: c.registry.clone(), username: c.username.clone(), password: c.password.clone().into() }
+    }
+}
+
+impl From<&Credential> for crate::proto::RegistryCredential {
+    fn from(c: &Credential) -> Self {
+        crate::proto::RegistryCredential {
+            registry: c.registry.clone(),
+            username: c.username.clone(),
+            password: c.password.to_string(),
+        }
+    }
+}
+
 /// One platform's image, as an index descriptor needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageDescriptor {
@@ -49,6 +85,7 @@ pub struct ImageDescriptor {
 #[derive(Clone)]
 pub struct Registry {
     client: Client,
+    credentials: std::sync::Arc<Vec<Credential>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -58,13 +95,26 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
+    /// A client that uses `credentials` for their registries and anonymous
+    /// access elsewhere.
+    pub fn with_credentials(insecure_registries: &[String], credentials: Vec<Credential>) -> Registry {
+        Registry { credentials: std::sync::Arc::new(credentials), ..Registry::new(insecure_registries) }
+    }
+
+    fn auth(&self, registry: &str) -> RegistryAuth {
+        match self.credentials.iter().find(|c| c.registry == registry) {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.to_string()),
+            None => RegistryAuth::Anonymous,
+        }
+    }
+
     pub fn new(insecure_registries: &[String]) -> Registry {
         let config = ClientConfig {
             protocol: ClientProtocol::HttpsExcept(insecure_registries.to_vec()),
             use_monolithic_push: true,
             ..Default::default()
         };
-        Registry { client: Client::new(config) }
+        Registry { client: Client::new(config), credentials: std::sync::Arc::new(Vec::new()) }
     }
 
     fn err(image: &ImageRef, e: impl std::fmt::Display) -> OciError {
@@ -72,7 +122,11 @@ impl Registry {
     }
 
     async fn login(&self, image: &ImageRef, op: RegistryOperation) -> Result<(), OciError> {
-        self.client.auth(&image.to_oci(), &RegistryAuth::Anonymous, op).await.map(drop).map_err(|e| Self::err(image, e))
+        self.client
+            .auth(&image.to_oci(), &self.auth(image.registry()), op)
+            .await
+            .map(drop)
+            .map_err(|e| Self::err(image, e))
     }
 
     /// Pushes the one image in the OCI layout at `layout` to `repository` by
@@ -132,7 +186,7 @@ impl Registry {
             |message: String| OciError::Manifest { repository: repository.name(), digest: digest.to_string(), message };
         let (bytes, _) = self
             .client
-            .pull_manifest_raw(&at.to_oci(), &RegistryAuth::Anonymous, &[OCI_MANIFEST, DOCKER_MANIFEST])
+            .pull_manifest_raw(&at.to_oci(), &self.auth(repository.registry()), &[OCI_MANIFEST, DOCKER_MANIFEST])
             .await
             .map_err(|e| manifest_err(e.to_string()))?;
         if bytes.len() > limits::MANIFEST_BYTES {
@@ -206,7 +260,7 @@ impl Registry {
             .client
             .pull_manifest_raw(
                 &reference.to_oci(),
-                &RegistryAuth::Anonymous,
+                &self.auth(reference.registry()),
                 &[OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST],
             )
             .await

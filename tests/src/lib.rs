@@ -46,6 +46,7 @@ pub fn require_environment() {
     require("docker-registry", setup);
     require("skopeo", setup);
     require("curl", setup);
+    require("htpasswd", setup);
     for entry in ["qemu-aarch64", "qemu-arm"] {
         let path = format!("/proc/sys/fs/binfmt_misc/{entry}");
         let enabled = std::fs::read_to_string(&path).map(|s| s.starts_with("enabled")).unwrap_or(false);
@@ -147,6 +148,23 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path) -> anyhow::Result<Registry> {
+        Registry::start_inner(dir, None)
+    }
+
+    /// A registry that requires `user`/`password` (htpasswd, bcrypt).
+    pub fn start_with_auth(dir: &Path, user: &str, password: &str) -> anyhow::Result<Registry> {
+        std::fs::create_dir_all(dir)?;
+        let out =
+            Command::new("htpasswd").args(["-Bbn", user, password]).output().context("htpasswd (apache2-utils)")?;
+        if !out.status.success() {
+            bail!("htpasswd failed");
+        }
+        let file = dir.join("htpasswd");
+        std::fs::write(&file, &out.stdout)?;
+        Registry::start_inner(dir, Some(&file))
+    }
+
+    fn start_inner(dir: &Path, htpasswd: Option<&Path>) -> anyhow::Result<Registry> {
         std::fs::create_dir_all(dir.join("data"))?;
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
@@ -157,6 +175,10 @@ impl Registry {
             "version: 0.1\nlog: {{level: warn, accesslog: {{disabled: true}}}}\nstorage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\nhttp: {{addr: {addr}, secret: braid-tests}}",
             dir.join("data").display()
         )?;
+        if let Some(file) = htpasswd {
+            writeln!(f, "auth: {{htpasswd: {{realm: braid-tests, path: {}}}}}", file.display())?;
+        }
+        drop(f);
         let proc = Proc::spawn(
             "docker-registry",
             Command::new("docker-registry").arg("serve").arg(&config),
@@ -164,8 +186,10 @@ impl Registry {
         )?;
         let url = format!("http://{addr}/v2/");
         eventually(Duration::from_secs(20), "the registry to answer", || {
-            let out = Command::new("curl").args(["-fsS", "-o", "/dev/null", &url]).output().ok()?;
-            out.status.success().then_some(())
+            // 200, or 401 from a registry that wants a login: it is up.
+            let out =
+                Command::new("curl").args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", &url]).output().ok()?;
+            matches!(&out.stdout[..], b"200" | b"401").then_some(())
         })?;
         Ok(Registry { addr, proc: Some(proc) })
     }
@@ -423,6 +447,16 @@ impl Farm {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(child.wait_with_output()?)
+    }
+
+    /// `braid ... ARGS` with extra environment variables.
+    pub fn braid_env(&self, args: &[&str], env: &[(&str, &Path)]) -> anyhow::Result<Output> {
+        let mut cmd = Command::new(bin("braid"));
+        cmd.arg("--coordinator").arg(&self.url).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run_with_timeout(&mut cmd, Duration::from_secs(600))
     }
 
     /// `braid --coordinator URL ARGS...`, bounded in time.

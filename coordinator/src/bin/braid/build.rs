@@ -176,7 +176,8 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         allow_emulation: args.allow_emulation,
         timeout_seconds: args.timeout.unwrap_or(0),
     };
-    let build_id = client.submit(proto::SubmitRequest { spec: Some(spec) }).await?.into_inner().build_id;
+    let credentials = if conn.may_carry_secrets() { forwarded_credentials(&args.tags)? } else { Vec::new() };
+    let build_id = client.submit(proto::SubmitRequest { spec: Some(spec), credentials }).await?.into_inner().build_id;
     say(format!("#2 build {build_id} submitted"));
     if args.detach {
         println!("{build_id}");
@@ -356,6 +357,19 @@ fn summarize(build: &proto::Build, progress: Progress, metadata_file: Option<&st
 }
 
 /// `90`, `90s`, `20m`, `1h30m` as seconds.
+/// Docker-config credentials for the registries the tags push to.
+fn forwarded_credentials(tags: &[String]) -> anyhow::Result<Vec<proto::RegistryCredential>> {
+    let mut registries: Vec<String> = Vec::new();
+    for tag in tags {
+        if let Ok(r) = tag.parse::<braid_shared::ImageRef>()
+            && !registries.iter().any(|x| x == r.registry())
+        {
+            registries.push(r.registry().to_owned());
+        }
+    }
+    crate::dockerconfig::credentials_for(&registries)
+}
+
 pub fn parse_duration(raw: &str) -> Result<u32, String> {
     let err = || format!("invalid duration {raw:?}: use e.g. 90s, 20m or 1h30m");
     let mut total: u64 = 0;

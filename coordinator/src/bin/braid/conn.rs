@@ -36,6 +36,15 @@ pub type Builds = BuildsClient<InterceptedService<Channel, Auth>>;
 pub type Admin = AdminClient<InterceptedService<Channel, Auth>>;
 
 impl Conn {
+    /// Secrets travel only over TLS, or plaintext to this same host.
+    pub fn may_carry_secrets(&self) -> bool {
+        if self.url.starts_with("https://") {
+            return true;
+        }
+        let host = self.url.trim_start_matches("http://").split(['/', ':']).next().unwrap_or_default();
+        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+
     async fn channel(&self) -> anyhow::Result<(Channel, Auth)> {
         let mut endpoint =
             Endpoint::from_shared(self.url.clone()).with_context(|| format!("coordinator URL {:?}", self.url))?;

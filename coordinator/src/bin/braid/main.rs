@@ -3,6 +3,7 @@
 mod build;
 mod certs;
 mod conn;
+mod dockerconfig;
 mod ops;
 mod tokens;
 mod upload;
