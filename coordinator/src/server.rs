@@ -148,11 +148,18 @@ pub async fn serve(
     let http_listener = tokio::net::TcpListener::bind(http_addr).await?;
     tracing::info!(addr = %http_listener.local_addr()?, "http listening");
     let http = crate::http::router(coordinator.clone());
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(http_listener, http).await {
-            tracing::error!(error = %e, "http server stopped");
+    match http_tls(&coordinator.settings)? {
+        Some(acceptor) => {
+            tokio::spawn(crate::http::serve_tls(http_listener, acceptor, http));
         }
-    });
+        None => {
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(http_listener, http).await {
+                    tracing::error!(error = %e, "http server stopped");
+                }
+            });
+        }
+    }
     serve_on(coordinator, listener, shutdown).await
 }
 
@@ -216,6 +223,30 @@ fn server_tls(settings: &Settings) -> Result<Option<ServerTlsConfig>, ServeError
             .client_ca_root(Certificate::from_pem(read(ca)?))
             .client_auth_optional(true),
     ))
+}
+
+/// TLS for the HTTP port (metrics, health), with the same certificate as gRPC.
+fn http_tls(settings: &Settings) -> Result<Option<tokio_rustls::TlsAcceptor>, ServeError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
+        return Ok(None);
+    };
+    let tls_err = |e: &dyn std::fmt::Display| ServeError::Tls(e.to_string());
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| tls_err(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_err(&e))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| tls_err(&e))?;
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(&e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| tls_err(&e))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -144,14 +144,7 @@ impl Settings {
                 }
             }
             (true, _) => return Err(invalid("insecure", "give either --insecure or the TLS files, not both".into())),
-            (false, 3) => {
-                if !http.ip().is_loopback() {
-                    return Err(invalid(
-                        "http_listen",
-                        format!("the HTTP port has no TLS yet: keep it on loopback, not {http}"),
-                    ));
-                }
-            }
+            (false, 3) => {}
             (false, 0) => {
                 return Err(invalid(
                     "tls_cert",

@@ -186,6 +186,24 @@ mod tests {
     }
 
     #[test]
+    fn credentials_are_bounded() {
+        let cred = |registry: &str| proto::RegistryCredential {
+            registry: registry.into(),
+            username: "u".into(),
+            password: "p".into(),
+        };
+        assert!(credentials(&[cred("ghcr.io"), cred("127.0.0.1:5000")]).is_ok());
+        let too_many: Vec<_> = (0..17).map(|i| cred(&format!("r{i}.io"))).collect();
+        assert!(credentials(&too_many).unwrap_err().to_string().contains("credentials: more than the limit of 16"));
+        assert!(credentials(&[cred("a/b")]).unwrap_err().to_string().contains("invalid registry"));
+        assert!(credentials(&[cred("x.io"), cred("x.io")]).unwrap_err().to_string().contains("given twice"));
+        let mut long = cred("x.io");
+        long.password = "p".repeat(8193);
+        let e = credentials(&[long]).unwrap_err().to_string();
+        assert!(e.contains("password at most 8 KiB") && !e.contains("ppp"), "{e}");
+    }
+
+    #[test]
     fn normalizes_and_dedups() {
         let v = spec(base()).unwrap();
         assert_eq!(v.spec.platforms, ["linux/amd64", "linux/arm64"]);
@@ -224,6 +242,34 @@ mod tests {
             ),
             (Box::new(|s| s.target = "-x".into()), "target: invalid stage name"),
             (Box::new(|s| s.dockerfile_inline = vec![b'x'; (1 << 20) + 1]), "dockerfile_inline"),
+            (
+                Box::new(|s| s.tags = (0..65).map(|i| format!("reg.io/app:{i}")).collect()),
+                "tags: more than the limit of 64",
+            ),
+            (
+                Box::new(|s| s.build_args = (0..257).map(|i| (format!("A{i}"), "v".into())).collect()),
+                "build_args: more than the limit of 256",
+            ),
+            (
+                Box::new(|s| s.labels = (0..257).map(|i| (format!("l{i}"), "v".into())).collect()),
+                "labels: more than the limit of 256",
+            ),
+            (
+                Box::new(|s| {
+                    s.build_args.insert("K".repeat(257), "v".into());
+                }),
+                "build_args: invalid name",
+            ),
+            (
+                Box::new(|s| {
+                    s.labels.insert("k".into(), "v".repeat(16385));
+                }),
+                "labels: value of \"k\" is longer than the limit",
+            ),
+            (Box::new(|s| s.dockerfile_path = "a".repeat(4097)), "dockerfile_path"),
+            (Box::new(|s| s.target = "t".repeat(129)), "target: invalid stage name"),
+            (Box::new(|s| s.timeout_seconds = 8 * 24 * 3600), "timeout_seconds: at most 7 days"),
+            (Box::new(|s| s.tags = vec![format!("reg.io/app@sha256:{}", "a".repeat(64))]), "has a digest"),
         ];
         for (mutate, want) in cases {
             let mut s = base();

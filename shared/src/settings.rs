@@ -116,4 +116,15 @@ mod tests {
         let e = load_from_env::<Sample>(Some(&file), &["slots"], &[], vec![], std::iter::empty()).unwrap_err();
         assert!(e.to_string().contains("slotz"), "{e}");
     }
+
+    proptest::proptest! {
+        /// Whatever a settings file holds, loading it returns, never panics.
+        #[test]
+        fn any_file_loads_or_fails_cleanly(contents in "\\PC{0,200}") {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("c.toml");
+            std::fs::write(&file, contents).unwrap();
+            let _ = load_from_env::<Sample>(Some(&file), &["listen", "slots"], &[], vec![], std::iter::empty());
+        }
+    }
 }

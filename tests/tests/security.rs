@@ -103,6 +103,21 @@ fn mutual_tls_tokens_and_roles() {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop)
     })
     .unwrap();
+    // The HTTP port speaks TLS with the same certificate.
+    let health = eventually(Duration::from_secs(20), "https /healthz", || {
+        let out = Command::new("curl")
+            .args(["-fsS", "--cacert"])
+            .arg(certs.join("ca.pem"))
+            .arg(format!("https://127.0.0.1:{http}/healthz"))
+            .output()
+            .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .unwrap();
+    assert_eq!(health.trim(), "ok");
+    let plain = Command::new("curl").args(["-fsS", &format!("http://127.0.0.1:{http}/healthz")]).output().unwrap();
+    assert!(!plain.status.success(), "no plaintext on the TLS port");
+
     let tls = Tls {
         dir: dir.clone(),
         url: format!("https://127.0.0.1:{port}"),
@@ -173,6 +188,11 @@ fn mutual_tls_tokens_and_roles() {
     refused(Some("braid_nope_0000"), &["builds"], "invalid token");
     refused(Some(&submit), &["token", "list"], "has the submit role; this needs operate");
     refused(Some(&join_token), &["builds"], "was already used");
+    let agent_role = token_from(&tls.braid(Some(&operate), &["token", "create", "--role", "agent"]));
+    refused(Some(&agent_role), &["builds"], "has the agent role; this needs submit");
+    refused(Some(&agent_role), &["token", "create", "--role", "operate"], "has the agent role; this needs operate");
+    refused(Some(&submit), &["token", "create", "--role", "operate"], "has the submit role; this needs operate");
+    refused(Some(&submit), &["token", "revoke", "x"], "has the submit role; this needs operate");
     let other_submit = token_from(&tls.braid(Some(&operate), &["token", "create", "--role", "submit"]));
     refused(Some(&other_submit), &["inspect", &build_id], "submitted with another token");
     refused(Some(&other_submit), &["cancel", &build_id], "submitted with another token");
