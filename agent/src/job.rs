@@ -44,10 +44,11 @@ pub async fn run(env: Arc<JobEnv>, assignment: proto::Assignment, cancel: Cancel
         platform = %assignment.platform,
         agent = %env.settings.settings.name,
     );
+    let mut phases = Phases::default();
     let outcome = async {
         tracing::info!("job started");
         let outcome = tokio::select! {
-            outcome = execute(&env, &assignment, &cancel) => outcome,
+            outcome = execute(&env, &assignment, &cancel, &mut phases) => outcome,
             () = cancel.cancelled() => Outcome::Failed(proto::FailureKind::Cancelled, "cancelled".into()),
         };
         match &outcome {
@@ -73,6 +74,7 @@ pub async fn run(env: Arc<JobEnv>, assignment: proto::Assignment, cancel: Cancel
         attempt: assignment.attempt,
         lease_id: assignment.lease_id,
         outcome: Some(outcome),
+        phases: phases.0,
     }
 }
 
@@ -84,7 +86,22 @@ fn build_failure(message: impl std::fmt::Display) -> Outcome {
     Outcome::Failed(proto::FailureKind::Build, message.to_string())
 }
 
-async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken) -> Outcome {
+/// When each phase ran, reported with the result for timelines and metrics.
+#[derive(Default)]
+struct Phases(Vec<proto::PhaseTiming>);
+
+fn now_timestamp() -> prost_types::Timestamp {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+impl Phases {
+    fn done(&mut self, phase: &str, start: prost_types::Timestamp) {
+        self.0.push(proto::PhaseTiming { phase: phase.to_owned(), start: Some(start), end: Some(now_timestamp()) });
+    }
+}
+
+async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken, phases: &mut Phases) -> Outcome {
     let Some(spec) = &a.spec else {
         return build_failure("assignment without a build spec");
     };
@@ -105,6 +122,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     }
     send_progress(env, a, proto::JobState::Building);
 
+    let fetch_start = now_timestamp();
     let compressed = match env.cache.get(&digest).await {
         Ok(path) => path,
         Err(e) => return infra(format!("fetching context {digest}: {e}")),
@@ -122,6 +140,8 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         Err(e) => return infra(format!("unpacking the context: {e}")),
     }
 
+    phases.done("fetch", fetch_start);
+    let build_start = now_timestamp();
     let dockerfile = if spec.dockerfile_inline.is_empty() {
         context_dir.join(&spec.dockerfile_path)
     } else {
@@ -205,13 +225,17 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     if let Err(e) = run_logged(env, a, export, cancel).await {
         return infra(format!("exporting the image: {e}"));
     }
+    phases.done("build", build_start);
     if a.push_repositories.is_empty() {
         return match oci::layout_descriptor(&layout).await {
             Ok(d) => Outcome::Image(d),
             Err(e) => infra(e),
         };
     }
-    push_everywhere(env, a, &layout, Registry::with_credentials(&insecure, credentials)).await
+    let push_start = now_timestamp();
+    let outcome = push_everywhere(env, a, &layout, Registry::with_credentials(&insecure, credentials)).await;
+    phases.done("push", push_start);
+    outcome
 }
 
 /// Pushes to every repository, retrying registry errors with backoff.

@@ -239,6 +239,7 @@ impl Agent {
                     kind: proto::FailureKind::Infra as i32,
                     message: "the agent is stopping".into(),
                 })),
+                phases: Vec::new(),
             };
             self.deliver(refusal);
             return;

@@ -14,6 +14,7 @@ use braid_shared::{ImageRef, Platform};
 
 use crate::auth::Caller;
 use crate::error::{CoordinatorError, Result};
+use crate::metrics::Metrics;
 use crate::scheduler::{self, AgentView, QueuedJob};
 use crate::store::Store;
 
@@ -144,6 +145,34 @@ pub struct JobRecord {
     /// Its log was cut at a limit.
     #[serde(default)]
     pub log_cut: bool,
+    /// When each phase of the current attempt ran.
+    #[serde(default)]
+    pub phases: Vec<PhaseRecord>,
+    /// When the agent's result arrived (verification starts then).
+    #[serde(default)]
+    pub result_ms: Option<i64>,
+}
+
+/// One phase of a job: queued, fetch, build, push or verify.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PhaseRecord {
+    pub phase: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+}
+
+impl PhaseRecord {
+    fn to_proto(&self) -> proto::PhaseTiming {
+        proto::PhaseTiming {
+            phase: self.phase.clone(),
+            start: Some(timestamp(self.start_ms)),
+            end: Some(timestamp(self.end_ms)),
+        }
+    }
+
+    fn seconds(&self) -> f64 {
+        (self.end_ms - self.start_ms) as f64 / 1000.0
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +190,9 @@ pub struct BuildRecord {
     /// The id of the token that submitted it (None without tokens).
     #[serde(default)]
     pub owner: Option<String>,
+    /// When the index merge started.
+    #[serde(default)]
+    pub merge_started_ms: Option<i64>,
 }
 
 /// A build in memory: its record, spec and event channel.
@@ -187,6 +219,7 @@ impl BuildEntry {
             message: r.message.clone(),
             created: Some(timestamp(r.created_ms)),
             finished: r.finished_ms.map(timestamp),
+            merge_started: r.merge_started_ms.map(timestamp),
         }
     }
 
@@ -214,6 +247,7 @@ fn job_to_proto(j: &JobRecord) -> proto::Job {
         started: j.started_ms.map(timestamp),
         finished: j.finished_ms.map(timestamp),
         emulated: j.emulated,
+        phases: j.phases.iter().map(PhaseRecord::to_proto).collect(),
     }
 }
 
@@ -236,6 +270,25 @@ pub struct AgentEntry {
     pub emulates: Vec<Platform>,
     /// Stopping: takes no new jobs.
     pub draining: bool,
+    /// Declared lost (kept so operators see it until it comes back).
+    pub lost: bool,
+}
+
+impl AgentEntry {
+    /// idle, busy, cordoned, draining or lost, as `braid agents` shows it.
+    pub fn state(&self) -> &'static str {
+        if self.lost {
+            "lost"
+        } else if self.draining {
+            "draining"
+        } else if self.cordoned {
+            "cordoned"
+        } else if self.running.is_empty() {
+            "idle"
+        } else {
+            "busy"
+        }
+    }
 }
 
 /// Everything a merge reads from the farm.
@@ -267,6 +320,7 @@ pub struct Farm {
     insecure_registries: Vec<String>,
     /// Credentials from the coordinator's settings.
     configured: Vec<Credential>,
+    metrics: Arc<Metrics>,
 }
 
 /// Replay and live events for one Watch.
@@ -279,7 +333,12 @@ pub struct Subscription {
 impl Farm {
     /// The farm as the store left it: unfinished builds go on, their running
     /// jobs stay leased until their agents come back or are declared lost.
-    pub fn load(store: Arc<Store>, max_attempts: u32, insecure_registries: Vec<String>) -> Result<Farm> {
+    pub fn load(
+        store: Arc<Store>,
+        max_attempts: u32,
+        insecure_registries: Vec<String>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Farm> {
         let mut farm = Farm {
             builds: HashMap::new(),
             agents: HashMap::new(),
@@ -290,6 +349,7 @@ impl Farm {
             max_attempts,
             insecure_registries,
             configured: Vec::new(),
+            metrics,
         };
         for (record, spec) in store.load_builds()? {
             farm.next_order = farm.next_order.max(record.order + 1);
@@ -328,6 +388,7 @@ impl Farm {
                     cordoned: false,
                     emulates: Vec::new(),
                     draining: false,
+                    lost: false,
                 },
             );
         }
@@ -349,6 +410,23 @@ impl Farm {
         out
     }
 
+    /// Every known agent, by name.
+    pub fn agent_list(&self) -> Vec<&AgentEntry> {
+        let mut agents: Vec<&AgentEntry> = self.agents.values().collect();
+        agents.sort_by(|a, b| a.name.cmp(&b.name));
+        agents
+    }
+
+    /// Sets or clears an operator's cordon.
+    pub fn set_cordoned(&mut self, name: &str, cordoned: bool) -> Result<&AgentEntry> {
+        let agent = self.agents.get_mut(name).ok_or_else(|| {
+            CoordinatorError::NotFound(format!("agent {:?} not found", braid_shared::shorten(name, 80)))
+        })?;
+        agent.cordoned = cordoned;
+        tracing::info!(agent = name, cordoned, "agent cordon changed");
+        Ok(agent)
+    }
+
     /// Contexts of builds that have not ended.
     pub fn needed_contexts(&self) -> HashSet<String> {
         self.builds.values().filter(|b| !b.record.status.is_terminal()).map(|b| b.spec.context_digest.clone()).collect()
@@ -360,13 +438,25 @@ impl Farm {
             agents_connected: self.agents.values().filter(|a| a.sender.is_some()).count() as u64,
             ..Default::default()
         };
+        let now = now_ms();
         for b in self.builds.values().filter(|b| !b.record.status.is_terminal()) {
             for j in &b.record.jobs {
                 match j.status {
-                    JobStatus::Pending => g.jobs_queued += 1,
+                    JobStatus::Pending => {
+                        g.jobs_queued += 1;
+                        let waited = (now - j.queued_ms.unwrap_or(b.record.created_ms)) as f64 / 1000.0;
+                        let entry = g.queues.entry(j.platform.to_string()).or_insert((0, 0.0));
+                        entry.0 += 1;
+                        entry.1 = entry.1.max(waited);
+                    }
                     JobStatus::Assigned { .. } | JobStatus::Building { .. } => g.jobs_running += 1,
                     _ => {}
                 }
+            }
+        }
+        for a in self.agents.values() {
+            for p in &a.platforms {
+                *g.agents.entry((p.to_string(), a.state().to_owned())).or_default() += 1;
             }
         }
         g
@@ -426,6 +516,8 @@ impl Farm {
                 queued_ms: Some(now_ms()),
                 log_bytes: 0,
                 log_cut: false,
+                phases: Vec::new(),
+                result_ms: None,
             })
             .collect();
         let record = BuildRecord {
@@ -439,6 +531,7 @@ impl Farm {
             index: None,
             last_seq: 0,
             owner,
+            merge_started_ms: None,
         };
         self.next_order += 1;
         self.store.insert_build(&record, &spec)?;
@@ -501,11 +594,36 @@ impl Farm {
             .collect();
         self.store.append_events(&events)?;
         self.store.save_build(&b.record)?;
+        let ended = events.iter().any(|e| {
+            matches!(&e.kind, Some(EventKind::Build(s)) if [proto::BuildState::Succeeded, proto::BuildState::Failed, proto::BuildState::Cancelled].iter().any(|t| *t as i32 == s.state))
+        });
+        if ended {
+            Self::observe_end(&self.metrics, &b.record);
+        }
         for e in events {
             // No receiver is fine: nobody is watching.
             let _ = b.events.send(e);
         }
         Ok(())
+    }
+
+    /// Build duration and per-job results, once per build, when it ends.
+    fn observe_end(metrics: &Metrics, record: &BuildRecord) {
+        let result = match record.status {
+            BuildStatus::Succeeded => "succeeded",
+            BuildStatus::Failed => "failed",
+            _ => "cancelled",
+        };
+        let seconds = (record.finished_ms.unwrap_or_else(now_ms) - record.created_ms) as f64 / 1000.0;
+        metrics.observe("braid_build_duration_seconds", vec![("result", result.into())], seconds);
+        for j in &record.jobs {
+            let result = match j.status {
+                JobStatus::Verified { .. } => "succeeded",
+                JobStatus::Failed => "failed",
+                _ => "cancelled",
+            };
+            metrics.inc("braid_jobs_total", vec![("platform", j.platform.to_string()), ("result", result.into())]);
+        }
     }
 
     fn job_event(job: &JobRecord) -> EventKind {
@@ -563,8 +681,10 @@ impl Farm {
                     affinity_key: b.affinity_key(&j.platform),
                     allow_emulation: b.spec.allow_emulation,
                 });
-                let served =
-                    views.iter().any(|a| a.builds(&j.platform) || (b.spec.allow_emulation && a.emulates(&j.platform)));
+                // Cordoned and stopping agents do not count: they take nothing new.
+                let served = views.iter().any(|a| {
+                    a.schedulable && (a.builds(&j.platform) || (b.spec.allow_emulation && a.emulates(&j.platform)))
+                });
                 if !served && !j.waiting_noticed {
                     waiting.push((b.record.id.clone(), j.id.clone(), j.platform.clone()));
                 }
@@ -618,6 +738,20 @@ impl Farm {
         };
         job.attempt += 1;
         job.status = JobStatus::Assigned { agent: agent_name.to_owned(), lease: lease.clone() };
+        let now = now_ms();
+        let queued =
+            PhaseRecord { phase: "queued".into(), start_ms: job.queued_ms.unwrap_or(b.record.created_ms), end_ms: now };
+        let platform_label = job.platform.to_string();
+        self.metrics.observe(
+            "braid_job_phase_seconds",
+            vec![("platform", platform_label.clone()), ("phase", "queued".into())],
+            queued.seconds(),
+        );
+        if emulated {
+            self.metrics.inc("braid_jobs_emulated_total", vec![("platform", platform_label)]);
+        }
+        job.phases = vec![queued];
+        job.result_ms = None;
         job.last_agent = agent_name.to_owned();
         job.emulated = emulated;
         job.started_ms.get_or_insert_with(now_ms);
@@ -710,6 +844,7 @@ impl Farm {
                 cordoned: false,
                 emulates,
                 draining: false,
+                lost: false,
             },
         );
         for (build_id, job_id) in lost {
@@ -784,18 +919,21 @@ impl Farm {
         let lost: Vec<String> = self
             .agents
             .values()
-            .filter(|a| now.duration_since(a.last_seen) > lost_after)
+            .filter(|a| !a.lost && now.duration_since(a.last_seen) > lost_after)
             .map(|a| a.name.clone())
             .collect();
         for name in lost {
-            let Some(agent) = self.agents.remove(&name) else {
+            let Some(agent) = self.agents.get_mut(&name) else {
                 continue;
             };
             tracing::warn!(agent = %name, jobs = agent.running.len(), "agent lost");
-            if let Some(tx) = agent.sender {
+            Metrics::add(&self.metrics.agents_lost, 1);
+            agent.lost = true;
+            if let Some(tx) = agent.sender.take() {
                 let _ = tx.send(Err(tonic::Status::unavailable("declared lost: no heartbeat in time")));
             }
-            for (build_id, job_id) in agent.running {
+            let running = std::mem::take(&mut agent.running);
+            for (build_id, job_id) in running {
                 self.requeue(&build_id, &job_id, &format!("agent {name} was lost"))?;
             }
         }
@@ -805,6 +943,7 @@ impl Farm {
     /// Puts a leased job back in the queue, or fails it after too many attempts.
     fn requeue(&mut self, build_id: &str, job_id: &str, why: &str) -> Result<()> {
         let max = self.max_attempts;
+        let metrics = self.metrics.clone();
         let Some(job) = self.job_mut(build_id, job_id) else {
             return Ok(());
         };
@@ -817,6 +956,7 @@ impl Farm {
         }
         job.status = JobStatus::Pending;
         job.queued_ms = Some(now_ms());
+        metrics.inc("braid_job_retries_total", vec![("platform", job.platform.to_string())]);
         job.message = format!("{why}; re-queued");
         let event = Self::job_event(job);
         tracing::info!(build_id, job_id, why, "job re-queued");
@@ -918,6 +1058,7 @@ impl Farm {
             return Ok(None);
         }
         let job_id = result.job_id.clone();
+        self.record_agent_phases(&build_id, &job_id, &result.phases);
         match result.outcome {
             Some(proto::job_result::Outcome::Image(image)) => self.image_built(&build_id, &job_id, name, image),
             Some(proto::job_result::Outcome::Failure(f)) => {
@@ -937,6 +1078,33 @@ impl Farm {
                 self.requeue(&build_id, &job_id, &format!("agent {name} sent an empty result"))?;
                 Ok(None)
             }
+        }
+    }
+
+    /// Keeps the agent's phase times (bounded, known phases only) and
+    /// observes them.
+    fn record_agent_phases(&mut self, build_id: &str, job_id: &str, phases: &[proto::PhaseTiming]) {
+        let now = now_ms();
+        let metrics = self.metrics.clone();
+        let Some(job) = self.job_mut(build_id, job_id) else { return };
+        job.result_ms = Some(now);
+        let ms =
+            |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+        for p in phases.iter().take(8) {
+            if !matches!(p.phase.as_str(), "fetch" | "build" | "push") {
+                continue;
+            }
+            let (Some(start_ms), Some(end_ms)) = (ms(&p.start), ms(&p.end)) else { continue };
+            if end_ms < start_ms {
+                continue;
+            }
+            let record = PhaseRecord { phase: p.phase.clone(), start_ms, end_ms };
+            metrics.observe(
+                "braid_job_phase_seconds",
+                vec![("platform", job.platform.to_string()), ("phase", p.phase.clone())],
+                record.seconds(),
+            );
+            job.phases.push(record);
         }
     }
 
@@ -989,6 +1157,7 @@ impl Farm {
         job_id: &str,
         outcome: Result<ImageDescriptor, String>,
     ) -> Result<Option<FollowUp>> {
+        let metrics = self.metrics.clone();
         let Some(job) = self.job_mut(build_id, job_id) else {
             return Ok(None);
         };
@@ -999,7 +1168,16 @@ impl Farm {
             Ok(descriptor) => {
                 job.result = Some(ImageRecord::from(&descriptor));
                 job.status = JobStatus::Verified { agent };
-                job.finished_ms = Some(now_ms());
+                let now = now_ms();
+                job.finished_ms = Some(now);
+                let verify =
+                    PhaseRecord { phase: "verify".into(), start_ms: job.result_ms.unwrap_or(now), end_ms: now };
+                metrics.observe(
+                    "braid_job_phase_seconds",
+                    vec![("platform", job.platform.to_string()), ("phase", "verify".into())],
+                    verify.seconds(),
+                );
+                job.phases.push(verify);
                 let event = Self::job_event(job);
                 self.emit(build_id, vec![event])?;
                 self.maybe_merge(build_id)
@@ -1029,6 +1207,7 @@ impl Farm {
             return Ok(None);
         }
         b.record.status = BuildStatus::Merging;
+        b.record.merge_started_ms = Some(now_ms());
         let event = Self::build_event(&b.record);
         self.emit(build_id, vec![event])?;
         Ok(Some(FollowUp::Merge { build_id: build_id.to_owned() }))
@@ -1048,6 +1227,9 @@ impl Farm {
         };
         if b.record.status != BuildStatus::Merging {
             return Ok(());
+        }
+        if let Some(started) = b.record.merge_started_ms {
+            self.metrics.observe("braid_build_merge_seconds", vec![], (now_ms() - started) as f64 / 1000.0);
         }
         match outcome {
             Ok(index) => {

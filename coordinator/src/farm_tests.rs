@@ -17,7 +17,8 @@ type Inbox = mpsc::UnboundedReceiver<Result<proto::CoordinatorMessage, tonic::St
 
 fn farm(dir: &std::path::Path) -> (Farm, Arc<Store>) {
     let store = Arc::new(Store::open(&dir.join("braid.db")).unwrap());
-    (Farm::load(store.clone(), 2, vec!["127.0.0.1:5000".into()]).unwrap(), store)
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    (Farm::load(store.clone(), 2, vec!["127.0.0.1:5000".into()], metrics).unwrap(), store)
 }
 
 fn connect(farm: &mut Farm, name: &str, platforms: &[&str]) -> (u64, Inbox) {
@@ -66,6 +67,7 @@ fn image(result: &proto::Assignment, digest_char: char) -> proto::JobResult {
             size: 100,
             media_type: braid_shared::oci::OCI_MANIFEST.into(),
         })),
+        phases: vec![],
     }
 }
 
@@ -132,6 +134,7 @@ fn a_build_error_fails_the_build_and_cancels_the_other_platforms() {
             kind: proto::FailureKind::Build as i32,
             message: "exit status 3".into(),
         })),
+        phases: vec![],
     };
     farm.job_result("amd", amd_session, failure).unwrap();
     let b = farm.build(&build_id).unwrap();

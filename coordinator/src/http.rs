@@ -4,14 +4,149 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
+use axum::extract::{Path, Query};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::response::{Html, IntoResponse, Json};
+use serde_json::{Value, json};
 
+use axum::routing::get;
+use braid_shared::proto::{self, build_event::Kind};
+
+use crate::farm::{BuildEntry, JobStatus};
 use crate::server::Coordinator;
+
+// Everything the dashboard needs is in the binary: it runs on networks
+// without internet.
+const INDEX_HTML: &str = include_str!("dashboard/index.html");
+const BUILD_HTML: &str = include_str!("dashboard/build.html");
+const STYLE_CSS: &str = include_str!("dashboard/style.css");
+
+fn secs(ms: i64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+fn job_state(status: &JobStatus) -> &'static str {
+    match status {
+        JobStatus::Pending => "pending",
+        JobStatus::Assigned { .. } => "assigned",
+        JobStatus::Building { .. } => "building",
+        JobStatus::Pushed { .. } => "pushed",
+        JobStatus::Verified { .. } => "verified",
+        JobStatus::Failed => "failed",
+        JobStatus::Cancelled => "cancelled",
+    }
+}
+
+fn build_state(b: &BuildEntry) -> &'static str {
+    match b.record.status.to_proto() {
+        proto::BuildState::Queued => "queued",
+        proto::BuildState::Running => "running",
+        proto::BuildState::Merging => "merging",
+        proto::BuildState::Succeeded => "succeeded",
+        proto::BuildState::Failed => "failed",
+        proto::BuildState::Cancelled => "cancelled",
+        proto::BuildState::Unspecified => "unknown",
+    }
+}
+
+fn build_json(b: &BuildEntry) -> Value {
+    let r = &b.record;
+    let jobs: Vec<Value> = r
+        .jobs
+        .iter()
+        .map(|j| {
+            let phases: Vec<Value> = j
+                .phases
+                .iter()
+                .map(|p| json!({"phase": p.phase, "start": secs(p.start_ms), "end": secs(p.end_ms)}))
+                .collect();
+            json!({
+                "platform": j.platform.to_string(), "state": job_state(&j.status), "agent": j.last_agent,
+                "attempt": j.attempt, "emulated": j.emulated, "message": j.message, "phases": phases,
+                "result": j.result.as_ref().map(|i| json!({"digest": i.digest, "size": i.size})),
+            })
+        })
+        .collect();
+    json!({
+        "build_id": r.id, "state": build_state(b), "message": r.message, "tags": b.spec.tags,
+        "platforms": b.spec.platforms, "created": secs(r.created_ms), "finished": r.finished_ms.map(secs),
+        "merge_started": r.merge_started_ms.map(secs),
+        "index": r.index.as_ref().map(|i| json!({"digest": i.digest, "size": i.size})), "jobs": jobs,
+    })
+}
+
+async fn overview(State(c): State<Arc<Coordinator>>) -> Json<Value> {
+    let farm = c.farm();
+    let gauges = farm.gauges();
+    let mut platforms: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+    for a in farm.agent_list() {
+        let entry = |emulated: bool| json!({"name": a.name, "state": a.state(), "running": a.running.len(), "slots": a.slots, "emulated": emulated});
+        for p in &a.platforms {
+            platforms.entry(p.to_string()).or_default().push(entry(false));
+        }
+        for p in &a.emulates {
+            platforms.entry(p.to_string()).or_default().push(entry(true));
+        }
+    }
+    let queue: serde_json::Map<String, Value> = gauges
+        .queues
+        .iter()
+        .map(|(p, (depth, oldest))| (p.clone(), json!({"depth": depth, "oldest_seconds": oldest})))
+        .collect();
+    let mut builds: Vec<&BuildEntry> = farm.builds.values().collect();
+    builds.sort_by_key(|b| std::cmp::Reverse(b.record.order));
+    let builds: Vec<Value> = builds.into_iter().take(25).map(build_json).collect();
+    Json(json!({
+        "agents_connected": gauges.agents_connected, "jobs_queued": gauges.jobs_queued,
+        "jobs_running": gauges.jobs_running, "platforms": platforms, "queue": queue, "builds": builds,
+    }))
+}
+
+async fn build(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> impl IntoResponse {
+    match c.farm().build(&id) {
+        Ok(b) => (StatusCode::OK, Json(build_json(b))),
+        Err(e) => (StatusCode::NOT_FOUND, Json(json!({"error": e.to_string()}))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct After {
+    #[serde(default)]
+    after: u64,
+}
+
+/// Log lines and notices after a sequence number, at most 1000 at a time.
+async fn events(
+    State(c): State<Arc<Coordinator>>,
+    Path(id): Path<String>,
+    Query(q): Query<After>,
+) -> impl IntoResponse {
+    if c.farm().build(&id).is_err() {
+        return (StatusCode::NOT_FOUND, Json(json!([])));
+    }
+    let events = match c.store.events_after(&id, q.after, 1000) {
+        Ok(e) => e,
+        Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, Json(json!([]))),
+    };
+    let out: Vec<Value> = events
+        .iter()
+        .map(|e| match &e.kind {
+            Some(Kind::Log(l)) => json!({"seq": e.seq, "type": "log", "platform": l.platform, "line": l.line}),
+            Some(Kind::Notice(n)) => json!({"seq": e.seq, "type": "notice", "text": n.text}),
+            _ => json!({"seq": e.seq, "type": "state"}),
+        })
+        .collect();
+    (StatusCode::OK, Json(Value::Array(out)))
+}
 
 pub fn router(coordinator: Arc<Coordinator>) -> Router {
     Router::new()
+        .route("/", get(|| async { Html(INDEX_HTML) }))
+        .route("/builds/{id}", get(|| async { Html(BUILD_HTML) }))
+        .route("/static/style.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], STYLE_CSS) }))
+        .route("/api/overview", get(overview))
+        .route("/api/builds/{id}", get(build))
+        .route("/api/builds/{id}/events", get(events))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

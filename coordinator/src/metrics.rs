@@ -1,10 +1,48 @@
 //! Every metric the coordinator exports, in Prometheus' text format.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Counters updated where things happen; gauges are read from the farm at
-/// scrape time.
+/// Bucket bounds, in seconds, for every duration histogram: builds take from
+/// seconds (a cached step) to an hour (an emulated toolchain).
+const BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; BUCKETS.len()];
+        }
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if v <= *bound {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn label_text(labels: &Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Counters and histograms updated where things happen; gauges are read
+/// from the farm at scrape time.
 #[derive(Default)]
 pub struct Metrics {
     pub context_uploads: AtomicU64,
@@ -13,6 +51,9 @@ pub struct Metrics {
     pub context_bytes_served: AtomicU64,
     pub contexts_evicted: AtomicU64,
     pub builds_submitted: AtomicU64,
+    pub agents_lost: AtomicU64,
+    labeled: Mutex<BTreeMap<(&'static str, String), u64>>,
+    histograms: Mutex<BTreeMap<(&'static str, String), Histogram>>,
 }
 
 /// Gauges taken from the farm under its lock.
@@ -21,6 +62,29 @@ pub struct Gauges {
     pub agents_connected: u64,
     pub jobs_queued: u64,
     pub jobs_running: u64,
+    /// (platform, state) -> agents.
+    pub agents: BTreeMap<(String, String), u64>,
+    /// platform -> (queued jobs, seconds the oldest has waited).
+    pub queues: BTreeMap<String, (u64, f64)>,
+}
+
+/// Labeled counters, with their help text.
+const LABELED: &[(&str, &str)] = &[
+    ("braid_jobs_total", "Jobs that ended, by platform and result (succeeded, failed, cancelled)."),
+    ("braid_job_retries_total", "Jobs put back in the queue after an agent or network failure."),
+    ("braid_jobs_emulated_total", "Jobs placed on an agent that emulates their platform."),
+];
+
+/// Histograms, with their help text.
+const HISTOGRAMS: &[(&str, &str)] = &[
+    ("braid_job_phase_seconds", "Time per job phase (queued, fetch, build, push, verify), by platform."),
+    ("braid_build_duration_seconds", "Time from submission to the end of a build, by result."),
+    ("braid_build_merge_seconds", "Time to write the index and push it under every tag."),
+];
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Metrics are advisory: a panic elsewhere must not stop the scrape.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: &AtomicU64) {
@@ -34,6 +98,14 @@ fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
 impl Metrics {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn inc(&self, name: &'static str, labels: Labels) {
+        *lock(&self.labeled).entry((name, label_text(&labels))).or_default() += 1;
+    }
+
+    pub fn observe(&self, name: &'static str, labels: Labels, seconds: f64) {
+        lock(&self.histograms).entry((name, label_text(&labels))).or_default().observe(seconds.max(0.0));
     }
 
     pub fn render(&self, gauges: &Gauges) -> String {
@@ -64,9 +136,75 @@ impl Metrics {
             &self.contexts_evicted,
         );
         counter(&mut out, "braid_builds_submitted_total", "Builds accepted.", &self.builds_submitted);
+        counter(
+            &mut out,
+            "braid_agents_lost_total",
+            "Agents declared lost after missing heartbeats.",
+            &self.agents_lost,
+        );
         gauge(&mut out, "braid_agents_connected", "Agents with a live session.", gauges.agents_connected);
         gauge(&mut out, "braid_jobs_queued", "Jobs waiting for an agent.", gauges.jobs_queued);
         gauge(&mut out, "braid_jobs_running", "Jobs leased to an agent.", gauges.jobs_running);
+
+        let _ = writeln!(out, "# HELP braid_agents Agents by platform and state.\n# TYPE braid_agents gauge");
+        for ((platform, state), n) in &gauges.agents {
+            let _ = writeln!(out, "braid_agents{{platform=\"{platform}\",state=\"{state}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP braid_queue_depth Jobs waiting for an agent, by platform.\n# TYPE braid_queue_depth gauge"
+        );
+        for (platform, (n, _)) in &gauges.queues {
+            let _ = writeln!(out, "braid_queue_depth{{platform=\"{platform}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP braid_queue_oldest_seconds How long the oldest queued job has waited, by platform.\n# TYPE braid_queue_oldest_seconds gauge"
+        );
+        for (platform, (_, oldest)) in &gauges.queues {
+            let _ = writeln!(out, "braid_queue_oldest_seconds{{platform=\"{platform}\"}} {oldest:.3}");
+        }
+
+        let labeled = lock(&self.labeled);
+        for (name, help) in LABELED {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for ((_, labels), n) in labeled.range((*name, String::new())..).take_while(|((n, _), _)| n == name) {
+                let _ = writeln!(out, "{name}{{{labels}}} {n}");
+            }
+        }
+        drop(labeled);
+        let histograms = lock(&self.histograms);
+        for (name, help) in HISTOGRAMS {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for ((_, labels), h) in histograms.range((*name, String::new())..).take_while(|((n, _), _)| n == name) {
+                let sep = if labels.is_empty() { "" } else { "," };
+                for (bound, count) in BUCKETS.iter().zip(&h.counts) {
+                    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
+                }
+                let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
+                let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+                let _ = writeln!(out, "{name}_sum{braces} {}", h.sum);
+                let _ = writeln!(out, "{name}_count{braces} {}", h.count);
+            }
+        }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_labeled_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.inc("braid_jobs_total", vec![("platform", "linux/arm64".into()), ("result", "succeeded".into())]);
+        m.observe("braid_job_phase_seconds", vec![("platform", "linux/arm64".into()), ("phase", "build".into())], 3.0);
+        m.observe("braid_job_phase_seconds", vec![("platform", "linux/arm64".into()), ("phase", "build".into())], 0.2);
+        let text = m.render(&Gauges::default());
+        assert!(text.contains("braid_jobs_total{platform=\"linux/arm64\",result=\"succeeded\"} 1"), "{text}");
+        assert!(text.contains("braid_job_phase_seconds_bucket{platform=\"linux/arm64\",phase=\"build\",le=\"0.5\"} 1"));
+        assert!(text.contains("braid_job_phase_seconds_bucket{platform=\"linux/arm64\",phase=\"build\",le=\"5\"} 2"));
+        assert!(text.contains("braid_job_phase_seconds_count{platform=\"linux/arm64\",phase=\"build\"} 2"));
     }
 }

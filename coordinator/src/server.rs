@@ -31,7 +31,7 @@ pub struct Coordinator {
     pub settings: Settings,
     /// Wakes the scheduler after anything that may let a job be placed.
     pub wake: Notify,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub tokens: Tokens,
     /// The cluster CA and its key, when this coordinator signs joining agents.
     pub ca: Option<Pem>,
@@ -47,7 +47,9 @@ impl Coordinator {
             settings.max_context_bytes,
             settings.context_store_bytes,
         )?;
-        let mut farm = Farm::load(store.clone(), settings.max_attempts, settings.insecure_registries.clone())?;
+        let metrics = Arc::new(Metrics::default());
+        let mut farm =
+            Farm::load(store.clone(), settings.max_attempts, settings.insecure_registries.clone(), metrics.clone())?;
         farm.adopt_orphans();
         farm.set_configured_credentials(settings.credentials());
         let tokens = Tokens::new(store.clone(), settings.tls());
@@ -64,7 +66,7 @@ impl Coordinator {
             store,
             settings,
             wake: Notify::new(),
-            metrics: Metrics::default(),
+            metrics,
             tokens,
             ca,
         }))

@@ -8,6 +8,7 @@ use tracing::instrument;
 use braid_shared::proto::{self, admin_server::Admin};
 
 use crate::auth::{Role, TokenRecord};
+use crate::farm::{AgentEntry, Farm};
 use crate::server::Coordinator;
 
 pub struct AdminService {
@@ -17,6 +18,53 @@ pub struct AdminService {
 impl AdminService {
     pub fn new(coordinator: Arc<Coordinator>) -> Self {
         AdminService { coordinator }
+    }
+
+    fn set_cordon(
+        &self,
+        req: Request<proto::AgentRequest>,
+        cordoned: bool,
+    ) -> Result<Response<proto::AgentInfo>, Status> {
+        self.coordinator.tokens.authorize(&req, Role::Operate)?;
+        let mut farm = self.coordinator.farm();
+        farm.set_cordoned(&req.get_ref().name, cordoned)?;
+        let agent = farm.agent_list().into_iter().find(|a| a.name == req.get_ref().name).map(|a| agent_info(&farm, a));
+        agent.map(Response::new).ok_or_else(|| Status::not_found("agent vanished"))
+    }
+}
+
+fn agent_info(farm: &Farm, a: &AgentEntry) -> proto::AgentInfo {
+    let since = a.last_seen.elapsed();
+    let last = std::time::SystemTime::now()
+        .checked_sub(since)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let mut running_jobs: Vec<String> = a
+        .running
+        .iter()
+        .map(|(build_id, job_id)| {
+            let platform = farm
+                .builds
+                .get(build_id)
+                .and_then(|b| b.record.jobs.iter().find(|j| &j.id == job_id))
+                .map(|j| j.platform.to_string())
+                .unwrap_or_default();
+            format!("{build_id} {platform}")
+        })
+        .collect();
+    running_jobs.sort();
+    proto::AgentInfo {
+        name: a.name.clone(),
+        platforms: a.platforms.iter().map(ToString::to_string).collect(),
+        emulated_platforms: a.emulates.iter().map(ToString::to_string).collect(),
+        backend: a.backend.clone(),
+        version: a.version.clone(),
+        state: a.state().to_owned(),
+        slots: a.slots,
+        running: a.running.len() as u32,
+        last_heartbeat: Some(timestamp(last)),
+        running_jobs,
     }
 }
 
@@ -69,6 +117,33 @@ impl Admin for AdminService {
         let revoked = self.coordinator.tokens.revoke(id)?;
         tracing::info!(token_id = %id, revoked, "token revoked");
         Ok(Response::new(proto::RevokeTokenResponse { revoked }))
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<proto::ListAgentsRequest>,
+    ) -> Result<Response<proto::ListAgentsResponse>, Status> {
+        self.coordinator.tokens.authorize(&req, Role::Operate)?;
+        let farm = self.coordinator.farm();
+        let agents = farm.agent_list().into_iter().map(|a| agent_info(&farm, a)).collect();
+        Ok(Response::new(proto::ListAgentsResponse { agents }))
+    }
+
+    #[instrument(skip_all, err, fields(agent = %req.get_ref().name))]
+    async fn cordon(&self, req: Request<proto::AgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
+        self.set_cordon(req, true)
+    }
+
+    #[instrument(skip_all, err, fields(agent = %req.get_ref().name))]
+    async fn uncordon(&self, req: Request<proto::AgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
+        let info = self.set_cordon(req, false);
+        self.coordinator.wake.notify_one();
+        info
+    }
+
+    #[instrument(skip_all, err, fields(agent = %req.get_ref().name))]
+    async fn drain(&self, req: Request<proto::AgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
+        self.set_cordon(req, true)
     }
 
     async fn list_tokens(

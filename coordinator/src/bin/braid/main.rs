@@ -68,6 +68,17 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// List agents: platforms (native, ~emulated), state, slots, last heartbeat
+    Agents {
+        #[arg(long, value_enum, default_value = "table")]
+        format: ops::Format,
+    },
+    /// Place no new job on an agent
+    Cordon { agent: String },
+    /// Place jobs on a cordoned agent again
+    Uncordon { agent: String },
+    /// Cordon an agent, then wait until its running jobs have finished
+    Drain { agent: String },
     /// List recent builds, newest first
     Builds {
         /// Only builds in this state: queued, running, merging, succeeded, failed, cancelled
@@ -157,6 +168,10 @@ async fn main() {
         }
         Command::Token { command: TokenCommand::Revoke { token_id } } => tokens::revoke(&conn, &token_id).await,
         Command::Token { command: TokenCommand::List { format } } => tokens::list(&conn, format).await,
+        Command::Agents { format } => ops::agents(&conn, format).await,
+        Command::Cordon { agent } => ops::steer(&conn, &agent, "cordon").await,
+        Command::Uncordon { agent } => ops::steer(&conn, &agent, "uncordon").await,
+        Command::Drain { agent } => ops::steer(&conn, &agent, "drain").await,
         Command::Builds { state, limit, format } => ops::builds(&conn, state.as_deref(), limit, format).await,
     };
     match result {

@@ -207,3 +207,81 @@ pub async fn builds(conn: &Conn, state: Option<&str>, limit: u32, format: Format
     }
     Ok(0)
 }
+
+fn agent_json(a: &proto::AgentInfo) -> Value {
+    json!({
+        "name": a.name, "state": a.state, "platforms": a.platforms, "emulated_platforms": a.emulated_platforms,
+        "backend": a.backend, "version": a.version, "slots": a.slots, "running": a.running,
+        "last_heartbeat": time(&a.last_heartbeat), "running_jobs": a.running_jobs,
+    })
+}
+
+fn ago(t: &Option<prost_types::Timestamp>) -> String {
+    let Some(t) = t else { return "-".into() };
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let s = (now - t.seconds).max(0);
+    match s {
+        0..=99 => format!("{s}s"),
+        100..=5999 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+/// `braid agents`: every agent, its platforms, state and load.
+pub async fn agents(conn: &Conn, format: Format) -> anyhow::Result<i32> {
+    let mut admin = conn.admin().await?;
+    let agents = admin.list_agents(proto::ListAgentsRequest {}).await?.into_inner().agents;
+    if format == Format::Json {
+        let all: Vec<Value> = agents.iter().map(agent_json).collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(0);
+    }
+    // 80 columns: emulated platforms carry a leading '~'.
+    println!("{:<14} {:<9} {:>5} {:>4} {:<8} PLATFORMS", "NAME", "STATE", "SLOTS", "SEEN", "BACKEND");
+    for a in &agents {
+        let mut platforms: Vec<String> = a.platforms.clone();
+        platforms.extend(a.emulated_platforms.iter().map(|p| format!("~{p}")));
+        let mut platforms = platforms.join(",");
+        if platforms.len() > 33 {
+            platforms.truncate(32);
+            platforms.push('…');
+        }
+        let name = if a.name.len() > 14 { format!("{}…", &a.name[..13]) } else { a.name.clone() };
+        println!(
+            "{:<14} {:<9} {:>5} {:>4} {:<8} {}",
+            name,
+            a.state,
+            format!("{}/{}", a.running, a.slots),
+            ago(&a.last_heartbeat),
+            a.backend,
+            platforms
+        );
+    }
+    Ok(0)
+}
+
+/// `braid cordon|uncordon|drain AGENT`; drain waits until the agent's
+/// running jobs have finished.
+pub async fn steer(conn: &Conn, name: &str, action: &str) -> anyhow::Result<i32> {
+    let mut admin = conn.admin().await?;
+    let request = proto::AgentRequest { name: name.to_owned() };
+    let info = match action {
+        "cordon" => admin.cordon(request).await?.into_inner(),
+        "uncordon" => admin.uncordon(request).await?.into_inner(),
+        _ => admin.drain(request).await?.into_inner(),
+    };
+    if action != "drain" {
+        println!("agent {} {}", info.name, info.state);
+        return Ok(0);
+    }
+    let mut running = info.running;
+    while running > 0 {
+        eprintln!("draining {name}: {running} job(s) still running");
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let agents = admin.list_agents(proto::ListAgentsRequest {}).await?.into_inner().agents;
+        running = agents.iter().find(|a| a.name == name).map_or(0, |a| a.running);
+    }
+    println!("agent {name} drained: no job running, no new job will be placed (uncordon to resume)");
+    Ok(0)
+}
