@@ -196,6 +196,11 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     for (k, v) in labels {
         bud.arg("--label").arg(format!("{k}={v}"));
     }
+    for an in spec.annotations.iter().filter(|an| an.level == "manifest") {
+        if an.platform.is_empty() || an.platform.parse::<Platform>().ok().as_ref() == Some(&platform) {
+            bud.arg("--annotation").arg(format!("{}={}", an.key, an.value));
+        }
+    }
     bud.arg(&context_dir);
     match run_logged(env, a, bud, cancel).await {
         Ok(()) => {}

@@ -297,6 +297,7 @@ pub struct MergeInputs {
     /// The repositories agents pushed to, one per registry.
     pub pushed_to: Vec<ImageRef>,
     pub images: Vec<(Platform, ImageRecord)>,
+    pub annotations: Vec<proto::Annotation>,
 }
 
 /// Work the caller must do outside the lock, after a state change.
@@ -1218,7 +1219,12 @@ impl Farm {
         let b = self.builds.get(build_id)?;
         let images =
             b.record.jobs.iter().map(|j| Some((j.platform.clone(), j.result.clone()?))).collect::<Option<Vec<_>>>()?;
-        Some(MergeInputs { tags: b.tags.clone(), pushed_to: b.push_repositories(), images })
+        Some(MergeInputs {
+            tags: b.tags.clone(),
+            pushed_to: b.push_repositories(),
+            images,
+            annotations: b.spec.annotations.clone(),
+        })
     }
 
     pub fn merged(&mut self, build_id: &str, outcome: Result<ImageDescriptor, String>) -> Result<()> {

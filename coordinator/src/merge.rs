@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 
-use braid_shared::oci::{self, ImageDescriptor, Registry};
+use braid_shared::oci::{self, ImageDescriptor, IndexEntry, Registry};
+use braid_shared::proto;
 use braid_shared::{Digest, ImageRef, Platform};
 
 use crate::farm::ImageRecord;
@@ -26,23 +27,37 @@ pub async fn merge(
     tags: &[ImageRef],
     pushed_to: &[ImageRef],
     images: &[(Platform, ImageRecord)],
+    annotations: &[proto::Annotation],
 ) -> Result<ImageDescriptor, String> {
+    let applies = |a: &proto::Annotation, level: &str, platform: Option<&Platform>| {
+        a.level == level
+            && (a.platform.is_empty()
+                || platform.is_some_and(|p| a.platform.parse::<Platform>().ok().as_ref() == Some(p)))
+    };
     let mut manifests = Vec::with_capacity(images.len());
     for (platform, image) in images {
         let digest: Digest = image.digest.parse().map_err(|e| format!("{e}"))?;
-        manifests.push((
-            platform.clone(),
-            ImageDescriptor { digest, size: image.size, media_type: image.media_type.clone() },
-        ));
+        let annotations = annotations
+            .iter()
+            .filter(|a| applies(a, "manifest-descriptor", Some(platform)))
+            .map(|a| (a.key.clone(), a.value.clone()))
+            .collect();
+        manifests.push(IndexEntry {
+            platform: platform.clone(),
+            image: ImageDescriptor { digest, size: image.size, media_type: image.media_type.clone() },
+            annotations,
+        });
     }
-    let index = oci::build_index(&manifests, HashMap::new()).map_err(|e| e.to_string())?;
+    let index_annotations: HashMap<String, String> =
+        annotations.iter().filter(|a| applies(a, "index", None)).map(|a| (a.key.clone(), a.value.clone())).collect();
+    let index = oci::build_index(&manifests, index_annotations).map_err(|e| e.to_string())?;
     let index_digest = Digest::of(&index);
     for tag in tags {
         let Some(source) = pushed_to.iter().find(|r| r.registry() == tag.registry()) else {
             return Err(format!("no agent pushed to registry {}", tag.registry()));
         };
         if source.repository() != tag.repository() {
-            for (_, image) in &manifests {
+            for IndexEntry { image, .. } in &manifests {
                 let (bytes, _) =
                     registry.fetch_manifest(&source.at_digest(&image.digest)).await.map_err(|e| e.to_string())?;
                 registry

@@ -105,7 +105,10 @@ impl Coordinator {
             FollowUp::Merge { build_id } => {
                 let inputs = self.farm().merge_inputs(&build_id);
                 let outcome = match inputs {
-                    Some(m) => merge::merge(&self.registry_for(&build_id), &m.tags, &m.pushed_to, &m.images).await,
+                    Some(m) => {
+                        merge::merge(&self.registry_for(&build_id), &m.tags, &m.pushed_to, &m.images, &m.annotations)
+                            .await
+                    }
                     None => Err("a platform has no image".to_owned()),
                 };
                 if let Err(e) = self.farm().merged(&build_id, outcome) {

@@ -162,6 +162,37 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
         )));
     }
     check_map("labels", &spec.labels, |k| !k.is_empty() && !k.contains(['\0', '\n']))?;
+    if spec.annotations.len() > limits::BUILD_ARGS {
+        return Err(too_many("annotations", limits::BUILD_ARGS));
+    }
+    for a in &mut spec.annotations {
+        if !matches!(a.level.as_str(), "index" | "manifest" | "manifest-descriptor") {
+            return Err(invalid(format!(
+                "annotations: level {:?} is not index, manifest or manifest-descriptor",
+                braid_shared::shorten(&a.level, 40)
+            )));
+        }
+        if !a.platform.is_empty() {
+            if a.level == "index" {
+                return Err(invalid("annotations: an index annotation takes no platform".into()));
+            }
+            let p: Platform = a.platform.parse().map_err(|e| invalid(format!("annotations: {e}")))?;
+            a.platform = p.to_string();
+        }
+        let key_ok = !a.key.is_empty()
+            && a.key.len() <= limits::ARG_KEY_BYTES
+            && !a.key.chars().any(|c| c.is_whitespace() || c == '=' || c.is_control());
+        if !key_ok {
+            return Err(invalid(format!("annotations: invalid key {:?}", braid_shared::shorten(&a.key, 80))));
+        }
+        if a.value.len() > limits::ARG_VALUE_BYTES {
+            return Err(CoordinatorError::ResourceExhausted(format!(
+                "annotations: value of {:?} is longer than the limit of {} bytes",
+                a.key,
+                limits::ARG_VALUE_BYTES
+            )));
+        }
+    }
     if spec.timeout_seconds > 7 * 24 * 3600 {
         return Err(invalid("timeout_seconds: at most 7 days".into()));
     }

@@ -306,17 +306,22 @@ pub async fn layout_descriptor(layout: &Path) -> Result<ImageDescriptor, OciErro
 }
 
 /// An image index over one manifest per platform, as its JSON bytes.
-pub fn build_index(
-    manifests: &[(Platform, ImageDescriptor)],
-    annotations: HashMap<String, String>,
-) -> Result<Vec<u8>, OciError> {
+/// One platform's entry in an index: its image and its descriptor's
+/// annotations.
+pub struct IndexEntry {
+    pub platform: Platform,
+    pub image: ImageDescriptor,
+    pub annotations: HashMap<String, String>,
+}
+
+pub fn build_index(manifests: &[IndexEntry], annotations: HashMap<String, String>) -> Result<Vec<u8>, OciError> {
     let err = |e: &dyn std::fmt::Display| OciError::Manifest {
         repository: String::new(),
         digest: String::new(),
         message: format!("building the index: {e}"),
     };
     let mut descriptors: Vec<Descriptor> = Vec::with_capacity(manifests.len());
-    for (platform, image) in manifests {
+    for IndexEntry { platform, image, annotations } in manifests {
         let mut p = PlatformBuilder::default().os(Os::from(platform.os())).architecture(Arch::from(platform.arch()));
         if let Some(v) = platform.variant() {
             p = p.variant(v.to_owned());
@@ -328,6 +333,10 @@ pub fn build_index(
             .platform(p.build().map_err(|e| err(&e))?)
             .build()
             .map_err(|e| err(&e))?;
+        let mut descriptor = descriptor;
+        if !annotations.is_empty() {
+            descriptor.set_annotations(Some(annotations.clone()));
+        }
         descriptors.push(descriptor);
     }
     let mut builder =
@@ -389,9 +398,13 @@ mod tests {
             size: 500,
             media_type: OCI_MANIFEST.to_owned(),
         };
+        let entry =
+            |p: &str, c| IndexEntry { platform: p.parse().unwrap(), image: image(c), annotations: HashMap::new() };
+        let mut arm = entry("linux/arm/v7", 'b');
+        arm.annotations.insert("org.example.note".into(), "arm".into());
         let bytes = build_index(
-            &[("linux/amd64".parse().unwrap(), image('a')), ("linux/arm/v7".parse().unwrap(), image('b'))],
-            HashMap::new(),
+            &[entry("linux/amd64", 'a'), arm],
+            HashMap::from([("org.opencontainers.image.created".to_owned(), "2026-01-01T00:00:00Z".to_owned())]),
         )
         .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
@@ -401,6 +414,8 @@ mod tests {
         assert_eq!(v["manifests"][1]["platform"]["variant"], "v7");
         assert_eq!(v["manifests"][1]["mediaType"], OCI_MANIFEST);
         assert_eq!(v["manifests"].as_array().unwrap().len(), 2);
+        assert_eq!(v["manifests"][1]["annotations"]["org.example.note"], "arm");
+        assert_eq!(v["annotations"]["org.opencontainers.image.created"], "2026-01-01T00:00:00Z");
     }
 
     #[test]

@@ -54,6 +54,23 @@ fn one_build_three_native_agents_one_index() {
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(ctx.join("Dockerfile"), MULTIARCH.replace("BASE", &base)).unwrap();
     std::fs::write(ctx.join("message.txt"), "from the context\n").unwrap();
+    // A git checkout: the index records its source (without credentials) and revision.
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&ctx)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    git(&["init", "-q"]);
+    git(&["remote", "add", "origin", "https://builder:s3cret@git.example.com/team/app.git"]);
+    git(&["add", "."]);
+    git(&["commit", "-qm", "init"]);
+    let revision = git(&["rev-parse", "HEAD"]);
     let meta = dir.join("meta.json");
     let tag1 = format!("{}/demo/app:1", registry.addr);
     let tag2 = format!("{}/mirror/app:v1", registry.addr);
@@ -72,7 +89,14 @@ fn one_build_three_native_agents_one_index() {
             "GREETING=hello-braid",
             "--target",
             "final",
-            "--push",
+            "--output",
+            "type=registry",
+            "--annotation",
+            "index:org.example.team=braid",
+            "--annotation",
+            "manifest[linux/arm64]:org.example.arch=arm64-only",
+            "--annotation",
+            "manifest-descriptor:org.example.descriptor=yes",
             "--progress",
             "plain",
             "--metadata-file",
@@ -101,6 +125,19 @@ fn one_build_three_native_agents_one_index() {
     platforms.sort();
     assert_eq!(platforms, ["linux/amd64", "linux/arm/v7", "linux/arm64"], "exactly the three platforms");
 
+    let annotations = &index["annotations"];
+    assert_eq!(annotations["org.example.team"], "braid");
+    assert_eq!(annotations["org.opencontainers.image.source"], "https://git.example.com/team/app.git");
+    assert_eq!(annotations["org.opencontainers.image.revision"], revision.as_str());
+    let created = annotations["org.opencontainers.image.created"].as_str().unwrap();
+    assert!(created.len() >= 20 && created.contains('T') && created.ends_with('Z'), "RFC 3339: {created}");
+    for m in manifests {
+        assert_eq!(m["annotations"]["org.example.descriptor"], "yes");
+        let manifest = registry.manifest(&format!("demo/app@{}", m["digest"].as_str().unwrap())).unwrap();
+        let arch = m["platform"]["architecture"].as_str().unwrap();
+        let wanted = if arch == "arm64" { serde_json::json!("arm64-only") } else { serde_json::Value::Null };
+        assert_eq!(manifest["annotations"]["org.example.arch"], wanted, "{arch} manifest annotations");
+    }
     let index_digest = registry.digest_of("demo/app:1").unwrap();
     assert_eq!(registry.digest_of("mirror/app:v1").as_deref(), Some(index_digest.as_str()), "both tags, one index");
     assert!(stdout.contains(&format!("index {index_digest}")), "the CLI prints the index digest: {stdout}");

@@ -40,6 +40,12 @@ pub struct BuildArgs {
     /// Push every platform and the multi-platform index under the tags
     #[arg(long)]
     push: bool,
+    /// Output, as buildx: type=registry (the same as --push) or type=image,push=true
+    #[arg(short = 'o', long = "output", value_name = "SPEC")]
+    outputs: Vec<String>,
+    /// Add an annotation: [index|manifest|manifest-descriptor[PLATFORM]:]KEY=VALUE (repeatable; default level manifest)
+    #[arg(long = "annotation", value_name = "ANNOTATION")]
+    annotations: Vec<String>,
     /// Let a platform no agent builds natively go to an agent that emulates it (QEMU, slow)
     #[arg(long)]
     allow_emulation: bool,
@@ -110,7 +116,110 @@ enum Progress {
     Quiet,
 }
 
+/// `--output` specs: whether the build pushes. Unsupported or conflicting
+/// outputs are refused before anything is uploaded.
+fn output_push(outputs: &[String], push_flag: bool) -> anyhow::Result<bool> {
+    if outputs.len() > 1 {
+        bail!("more than one --output: a braid build has one output");
+    }
+    let Some(spec) = outputs.first() else { return Ok(push_flag) };
+    let mut fields = HashMap::new();
+    for part in spec.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("invalid --output {spec:?}: expected key=value pairs"))?;
+        fields.insert(k, v);
+    }
+    let push = fields.get("push").is_some_and(|v| *v == "true");
+    if fields.contains_key("name") {
+        bail!("--output name= is not supported: give the names with -t");
+    }
+    match fields.get("type").copied() {
+        Some("registry") => Ok(true),
+        Some("image") => Ok(push || push_flag),
+        Some(other @ ("oci" | "docker" | "tar" | "local")) => {
+            bail!("--output type={other} is not available in this version: use --push (type=registry)")
+        }
+        _ => bail!("invalid --output {spec:?}: expected type=registry or type=image,push=true"),
+    }
+}
+
+/// buildx's `--annotation` syntax: `[level[,level][[platform]]:]key=value`.
+fn parse_annotations(raw: &[String]) -> anyhow::Result<Vec<proto::Annotation>> {
+    let mut out = Vec::new();
+    for a in raw {
+        let eq = a.find('=').ok_or_else(|| anyhow::anyhow!("invalid annotation {a:?}: expected KEY=VALUE"))?;
+        let (head, value) = (&a[..eq], &a[eq + 1..]);
+        let (levels, key) = match head.rfind(':') {
+            Some(i) if head[..i].chars().all(|c| c.is_ascii_alphanumeric() || "-,[]/".contains(c)) => {
+                (&head[..i], &head[i + 1..])
+            }
+            _ => ("manifest", head),
+        };
+        for level in levels.split(',') {
+            let (level, platform) = match level.split_once('[') {
+                Some((l, rest)) => {
+                    (l, rest.strip_suffix(']').ok_or_else(|| anyhow::anyhow!("invalid annotation {a:?}"))?)
+                }
+                None => (level, ""),
+            };
+            out.push(proto::Annotation {
+                level: level.to_owned(),
+                platform: platform.to_owned(),
+                key: key.to_owned(),
+                value: value.to_owned(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Index annotations buildx-style defaults add: creation time, and the
+/// source and revision of the context's git checkout, unless given.
+fn default_annotations(context: &std::path::Path, given: &[proto::Annotation]) -> Vec<proto::Annotation> {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(context)
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    let created = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).ok();
+    let source = git(&["config", "--get", "remote.origin.url"]).map(|url| strip_userinfo(&url));
+    let revision = git(&["rev-parse", "HEAD"]);
+    [
+        ("org.opencontainers.image.created", created),
+        ("org.opencontainers.image.source", source),
+        ("org.opencontainers.image.revision", revision),
+    ]
+    .into_iter()
+    .filter(|(key, _)| !given.iter().any(|a| a.level == "index" && a.key == *key))
+    .filter_map(|(key, value)| {
+        Some(proto::Annotation { level: "index".into(), platform: String::new(), key: key.into(), value: value? })
+    })
+    .collect()
+}
+
+/// A remote URL without credentials (`https://user:token@host/x` -> `https://host/x`).
+fn strip_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            if path.is_empty() { format!("{scheme}://{host}") } else { format!("{scheme}://{host}/{path}") }
+        }
+        None => url.to_owned(),
+    }
+}
+
 pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
+    let push = output_push(&args.outputs, args.push)?;
+    let mut annotations = parse_annotations(&args.annotations)?;
     let progress = match args.progress.as_str() {
         "quiet" => Progress::Quiet,
         _ => Progress::Plain,
@@ -155,7 +264,10 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         let secs = started.elapsed().as_secs_f64().max(1e-3);
         say(format!("#1 context uploaded ({sent} bytes compressed, {:.1}s, {})", secs, rate(sent as f64 / secs)));
     }
-    if !args.push {
+    if args.path.as_os_str() != "-" {
+        annotations.extend(default_annotations(&args.path, &annotations.clone()));
+    }
+    if !push {
         say("WARNING: no --push: the images are built on the agents but not pushed anywhere".into());
     }
     let (dockerfile_path, dockerfile_inline) = match prepared.dockerfile {
@@ -172,7 +284,8 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         target: args.target.clone().unwrap_or_default(),
         labels,
         no_cache: args.no_cache,
-        push: args.push,
+        push,
+        annotations,
         allow_emulation: args.allow_emulation,
         timeout_seconds: args.timeout.unwrap_or(0),
     };
@@ -422,4 +535,50 @@ pub async fn cancel(conn: &Conn, build_id: &str) -> anyhow::Result<i32> {
     let state = proto::BuildState::try_from(build.state).unwrap_or_default();
     println!("build {} {}", build.build_id, state_word(state));
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn annotations_parse_like_buildx() {
+        let a = parse_annotations(&[
+            "org.example.a=1".into(),
+            "index:org.example.b=2".into(),
+            "manifest[linux/arm64]:org.example.c=x=y".into(),
+            "index,manifest-descriptor:org.example.d=4".into(),
+        ])
+        .unwrap();
+        let flat: Vec<(&str, &str, &str, &str)> =
+            a.iter().map(|a| (a.level.as_str(), a.platform.as_str(), a.key.as_str(), a.value.as_str())).collect();
+        assert_eq!(
+            flat,
+            [
+                ("manifest", "", "org.example.a", "1"),
+                ("index", "", "org.example.b", "2"),
+                ("manifest", "linux/arm64", "org.example.c", "x=y"),
+                ("index", "", "org.example.d", "4"),
+                ("manifest-descriptor", "", "org.example.d", "4"),
+            ]
+        );
+        assert!(parse_annotations(&["novalue".into()]).is_err());
+    }
+
+    #[test]
+    fn outputs_are_registry_or_refused() {
+        assert!(output_push(&["type=registry".into()], false).unwrap());
+        assert!(output_push(&["type=image,push=true".into()], false).unwrap());
+        assert!(!output_push(&["type=image".into()], false).unwrap());
+        assert!(output_push(&[], true).unwrap());
+        let e = output_push(&["type=oci,dest=x.tar".into()], false).unwrap_err().to_string();
+        assert!(e.contains("type=oci is not available"), "{e}");
+        assert!(output_push(&["type=registry".into(), "type=registry".into()], false).is_err());
+    }
+
+    #[test]
+    fn userinfo_is_stripped_from_git_urls() {
+        assert_eq!(strip_userinfo("https://u:tok@github.com/o/r.git"), "https://github.com/o/r.git");
+        assert_eq!(strip_userinfo("git@github.com:o/r.git"), "git@github.com:o/r.git");
+    }
 }
