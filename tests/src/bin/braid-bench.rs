@@ -13,11 +13,268 @@ use braid_tests::Farm;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+#[path = "../bench/scale.rs"]
+mod scale;
+
 fn main() -> anyhow::Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
-    if matches!(which.as_str(), "all" | "context") {
+    let known = ["all", "overhead", "scale", "context", "footprint", "emulation"];
+    if !known.contains(&which.as_str()) {
+        anyhow::bail!("unknown benchmark {which:?}: one of {}", known.join(", "));
+    }
+    let run = |name: &str| which == "all" || which == name;
+    if run("overhead") {
+        overhead_bench()?;
+    }
+    if run("scale") {
+        scale_bench()?;
+    }
+    if run("context") {
         context_bench()?;
     }
+    if run("footprint") {
+        footprint_bench()?;
+    }
+    if run("emulation") {
+        emulation_bench()?;
+    }
+    Ok(())
+}
+
+fn seconds_of(mut cmd: Command) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let out = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).output()?;
+    if !out.status.success() {
+        anyhow::bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// The bare builder: one `buildah bud` per platform in parallel (each with
+/// its own storage, as braid's agents have), then `buildah manifest` to
+/// assemble and push the index.
+fn bare_builder(work: &Path, ctx: &Path, registry: &str, tag: &str) -> anyhow::Result<f64> {
+    let platforms = ["linux/amd64", "linux/arm64", "linux/arm/v7"];
+    let conf = work.join("registries.conf");
+    std::fs::write(&conf, format!("[[registry]]\nlocation = \"{registry}\"\ninsecure = true\n"))?;
+    let buildah = |p: &str| {
+        let mut c = Command::new("buildah");
+        let root = work.join(p.replace('/', "-"));
+        c.arg("--root")
+            .arg(root.join("root"))
+            .arg("--runroot")
+            .arg(root.join("run"))
+            .env("CONTAINERS_REGISTRIES_CONF", &conf);
+        c
+    };
+    let start = Instant::now();
+    let children: Vec<_> = platforms
+        .iter()
+        .map(|p| {
+            let mut c = buildah(p);
+            c.args(["bud", "--isolation", "chroot", "--layers", "--no-cache", "--platform", p, "--iidfile"])
+                .arg(work.join(format!("{}.iid", p.replace('/', "-"))))
+                .arg(ctx)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            c.spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    for mut child in children {
+        anyhow::ensure!(child.wait()?.success(), "buildah bud failed");
+    }
+    // One storage holds the list; each image joins it through an OCI layout.
+    let manifest = |args: &[&str]| {
+        let mut c = buildah("linux/amd64");
+        c.args(args);
+        seconds_of(c)
+    };
+    let list = format!("localhost/bench-list-{}", std::process::id());
+    let _ = manifest(&["manifest", "rm", &list]);
+    manifest(&["manifest", "create", &list])?;
+    for p in platforms {
+        let iid = std::fs::read_to_string(work.join(format!("{}.iid", p.replace('/', "-"))))?;
+        let layout = work.join(format!("layout-{}", p.replace('/', "-")));
+        let _ = std::fs::remove_dir_all(&layout);
+        let mut push = buildah(p);
+        push.args(["push", "--format", "oci", iid.trim()]).arg(format!("oci:{}:img", layout.display()));
+        seconds_of(push)?;
+        manifest(&["manifest", "add", &list, &format!("oci:{}:img", layout.display())])?;
+    }
+    manifest(&["manifest", "push", "--all", "--tls-verify=false", &list, &format!("docker://{tag}")])?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn overhead_bench() -> anyhow::Result<()> {
+    braid_tests::require_environment();
+    let tmp = tempfile::tempdir()?;
+    let registry = braid_tests::Registry::start(&tmp.path().join("registry"))?;
+    let base = registry.push_base_image("base/busybox:latest")?;
+    let agents = [
+        braid_tests::AgentSpec::new("amd64-agent", &[]),
+        braid_tests::AgentSpec::new("arm64-agent", &["linux/arm64"]),
+        braid_tests::AgentSpec::new("armv7-agent", &["linux/arm/v7"]),
+    ];
+    let farm = Farm::start(&tmp.path().join("farm"), &registry, &agents)?;
+    farm.wait_for_agents(3)?;
+    let workloads = [
+        ("small image (COPY)", format!("FROM {base}\nCOPY data.txt /data.txt\n")),
+        (
+            "a few seconds of RUN work",
+            format!("FROM {base}\nRUN i=0; while [ $i -lt 150000 ]; do i=$((i+1)); done; echo $i > /n\n"),
+        ),
+    ];
+    println!("## Overhead against the bare builder (3 platforms, amd64 + arm64 + arm/v7)\n");
+    println!("| workload | bare buildah + manifest (s) | braid (s) | braid / bare |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (i, (name, dockerfile)) in workloads.iter().enumerate() {
+        let ctx = tmp.path().join(format!("ctx{i}"));
+        std::fs::create_dir_all(&ctx)?;
+        std::fs::write(ctx.join("Dockerfile"), dockerfile)?;
+        std::fs::write(ctx.join("data.txt"), "bench")?;
+        let mut bare = Vec::new();
+        let mut braid = Vec::new();
+        for round in 0..2 {
+            let work = tmp.path().join(format!("bare{i}-{round}"));
+            std::fs::create_dir_all(&work)?;
+            bare.push(bare_builder(&work, &ctx, &registry.addr, &format!("{}/bench/bare{i}:{round}", registry.addr))?);
+            let start = Instant::now();
+            let out = farm.braid(&[
+                "build",
+                "--platform",
+                "linux/amd64,linux/arm64,linux/arm/v7",
+                "--no-cache",
+                "-t",
+                &format!("{}/bench/braid{i}:{round}", registry.addr),
+                "--push",
+                "--progress",
+                "quiet",
+                ctx.to_str().unwrap_or_default(),
+            ])?;
+            anyhow::ensure!(out.status.success(), "braid build failed: {}", String::from_utf8_lossy(&out.stderr));
+            braid.push(start.elapsed().as_secs_f64());
+        }
+        let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+        let (a, b) = (best(&bare), best(&braid));
+        println!("| {name} | {a:.2} | {b:.2} | {:.2} |", b / a);
+    }
+    println!("\nBest of two runs each, `--no-cache` on both sides, same machine, same registry.\n");
+    Ok(())
+}
+
+fn scale_bench() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    println!("## Scheduler scale (fake builders that answer at once)\n");
+    println!(
+        "| agents | builds | rate (builds/s) | dispatched/s | assignment p50 (ms) | p99 (ms) | coordinator RSS (MiB) | RSS per agent (KiB) |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    for (agents, builds, rate) in [(100usize, 2000usize, 1000.0), (1000, 2000, 1000.0), (10_000, 2000, 1000.0)] {
+        let dir = tmp.path().join(format!("scale-{agents}"));
+        let farm = Farm::start_with(&dir, None, &[], &["--heartbeat-seconds", "30", "--agent-lost-seconds", "120"])?;
+        let pid = farm.coordinator.as_ref().map(|c| c.pid()).unwrap_or(0);
+        let r = runtime.block_on(scale::run(&farm.url, pid, agents, builds, rate))?;
+        let per_agent = r.rss_agents_kib.saturating_sub(r.rss_base_kib) as f64 / r.agents as f64;
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.1} |",
+            r.agents,
+            r.builds,
+            rate,
+            r.builds as f64 / r.seconds,
+            r.p50_ms,
+            r.p99_ms,
+            r.rss_agents_kib as f64 / 1024.0,
+            per_agent
+        );
+        drop(farm);
+    }
+    println!(
+        "\nEach build is one job for `linux/riscv64`, which every fake agent serves; \"dispatched/s\" counts builds whose job reached an agent per second of the run.\n"
+    );
+    Ok(())
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+fn footprint_bench() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let farm =
+        Farm::start_with(&tmp.path().join("farm"), None, &[braid_tests::AgentSpec::new("idle-agent", &[])], &[])?;
+    farm.wait_for_agents(1)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = farm.agents[0].pid();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(10));
+    let ticks = cpu_ticks(pid) - before;
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    println!("## Agent footprint\n");
+    println!("| what | value |");
+    println!("| --- | ---: |");
+    println!("| braid-agent idle RSS | {:.1} MiB |", rss / 1024.0);
+    println!("| braid-agent idle CPU over 10 s | {:.2} % of one core |", ticks as f64 / 100.0 / 10.0 * 100.0);
+    for name in ["braid-agent", "braid-coordinator", "braid"] {
+        let size = std::fs::metadata(braid_tests::bin(name))?.len();
+        println!("| {name} binary | {:.1} MiB |", size as f64 / MIB);
+    }
+    println!();
+    Ok(())
+}
+
+fn emulation_bench() -> anyhow::Result<()> {
+    braid_tests::require_environment();
+    let tmp = tempfile::tempdir()?;
+    let registry = braid_tests::Registry::start(&tmp.path().join("registry"))?;
+    let base = registry.push_base_image("base/busybox:latest")?;
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx)?;
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {base}\nRUN i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done\n"),
+    )?;
+    let conf = tmp.path().join("registries.conf");
+    std::fs::write(&conf, format!("[[registry]]\nlocation = \"{}\"\ninsecure = true\n", registry.addr))?;
+    println!("## Emulation cost on this machine (the same RUN loop)\n");
+    println!("| platform | seconds | vs amd64 |");
+    println!("| --- | ---: | ---: |");
+    let mut native = 0.0;
+    for p in ["linux/amd64", "linux/arm64", "linux/arm/v7"] {
+        let root = tmp.path().join(p.replace('/', "-"));
+        // Pull first, so only the RUN step is timed.
+        let mut pull = Command::new("buildah");
+        pull.arg("--root")
+            .arg(root.join("root"))
+            .arg("--runroot")
+            .arg(root.join("run"))
+            .env("CONTAINERS_REGISTRIES_CONF", &conf);
+        pull.args(["pull", "--platform", p, &base]);
+        seconds_of(pull)?;
+        let mut bud = Command::new("buildah");
+        bud.arg("--root")
+            .arg(root.join("root"))
+            .arg("--runroot")
+            .arg(root.join("run"))
+            .env("CONTAINERS_REGISTRIES_CONF", &conf);
+        bud.args(["bud", "--isolation", "chroot", "--pull-never", "--no-cache", "--platform", p]).arg(&ctx);
+        let s = seconds_of(bud)?;
+        if p == "linux/amd64" {
+            native = s;
+        }
+        println!("| {p} | {s:.2} | {:.1}x |", s / native);
+    }
+    println!("\nOn this x86 machine arm64 and arm/v7 run under QEMU: the ratio is the time a native agent saves.\n");
     Ok(())
 }
 
