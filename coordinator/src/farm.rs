@@ -681,6 +681,7 @@ impl Farm {
                     platform: j.platform.clone(),
                     affinity_key: b.affinity_key(&j.platform),
                     allow_emulation: b.spec.allow_emulation,
+                    submitter: b.record.owner.clone().unwrap_or_default(),
                 });
                 // Cordoned and stopping agents do not count: they take nothing new.
                 let served = views.iter().any(|a| {

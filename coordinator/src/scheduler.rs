@@ -15,6 +15,9 @@ pub struct QueuedJob {
     pub affinity_key: String,
     /// The build allows emulation where no agent builds the platform natively.
     pub allow_emulation: bool,
+    /// Who submitted the build (token id; empty without tokens): submitters
+    /// take turns, then their builds do.
+    pub submitter: String,
 }
 
 /// One placement decision.
@@ -61,30 +64,46 @@ pub fn assign(queue: &[QueuedJob], agents: &[AgentView], last_agent: &HashMap<St
     for agent in last_agent.values() {
         *warm_keys.entry(agent.as_str()).or_default() += 1;
     }
-    let mut by_build: BTreeMap<u64, Vec<&QueuedJob>> = BTreeMap::new();
+    // submitter -> build order -> jobs; the oldest submitter's turn first.
+    let mut by_submitter: BTreeMap<&str, BTreeMap<u64, Vec<&QueuedJob>>> = BTreeMap::new();
     for job in queue {
-        by_build.entry(job.build_order).or_default().push(job);
+        by_submitter.entry(job.submitter.as_str()).or_default().entry(job.build_order).or_default().push(job);
     }
-    let mut lanes: Vec<std::collections::VecDeque<&QueuedJob>> = by_build.into_values().map(Into::into).collect();
+    let mut lanes: Vec<Lane> = by_submitter
+        .into_values()
+        .map(|builds| Lane { builds: builds.into_values().map(Into::into).collect(), next: 0 })
+        .collect();
+    lanes.sort_by_key(|l| l.builds.first().and_then(|b| b.front()).map(|j| j.build_order));
     let mut out = Vec::new();
     loop {
         let mut progressed = false;
         for lane in &mut lanes {
-            // Take this build's first job that can be placed now.
-            let found = lane
-                .iter()
-                .enumerate()
-                .find_map(|(pos, job)| pick(job, agents, &running, last_agent, &warm_keys).map(|choice| (pos, choice)));
-            let Some((pos, (i, emulated))) = found else { continue };
-            let Some(job) = lane.remove(pos) else { continue };
-            running[i] += 1;
-            out.push(Placement { job_id: job.job_id.clone(), agent: agents[i].name.clone(), emulated });
-            progressed = true;
+            // This submitter places one job, from its next build that can.
+            let count = lane.builds.len();
+            for step in 0..count {
+                let b = (lane.next + step) % count;
+                let found = lane.builds[b].iter().enumerate().find_map(|(pos, job)| {
+                    pick(job, agents, &running, last_agent, &warm_keys).map(|choice| (pos, choice))
+                });
+                let Some((pos, (i, emulated))) = found else { continue };
+                let Some(job) = lane.builds[b].remove(pos) else { continue };
+                running[i] += 1;
+                out.push(Placement { job_id: job.job_id.clone(), agent: agents[i].name.clone(), emulated });
+                lane.next = (b + 1) % count;
+                progressed = true;
+                break;
+            }
         }
         if !progressed {
             return out;
         }
     }
+}
+
+/// One submitter's queued builds, served in rotation.
+struct Lane<'a> {
+    builds: Vec<std::collections::VecDeque<&'a QueuedJob>>,
+    next: usize,
 }
 
 /// The agent for a job and whether it would emulate, if any agent can take it now.
@@ -141,6 +160,7 @@ mod tests {
             platform: p(platform),
             affinity_key: key.into(),
             allow_emulation: false,
+            submitter: String::new(),
         }
     }
 
@@ -157,6 +177,21 @@ mod tests {
         let warm = HashMap::from([("r|arm64".to_owned(), "arm-a".to_owned())]);
         let out = assign(&queue[1..], &agents, &warm);
         assert_eq!(pairs(&out), [("2", "arm-a")]);
+    }
+
+    #[test]
+    fn a_busy_submitter_does_not_starve_another() {
+        let agents = [agent("amd", &["linux/amd64"], 2, 0)];
+        let mut queue = Vec::new();
+        for b in 0..5 {
+            for n in 0..3 {
+                queue.push(QueuedJob { submitter: "busy".into(), ..job(&format!("busy-{b}-{n}"), b, "linux/amd64", "a") });
+            }
+        }
+        queue.push(QueuedJob { submitter: "other".into(), ..job("other-1", 9, "linux/amd64", "b") });
+        let out = assign(&queue, &agents, &HashMap::new());
+        let ids: Vec<&str> = out.iter().map(|p| p.job_id.as_str()).collect();
+        assert_eq!(ids, ["busy-0-0", "other-1"]);
     }
 
     fn pairs(out: &[Placement]) -> Vec<(&str, &str)> {
