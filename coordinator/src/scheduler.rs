@@ -185,7 +185,10 @@ mod tests {
         let mut queue = Vec::new();
         for b in 0..5 {
             for n in 0..3 {
-                queue.push(QueuedJob { submitter: "busy".into(), ..job(&format!("busy-{b}-{n}"), b, "linux/amd64", "a") });
+                queue.push(QueuedJob {
+                    submitter: "busy".into(),
+                    ..job(&format!("busy-{b}-{n}"), b, "linux/amd64", "a")
+                });
             }
         }
         queue.push(QueuedJob { submitter: "other".into(), ..job("other-1", 9, "linux/amd64", "b") });

@@ -164,6 +164,26 @@ fn context_is_filtered_like_docker_and_sent_once() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(image_files(&registry, "ctx/stdin", &scratch), [".dockerignore", "Dockerfile", "from-stdin.txt"]);
 
+    // --- A Dockerfile on stdin (-f -) with a directory context.
+    let out = farm
+        .braid_with_stdin(
+            &[
+                "build",
+                "--platform",
+                "linux/amd64",
+                "-f",
+                "-",
+                "-t",
+                &format!("{reg}/ctx/stdin-dockerfile:1"),
+                "--push",
+                ctx.to_str().unwrap(),
+            ],
+            b"FROM scratch\nCOPY keep.txt /ctx/from-stdin-dockerfile.txt\n".to_vec(),
+        )
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(image_files(&registry, "ctx/stdin-dockerfile", &scratch), ["from-stdin-dockerfile.txt"]);
+
     // --- Five platforms over three agents: the context is uploaded once and
     // fetched once per agent.
     let five = dir.join("five");
