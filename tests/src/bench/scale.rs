@@ -51,9 +51,15 @@ async fn fake_agent(channel: tonic::transport::Channel, name: String, clock: Clo
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
     while let Some(message) = inbound.message().await? {
         if let Some(Down::Assign(a)) = message.kind {
-            if let Some(entry) = clock.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&a.build_id) {
-                entry.1.get_or_insert_with(Instant::now);
-            }
+            // The assignment can arrive before Submit's answer does.
+            let now = Instant::now();
+            clock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(a.build_id.clone())
+                .or_insert((None, None))
+                .1
+                .get_or_insert(now);
             let result = proto::JobResult {
                 job_id: a.job_id,
                 attempt: a.attempt,
@@ -139,7 +145,12 @@ pub async fn run(
     // Wait (bounded) for the assignments to arrive.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let done = clock.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|(_, a)| a.is_some()).count();
+        let done = clock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|(s, a)| s.is_some() && a.is_some())
+            .count();
         if done >= builds || Instant::now() > deadline {
             break;
         }
