@@ -163,7 +163,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     };
     let iidfile = job_dir.join("iid");
     let mut bud = buildah(env, &conf, &platform);
-    bud.arg("bud")
+    bud.arg(if env.settings.backend == "podman" { "build" } else { "bud" })
         .arg("--signature-policy")
         .arg(&conf.policy)
         .arg("--platform")
@@ -205,11 +205,11 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     match run_logged(env, a, bud, cancel).await {
         Ok(()) => {}
         Err(RunError::Exit(tail)) => return build_failure(tail),
-        Err(RunError::Spawn(e)) => return infra(format!("starting buildah: {e}")),
+        Err(RunError::Spawn(e)) => return infra(format!("starting {}: {e}", env.settings.backend)),
     }
     let image_id = match tokio::fs::read_to_string(&iidfile).await {
         Ok(id) => id.trim().to_owned(),
-        Err(e) => return infra(format!("buildah wrote no image id: {e}")),
+        Err(e) => return infra(format!("{} wrote no image id: {e}", env.settings.backend)),
     };
     let image_id = match stamp_platform(env, &conf, &platform, image_id).await {
         Ok(id) => id,
@@ -291,19 +291,28 @@ async fn stamp_platform(
     platform: &Platform,
     image_id: String,
 ) -> Result<String, String> {
-    let inspect = buildah(env, conf, platform)
-        .args(["inspect", "--type", "image", "--format", "{{.OCIv1.OS}}/{{.OCIv1.Architecture}}/{{.OCIv1.Variant}}"])
-        .arg(&image_id)
-        .output()
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut inspect = buildah(env, conf, platform);
+    if env.settings.backend == "podman" {
+        inspect.args(["image", "inspect", "--format", "{{.Os}}/{{.Architecture}}/{{.Variant}}"]);
+    } else {
+        inspect.args([
+            "inspect",
+            "--type",
+            "image",
+            "--format",
+            "{{.OCIv1.OS}}/{{.OCIv1.Architecture}}/{{.OCIv1.Variant}}",
+        ]);
+    }
+    let inspect = inspect.arg(&image_id).output().await.map_err(|e| e.to_string())?;
     let found = String::from_utf8_lossy(&inspect.stdout).trim().trim_end_matches('/').to_owned();
     if found.parse::<Platform>().is_ok_and(|p| p == *platform) {
         return Ok(image_id);
     }
     tracing::info!(%found, wanted = %platform, "rewriting the image config's platform");
     let run = |args: Vec<String>| {
-        let mut cmd = buildah(env, conf, platform);
+        // The fix goes through buildah whatever the backend: podman shares
+        // its storage, and has no command to rewrite an image's config.
+        let mut cmd = buildah_on_storage(env, conf, platform);
         cmd.args(&args);
         async move {
             let out = cmd.output().await.map_err(|e| e.to_string())?;
@@ -381,13 +390,30 @@ async fn write_containers_conf(
 /// `FROM scratch` step cached for amd64 is reused for 386), and the
 /// coordinator would rightly refuse the result.
 fn buildah(env: &JobEnv, conf: &ContainersConf, platform: &Platform) -> Command {
+    storage_command(&env.settings.backend, env, conf, platform)
+}
+
+/// A short run directory for a storage root: podman refuses a runroot
+/// longer than 50 characters, and work directories are often deeper.
+fn runroot(storage: &Path) -> PathBuf {
+    let digest = braid_shared::Digest::of(storage.as_os_str().as_encoded_bytes());
+    std::env::temp_dir().join("braid-run").join(&digest.hex()[..16])
+}
+
+fn buildah_on_storage(env: &JobEnv, conf: &ContainersConf, platform: &Platform) -> Command {
+    storage_command("buildah", env, conf, platform)
+}
+
+/// `program` (buildah or podman, which share containers/storage) with this
+/// agent's storage for `platform`.
+fn storage_command(program: &str, env: &JobEnv, conf: &ContainersConf, platform: &Platform) -> Command {
     let s = &env.settings.settings;
     let storage = s.work_dir.join("storage").join(platform.to_string().replace('/', "-"));
-    let mut cmd = Command::new("buildah");
+    let mut cmd = Command::new(program);
     cmd.arg("--root")
         .arg(storage.join("root"))
         .arg("--runroot")
-        .arg(storage.join("runroot"))
+        .arg(runroot(&storage))
         .arg("--storage-driver")
         .arg(&s.storage_driver)
         .env("CONTAINERS_REGISTRIES_CONF", &conf.registries)

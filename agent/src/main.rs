@@ -59,6 +59,9 @@ struct Args {
     /// Its private key (PEM) [default: WORK_DIR/tls/agent-key.pem]
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// Builder backend: buildah, podman or auto [default: auto, buildah if installed]
+    #[arg(long, value_name = "BACKEND")]
+    backend: Option<String>,
     /// Log format: pretty or json [default: pretty]
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
@@ -67,6 +70,9 @@ struct Args {
 impl Args {
     fn overrides(&self) -> Vec<Override> {
         let mut o: Vec<Override> = Vec::new();
+        if let Some(v) = &self.backend {
+            o.push(("backend", v.clone().into()));
+        }
         if let Some(v) = &self.coordinator {
             o.push(("coordinator", v.clone().into()));
         }
@@ -129,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
     }
     telemetry::init(loaded.log_format);
     let valid = loaded.validate()?;
-    check_backend().await?;
+    check_backend(&valid.backend).await?;
     std::fs::create_dir_all(&valid.settings.work_dir)?;
     tracing::info!(
         name = %valid.settings.name,
@@ -181,13 +187,11 @@ async fn wait_idle(agent: &session::Agent) {
 }
 
 /// Fails early, with how to fix it, when buildah is missing or broken.
-async fn check_backend() -> anyhow::Result<()> {
-    let output = tokio::process::Command::new("buildah").arg("--version").output().await;
+async fn check_backend(backend: &str) -> anyhow::Result<()> {
+    let output = tokio::process::Command::new(backend).arg("--version").output().await;
     match output {
         Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => anyhow::bail!("buildah --version failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
-        Err(e) => {
-            anyhow::bail!("buildah not found ({e}); install it, e.g. apt-get install buildah")
-        }
+        Ok(o) => anyhow::bail!("{backend} --version failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => anyhow::bail!("{backend} not found ({e}); install it, e.g. apt-get install {backend}"),
     }
 }

@@ -96,7 +96,7 @@ impl Agent {
                 name: s.settings.name.clone(),
                 platforms: s.platforms.iter().map(ToString::to_string).collect(),
                 slots: s.settings.slots,
-                backend: s.settings.backend.clone(),
+                backend: s.backend.clone(),
                 version: braid_shared::VERSION.to_owned(),
                 running: self.claimed(),
                 emulated_platforms: s.emulates.iter().map(ToString::to_string).collect(),

@@ -30,7 +30,8 @@ pub struct Settings {
     pub tls_cert: Option<PathBuf>,
     /// Its private key (PEM). Default: `<work_dir>/tls/agent-key.pem`.
     pub tls_key: Option<PathBuf>,
-    /// Builder backend. Default and only choice so far: `buildah`.
+    /// Builder backend: `buildah`, `podman`, or `auto` (buildah if installed,
+    /// else podman). Default `auto`.
     pub backend: String,
     /// buildah's `--isolation`: `chroot` works everywhere, including hosts
     /// with hybrid cgroups; `oci` isolates more where cgroup v2 is there.
@@ -62,7 +63,7 @@ impl Default for Settings {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
-            backend: "buildah".to_owned(),
+            backend: "auto".to_owned(),
             isolation: "chroot".to_owned(),
             storage_driver: "overlay".to_owned(),
             context_cache_bytes: 10 << 30,
@@ -104,6 +105,18 @@ pub struct Valid {
     pub emulates: Vec<Platform>,
     /// TLS material for an https:// coordinator.
     pub tls: Option<TlsFiles>,
+    /// The builder in use: buildah or podman.
+    pub backend: String,
+}
+
+/// Whether `program` is an executable on PATH.
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| {
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+        })
+    })
 }
 
 /// The PEM files an agent dials with: the cluster CA and its own
@@ -227,9 +240,17 @@ impl Settings {
         if !(1..=braid_shared::limits::AGENT_SLOTS).contains(&self.slots) {
             return Err(invalid("slots", "must be 1 to 256".into()));
         }
-        if self.backend != "buildah" {
-            return Err(invalid("backend", format!("{:?}: this version supports buildah", self.backend)));
-        }
+        let backend = match self.backend.as_str() {
+            "buildah" | "podman" => self.backend.clone(),
+            "auto" => if on_path("buildah") || !on_path("podman") { "buildah" } else { "podman" }.to_owned(),
+            "docker" => {
+                return Err(invalid(
+                    "backend",
+                    "the Docker Engine backend is not available in this version: use buildah or podman".into(),
+                ));
+            }
+            other => return Err(invalid("backend", format!("{other:?}: buildah, podman or auto"))),
+        };
         if !matches!(self.isolation.as_str(), "chroot" | "oci" | "rootless") {
             return Err(invalid("isolation", format!("{:?}: chroot, oci or rootless", self.isolation)));
         }
@@ -244,7 +265,7 @@ impl Settings {
         } else {
             Vec::new()
         };
-        Ok(Valid { settings: self, platforms, native, emulates, tls })
+        Ok(Valid { settings: self, platforms, native, emulates, tls, backend })
     }
 }
 

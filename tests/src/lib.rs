@@ -303,11 +303,16 @@ pub struct AgentSpec {
     pub name: &'static str,
     pub platforms: &'static [&'static str],
     pub slots: u32,
+    pub backend: Option<&'static str>,
 }
 
 impl AgentSpec {
     pub const fn new(name: &'static str, platforms: &'static [&'static str]) -> AgentSpec {
-        AgentSpec { name, platforms, slots: 1 }
+        AgentSpec { name, platforms, slots: 1, backend: None }
+    }
+
+    pub const fn backend(self, backend: &'static str) -> AgentSpec {
+        AgentSpec { backend: Some(backend), ..self }
     }
 
     pub const fn slots(self, slots: u32) -> AgentSpec {
@@ -366,6 +371,9 @@ impl Farm {
                 cmd.args(["--platform", p]);
             }
             cmd.args(["--slots", &spec.slots.to_string()]);
+            if let Some(backend) = spec.backend {
+                cmd.args(["--backend", backend]);
+            }
             farm.agents.push(Proc::spawn(spec.name, &mut cmd, &dir.join(format!("{}.log", spec.name)))?);
         }
         Ok(farm)

@@ -1,0 +1,62 @@
+//! The podman backend: the same multi-arch build through agents that build
+//! with `podman build`, indistinguishable in the registry from buildah's.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use braid_tests::{AgentSpec, Farm, Registry, require, require_environment};
+
+#[test]
+fn podman_agents_build_the_multiarch_image() {
+    require_environment();
+    require("podman", "run `bash tests/env/setup.sh setup` as root (Debian package podman)");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    let base = registry.push_base_image("base/busybox:latest").unwrap();
+    let agents = [
+        AgentSpec::new("podman-amd64", &[]).backend("podman"),
+        AgentSpec::new("podman-arm64", &["linux/arm64"]).backend("podman"),
+        AgentSpec::new("podman-armv7", &["linux/arm/v7"]).backend("podman"),
+    ];
+    let farm = Farm::start(dir, &registry, &agents).unwrap();
+    farm.wait_for_agents(3).unwrap();
+    let listed = farm.braid(&["agents", "--format", "json"]).unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert!(listed.as_array().unwrap().iter().all(|a| a["backend"] == "podman"), "{listed}");
+
+    let ctx = dir.join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {base}\nARG TARGETARCH\nRUN uname -m > /arch && echo \"$TARGETARCH\" > /targetarch\n"),
+    )
+    .unwrap();
+    let tag = format!("{}/podman/app:1", registry.addr);
+    let out = farm
+        .braid(&[
+            "build",
+            "--platform",
+            "linux/amd64,linux/arm64,linux/arm/v7",
+            "-t",
+            &tag,
+            "--push",
+            ctx.to_str().unwrap(),
+        ])
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let index = registry.manifest("podman/app:1").unwrap();
+    let scratch = dir.join("scratch");
+    let mut seen = Vec::new();
+    for m in index["manifests"].as_array().unwrap() {
+        let digest = m["digest"].as_str().unwrap();
+        let platform = format!(
+            "{}{}",
+            m["platform"]["architecture"].as_str().unwrap(),
+            m["platform"]["variant"].as_str().map(|v| format!("/{v}")).unwrap_or_default()
+        );
+        let uname = registry.read_file("podman/app", digest, "arch", &scratch).unwrap();
+        let arch = registry.read_file("podman/app", digest, "targetarch", &scratch).unwrap();
+        seen.push(format!("{platform} {} {}", uname.trim(), arch.trim()));
+    }
+    seen.sort();
+    assert_eq!(seen, ["amd64 x86_64 amd64", "arm/v7 armv7l arm", "arm64 aarch64 arm64"]);
+}
