@@ -95,9 +95,22 @@ setup_binfmt() {
   done
 }
 
+# ansible-core and ansible-lint from PyPI (for the Ansible roles' tests).
+install_python_tools() {
+  if command -v ansible-playbook >/dev/null && command -v ansible-lint >/dev/null; then
+    log "ansible-core and ansible-lint already installed"
+    return
+  fi
+  log "installing ansible-core and ansible-lint from PyPI"
+  timeout "$T" python3 -m pip install --quiet --disable-pip-version-check ansible-core ansible-lint \
+    || die "pip install ansible-core ansible-lint failed"
+  command -v pyenv >/dev/null && pyenv rehash || true
+}
+
 cmd_setup() {
   need_root
   install_packages
+  install_python_tools
   add_foreign_archs
   setup_binfmt
   log "setup done"
