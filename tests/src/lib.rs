@@ -496,3 +496,45 @@ impl Farm {
         Ok((child, rx))
     }
 }
+
+/// A `braid build` running in the background, its stderr read line by line.
+pub struct RunningBuild {
+    pub child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl RunningBuild {
+    pub fn start(farm: &Farm, args: &[&str]) -> RunningBuild {
+        let (child, lines) = farm.braid_spawn(args).unwrap();
+        RunningBuild { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits for a stderr line containing `needle`; returns it.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                self.seen.push(line.clone());
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+        }
+        panic!("no line with {needle:?} within {timeout:?}; saw:\n{}", self.seen.join("\n"));
+    }
+
+    /// The build id from `#2 build ID submitted`.
+    pub fn build_id(&mut self) -> String {
+        let line = self.wait_for("#2 build ", Duration::from_secs(60));
+        line.split_whitespace().nth(2).unwrap().to_owned()
+    }
+
+    /// Waits for the command to exit; its exit code and every line it printed.
+    pub fn finish(mut self, timeout: Duration) -> (Option<i32>, String) {
+        let status = eventually(timeout, "braid build to exit", || self.child.try_wait().ok().flatten()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        self.seen.extend(self.lines.try_iter());
+        (status.code(), self.seen.join("\n"))
+    }
+}

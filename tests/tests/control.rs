@@ -4,53 +4,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Mutex;
-use std::sync::mpsc::Receiver;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use braid_tests::{AgentSpec, Farm, Registry, eventually, require_environment, send_signal};
+use braid_tests::{AgentSpec, Farm, Registry, RunningBuild, eventually, require_environment, send_signal};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 const FAST: &[&str] = &["--heartbeat-seconds", "1", "--agent-lost-seconds", "3"];
-
-struct Running {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Running {
-    fn start(farm: &Farm, args: &[&str]) -> Running {
-        let (child, lines) = farm.braid_spawn(args).unwrap();
-        Running { child, lines, seen: Vec::new() }
-    }
-
-    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                self.seen.push(line.clone());
-                if line.contains(needle) {
-                    return line;
-                }
-            }
-        }
-        panic!("no line with {needle:?} within {timeout:?}; saw:\n{}", self.seen.join("\n"));
-    }
-
-    fn build_id(&mut self) -> String {
-        let line = self.wait_for("#2 build ", Duration::from_secs(60));
-        line.split_whitespace().nth(2).unwrap().to_owned()
-    }
-
-    fn finish(mut self, timeout: Duration) -> (Option<i32>, String) {
-        let status = eventually(timeout, "braid to exit", || self.child.try_wait().ok().flatten()).unwrap();
-        std::thread::sleep(Duration::from_millis(200));
-        self.seen.extend(self.lines.try_iter());
-        (status.code(), self.seen.join("\n"))
-    }
-}
 
 fn context(dir: &Path, name: &str, dockerfile: &str) -> String {
     let ctx = dir.join(name);
@@ -92,8 +53,10 @@ fn timeouts_and_cancellation_reach_the_builder() {
 
     // --timeout fails the build and kills the builder's processes.
     let slow = context(tmp.path(), "slow", &format!("FROM {base}\nRUN sleep 1234\n"));
-    let mut build =
-        Running::start(&farm, &["build", "--platform", "linux/amd64", "--timeout", "4s", "--progress", "plain", &slow]);
+    let mut build = RunningBuild::start(
+        &farm,
+        &["build", "--platform", "linux/amd64", "--timeout", "4s", "--progress", "plain", &slow],
+    );
     build.wait_for("RUN sleep 1234", Duration::from_secs(60));
     eventually(Duration::from_secs(10), "the RUN step to start", || {
         (processes_matching("sleep 1234") > 0).then_some(())
@@ -109,7 +72,7 @@ fn timeouts_and_cancellation_reach_the_builder() {
 
     // Ctrl-C on braid build cancels the build.
     let slow2 = context(tmp.path(), "slow2", &format!("FROM {base}\nRUN sleep 1235\n"));
-    let mut build = Running::start(&farm, &["build", "--platform", "linux/amd64", "--progress", "plain", &slow2]);
+    let mut build = RunningBuild::start(&farm, &["build", "--platform", "linux/amd64", "--progress", "plain", &slow2]);
     let build_id = build.build_id();
     build.wait_for("RUN sleep 1235", Duration::from_secs(60));
     send_signal(build.child.id(), "INT");
@@ -193,7 +156,7 @@ fn agents_stop_gracefully_or_hand_jobs_back() {
     let slow = context(tmp.path(), "slow", &format!("FROM {base}\nRUN sleep 5 && echo done > /done\n"));
     let repo = format!("{}/stop/app", registry.addr);
     let meta1 = tmp.path().join("m1.json");
-    let mut first = Running::start(
+    let mut first = RunningBuild::start(
         &farm,
         &[
             "build",
@@ -245,7 +208,7 @@ fn agents_stop_gracefully_or_hand_jobs_back() {
 
     // Two signals: the running job is handed back and runs on the other agent.
     let slower = context(tmp.path(), "slower", &format!("FROM {base}\nRUN sleep 30\n"));
-    let mut build = Running::start(&farm, &["build", "--platform", "linux/amd64", "--progress", "plain", &slower]);
+    let mut build = RunningBuild::start(&farm, &["build", "--platform", "linux/amd64", "--progress", "plain", &slower]);
     build.wait_for(&format!("linux/amd64 building on {other}"), Duration::from_secs(60));
     build.wait_for("RUN sleep 30", Duration::from_secs(60));
     farm.signal_agent(other, "TERM");

@@ -4,12 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::Child;
 use std::sync::Mutex;
-use std::sync::mpsc::Receiver;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use braid_tests::{AgentSpec, Farm, Registry, eventually, require_environment};
+use braid_tests::{AgentSpec, Farm, Registry, RunningBuild, eventually, require_environment};
 
 /// These tests time heartbeats; run them one at a time so they do not
 /// starve each other of the machine's two cores.
@@ -17,41 +15,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Fast failure detection for tests: heartbeat every second, lost after 3.
 const FAST: &[&str] = &["--heartbeat-seconds", "1", "--agent-lost-seconds", "3"];
-
-struct Running {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Running {
-    fn start(farm: &Farm, args: &[&str]) -> Running {
-        let (child, lines) = farm.braid_spawn(args).unwrap();
-        Running { child, lines, seen: Vec::new() }
-    }
-
-    /// Waits for a stderr line containing `needle`; returns it.
-    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                self.seen.push(line.clone());
-                if line.contains(needle) {
-                    return line;
-                }
-            }
-        }
-        panic!("no line with {needle:?} within {timeout:?}; saw:\n{}", self.seen.join("\n"));
-    }
-
-    /// Waits for the command to exit; returns whether it succeeded and all its lines.
-    fn finish(mut self, timeout: Duration) -> (bool, String) {
-        let status = eventually(timeout, "braid build to exit", || self.child.try_wait().ok().flatten()).unwrap();
-        std::thread::sleep(Duration::from_millis(200));
-        self.seen.extend(self.lines.try_iter());
-        (status.success(), self.seen.join("\n"))
-    }
-}
 
 fn context(dir: &Path, name: &str, dockerfile: &str) -> String {
     let ctx = dir.join(name);
@@ -82,7 +45,7 @@ fn a_killed_agent_s_job_finishes_on_the_other() {
     let ctx = context(tmp.path(), "ctx", &format!("FROM {base}\nRUN sleep 5 && uname -m > /arch\n"));
     let meta = tmp.path().join("meta.json");
     let tag = format!("{}/rel/killed:1", registry.addr);
-    let mut build = Running::start(
+    let mut build = RunningBuild::start(
         &farm,
         &[
             "build",
@@ -102,8 +65,8 @@ fn a_killed_agent_s_job_finishes_on_the_other() {
     let victim = if line.contains("arm64-a") { "arm64-a" } else { "arm64-b" };
     let survivor = if victim == "arm64-a" { "arm64-b" } else { "arm64-a" };
     farm.signal_agent(victim, "KILL");
-    let (ok, out) = build.finish(Duration::from_secs(120));
-    assert!(ok, "the build survives losing an agent:\n{out}");
+    let (code, out) = build.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "the build survives losing an agent:\n{out}");
     assert!(out.contains(&format!("linux/arm64 building on {survivor} (attempt 2)")), "{out}");
     assert_eq!(metadata(&meta)["braid.platforms"]["linux/arm64"]["agent"], survivor);
     let index = registry.manifest("rel/killed:1").unwrap();
@@ -127,18 +90,17 @@ fn a_crashed_coordinator_comes_back_and_the_build_completes() {
     );
     let ctx = context(tmp.path(), "ctx", &dockerfile);
     let tag = format!("{}/rel/crash:1", registry.addr);
-    let mut build = Running::start(
+    let mut build = RunningBuild::start(
         &farm,
         &["build", "--platform", "linux/amd64,linux/arm64", "-t", &tag, "--push", "--progress", "plain", &ctx],
     );
-    let submitted = build.wait_for("#2 build ", Duration::from_secs(60));
-    let build_id = submitted.split_whitespace().nth(2).unwrap().to_owned();
+    let build_id = build.build_id();
     build.wait_for("linux/amd64 verified", Duration::from_secs(60));
     farm.crash_coordinator();
     std::thread::sleep(Duration::from_millis(500));
     farm.start_coordinator().unwrap();
-    let (ok, out) = build.finish(Duration::from_secs(120));
-    assert!(ok, "the build completes after a coordinator crash:\n{out}");
+    let (code, out) = build.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "the build completes after a coordinator crash:\n{out}");
     assert_eq!(registry.manifest("rel/crash:1").unwrap()["manifests"].as_array().unwrap().len(), 2);
 
     // Nothing built twice: each agent started exactly one job.
@@ -171,7 +133,7 @@ fn a_frozen_agent_is_replaced_and_its_late_result_ignored() {
     let ctx = context(tmp.path(), "ctx", &format!("FROM {base}\nRUN sleep 4 && uname -m > /arch\n"));
     let meta = tmp.path().join("meta.json");
     let tag = format!("{}/rel/frozen:1", registry.addr);
-    let mut build = Running::start(
+    let mut build = RunningBuild::start(
         &farm,
         &[
             "build",
@@ -191,9 +153,9 @@ fn a_frozen_agent_is_replaced_and_its_late_result_ignored() {
     let frozen = if line.contains("arm64-a") { "arm64-a" } else { "arm64-b" };
     let other = if frozen == "arm64-a" { "arm64-b" } else { "arm64-a" };
     farm.signal_agent(frozen, "STOP");
-    let (ok, out) = build.finish(Duration::from_secs(120));
+    let (code, out) = build.finish(Duration::from_secs(120));
     farm.signal_agent(frozen, "CONT");
-    assert!(ok, "{out}");
+    assert_eq!(code, Some(0), "{out}");
     assert_eq!(metadata(&meta)["braid.platforms"]["linux/arm64"]["agent"], other, "the job ran elsewhere");
     let index_digest = registry.digest_of("rel/frozen:1").unwrap();
     // The thawed agent comes back with its stale job: it is told to stop it,
@@ -220,14 +182,14 @@ fn a_registry_outage_is_retried_then_fails_clearly() {
     farm.wait_for_agents(1).unwrap();
     let ctx = context(tmp.path(), "ctx", &format!("FROM {base}\nRUN sleep 3\n"));
     let tag = format!("{}/rel/outage:1", registry.addr);
-    let mut build = Running::start(
+    let mut build = RunningBuild::start(
         &farm,
         &["build", "--platform", "linux/amd64", "-t", &tag, "--push", "--progress", "plain", &ctx],
     );
     build.wait_for("RUN sleep 3", Duration::from_secs(60));
     registry.stop();
-    let (ok, out) = build.finish(Duration::from_secs(120));
-    assert!(!ok, "a push that never gets through fails the build");
+    let (code, out) = build.finish(Duration::from_secs(120));
+    assert_ne!(code, Some(0), "a push that never gets through fails the build");
     assert!(out.contains("failed (attempt 1)") && out.contains("retrying"), "pushes are retried:\n{out}");
     assert!(out.contains(&format!("pushing to {}/rel/outage", registry.addr)), "the error names the registry:\n{out}");
     assert!(out.contains("gave up after 1 attempts"), "{out}");
@@ -246,14 +208,14 @@ fn forty_builds_at_once_over_four_agents() {
     ];
     let farm = Farm::start_with(tmp.path(), Some(&registry.addr), &agents, &[]).unwrap();
     farm.wait_for_agents(4).unwrap();
-    let builds: Vec<(usize, Running)> = (0..40)
+    let builds: Vec<(usize, RunningBuild)> = (0..40)
         .map(|i| {
             let ctx = context(tmp.path(), &format!("ctx{i}"), "FROM scratch\nCOPY n.txt /n.txt\n");
             std::fs::write(Path::new(&ctx).join("n.txt"), i.to_string()).unwrap();
             let tag = format!("{}/load/app{i}:1", registry.addr);
             (
                 i,
-                Running::start(
+                RunningBuild::start(
                     &farm,
                     &[
                         "build",
@@ -271,8 +233,8 @@ fn forty_builds_at_once_over_four_agents() {
         })
         .collect();
     for (i, build) in builds {
-        let (ok, out) = build.finish(Duration::from_secs(600));
-        assert!(ok, "build {i} failed:\n{out}");
+        let (code, out) = build.finish(Duration::from_secs(600));
+        assert_eq!(code, Some(0), "build {i} failed:\n{out}");
         let index = registry.manifest(&format!("load/app{i}:1")).unwrap();
         let mut archs: Vec<&str> = index["manifests"]
             .as_array()

@@ -372,31 +372,17 @@ pub fn job_word(state: i32) -> &'static str {
 
 /// Prints one event; returns the final state when the build has ended.
 fn print_event(event: &proto::BuildEvent, progress: Progress) -> Option<proto::BuildState> {
-    let quiet = progress == Progress::Quiet;
-    match &event.kind {
-        Some(Kind::Log(l)) if !quiet => eprintln!("[{}] {}", l.platform, l.line),
-        Some(Kind::Notice(n)) if !quiet => eprintln!("#  {}", n.text),
-        Some(Kind::Job(j)) if !quiet => {
-            let mut line = format!("#  {} {}", j.platform, job_word(j.state));
-            if !j.agent.is_empty() {
-                line.push_str(&format!(" on {}", j.agent));
-            }
-            if j.attempt > 1 {
-                line.push_str(&format!(" (attempt {})", j.attempt));
-            }
-            if !j.message.is_empty() {
-                line.push_str(&format!(": {}", j.message));
-            }
-            eprintln!("{line}");
+    if let Some(Kind::Build(b)) = &event.kind {
+        let state = proto::BuildState::try_from(b.state).unwrap_or_default();
+        if matches!(state, proto::BuildState::Succeeded | proto::BuildState::Failed | proto::BuildState::Cancelled) {
+            return Some(state);
         }
-        Some(Kind::Build(b)) => {
-            let state = proto::BuildState::try_from(b.state).unwrap_or_default();
-            if matches!(state, proto::BuildState::Succeeded | proto::BuildState::Failed | proto::BuildState::Cancelled)
-            {
-                return Some(state);
-            }
-        }
-        _ => {}
+        return None;
+    }
+    if progress != Progress::Quiet
+        && let Some(line) = crate::ops::event_line(event)
+    {
+        eprintln!("{line}");
     }
     None
 }

@@ -55,7 +55,7 @@ pub fn event_json(e: &proto::BuildEvent) -> Value {
     v
 }
 
-fn event_line(e: &proto::BuildEvent) -> Option<String> {
+pub fn event_line(e: &proto::BuildEvent) -> Option<String> {
     Some(match &e.kind {
         Some(Kind::Log(l)) => format!("[{}] {}", l.platform, l.line),
         Some(Kind::Notice(n)) => format!("#  {}", n.text),
