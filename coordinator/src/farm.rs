@@ -322,6 +322,10 @@ pub struct Farm {
     /// Credentials from the coordinator's settings.
     configured: Vec<Credential>,
     metrics: Arc<Metrics>,
+    /// Job id -> build id, for the messages agents send about a job.
+    job_index: HashMap<String, String>,
+    /// Builds that have not ended: what scheduling and gauges look at.
+    active: std::collections::BTreeSet<String>,
 }
 
 /// Replay and live events for one Watch.
@@ -351,9 +355,17 @@ impl Farm {
             insecure_registries,
             configured: Vec::new(),
             metrics,
+            job_index: HashMap::new(),
+            active: Default::default(),
         };
         for (record, spec) in store.load_builds()? {
             farm.next_order = farm.next_order.max(record.order + 1);
+            for j in &record.jobs {
+                farm.job_index.insert(j.id.clone(), record.id.clone());
+            }
+            if !record.status.is_terminal() {
+                farm.active.insert(record.id.clone());
+            }
             let tags = spec.tags.iter().filter_map(|t| t.parse::<ImageRef>().ok()).collect();
             let (events, _) = broadcast::channel(1024);
             farm.builds.insert(record.id.clone(), BuildEntry { record, spec, tags, events, credentials: Vec::new() });
@@ -440,7 +452,7 @@ impl Farm {
             ..Default::default()
         };
         let now = now_ms();
-        for b in self.builds.values().filter(|b| !b.record.status.is_terminal()) {
+        for b in self.active.iter().filter_map(|id| self.builds.get(id)).filter(|b| !b.record.status.is_terminal()) {
             for j in &b.record.jobs {
                 match j.status {
                     JobStatus::Pending => {
@@ -536,6 +548,10 @@ impl Farm {
         };
         self.next_order += 1;
         self.store.insert_build(&record, &spec)?;
+        for j in &record.jobs {
+            self.job_index.insert(j.id.clone(), id.clone());
+        }
+        self.active.insert(id.clone());
         let (events, _) = broadcast::channel(1024);
         self.builds.insert(id.clone(), BuildEntry { record, spec, tags, events, credentials });
         self.emit(
@@ -600,6 +616,7 @@ impl Farm {
         });
         if ended {
             Self::observe_end(&self.metrics, &b.record);
+            self.active.remove(build_id);
         }
         for e in events {
             // No receiver is fine: nobody is watching.
@@ -670,7 +687,7 @@ impl Farm {
                 schedulable: !a.cordoned && !a.draining,
             })
             .collect();
-        for b in self.builds.values() {
+        for b in self.active.iter().filter_map(|id| self.builds.get(id)) {
             if b.record.status.is_terminal() || b.record.status == BuildStatus::Merging {
                 continue;
             }
@@ -707,14 +724,9 @@ impl Farm {
         if queue.is_empty() {
             return Ok(());
         }
-        let job_build: HashMap<String, String> = self
-            .builds
-            .values()
-            .flat_map(|b| b.record.jobs.iter().map(|j| (j.id.clone(), b.record.id.clone())))
-            .collect();
         for placement in scheduler::assign(&queue, &views, &self.last_agent) {
-            if let Some(build_id) = job_build.get(&placement.job_id) {
-                self.lease(build_id, &placement.job_id, &placement.agent, placement.emulated)?;
+            if let Some(build_id) = self.build_of_job(&placement.job_id) {
+                self.lease(&build_id, &placement.job_id, &placement.agent, placement.emulated)?;
             }
         }
         Ok(())
@@ -888,7 +900,7 @@ impl Farm {
     pub fn check_timeouts(&mut self, queue_timeout: Option<Duration>) -> Result<()> {
         let now = now_ms();
         let mut expired: Vec<(String, String, String)> = Vec::new();
-        for b in self.builds.values().filter(|b| !b.record.status.is_terminal()) {
+        for b in self.active.iter().filter_map(|id| self.builds.get(id)).filter(|b| !b.record.status.is_terminal()) {
             let limit = u64::from(b.spec.timeout_seconds);
             if limit > 0 && now - b.record.created_ms > (limit * 1000) as i64 {
                 expired.push((b.record.id.clone(), String::new(), format!("timed out after {limit}s (--timeout)")));
@@ -985,7 +997,7 @@ impl Farm {
     }
 
     fn build_of_job(&self, job_id: &str) -> Option<String> {
-        self.builds.values().find(|b| b.record.jobs.iter().any(|j| j.id == job_id)).map(|b| b.record.id.clone())
+        self.job_index.get(job_id).cloned()
     }
 
     pub fn job_log(&mut self, name: &str, session: u64, log: proto::JobLog) -> Result<()> {
