@@ -672,6 +672,13 @@ impl Farm {
     /// Places what can be placed; sends assignments; notes platforms that
     /// no connected agent builds.
     pub fn schedule(&mut self) -> Result<()> {
+        // Most wake-ups (results, logs) find nothing queued: skip the views.
+        let anything_pending = self.active.iter().filter_map(|id| self.builds.get(id)).any(|b| {
+            b.record.status != BuildStatus::Merging && b.record.jobs.iter().any(|j| j.status == JobStatus::Pending)
+        });
+        if !anything_pending {
+            return Ok(());
+        }
         let mut queue = Vec::new();
         let mut waiting: Vec<(String, String, Platform)> = Vec::new();
         let views: Vec<AgentView> = self
