@@ -326,6 +326,8 @@ pub struct Farm {
     job_index: HashMap<String, String>,
     /// Builds that have not ended: what scheduling and gauges look at.
     active: std::collections::BTreeSet<String>,
+    /// Events kept per build (`limits::BUILD_EVENTS`; smaller in tests).
+    pub max_build_events: u64,
 }
 
 /// Replay and live events for one Watch.
@@ -357,6 +359,7 @@ impl Farm {
             metrics,
             job_index: HashMap::new(),
             active: Default::default(),
+            max_build_events: braid_shared::limits::BUILD_EVENTS,
         };
         for (record, spec) in store.load_builds()? {
             farm.next_order = farm.next_order.max(record.order + 1);
@@ -1014,9 +1017,10 @@ impl Farm {
         if !self.leased_to(name, session, &build_id, &log.job_id, log.attempt, None) {
             return Ok(());
         }
-        use braid_shared::limits::{BUILD_EVENTS, JOB_LOG_BYTES, LOG_LINE_BYTES};
+        use braid_shared::limits::{JOB_LOG_BYTES, LOG_LINE_BYTES};
+        let max_events = self.max_build_events;
         let Some(b) = self.builds.get_mut(&build_id) else { return Ok(()) };
-        let room = BUILD_EVENTS.saturating_sub(b.record.last_seq + 1);
+        let room = max_events.saturating_sub(b.record.last_seq + 1);
         let Some(job) = b.record.jobs.iter_mut().find(|j| j.id == log.job_id) else { return Ok(()) };
         if job.log_cut {
             return Ok(());
@@ -1031,7 +1035,7 @@ impl Farm {
                 let why = if over_bytes {
                     format!("{} MiB per job", JOB_LOG_BYTES >> 20)
                 } else {
-                    format!("{BUILD_EVENTS} events per build")
+                    format!("{max_events} events per build")
                 };
                 kinds.push(EventKind::Notice(proto::Notice {
                     platform: platform.clone(),

@@ -239,3 +239,33 @@ fn a_job_log_is_cut_at_its_limit_with_one_notice() {
     farm.job_log("other", intruder, log).unwrap();
     assert_eq!(store.events_after(&build_id, 0, 1_000_000).unwrap().len(), before);
 }
+
+#[test]
+fn a_build_keeps_its_state_events_past_the_event_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut farm, store) = farm(dir.path());
+    farm.max_build_events = 50;
+    let (session, mut inbox) = connect(&mut farm, "amd", &["linux/amd64"]);
+    let build_id = submit(&mut farm, &["linux/amd64"]);
+    farm.schedule().unwrap();
+    let a = next_assignment(&mut inbox);
+    for _ in 0..5 {
+        let log = proto::JobLog { job_id: a.job_id.clone(), attempt: a.attempt, lines: vec!["line".into(); 30] };
+        farm.job_log("amd", session, log).unwrap();
+    }
+    let events = store.events_after(&build_id, 0, 10_000).unwrap();
+    assert!(events.len() <= 50, "{} events kept", events.len());
+    let notice = events.iter().find_map(|e| match &e.kind {
+        Some(proto::build_event::Kind::Notice(n)) => Some(n.text.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        notice.as_deref(),
+        Some("log of linux/amd64 cut at the limit of 50 events per build; later lines are dropped")
+    );
+    // State changes still go through after the cut.
+    let follow = farm.job_result("amd", session, image(&a, 'a')).unwrap();
+    assert!(matches!(follow, Some(FollowUp::Verify { .. })));
+    let last = store.events_after(&build_id, 0, 10_000).unwrap().pop().unwrap();
+    assert!(matches!(last.kind, Some(proto::build_event::Kind::Job(j)) if j.state == proto::JobState::Pushed as i32));
+}
