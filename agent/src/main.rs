@@ -97,14 +97,7 @@ impl Args {
             }
         }
         if let Some(v) = self.log_format {
-            o.push((
-                "log_format",
-                match v {
-                    LogFormat::Pretty => "pretty",
-                    LogFormat::Json => "json",
-                }
-                .into(),
-            ));
+            o.push(("log_format", v.name().into()));
         }
         o
     }

@@ -113,14 +113,7 @@ impl Args {
             o.push(("agent_lost_seconds", v.into()));
         }
         if let Some(v) = self.log_format {
-            o.push((
-                "log_format",
-                match v {
-                    LogFormat::Pretty => "pretty",
-                    LogFormat::Json => "json",
-                }
-                .into(),
-            ));
+            o.push(("log_format", v.name().into()));
         }
         o
     }

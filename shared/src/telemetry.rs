@@ -13,6 +13,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The name flags and config files use.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Pretty => "pretty",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 impl std::str::FromStr for LogFormat {
     type Err = String;
 

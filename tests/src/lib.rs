@@ -538,3 +538,15 @@ impl RunningBuild {
         (status.code(), self.seen.join("\n"))
     }
 }
+
+/// Coordinator flags for tests that time failure detection: heartbeat every
+/// second, an agent is lost after three.
+pub const FAST_FAILURE: &[&str] = &["--heartbeat-seconds", "1", "--agent-lost-seconds", "3"];
+
+/// A context directory `dir/name` holding only `dockerfile`; its path.
+pub fn dockerfile_context(dir: &Path, name: &str, dockerfile: &str) -> String {
+    let ctx = dir.join(name);
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
+    ctx.display().to_string()
+}

@@ -8,17 +8,12 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use braid_tests::{AgentSpec, Farm, Registry, RunningBuild, eventually, require_environment, send_signal};
+use braid_tests::{
+    AgentSpec, FAST_FAILURE, Farm, Registry, RunningBuild, dockerfile_context, eventually, require_environment,
+    send_signal,
+};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-const FAST: &[&str] = &["--heartbeat-seconds", "1", "--agent-lost-seconds", "3"];
-
-fn context(dir: &Path, name: &str, dockerfile: &str) -> String {
-    let ctx = dir.join(name);
-    std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
-    ctx.display().to_string()
-}
 
 fn state_of(farm: &Farm, build_id: &str) -> serde_json::Value {
     let out = farm.braid(&["inspect", build_id, "--format", "json"]).unwrap();
@@ -38,21 +33,21 @@ fn timeouts_and_cancellation_reach_the_builder() {
     let tmp = tempfile::tempdir().unwrap();
     let registry = Registry::start(&tmp.path().join("registry")).unwrap();
     let base = registry.push_base_image("base/busybox:latest").unwrap();
-    let mut flags = FAST.to_vec();
+    let mut flags = FAST_FAILURE.to_vec();
     flags.extend(["--queue-timeout", "3"]);
     let farm =
         Farm::start_with(tmp.path(), Some(&registry.addr), &[AgentSpec::new("amd64-agent", &[])], &flags).unwrap();
     farm.wait_for_agents(1).unwrap();
 
     // A platform nobody serves fails after the queue timeout, naming it.
-    let ctx = context(tmp.path(), "quick", "FROM scratch\nCOPY Dockerfile /\n");
+    let ctx = dockerfile_context(tmp.path(), "quick", "FROM scratch\nCOPY Dockerfile /\n");
     let out = farm.braid(&["build", "--platform", "linux/s390x", &ctx]).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("linux/s390x: no agent took the job within 3s"), "{err}");
 
     // --timeout fails the build and kills the builder's processes.
-    let slow = context(tmp.path(), "slow", &format!("FROM {base}\nRUN sleep 1234\n"));
+    let slow = dockerfile_context(tmp.path(), "slow", &format!("FROM {base}\nRUN sleep 1234\n"));
     let mut build = RunningBuild::start(
         &farm,
         &["build", "--platform", "linux/amd64", "--timeout", "4s", "--progress", "plain", &slow],
@@ -71,7 +66,7 @@ fn timeouts_and_cancellation_reach_the_builder() {
     .unwrap();
 
     // Ctrl-C on braid build cancels the build.
-    let slow2 = context(tmp.path(), "slow2", &format!("FROM {base}\nRUN sleep 1235\n"));
+    let slow2 = dockerfile_context(tmp.path(), "slow2", &format!("FROM {base}\nRUN sleep 1235\n"));
     let mut build = RunningBuild::start(&farm, &["build", "--platform", "linux/amd64", "--progress", "plain", &slow2]);
     let build_id = build.build_id();
     build.wait_for("RUN sleep 1235", Duration::from_secs(60));
@@ -101,13 +96,13 @@ fn emulation_only_when_asked() {
     let tmp = tempfile::tempdir().unwrap();
     let registry = Registry::start(&tmp.path().join("registry")).unwrap();
     let base = registry.push_base_image("base/busybox:latest").unwrap();
-    let mut flags = FAST.to_vec();
+    let mut flags = FAST_FAILURE.to_vec();
     flags.extend(["--queue-timeout", "3"]);
     // Only an amd64 agent; this machine's binfmt lets it emulate arm64.
     let farm =
         Farm::start_with(tmp.path(), Some(&registry.addr), &[AgentSpec::new("amd64-agent", &[])], &flags).unwrap();
     farm.wait_for_agents(1).unwrap();
-    let ctx = context(tmp.path(), "ctx", &format!("FROM {base}\nRUN uname -m > /arch\n"));
+    let ctx = dockerfile_context(tmp.path(), "ctx", &format!("FROM {base}\nRUN uname -m > /arch\n"));
     let tag = format!("{}/emu/app:1", registry.addr);
 
     let out = farm.braid(&["build", "--platform", "linux/arm64", "-t", &tag, "--push", &ctx]).unwrap();
@@ -148,12 +143,12 @@ fn agents_stop_gracefully_or_hand_jobs_back() {
     let registry = Registry::start(&tmp.path().join("registry")).unwrap();
     let base = registry.push_base_image("base/busybox:latest").unwrap();
     let agents = [AgentSpec::new("amd-a", &[]).slots(2), AgentSpec::new("amd-b", &[]).slots(2)];
-    let mut farm = Farm::start_with(tmp.path(), Some(&registry.addr), &agents, FAST).unwrap();
+    let mut farm = Farm::start_with(tmp.path(), Some(&registry.addr), &agents, FAST_FAILURE).unwrap();
     farm.wait_for_agents(2).unwrap();
 
     // One SIGTERM: the running job finishes there, new work goes elsewhere,
     // then the agent leaves.
-    let slow = context(tmp.path(), "slow", &format!("FROM {base}\nRUN sleep 5 && echo done > /done\n"));
+    let slow = dockerfile_context(tmp.path(), "slow", &format!("FROM {base}\nRUN sleep 5 && echo done > /done\n"));
     let repo = format!("{}/stop/app", registry.addr);
     let meta1 = tmp.path().join("m1.json");
     let mut first = RunningBuild::start(
@@ -179,7 +174,7 @@ fn agents_stop_gracefully_or_hand_jobs_back() {
         farm.log("coordinator").contains("draining=true").then_some(())
     })
     .unwrap();
-    let quick = context(tmp.path(), "quick", "FROM scratch\nCOPY Dockerfile /\n");
+    let quick = dockerfile_context(tmp.path(), "quick", "FROM scratch\nCOPY Dockerfile /\n");
     let meta2 = tmp.path().join("m2.json");
     let out = farm
         .braid(&[
@@ -207,7 +202,7 @@ fn agents_stop_gracefully_or_hand_jobs_back() {
     assert!(farm.wait_agent_exit(stopping, Duration::from_secs(30)).unwrap().success());
 
     // Two signals: the running job is handed back and runs on the other agent.
-    let slower = context(tmp.path(), "slower", &format!("FROM {base}\nRUN sleep 30\n"));
+    let slower = dockerfile_context(tmp.path(), "slower", &format!("FROM {base}\nRUN sleep 30\n"));
     let mut build = RunningBuild::start(&farm, &["build", "--platform", "linux/amd64", "--progress", "plain", &slower]);
     build.wait_for(&format!("linux/amd64 building on {other}"), Duration::from_secs(60));
     build.wait_for("RUN sleep 30", Duration::from_secs(60));

@@ -7,21 +7,13 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use braid_tests::{AgentSpec, Farm, Registry, RunningBuild, eventually, require_environment};
+use braid_tests::{
+    AgentSpec, FAST_FAILURE, Farm, Registry, RunningBuild, dockerfile_context, eventually, require_environment,
+};
 
 /// These tests time heartbeats; run them one at a time so they do not
 /// starve each other of the machine's two cores.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-/// Fast failure detection for tests: heartbeat every second, lost after 3.
-const FAST: &[&str] = &["--heartbeat-seconds", "1", "--agent-lost-seconds", "3"];
-
-fn context(dir: &Path, name: &str, dockerfile: &str) -> String {
-    let ctx = dir.join(name);
-    std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
-    ctx.display().to_string()
-}
 
 fn metadata(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
@@ -40,9 +32,9 @@ fn a_killed_agent_s_job_finishes_on_the_other() {
     let tmp = tempfile::tempdir().unwrap();
     let (registry, base) = setup(tmp.path(), true);
     let agents = [AgentSpec::new("arm64-a", &["linux/arm64"]), AgentSpec::new("arm64-b", &["linux/arm64"])];
-    let farm = Farm::start_with(tmp.path(), Some(&registry.addr), &agents, FAST).unwrap();
+    let farm = Farm::start_with(tmp.path(), Some(&registry.addr), &agents, FAST_FAILURE).unwrap();
     farm.wait_for_agents(2).unwrap();
-    let ctx = context(tmp.path(), "ctx", &format!("FROM {base}\nRUN sleep 5 && uname -m > /arch\n"));
+    let ctx = dockerfile_context(tmp.path(), "ctx", &format!("FROM {base}\nRUN sleep 5 && uname -m > /arch\n"));
     let meta = tmp.path().join("meta.json");
     let tag = format!("{}/rel/killed:1", registry.addr);
     let mut build = RunningBuild::start(
@@ -83,12 +75,12 @@ fn a_crashed_coordinator_comes_back_and_the_build_completes() {
     let tmp = tempfile::tempdir().unwrap();
     let (registry, base) = setup(tmp.path(), true);
     let agents = [AgentSpec::new("amd64-agent", &[]), AgentSpec::new("arm64-agent", &["linux/arm64"])];
-    let mut farm = Farm::start_with(tmp.path(), Some(&registry.addr), &agents, FAST).unwrap();
+    let mut farm = Farm::start_with(tmp.path(), Some(&registry.addr), &agents, FAST_FAILURE).unwrap();
     farm.wait_for_agents(2).unwrap();
     let dockerfile = format!(
         "FROM {base}\nARG TARGETARCH\nRUN if [ \"$TARGETARCH\" = arm64 ]; then sleep 6; fi; uname -m > /arch\n"
     );
-    let ctx = context(tmp.path(), "ctx", &dockerfile);
+    let ctx = dockerfile_context(tmp.path(), "ctx", &dockerfile);
     let tag = format!("{}/rel/crash:1", registry.addr);
     let mut build = RunningBuild::start(
         &farm,
@@ -128,9 +120,9 @@ fn a_frozen_agent_is_replaced_and_its_late_result_ignored() {
     let tmp = tempfile::tempdir().unwrap();
     let (registry, base) = setup(tmp.path(), true);
     let agents = [AgentSpec::new("arm64-a", &["linux/arm64"]), AgentSpec::new("arm64-b", &["linux/arm64"])];
-    let farm = Farm::start_with(tmp.path(), Some(&registry.addr), &agents, FAST).unwrap();
+    let farm = Farm::start_with(tmp.path(), Some(&registry.addr), &agents, FAST_FAILURE).unwrap();
     farm.wait_for_agents(2).unwrap();
-    let ctx = context(tmp.path(), "ctx", &format!("FROM {base}\nRUN sleep 4 && uname -m > /arch\n"));
+    let ctx = dockerfile_context(tmp.path(), "ctx", &format!("FROM {base}\nRUN sleep 4 && uname -m > /arch\n"));
     let meta = tmp.path().join("meta.json");
     let tag = format!("{}/rel/frozen:1", registry.addr);
     let mut build = RunningBuild::start(
@@ -175,12 +167,12 @@ fn a_registry_outage_is_retried_then_fails_clearly() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let (mut registry, base) = setup(tmp.path(), true);
-    let mut flags = FAST.to_vec();
+    let mut flags = FAST_FAILURE.to_vec();
     flags.extend(["--max-attempts", "1"]);
     let farm =
         Farm::start_with(tmp.path(), Some(&registry.addr), &[AgentSpec::new("amd64-agent", &[])], &flags).unwrap();
     farm.wait_for_agents(1).unwrap();
-    let ctx = context(tmp.path(), "ctx", &format!("FROM {base}\nRUN sleep 3\n"));
+    let ctx = dockerfile_context(tmp.path(), "ctx", &format!("FROM {base}\nRUN sleep 3\n"));
     let tag = format!("{}/rel/outage:1", registry.addr);
     let mut build = RunningBuild::start(
         &farm,
@@ -210,7 +202,7 @@ fn forty_builds_at_once_over_four_agents() {
     farm.wait_for_agents(4).unwrap();
     let builds: Vec<(usize, RunningBuild)> = (0..40)
         .map(|i| {
-            let ctx = context(tmp.path(), &format!("ctx{i}"), "FROM scratch\nCOPY n.txt /n.txt\n");
+            let ctx = dockerfile_context(tmp.path(), &format!("ctx{i}"), "FROM scratch\nCOPY n.txt /n.txt\n");
             std::fs::write(Path::new(&ctx).join("n.txt"), i.to_string()).unwrap();
             let tag = format!("{}/load/app{i}:1", registry.addr);
             (
@@ -258,7 +250,7 @@ fn builds_of_one_repository_stay_warm_and_another_spreads() {
     let agents = [AgentSpec::new("arm64-a", &["linux/arm64"]), AgentSpec::new("arm64-b", &["linux/arm64"])];
     let farm = Farm::start_with(tmp.path(), Some(&registry.addr), &agents, &[]).unwrap();
     farm.wait_for_agents(2).unwrap();
-    let ctx = context(tmp.path(), "ctx", "FROM scratch\nCOPY Dockerfile /\n");
+    let ctx = dockerfile_context(tmp.path(), "ctx", "FROM scratch\nCOPY Dockerfile /\n");
     let agent_for = |repo: &str, n: usize| {
         let meta = tmp.path().join(format!("{}-{n}.json", repo.replace('/', "-")));
         let tag = format!("{}/{repo}:{n}", registry.addr);
