@@ -1,5 +1,5 @@
-//! One job: fetch the context, unpack it, build with buildah, export an OCI
-//! layout, push it by digest, report.
+//! One job: fetch the context, unpack it, build (buildah, podman or a
+//! Docker Engine), export an OCI layout, push it by digest, report.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -19,6 +19,7 @@ use braid_shared::proto::{self, agent_message::Kind as ToCoordinator};
 use braid_shared::{Digest, ImageRef, Platform, buildargs, limits};
 
 use crate::cache::ContextCache;
+use crate::docker;
 use crate::settings::Valid;
 
 /// How a job ended, in the coordinator's terms.
@@ -157,12 +158,67 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
 
     let insecure: Vec<String> = a.insecure_registries.clone();
     let credentials: Vec<Credential> = a.credentials.iter().map(Credential::from).collect();
-    let conf = match write_containers_conf(&job_dir, &insecure, &credentials).await {
+    let layout = job_dir.join("layout");
+    let job =
+        BuildJob { env, a, spec, platform: &platform, job_dir: &job_dir, context_dir: &context_dir, layout: &layout };
+    let built = if env.settings.backend == "docker" {
+        build_with_docker(&job, &credentials).await
+    } else {
+        build_with_containers(&job, &dockerfile, &insecure, &credentials, cancel).await
+    };
+    if let Err(failed) = built {
+        return failed;
+    }
+    phases.done("build", build_start);
+    if a.push_repositories.is_empty() {
+        return match oci::layout_descriptor(&layout).await {
+            Ok(d) => Outcome::Image(d),
+            Err(e) => infra(e),
+        };
+    }
+    let push_start = now_timestamp();
+    let outcome = push_everywhere(env, a, &layout, Registry::with_credentials(&insecure, credentials)).await;
+    phases.done("push", push_start);
+    outcome
+}
+
+/// One job's build, whichever backend runs it: it leaves a one-image OCI
+/// layout at `layout`.
+struct BuildJob<'a> {
+    env: &'a JobEnv,
+    a: &'a proto::Assignment,
+    spec: &'a proto::BuildSpec,
+    platform: &'a Platform,
+    job_dir: &'a Path,
+    context_dir: &'a Path,
+    layout: &'a Path,
+}
+
+/// The `manifest`-level annotations that apply to `platform`.
+fn manifest_annotations(spec: &proto::BuildSpec, platform: &Platform) -> std::collections::BTreeMap<String, String> {
+    spec.annotations
+        .iter()
+        .filter(|an| an.level == "manifest")
+        .filter(|an| an.platform.is_empty() || an.platform.parse::<Platform>().ok().as_ref() == Some(platform))
+        .map(|an| (an.key.clone(), an.value.clone()))
+        .collect()
+}
+
+/// buildah or podman: build into this platform's storage, then export.
+async fn build_with_containers(
+    job: &BuildJob<'_>,
+    dockerfile: &Path,
+    insecure: &[String],
+    credentials: &[Credential],
+    cancel: &CancellationToken,
+) -> Result<(), Outcome> {
+    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout } = *job;
+    let conf = match write_containers_conf(job_dir, insecure, credentials).await {
         Ok(c) => c,
-        Err(e) => return infra(format!("writing registries.conf: {e}")),
+        Err(e) => return Err(infra(format!("writing registries.conf: {e}"))),
     };
     let iidfile = job_dir.join("iid");
-    let mut bud = buildah(env, &conf, &platform);
+    let mut bud = buildah(env, &conf, platform);
     bud.arg(if env.settings.backend == "podman" { "build" } else { "bud" })
         .arg("--signature-policy")
         .arg(&conf.policy)
@@ -176,7 +232,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         .arg("--iidfile")
         .arg(&iidfile)
         .arg("-f")
-        .arg(&dockerfile);
+        .arg(dockerfile);
     if spec.no_cache {
         bud.arg("--no-cache");
     }
@@ -188,7 +244,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     for (k, v) in args {
         bud.arg("--build-arg").arg(format!("{k}={v}"));
     }
-    for (k, v) in buildargs::platform_args(&platform, &env.settings.native) {
+    for (k, v) in buildargs::platform_args(platform, &env.settings.native) {
         bud.arg("--build-arg").arg(format!("{k}={v}"));
     }
     let mut labels: Vec<(&String, &String)> = spec.labels.iter().collect();
@@ -196,28 +252,25 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     for (k, v) in labels {
         bud.arg("--label").arg(format!("{k}={v}"));
     }
-    for an in spec.annotations.iter().filter(|an| an.level == "manifest") {
-        if an.platform.is_empty() || an.platform.parse::<Platform>().ok().as_ref() == Some(&platform) {
-            bud.arg("--annotation").arg(format!("{}={}", an.key, an.value));
-        }
+    for (key, value) in manifest_annotations(spec, platform) {
+        bud.arg("--annotation").arg(format!("{key}={value}"));
     }
-    bud.arg(&context_dir);
+    bud.arg(context_dir);
     match run_logged(env, a, bud, cancel).await {
         Ok(()) => {}
-        Err(RunError::Exit(tail)) => return build_failure(tail),
-        Err(RunError::Spawn(e)) => return infra(format!("starting {}: {e}", env.settings.backend)),
+        Err(RunError::Exit(tail)) => return Err(build_failure(tail)),
+        Err(RunError::Spawn(e)) => return Err(infra(format!("starting {}: {e}", env.settings.backend))),
     }
     let image_id = match tokio::fs::read_to_string(&iidfile).await {
         Ok(id) => id.trim().to_owned(),
-        Err(e) => return infra(format!("{} wrote no image id: {e}", env.settings.backend)),
+        Err(e) => return Err(infra(format!("{} wrote no image id: {e}", env.settings.backend))),
     };
-    let image_id = match stamp_platform(env, &conf, &platform, image_id).await {
+    let image_id = match stamp_platform(env, &conf, platform, image_id).await {
         Ok(id) => id,
-        Err(e) => return infra(format!("setting the image's platform: {e}")),
+        Err(e) => return Err(infra(format!("setting the image's platform: {e}"))),
     };
 
-    let layout = job_dir.join("layout");
-    let mut export = buildah(env, &conf, &platform);
+    let mut export = buildah(env, &conf, platform);
     export
         .arg("push")
         .arg("--signature-policy")
@@ -227,20 +280,43 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         .arg("--quiet")
         .arg(&image_id)
         .arg(format!("oci:{}:image", layout.display()));
-    if let Err(e) = run_logged(env, a, export, cancel).await {
-        return infra(format!("exporting the image: {e}"));
-    }
-    phases.done("build", build_start);
-    if a.push_repositories.is_empty() {
-        return match oci::layout_descriptor(&layout).await {
-            Ok(d) => Outcome::Image(d),
-            Err(e) => infra(e),
-        };
-    }
-    let push_start = now_timestamp();
-    let outcome = push_everywhere(env, a, &layout, Registry::with_credentials(&insecure, credentials)).await;
-    phases.done("push", push_start);
-    outcome
+    run_logged(env, a, export, cancel).await.map_err(|e| infra(format!("exporting the image: {e}")))
+}
+
+/// The Docker Engine: build through its API, then save and convert.
+async fn build_with_docker(job: &BuildJob<'_>, credentials: &[Credential]) -> Result<(), Outcome> {
+    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout } = *job;
+    let engine = docker::connect(&env.settings.docker_host).await.map_err(infra)?;
+    let mut build_args = spec.build_args.clone();
+    build_args
+        .extend(buildargs::platform_args(platform, &env.settings.native).into_iter().map(|(k, v)| (k.to_owned(), v)));
+    let build = docker::BuildSpec {
+        context_dir,
+        dockerfile_inline: (!spec.dockerfile_inline.is_empty()).then_some(spec.dockerfile_inline.as_slice()),
+        dockerfile_path: &spec.dockerfile_path,
+        platform,
+        build_args,
+        labels: spec.labels.clone(),
+        target: &spec.target,
+        no_cache: spec.no_cache,
+        credentials,
+    };
+    let mut sent_bytes = 0usize;
+    let image_id = docker::build(&engine, build, job_dir, |line| {
+        let line = braid_shared::shorten(&line, limits::LOG_LINE_BYTES);
+        sent_bytes += line.len();
+        if sent_bytes <= limits::JOB_LOG_BYTES {
+            log_lines(env, a, vec![line]);
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        docker::DockerError::Build(message) => build_failure(message),
+        other => infra(other),
+    })?;
+    docker::export_layout(&engine, &image_id, platform, manifest_annotations(spec, platform), job_dir, layout)
+        .await
+        .map_err(|e| infra(format!("exporting the image: {e}")))
 }
 
 /// Pushes to every repository, retrying registry errors with backoff.

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod cache;
+mod docker;
 mod job;
 mod join;
 mod session;
@@ -18,7 +19,8 @@ use braid_shared::settings::Override;
 use braid_shared::telemetry::{self, LogFormat};
 
 /// Dials a braid coordinator, takes the jobs for this host's platforms,
-/// builds them natively with buildah and pushes them by digest.
+/// builds them natively (buildah, podman or a Docker Engine) and pushes
+/// them by digest.
 ///
 /// Every flag is also a key of the --config TOML file and a BRAID_<KEY>
 /// environment variable (e.g. BRAID_SLOTS); flags win over variables,
@@ -59,9 +61,14 @@ struct Args {
     /// Its private key (PEM) [default: WORK_DIR/tls/agent-key.pem]
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
-    /// Builder backend: buildah, podman or auto [default: auto, buildah if installed]
+    /// Builder backend: buildah, podman, docker or auto [default: auto:
+    /// buildah if installed, else podman, else the Docker Engine]
     #[arg(long, value_name = "BACKEND")]
     backend: Option<String>,
+    /// The Docker Engine's socket for the docker backend, unix://PATH or
+    /// tcp://HOST:PORT [default: DOCKER_HOST, else unix:///var/run/docker.sock]
+    #[arg(long, value_name = "HOST")]
+    docker_host: Option<String>,
     /// Log format: pretty or json [default: pretty]
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
@@ -72,6 +79,9 @@ impl Args {
         let mut o: Vec<Override> = Vec::new();
         if let Some(v) = &self.backend {
             o.push(("backend", v.clone().into()));
+        }
+        if let Some(v) = &self.docker_host {
+            o.push(("docker_host", v.clone().into()));
         }
         if let Some(v) = &self.coordinator {
             o.push(("coordinator", v.clone().into()));
@@ -128,13 +138,14 @@ async fn main() -> anyhow::Result<()> {
     }
     telemetry::init(loaded.log_format);
     let valid = loaded.validate()?;
-    check_backend(&valid.backend).await?;
+    let builder = check_backend(&valid).await?;
     std::fs::create_dir_all(&valid.settings.work_dir)?;
     tracing::info!(
         name = %valid.settings.name,
         platforms = ?valid.platforms.iter().map(ToString::to_string).collect::<Vec<_>>(),
         native = %valid.native,
         slots = valid.settings.slots,
+        %builder,
         "agent starting"
     );
     let grace = Duration::from_secs(valid.settings.stop_grace_seconds.into());
@@ -179,11 +190,23 @@ async fn wait_idle(agent: &session::Agent) {
     }
 }
 
-/// Fails early, with how to fix it, when buildah is missing or broken.
-async fn check_backend(backend: &str) -> anyhow::Result<()> {
+/// Fails early, with how to fix it, when the builder is missing or broken;
+/// returns its name and version.
+async fn check_backend(valid: &settings::Valid) -> anyhow::Result<String> {
+    let backend = valid.backend.as_str();
+    if backend == "docker" {
+        return match docker::check(&valid.docker_host).await {
+            Ok(version) => Ok(format!("Docker Engine {version} at {}", valid.docker_host)),
+            Err(e) if valid.backend_detected => anyhow::bail!(
+                "no builder found: buildah and podman are not installed, and {e}; \
+                 install one (apt-get install buildah) or start a Docker Engine"
+            ),
+            Err(e) => anyhow::bail!("the docker backend cannot reach the Engine: {e}; is dockerd running?"),
+        };
+    }
     let output = tokio::process::Command::new(backend).arg("--version").output().await;
     match output {
-        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned()),
         Ok(o) => anyhow::bail!("{backend} --version failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
         Err(e) => anyhow::bail!("{backend} not found ({e}); install it, e.g. apt-get install {backend}"),
     }

@@ -30,9 +30,13 @@ pub struct Settings {
     pub tls_cert: Option<PathBuf>,
     /// Its private key (PEM). Default: `<work_dir>/tls/agent-key.pem`.
     pub tls_key: Option<PathBuf>,
-    /// Builder backend: `buildah`, `podman`, or `auto` (buildah if installed,
-    /// else podman). Default `auto`.
+    /// Builder backend: `buildah`, `podman`, `docker` (a Docker Engine), or
+    /// `auto`: buildah if installed, else podman, else the Docker Engine.
+    /// Default `auto`.
     pub backend: String,
+    /// The Docker Engine's API socket, `unix://PATH` or `tcp://HOST:PORT`.
+    /// Default: `DOCKER_HOST`, else `unix:///var/run/docker.sock`.
+    pub docker_host: String,
     /// buildah's `--isolation`: `chroot` works everywhere, including hosts
     /// with hybrid cgroups; `oci` isolates more where cgroup v2 is there.
     /// Default `chroot`.
@@ -64,6 +68,7 @@ impl Default for Settings {
             tls_cert: None,
             tls_key: None,
             backend: "auto".to_owned(),
+            docker_host: String::new(),
             isolation: "chroot".to_owned(),
             storage_driver: "overlay".to_owned(),
             context_cache_bytes: 10 << 30,
@@ -85,6 +90,7 @@ pub const KEYS: &[&str] = &[
     "tls_cert",
     "tls_key",
     "backend",
+    "docker_host",
     "isolation",
     "storage_driver",
     "context_cache_bytes",
@@ -105,8 +111,12 @@ pub struct Valid {
     pub emulates: Vec<Platform>,
     /// TLS material for an https:// coordinator.
     pub tls: Option<TlsFiles>,
-    /// The builder in use: buildah or podman.
+    /// The builder in use: buildah, podman or docker.
     pub backend: String,
+    /// The Docker Engine to build with, for the docker backend.
+    pub docker_host: String,
+    /// Whether `auto` chose the backend, for a start-up error that says so.
+    pub backend_detected: bool,
 }
 
 /// Whether `program` is an executable on PATH.
@@ -241,16 +251,17 @@ impl Settings {
             return Err(invalid("slots", "must be 1 to 256".into()));
         }
         let backend = match self.backend.as_str() {
-            "buildah" | "podman" => self.backend.clone(),
-            "auto" => if on_path("buildah") || !on_path("podman") { "buildah" } else { "podman" }.to_owned(),
-            "docker" => {
-                return Err(invalid(
-                    "backend",
-                    "the Docker Engine backend is not available in this version: use buildah or podman".into(),
-                ));
-            }
-            other => return Err(invalid("backend", format!("{other:?}: buildah, podman or auto"))),
+            "buildah" | "podman" | "docker" => self.backend.clone(),
+            "auto" if on_path("buildah") => "buildah".to_owned(),
+            "auto" if on_path("podman") => "podman".to_owned(),
+            "auto" => "docker".to_owned(),
+            other => return Err(invalid("backend", format!("{other:?}: buildah, podman, docker or auto"))),
         };
+        let docker_host = crate::docker::resolve_host(&self.docker_host);
+        if !(docker_host.starts_with("unix://") || docker_host.starts_with("tcp://")) {
+            return Err(invalid("docker_host", format!("{docker_host:?}: unix://PATH or tcp://HOST:PORT")));
+        }
+        let backend_detected = self.backend == "auto";
         if !matches!(self.isolation.as_str(), "chroot" | "oci" | "rootless") {
             return Err(invalid("isolation", format!("{:?}: chroot, oci or rootless", self.isolation)));
         }
@@ -265,7 +276,7 @@ impl Settings {
         } else {
             Vec::new()
         };
-        Ok(Valid { settings: self, platforms, native, emulates, tls, backend })
+        Ok(Valid { settings: self, platforms, native, emulates, tls, backend, docker_host, backend_detected })
     }
 }
 
@@ -333,5 +344,16 @@ mod tests {
         assert!(bad.validate().unwrap_err().to_string().contains("invalid setting name"));
         let bad = Settings { slots: 0, ..with("http://127.0.0.1:1") };
         assert!(bad.validate().unwrap_err().to_string().contains("invalid setting slots"));
+        let docker = Settings {
+            backend: "docker".into(),
+            docker_host: "unix:///run/d.sock".into(),
+            ..with("http://127.0.0.1:1")
+        };
+        let v = docker.validate().unwrap();
+        assert_eq!((v.backend.as_str(), v.docker_host.as_str()), ("docker", "unix:///run/d.sock"));
+        let bad = Settings { docker_host: "/run/d.sock".into(), ..with("http://127.0.0.1:1") };
+        assert!(bad.validate().unwrap_err().to_string().contains("invalid setting docker_host"));
+        let bad = Settings { backend: "kaniko".into(), ..with("http://127.0.0.1:1") };
+        assert!(bad.validate().unwrap_err().to_string().contains("buildah, podman, docker or auto"));
     }
 }

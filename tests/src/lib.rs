@@ -140,6 +140,55 @@ pub fn send_signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid} failed");
 }
 
+/// A Docker Engine (`dockerd` from Debian's docker.io) of the test's own,
+/// on a socket in its directory, with no network set-up of its own.
+pub struct DockerEngine {
+    /// `unix://DIR/docker.sock`, for `--docker-host` and `DOCKER_HOST`.
+    pub host: String,
+    proc: Option<Proc>,
+}
+
+impl DockerEngine {
+    pub fn start(dir: &Path) -> anyhow::Result<DockerEngine> {
+        require("dockerd", "run `bash tests/env/setup.sh setup` as root (Debian package docker.io)");
+        std::fs::create_dir_all(dir)?;
+        let socket = dir.join("docker.sock");
+        let mut cmd = Command::new("dockerd");
+        cmd.arg("--host")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--data-root")
+            .arg(dir.join("root"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("dockerd.pid"))
+            .args(["--iptables=false", "--ip6tables=false", "--bridge=none"]);
+        let proc = Proc::spawn("dockerd", &mut cmd, &dir.join("dockerd.log"))?;
+        let engine = DockerEngine { host: format!("unix://{}", socket.display()), proc: Some(proc) };
+        eventually(Duration::from_secs(60), "dockerd to answer", || {
+            let out = Command::new("curl")
+                .args(["-fsS", "--max-time", "2", "--unix-socket"])
+                .arg(&socket)
+                .arg("http://docker/_ping")
+                .output()
+                .ok()?;
+            out.status.success().then_some(())
+        })
+        .with_context(|| std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default())?;
+        Ok(engine)
+    }
+}
+
+impl Drop for DockerEngine {
+    /// SIGTERM, so dockerd stops the containerd it started.
+    fn drop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            send_signal(proc.pid(), "TERM");
+            let _ = eventually(Duration::from_secs(20), "dockerd to stop", || proc.try_wait());
+        }
+    }
+}
+
 /// A `docker-registry` (the CNCF distribution registry) on loopback.
 pub struct Registry {
     pub addr: String,
@@ -304,19 +353,26 @@ pub struct AgentSpec {
     pub platforms: &'static [&'static str],
     pub slots: u32,
     pub backend: Option<&'static str>,
+    /// Extra agent flags.
+    pub flags: Vec<String>,
 }
 
 impl AgentSpec {
     pub const fn new(name: &'static str, platforms: &'static [&'static str]) -> AgentSpec {
-        AgentSpec { name, platforms, slots: 1, backend: None }
+        AgentSpec { name, platforms, slots: 1, backend: None, flags: Vec::new() }
     }
 
-    pub const fn backend(self, backend: &'static str) -> AgentSpec {
+    pub fn backend(self, backend: &'static str) -> AgentSpec {
         AgentSpec { backend: Some(backend), ..self }
     }
 
-    pub const fn slots(self, slots: u32) -> AgentSpec {
+    pub fn slots(self, slots: u32) -> AgentSpec {
         AgentSpec { slots, ..self }
+    }
+
+    pub fn flag(mut self, flag: &str, value: &str) -> AgentSpec {
+        self.flags.extend([flag.to_owned(), value.to_owned()]);
+        self
     }
 }
 
@@ -374,6 +430,7 @@ impl Farm {
             if let Some(backend) = spec.backend {
                 cmd.args(["--backend", backend]);
             }
+            cmd.args(&spec.flags);
             farm.agents.push(Proc::spawn(spec.name, &mut cmd, &dir.join(format!("{}.log", spec.name)))?);
         }
         Ok(farm)

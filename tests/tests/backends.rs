@@ -1,8 +1,11 @@
-//! The podman backend: the same multi-arch build through agents that build
-//! with `podman build`, indistinguishable in the registry from buildah's.
+//! The podman and Docker Engine backends: the same multi-arch build
+//! through agents that build with `podman build` or the Engine API,
+//! indistinguishable in the registry from buildah's.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use braid_tests::{AgentSpec, Farm, Registry, require, require_environment};
+use std::path::Path;
+
+use braid_tests::{AgentSpec, DockerEngine, Farm, Registry, require, require_environment};
 
 #[test]
 fn podman_agents_build_the_multiarch_image() {
@@ -18,10 +21,51 @@ fn podman_agents_build_the_multiarch_image() {
         AgentSpec::new("podman-armv7", &["linux/arm/v7"]).backend("podman"),
     ];
     let farm = Farm::start(dir, &registry, &agents).unwrap();
+    build_multiarch_and_check(dir, &registry, &base, &farm, "podman");
+}
+
+#[test]
+fn docker_engine_agents_build_the_multiarch_image() {
+    require_environment();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    let base = registry.push_base_image("base/busybox:latest").unwrap();
+    let engine = DockerEngine::start(&dir.join("docker")).unwrap();
+    let agents = [
+        AgentSpec::new("docker-amd64", &[]).backend("docker").flag("--docker-host", &engine.host),
+        AgentSpec::new("docker-arm64", &["linux/arm64"]).backend("docker").flag("--docker-host", &engine.host),
+        AgentSpec::new("docker-armv7", &["linux/arm/v7"]).backend("docker").flag("--docker-host", &engine.host),
+    ];
+    let farm = Farm::start(dir, &registry, &agents).unwrap();
+    build_multiarch_and_check(dir, &registry, &base, &farm, "docker");
+}
+
+#[test]
+fn a_docker_agent_without_an_engine_stops_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("none.sock");
+    let out = braid_tests::run_with_timeout(
+        std::process::Command::new(braid_tests::bin("braid-agent"))
+            .args(["--insecure", "--name", "a1", "--backend", "docker", "--docker-host"])
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--work-dir")
+            .arg(tmp.path().join("work")),
+        std::time::Duration::from_secs(30),
+    )
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot reach the Engine") && stderr.contains("none.sock"), "{stderr}");
+}
+
+/// Builds the seed-style Dockerfile for three platforms and checks each
+/// image ran natively-or-emulated code of its own architecture.
+fn build_multiarch_and_check(dir: &Path, registry: &Registry, base: &str, farm: &Farm, backend: &str) {
     farm.wait_for_agents(3).unwrap();
     let listed = farm.braid(&["agents", "--format", "json"]).unwrap();
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-    assert!(listed.as_array().unwrap().iter().all(|a| a["backend"] == "podman"), "{listed}");
+    assert!(listed.as_array().unwrap().iter().all(|a| a["backend"] == backend), "{listed}");
 
     let ctx = dir.join("ctx");
     std::fs::create_dir_all(&ctx).unwrap();
@@ -30,7 +74,7 @@ fn podman_agents_build_the_multiarch_image() {
         format!("FROM {base}\nARG TARGETARCH\nRUN uname -m > /arch && echo \"$TARGETARCH\" > /targetarch\n"),
     )
     .unwrap();
-    let tag = format!("{}/podman/app:1", registry.addr);
+    let tag = format!("{}/{backend}/app:1", registry.addr);
     let out = farm
         .braid(&[
             "build",
@@ -43,7 +87,7 @@ fn podman_agents_build_the_multiarch_image() {
         ])
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let index = registry.manifest("podman/app:1").unwrap();
+    let index = registry.manifest(&format!("{backend}/app:1")).unwrap();
     let scratch = dir.join("scratch");
     let mut seen = Vec::new();
     for m in index["manifests"].as_array().unwrap() {
@@ -53,8 +97,8 @@ fn podman_agents_build_the_multiarch_image() {
             m["platform"]["architecture"].as_str().unwrap(),
             m["platform"]["variant"].as_str().map(|v| format!("/{v}")).unwrap_or_default()
         );
-        let uname = registry.read_file("podman/app", digest, "arch", &scratch).unwrap();
-        let arch = registry.read_file("podman/app", digest, "targetarch", &scratch).unwrap();
+        let uname = registry.read_file(&format!("{backend}/app"), digest, "arch", &scratch).unwrap();
+        let arch = registry.read_file(&format!("{backend}/app"), digest, "targetarch", &scratch).unwrap();
         seen.push(format!("{platform} {} {}", uname.trim(), arch.trim()));
     }
     seen.sort();
