@@ -16,14 +16,8 @@ use tokio::io::AsyncWriteExt;
 
 use braid_shared::context::{self, ContextLimits, HashingWriter};
 use braid_shared::oci::{self, Credential};
-use braid_shared::{Digest, Platform};
+use braid_shared::{Digest, Platform, engine};
 
-/// Where an agent finds the Engine when neither `docker_host` nor
-/// `DOCKER_HOST` says.
-pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
-
-/// Bounds the wait for response headers; build output streams after them.
-const REQUEST_TIMEOUT_SECS: u64 = 600;
 /// A saved image's config and manifest.json are small; anything larger is
 /// not an image.
 const METADATA_BYTES: u64 = 8 << 20;
@@ -44,33 +38,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DockerError + '_ {
     move |source| DockerError::Io { path: path.to_owned(), source }
 }
 
-/// The Engine host an agent uses: its setting, else `DOCKER_HOST`, else
-/// the default socket.
-pub fn resolve_host(setting: &str) -> String {
-    if !setting.is_empty() {
-        return setting.to_owned();
-    }
-    std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| DEFAULT_HOST.to_owned())
-}
-
-/// A client for `host`, speaking the Engine's own API version.
-pub async fn connect(host: &str) -> Result<Docker, DockerError> {
-    let err = |message: String| DockerError::Engine { host: host.to_owned(), message };
-    let docker = if let Some(path) = host.strip_prefix("unix://") {
-        Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
-    } else if host.starts_with("tcp://") || host.starts_with("http://") {
-        Docker::connect_with_http(host, REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
-    } else {
-        return Err(err("expected unix://PATH or tcp://HOST:PORT".into()));
-    }
-    .map_err(|e| err(e.to_string()))?;
-    match tokio::time::timeout(Duration::from_secs(10), docker.negotiate_version()).await {
-        Ok(Ok(docker)) => Ok(docker),
-        Ok(Err(e)) => Err(err(e.to_string())),
-        Err(_) => Err(err("no answer within 10 s".into())),
-    }
-}
-
 /// Checks the Engine answers; returns its version for the start-up log.
 pub async fn check(host: &str) -> Result<String, DockerError> {
     let docker = connect(host).await?;
@@ -79,6 +46,10 @@ pub async fn check(host: &str) -> Result<String, DockerError> {
         .map_err(|_| DockerError::Engine { host: host.to_owned(), message: "no answer within 10 s".into() })?
         .map_err(|e| DockerError::Engine { host: host.to_owned(), message: e.to_string() })?;
     Ok(version.version.unwrap_or_default())
+}
+
+pub async fn connect(host: &str) -> Result<Docker, DockerError> {
+    engine::connect(host).await.map_err(|e| DockerError::Engine { host: e.host, message: e.message })
 }
 
 /// What one classic-builder build needs.

@@ -19,8 +19,8 @@ use braid_shared::proto::{self, agent_message::Kind as ToCoordinator};
 use braid_shared::{Digest, ImageRef, Platform, buildargs, limits};
 
 use crate::cache::ContextCache;
-use crate::docker;
 use crate::settings::Valid;
+use crate::{docker, upload};
 
 /// How a job ended, in the coordinator's terms.
 #[derive(Debug)]
@@ -169,16 +169,29 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     if let Err(failed) = built {
         return failed;
     }
-    phases.done("build", build_start);
-    if a.push_repositories.is_empty() {
-        return match oci::layout_descriptor(&layout).await {
-            Ok(d) => Outcome::Image(d),
-            Err(e) => infra(e),
-        };
+    if spec.format == "docker"
+        && let Err(e) = oci::layout_to_docker(&layout).await
+    {
+        return build_failure(format!("--format docker: {e}"));
     }
+    phases.done("build", build_start);
     let push_start = now_timestamp();
-    let outcome = push_everywhere(env, a, &layout, Registry::with_credentials(&insecure, credentials)).await;
-    phases.done("push", push_start);
+    let mut outcome = match oci::layout_descriptor(&layout).await {
+        Ok(d) => Outcome::Image(d),
+        Err(e) => infra(e),
+    };
+    if !a.push_repositories.is_empty() {
+        outcome = push_everywhere(env, a, &layout, Registry::with_credentials(&insecure, credentials)).await;
+    }
+    if spec.export && matches!(outcome, Outcome::Image(_)) {
+        match upload::upload_layout(&env.settings, a, &layout).await {
+            Ok(bytes) => log_lines(env, a, vec![format!("uploaded {bytes} bytes of image blobs to the coordinator")]),
+            Err(e) => outcome = infra(format!("uploading the image to the coordinator: {e}")),
+        }
+    }
+    if !a.push_repositories.is_empty() || spec.export {
+        phases.done("push", push_start);
+    }
     outcome
 }
 

@@ -7,6 +7,7 @@ mod job;
 mod join;
 mod session;
 mod settings;
+mod upload;
 
 use std::path::PathBuf;
 use std::sync::Arc;

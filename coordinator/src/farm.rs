@@ -223,6 +223,14 @@ impl BuildEntry {
         }
     }
 
+    /// Where a pushed image is checked: the first repository pushed to.
+    fn verify_repository(&self) -> Option<Box<ImageRef>> {
+        if !self.spec.push {
+            return None;
+        }
+        self.push_repositories().into_iter().next().map(Box::new)
+    }
+
     /// Repositories agents push to: the first tag's per registry.
     pub fn push_repositories(&self) -> Vec<ImageRef> {
         let mut seen = HashSet::new();
@@ -298,13 +306,25 @@ pub struct MergeInputs {
     pub pushed_to: Vec<ImageRef>,
     pub images: Vec<(Platform, ImageRecord)>,
     pub annotations: Vec<proto::Annotation>,
+    pub push: bool,
+    pub export: bool,
+    /// "oci" or "docker".
+    pub format: String,
 }
 
 /// Work the caller must do outside the lock, after a state change.
 #[derive(Debug)]
 pub enum FollowUp {
-    /// Check a pushed image in the registry.
-    Verify { build_id: String, job_id: String, repository: Box<ImageRef>, digest: String, platform: Platform },
+    /// Check a finished image: in the registry it was pushed to, and in
+    /// the blob store when the build exports.
+    Verify {
+        build_id: String,
+        job_id: String,
+        repository: Option<Box<ImageRef>>,
+        export: bool,
+        digest: String,
+        platform: Platform,
+    },
     /// Merge a build's verified images into an index.
     Merge { build_id: String },
 }
@@ -485,15 +505,13 @@ impl Farm {
             match b.record.status {
                 BuildStatus::Merging => out.push(FollowUp::Merge { build_id: b.record.id.clone() }),
                 BuildStatus::Running => {
-                    let repository = b.push_repositories().into_iter().next();
                     for j in &b.record.jobs {
-                        if let (JobStatus::Pushed { .. }, Some(result), Some(repo)) =
-                            (&j.status, &j.result, &repository)
-                        {
+                        if let (JobStatus::Pushed { .. }, Some(result)) = (&j.status, &j.result) {
                             out.push(FollowUp::Verify {
                                 build_id: b.record.id.clone(),
                                 job_id: j.id.clone(),
-                                repository: Box::new(repo.clone()),
+                                repository: b.verify_repository(),
+                                export: b.spec.export,
                                 digest: result.digest.clone(),
                                 platform: j.platform.clone(),
                             });
@@ -1006,6 +1024,17 @@ impl Farm {
         agent_ok && job_ok
     }
 
+    /// The agent holding `lease` on a job's `attempt`, when the job's build
+    /// exports (so it may upload blobs).
+    pub fn exporting_lease_holder(&self, job_id: &str, attempt: u32, lease: &str) -> Option<String> {
+        let b = self.builds.get(self.job_index.get(job_id)?)?;
+        if !b.spec.export {
+            return None;
+        }
+        let job = b.record.jobs.iter().find(|j| j.id == job_id && j.attempt == attempt)?;
+        job.status.leased().filter(|(_, l)| *l == lease).map(|(agent, _)| agent.to_owned())
+    }
+
     fn build_of_job(&self, job_id: &str) -> Option<String> {
         self.job_index.get(job_id).cloned()
     }
@@ -1143,8 +1172,8 @@ impl Farm {
         let Some(b) = self.builds.get_mut(build_id) else {
             return Ok(None);
         };
-        let push = b.spec.push;
-        let repository = b.push_repositories().into_iter().next();
+        let repository = b.verify_repository();
+        let export = b.spec.export;
         let affinity = b.tags.first().map(ImageRef::name);
         let Some(job) = b.record.jobs.iter_mut().find(|j| j.id == job_id) else {
             return Ok(None);
@@ -1155,19 +1184,20 @@ impl Farm {
             self.last_agent.insert(key, agent.to_owned());
         }
         let platform = job.platform.clone();
-        if push && let Some(repository) = repository {
+        if repository.is_some() || export {
             job.status = JobStatus::Pushed { agent: agent.to_owned() };
             let event = Self::job_event(job);
             self.emit(build_id, vec![event])?;
             return Ok(Some(FollowUp::Verify {
                 build_id: build_id.to_owned(),
                 job_id: job_id.to_owned(),
-                repository: Box::new(repository),
+                repository,
+                export,
                 digest: image.digest,
                 platform,
             }));
         }
-        // Nothing was pushed, so there is nothing in a registry to verify.
+        // Nothing was pushed or uploaded, so there is nothing to verify.
         job.status = JobStatus::Verified { agent: agent.to_owned() };
         job.finished_ms = Some(now_ms());
         let event = Self::job_event(job);
@@ -1224,7 +1254,7 @@ impl Farm {
         {
             return Ok(None);
         }
-        if !b.spec.push {
+        if !b.spec.push && !b.spec.export {
             b.record.status = BuildStatus::Succeeded;
             b.record.finished_ms = Some(now_ms());
             let event = Self::build_event(&b.record);
@@ -1248,6 +1278,9 @@ impl Farm {
             pushed_to: b.push_repositories(),
             images,
             annotations: b.spec.annotations.clone(),
+            push: b.spec.push,
+            export: b.spec.export,
+            format: if b.spec.format.is_empty() { "oci".to_owned() } else { b.spec.format.clone() },
         })
     }
 

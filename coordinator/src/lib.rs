@@ -4,8 +4,10 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod blobs;
 pub mod contexts;
 pub mod error;
+pub mod export;
 pub mod farm;
 #[cfg(test)]
 mod farm_tests;

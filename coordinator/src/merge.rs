@@ -21,14 +21,14 @@ pub async fn verify(
     registry.verify_image(repository, &digest, platform).await.map(|(d, _)| d).map_err(|e| e.to_string())
 }
 
-/// Writes the index and pushes it under every tag.
-pub async fn merge(
-    registry: &Registry,
-    tags: &[ImageRef],
-    pushed_to: &[ImageRef],
+/// The index over every platform's image, as bytes and descriptor: an OCI
+/// image index, or a Docker manifest list for `--format docker` (which
+/// has no annotations).
+pub fn index(
     images: &[(Platform, ImageRecord)],
     annotations: &[proto::Annotation],
-) -> Result<ImageDescriptor, String> {
+    format: &str,
+) -> Result<(Vec<u8>, ImageDescriptor), String> {
     let applies = |a: &proto::Annotation, level: &str, platform: Option<&Platform>| {
         a.level == level
             && (a.platform.is_empty()
@@ -48,27 +48,49 @@ pub async fn merge(
             annotations,
         });
     }
-    let index_annotations: HashMap<String, String> =
-        annotations.iter().filter(|a| applies(a, "index", None)).map(|a| (a.key.clone(), a.value.clone())).collect();
-    let index = oci::build_index(&manifests, index_annotations).map_err(|e| e.to_string())?;
-    let index_digest = Digest::of(&index);
+    let (index, media_type) = if format == "docker" {
+        (oci::build_manifest_list(&manifests).map_err(|e| e.to_string())?, oci::DOCKER_MANIFEST_LIST)
+    } else {
+        let index_annotations: HashMap<String, String> = annotations
+            .iter()
+            .filter(|a| applies(a, "index", None))
+            .map(|a| (a.key.clone(), a.value.clone()))
+            .collect();
+        (oci::build_index(&manifests, index_annotations).map_err(|e| e.to_string())?, oci::OCI_INDEX)
+    };
+    let descriptor =
+        ImageDescriptor { digest: Digest::of(&index), size: index.len() as u64, media_type: media_type.into() };
+    Ok((index, descriptor))
+}
+
+/// Pushes the index under every tag, first copying each platform's
+/// manifest into any tag's repository that agents did not push to.
+pub async fn push(
+    registry: &Registry,
+    tags: &[ImageRef],
+    pushed_to: &[ImageRef],
+    images: &[(Platform, ImageRecord)],
+    index: &[u8],
+    descriptor: &ImageDescriptor,
+) -> Result<(), String> {
     for tag in tags {
         let Some(source) = pushed_to.iter().find(|r| r.registry() == tag.registry()) else {
             return Err(format!("no agent pushed to registry {}", tag.registry()));
         };
         if source.repository() != tag.repository() {
-            for IndexEntry { image, .. } in &manifests {
+            for (_, image) in images {
+                let digest: Digest = image.digest.parse().map_err(|e| format!("{e}"))?;
                 let (bytes, _) =
-                    registry.fetch_manifest(&source.at_digest(&image.digest)).await.map_err(|e| e.to_string())?;
+                    registry.fetch_manifest(&source.at_digest(&digest)).await.map_err(|e| e.to_string())?;
                 registry
                     .copy_manifest(source, tag, &bytes, &image.media_type)
                     .await
-                    .map_err(|e| format!("copying {} to {}: {e}", image.digest, tag.name()))?;
+                    .map_err(|e| format!("copying {digest} to {}: {e}", tag.name()))?;
             }
         }
         let tag = tag.clone().with_default_tag();
-        registry.push_index(&tag, &index, oci::OCI_INDEX).await.map_err(|e| format!("{tag}: {e}"))?;
-        tracing::info!(%tag, index = %index_digest, "index pushed");
+        registry.push_index(&tag, index, &descriptor.media_type).await.map_err(|e| format!("{tag}: {e}"))?;
+        tracing::info!(%tag, index = %descriptor.digest, "index pushed");
     }
-    Ok(ImageDescriptor { digest: index_digest, size: index.len() as u64, media_type: oci::OCI_INDEX.to_owned() })
+    Ok(())
 }

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub context_fetches: AtomicU64,
     pub context_bytes_served: AtomicU64,
     pub contexts_evicted: AtomicU64,
+    pub blob_bytes_received: AtomicU64,
+    pub export_bytes_served: AtomicU64,
     pub builds_submitted: AtomicU64,
     pub agents_lost: AtomicU64,
     labeled: Mutex<BTreeMap<(&'static str, String), u64>>,
@@ -123,6 +125,18 @@ impl Metrics {
             &self.context_bytes_received,
         );
         counter(&mut out, "braid_context_fetches_total", "Contexts streamed to agents.", &self.context_fetches);
+        counter(
+            &mut out,
+            "braid_blob_bytes_received_total",
+            "Image blob bytes agents uploaded for exporting builds.",
+            &self.blob_bytes_received,
+        );
+        counter(
+            &mut out,
+            "braid_export_bytes_served_total",
+            "OCI layout bytes streamed to clients (--output type=oci, --load).",
+            &self.export_bytes_served,
+        );
         counter(
             &mut out,
             "braid_context_bytes_served_total",

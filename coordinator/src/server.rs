@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use braid_shared::oci::Registry;
+use braid_shared::oci::{ImageDescriptor, Registry};
 use braid_shared::pki::{self, Pem};
 use braid_shared::proto::admin_server::AdminServer;
 use braid_shared::proto::agents_server::AgentsServer;
@@ -15,6 +15,7 @@ use braid_shared::proto::builds_server::BuildsServer;
 use braid_shared::{limits, proto};
 
 use crate::auth::Tokens;
+use crate::blobs::BlobStore;
 use crate::contexts::ContextStore;
 use crate::error::{CoordinatorError, Result};
 use crate::farm::{Farm, FollowUp};
@@ -27,6 +28,7 @@ use crate::store::Store;
 pub struct Coordinator {
     farm: Mutex<Farm>,
     pub contexts: ContextStore,
+    pub blobs: Arc<BlobStore>,
     pub store: Arc<Store>,
     pub settings: Settings,
     /// Wakes the scheduler after anything that may let a job be placed.
@@ -47,6 +49,7 @@ impl Coordinator {
             settings.max_context_bytes,
             settings.context_store_bytes,
         )?;
+        let blobs = Arc::new(BlobStore::open(&settings.data_dir.join("blobs/sha256"), settings.blob_store_bytes)?);
         let metrics = Arc::new(Metrics::default());
         let mut farm =
             Farm::load(store.clone(), settings.max_attempts, settings.insecure_registries.clone(), metrics.clone())?;
@@ -63,6 +66,7 @@ impl Coordinator {
         Ok(Arc::new(Coordinator {
             farm: Mutex::new(farm),
             contexts,
+            blobs,
             store,
             settings,
             wake: Notify::new(),
@@ -93,9 +97,19 @@ impl Coordinator {
 
     async fn run_follow_up(&self, step: FollowUp) -> Option<FollowUp> {
         match step {
-            FollowUp::Verify { build_id, job_id, repository, digest, platform } => {
-                let registry = self.registry_for(&build_id);
-                let outcome = merge::verify(&registry, &repository, &digest, &platform).await;
+            FollowUp::Verify { build_id, job_id, repository, export, digest, platform } => {
+                let mut outcome = Err("nothing to verify".to_owned());
+                if let Some(repository) = repository {
+                    let registry = self.registry_for(&build_id);
+                    outcome = merge::verify(&registry, &repository, &digest, &platform).await;
+                }
+                if export && (outcome.is_ok() || outcome.as_ref().is_err_and(|e| e == "nothing to verify")) {
+                    outcome = match digest.parse() {
+                        Ok(digest) => self.blobs.verify_image(&digest, &platform).map(|(d, _)| d),
+                        Err(e) => Err(format!("{e}")),
+                    }
+                    .map_err(|e| format!("uploaded image: {e}"));
+                }
                 let result = self.farm().verified(&build_id, &job_id, outcome);
                 result.unwrap_or_else(|e| {
                     tracing::error!(build_id, job_id, error = %e, "recording the verification failed");
@@ -105,10 +119,7 @@ impl Coordinator {
             FollowUp::Merge { build_id } => {
                 let inputs = self.farm().merge_inputs(&build_id);
                 let outcome = match inputs {
-                    Some(m) => {
-                        merge::merge(&self.registry_for(&build_id), &m.tags, &m.pushed_to, &m.images, &m.annotations)
-                            .await
-                    }
+                    Some(m) => self.merge(&build_id, &m).await,
                     None => Err("a platform has no image".to_owned()),
                 };
                 if let Err(e) = self.farm().merged(&build_id, outcome) {
@@ -117,6 +128,23 @@ impl Coordinator {
                 None
             }
         }
+    }
+
+    /// Writes the index: into the blob store for an exporting build, and
+    /// to the registry under every tag for a pushing one.
+    async fn merge(
+        &self,
+        build_id: &str,
+        m: &crate::farm::MergeInputs,
+    ) -> std::result::Result<ImageDescriptor, String> {
+        let (index, descriptor) = merge::index(&m.images, &m.annotations, &m.format)?;
+        if m.export {
+            self.blobs.put_bytes(&index).map_err(|e| format!("storing the index: {e}"))?;
+        }
+        if m.push {
+            merge::push(&self.registry_for(build_id), &m.tags, &m.pushed_to, &m.images, &index, &descriptor).await?;
+        }
+        Ok(descriptor)
     }
 
     /// A registry client with the build's credentials.

@@ -42,6 +42,30 @@ impl AgentsService {
     }
 }
 
+impl AgentsService {
+    /// Blobs are taken only from the agent holding the lease of a job of
+    /// an exporting build.
+    fn check_upload_lease(
+        &self,
+        identity: Option<String>,
+        job_id: &str,
+        attempt: u32,
+        lease: &str,
+    ) -> Result<(), Status> {
+        let holder = self.coordinator.farm().exporting_lease_holder(job_id, attempt, lease).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "job {job_id} attempt {attempt}: no such lease of an exporting build (cancelled or re-queued?)"
+            ))
+        })?;
+        match identity {
+            Some(name) if name != holder => {
+                Err(Status::permission_denied(format!("job {job_id} is leased to agent {holder:?}, not {name:?}")))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Validity of certificates issued to joining agents.
 const AGENT_CERT_DAYS: i64 = 365;
 
@@ -173,6 +197,58 @@ impl Agents for AgentsService {
         let token = self.coordinator.tokens.spend_join_token(&r.token)?;
         tracing::info!(token_id = %token.id, "agent enrolled");
         Ok(Response::new(proto::JoinResponse { cert_pem, ca_pem: ca.cert.clone() }))
+    }
+
+    #[instrument(skip_all, err, fields(job_id = %req.get_ref().job_id))]
+    async fn missing_blobs(
+        &self,
+        req: Request<proto::MissingBlobsRequest>,
+    ) -> Result<Response<proto::MissingBlobsResponse>, Status> {
+        let identity = self.agent_identity(&req)?;
+        let r = req.into_inner();
+        self.check_upload_lease(identity, &r.job_id, r.attempt, &r.lease_id)?;
+        if r.digests.len() > limits::BLOBS_PER_IMAGE {
+            return Err(Status::invalid_argument(format!("digests: at most {}", limits::BLOBS_PER_IMAGE)));
+        }
+        let mut missing = Vec::new();
+        for raw in &r.digests {
+            let digest: Digest = raw.parse().map_err(|e| Status::invalid_argument(format!("digests: {e}")))?;
+            if self.coordinator.blobs.has(&digest) {
+                self.coordinator.blobs.touch(&digest);
+            } else {
+                missing.push(digest.to_string());
+            }
+        }
+        Ok(Response::new(proto::MissingBlobsResponse { missing }))
+    }
+
+    #[instrument(skip_all, err, fields(job_id, digest))]
+    async fn put_blob(
+        &self,
+        req: Request<Streaming<proto::PutBlobRequest>>,
+    ) -> Result<Response<proto::PutBlobResponse>, Status> {
+        let identity = self.agent_identity(&req)?;
+        let mut stream = req.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("put_blob: empty stream; the first message names the blob"))?;
+        tracing::Span::current().record("job_id", first.job_id.as_str()).record("digest", first.digest.as_str());
+        self.check_upload_lease(identity, &first.job_id, first.attempt, &first.lease_id)?;
+        let digest: Digest = first.digest.parse().map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;
+        let blobs = &self.coordinator.blobs;
+        if blobs.has(&digest) {
+            blobs.touch(&digest);
+            return Ok(Response::new(proto::PutBlobResponse { digest: digest.to_string(), size: first.size }));
+        }
+        let mut upload = blobs.begin(digest.clone(), first.size)?;
+        upload.write(&first.chunk)?;
+        while let Some(msg) = stream.message().await? {
+            upload.write(&msg.chunk)?;
+        }
+        blobs.finish(upload)?;
+        Metrics::add(&self.coordinator.metrics.blob_bytes_received, first.size);
+        Ok(Response::new(proto::PutBlobResponse { digest: digest.to_string(), size: first.size }))
     }
 
     type FetchContextStream = ContextStream;

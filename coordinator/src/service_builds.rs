@@ -8,8 +8,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
+use braid_shared::oci::ImageDescriptor;
 use braid_shared::proto::{self, builds_server::Builds};
-use braid_shared::{Digest, limits};
+use braid_shared::{Digest, Platform, limits};
 
 use crate::auth::Role;
 use crate::error::CoordinatorError;
@@ -42,6 +43,7 @@ fn check_build_id(id: &str) -> Result<(), Status> {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::BuildEvent, Status>> + Send>>;
+type ExportStream = Pin<Box<dyn Stream<Item = Result<proto::ExportChunk, Status>> + Send>>;
 
 /// Events replayed from the store per read.
 const REPLAY_BATCH: usize = 1000;
@@ -161,6 +163,80 @@ impl Builds for BuildsService {
                     Ok(_) | Err(RecvError::Lagged(_)) => continue,
                     Err(RecvError::Closed) => break,
                 }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type ExportStream = ExportStream;
+
+    #[instrument(skip_all, err, fields(build_id = %req.get_ref().build_id))]
+    async fn export(&self, req: Request<proto::ExportRequest>) -> Result<Response<ExportStream>, Status> {
+        let caller = self.coordinator.tokens.authorize(&req, Role::Submit)?;
+        let r = req.into_inner();
+        check_build_id(&r.build_id)?;
+        let only: Option<Platform> = if r.platform.is_empty() {
+            None
+        } else {
+            Some(r.platform.parse().map_err(|e| Status::invalid_argument(format!("platform: {e}")))?)
+        };
+        let (build, name) = {
+            let farm = self.coordinator.farm();
+            let b = farm.build_for(&r.build_id, &caller)?;
+            (b.to_proto(), b.tags.first().cloned())
+        };
+        let spec = build.spec.unwrap_or_default();
+        if !spec.export {
+            return Err(Status::failed_precondition(format!(
+                "build {} has no local output: submit it with --output type=oci or --load",
+                r.build_id
+            )));
+        }
+        if build.state != proto::BuildState::Succeeded as i32 {
+            return Err(Status::failed_precondition(format!("build {} has not succeeded", r.build_id)));
+        }
+        let descriptor = |r: &proto::ImageResult| -> Result<ImageDescriptor, Status> {
+            let digest: Digest = r.digest.parse().map_err(|_| Status::internal("a stored digest does not parse"))?;
+            Ok(ImageDescriptor { digest, size: r.size, media_type: r.media_type.clone() })
+        };
+        let mut images = Vec::new();
+        for job in &build.jobs {
+            let platform: Platform = job.platform.parse().map_err(|_| Status::internal("a stored platform"))?;
+            if only.as_ref().is_some_and(|p| *p != platform) {
+                continue;
+            }
+            let result = job.result.as_ref().ok_or_else(|| Status::internal("a succeeded job without an image"))?;
+            images.push((platform, descriptor(result)?));
+        }
+        if let Some(p) = &only
+            && images.is_empty()
+        {
+            return Err(Status::not_found(format!("build {} has no image for {p}", r.build_id)));
+        }
+        let index = ImageDescriptor {
+            digest: build.index_digest.parse().map_err(|_| Status::internal("a stored index digest"))?,
+            size: build.index_size,
+            media_type: build.index_media_type.clone(),
+        };
+        let blobs = self.coordinator.blobs.clone();
+        let plan = crate::export::plan(&blobs, only.is_none().then_some(&index), &images, name).map_err(|e| {
+            Status::failed_precondition(format!(
+                "build {}: {e}; its blobs were evicted (blob_store_bytes): build it again",
+                r.build_id
+            ))
+        })?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let writer = tokio::task::spawn_blocking(move || crate::export::write_tar(&blobs, &plan, tx));
+        let metrics = self.coordinator.metrics.clone();
+        let stream = async_stream::try_stream! {
+            while let Some(chunk) = rx.recv().await {
+                Metrics::add(&metrics.export_bytes_served, chunk.len() as u64);
+                yield proto::ExportChunk { chunk };
+            }
+            match writer.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => Err(Status::internal(format!("writing the layout: {e}")))?,
+                Err(e) => Err(Status::internal(format!("writing the layout: {e}")))?,
             }
         };
         Ok(Response::new(Box::pin(stream)))

@@ -46,6 +46,10 @@ pub struct Settings {
     /// Bytes of stored contexts kept; past that the least recently used
     /// ones no unfinished build needs are removed. Default 20 GiB.
     pub context_store_bytes: u64,
+    /// Bytes of image blobs kept for exporting builds (`--output type=oci`,
+    /// `--load`); past that the least recently used are removed (never one
+    /// written in the last hour). Default 20 GiB.
+    pub blob_store_bytes: u64,
     /// Seconds a job may wait for an agent before its build fails; 0 waits
     /// forever. Default 1800.
     pub queue_timeout_seconds: u32,
@@ -88,6 +92,7 @@ impl Default for Settings {
             max_attempts: 3,
             max_context_bytes: braid_shared::limits::CONTEXT_BYTES,
             context_store_bytes: 20 << 30,
+            blob_store_bytes: 20 << 30,
             queue_timeout_seconds: 1800,
             registry_credentials: Default::default(),
             log_format: LogFormat::Pretty,
@@ -111,6 +116,7 @@ pub const KEYS: &[&str] = &[
     "max_attempts",
     "max_context_bytes",
     "context_store_bytes",
+    "blob_store_bytes",
     "queue_timeout_seconds",
     "registry_credentials",
     "log_format",
@@ -172,6 +178,9 @@ impl Settings {
         }
         if self.context_store_bytes < self.max_context_bytes {
             return Err(invalid("context_store_bytes", "must be at least max_context_bytes".into()));
+        }
+        if self.blob_store_bytes < 1 << 20 {
+            return Err(invalid("blob_store_bytes", "must be at least 1 MiB".into()));
         }
         Ok((addr, http))
     }

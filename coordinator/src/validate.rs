@@ -193,6 +193,14 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
             )));
         }
     }
+    if !matches!(spec.format.as_str(), "" | "oci" | "docker") {
+        return Err(invalid(format!("format: {:?} is not oci or docker", braid_shared::shorten(&spec.format, 40))));
+    }
+    if spec.format == "docker" && !spec.annotations.is_empty() {
+        return Err(invalid(
+            "annotations: Docker manifest lists and schema 2 manifests have no annotations; use --format oci".into(),
+        ));
+    }
     if spec.timeout_seconds > 7 * 24 * 3600 {
         return Err(invalid("timeout_seconds: at most 7 days".into()));
     }
@@ -301,6 +309,18 @@ mod tests {
             (Box::new(|s| s.target = "t".repeat(129)), "target: invalid stage name"),
             (Box::new(|s| s.timeout_seconds = 8 * 24 * 3600), "timeout_seconds: at most 7 days"),
             (Box::new(|s| s.tags = vec![format!("reg.io/app@sha256:{}", "a".repeat(64))]), "has a digest"),
+            (Box::new(|s| s.format = "v2s1".into()), "format: \"v2s1\" is not oci or docker"),
+            (
+                Box::new(|s| {
+                    s.format = "docker".into();
+                    s.annotations.push(proto::Annotation {
+                        level: "index".into(),
+                        key: "k".into(),
+                        ..Default::default()
+                    });
+                }),
+                "have no annotations; use --format oci",
+            ),
         ];
         for (mutate, want) in cases {
             let mut s = base();

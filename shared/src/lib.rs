@@ -6,6 +6,7 @@ pub mod buildargs;
 pub mod context;
 pub mod digest;
 pub mod dockerignore;
+pub mod engine;
 pub mod limits;
 pub mod oci;
 pub mod pki;

@@ -37,3 +37,5 @@ pub const AGENT_NAME_BYTES: usize = 128;
 pub const AGENT_SLOTS: u32 = 256;
 /// Builds one List call returns.
 pub const LIST_BUILDS: u32 = 500;
+/// Blobs (manifest, config, layers) of one image an agent uploads.
+pub const BLOBS_PER_IMAGE: usize = 1000;

@@ -348,6 +348,88 @@ pub fn build_index(manifests: &[IndexEntry], annotations: HashMap<String, String
     serde_json::to_vec(&index).map_err(|e| err(&e))
 }
 
+/// A Docker manifest list over one schema 2 manifest per platform, for
+/// `--format docker`; it has no place for annotations.
+pub fn build_manifest_list(manifests: &[IndexEntry]) -> Result<Vec<u8>, OciError> {
+    let entries: Vec<serde_json::Value> = manifests
+        .iter()
+        .map(|IndexEntry { platform, image, .. }| {
+            let mut p = serde_json::json!({ "architecture": platform.arch(), "os": platform.os() });
+            if let Some(v) = platform.variant() {
+                p["variant"] = v.into();
+            }
+            serde_json::json!({
+                "mediaType": image.media_type,
+                "digest": image.digest.as_str(),
+                "size": image.size,
+                "platform": p,
+            })
+        })
+        .collect();
+    let list = serde_json::json!({ "schemaVersion": 2, "mediaType": DOCKER_MANIFEST_LIST, "manifests": entries });
+    serde_json::to_vec(&list).map_err(|e| OciError::Manifest {
+        repository: String::new(),
+        digest: String::new(),
+        message: format!("building the manifest list: {e}"),
+    })
+}
+
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+/// An OCI image manifest as a Docker schema 2 manifest over the same
+/// blobs: the config and gzip layers only change media type; annotations,
+/// which schema 2 has no place for, are dropped.
+pub fn to_docker_manifest(manifest: &[u8]) -> Result<Vec<u8>, String> {
+    let mut value: serde_json::Value = serde_json::from_slice(manifest).map_err(|e| format!("manifest: {e}"))?;
+    let object = value.as_object_mut().ok_or("manifest: not a JSON object")?;
+    object.insert("mediaType".into(), DOCKER_MANIFEST.into());
+    object.remove("annotations");
+    object.remove("artifactType");
+    object.remove("subject");
+    let config = object.get_mut("config").and_then(|c| c.as_object_mut()).ok_or("manifest: no config")?;
+    config.insert("mediaType".into(), DOCKER_CONFIG.into());
+    config.remove("annotations");
+    let layers = object.get_mut("layers").and_then(|l| l.as_array_mut()).ok_or("manifest: no layers")?;
+    for layer in layers {
+        let layer = layer.as_object_mut().ok_or("manifest: a layer is not an object")?;
+        let media_type = layer.get("mediaType").and_then(|m| m.as_str()).unwrap_or_default();
+        if !matches!(media_type, "application/vnd.oci.image.layer.v1.tar+gzip" | DOCKER_LAYER_GZIP) {
+            return Err(format!("a {media_type} layer has no Docker schema 2 media type: use --format oci"));
+        }
+        layer.insert("mediaType".into(), DOCKER_LAYER_GZIP.into());
+        layer.remove("annotations");
+    }
+    serde_json::to_vec(&value).map_err(|e| e.to_string())
+}
+
+/// Rewrites a one-image OCI layout's manifest as Docker schema 2.
+pub async fn layout_to_docker(layout: &Path) -> Result<(), OciError> {
+    let err = |message: String| OciError::Layout { path: layout.to_owned(), message };
+    let image = read_layout(layout).await?;
+    let manifest = to_docker_manifest(&image.manifest).map_err(err)?;
+    let digest = Digest::of(&manifest);
+    tokio::fs::write(blob_path(layout, &digest), &manifest).await.map_err(|e| err(e.to_string()))?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{ "mediaType": DOCKER_MANIFEST, "digest": digest.as_str(), "size": manifest.len() }],
+    });
+    tokio::fs::write(layout.join("index.json"), index.to_string()).await.map_err(|e| err(e.to_string()))
+}
+
+/// The digests of every blob of a one-image layout, manifest first.
+pub async fn layout_blobs(layout: &Path) -> Result<Vec<(Digest, u64, PathBuf)>, OciError> {
+    let image = read_layout(layout).await?;
+    let mut out =
+        vec![(image.descriptor.digest.clone(), image.descriptor.size, blob_path(layout, &image.descriptor.digest))];
+    for b in image.blobs {
+        let path = blob_path(layout, &b.digest);
+        out.push((b.digest, b.size, path));
+    }
+    Ok(out)
+}
+
 struct LayoutImage {
     descriptor: ImageDescriptor,
     manifest: Vec<u8>,

@@ -12,6 +12,7 @@ use braid_shared::Platform;
 use braid_shared::proto::{self, build_event::Kind};
 
 use crate::conn::{Builds, Conn};
+use crate::output;
 use crate::upload::{self, DockerfileSource};
 
 #[derive(Debug, clap::Args)]
@@ -40,9 +41,18 @@ pub struct BuildArgs {
     /// Push every platform and the multi-platform index under the tags
     #[arg(long)]
     push: bool,
-    /// Output, as buildx: type=registry (the same as --push) or type=image,push=true
+    /// Output, as buildx: type=registry (the same as --push), type=image[,push=true],
+    /// type=oci,dest=FILE (dest=- for stdout; dest=DIR,tar=false for a directory),
+    /// type=docker (the same as --load) or type=docker,dest=FILE (one platform)
     #[arg(short = 'o', long = "output", value_name = "SPEC")]
     outputs: Vec<String>,
+    /// Load this host's platform's image into the local Docker Engine (DOCKER_HOST) or podman
+    #[arg(long)]
+    load: bool,
+    /// Media types: oci (OCI image index and manifests) or docker (Docker manifest list and
+    /// schema 2 manifests, for registries that take nothing else) [default: oci]
+    #[arg(long, value_name = "FORMAT", value_parser = ["oci", "docker"])]
+    format: Option<String>,
     /// Add an annotation: [index|manifest|manifest-descriptor[PLATFORM]:]KEY=VALUE (repeatable; default level manifest)
     #[arg(long = "annotation", value_name = "ANNOTATION")]
     annotations: Vec<String>,
@@ -114,34 +124,6 @@ fn platforms(raw: &[String]) -> anyhow::Result<Vec<String>> {
 enum Progress {
     Plain,
     Quiet,
-}
-
-/// `--output` specs: whether the build pushes. Unsupported or conflicting
-/// outputs are refused before anything is uploaded.
-fn output_push(outputs: &[String], push_flag: bool) -> anyhow::Result<bool> {
-    if outputs.len() > 1 {
-        bail!("more than one --output: a braid build has one output");
-    }
-    let Some(spec) = outputs.first() else { return Ok(push_flag) };
-    let mut fields = HashMap::new();
-    for part in spec.split(',') {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("invalid --output {spec:?}: expected key=value pairs"))?;
-        fields.insert(k, v);
-    }
-    let push = fields.get("push").is_some_and(|v| *v == "true");
-    if fields.contains_key("name") {
-        bail!("--output name= is not supported: give the names with -t");
-    }
-    match fields.get("type").copied() {
-        Some("registry") => Ok(true),
-        Some("image") => Ok(push || push_flag),
-        Some(other @ ("oci" | "docker" | "tar" | "local")) => {
-            bail!("--output type={other} is not available in this version: use --push (type=registry)")
-        }
-        _ => bail!("invalid --output {spec:?}: expected type=registry or type=image,push=true"),
-    }
 }
 
 /// buildx's `--annotation` syntax: `[level[,level][[platform]]:]key=value`.
@@ -218,8 +200,16 @@ fn strip_userinfo(url: &str) -> String {
 }
 
 pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
-    let push = output_push(&args.outputs, args.push)?;
+    let platforms = platforms(&args.platforms)?;
+    let outputs = output::parse(&args.outputs, args.push, args.load, args.format.as_deref(), &platforms)?;
     let mut annotations = parse_annotations(&args.annotations)?;
+    if outputs.format == "docker" && !annotations.is_empty() {
+        bail!("--annotation needs --format oci: Docker manifest lists and schema 2 manifests have no annotations");
+    }
+    let store = match outputs.local {
+        Some(output::Local::Load { .. }) => Some(output::find_store().await?),
+        _ => None,
+    };
     let progress = match args.progress.as_str() {
         "quiet" => Progress::Quiet,
         _ => Progress::Plain,
@@ -229,7 +219,6 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
             eprintln!("{line}");
         }
     };
-    let platforms = platforms(&args.platforms)?;
     let build_args = parse_build_args(&args.build_args)?;
     let labels = parse_labels(&args.labels)?;
     let mut client = conn.builds().await?;
@@ -264,11 +253,14 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         let secs = started.elapsed().as_secs_f64().max(1e-3);
         say(format!("#1 context uploaded ({sent} bytes compressed, {:.1}s, {})", secs, rate(sent as f64 / secs)));
     }
-    if args.path.as_os_str() != "-" {
+    if args.path.as_os_str() != "-" && outputs.format == "oci" {
         annotations.extend(default_annotations(&args.path, &annotations.clone()));
     }
-    if !push {
-        say("WARNING: no --push: the images are built on the agents but not pushed anywhere".into());
+    if !outputs.push && !outputs.exports() {
+        say(
+            "WARNING: no output: the images are built on the agents but not pushed anywhere (--push, --output, --load)"
+                .into(),
+        );
     }
     let (dockerfile_path, dockerfile_inline) = match prepared.dockerfile {
         DockerfileSource::InContext(p) => (p, Vec::new()),
@@ -284,10 +276,12 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         target: args.target.clone().unwrap_or_default(),
         labels,
         no_cache: args.no_cache,
-        push,
+        push: outputs.push,
         annotations,
         allow_emulation: args.allow_emulation,
         timeout_seconds: args.timeout.unwrap_or(0),
+        export: outputs.exports(),
+        format: outputs.format.clone(),
     };
     let credentials = if conn.may_carry_secrets() { forwarded_credentials(&args.tags)? } else { Vec::new() };
     let build_id = client.submit(proto::SubmitRequest { spec: Some(spec), credentials }).await?.into_inner().build_id;
@@ -309,7 +303,12 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     let build = client.get(proto::GetBuildRequest { build_id: build_id.clone() }).await?.into_inner();
     summarize(&build, progress, args.metadata_file.as_deref())?;
     match outcome {
-        proto::BuildState::Succeeded => Ok(0),
+        proto::BuildState::Succeeded => {
+            if let Some(local) = &outputs.local {
+                output::write_local(&mut client, &build, local, store.as_ref(), &say).await?;
+            }
+            Ok(0)
+        }
         state => {
             let why = if build.message.is_empty() { "no reason given".to_owned() } else { build.message.clone() };
             eprintln!("error: build {build_id} {}: {why}", state_word(state));
@@ -549,17 +548,6 @@ mod tests {
             ]
         );
         assert!(parse_annotations(&["novalue".into()]).is_err());
-    }
-
-    #[test]
-    fn outputs_are_registry_or_refused() {
-        assert!(output_push(&["type=registry".into()], false).unwrap());
-        assert!(output_push(&["type=image,push=true".into()], false).unwrap());
-        assert!(!output_push(&["type=image".into()], false).unwrap());
-        assert!(output_push(&[], true).unwrap());
-        let e = output_push(&["type=oci,dest=x.tar".into()], false).unwrap_err().to_string();
-        assert!(e.contains("type=oci is not available"), "{e}");
-        assert!(output_push(&["type=registry".into(), "type=registry".into()], false).is_err());
     }
 
     #[test]

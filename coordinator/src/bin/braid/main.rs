@@ -5,6 +5,7 @@ mod certs;
 mod conn;
 mod dockerconfig;
 mod ops;
+mod output;
 mod tokens;
 mod upload;
 

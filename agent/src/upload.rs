@@ -1,0 +1,73 @@
+//! Uploads a job's image to the coordinator for an exporting build
+//! (`--output type=oci`, `--load`): only the blobs it does not hold yet.
+
+use std::path::Path;
+
+use tokio::io::AsyncReadExt;
+
+use braid_shared::oci;
+use braid_shared::proto::{self, agents_client::AgentsClient};
+
+use crate::settings::Valid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("reading the image: {0}")]
+    Layout(#[from] oci::OciError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] tonic::Status),
+    #[error("connecting: {0}")]
+    Connect(#[from] tonic::transport::Error),
+}
+
+/// Bytes per PutBlob message.
+const CHUNK: usize = 1 << 20;
+
+/// Uploads every blob of the layout's image the coordinator lacks;
+/// returns the bytes sent.
+pub async fn upload_layout(settings: &Valid, a: &proto::Assignment, layout: &Path) -> Result<u64, UploadError> {
+    let blobs = oci::layout_blobs(layout).await?;
+    let mut client = AgentsClient::new(settings.connect().await?);
+    let missing = client
+        .missing_blobs(proto::MissingBlobsRequest {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            lease_id: a.lease_id.clone(),
+            digests: blobs.iter().map(|(d, _, _)| d.to_string()).collect(),
+        })
+        .await?
+        .into_inner()
+        .missing;
+    let mut sent = 0;
+    for (digest, size, path) in blobs.into_iter().filter(|(d, _, _)| missing.contains(&d.to_string())) {
+        let mut file = tokio::fs::File::open(&path).await?;
+        let header = proto::PutBlobRequest {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            lease_id: a.lease_id.clone(),
+            digest: digest.to_string(),
+            size,
+            chunk: Vec::new(),
+        };
+        let body = async_stream::stream! {
+            yield header;
+            loop {
+                let mut chunk = vec![0u8; CHUNK];
+                match file.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        chunk.truncate(n);
+                        yield proto::PutBlobRequest { chunk, ..Default::default() };
+                    }
+                }
+            }
+        };
+        // A read error shortens the stream; the coordinator then refuses
+        // the blob for its size.
+        client.put_blob(body).await?;
+        sent += size;
+    }
+    Ok(sent)
+}

@@ -1,0 +1,450 @@
+//! Where a build's result goes (`--push`, `--output`, `--load`, `--format`),
+//! checked before anything is uploaded; and the local outputs, written
+//! from the coordinator's Export stream once the build has succeeded.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use futures::StreamExt;
+
+use braid_shared::proto;
+use braid_shared::{Digest, ImageRef, Platform, engine};
+
+use crate::conn::Builds;
+
+/// The outputs of one build.
+#[derive(Debug, PartialEq)]
+pub struct Outputs {
+    pub push: bool,
+    pub local: Option<Local>,
+    /// Media types: "oci" or "docker".
+    pub format: String,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Local {
+    /// One OCI image layout, as a tar at this path ("-": standard output).
+    OciTar(PathBuf),
+    /// One OCI image layout, as a directory.
+    OciDir(PathBuf),
+    /// A `docker load` archive of the build's one platform.
+    DockerTar(PathBuf),
+    /// The image for this host, loaded into the local Docker Engine or podman.
+    Load { platform: Platform },
+}
+
+impl Outputs {
+    /// Whether agents upload their images to the coordinator.
+    pub fn exports(&self) -> bool {
+        self.local.is_some()
+    }
+}
+
+/// Parses the output flags as buildx reads them; refuses unsupported,
+/// incomplete or conflicting ones.
+pub fn parse(
+    outputs: &[String],
+    push_flag: bool,
+    load_flag: bool,
+    format_flag: Option<&str>,
+    platforms: &[String],
+) -> anyhow::Result<Outputs> {
+    let mut push = push_flag;
+    let mut local = None;
+    let mut format = format_flag.map(str::to_owned);
+    let set_local = |new: Local, local: &mut Option<Local>| -> anyhow::Result<()> {
+        if local.is_some() {
+            bail!(
+                "conflicting outputs: a braid build writes at most one local output (type=oci, type=docker or --load)"
+            );
+        }
+        *local = Some(new);
+        Ok(())
+    };
+    for spec in outputs {
+        if !spec.contains('=') {
+            bail!("invalid --output {spec:?}: type=local is not supported: use type=oci,dest={spec}");
+        }
+        let mut fields: HashMap<&str, &str> = HashMap::new();
+        for part in spec.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("invalid --output {spec:?}: expected key=value pairs"))?;
+            fields.insert(k.trim(), v.trim());
+        }
+        if fields.contains_key("name") {
+            bail!("--output name= is not supported: give the names with -t");
+        }
+        if let Some(v) = fields.get("oci-mediatypes") {
+            let wanted = if *v == "false" { "docker" } else { "oci" };
+            if format.as_deref().is_some_and(|f| f != wanted) {
+                bail!("conflicting formats: --output oci-mediatypes={v} and --format {}", format.unwrap_or_default());
+            }
+            format = Some(wanted.to_owned());
+        }
+        let dest = fields.get("dest").filter(|d| !d.is_empty()).map(PathBuf::from);
+        match fields.get("type").copied() {
+            Some("registry") => push = true,
+            Some("image") => push |= fields.get("push").is_some_and(|v| *v == "true"),
+            Some("oci") => {
+                let dest =
+                    dest.ok_or_else(|| anyhow::anyhow!("--output type=oci needs dest=FILE (or dest=DIR,tar=false)"))?;
+                match fields.get("tar").copied() {
+                    Some("false") => {
+                        if dest.as_os_str() == "-" {
+                            bail!("--output type=oci,tar=false needs a directory as dest, not \"-\"");
+                        }
+                        set_local(Local::OciDir(dest), &mut local)?;
+                    }
+                    None | Some("true") => set_local(Local::OciTar(dest), &mut local)?,
+                    Some(other) => bail!("invalid --output {spec:?}: tar={other} is not true or false"),
+                }
+            }
+            Some("docker") => match dest {
+                Some(dest) => {
+                    if platforms.len() != 1 {
+                        bail!(
+                            "--output type=docker,dest= writes one platform's image: build one --platform, \
+                             or use type=oci for several"
+                        );
+                    }
+                    set_local(Local::DockerTar(dest), &mut local)?;
+                }
+                None => set_local(Local::Load { platform: load_platform(platforms)? }, &mut local)?,
+            },
+            Some(other @ ("tar" | "local")) => {
+                bail!("--output type={other} is not supported: braid builds images; use type=oci or type=docker")
+            }
+            Some(other) => bail!("invalid --output {spec:?}: unknown type {other:?}"),
+            None => bail!("invalid --output {spec:?}: type= is required"),
+        }
+    }
+    if load_flag {
+        set_local(Local::Load { platform: load_platform(platforms)? }, &mut local)?;
+    }
+    let format = format.unwrap_or_else(|| "oci".to_owned());
+    if !matches!(format.as_str(), "oci" | "docker") {
+        bail!("invalid --format {format:?}: oci or docker");
+    }
+    Ok(Outputs { push, local, format })
+}
+
+/// The build's platform this host runs: the same one, else one it can run
+/// (containerd's rules), as `docker buildx build --load` picks.
+fn load_platform(platforms: &[String]) -> anyhow::Result<Platform> {
+    let host = Platform::host();
+    let parsed: Vec<Platform> = platforms.iter().filter_map(|p| p.parse().ok()).collect();
+    parsed.iter().find(|p| **p == host).or_else(|| parsed.iter().find(|p| host.matches(p))).cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "--load loads the image for this host ({host}), and the build has none it runs ({}): add --platform {host}",
+            platforms.join(",")
+        )
+    })
+}
+
+/// Where `--load` puts the image.
+#[derive(Debug)]
+pub enum Store {
+    Engine(String),
+    Podman,
+}
+
+/// Finds the local image store before the build starts, so a missing one
+/// fails first: the Docker Engine (`DOCKER_HOST` or the default socket),
+/// else podman.
+pub async fn find_store() -> anyhow::Result<Store> {
+    let host = engine::resolve_host("");
+    let engine_error = match engine::connect(&host).await {
+        Ok(_) => return Ok(Store::Engine(host)),
+        Err(e) => e,
+    };
+    let podman = std::process::Command::new("podman").arg("--version").output();
+    if podman.is_ok_and(|o| o.status.success()) {
+        return Ok(Store::Podman);
+    }
+    bail!("--load needs a local Docker Engine or podman: {engine_error}, and podman is not installed")
+}
+
+/// Streams the build's layout (or one platform's) into `out`.
+async fn export(
+    client: &mut Builds,
+    build_id: &str,
+    platform: Option<&Platform>,
+    out: &mut impl Write,
+) -> anyhow::Result<u64> {
+    let request = proto::ExportRequest {
+        build_id: build_id.to_owned(),
+        platform: platform.map(ToString::to_string).unwrap_or_default(),
+    };
+    let mut stream = client.export(request).await?.into_inner();
+    let mut bytes = 0;
+    while let Some(chunk) = stream.message().await? {
+        bytes += chunk.chunk.len() as u64;
+        out.write_all(&chunk.chunk)?;
+    }
+    out.flush()?;
+    Ok(bytes)
+}
+
+/// A file written whole or not at all: to a temporary file beside it,
+/// renamed into place once complete.
+fn temp_beside(dest: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
+    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))
+}
+
+/// Writes the local output of a succeeded build.
+pub async fn write_local(
+    client: &mut Builds,
+    build: &proto::Build,
+    local: &Local,
+    store: Option<&Store>,
+    say: &impl Fn(String),
+) -> anyhow::Result<()> {
+    let id = &build.build_id;
+    match local {
+        Local::OciTar(dest) if dest.as_os_str() == "-" => {
+            let mut stdout = std::io::stdout().lock();
+            export(client, id, None, &mut stdout).await?;
+        }
+        Local::OciTar(dest) => {
+            let mut temp = temp_beside(dest)?;
+            let bytes = export(client, id, None, &mut std::io::BufWriter::new(temp.as_file_mut())).await?;
+            temp.persist(dest).with_context(|| format!("writing {}", dest.display()))?;
+            say(format!("#3 wrote the OCI layout to {} ({bytes} bytes)", dest.display()));
+        }
+        Local::OciDir(dest) => {
+            let mut temp = tempfile::tempfile()?;
+            export(client, id, None, &mut std::io::BufWriter::new(&mut temp)).await?;
+            unpack(temp, dest)?;
+            say(format!("#3 wrote the OCI layout to {}/", dest.display()));
+        }
+        Local::DockerTar(dest) => {
+            let platform: Platform = build.jobs.first().map(|j| j.platform.as_str()).unwrap_or_default().parse()?;
+            let mut temp = temp_beside(dest)?;
+            docker_archive_of(client, build, &platform, temp.as_file_mut()).await?;
+            temp.persist(dest).with_context(|| format!("writing {}", dest.display()))?;
+            say(format!("#3 wrote the {platform} image for docker load to {}", dest.display()));
+        }
+        Local::Load { platform } => {
+            let mut archive = tempfile::NamedTempFile::new()?;
+            docker_archive_of(client, build, platform, archive.as_file_mut()).await?;
+            let loaded = match store {
+                Some(Store::Engine(host)) => load_into_engine(host, archive.path()).await?,
+                Some(Store::Podman) => load_into_podman(archive.path())?,
+                None => bail!("no local image store was found"),
+            };
+            say(format!("#3 loaded the {platform} image: {loaded}"));
+        }
+    }
+    Ok(())
+}
+
+/// Unpacks a layout tar into `dest`.
+fn unpack(mut tar: std::fs::File, dest: &Path) -> anyhow::Result<()> {
+    use std::io::Seek;
+    tar.rewind()?;
+    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let mut archive = tar::Archive::new(tar);
+    archive.set_overwrite(true);
+    archive.unpack(dest).with_context(|| format!("writing the layout to {}", dest.display()))
+}
+
+/// One platform's image as a `docker load` archive with the build's tags.
+async fn docker_archive_of(
+    client: &mut Builds,
+    build: &proto::Build,
+    platform: &Platform,
+    out: &mut std::fs::File,
+) -> anyhow::Result<()> {
+    let mut layout_tar = tempfile::tempfile()?;
+    export(client, &build.build_id, Some(platform), &mut std::io::BufWriter::new(&mut layout_tar)).await?;
+    let layout = tempfile::tempdir()?;
+    unpack(layout_tar, layout.path())?;
+    let tags: Vec<String> = build
+        .spec
+        .as_ref()
+        .map(|s| {
+            s.tags.iter().filter_map(|t| t.parse::<ImageRef>().ok()).map(|t| t.with_default_tag().to_string()).collect()
+        })
+        .unwrap_or_default();
+    docker_archive(layout.path(), &tags, out)
+}
+
+/// Writes the one image of an OCI layout as a `docker save` archive:
+/// `manifest.json` naming its config, layers and tags, and those blobs.
+pub fn docker_archive(layout: &Path, tags: &[String], out: impl Write) -> anyhow::Result<()> {
+    let read_json = |path: PathBuf| -> anyhow::Result<serde_json::Value> {
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(serde_json::from_slice(&bytes)?)
+    };
+    let blob = |digest: &str| -> anyhow::Result<PathBuf> {
+        let digest: Digest = digest.parse()?;
+        Ok(PathBuf::from("blobs/sha256").join(digest.hex()))
+    };
+    let index = read_json(layout.join("index.json"))?;
+    let root = index["manifests"][0]["digest"].as_str().context("index.json names no image")?;
+    let manifest = read_json(layout.join(blob(root)?))?;
+    let config = blob(manifest["config"]["digest"].as_str().context("the manifest has no config")?)?;
+    let mut layers = Vec::new();
+    for layer in manifest["layers"].as_array().context("the manifest has no layers")? {
+        layers.push(blob(layer["digest"].as_str().context("a layer without a digest")?)?);
+    }
+    let entry = serde_json::json!([{
+        "Config": config,
+        "RepoTags": tags,
+        "Layers": layers,
+    }]);
+    let mut tar = tar::Builder::new(out);
+    let mut written = std::collections::HashSet::new();
+    for path in std::iter::once(&config).chain(&layers) {
+        if written.insert(path.clone()) {
+            tar.append_path_with_name(layout.join(path), path)?;
+        }
+    }
+    let manifest_json = serde_json::to_vec(&entry)?;
+    let mut header = tar::Header::new_ustar();
+    header.set_size(manifest_json.len() as u64);
+    header.set_mode(0o644);
+    tar.append_data(&mut header, "manifest.json", manifest_json.as_slice())?;
+    tar.into_inner()?.flush()?;
+    Ok(())
+}
+
+async fn load_into_engine(host: &str, archive: &Path) -> anyhow::Result<String> {
+    let docker = engine::connect(host).await?;
+    let file = tokio::fs::File::open(archive).await?;
+    let body = bollard::body_try_stream(tokio_util::io::ReaderStream::new(file));
+    let options = bollard::query_parameters::ImportImageOptions { quiet: true, ..Default::default() };
+    let mut stream = docker.import_image(options, body, None);
+    let mut said = Vec::new();
+    while let Some(item) = stream.next().await {
+        let info = item.map_err(|e| anyhow::anyhow!("loading into the Docker Engine at {host}: {e}"))?;
+        if let Some(detail) = info.error_detail {
+            bail!("loading into the Docker Engine at {host}: {}", detail.message.unwrap_or_default());
+        }
+        if let Some(line) = info.stream.filter(|l| !l.trim().is_empty()) {
+            said.push(line.trim().to_owned());
+        }
+    }
+    Ok(said.join("; "))
+}
+
+fn load_into_podman(archive: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new("podman")
+        .arg("load")
+        .arg("--input")
+        .arg(archive)
+        .output()
+        .context("running podman load")?;
+    if !out.status.success() {
+        bail!("podman load failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().replace('\n', "; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(
+        outputs: &[&str],
+        push: bool,
+        load: bool,
+        format: Option<&str>,
+        platforms: &[&str],
+    ) -> anyhow::Result<Outputs> {
+        let outputs: Vec<String> = outputs.iter().map(|s| s.to_string()).collect();
+        let platforms: Vec<String> = platforms.iter().map(|s| s.to_string()).collect();
+        parse(&outputs, push, load, format, &platforms)
+    }
+
+    #[test]
+    fn reads_buildx_output_specs() {
+        let all = ["linux/amd64", "linux/arm64"];
+        assert!(p(&["type=registry"], false, false, None, &all).unwrap().push);
+        assert!(p(&["type=image,push=true"], false, false, None, &all).unwrap().push);
+        assert!(!p(&["type=image"], false, false, None, &all).unwrap().push);
+        let o = p(&["type=oci,dest=out.tar"], false, false, None, &all).unwrap();
+        assert_eq!(o.local, Some(Local::OciTar("out.tar".into())));
+        assert!(!o.push && o.exports() && o.format == "oci");
+        let o = p(&["type=oci,dest=out,tar=false"], true, false, None, &all).unwrap();
+        assert_eq!(o.local, Some(Local::OciDir("out".into())));
+        assert!(o.push, "--push and a local output together");
+        let o = p(&["type=registry,oci-mediatypes=false"], false, false, None, &all).unwrap();
+        assert_eq!(o.format, "docker");
+        assert_eq!(p(&[], true, false, Some("docker"), &all).unwrap().format, "docker");
+        let o = p(&[], false, true, None, &[&Platform::host().to_string(), "linux/riscv64"]).unwrap();
+        assert_eq!(o.local, Some(Local::Load { platform: Platform::host() }));
+        let o = p(&["type=docker,dest=img.tar"], false, false, None, &["linux/arm64"]).unwrap();
+        assert_eq!(o.local, Some(Local::DockerTar("img.tar".into())));
+    }
+
+    #[test]
+    fn refuses_incomplete_and_conflicting_outputs() {
+        let all = ["linux/amd64", "linux/arm64"];
+        let cases: Vec<(anyhow::Result<Outputs>, &str)> = vec![
+            (p(&["type=oci"], false, false, None, &all), "needs dest=FILE"),
+            (p(&["type=oci,dest=-,tar=false"], false, false, None, &all), "needs a directory"),
+            (p(&["type=oci,dest=a", "type=oci,dest=b"], false, false, None, &all), "at most one local output"),
+            (p(&["type=oci,dest=a"], false, true, None, &all), "at most one local output"),
+            (p(&["type=docker,dest=a"], false, false, None, &all), "one platform's image"),
+            (p(&[], false, true, None, &["linux/riscv64"]), "--load loads the image for this host"),
+            (p(&["type=local,dest=x"], false, false, None, &all), "type=local is not supported"),
+            (p(&["out"], false, false, None, &all), "type=local is not supported"),
+            (p(&["type=tar,dest=x"], false, false, None, &all), "type=tar is not supported"),
+            (p(&["type=cacheonly"], false, false, None, &all), "unknown type"),
+            (p(&["dest=x"], false, false, None, &all), "type= is required"),
+            (p(&["type=oci,dest=a,tar=maybe"], false, false, None, &all), "tar=maybe"),
+            (p(&[], false, false, Some("v2s1"), &all), "invalid --format"),
+            (p(&["type=registry,oci-mediatypes=false"], false, false, Some("oci"), &all), "conflicting formats"),
+            (p(&["type=registry,name=x"], false, false, None, &all), "give the names with -t"),
+        ];
+        for (result, want) in cases {
+            let e = result.unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} does not say {want:?}");
+        }
+    }
+
+    #[test]
+    fn a_layout_becomes_a_docker_load_archive() {
+        let layout = tempfile::tempdir().unwrap();
+        let blobs = layout.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let put = |bytes: &[u8]| {
+            let d = Digest::of(bytes);
+            std::fs::write(blobs.join(d.hex()), bytes).unwrap();
+            d
+        };
+        let config = put(br#"{"architecture":"amd64","os":"linux"}"#);
+        let layer = put(b"gzip");
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "config": { "digest": config.as_str(), "size": 37 },
+            "layers": [{ "digest": layer.as_str(), "size": 4 }],
+        });
+        let manifest = put(manifest.to_string().as_bytes());
+        let index = serde_json::json!({ "manifests": [{ "digest": manifest.as_str() }] });
+        std::fs::write(layout.path().join("index.json"), index.to_string()).unwrap();
+        let mut out = Vec::new();
+        docker_archive(layout.path(), &["reg.io/app:1".into()], &mut out).unwrap();
+        let mut archive = tar::Archive::new(out.as_slice());
+        let mut names = Vec::new();
+        let mut manifest_json = String::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let name = entry.path().unwrap().display().to_string();
+            if name == "manifest.json" {
+                std::io::Read::read_to_string(&mut entry, &mut manifest_json).unwrap();
+            }
+            names.push(name);
+        }
+        assert_eq!(names.len(), 3, "{names:?}");
+        let m: serde_json::Value = serde_json::from_str(&manifest_json).unwrap();
+        assert_eq!(m[0]["RepoTags"][0], "reg.io/app:1");
+        assert_eq!(m[0]["Config"], format!("blobs/sha256/{}", config.hex()));
+        assert_eq!(m[0]["Layers"][0], format!("blobs/sha256/{}", layer.hex()));
+    }
+}
