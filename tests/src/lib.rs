@@ -114,8 +114,16 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let stdout = child.stdout.take().unwrap();
     let stderr = child.stderr.take().unwrap();
-    let out_thread = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
-    let err_thread = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    // Bytes, not text: some commands write archives to stdout.
+    let read_all = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = r.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let out_thread = read_all(Box::new(stdout));
+    let err_thread = read_all(Box::new(stderr));
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -128,11 +136,7 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    Ok(Output {
-        status,
-        stdout: out_thread.join().unwrap().into_bytes(),
-        stderr: err_thread.join().unwrap().into_bytes(),
-    })
+    Ok(Output { status, stdout: out_thread.join().unwrap(), stderr: err_thread.join().unwrap() })
 }
 
 pub fn send_signal(pid: u32, signal: &str) {

@@ -91,6 +91,20 @@ fn oci_archive_and_directory_outputs_hold_every_platform() {
     let again: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
     assert_eq!(again["manifests"], index["manifests"], "the same images");
     assert_eq!(farm.metric("braid_blob_bytes_received_total"), uploaded, "blobs are kept once");
+
+    // To standard output, with the summary on standard error.
+    let out = farm.braid(&["build", "--platform", THREE, "--output", "type=oci,dest=-", &ctx]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("index sha256:"));
+    let piped = dir.join("piped.tar");
+    std::fs::write(&piped, &out.stdout).unwrap();
+    let raw = skopeo(&["inspect", "--raw", &format!("oci-archive:{}", piped.display())]);
+    let piped: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert_eq!(piped["manifests"], index["manifests"]);
+
+    let out = farm.braid(&["build", "--platform", THREE, "--output", &dest, "--detach", &ctx]).unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write a local output"));
 }
 
 #[test]
@@ -165,6 +179,15 @@ fn load_puts_this_hosts_image_into_docker_or_podman() {
     assert_eq!(docker(&["image", "inspect", "--format", "{{.Os}}/{{.Architecture}}", &tag]), "linux/amd64");
     assert_eq!(docker(&["run", "--rm", "--network", "none", &tag, "cat", "/arch"]), "x86_64");
     assert!(registry.manifest("load/app:1").is_none(), "--load alone pushes nothing");
+
+    // One platform as a `docker load` archive.
+    let archive = dir.join("arm64.tar");
+    let arm_tag = format!("{}/load/arm:1", registry.addr);
+    let dest = format!("type=docker,dest={}", archive.display());
+    let out = farm.braid(&["build", "--platform", "linux/arm64", "-t", &arm_tag, "--output", &dest, &ctx]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    docker(&["load", "--input", archive.to_str().unwrap()]);
+    assert_eq!(docker(&["image", "inspect", "--format", "{{.Os}}/{{.Architecture}}", &arm_tag]), "linux/arm64");
 
     // No Engine answers: the image goes to podman's store instead.
     let storage = dir.join("podman");

@@ -202,6 +202,11 @@ fn strip_userinfo(url: &str) -> String {
 pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     let platforms = platforms(&args.platforms)?;
     let outputs = output::parse(&args.outputs, args.push, args.load, args.format.as_deref(), &platforms)?;
+    if args.detach && outputs.exports() {
+        bail!(
+            "--detach returns before the build ends, so it cannot write a local output (type=oci, type=docker, --load)"
+        );
+    }
     let mut annotations = parse_annotations(&args.annotations)?;
     if outputs.format == "docker" && !annotations.is_empty() {
         bail!("--annotation needs --format oci: Docker manifest lists and schema 2 manifests have no annotations");
@@ -301,7 +306,9 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         }
     };
     let build = client.get(proto::GetBuildRequest { build_id: build_id.clone() }).await?.into_inner();
-    summarize(&build, progress, args.metadata_file.as_deref())?;
+    // `-o type=oci,dest=-` writes the layout to stdout: the summary then goes to stderr.
+    let stdout_taken = matches!(&outputs.local, Some(output::Local::OciTar(dest)) if dest.as_os_str() == "-");
+    summarize(&build, progress, args.metadata_file.as_deref(), stdout_taken)?;
     match outcome {
         proto::BuildState::Succeeded => {
             if let Some(local) = &outputs.local {
@@ -394,7 +401,12 @@ pub fn seconds(job: &proto::Job) -> f64 {
 }
 
 /// One line per platform and the index; the metadata file like buildx's.
-fn summarize(build: &proto::Build, progress: Progress, metadata_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+fn summarize(
+    build: &proto::Build,
+    progress: Progress,
+    metadata_file: Option<&std::path::Path>,
+    stdout_taken: bool,
+) -> anyhow::Result<()> {
     if progress != Progress::Quiet {
         for job in &build.jobs {
             let digest = job.result.as_ref().map(|r| r.digest.as_str()).unwrap_or("-");
@@ -410,10 +422,15 @@ fn summarize(build: &proto::Build, progress: Progress, metadata_file: Option<&st
         }
     }
     if !build.index_digest.is_empty() {
-        if progress == Progress::Quiet {
-            println!("{}", build.index_digest);
+        let line = if progress == Progress::Quiet {
+            build.index_digest.clone()
         } else {
-            println!("index {}", build.index_digest);
+            format!("index {}", build.index_digest)
+        };
+        if stdout_taken {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
         }
     }
     if let Some(path) = metadata_file {
