@@ -284,6 +284,33 @@ impl Registry {
         self.raw_manifest(reference).map(|bytes| braid_sha256(&bytes))
     }
 
+    /// "arch[/variant] FILES..." for each image `index` lists, sorted: the
+    /// trimmed contents of each of `files` in that image.
+    pub fn per_platform(
+        &self,
+        repository: &str,
+        index: &serde_json::Value,
+        files: &[&str],
+        scratch: &Path,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut seen = Vec::new();
+        for m in index["manifests"].as_array().context("an index without manifests")? {
+            let digest = m["digest"].as_str().context("a descriptor without a digest")?;
+            let mut line = format!(
+                "{}{}",
+                m["platform"]["architecture"].as_str().unwrap_or_default(),
+                m["platform"]["variant"].as_str().map(|v| format!("/{v}")).unwrap_or_default()
+            );
+            for file in files {
+                line.push(' ');
+                line.push_str(self.read_file(repository, digest, file, scratch)?.trim());
+            }
+            seen.push(line);
+        }
+        seen.sort();
+        Ok(seen)
+    }
+
     /// Every regular file's path in an image, across its layers.
     pub fn list_files(&self, repository: &str, digest: &str, scratch: &Path) -> anyhow::Result<Vec<String>> {
         let dir = self.copy_image(repository, digest, scratch)?;

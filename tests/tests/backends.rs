@@ -88,19 +88,8 @@ fn build_multiarch_and_check(dir: &Path, registry: &Registry, base: &str, farm: 
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let index = registry.manifest(&format!("{backend}/app:1")).unwrap();
-    let scratch = dir.join("scratch");
-    let mut seen = Vec::new();
-    for m in index["manifests"].as_array().unwrap() {
-        let digest = m["digest"].as_str().unwrap();
-        let platform = format!(
-            "{}{}",
-            m["platform"]["architecture"].as_str().unwrap(),
-            m["platform"]["variant"].as_str().map(|v| format!("/{v}")).unwrap_or_default()
-        );
-        let uname = registry.read_file(&format!("{backend}/app"), digest, "arch", &scratch).unwrap();
-        let arch = registry.read_file(&format!("{backend}/app"), digest, "targetarch", &scratch).unwrap();
-        seen.push(format!("{platform} {} {}", uname.trim(), arch.trim()));
-    }
-    seen.sort();
+    let seen = registry
+        .per_platform(&format!("{backend}/app"), &index, &["arch", "targetarch"], &dir.join("scratch"))
+        .unwrap();
     assert_eq!(seen, ["amd64 x86_64 amd64", "arm/v7 armv7l arm", "arm64 aarch64 arm64"]);
 }

@@ -30,20 +30,7 @@ fn skopeo(args: &[&str]) -> std::process::Output {
 
 /// "arch[/variant] uname targetarch" for each image an index lists.
 fn platforms_in(registry: &Registry, repository: &str, index: &serde_json::Value, scratch: &Path) -> Vec<String> {
-    let mut seen = Vec::new();
-    for m in index["manifests"].as_array().unwrap() {
-        let digest = m["digest"].as_str().unwrap();
-        let platform = format!(
-            "{}{}",
-            m["platform"]["architecture"].as_str().unwrap(),
-            m["platform"]["variant"].as_str().map(|v| format!("/{v}")).unwrap_or_default()
-        );
-        let uname = registry.read_file(repository, digest, "arch", scratch).unwrap();
-        let arch = registry.read_file(repository, digest, "targetarch", scratch).unwrap();
-        seen.push(format!("{platform} {} {}", uname.trim(), arch.trim()));
-    }
-    seen.sort();
-    seen
+    registry.per_platform(repository, index, &["arch", "targetarch"], scratch).unwrap()
 }
 
 #[test]
