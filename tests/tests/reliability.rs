@@ -115,6 +115,40 @@ fn a_crashed_coordinator_comes_back_and_the_build_completes() {
 }
 
 #[test]
+fn an_exporting_build_keeps_its_uploaded_images_across_a_coordinator_crash() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let (registry, base) = setup(tmp.path(), true);
+    let agents = [AgentSpec::new("amd64-agent", &[]), AgentSpec::new("arm64-agent", &["linux/arm64"])];
+    let mut farm = Farm::start_with(tmp.path(), Some(&registry.addr), &agents, FAST_FAILURE).unwrap();
+    farm.wait_for_agents(2).unwrap();
+    let dockerfile = format!(
+        "FROM {base}\nARG TARGETARCH\nRUN if [ \"$TARGETARCH\" = arm64 ]; then sleep 6; fi; uname -m > /arch\n"
+    );
+    let ctx = dockerfile_context(tmp.path(), "ctx", &dockerfile);
+    let archive = tmp.path().join("app.tar");
+    let dest = format!("type=oci,dest={}", archive.display());
+    let mut build = RunningBuild::start(
+        &farm,
+        &["build", "--platform", "linux/amd64,linux/arm64", "--output", &dest, "--progress", "plain", &ctx],
+    );
+    build.wait_for("linux/amd64 verified", Duration::from_secs(60));
+    farm.crash_coordinator();
+    std::thread::sleep(Duration::from_millis(500));
+    farm.start_coordinator().unwrap();
+    let (code, out) = build.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "the build and its export complete after a coordinator crash:\n{out}");
+    let raw = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw", &format!("oci-archive:{}", archive.display())])
+        .output()
+        .unwrap();
+    assert!(raw.status.success(), "{}", String::from_utf8_lossy(&raw.stderr));
+    let index: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 2, "{index}");
+    assert_eq!(farm.log("amd64-agent").matches("job started").count(), 1, "amd64 was not built again");
+}
+
+#[test]
 fn a_frozen_agent_is_replaced_and_its_late_result_ignored() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().unwrap();

@@ -188,6 +188,44 @@ async fn export(
     Ok(bytes)
 }
 
+/// Export attempts: a coordinator restart mid-stream is retried from the
+/// start (the images are on its disk and survive it).
+const EXPORT_ATTEMPTS: u32 = 5;
+
+/// Streams the layout into `file`, from the start again after a dropped
+/// connection; leaves the file positioned at its start.
+async fn export_to_file(
+    client: &mut Builds,
+    build_id: &str,
+    platform: Option<&Platform>,
+    file: &mut std::fs::File,
+) -> anyhow::Result<u64> {
+    use std::io::Seek;
+    let mut attempt = 1;
+    loop {
+        file.set_len(0)?;
+        file.rewind()?;
+        let exported = export(client, build_id, platform, &mut std::io::BufWriter::new(&mut *file)).await;
+        match exported {
+            Ok(bytes) => {
+                file.rewind()?;
+                return Ok(bytes);
+            }
+            Err(e) if attempt < EXPORT_ATTEMPTS && retryable(&e) => {
+                eprintln!("export interrupted ({e}); retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt))).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn retryable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tonic::Status>()
+        .is_some_and(|s| matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal))
+}
+
 /// A file written whole or not at all: to a temporary file beside it,
 /// renamed into place once complete.
 fn temp_beside(dest: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
@@ -206,18 +244,21 @@ pub async fn write_local(
     let id = &build.build_id;
     match local {
         Local::OciTar(dest) if dest.as_os_str() == "-" => {
+            let mut temp = tempfile::tempfile()?;
+            export_to_file(client, id, None, &mut temp).await?;
             let mut stdout = std::io::stdout().lock();
-            export(client, id, None, &mut stdout).await?;
+            std::io::copy(&mut temp, &mut stdout)?;
+            stdout.flush()?;
         }
         Local::OciTar(dest) => {
             let mut temp = temp_beside(dest)?;
-            let bytes = export(client, id, None, &mut std::io::BufWriter::new(temp.as_file_mut())).await?;
+            let bytes = export_to_file(client, id, None, temp.as_file_mut()).await?;
             temp.persist(dest).with_context(|| format!("writing {}", dest.display()))?;
             say(format!("#3 wrote the OCI layout to {} ({bytes} bytes)", dest.display()));
         }
         Local::OciDir(dest) => {
             let mut temp = tempfile::tempfile()?;
-            export(client, id, None, &mut std::io::BufWriter::new(&mut temp)).await?;
+            export_to_file(client, id, None, &mut temp).await?;
             unpack(temp, dest)?;
             say(format!("#3 wrote the OCI layout to {}/", dest.display()));
         }
@@ -242,10 +283,8 @@ pub async fn write_local(
     Ok(())
 }
 
-/// Unpacks a layout tar into `dest`.
-fn unpack(mut tar: std::fs::File, dest: &Path) -> anyhow::Result<()> {
-    use std::io::Seek;
-    tar.rewind()?;
+/// Unpacks a layout tar (positioned at its start) into `dest`.
+fn unpack(tar: std::fs::File, dest: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
     let mut archive = tar::Archive::new(tar);
     archive.set_overwrite(true);
@@ -260,7 +299,7 @@ async fn docker_archive_of(
     out: &mut std::fs::File,
 ) -> anyhow::Result<()> {
     let mut layout_tar = tempfile::tempfile()?;
-    export(client, &build.build_id, Some(platform), &mut std::io::BufWriter::new(&mut layout_tar)).await?;
+    export_to_file(client, &build.build_id, Some(platform), &mut layout_tar).await?;
     let layout = tempfile::tempdir()?;
     unpack(layout_tar, layout.path())?;
     let tags: Vec<String> = build
