@@ -157,17 +157,7 @@ fn registry_auths(credentials: &[Credential]) -> HashMap<String, DockerCredentia
 async fn write_context_tar(dir: &Path, inline: Option<&[u8]>, out: &Path) -> Result<(), DockerError> {
     let (dir, inline, out) = (dir.to_owned(), inline.map(<[u8]>::to_vec), out.to_owned());
     tokio::task::spawn_blocking(move || {
-        if let Some(text) = &inline {
-            std::fs::write(dir.join(INLINE_DOCKERFILE), text).map_err(io_err(&dir))?;
-            let ignore = dir.join(".dockerignore");
-            let mut rules = std::fs::read_to_string(&ignore).unwrap_or_default();
-            if !rules.is_empty() && !rules.ends_with('\n') {
-                rules.push('\n');
-            }
-            rules.push_str(INLINE_DOCKERFILE);
-            rules.push('\n');
-            std::fs::write(&ignore, rules).map_err(io_err(&ignore))?;
-        }
+        prepare_ignore_file(&dir, inline.as_deref())?;
         let file = std::fs::File::create(&out).map_err(io_err(&out))?;
         let nothing_ignored = braid_shared::dockerignore::DockerIgnore::default();
         context::write_tar(&dir, &nothing_ignored, ContextLimits::default(), std::io::BufWriter::new(file))
@@ -176,6 +166,30 @@ async fn write_context_tar(dir: &Path, inline: Option<&[u8]>, out: &Path) -> Res
     })
     .await
     .map_err(|e| DockerError::Build(e.to_string()))?
+}
+
+/// The client filtered the context already; the classic builder only
+/// leaves out the Dockerfile and `.dockerignore` when `.dockerignore`
+/// lists them. An inline Dockerfile is added to the context under a name
+/// of braid's and listed there, so `COPY .` leaves it out; when the context
+/// had no `.dockerignore`, the one made for this lists itself too.
+fn prepare_ignore_file(dir: &Path, inline: Option<&[u8]>) -> Result<(), DockerError> {
+    let Some(text) = inline else { return Ok(()) };
+    std::fs::write(dir.join(INLINE_DOCKERFILE), text).map_err(io_err(dir))?;
+    let ignore = dir.join(".dockerignore");
+    let rules = match std::fs::read_to_string(&ignore) {
+        Ok(mut rules) => {
+            if !rules.is_empty() && !rules.ends_with('\n') {
+                rules.push('\n');
+            }
+            rules.push_str(INLINE_DOCKERFILE);
+            rules.push('\n');
+            rules
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!(".dockerignore\n{INLINE_DOCKERFILE}\n"),
+        Err(e) => return Err(DockerError::Io { path: ignore, source: e }),
+    };
+    std::fs::write(&ignore, rules).map_err(io_err(&ignore))
 }
 
 /// Saves image `id` from the Engine and writes it to `layout` as a
@@ -560,6 +574,21 @@ mod tests {
     fn not_an_image_archive_is_a_clear_error() {
         let e = convert(&archive(&[("hello", b"x".to_vec())], &[]), "linux/amd64").unwrap_err().to_string();
         assert!(e.contains("no manifest.json"), "{e}");
+    }
+
+    #[test]
+    fn an_inline_dockerfile_is_listed_in_the_ignore_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        prepare_ignore_file(d, None).unwrap();
+        assert!(!d.join(".dockerignore").exists(), "a context file Dockerfile needs nothing");
+        prepare_ignore_file(d, Some(b"FROM scratch\n")).unwrap();
+        let made = std::fs::read_to_string(d.join(".dockerignore")).unwrap();
+        assert_eq!(made, format!(".dockerignore\n{INLINE_DOCKERFILE}\n"), "made for this: lists itself");
+        std::fs::write(d.join(".dockerignore"), "*.log").unwrap();
+        prepare_ignore_file(d, Some(b"FROM scratch\n")).unwrap();
+        assert_eq!(std::fs::read_to_string(d.join(".dockerignore")).unwrap(), format!("*.log\n{INLINE_DOCKERFILE}\n"));
+        assert_eq!(std::fs::read_to_string(d.join(INLINE_DOCKERFILE)).unwrap(), "FROM scratch\n");
     }
 
     #[test]

@@ -39,6 +39,27 @@ fn docker_engine_agents_build_the_multiarch_image() {
     ];
     let farm = Farm::start(dir, &registry, &agents).unwrap();
     build_multiarch_and_check(dir, &registry, &base, &farm, "docker");
+
+    // A Dockerfile on stdin: sent beside the context, which the Engine
+    // filters with the same .dockerignore the client used.
+    let ctx = dir.join("copy-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("message.txt"), "hello\n").unwrap();
+    std::fs::write(ctx.join("secret.txt"), "no\n").unwrap();
+    std::fs::write(ctx.join(".dockerignore"), "secret.txt\n").unwrap();
+    let tag = format!("{}/docker/copy:1", registry.addr);
+    let out = farm
+        .braid_with_stdin(
+            &["build", "--platform", "linux/arm64", "-t", &tag, "--push", "-f", "-", ctx.to_str().unwrap()],
+            format!("FROM {base}\nCOPY . /ctx/\n").into_bytes(),
+        )
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let index = registry.manifest("docker/copy:1").unwrap();
+    let digest = index["manifests"][0]["digest"].as_str().unwrap();
+    let files = registry.list_files("docker/copy", digest, &dir.join("scratch")).unwrap();
+    let copied: Vec<&String> = files.iter().filter(|f| f.starts_with("ctx/")).collect();
+    assert_eq!(copied, ["ctx/.dockerignore", "ctx/message.txt"], "{files:?}");
 }
 
 #[test]
