@@ -52,6 +52,66 @@ pub async fn connect(host: &str) -> Result<Docker, DockerError> {
     engine::connect(host).await.map_err(|e| DockerError::Engine { host: e.host, message: e.message })
 }
 
+/// Lets builds of one platform at a time onto the Engine. The classic
+/// builder resolves `FROM` by tag in the Engine's one image store, so while
+/// an arm64 build pulls `busybox`, an arm/v7 build starting from the same
+/// tag would get the arm64 image. Builds of the same platform share the gate.
+#[derive(Default)]
+pub struct PlatformGate {
+    state: std::sync::Mutex<GateState>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct GateState {
+    platform: Option<Platform>,
+    inside: usize,
+}
+
+/// Holds the gate open for its platform until dropped.
+pub struct GatePass<'a> {
+    gate: &'a PlatformGate,
+}
+
+impl PlatformGate {
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        // The state is two plain fields, whole after any panic.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn is_open_for(&self, platform: &Platform) -> bool {
+        self.state().platform.as_ref().is_none_or(|p| p == platform)
+    }
+
+    pub async fn enter(&self, platform: &Platform) -> GatePass<'_> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut state = self.state();
+                if state.platform.as_ref().is_none_or(|p| p == platform) {
+                    state.platform = Some(platform.clone());
+                    state.inside += 1;
+                    return GatePass { gate: self };
+                }
+            }
+            changed.await;
+        }
+    }
+}
+
+impl Drop for GatePass<'_> {
+    fn drop(&mut self) {
+        let mut state = self.gate.state();
+        state.inside -= 1;
+        if state.inside == 0 {
+            state.platform = None;
+            self.gate.changed.notify_waiters();
+        }
+    }
+}
+
 /// What one classic-builder build needs.
 pub struct BuildSpec<'a> {
     pub context_dir: &'a Path,
@@ -589,6 +649,32 @@ mod tests {
         prepare_ignore_file(d, Some(b"FROM scratch\n")).unwrap();
         assert_eq!(std::fs::read_to_string(d.join(".dockerignore")).unwrap(), format!("*.log\n{INLINE_DOCKERFILE}\n"));
         assert_eq!(std::fs::read_to_string(d.join(INLINE_DOCKERFILE)).unwrap(), "FROM scratch\n");
+    }
+
+    #[tokio::test]
+    async fn the_gate_keeps_platforms_apart_and_lets_one_platform_share() {
+        let gate = std::sync::Arc::new(PlatformGate::default());
+        let arm64: Platform = "linux/arm64".parse().unwrap();
+        let armv7: Platform = "linux/arm/v7".parse().unwrap();
+        let first = gate.enter(&arm64).await;
+        let second = tokio::time::timeout(std::time::Duration::from_millis(50), gate.enter(&arm64)).await;
+        assert!(second.is_ok(), "the same platform shares the gate");
+        assert!(!gate.is_open_for(&armv7));
+        let waiting = {
+            let gate = gate.clone();
+            let armv7 = armv7.clone();
+            tokio::spawn(async move {
+                let _pass = gate.enter(&armv7).await;
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "another platform waits");
+        drop(first);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "until every build of the first has left");
+        drop(second);
+        tokio::time::timeout(std::time::Duration::from_secs(2), waiting).await.unwrap().unwrap();
+        assert!(gate.is_open_for(&arm64));
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub struct JobEnv {
     pub settings: Valid,
     pub cache: Arc<ContextCache>,
     pub outbox: mpsc::UnboundedSender<proto::AgentMessage>,
+    pub engine_gate: Arc<docker::PlatformGate>,
 }
 
 pub async fn run(env: Arc<JobEnv>, assignment: proto::Assignment, cancel: CancellationToken) -> proto::JobResult {
@@ -314,6 +315,10 @@ async fn build_with_docker(job: &BuildJob<'_>, credentials: &[Credential]) -> Re
         no_cache: spec.no_cache,
         credentials,
     };
+    if !env.engine_gate.is_open_for(platform) {
+        log_lines(env, a, vec!["waiting for this agent's builds of another platform on the Docker Engine".into()]);
+    }
+    let pass = env.engine_gate.enter(platform).await;
     let mut sent_bytes = 0usize;
     let image_id = docker::build(&engine, build, job_dir, |line| {
         let line = braid_shared::shorten(&line, limits::LOG_LINE_BYTES);
@@ -327,6 +332,7 @@ async fn build_with_docker(job: &BuildJob<'_>, credentials: &[Credential]) -> Re
         docker::DockerError::Build(message) => build_failure(message),
         other => infra(other),
     })?;
+    drop(pass);
     docker::export_layout(&engine, &image_id, platform, manifest_annotations(spec, platform), job_dir, layout)
         .await
         .map_err(|e| infra(format!("exporting the image: {e}")))

@@ -45,6 +45,9 @@ pub struct Agent {
     draining: AtomicBool,
     /// Sends a heartbeat now (the drain state changed).
     beat_now: Notify,
+    /// Keeps docker-backend builds of different platforms apart; outlives
+    /// sessions, as jobs do.
+    engine_gate: Arc<crate::docker::PlatformGate>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -66,6 +69,7 @@ impl Agent {
             undelivered: Mutex::new(Vec::new()),
             draining: AtomicBool::new(false),
             beat_now: Notify::new(),
+            engine_gate: Arc::default(),
         })
     }
 
@@ -193,7 +197,12 @@ impl Agent {
         if self.draining.load(Ordering::Relaxed) {
             out_tx.send(self.heartbeat())?;
         }
-        let env = Arc::new(JobEnv { settings: self.settings.clone(), cache, outbox: self.outbox.clone() });
+        let env = Arc::new(JobEnv {
+            settings: self.settings.clone(),
+            cache,
+            outbox: self.outbox.clone(),
+            engine_gate: self.engine_gate.clone(),
+        });
         let mut outbox = self.outbox_rx.lock().await;
         let mut tick = tokio::time::interval(heartbeat);
         loop {

@@ -31,14 +31,23 @@ fn docker_engine_agents_build_the_multiarch_image() {
     let dir = tmp.path();
     let registry = Registry::start(&dir.join("registry")).unwrap();
     let base = registry.push_base_image("base/busybox:latest").unwrap();
-    let engine = DockerEngine::start(&dir.join("docker")).unwrap();
+    // One Engine per host, as on a real farm; the arm host builds arm64 and
+    // arm/v7 on its one Engine, two jobs at once, one platform at a time.
+    let x86 = DockerEngine::start(&dir.join("docker-x86")).unwrap();
+    let arm = DockerEngine::start(&dir.join("docker-arm")).unwrap();
     let agents = [
-        AgentSpec::new("docker-amd64", &[]).backend("docker").flag("--docker-host", &engine.host),
-        AgentSpec::new("docker-arm64", &["linux/arm64"]).backend("docker").flag("--docker-host", &engine.host),
-        AgentSpec::new("docker-armv7", &["linux/arm/v7"]).backend("docker").flag("--docker-host", &engine.host),
+        AgentSpec::new("docker-amd64", &[]).backend("docker").flag("--docker-host", &x86.host),
+        AgentSpec::new("docker-arm", &["linux/arm64", "linux/arm/v7"])
+            .slots(2)
+            .backend("docker")
+            .flag("--docker-host", &arm.host),
     ];
     let farm = Farm::start(dir, &registry, &agents).unwrap();
-    build_multiarch_and_check(dir, &registry, &base, &farm, "docker");
+    let output = build_multiarch_and_check(dir, &registry, &base, &farm, "docker");
+    assert!(
+        output.contains("waiting for this agent's builds of another platform"),
+        "the arm agent ran its two platforms one at a time:\n{output}"
+    );
 
     // A Dockerfile on stdin: sent beside the context, which the Engine
     // filters with the same .dockerignore the client used.
@@ -82,8 +91,9 @@ fn a_docker_agent_without_an_engine_stops_with_the_reason() {
 
 /// Builds the seed-style Dockerfile for three platforms and checks each
 /// image ran natively-or-emulated code of its own architecture.
-fn build_multiarch_and_check(dir: &Path, registry: &Registry, base: &str, farm: &Farm, backend: &str) {
-    farm.wait_for_agents(3).unwrap();
+/// Returns what `braid build` printed.
+fn build_multiarch_and_check(dir: &Path, registry: &Registry, base: &str, farm: &Farm, backend: &str) -> String {
+    farm.wait_for_agents(farm.agents.len()).unwrap();
     let listed = farm.braid(&["agents", "--format", "json"]).unwrap();
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert!(listed.as_array().unwrap().iter().all(|a| a["backend"] == backend), "{listed}");
@@ -113,4 +123,5 @@ fn build_multiarch_and_check(dir: &Path, registry: &Registry, base: &str, farm: 
         .per_platform(&format!("{backend}/app"), &index, &["arch", "targetarch"], &dir.join("scratch"))
         .unwrap();
     assert_eq!(seen, ["amd64 x86_64 amd64", "arm/v7 armv7l arm", "arm64 aarch64 arm64"]);
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
