@@ -386,11 +386,13 @@ pub struct AgentSpec {
     pub backend: Option<&'static str>,
     /// Extra agent flags.
     pub flags: Vec<String>,
+    /// Environment variables set for the agent.
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentSpec {
     pub const fn new(name: &'static str, platforms: &'static [&'static str]) -> AgentSpec {
-        AgentSpec { name, platforms, slots: 1, backend: None, flags: Vec::new() }
+        AgentSpec { name, platforms, slots: 1, backend: None, flags: Vec::new(), env: Vec::new() }
     }
 
     pub fn backend(self, backend: &'static str) -> AgentSpec {
@@ -399,6 +401,11 @@ impl AgentSpec {
 
     pub fn slots(self, slots: u32) -> AgentSpec {
         AgentSpec { slots, ..self }
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> AgentSpec {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     pub fn flag(mut self, flag: &str, value: &str) -> AgentSpec {
@@ -462,6 +469,7 @@ impl Farm {
                 cmd.args(["--backend", backend]);
             }
             cmd.args(&spec.flags);
+            cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
             farm.agents.push(Proc::spawn(spec.name, &mut cmd, &dir.join(format!("{}.log", spec.name)))?);
         }
         Ok(farm)

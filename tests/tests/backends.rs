@@ -35,8 +35,12 @@ fn docker_engine_agents_build_the_multiarch_image() {
     // arm/v7 on its one Engine, two jobs at once, one platform at a time.
     let x86 = DockerEngine::start(&dir.join("docker-x86")).unwrap();
     let arm = DockerEngine::start(&dir.join("docker-arm")).unwrap();
+    // With neither buildah nor podman on its PATH, `auto` takes the Engine.
+    let no_builders = dir.join("empty-bin");
+    std::fs::create_dir_all(&no_builders).unwrap();
     let agents = [
         AgentSpec::new("docker-amd64", &[]).backend("docker").flag("--docker-host", &x86.host),
+        AgentSpec::new("auto-amd64", &[]).env("PATH", no_builders.to_str().unwrap()).env("DOCKER_HOST", &x86.host),
         AgentSpec::new("docker-arm", &["linux/arm64", "linux/arm/v7"])
             .slots(2)
             .backend("docker")
@@ -87,6 +91,21 @@ fn a_docker_agent_without_an_engine_stops_with_the_reason() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot reach the Engine") && stderr.contains("none.sock"), "{stderr}");
+
+    // `auto` with no builder installed and no Engine says what to install.
+    let out = braid_tests::run_with_timeout(
+        std::process::Command::new(braid_tests::bin("braid-agent"))
+            .args(["--insecure", "--name", "a1", "--docker-host"])
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--work-dir")
+            .arg(tmp.path().join("work"))
+            .env("PATH", tmp.path()),
+        std::time::Duration::from_secs(30),
+    )
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no builder found") && stderr.contains("apt-get install buildah"), "{stderr}");
 }
 
 /// Builds the seed-style Dockerfile for three platforms and checks each
