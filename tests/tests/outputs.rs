@@ -176,6 +176,22 @@ fn load_puts_this_hosts_image_into_docker_or_podman() {
     docker(&["load", "--input", archive.to_str().unwrap()]);
     assert_eq!(docker(&["image", "inspect", "--format", "{{.Os}}/{{.Architecture}}", &arm_tag]), "linux/arm64");
 
+    // --push and --load together; then a real `docker pull` of the pushed
+    // index picks this host's image.
+    let both = format!("{}/load/both:1", registry.addr);
+    let out = farm
+        .braid_env(
+            &["build", "--platform", "linux/amd64,linux/arm64", "-t", &both, "--push", "--load", &ctx],
+            &[("DOCKER_HOST", docker_host)],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let loaded_id = docker(&["image", "inspect", "--format", "{{.Id}}", &both]);
+    docker(&["rmi", &both]);
+    docker(&["pull", &both]);
+    assert_eq!(docker(&["image", "inspect", "--format", "{{.Id}}", &both]), loaded_id, "the same image either way");
+    assert_eq!(docker(&["run", "--rm", "--network", "none", &both, "cat", "/arch"]), "x86_64");
+
     // No Engine answers: the image goes to podman's store instead.
     let storage = dir.join("podman");
     let conf = dir.join("storage.conf");
