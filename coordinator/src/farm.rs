@@ -348,6 +348,9 @@ pub struct Farm {
     active: std::collections::BTreeSet<String>,
     /// Events kept per build (`limits::BUILD_EVENTS`; smaller in tests).
     pub max_build_events: u64,
+    /// Agents an operator cordoned; kept in the store, so neither an agent's
+    /// reconnect nor a coordinator restart lifts a cordon.
+    cordons: HashSet<String>,
 }
 
 /// Replay and live events for one Watch.
@@ -380,6 +383,7 @@ impl Farm {
             job_index: HashMap::new(),
             active: Default::default(),
             max_build_events: braid_shared::limits::BUILD_EVENTS,
+            cordons: store.cordons()?.into_iter().collect(),
         };
         for (record, spec) in store.load_builds()? {
             farm.next_order = farm.next_order.max(record.order + 1);
@@ -409,6 +413,7 @@ impl Farm {
             }
         }
         for (name, jobs) in orphans {
+            let cordoned = self.cordons.contains(&name);
             self.agents.insert(
                 name.clone(),
                 AgentEntry {
@@ -421,7 +426,7 @@ impl Farm {
                     session: 0,
                     sender: None,
                     last_seen: now,
-                    cordoned: false,
+                    cordoned,
                     emulates: Vec::new(),
                     draining: false,
                     lost: false,
@@ -458,7 +463,13 @@ impl Farm {
         let agent = self.agents.get_mut(name).ok_or_else(|| {
             CoordinatorError::NotFound(format!("agent {:?} not found", braid_shared::shorten(name, 80)))
         })?;
+        self.store.set_cordon(name, cordoned)?;
         agent.cordoned = cordoned;
+        if cordoned {
+            self.cordons.insert(name.to_owned());
+        } else {
+            self.cordons.remove(name);
+        }
         tracing::info!(agent = name, cordoned, "agent cordon changed");
         Ok(agent)
     }
@@ -883,7 +894,7 @@ impl Farm {
                 session,
                 sender: Some(sender),
                 last_seen: Instant::now(),
-                cordoned: false,
+                cordoned: self.cordons.contains(&hello.name),
                 emulates,
                 draining: false,
                 lost: false,

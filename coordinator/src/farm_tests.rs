@@ -199,6 +199,32 @@ fn a_restart_keeps_builds_and_gives_up_after_max_attempts() {
 }
 
 #[test]
+fn a_cordon_outlasts_a_reconnect_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut farm, _) = farm(dir.path());
+        let (session, _inbox) = connect(&mut farm, "arm-a", &["linux/arm64"]);
+        farm.set_cordoned("arm-a", true).unwrap();
+        farm.agent_disconnected("arm-a", session);
+        let (_, mut inbox) = connect(&mut farm, "arm-a", &["linux/arm64"]);
+        assert_eq!(farm.agent_list()[0].state(), "cordoned", "a reconnect keeps the cordon");
+        submit(&mut farm, &["linux/arm64"]);
+        farm.schedule().unwrap();
+        assert!(
+            std::iter::from_fn(|| inbox.try_recv().ok()).all(|m| !matches!(m.unwrap().kind, Some(ToAgent::Assign(_)))),
+            "a cordoned agent gets no job"
+        );
+    }
+    let (mut farm, _) = farm(dir.path());
+    let (_, _inbox) = connect(&mut farm, "arm-a", &["linux/arm64"]);
+    assert_eq!(farm.agent_list()[0].state(), "cordoned", "a restart keeps the cordon");
+    farm.set_cordoned("arm-a", false).unwrap();
+    let (mut farm, _) = self::farm(dir.path());
+    let (_, _inbox) = connect(&mut farm, "arm-a", &["linux/arm64"]);
+    assert_eq!(farm.agent_list()[0].state(), "idle", "uncordoning is kept too");
+}
+
+#[test]
 fn a_job_log_is_cut_at_its_limit_with_one_notice() {
     let dir = tempfile::tempdir().unwrap();
     let (mut farm, store) = farm(dir.path());

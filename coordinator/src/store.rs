@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS contexts (
     stored    INTEGER NOT NULL,
     last_used INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS cordons (
+    agent TEXT PRIMARY KEY
+);
 ";
 
 impl Store {
@@ -150,6 +153,25 @@ impl Store {
         self.with(|c| {
             let mut stmt = c.prepare("SELECT digest, stored FROM contexts ORDER BY last_used, digest")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+            rows.collect()
+        })
+    }
+
+    /// Records or clears an operator's cordon on an agent.
+    pub fn set_cordon(&self, agent: &str, cordoned: bool) -> Result<()> {
+        self.with(|c| {
+            if cordoned {
+                c.execute("INSERT OR IGNORE INTO cordons (agent) VALUES (?1)", params![agent]).map(drop)
+            } else {
+                c.execute("DELETE FROM cordons WHERE agent = ?1", params![agent]).map(drop)
+            }
+        })
+    }
+
+    pub fn cordons(&self) -> Result<Vec<String>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT agent FROM cordons ORDER BY agent")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
             rows.collect()
         })
     }
