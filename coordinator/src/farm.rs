@@ -726,6 +726,8 @@ impl Farm {
                 schedulable: !a.cordoned && !a.draining,
             })
             .collect();
+        // Whether any agent serves a platform, asked once per pass, not per job.
+        let mut served_by: HashMap<(&Platform, bool), bool> = HashMap::new();
         for b in self.active.iter().filter_map(|id| self.builds.get(id)) {
             if b.record.status.is_terminal() || b.record.status == BuildStatus::Merging {
                 continue;
@@ -739,11 +741,16 @@ impl Farm {
                     allow_emulation: b.spec.allow_emulation,
                     submitter: b.record.owner.clone().unwrap_or_default(),
                 });
+                if j.waiting_noticed {
+                    continue;
+                }
                 // Cordoned and stopping agents do not count: they take nothing new.
-                let served = views.iter().any(|a| {
-                    a.schedulable && (a.builds(&j.platform) || (b.spec.allow_emulation && a.emulates(&j.platform)))
+                let served = *served_by.entry((&j.platform, b.spec.allow_emulation)).or_insert_with(|| {
+                    views.iter().any(|a| {
+                        a.schedulable && (a.builds(&j.platform) || (b.spec.allow_emulation && a.emulates(&j.platform)))
+                    })
                 });
-                if !served && !j.waiting_noticed {
+                if !served {
                     waiting.push((b.record.id.clone(), j.id.clone(), j.platform.clone()));
                 }
             }

@@ -59,11 +59,7 @@ impl AgentView {
 /// A job whose build allows emulation may go to an agent that emulates its
 /// platform, but only while no schedulable agent builds it natively.
 pub fn assign(queue: &[QueuedJob], agents: &[AgentView], last_agent: &HashMap<String, String>) -> Vec<Placement> {
-    let mut running: Vec<u32> = agents.iter().map(|a| a.running).collect();
-    let mut warm_keys: HashMap<&str, usize> = HashMap::new();
-    for agent in last_agent.values() {
-        *warm_keys.entry(agent.as_str()).or_default() += 1;
-    }
+    let mut pool = Pool::new(queue, agents, last_agent);
     // submitter -> build order -> jobs; the oldest submitter's turn first.
     let mut by_submitter: BTreeMap<&str, BTreeMap<u64, Vec<&QueuedJob>>> = BTreeMap::new();
     for job in queue {
@@ -82,12 +78,11 @@ pub fn assign(queue: &[QueuedJob], agents: &[AgentView], last_agent: &HashMap<St
             let count = lane.builds.len();
             for step in 0..count {
                 let b = (lane.next + step) % count;
-                let found = lane.builds[b].iter().enumerate().find_map(|(pos, job)| {
-                    pick(job, agents, &running, last_agent, &warm_keys).map(|choice| (pos, choice))
-                });
+                let found =
+                    lane.builds[b].iter().enumerate().find_map(|(pos, job)| pool.pick(job).map(|choice| (pos, choice)));
                 let Some((pos, (i, emulated))) = found else { continue };
                 let Some(job) = lane.builds[b].remove(pos) else { continue };
-                running[i] += 1;
+                pool.take_slot(i);
                 out.push(Placement { job_id: job.job_id.clone(), agent: agents[i].name.clone(), emulated });
                 lane.next = (b + 1) % count;
                 progressed = true;
@@ -106,31 +101,117 @@ struct Lane<'a> {
     next: usize,
 }
 
-/// The agent for a job and whether it would emulate, if any agent can take it now.
-fn pick(
-    job: &QueuedJob,
-    agents: &[AgentView],
-    running: &[u32],
-    last_agent: &HashMap<String, String>,
-    warm_keys: &HashMap<&str, usize>,
-) -> Option<(usize, bool)> {
-    let native_exists = agents.iter().any(|a| a.schedulable && a.builds(&job.platform));
-    let emulated = !native_exists && job.allow_emulation;
-    let fits = |a: &AgentView| if emulated { a.emulates(&job.platform) } else { a.builds(&job.platform) };
-    let candidates = agents.iter().enumerate().filter(|(i, a)| a.schedulable && running[*i] < a.slots && fits(a));
-    // Lower sorts first: warm, then least loaded, then fewest warm keys, then name.
-    type Preference<'a> = (bool, u64, usize, &'a str);
-    let mut best: Option<(usize, Preference)> = None;
-    for (i, agent) in candidates {
-        let warm = last_agent.get(&job.affinity_key) == Some(&agent.name);
-        let load = u64::from(running[i]) * 1_000_000 / u64::from(agent.slots.max(1));
-        let spread = warm_keys.get(agent.name.as_str()).copied().unwrap_or(0);
-        let key = (!warm, load, spread, agent.name.as_str());
-        if best.as_ref().is_none_or(|(_, b)| key < *b) {
-            best = Some((i, key));
+/// Lower sorts first: least loaded, then warm for the fewest other keys,
+/// then by name (the warm agent is looked up directly).
+type Preference<'a> = (u64, usize, &'a str, usize);
+
+/// The agents that could take a job of one platform: free ones ordered by
+/// preference, so a placement costs a lookup, not a scan of the farm.
+struct Group<'a> {
+    members: std::collections::HashSet<usize>,
+    free: std::collections::BTreeSet<Preference<'a>>,
+}
+
+/// Agents grouped by the queue's platforms, natively and by emulation.
+struct Pool<'a> {
+    agents: &'a [AgentView],
+    running: Vec<u32>,
+    spread: Vec<usize>,
+    by_name: HashMap<&'a str, usize>,
+    last_agent: &'a HashMap<String, String>,
+    native: HashMap<&'a Platform, usize>,
+    emulated: HashMap<&'a Platform, usize>,
+    groups: Vec<Group<'a>>,
+    /// Agent -> the groups it is in.
+    member_of: Vec<Vec<usize>>,
+}
+
+impl<'a> Pool<'a> {
+    fn new(queue: &'a [QueuedJob], agents: &'a [AgentView], last_agent: &'a HashMap<String, String>) -> Pool<'a> {
+        let mut warm_keys: HashMap<&str, usize> = HashMap::new();
+        for agent in last_agent.values() {
+            *warm_keys.entry(agent.as_str()).or_default() += 1;
+        }
+        let mut pool = Pool {
+            agents,
+            running: agents.iter().map(|a| a.running).collect(),
+            spread: agents.iter().map(|a| warm_keys.get(a.name.as_str()).copied().unwrap_or(0)).collect(),
+            by_name: agents.iter().enumerate().map(|(i, a)| (a.name.as_str(), i)).collect(),
+            last_agent,
+            native: HashMap::new(),
+            emulated: HashMap::new(),
+            groups: Vec::new(),
+            member_of: vec![Vec::new(); agents.len()],
+        };
+        for job in queue {
+            if !pool.native.contains_key(&job.platform) {
+                let g = pool.group(|a| a.builds(&job.platform));
+                pool.native.insert(&job.platform, g);
+            }
+            if job.allow_emulation && !pool.emulated.contains_key(&job.platform) {
+                let g = pool.group(|a| a.emulates(&job.platform));
+                pool.emulated.insert(&job.platform, g);
+            }
+        }
+        pool
+    }
+
+    fn preference(&self, i: usize) -> Preference<'a> {
+        let agent = &self.agents[i];
+        let load = u64::from(self.running[i]) * 1_000_000 / u64::from(agent.slots.max(1));
+        (load, self.spread[i], agent.name.as_str(), i)
+    }
+
+    /// A group of the schedulable agents that `fits`.
+    fn group(&mut self, fits: impl Fn(&AgentView) -> bool) -> usize {
+        let g = self.groups.len();
+        let mut group = Group { members: Default::default(), free: Default::default() };
+        for (i, agent) in self.agents.iter().enumerate().filter(|(_, a)| a.schedulable && fits(a)) {
+            group.members.insert(i);
+            if self.running[i] < agent.slots {
+                group.free.insert(self.preference(i));
+            }
+            self.member_of[i].push(g);
+        }
+        self.groups.push(group);
+        g
+    }
+
+    /// The agent for a job and whether it would emulate: the warm agent if
+    /// it can take it, else the most preferred free one.
+    fn pick(&self, job: &QueuedJob) -> Option<(usize, bool)> {
+        let native = self.native.get(&job.platform).map(|&g| &self.groups[g])?;
+        let (group, emulated) = if !native.members.is_empty() {
+            (native, false)
+        } else if job.allow_emulation {
+            (self.emulated.get(&job.platform).map(|&g| &self.groups[g])?, true)
+        } else {
+            return None;
+        };
+        let warm = self.last_agent.get(&job.affinity_key).and_then(|name| self.by_name.get(name.as_str()).copied());
+        if let Some(w) = warm
+            && group.members.contains(&w)
+            && self.running[w] < self.agents[w].slots
+        {
+            return Some((w, emulated));
+        }
+        group.free.first().map(|&(.., i)| (i, emulated))
+    }
+
+    /// One more job on agent `i`: its place in every group it is in moves.
+    fn take_slot(&mut self, i: usize) {
+        let before = self.preference(i);
+        self.running[i] += 1;
+        let after = self.preference(i);
+        let still_free = self.running[i] < self.agents[i].slots;
+        for &g in &self.member_of[i] {
+            let free = &mut self.groups[g].free;
+            free.remove(&before);
+            if still_free {
+                free.insert(after);
+            }
         }
     }
-    best.map(|(i, _)| (i, emulated))
 }
 
 #[cfg(test)]
@@ -249,7 +330,113 @@ mod tests {
     const PLATFORMS: &[&str] =
         &["linux/amd64", "linux/arm64", "linux/arm/v7", "linux/arm/v6", "linux/386", "linux/riscv64"];
 
+    /// The first, scanning version of `assign`: every job against every
+    /// agent. The indexed one must decide exactly as it did.
+    fn reference_assign(
+        queue: &[QueuedJob],
+        agents: &[AgentView],
+        last_agent: &HashMap<String, String>,
+    ) -> Vec<Placement> {
+        let mut running: Vec<u32> = agents.iter().map(|a| a.running).collect();
+        let mut warm_keys: HashMap<&str, usize> = HashMap::new();
+        for agent in last_agent.values() {
+            *warm_keys.entry(agent.as_str()).or_default() += 1;
+        }
+        // submitter -> build order -> jobs; the oldest submitter's turn first.
+        let mut by_submitter: BTreeMap<&str, BTreeMap<u64, Vec<&QueuedJob>>> = BTreeMap::new();
+        for job in queue {
+            by_submitter.entry(job.submitter.as_str()).or_default().entry(job.build_order).or_default().push(job);
+        }
+        let mut lanes: Vec<RefLane> = by_submitter
+            .into_values()
+            .map(|builds| RefLane { builds: builds.into_values().map(Into::into).collect(), next: 0 })
+            .collect();
+        lanes.sort_by_key(|l| l.builds.first().and_then(|b| b.front()).map(|j| j.build_order));
+        let mut out = Vec::new();
+        loop {
+            let mut progressed = false;
+            for lane in &mut lanes {
+                // This submitter places one job, from its next build that can.
+                let count = lane.builds.len();
+                for step in 0..count {
+                    let b = (lane.next + step) % count;
+                    let found = lane.builds[b].iter().enumerate().find_map(|(pos, job)| {
+                        reference_pick(job, agents, &running, last_agent, &warm_keys).map(|choice| (pos, choice))
+                    });
+                    let Some((pos, (i, emulated))) = found else { continue };
+                    let Some(job) = lane.builds[b].remove(pos) else { continue };
+                    running[i] += 1;
+                    out.push(Placement { job_id: job.job_id.clone(), agent: agents[i].name.clone(), emulated });
+                    lane.next = (b + 1) % count;
+                    progressed = true;
+                    break;
+                }
+            }
+            if !progressed {
+                return out;
+            }
+        }
+    }
+
+    struct RefLane<'a> {
+        builds: Vec<std::collections::VecDeque<&'a QueuedJob>>,
+        next: usize,
+    }
+
+    fn reference_pick(
+        job: &QueuedJob,
+        agents: &[AgentView],
+        running: &[u32],
+        last_agent: &HashMap<String, String>,
+        warm_keys: &HashMap<&str, usize>,
+    ) -> Option<(usize, bool)> {
+        let native_exists = agents.iter().any(|a| a.schedulable && a.builds(&job.platform));
+        let emulated = !native_exists && job.allow_emulation;
+        let fits = |a: &AgentView| if emulated { a.emulates(&job.platform) } else { a.builds(&job.platform) };
+        let candidates = agents.iter().enumerate().filter(|(i, a)| a.schedulable && running[*i] < a.slots && fits(a));
+        // Lower sorts first: warm, then least loaded, then fewest warm keys, then name.
+        type Preference<'a> = (bool, u64, usize, &'a str);
+        let mut best: Option<(usize, Preference)> = None;
+        for (i, agent) in candidates {
+            let warm = last_agent.get(&job.affinity_key) == Some(&agent.name);
+            let load = u64::from(running[i]) * 1_000_000 / u64::from(agent.slots.max(1));
+            let spread = warm_keys.get(agent.name.as_str()).copied().unwrap_or(0);
+            let key = (!warm, load, spread, agent.name.as_str());
+            if best.as_ref().is_none_or(|(_, b)| key < *b) {
+                best = Some((i, key));
+            }
+        }
+        best.map(|(i, _)| (i, emulated))
+    }
+
     proptest! {
+        #[test]
+        fn the_indexed_scheduler_decides_as_the_scan_did(
+            agent_specs in proptest::collection::vec((proptest::sample::subsequence(PLATFORMS, 1..3), 1u32..4, 0u32..3, any::<bool>()), 0..8),
+            job_specs in proptest::collection::vec((0u64..4, proptest::sample::select(PLATFORMS), 0usize..3, any::<bool>()), 0..24),
+            warm in proptest::collection::vec((0usize..6, 0usize..8), 0..6),
+        ) {
+            let agents: Vec<AgentView> = agent_specs.iter().enumerate().map(|(i, (ps, slots, running, ok))| AgentView {
+                name: format!("a{i}"),
+                platforms: ps.iter().map(|s| p(s)).collect(),
+                emulates: vec![p("linux/riscv64"), p("linux/arm64")],
+                slots: *slots,
+                running: (*running).min(*slots),
+                schedulable: *ok,
+            }).collect();
+            let queue: Vec<QueuedJob> = job_specs.iter().enumerate()
+                .map(|(i, (b, pl, key, emulate))| QueuedJob {
+                    allow_emulation: *emulate,
+                    submitter: format!("s{}", b % 2),
+                    ..job(&i.to_string(), *b, pl, &format!("repo{key}|{pl}"))
+                })
+                .collect();
+            let last_agent: HashMap<String, String> = warm.iter()
+                .map(|(key, agent)| (format!("repo{}|{}", key % 3, PLATFORMS[key % PLATFORMS.len()]), format!("a{agent}")))
+                .collect();
+            prop_assert_eq!(assign(&queue, &agents, &last_agent), reference_assign(&queue, &agents, &last_agent));
+        }
+
         #[test]
         fn assignments_respect_every_rule(
             agent_specs in proptest::collection::vec((proptest::sample::subsequence(PLATFORMS, 1..3), 1u32..4, 0u32..3, any::<bool>()), 0..6),
