@@ -1,7 +1,7 @@
 //! The farm's state: builds, their jobs, connected agents, and every change
 //! to them, written through to the store and broadcast as build events.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -331,7 +331,9 @@ pub enum FollowUp {
 
 pub struct Farm {
     pub builds: HashMap<String, BuildEntry>,
-    pub agents: HashMap<String, AgentEntry>,
+    /// By name, in name order: the scheduler breaks ties by name and takes
+    /// the agents in this order.
+    pub agents: BTreeMap<String, AgentEntry>,
     /// Affinity key -> the agent that last built it.
     last_agent: HashMap<String, String>,
     store: Arc<Store>,
@@ -371,7 +373,7 @@ impl Farm {
     ) -> Result<Farm> {
         let mut farm = Farm {
             builds: HashMap::new(),
-            agents: HashMap::new(),
+            agents: BTreeMap::new(),
             last_agent: HashMap::new(),
             store: store.clone(),
             next_order: 1,
@@ -718,9 +720,9 @@ impl Farm {
             .values()
             .filter(|a| a.sender.is_some())
             .map(|a| AgentView {
-                name: a.name.clone(),
-                platforms: a.platforms.clone(),
-                emulates: a.emulates.clone(),
+                name: &a.name,
+                platforms: &a.platforms,
+                emulates: &a.emulates,
                 slots: a.slots,
                 running: a.running.len() as u32,
                 schedulable: !a.cordoned && !a.draining,
@@ -755,6 +757,9 @@ impl Farm {
                 }
             }
         }
+        let placements =
+            if queue.is_empty() { Vec::new() } else { scheduler::assign(&queue, &views, &self.last_agent) };
+        drop(views);
         for (build_id, job_id, platform) in waiting {
             if let Some(j) = self.job_mut(&build_id, &job_id) {
                 j.waiting_noticed = true;
@@ -767,10 +772,7 @@ impl Farm {
                 })],
             )?;
         }
-        if queue.is_empty() {
-            return Ok(());
-        }
-        for placement in scheduler::assign(&queue, &views, &self.last_agent) {
+        for placement in placements {
             if let Some(build_id) = self.build_of_job(&placement.job_id) {
                 self.lease(&build_id, &placement.job_id, &placement.agent, placement.emulated)?;
             }

@@ -1,6 +1,7 @@
 //! The placement decision, as a pure function of the queue and the agents.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use braid_shared::Platform;
 
@@ -28,19 +29,21 @@ pub struct Placement {
     pub emulated: bool,
 }
 
-/// What the scheduler needs to know of one agent.
+/// What the scheduler needs to know of one agent, borrowed from the farm
+/// (a pass over 10,000 agents copies none of them). `assign` takes them
+/// sorted by name.
 #[derive(Debug, Clone)]
-pub struct AgentView {
-    pub name: String,
-    pub platforms: Vec<Platform>,
+pub struct AgentView<'a> {
+    pub name: &'a str,
+    pub platforms: &'a [Platform],
     /// Platforms it runs only through emulation.
-    pub emulates: Vec<Platform>,
+    pub emulates: &'a [Platform],
     pub slots: u32,
     pub running: u32,
     pub schedulable: bool,
 }
 
-impl AgentView {
+impl AgentView<'_> {
     pub fn builds(&self, platform: &Platform) -> bool {
         self.platforms.iter().any(|p| p.matches(platform))
     }
@@ -58,7 +61,7 @@ impl AgentView {
 ///
 /// A job whose build allows emulation may go to an agent that emulates its
 /// platform, but only while no schedulable agent builds it natively.
-pub fn assign(queue: &[QueuedJob], agents: &[AgentView], last_agent: &HashMap<String, String>) -> Vec<Placement> {
+pub fn assign(queue: &[QueuedJob], agents: &[AgentView<'_>], last_agent: &HashMap<String, String>) -> Vec<Placement> {
     let mut pool = Pool::new(queue, agents, last_agent);
     // submitter -> build order -> jobs; the oldest submitter's turn first.
     let mut by_submitter: BTreeMap<&str, BTreeMap<u64, Vec<&QueuedJob>>> = BTreeMap::new();
@@ -83,7 +86,7 @@ pub fn assign(queue: &[QueuedJob], agents: &[AgentView], last_agent: &HashMap<St
                 let Some((pos, (i, emulated))) = found else { continue };
                 let Some(job) = lane.builds[b].remove(pos) else { continue };
                 pool.take_slot(i);
-                out.push(Placement { job_id: job.job_id.clone(), agent: agents[i].name.clone(), emulated });
+                out.push(Placement { job_id: job.job_id.clone(), agent: agents[i].name.to_owned(), emulated });
                 lane.next = (b + 1) % count;
                 progressed = true;
                 break;
@@ -102,116 +105,141 @@ struct Lane<'a> {
 }
 
 /// Lower sorts first: least loaded, then warm for the fewest other keys,
-/// then by name (the warm agent is looked up directly).
-type Preference<'a> = (u64, usize, &'a str, usize);
+/// then by name, which is the agent's index (the warm agent is looked up
+/// directly).
+type Preference = (u64, usize, usize);
 
-/// The agents that could take a job of one platform: free ones ordered by
-/// preference, so a placement costs a lookup, not a scan of the farm.
+/// The agents that could take a job of one platform, the free ones in a
+/// min-heap by preference, so a placement costs a lookup, not a scan of
+/// the farm. An agent whose load changed is pushed again; the stale entry
+/// is dropped when it reaches the top.
 struct Group<'a> {
-    members: std::collections::HashSet<usize>,
-    free: std::collections::BTreeSet<Preference<'a>>,
+    platform: &'a Platform,
+    emulated: bool,
+    members: usize,
+    free: BinaryHeap<Reverse<Preference>>,
 }
 
 /// Agents grouped by the queue's platforms, natively and by emulation.
 struct Pool<'a> {
-    agents: &'a [AgentView],
+    agents: &'a [AgentView<'a>],
     running: Vec<u32>,
     spread: Vec<usize>,
-    by_name: HashMap<&'a str, usize>,
     last_agent: &'a HashMap<String, String>,
     native: HashMap<&'a Platform, usize>,
     emulated: HashMap<&'a Platform, usize>,
     groups: Vec<Group<'a>>,
-    /// Agent -> the groups it is in.
-    member_of: Vec<Vec<usize>>,
 }
 
 impl<'a> Pool<'a> {
-    fn new(queue: &'a [QueuedJob], agents: &'a [AgentView], last_agent: &'a HashMap<String, String>) -> Pool<'a> {
-        let mut warm_keys: HashMap<&str, usize> = HashMap::new();
-        for agent in last_agent.values() {
-            *warm_keys.entry(agent.as_str()).or_default() += 1;
+    fn new(queue: &'a [QueuedJob], agents: &'a [AgentView<'a>], last_agent: &'a HashMap<String, String>) -> Pool<'a> {
+        debug_assert!(agents.windows(2).all(|w| w[0].name < w[1].name), "agents come in name order");
+        let mut spread = vec![0; agents.len()];
+        for name in last_agent.values() {
+            if let Some(i) = index_of(agents, name) {
+                spread[i] += 1;
+            }
         }
         let mut pool = Pool {
             agents,
             running: agents.iter().map(|a| a.running).collect(),
-            spread: agents.iter().map(|a| warm_keys.get(a.name.as_str()).copied().unwrap_or(0)).collect(),
-            by_name: agents.iter().enumerate().map(|(i, a)| (a.name.as_str(), i)).collect(),
+            spread,
             last_agent,
             native: HashMap::new(),
             emulated: HashMap::new(),
             groups: Vec::new(),
-            member_of: vec![Vec::new(); agents.len()],
         };
         for job in queue {
             if !pool.native.contains_key(&job.platform) {
-                let g = pool.group(|a| a.builds(&job.platform));
+                let g = pool.group(&job.platform, false);
                 pool.native.insert(&job.platform, g);
             }
             if job.allow_emulation && !pool.emulated.contains_key(&job.platform) {
-                let g = pool.group(|a| a.emulates(&job.platform));
+                let g = pool.group(&job.platform, true);
                 pool.emulated.insert(&job.platform, g);
             }
         }
         pool
     }
 
-    fn preference(&self, i: usize) -> Preference<'a> {
-        let agent = &self.agents[i];
-        let load = u64::from(self.running[i]) * 1_000_000 / u64::from(agent.slots.max(1));
-        (load, self.spread[i], agent.name.as_str(), i)
+    fn preference(&self, i: usize) -> Preference {
+        let load = u64::from(self.running[i]) * 1_000_000 / u64::from(self.agents[i].slots.max(1));
+        (load, self.spread[i], i)
     }
 
-    /// A group of the schedulable agents that `fits`.
-    fn group(&mut self, fits: impl Fn(&AgentView) -> bool) -> usize {
-        let g = self.groups.len();
-        let mut group = Group { members: Default::default(), free: Default::default() };
-        for (i, agent) in self.agents.iter().enumerate().filter(|(_, a)| a.schedulable && fits(a)) {
-            group.members.insert(i);
-            if self.running[i] < agent.slots {
-                group.free.insert(self.preference(i));
+    fn is_free(&self, i: usize) -> bool {
+        self.running[i] < self.agents[i].slots
+    }
+
+    /// The group of the schedulable agents that build `platform`, or
+    /// emulate it.
+    fn group(&mut self, platform: &'a Platform, emulated: bool) -> usize {
+        let mut group = Group { platform, emulated, members: 0, free: BinaryHeap::new() };
+        let mut free = Vec::new();
+        for (i, agent) in self.agents.iter().enumerate() {
+            if group.admits(agent) {
+                group.members += 1;
+                if self.is_free(i) {
+                    free.push(Reverse(self.preference(i)));
+                }
             }
-            self.member_of[i].push(g);
         }
+        group.free = BinaryHeap::from(free);
         self.groups.push(group);
-        g
+        self.groups.len() - 1
     }
 
     /// The agent for a job and whether it would emulate: the warm agent if
     /// it can take it, else the most preferred free one.
-    fn pick(&self, job: &QueuedJob) -> Option<(usize, bool)> {
-        let native = self.native.get(&job.platform).map(|&g| &self.groups[g])?;
-        let (group, emulated) = if !native.members.is_empty() {
+    fn pick(&mut self, job: &QueuedJob) -> Option<(usize, bool)> {
+        let native = *self.native.get(&job.platform)?;
+        let (g, emulated) = if self.groups[native].members > 0 {
             (native, false)
         } else if job.allow_emulation {
-            (self.emulated.get(&job.platform).map(|&g| &self.groups[g])?, true)
+            (*self.emulated.get(&job.platform)?, true)
         } else {
             return None;
         };
-        let warm = self.last_agent.get(&job.affinity_key).and_then(|name| self.by_name.get(name.as_str()).copied());
+        let warm = self.last_agent.get(&job.affinity_key).and_then(|name| index_of(self.agents, name));
         if let Some(w) = warm
-            && group.members.contains(&w)
-            && self.running[w] < self.agents[w].slots
+            && self.groups[g].admits(&self.agents[w])
+            && self.is_free(w)
         {
             return Some((w, emulated));
         }
-        group.free.first().map(|&(.., i)| (i, emulated))
+        while let Some(&Reverse(top)) = self.groups[g].free.peek() {
+            let i = top.2;
+            if self.is_free(i) && top == self.preference(i) {
+                return Some((i, emulated));
+            }
+            self.groups[g].free.pop();
+        }
+        None
     }
 
     /// One more job on agent `i`: its place in every group it is in moves.
     fn take_slot(&mut self, i: usize) {
-        let before = self.preference(i);
         self.running[i] += 1;
-        let after = self.preference(i);
-        let still_free = self.running[i] < self.agents[i].slots;
-        for &g in &self.member_of[i] {
-            let free = &mut self.groups[g].free;
-            free.remove(&before);
-            if still_free {
-                free.insert(after);
-            }
+        if !self.is_free(i) {
+            return;
+        }
+        let now = Reverse(self.preference(i));
+        let agent = &self.agents[i];
+        for group in self.groups.iter_mut().filter(|g| g.admits(agent)) {
+            group.free.push(now);
         }
     }
+}
+
+impl Group<'_> {
+    fn admits(&self, agent: &AgentView<'_>) -> bool {
+        agent.schedulable && if self.emulated { agent.emulates(self.platform) } else { agent.builds(self.platform) }
+    }
+}
+
+/// An agent's index by name, in agents sorted by name.
+fn index_of(agents: &[AgentView<'_>], name: &str) -> Option<usize> {
+    agents.binary_search_by(|a| a.name.cmp(name)).ok()
 }
 
 #[cfg(test)]
@@ -223,11 +251,16 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn agent(name: &str, platforms: &[&str], slots: u32, running: u32) -> AgentView {
+    /// Views borrow from the farm; tests leak what they would borrow.
+    fn leak<T>(v: Vec<T>) -> &'static [T] {
+        Box::leak(v.into_boxed_slice())
+    }
+
+    fn agent(name: &str, platforms: &[&str], slots: u32, running: u32) -> AgentView<'static> {
         AgentView {
-            name: name.into(),
-            platforms: platforms.iter().map(|s| p(s)).collect(),
-            emulates: vec![],
+            name: Box::leak(name.to_owned().into_boxed_str()),
+            platforms: leak(platforms.iter().map(|s| p(s)).collect()),
+            emulates: &[],
             slots,
             running,
             schedulable: true,
@@ -285,7 +318,7 @@ mod tests {
     #[test]
     fn emulation_only_when_asked_and_no_native_agent_exists() {
         let mut amd = agent("amd", &["linux/amd64"], 2, 0);
-        amd.emulates = vec![p("linux/arm64")];
+        amd.emulates = leak(vec![p("linux/arm64")]);
         let arm = agent("arm", &["linux/arm64"], 1, 1);
         let wants = |allow| QueuedJob { allow_emulation: allow, ..job("1", 1, "linux/arm64", "k") };
         assert!(assign(&[wants(false)], std::slice::from_ref(&amd), &HashMap::new()).is_empty(), "not asked");
@@ -366,7 +399,7 @@ mod tests {
                     let Some((pos, (i, emulated))) = found else { continue };
                     let Some(job) = lane.builds[b].remove(pos) else { continue };
                     running[i] += 1;
-                    out.push(Placement { job_id: job.job_id.clone(), agent: agents[i].name.clone(), emulated });
+                    out.push(Placement { job_id: job.job_id.clone(), agent: agents[i].name.to_owned(), emulated });
                     lane.next = (b + 1) % count;
                     progressed = true;
                     break;
@@ -398,10 +431,10 @@ mod tests {
         type Preference<'a> = (bool, u64, usize, &'a str);
         let mut best: Option<(usize, Preference)> = None;
         for (i, agent) in candidates {
-            let warm = last_agent.get(&job.affinity_key) == Some(&agent.name);
+            let warm = last_agent.get(&job.affinity_key).map(String::as_str) == Some(agent.name);
             let load = u64::from(running[i]) * 1_000_000 / u64::from(agent.slots.max(1));
-            let spread = warm_keys.get(agent.name.as_str()).copied().unwrap_or(0);
-            let key = (!warm, load, spread, agent.name.as_str());
+            let spread = warm_keys.get(agent.name).copied().unwrap_or(0);
+            let key = (!warm, load, spread, agent.name);
             if best.as_ref().is_none_or(|(_, b)| key < *b) {
                 best = Some((i, key));
             }
@@ -417,9 +450,9 @@ mod tests {
             warm in proptest::collection::vec((0usize..6, 0usize..8), 0..6),
         ) {
             let agents: Vec<AgentView> = agent_specs.iter().enumerate().map(|(i, (ps, slots, running, ok))| AgentView {
-                name: format!("a{i}"),
-                platforms: ps.iter().map(|s| p(s)).collect(),
-                emulates: vec![p("linux/riscv64"), p("linux/arm64")],
+                name: Box::leak(format!("a{i}").into_boxed_str()),
+                platforms: leak(ps.iter().map(|s| p(s)).collect()),
+                emulates: leak(vec![p("linux/riscv64"), p("linux/arm64")]),
                 slots: *slots,
                 running: (*running).min(*slots),
                 schedulable: *ok,
@@ -443,9 +476,9 @@ mod tests {
             job_specs in proptest::collection::vec((0u64..4, proptest::sample::select(PLATFORMS)), 0..20),
         ) {
             let agents: Vec<AgentView> = agent_specs.iter().enumerate().map(|(i, (ps, slots, running, ok))| AgentView {
-                name: format!("a{i}"),
-                platforms: ps.iter().map(|s| p(s)).collect(),
-                emulates: vec![p("linux/riscv64")],
+                name: Box::leak(format!("a{i}").into_boxed_str()),
+                platforms: leak(ps.iter().map(|s| p(s)).collect()),
+                emulates: leak(vec![p("linux/riscv64")]),
                 slots: *slots,
                 running: (*running).min(*slots),
                 schedulable: *ok,
@@ -454,12 +487,12 @@ mod tests {
                 .map(|(i, (b, pl))| QueuedJob { allow_emulation: i % 2 == 0, ..job(&i.to_string(), *b, pl, pl) }).collect();
             let out = assign(&queue, &agents, &HashMap::new());
 
-            let mut load: HashMap<&str, u32> = agents.iter().map(|a| (a.name.as_str(), a.running)).collect();
+            let mut load: HashMap<&str, u32> = agents.iter().map(|a| (a.name, a.running)).collect();
             let mut seen = std::collections::HashSet::new();
             for Placement { job_id, agent: agent_name, emulated } in &out {
                 prop_assert!(seen.insert(job_id.clone()), "job assigned twice");
                 let j = queue.iter().find(|j| &j.job_id == job_id).unwrap();
-                let a = agents.iter().find(|a| &a.name == agent_name).unwrap();
+                let a = agents.iter().find(|a| a.name == agent_name).unwrap();
                 prop_assert!(a.schedulable);
                 if *emulated {
                     prop_assert!(a.emulates(&j.platform));
@@ -467,14 +500,14 @@ mod tests {
                 } else {
                     prop_assert!(a.builds(&j.platform));
                 }
-                *load.get_mut(a.name.as_str()).unwrap() += 1;
-                prop_assert!(load[a.name.as_str()] <= a.slots, "agent over capacity");
+                *load.get_mut(a.name).unwrap() += 1;
+                prop_assert!(load[a.name] <= a.slots, "agent over capacity");
             }
             // Maximal: no job left that some agent could still take.
             for j in queue.iter().filter(|j| !seen.contains(&j.job_id)) {
                 let native_exists = agents.iter().any(|a| a.schedulable && a.builds(&j.platform));
                 let fits = |a: &AgentView| if !native_exists && j.allow_emulation { a.emulates(&j.platform) } else { a.builds(&j.platform) };
-                let placeable = agents.iter().any(|a| a.schedulable && fits(a) && load[a.name.as_str()] < a.slots);
+                let placeable = agents.iter().any(|a| a.schedulable && fits(a) && load[a.name] < a.slots);
                 prop_assert!(!placeable, "job {} left unassigned with a free agent", j.job_id);
             }
         }

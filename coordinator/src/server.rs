@@ -153,15 +153,24 @@ impl Coordinator {
         Registry::with_credentials(&self.settings.insecure_registries, credentials)
     }
 
-    /// Places queued jobs whenever woken, and at least every second.
+    /// Places queued jobs whenever woken, and at least every second; looks
+    /// for lost agents and timed-out builds a few times a second (each
+    /// looks at every agent or build, too much for every wake-up).
     async fn schedule_loop(self: Arc<Self>) {
+        let mut last_sweep = std::time::Instant::now();
         loop {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
+            let sweep = last_sweep.elapsed() >= Duration::from_millis(200);
             let result = {
                 let mut farm = self.farm();
-                farm.reap(self.settings.agent_lost_after())
-                    .and_then(|()| farm.check_timeouts(self.settings.queue_timeout()))
-                    .and_then(|()| farm.schedule())
+                let swept = if sweep {
+                    last_sweep = std::time::Instant::now();
+                    farm.reap(self.settings.agent_lost_after())
+                        .and_then(|()| farm.check_timeouts(self.settings.queue_timeout()))
+                } else {
+                    Ok(())
+                };
+                swept.and_then(|()| farm.schedule())
             };
             if let Err(e) = result {
                 tracing::error!(error = %e, "scheduling failed");
