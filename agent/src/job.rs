@@ -20,7 +20,7 @@ use braid_shared::{Digest, ImageRef, Platform, buildargs, limits};
 
 use crate::cache::ContextCache;
 use crate::settings::Valid;
-use crate::{docker, upload};
+use crate::{docker, prune, upload};
 
 /// How a job ended, in the coordinator's terms.
 #[derive(Debug)]
@@ -35,6 +35,7 @@ pub struct JobEnv {
     pub cache: Arc<ContextCache>,
     pub outbox: mpsc::UnboundedSender<proto::AgentMessage>,
     pub engine_gate: Arc<docker::PlatformGate>,
+    pub storage_locks: Arc<prune::StorageLocks>,
 }
 
 pub async fn run(env: Arc<JobEnv>, assignment: proto::Assignment, cancel: CancellationToken) -> proto::JobResult {
@@ -227,6 +228,10 @@ async fn build_with_containers(
     cancel: &CancellationToken,
 ) -> Result<(), Outcome> {
     let BuildJob { env, a, spec, platform, job_dir, context_dir, layout } = *job;
+    // Keeps the storage from being cleared under this job.
+    let storage_lock = env.storage_locks.for_storage(&prune::storage_name(platform));
+    let _using = storage_lock.read().await;
+    prune::touch(&prune::storage_dir(&env.settings.settings.work_dir, platform));
     let conf = match write_containers_conf(job_dir, insecure, credentials).await {
         Ok(c) => c,
         Err(e) => return Err(infra(format!("writing registries.conf: {e}"))),
@@ -488,13 +493,6 @@ fn buildah(env: &JobEnv, conf: &ContainersConf, platform: &Platform) -> Command 
     storage_command(&env.settings.backend, env, conf, platform)
 }
 
-/// A short run directory for a storage root: podman refuses a runroot
-/// longer than 50 characters, and work directories are often deeper.
-fn runroot(storage: &Path) -> PathBuf {
-    let digest = braid_shared::Digest::of(storage.as_os_str().as_encoded_bytes());
-    std::env::temp_dir().join("braid-run").join(&digest.hex()[..16])
-}
-
 fn buildah_on_storage(env: &JobEnv, conf: &ContainersConf, platform: &Platform) -> Command {
     storage_command("buildah", env, conf, platform)
 }
@@ -503,12 +501,12 @@ fn buildah_on_storage(env: &JobEnv, conf: &ContainersConf, platform: &Platform) 
 /// agent's storage for `platform`.
 fn storage_command(program: &str, env: &JobEnv, conf: &ContainersConf, platform: &Platform) -> Command {
     let s = &env.settings.settings;
-    let storage = s.work_dir.join("storage").join(platform.to_string().replace('/', "-"));
+    let storage = prune::storage_dir(&s.work_dir, platform);
     let mut cmd = Command::new(program);
     cmd.arg("--root")
         .arg(storage.join("root"))
         .arg("--runroot")
-        .arg(runroot(&storage))
+        .arg(prune::runroot(&storage))
         .arg("--storage-driver")
         .arg(&s.storage_driver)
         .env("CONTAINERS_REGISTRIES_CONF", &conf.registries)

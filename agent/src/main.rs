@@ -5,6 +5,7 @@ mod cache;
 mod docker;
 mod job;
 mod join;
+mod prune;
 mod session;
 mod settings;
 mod upload;

@@ -48,6 +48,9 @@ pub struct Agent {
     /// Keeps docker-backend builds of different platforms apart; outlives
     /// sessions, as jobs do.
     engine_gate: Arc<crate::docker::PlatformGate>,
+    storage_locks: Arc<crate::prune::StorageLocks>,
+    /// One cache clearing at a time.
+    pruning: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -70,6 +73,8 @@ impl Agent {
             draining: AtomicBool::new(false),
             beat_now: Notify::new(),
             engine_gate: Arc::default(),
+            storage_locks: Arc::default(),
+            pruning: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -202,6 +207,7 @@ impl Agent {
             cache,
             outbox: self.outbox.clone(),
             engine_gate: self.engine_gate.clone(),
+            storage_locks: self.storage_locks.clone(),
         });
         let mut outbox = self.outbox_rx.lock().await;
         let mut tick = tokio::time::interval(heartbeat);
@@ -283,6 +289,9 @@ impl Agent {
             // between still claims it.
             self.deliver(result);
             lock(&self.running).remove(&job_id);
+            if let Ok(_one) = self.pruning.try_lock() {
+                crate::prune::enforce(&self.settings, &self.storage_locks).await;
+            }
         });
     }
 

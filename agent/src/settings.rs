@@ -45,6 +45,11 @@ pub struct Settings {
     pub storage_driver: String,
     /// Bytes of contexts kept in the cache. Default 10 GiB.
     pub context_cache_bytes: u64,
+    /// Bytes of buildah/podman storage (the layer cache, one per platform)
+    /// kept; past that, after a job, the least recently used platform's
+    /// storage is cleared. Default 20 GiB. (A Docker Engine's images are
+    /// left to the Engine.)
+    pub builder_cache_bytes: u64,
     /// Report the platforms this host can run through binfmt emulation
     /// (QEMU), for builds that pass `--allow-emulation`. Default true.
     pub emulation: bool,
@@ -72,6 +77,7 @@ impl Default for Settings {
             isolation: "chroot".to_owned(),
             storage_driver: "overlay".to_owned(),
             context_cache_bytes: 10 << 30,
+            builder_cache_bytes: 20 << 30,
             emulation: true,
             stop_grace_seconds: 600,
             log_format: LogFormat::Pretty,
@@ -94,6 +100,7 @@ pub const KEYS: &[&str] = &[
     "isolation",
     "storage_driver",
     "context_cache_bytes",
+    "builder_cache_bytes",
     "emulation",
     "stop_grace_seconds",
     "log_format",

@@ -2,8 +2,10 @@
 //! answers with a precise status, and the server keeps serving.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::time::Duration;
+
 use braid_shared::proto::{self, builds_client::BuildsClient};
-use braid_tests::{Farm, Registry, require_environment};
+use braid_tests::{AgentSpec, Farm, Registry, dockerfile_context, eventually, require_environment};
 use tonic::Code;
 
 fn spec() -> proto::BuildSpec {
@@ -80,4 +82,35 @@ fn every_limit_answers_precisely() {
         // Still serving.
         assert!(client.list(proto::ListBuildsRequest { limit: 5, state: 0 }).await.is_ok());
     });
+}
+
+#[test]
+fn the_builder_cache_is_cleared_past_its_bound() {
+    require_environment();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    let base = registry.push_base_image("base/busybox:latest").unwrap();
+    // A bound of one byte: every storage is over it once its job ends.
+    let agents = [AgentSpec::new("tiny-cache", &["linux/arm64", "linux/arm/v7"]).env("BRAID_BUILDER_CACHE_BYTES", "1")];
+    let farm = Farm::start(dir, &registry, &agents).unwrap();
+    farm.wait_for_agents(1).unwrap();
+    let ctx = dockerfile_context(dir, "ctx", &format!("FROM {base}\nRUN uname -m > /arch\n"));
+    let tag = format!("{}/cache/app:1", registry.addr);
+    let storage = dir.join("tiny-cache").join("storage");
+    let out = farm.braid(&["build", "--platform", "linux/arm64", "-t", &tag, "--push", &ctx]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eventually(Duration::from_secs(30), "the arm64 storage to be cleared", || {
+        let left = std::fs::read_dir(&storage).map(|d| d.count()).unwrap_or(0);
+        (left == 0).then_some(())
+    })
+    .unwrap();
+    assert!(farm.log("tiny-cache").contains("builder cache cleared"), "{}", farm.log("tiny-cache"));
+
+    // Builds go on from an empty cache.
+    let out = farm.braid(&["build", "--platform", "linux/arm64,linux/arm/v7", "-t", &tag, "--push", &ctx]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let index = registry.manifest("cache/app:1").unwrap();
+    let seen = registry.per_platform("cache/app", &index, &["arch"], &dir.join("scratch")).unwrap();
+    assert_eq!(seen, ["arm/v7 armv7l", "arm64 aarch64"]);
 }
