@@ -26,6 +26,8 @@ const METADATA_BYTES: u64 = 8 << 20;
 pub enum DockerError {
     #[error("Docker Engine at {host}: {message}")]
     Engine { host: String, message: String },
+    #[error("Docker Engine: {0}")]
+    Api(String),
     #[error("{0}")]
     Build(String),
     #[error("the saved image: {0}")]
@@ -55,7 +57,9 @@ pub async fn connect(host: &str) -> Result<Docker, DockerError> {
 /// Lets builds of one platform at a time onto the Engine. The classic
 /// builder resolves `FROM` by tag in the Engine's one image store, so while
 /// an arm64 build pulls `busybox`, an arm/v7 build starting from the same
-/// tag would get the arm64 image. Builds of the same platform share the gate.
+/// tag would get the arm64 image. Builds of the same platform share the
+/// gate; platforms take turns in the order they arrived, so a stream of one
+/// platform's jobs cannot starve another's.
 #[derive(Default)]
 pub struct PlatformGate {
     state: std::sync::Mutex<GateState>,
@@ -66,6 +70,19 @@ pub struct PlatformGate {
 struct GateState {
     platform: Option<Platform>,
     inside: usize,
+    /// Builds waiting for their turn, by ticket, oldest first.
+    waiting: std::collections::VecDeque<(u64, Platform)>,
+    next_ticket: u64,
+}
+
+impl GateState {
+    fn may_enter(&self, platform: &Platform, ticket: Option<u64>) -> bool {
+        let others_wait = self.waiting.iter().any(|(t, p)| p != platform && Some(*t) != ticket);
+        match &self.platform {
+            Some(current) => current == platform && !others_wait,
+            None => self.waiting.front().is_none_or(|(_, p)| p == platform),
+        }
+    }
 }
 
 /// Holds the gate open for its platform until dropped.
@@ -73,27 +90,52 @@ pub struct GatePass<'a> {
     gate: &'a PlatformGate,
 }
 
+/// A place in the queue, given up if the waiting build is cancelled.
+struct Ticket<'a> {
+    gate: &'a PlatformGate,
+    id: Option<u64>,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.gate.state().waiting.retain(|(t, _)| *t != id);
+            self.gate.changed.notify_waiters();
+        }
+    }
+}
+
 impl PlatformGate {
     fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
-        // The state is two plain fields, whole after any panic.
+        // Plain fields, whole after any panic.
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn is_open_for(&self, platform: &Platform) -> bool {
-        self.state().platform.as_ref().is_none_or(|p| p == platform)
+        self.state().may_enter(platform, None)
     }
 
     pub async fn enter(&self, platform: &Platform) -> GatePass<'_> {
+        let mut ticket = Ticket { gate: self, id: None };
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             {
                 let mut state = self.state();
-                if state.platform.as_ref().is_none_or(|p| p == platform) {
+                if state.may_enter(platform, ticket.id) {
+                    if let Some(id) = ticket.id.take() {
+                        state.waiting.retain(|(t, _)| *t != id);
+                    }
                     state.platform = Some(platform.clone());
                     state.inside += 1;
                     return GatePass { gate: self };
+                }
+                if ticket.id.is_none() {
+                    let id = state.next_ticket;
+                    state.next_ticket += 1;
+                    state.waiting.push_back((id, platform.clone()));
+                    ticket.id = Some(id);
                 }
             }
             changed.await;
@@ -104,7 +146,7 @@ impl PlatformGate {
 impl Drop for GatePass<'_> {
     fn drop(&mut self) {
         let mut state = self.gate.state();
-        state.inside -= 1;
+        state.inside = state.inside.saturating_sub(1);
         if state.inside == 0 {
             state.platform = None;
             self.gate.changed.notify_waiters();
@@ -166,10 +208,19 @@ pub async fn build(
         let info = match item {
             Ok(info) => info,
             Err(bollard::errors::Error::DockerStreamError { error }) => return Err(DockerError::Build(error)),
-            Err(e) => return Err(DockerError::Engine { host: String::new(), message: e.to_string() }),
+            Err(e) => return Err(DockerError::Api(e.to_string())),
         };
         if let Some(text) = info.stream {
             partial.push_str(&text);
+            // Output without newlines is cut into lines of the log's limit.
+            while partial.len() > braid_shared::limits::LOG_LINE_BYTES && !partial.contains('\n') {
+                let mut cut = braid_shared::limits::LOG_LINE_BYTES;
+                while !partial.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                let line: String = partial.drain(..cut).collect();
+                log(line);
+            }
             while let Some(end) = partial.find('\n') {
                 let line: String = partial.drain(..=end).collect();
                 let line = line.trim_end().to_owned();
@@ -266,7 +317,7 @@ pub async fn export_layout(
     let mut file = tokio::fs::File::create(&archive).await.map_err(io_err(&archive))?;
     let mut stream = docker.export_image(id);
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| DockerError::Engine { host: String::new(), message: e.to_string() })?;
+        let chunk = chunk.map_err(|e| DockerError::Api(e.to_string()))?;
         file.write_all(&chunk).await.map_err(io_err(&archive))?;
     }
     file.flush().await.map_err(io_err(&archive))?;
@@ -357,6 +408,9 @@ pub fn archive_to_layout(
     let config = config.ok_or_else(|| bad(format!("config {} missing", image.config)))?;
     let config = stamp_config(&config, platform).map_err(bad)?;
     let diff_ids = config_diff_ids(&config).map_err(bad)?;
+    if diff_ids.len() != layer_paths.len() {
+        return Err(bad(format!("{} layers, but the config lists {} diff_ids", layer_paths.len(), diff_ids.len())));
+    }
     let mut descriptors = Vec::with_capacity(layer_paths.len());
     for (i, path) in layer_paths.iter().enumerate() {
         let layer = layers.get(path).ok_or_else(|| bad(format!("layer {path} missing")))?;
@@ -649,6 +703,39 @@ mod tests {
         prepare_ignore_file(d, Some(b"FROM scratch\n")).unwrap();
         assert_eq!(std::fs::read_to_string(d.join(".dockerignore")).unwrap(), format!("*.log\n{INLINE_DOCKERFILE}\n"));
         assert_eq!(std::fs::read_to_string(d.join(INLINE_DOCKERFILE)).unwrap(), "FROM scratch\n");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_platform_goes_before_later_builds_of_the_current_one() {
+        let gate = std::sync::Arc::new(PlatformGate::default());
+        let arm64: Platform = "linux/arm64".parse().unwrap();
+        let armv7: Platform = "linux/arm/v7".parse().unwrap();
+        let first = gate.enter(&arm64).await;
+        let spawn_enter = |p: Platform| {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let _pass = gate.enter(&p).await;
+                tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            })
+        };
+        let v7 = spawn_enter(armv7.clone());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let later_arm64 = spawn_enter(arm64.clone());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!later_arm64.is_finished(), "a later arm64 build waits behind the waiting arm/v7 one");
+        drop(first);
+        tokio::time::timeout(std::time::Duration::from_secs(2), v7).await.unwrap().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(2), later_arm64).await.unwrap().unwrap();
+
+        // A cancelled waiter gives its place up.
+        let held = gate.enter(&arm64).await;
+        let cancelled = spawn_enter(armv7.clone());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        cancelled.abort();
+        let _ = cancelled.await;
+        let same = tokio::time::timeout(std::time::Duration::from_millis(200), gate.enter(&arm64)).await;
+        assert!(same.is_ok(), "nothing waits any more");
+        drop(held);
     }
 
     #[tokio::test]

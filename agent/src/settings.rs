@@ -265,7 +265,7 @@ impl Settings {
             other => return Err(invalid("backend", format!("{other:?}: buildah, podman, docker or auto"))),
         };
         let docker_host = braid_shared::engine::resolve_host(&self.docker_host);
-        if !(docker_host.starts_with("unix://") || docker_host.starts_with("tcp://")) {
+        if backend == "docker" && !(docker_host.starts_with("unix://") || docker_host.starts_with("tcp://")) {
             return Err(invalid("docker_host", format!("{docker_host:?}: unix://PATH or tcp://HOST:PORT")));
         }
         let backend_detected = self.backend == "auto";

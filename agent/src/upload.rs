@@ -51,22 +51,32 @@ pub async fn upload_layout(settings: &Valid, a: &proto::Assignment, layout: &Pat
             size,
             chunk: Vec::new(),
         };
+        // A read error ends the stream (the coordinator then refuses the
+        // short blob) and is reported as the cause.
+        let read_error: std::sync::Arc<std::sync::Mutex<Option<std::io::Error>>> = Default::default();
+        let seen = read_error.clone();
         let body = async_stream::stream! {
             yield header;
             loop {
                 let mut chunk = vec![0u8; CHUNK];
                 match file.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) => break,
                     Ok(n) => {
                         chunk.truncate(n);
                         yield proto::PutBlobRequest { chunk, ..Default::default() };
                     }
+                    Err(e) => {
+                        *seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                        break;
+                    }
                 }
             }
         };
-        // A read error shortens the stream; the coordinator then refuses
-        // the blob for its size.
-        client.put_blob(body).await?;
+        let put = client.put_blob(body).await;
+        if let Some(e) = read_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            return Err(UploadError::Io(std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))));
+        }
+        put?;
         sent += size;
     }
     Ok(sent)

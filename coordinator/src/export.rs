@@ -142,15 +142,15 @@ mod tests {
     fn the_layout_names_its_root_and_holds_every_blob_once() {
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobStore::open(dir.path(), 1 << 20).unwrap();
-        let config = blobs.put_bytes(br#"{"architecture":"amd64","os":"linux"}"#).unwrap();
-        let layer = blobs.put_bytes(b"layer").unwrap();
+        let config = blobs.put_bytes(br#"{"architecture":"amd64","os":"linux"}"#, Default::default).unwrap();
+        let layer = blobs.put_bytes(b"layer", Default::default).unwrap();
         let manifest = serde_json::json!({
             "schemaVersion": 2, "mediaType": braid_shared::oci::OCI_MANIFEST,
             "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.as_str(), "size": 37 },
             "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer.as_str(), "size": 5 }],
         })
         .to_string();
-        let manifest_digest = blobs.put_bytes(manifest.as_bytes()).unwrap();
+        let manifest_digest = blobs.put_bytes(manifest.as_bytes(), Default::default).unwrap();
         let image = ImageDescriptor {
             digest: manifest_digest.clone(),
             size: manifest.len() as u64,

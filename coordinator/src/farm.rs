@@ -10,7 +10,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use braid_shared::oci::{Credential, ImageDescriptor};
 use braid_shared::proto::{self, build_event::Kind as EventKind, coordinator_message::Kind as ToAgent};
-use braid_shared::{ImageRef, Platform};
+use braid_shared::{Digest, ImageRef, Platform};
 
 use crate::auth::Caller;
 use crate::error::{CoordinatorError, Result};
@@ -474,6 +474,17 @@ impl Farm {
         }
         tracing::info!(agent = name, cordoned, "agent cordon changed");
         Ok(agent)
+    }
+
+    /// The image manifests of exporting builds that have not ended or ended
+    /// in the last hour (their client is fetching them): blobs not to evict.
+    pub fn exporting_images(&self) -> Vec<Digest> {
+        let recent = now_ms() - 3_600_000;
+        self.builds
+            .values()
+            .filter(|b| b.spec.export && b.record.finished_ms.is_none_or(|f| f >= recent))
+            .flat_map(|b| b.record.jobs.iter().filter_map(|j| j.result.as_ref()?.digest.parse().ok()))
+            .collect()
     }
 
     /// Contexts of builds that have not ended.

@@ -139,7 +139,8 @@ impl Coordinator {
     ) -> std::result::Result<ImageDescriptor, String> {
         let (index, descriptor) = merge::index(&m.images, &m.annotations, &m.format)?;
         if m.export {
-            self.blobs.put_bytes(&index).map_err(|e| format!("storing the index: {e}"))?;
+            let needed = || self.blobs.referenced(&self.farm().exporting_images());
+            self.blobs.put_bytes(&index, needed).map_err(|e| format!("storing the index: {e}"))?;
         }
         if m.push {
             merge::push(&self.registry_for(build_id), &m.tags, &m.pushed_to, &m.images, &index, &descriptor).await?;

@@ -241,7 +241,8 @@ impl Agents for AgentsService {
             blobs.touch(&digest);
             return Ok(Response::new(proto::PutBlobResponse { digest: digest.to_string(), size: first.size }));
         }
-        let mut upload = blobs.begin(digest.clone(), first.size)?;
+        let needed = || blobs.referenced(&self.coordinator.farm().exporting_images());
+        let mut upload = blobs.begin(digest.clone(), first.size, needed)?;
         upload.write(&first.chunk)?;
         while let Some(msg) = stream.message().await? {
             upload.write(&msg.chunk)?;

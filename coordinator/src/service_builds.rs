@@ -220,10 +220,9 @@ impl Builds for BuildsService {
         };
         let blobs = self.coordinator.blobs.clone();
         let plan = crate::export::plan(&blobs, only.is_none().then_some(&index), &images, name).map_err(|e| {
-            Status::failed_precondition(format!(
-                "build {}: {e}; its blobs were evicted (blob_store_bytes): build it again",
-                r.build_id
-            ))
+            let gone = e.contains("not stored") || e.contains("was not uploaded");
+            let hint = if gone { "; evicted to stay under blob_store_bytes: build it again" } else { "" };
+            Status::failed_precondition(format!("build {}: {e}{hint}", r.build_id))
         })?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
         let writer = tokio::task::spawn_blocking(move || crate::export::write_tar(&blobs, &plan, tx));

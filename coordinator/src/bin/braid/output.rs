@@ -77,6 +77,22 @@ pub fn parse(
         if fields.contains_key("name") {
             bail!("--output name= is not supported: give the names with -t");
         }
+        let known: Option<&[&str]> = match fields.get("type").copied() {
+            Some("registry" | "image") => Some(&["type", "push", "oci-mediatypes"]),
+            Some("oci") => Some(&["type", "dest", "tar", "oci-mediatypes"]),
+            Some("docker") => Some(&["type", "dest"]),
+            _ => None,
+        };
+        if let (Some(known), Some(kind)) = (known, fields.get("type")) {
+            let mut unknown: Vec<&str> = fields.keys().copied().filter(|k| !known.contains(k)).collect();
+            unknown.sort_unstable();
+            if let Some(key) = unknown.first() {
+                bail!(
+                    "--output type={kind}: the {key}= attribute is not supported by braid (it takes {})",
+                    known.join(", ")
+                );
+            }
+        }
         if let Some(v) = fields.get("oci-mediatypes") {
             let wanted = if *v == "false" { "docker" } else { "oci" };
             if format.as_deref().is_some_and(|f| f != wanted) {
@@ -162,6 +178,7 @@ pub async fn find_store() -> anyhow::Result<Store> {
     };
     let podman = std::process::Command::new("podman").arg("--version").output();
     if podman.is_ok_and(|o| o.status.success()) {
+        eprintln!("--load: {engine_error}; loading into podman's store instead");
         return Ok(Store::Podman);
     }
     bail!("--load needs a local Docker Engine or podman: {engine_error}, and podman is not installed")
@@ -227,10 +244,14 @@ fn retryable(e: &anyhow::Error) -> bool {
 }
 
 /// A file written whole or not at all: to a temporary file beside it,
-/// renamed into place once complete.
+/// renamed into place once complete, readable by others as a plain file
+/// would be (temporary files start private).
 fn temp_beside(dest: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))
+    let temp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
+    temp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    Ok(temp)
 }
 
 /// Writes the local output of a succeeded build.
@@ -440,6 +461,14 @@ mod tests {
             (p(&[], false, false, Some("v2s1"), &all), "invalid --format"),
             (p(&["type=registry,oci-mediatypes=false"], false, false, Some("oci"), &all), "conflicting formats"),
             (p(&["type=registry,name=x"], false, false, None, &all), "give the names with -t"),
+            (
+                p(&["type=oci,dest=a,compression=zstd"], false, false, None, &all),
+                "compression= attribute is not supported",
+            ),
+            (
+                p(&["type=docker,dest=a,push=true"], false, false, None, &["linux/amd64"]),
+                "push= attribute is not supported",
+            ),
         ];
         for (result, want) in cases {
             let e = result.unwrap_err().to_string();
