@@ -358,8 +358,12 @@ mod tests {
         };
         let v = docker.validate().unwrap();
         assert_eq!((v.backend.as_str(), v.docker_host.as_str()), ("docker", "unix:///run/d.sock"));
-        let bad = Settings { docker_host: "/run/d.sock".into(), ..with("http://127.0.0.1:1") };
+        let bad =
+            Settings { backend: "docker".into(), docker_host: "/run/d.sock".into(), ..with("http://127.0.0.1:1") };
         assert!(bad.validate().unwrap_err().to_string().contains("invalid setting docker_host"));
+        let other =
+            Settings { backend: "buildah".into(), docker_host: "ssh://host".into(), ..with("http://127.0.0.1:1") };
+        assert!(other.validate().is_ok(), "an Engine address matters only to the docker backend");
         let bad = Settings { backend: "kaniko".into(), ..with("http://127.0.0.1:1") };
         assert!(bad.validate().unwrap_err().to_string().contains("buildah, podman, docker or auto"));
     }
