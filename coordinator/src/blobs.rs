@@ -58,6 +58,10 @@ impl BlobStore {
         Ok(BlobStore { dir: dir.to_owned(), max_bytes, stored: Mutex::new(stored) })
     }
 
+    pub fn stored_bytes(&self) -> u64 {
+        *self.stored()
+    }
+
     fn stored(&self) -> std::sync::MutexGuard<'_, u64> {
         // A plain counter: whole after any panic.
         self.stored.lock().unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -154,7 +154,8 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
 }
 
 async fn metrics(State(c): State<Arc<Coordinator>>) -> impl IntoResponse {
-    let gauges = c.farm().gauges();
+    let mut gauges = c.farm().gauges();
+    gauges.blob_store_bytes = c.blobs.stored_bytes();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], c.metrics.render(&gauges))
 }
 

@@ -68,6 +68,8 @@ pub struct Gauges {
     pub agents: BTreeMap<(String, String), u64>,
     /// platform -> (queued jobs, seconds the oldest has waited).
     pub queues: BTreeMap<String, (u64, f64)>,
+    /// Bytes of image blobs held for exporting builds.
+    pub blob_store_bytes: u64,
 }
 
 /// Labeled counters, with their help text.
@@ -159,6 +161,12 @@ impl Metrics {
         gauge(&mut out, "braid_agents_connected", "Agents with a live session.", gauges.agents_connected);
         gauge(&mut out, "braid_jobs_queued", "Jobs waiting for an agent.", gauges.jobs_queued);
         gauge(&mut out, "braid_jobs_running", "Jobs leased to an agent.", gauges.jobs_running);
+        gauge(
+            &mut out,
+            "braid_blob_store_bytes",
+            "Bytes of image blobs the coordinator holds for exporting builds (bounded by blob_store_bytes).",
+            gauges.blob_store_bytes,
+        );
 
         let _ = writeln!(out, "# HELP braid_agents Agents by platform and state.\n# TYPE braid_agents gauge");
         for ((platform, state), n) in &gauges.agents {

@@ -55,8 +55,19 @@ pub fn require_environment() {
 }
 
 /// A free loopback port (released before use; good enough for tests).
+/// A loopback port nothing listens on, never one handed out before in this
+/// process: tests run in parallel, and a port freed here but not yet bound
+/// by the child it is for would otherwise go to the next test too.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `f` every 100 ms until it returns Some or `timeout` passes.
@@ -479,10 +490,15 @@ impl Farm {
         let log = self.dir.join("coordinator.log");
         let mut cmd = Command::new(bin("braid-coordinator"));
         cmd.args(&self.coordinator_args);
+        let before = std::fs::read_to_string(&log).map(|l| l.matches("coordinator listening").count()).unwrap_or(0);
         self.coordinator = Some(Proc::spawn("coordinator", &mut cmd, &log)?);
         let addr = self.url.trim_start_matches("http://").to_owned();
+        // Its own log line, not only an open port: something else could
+        // hold the port.
         eventually(Duration::from_secs(20), "the coordinator to listen", || {
-            std::net::TcpStream::connect(&addr).ok().map(drop)
+            let text = std::fs::read_to_string(&log).ok()?;
+            let listening = text.matches("coordinator listening").count() > before;
+            (listening && std::net::TcpStream::connect(&addr).is_ok()).then_some(())
         })
     }
 

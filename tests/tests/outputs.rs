@@ -51,6 +51,7 @@ fn oci_archive_and_directory_outputs_hold_every_platform() {
     assert!(registry.manifest("oci/app:1").is_none(), "an oci output pushes nothing");
     let uploaded = farm.metric("braid_blob_bytes_received_total");
     assert!(uploaded > 0.0);
+    assert!(farm.metric("braid_blob_store_bytes") >= uploaded, "the store holds what was uploaded, and the index");
 
     let raw = skopeo(&["inspect", "--raw", &format!("oci-archive:{}", archive.display())]);
     let index: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
