@@ -124,6 +124,18 @@ fn docker_format_pushes_a_manifest_list_of_schema2_manifests() {
         ["amd64 x86_64 amd64", "arm/v7 armv7l arm", "arm64 aarch64 arm64"]
     );
 
+    // The same images as an OCI layout holding a Docker manifest list.
+    let archive = dir.join("docker-format.tar");
+    let dest = format!("type=oci,dest={}", archive.display());
+    let out = farm.braid(&["build", "--platform", THREE, "--format", "docker", "--output", &dest, &ctx]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let raw = skopeo(&["inspect", "--raw", &format!("oci-archive:{}", archive.display())]);
+    let local: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert_eq!(local, list, "the same manifest list as pushed");
+    let copied = format!("docker://{}/docker/copied:1", registry.addr);
+    skopeo(&["copy", "--all", "--dest-tls-verify=false", &format!("oci-archive:{}", archive.display()), &copied]);
+    assert_eq!(registry.manifest("docker/copied:1").unwrap(), list);
+
     let out = farm
         .braid(&["build", "--platform", THREE, "-t", &tag, "--push", "--format", "docker", "--annotation", "a=b", &ctx])
         .unwrap();
@@ -144,8 +156,9 @@ fn load_puts_this_hosts_image_into_docker_or_podman() {
     farm.wait_for_agents(2).unwrap();
     let ctx = dockerfile_context(dir, "ctx", &dockerfile(&base));
 
-    // Refused before anything is uploaded: the host's platform is missing.
-    let out = farm.braid(&["build", "--platform", "linux/arm64", "--load", &ctx]).unwrap();
+    // Refused before anything is uploaded: of several platforms, --load
+    // takes the host's, and it is missing.
+    let out = farm.braid(&["build", "--platform", "linux/arm64,linux/arm/v7", "--load", &ctx]).unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--load loads the image for this host"));
     assert_eq!(farm.metric("braid_context_uploads_total"), 0.0);
@@ -176,6 +189,17 @@ fn load_puts_this_hosts_image_into_docker_or_podman() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     docker(&["load", "--input", archive.to_str().unwrap()]);
     assert_eq!(docker(&["image", "inspect", "--format", "{{.Os}}/{{.Architecture}}", &arm_tag]), "linux/arm64");
+
+    // A one-platform build is loaded whatever its platform, as buildx does.
+    let foreign = format!("{}/load/foreign:1", registry.addr);
+    let out = farm
+        .braid_env(
+            &["build", "--platform", "linux/arm64", "-t", &foreign, "--load", &ctx],
+            &[("DOCKER_HOST", docker_host)],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(docker(&["image", "inspect", "--format", "{{.Os}}/{{.Architecture}}", &foreign]), "linux/arm64");
 
     // --push and --load together; then a real `docker pull` of the pushed
     // index picks this host's image.

@@ -46,7 +46,8 @@ pub struct BuildArgs {
     /// type=docker (the same as --load) or type=docker,dest=FILE (one platform)
     #[arg(short = 'o', long = "output", value_name = "SPEC")]
     outputs: Vec<String>,
-    /// Load this host's platform's image into the local Docker Engine (DOCKER_HOST) or podman
+    /// Load the image into the local Docker Engine (DOCKER_HOST) or podman: a one-platform
+    /// build's, or of several platforms this host's
     #[arg(long)]
     load: bool,
     /// Media types: oci (OCI image index and manifests) or docker (Docker manifest list and

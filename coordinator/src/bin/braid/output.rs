@@ -147,11 +147,16 @@ pub fn parse(
     Ok(Outputs { push, local, format })
 }
 
-/// The build's platform this host runs: the same one, else one it can run
-/// (containerd's rules), as `docker buildx build --load` picks.
+/// The platform `--load` loads: a one-platform build's, else this host's,
+/// or one it runs (containerd's rules).
 fn load_platform(platforms: &[String]) -> anyhow::Result<Platform> {
     let host = Platform::host();
     let parsed: Vec<Platform> = platforms.iter().filter_map(|p| p.parse().ok()).collect();
+    // One platform is loaded whatever it is, as buildx does (the Engine
+    // keeps images of any architecture).
+    if let [only] = parsed.as_slice() {
+        return Ok(only.clone());
+    }
     parsed.iter().find(|p| **p == host).or_else(|| parsed.iter().find(|p| host.matches(p))).cloned().ok_or_else(|| {
         anyhow::anyhow!(
             "--load loads the image for this host ({host}), and the build has none it runs ({}): add --platform {host}",
@@ -438,6 +443,12 @@ mod tests {
         assert_eq!(p(&[], true, false, Some("docker"), &all).unwrap().format, "docker");
         let o = p(&[], false, true, None, &[&Platform::host().to_string(), "linux/riscv64"]).unwrap();
         assert_eq!(o.local, Some(Local::Load { platform: Platform::host() }));
+        let o = p(&[], false, true, None, &["linux/riscv64"]).unwrap();
+        assert_eq!(
+            o.local,
+            Some(Local::Load { platform: "linux/riscv64".parse().unwrap() }),
+            "one platform, whatever it is"
+        );
         let o = p(&["type=docker,dest=img.tar"], false, false, None, &["linux/arm64"]).unwrap();
         assert_eq!(o.local, Some(Local::DockerTar("img.tar".into())));
     }
@@ -451,7 +462,7 @@ mod tests {
             (p(&["type=oci,dest=a", "type=oci,dest=b"], false, false, None, &all), "at most one local output"),
             (p(&["type=oci,dest=a"], false, true, None, &all), "at most one local output"),
             (p(&["type=docker,dest=a"], false, false, None, &all), "one platform's image"),
-            (p(&[], false, true, None, &["linux/riscv64"]), "--load loads the image for this host"),
+            (p(&[], false, true, None, &["linux/riscv64", "linux/s390x"]), "--load loads the image for this host"),
             (p(&["type=local,dest=x"], false, false, None, &all), "type=local is not supported"),
             (p(&["out"], false, false, None, &all), "type=local is not supported"),
             (p(&["type=tar,dest=x"], false, false, None, &all), "type=tar is not supported"),
