@@ -136,6 +136,13 @@ fn docker_format_pushes_a_manifest_list_of_schema2_manifests() {
     skopeo(&["copy", "--all", "--dest-tls-verify=false", &format!("oci-archive:{}", archive.display()), &copied]);
     assert_eq!(registry.manifest("docker/copied:1").unwrap(), list);
 
+    // buildx's other spelling: the names and the push in the output.
+    let named = format!("type=image,\"name={0}/named/app:1,{0}/named/app:2\",push=true", registry.addr);
+    let out = farm.braid(&["build", "--platform", "linux/amd64", "--output", &named, &ctx]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(registry.digest_of("named/app:1"), registry.digest_of("named/app:2"));
+    assert!(registry.manifest("named/app:2").is_some());
+
     let out = farm
         .braid(&["build", "--platform", THREE, "-t", &tag, "--push", "--format", "docker", "--annotation", "a=b", &ctx])
         .unwrap();

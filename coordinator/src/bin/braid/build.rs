@@ -41,7 +41,7 @@ pub struct BuildArgs {
     /// Push every platform and the multi-platform index under the tags
     #[arg(long)]
     push: bool,
-    /// Output, as buildx: type=registry (the same as --push), type=image[,push=true],
+    /// Output, as buildx: type=registry (the same as --push), type=image[,push=true][,name=NAME],
     /// type=oci,dest=FILE (dest=- for stdout; dest=DIR,tar=false for a directory),
     /// type=docker (the same as --load) or type=docker,dest=FILE (one platform)
     #[arg(short = 'o', long = "output", value_name = "SPEC")]
@@ -203,6 +203,7 @@ fn strip_userinfo(url: &str) -> String {
 pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     let platforms = platforms(&args.platforms)?;
     let outputs = output::parse(&args.outputs, args.push, args.load, args.format.as_deref(), &platforms)?;
+    let tags: Vec<String> = args.tags.iter().chain(&outputs.names).cloned().collect();
     if args.detach && outputs.exports() {
         bail!(
             "--detach returns before the build ends, so it cannot write a local output (type=oci, type=docker, --load)"
@@ -274,7 +275,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     };
     let spec = proto::BuildSpec {
         platforms,
-        tags: args.tags.clone(),
+        tags: tags.clone(),
         context_digest: prepared.summary.digest.to_string(),
         dockerfile_path,
         dockerfile_inline,
@@ -289,7 +290,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         export: outputs.exports(),
         format: outputs.format.clone(),
     };
-    let credentials = if conn.may_carry_secrets() { forwarded_credentials(&args.tags)? } else { Vec::new() };
+    let credentials = if conn.may_carry_secrets() { forwarded_credentials(&tags)? } else { Vec::new() };
     let build_id = client.submit(proto::SubmitRequest { spec: Some(spec), credentials }).await?.into_inner().build_id;
     say(format!("#2 build {build_id} submitted"));
     if args.detach {

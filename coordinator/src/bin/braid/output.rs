@@ -18,6 +18,8 @@ use crate::conn::Builds;
 #[derive(Debug, PartialEq)]
 pub struct Outputs {
     pub push: bool,
+    /// Image names from `type=image|registry,name=...`, tags like `-t`'s.
+    pub names: Vec<String>,
     pub local: Option<Local>,
     /// Media types: "oci" or "docker".
     pub format: String,
@@ -52,6 +54,7 @@ pub fn parse(
     platforms: &[String],
 ) -> anyhow::Result<Outputs> {
     let mut push = push_flag;
+    let mut names = Vec::new();
     let mut local = None;
     let mut format = format_flag.map(str::to_owned);
     let set_local = |new: Local, local: &mut Option<Local>| -> anyhow::Result<()> {
@@ -67,18 +70,16 @@ pub fn parse(
         if !spec.contains('=') {
             bail!("invalid --output {spec:?}: type=local is not supported: use type=oci,dest={spec}");
         }
-        let mut fields: HashMap<&str, &str> = HashMap::new();
-        for part in spec.split(',') {
+        let mut fields: HashMap<String, String> = HashMap::new();
+        for part in csv_fields(spec)? {
             let (k, v) = part
                 .split_once('=')
                 .ok_or_else(|| anyhow::anyhow!("invalid --output {spec:?}: expected key=value pairs"))?;
-            fields.insert(k.trim(), v.trim());
+            fields.insert(k.trim().to_owned(), v.trim().to_owned());
         }
-        if fields.contains_key("name") {
-            bail!("--output name= is not supported: give the names with -t");
-        }
+        let fields: HashMap<&str, &str> = fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let known: Option<&[&str]> = match fields.get("type").copied() {
-            Some("registry" | "image") => Some(&["type", "push", "oci-mediatypes"]),
+            Some("registry" | "image") => Some(&["type", "push", "oci-mediatypes", "name"]),
             Some("oci") => Some(&["type", "dest", "tar", "oci-mediatypes"]),
             Some("docker") => Some(&["type", "dest"]),
             _ => None,
@@ -101,6 +102,9 @@ pub fn parse(
             format = Some(wanted.to_owned());
         }
         let dest = fields.get("dest").filter(|d| !d.is_empty()).map(PathBuf::from);
+        if let Some(list) = fields.get("name") {
+            names.extend(list.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned));
+        }
         match fields.get("type").copied() {
             Some("registry") => push = true,
             Some("image") => push |= fields.get("push").is_some_and(|v| *v == "true"),
@@ -144,7 +148,32 @@ pub fn parse(
     if !matches!(format.as_str(), "oci" | "docker") {
         bail!("invalid --format {format:?}: oci or docker");
     }
-    Ok(Outputs { push, local, format })
+    Ok(Outputs { push, names, local, format })
+}
+
+/// An `--output` value's comma-separated fields, as buildx reads them (CSV:
+/// `"name=a,b"` in double quotes is one field).
+fn csv_fields(spec: &str) -> anyhow::Result<Vec<String>> {
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    let mut chars = spec.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                field.push('"');
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => fields.push(std::mem::take(&mut field)),
+            c => field.push(c),
+        }
+    }
+    if quoted {
+        bail!("invalid --output {spec:?}: a quote is not closed");
+    }
+    fields.push(field);
+    Ok(fields)
 }
 
 /// The platform `--load` loads: a one-platform build's, else this host's,
@@ -430,6 +459,9 @@ mod tests {
     fn reads_buildx_output_specs() {
         let all = ["linux/amd64", "linux/arm64"];
         assert!(p(&["type=registry"], false, false, None, &all).unwrap().push);
+        let o = p(&["type=image,\"name=r.io/a:1,r.io/a:latest\",push=true"], false, false, None, &all).unwrap();
+        assert_eq!(o.names, ["r.io/a:1", "r.io/a:latest"], "names in quotes, as buildx takes them");
+        assert!(o.push);
         assert!(p(&["type=image,push=true"], false, false, None, &all).unwrap().push);
         assert!(!p(&["type=image"], false, false, None, &all).unwrap().push);
         let o = p(&["type=oci,dest=out.tar"], false, false, None, &all).unwrap();
@@ -471,7 +503,7 @@ mod tests {
             (p(&["type=oci,dest=a,tar=maybe"], false, false, None, &all), "tar=maybe"),
             (p(&[], false, false, Some("v2s1"), &all), "invalid --format"),
             (p(&["type=registry,oci-mediatypes=false"], false, false, Some("oci"), &all), "conflicting formats"),
-            (p(&["type=registry,name=x"], false, false, None, &all), "give the names with -t"),
+            (p(&["type=image,\"name=x"], false, false, None, &all), "a quote is not closed"),
             (
                 p(&["type=oci,dest=a,compression=zstd"], false, false, None, &all),
                 "compression= attribute is not supported",
