@@ -443,18 +443,14 @@ pub fn archive_to_layout(
     let manifest = serde_json::to_vec(&manifest).map_err(|e| bad(e.to_string()))?;
     let manifest_digest = Digest::of(&manifest);
     write_blob(&blobs, &manifest_digest, &manifest)?;
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": oci::OCI_INDEX,
-        "manifests": [{
-            "mediaType": oci::OCI_MANIFEST,
-            "digest": manifest_digest.as_str(),
-            "size": manifest.len(),
-        }],
-    });
+    let root = oci::ImageDescriptor {
+        digest: manifest_digest,
+        size: manifest.len() as u64,
+        media_type: oci::OCI_MANIFEST.to_owned(),
+    };
     let write = |name: &str, bytes: &[u8]| std::fs::write(layout.join(name), bytes).map_err(io_err(layout));
-    write("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    write("index.json", &serde_json::to_vec(&index).map_err(|e| bad(e.to_string()))?)
+    write("oci-layout", oci::LAYOUT_VERSION_FILE)?;
+    write("index.json", &oci::layout_index(&root, &BTreeMap::new()))
 }
 
 fn for_each_entry(

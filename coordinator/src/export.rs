@@ -56,24 +56,14 @@ pub fn plan(
 
 /// `index.json` of the layout.
 fn index_json(plan: &LayoutPlan) -> Vec<u8> {
-    let mut descriptor = serde_json::json!({
-        "mediaType": plan.root.media_type,
-        "digest": plan.root.digest.as_str(),
-        "size": plan.root.size,
-    });
+    let mut annotations = std::collections::BTreeMap::new();
     if let Some(name) = &plan.name {
         let tagged = name.clone().with_default_tag();
-        descriptor["annotations"] = serde_json::json!({
-            "io.containerd.image.name": tagged.to_string(),
-            "org.opencontainers.image.ref.name": tagged.tag().unwrap_or("latest"),
-        });
+        annotations.insert("io.containerd.image.name".to_owned(), tagged.to_string());
+        let tag = tagged.tag().unwrap_or("latest").to_owned();
+        annotations.insert("org.opencontainers.image.ref.name".to_owned(), tag);
     }
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": braid_shared::oci::OCI_INDEX,
-        "manifests": [descriptor],
-    });
-    index.to_string().into_bytes()
+    braid_shared::oci::layout_index(&plan.root, &annotations)
 }
 
 /// Bytes per streamed chunk.
@@ -126,8 +116,8 @@ pub fn write_tar(blobs: &BlobStore, plan: &LayoutPlan, tx: mpsc::Sender<Vec<u8>>
         tar.append_data(&mut h, format!("blobs/sha256/{}", digest.hex()), file)?;
         blobs.touch(digest);
     }
-    let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
-    tar.append_data(&mut header(layout.len() as u64, 0o644, tar::EntryType::Regular), "oci-layout", &layout[..])?;
+    let layout = braid_shared::oci::LAYOUT_VERSION_FILE;
+    tar.append_data(&mut header(layout.len() as u64, 0o644, tar::EntryType::Regular), "oci-layout", layout)?;
     let index = index_json(plan);
     tar.append_data(&mut header(index.len() as u64, 0o644, tar::EntryType::Regular), "index.json", index.as_slice())?;
     let mut writer = tar.into_inner()?;

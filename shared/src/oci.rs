@@ -1,7 +1,7 @@
 //! OCI images in registries: push an image from an OCI layout by digest, read a
 //! manifest back to verify its platform, and push a multi-platform index.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -403,6 +403,25 @@ pub fn to_docker_manifest(manifest: &[u8]) -> Result<Vec<u8>, String> {
     serde_json::to_vec(&value).map_err(|e| e.to_string())
 }
 
+/// The `oci-layout` file of an OCI image layout.
+pub const LAYOUT_VERSION_FILE: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+/// A layout's `index.json` naming one root (an image or an index), with
+/// the root descriptor's annotations.
+pub fn layout_index(root: &ImageDescriptor, annotations: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut descriptor = serde_json::json!({
+        "mediaType": root.media_type,
+        "digest": root.digest.as_str(),
+        "size": root.size,
+    });
+    if !annotations.is_empty() {
+        descriptor["annotations"] = serde_json::json!(annotations);
+    }
+    serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [descriptor] })
+        .to_string()
+        .into_bytes()
+}
+
 /// Rewrites a one-image OCI layout's manifest as Docker schema 2.
 pub async fn layout_to_docker(layout: &Path) -> Result<(), OciError> {
     let err = |message: String| OciError::Layout { path: layout.to_owned(), message };
@@ -410,12 +429,9 @@ pub async fn layout_to_docker(layout: &Path) -> Result<(), OciError> {
     let manifest = to_docker_manifest(&image.manifest).map_err(err)?;
     let digest = Digest::of(&manifest);
     tokio::fs::write(blob_path(layout, &digest), &manifest).await.map_err(|e| err(e.to_string()))?;
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
-        "manifests": [{ "mediaType": DOCKER_MANIFEST, "digest": digest.as_str(), "size": manifest.len() }],
-    });
-    tokio::fs::write(layout.join("index.json"), index.to_string()).await.map_err(|e| err(e.to_string()))
+    let root = ImageDescriptor { digest, size: manifest.len() as u64, media_type: DOCKER_MANIFEST.to_owned() };
+    let index = layout_index(&root, &BTreeMap::new());
+    tokio::fs::write(layout.join("index.json"), index).await.map_err(|e| err(e.to_string()))
 }
 
 /// The digests of every blob of a one-image layout, manifest first.

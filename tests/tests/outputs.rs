@@ -22,6 +22,18 @@ fn three_agents() -> [AgentSpec; 3] {
     ]
 }
 
+/// A registry with the base image, a farm of `agents` and the context of
+/// `dockerfile`: what every test here starts from.
+fn farm_of(dir: &Path, agents: &[AgentSpec]) -> (Registry, Farm, String) {
+    require_environment();
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    let base = registry.push_base_image("base/busybox:latest").unwrap();
+    let farm = Farm::start(dir, &registry, agents).unwrap();
+    farm.wait_for_agents(agents.len()).unwrap();
+    let ctx = dockerfile_context(dir, "ctx", &dockerfile(&base));
+    (registry, farm, ctx)
+}
+
 fn skopeo(args: &[&str]) -> std::process::Output {
     let out = run_with_timeout(Command::new("skopeo").args(args), std::time::Duration::from_secs(180)).unwrap();
     assert!(out.status.success(), "skopeo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -35,14 +47,9 @@ fn platforms_in(registry: &Registry, repository: &str, index: &serde_json::Value
 
 #[test]
 fn oci_archive_and_directory_outputs_hold_every_platform() {
-    require_environment();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let registry = Registry::start(&dir.join("registry")).unwrap();
-    let base = registry.push_base_image("base/busybox:latest").unwrap();
-    let farm = Farm::start(dir, &registry, &three_agents()).unwrap();
-    farm.wait_for_agents(3).unwrap();
-    let ctx = dockerfile_context(dir, "ctx", &dockerfile(&base));
+    let (registry, farm, ctx) = farm_of(dir, &three_agents());
     let archive = dir.join("app.tar");
     let tag = format!("{}/oci/app:1", registry.addr);
     let dest = format!("type=oci,dest={}", archive.display());
@@ -97,14 +104,9 @@ fn oci_archive_and_directory_outputs_hold_every_platform() {
 
 #[test]
 fn docker_format_pushes_a_manifest_list_of_schema2_manifests() {
-    require_environment();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let registry = Registry::start(&dir.join("registry")).unwrap();
-    let base = registry.push_base_image("base/busybox:latest").unwrap();
-    let farm = Farm::start(dir, &registry, &three_agents()).unwrap();
-    farm.wait_for_agents(3).unwrap();
-    let ctx = dockerfile_context(dir, "ctx", &dockerfile(&base));
+    let (registry, farm, ctx) = farm_of(dir, &three_agents());
     let tag = format!("{}/docker/app:1", registry.addr);
     let out = farm.braid(&["build", "--platform", THREE, "-t", &tag, "--push", "--format", "docker", &ctx]).unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -152,16 +154,11 @@ fn docker_format_pushes_a_manifest_list_of_schema2_manifests() {
 
 #[test]
 fn load_puts_this_hosts_image_into_docker_or_podman() {
-    require_environment();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let registry = Registry::start(&dir.join("registry")).unwrap();
-    let base = registry.push_base_image("base/busybox:latest").unwrap();
     let engine = DockerEngine::start(&dir.join("docker")).unwrap();
     let agents = [AgentSpec::new("load-amd64", &[]), AgentSpec::new("load-arm64", &["linux/arm64"])];
-    let farm = Farm::start(dir, &registry, &agents).unwrap();
-    farm.wait_for_agents(2).unwrap();
-    let ctx = dockerfile_context(dir, "ctx", &dockerfile(&base));
+    let (registry, farm, ctx) = farm_of(dir, &agents);
 
     // Refused before anything is uploaded: of several platforms, --load
     // takes the host's, and it is missing.

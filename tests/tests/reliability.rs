@@ -69,29 +69,43 @@ fn a_killed_agent_s_job_finishes_on_the_other() {
     );
 }
 
-#[test]
-fn a_crashed_coordinator_comes_back_and_the_build_completes() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
-    let (registry, base) = setup(tmp.path(), true);
+/// An amd64 and an arm64 agent; a build for both (with the flags `output`
+/// gives for the test registry) whose coordinator is killed once amd64 is
+/// verified, while arm64 still builds, and started again. Returns the farm,
+/// the registry, the build id, and how `braid build` ended.
+fn crash_mid_build(
+    dir: &Path,
+    output: impl FnOnce(&Registry) -> Vec<String>,
+) -> (Farm, Registry, String, Option<i32>, String) {
+    let (registry, base) = setup(dir, true);
     let agents = [AgentSpec::new("amd64-agent", &[]), AgentSpec::new("arm64-agent", &["linux/arm64"])];
-    let mut farm = Farm::start_with(tmp.path(), Some(&registry.addr), &agents, FAST_FAILURE).unwrap();
+    let mut farm = Farm::start_with(dir, Some(&registry.addr), &agents, FAST_FAILURE).unwrap();
     farm.wait_for_agents(2).unwrap();
     let dockerfile = format!(
         "FROM {base}\nARG TARGETARCH\nRUN if [ \"$TARGETARCH\" = arm64 ]; then sleep 6; fi; uname -m > /arch\n"
     );
-    let ctx = dockerfile_context(tmp.path(), "ctx", &dockerfile);
-    let tag = format!("{}/rel/crash:1", registry.addr);
-    let mut build = RunningBuild::start(
-        &farm,
-        &["build", "--platform", "linux/amd64,linux/arm64", "-t", &tag, "--push", "--progress", "plain", &ctx],
-    );
+    let ctx = dockerfile_context(dir, "ctx", &dockerfile);
+    let output = output(&registry);
+    let mut args = vec!["build", "--platform", "linux/amd64,linux/arm64", "--progress", "plain"];
+    args.extend(output.iter().map(String::as_str));
+    args.push(&ctx);
+    let mut build = RunningBuild::start(&farm, &args);
     let build_id = build.build_id();
     build.wait_for("linux/amd64 verified", Duration::from_secs(60));
     farm.crash_coordinator();
     std::thread::sleep(Duration::from_millis(500));
     farm.start_coordinator().unwrap();
     let (code, out) = build.finish(Duration::from_secs(120));
+    (farm, registry, build_id, code, out)
+}
+
+#[test]
+fn a_crashed_coordinator_comes_back_and_the_build_completes() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let (farm, registry, build_id, code, out) = crash_mid_build(tmp.path(), |registry| {
+        vec!["-t".into(), format!("{}/rel/crash:1", registry.addr), "--push".into()]
+    });
     assert_eq!(code, Some(0), "the build completes after a coordinator crash:\n{out}");
     assert_eq!(registry.manifest("rel/crash:1").unwrap()["manifests"].as_array().unwrap().len(), 2);
 
@@ -118,25 +132,9 @@ fn a_crashed_coordinator_comes_back_and_the_build_completes() {
 fn an_exporting_build_keeps_its_uploaded_images_across_a_coordinator_crash() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().unwrap();
-    let (registry, base) = setup(tmp.path(), true);
-    let agents = [AgentSpec::new("amd64-agent", &[]), AgentSpec::new("arm64-agent", &["linux/arm64"])];
-    let mut farm = Farm::start_with(tmp.path(), Some(&registry.addr), &agents, FAST_FAILURE).unwrap();
-    farm.wait_for_agents(2).unwrap();
-    let dockerfile = format!(
-        "FROM {base}\nARG TARGETARCH\nRUN if [ \"$TARGETARCH\" = arm64 ]; then sleep 6; fi; uname -m > /arch\n"
-    );
-    let ctx = dockerfile_context(tmp.path(), "ctx", &dockerfile);
     let archive = tmp.path().join("app.tar");
     let dest = format!("type=oci,dest={}", archive.display());
-    let mut build = RunningBuild::start(
-        &farm,
-        &["build", "--platform", "linux/amd64,linux/arm64", "--output", &dest, "--progress", "plain", &ctx],
-    );
-    build.wait_for("linux/amd64 verified", Duration::from_secs(60));
-    farm.crash_coordinator();
-    std::thread::sleep(Duration::from_millis(500));
-    farm.start_coordinator().unwrap();
-    let (code, out) = build.finish(Duration::from_secs(120));
+    let (farm, _registry, _, code, out) = crash_mid_build(tmp.path(), |_| vec!["--output".into(), dest]);
     assert_eq!(code, Some(0), "the build and its export complete after a coordinator crash:\n{out}");
     let raw = std::process::Command::new("skopeo")
         .args(["inspect", "--raw", &format!("oci-archive:{}", archive.display())])
