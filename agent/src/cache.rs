@@ -79,13 +79,19 @@ impl ContextCache {
         let mut stream =
             client.fetch_context(proto::FetchContextRequest { digest: digest.to_string() }).await?.into_inner();
         let mut temp = tempfile::NamedTempFile::new_in(&self.dir)?;
-        let mut decoder = zstd::stream::write::Decoder::new(HashingWriter::new(std::io::sink()))?;
         while let Some(chunk) = stream.message().await? {
             temp.write_all(&chunk.chunk)?;
-            decoder.write_all(&chunk.chunk)?;
         }
-        decoder.flush()?;
-        let (got, _, _) = decoder.into_inner().finish();
+        temp.flush()?;
+        // Decoding and hashing on a blocking thread, with the window bounded
+        // and a cut stream refused.
+        let (got, temp) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let mut hash = HashingWriter::new(std::io::sink());
+            std::io::copy(&mut braid_shared::compression::zstd_reader(temp.reopen()?)?, &mut hash)?;
+            Ok((hash.finish().0, temp))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         if got != *digest {
             return Err(CacheError::Mismatch { got, want: digest.clone() });
         }

@@ -133,7 +133,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     let unpack_dir = context_dir.clone();
     let unpacked = tokio::task::spawn_blocking(move || -> Result<_, String> {
         let file = std::fs::File::open(&compressed).map_err(|e| e.to_string())?;
-        let decoder = zstd::stream::read::Decoder::new(file).map_err(|e| e.to_string())?;
+        let decoder = braid_shared::compression::zstd_reader(file).map_err(|e| e.to_string())?;
         context::unpack(decoder, &unpack_dir, ContextLimits::default()).map_err(|e| e.to_string())
     })
     .await;

@@ -139,6 +139,10 @@ async fn main() -> anyhow::Result<()> {
         return join::run(&loaded, token, ca).await;
     }
     telemetry::init(loaded.log_format);
+    // Builders, layers and contexts can hold many files open at once.
+    if let Err(e) = telemetry::raise_open_file_limit() {
+        tracing::warn!(error = %e, "raising the open-file limit failed");
+    }
     let valid = loaded.validate()?;
     let builder = check_backend(&valid).await?;
     std::fs::create_dir_all(&valid.settings.work_dir)?;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use braid_shared::Digest;
+use braid_shared::compression::{StreamDecoder, ZstdError};
 use braid_shared::context::HashingWriter;
 
 use crate::error::{CoordinatorError, Result};
@@ -22,13 +23,25 @@ pub struct ContextStore {
 
 /// One upload in progress: decompressed and hashed as it arrives, written
 /// compressed to a temporary file that becomes the context only if the
-/// digest matches.
+/// digest matches. Decoding is CPU work: call `write` and `finish` from a
+/// blocking thread.
 pub struct Upload {
     expected: Digest,
     temp: tempfile::NamedTempFile,
-    decoder: zstd::stream::write::Decoder<'static, HashingWriter<std::io::Sink>>,
+    decoder: StreamDecoder,
+    hash: HashingWriter<std::io::Sink>,
     received: u64,
     max_bytes: u64,
+}
+
+impl From<ZstdError> for CoordinatorError {
+    fn from(e: ZstdError) -> Self {
+        match e {
+            ZstdError::WindowTooLarge => CoordinatorError::InvalidArgument(format!("context refused: {e}")),
+            ZstdError::Setup(_) => CoordinatorError::Internal(e.to_string()),
+            _ => CoordinatorError::InvalidArgument(format!("context is {e}")),
+        }
+    }
 }
 
 impl ContextStore {
@@ -81,15 +94,17 @@ impl ContextStore {
 
     pub fn begin(&self, expected: Digest) -> Result<Upload> {
         let temp = tempfile::NamedTempFile::new_in(&self.dir)?;
-        let decoder = zstd::stream::write::Decoder::new(HashingWriter::new(std::io::sink()))?;
-        Ok(Upload { expected, temp, decoder, received: 0, max_bytes: self.max_bytes })
+        let decoder = StreamDecoder::new()?;
+        let hash = HashingWriter::new(std::io::sink());
+        Ok(Upload { expected, temp, decoder, hash, received: 0, max_bytes: self.max_bytes })
     }
 
-    /// Keeps the upload if it hashes to its digest; returns (size, received).
+    /// Keeps the upload if it is a complete zstd stream that hashes to its
+    /// digest; returns (size, received).
     pub fn finish(&self, upload: Upload) -> Result<(u64, u64)> {
-        let Upload { expected, temp, mut decoder, received, .. } = upload;
-        decoder.flush()?;
-        let (digest, size, _) = decoder.into_inner().finish();
+        let Upload { expected, temp, decoder, hash, received, .. } = upload;
+        decoder.finish()?;
+        let (digest, size, _) = hash.finish();
         if digest != expected {
             return Err(CoordinatorError::InvalidArgument(format!(
                 "context digest mismatch: the upload hashes to {digest}, not {expected}"
@@ -103,21 +118,24 @@ impl ContextStore {
 }
 
 impl Upload {
+    /// Decodes and hashes one chunk in bounded steps, stopping at the first
+    /// step past the limit: a small upload that expands without bound costs
+    /// no more than a context of the largest allowed size.
     pub fn write(&mut self, chunk: &[u8]) -> Result<()> {
         self.received += chunk.len() as u64;
         self.temp.write_all(chunk)?;
-        self.decoder
-            .write_all(chunk)
-            .map_err(|e| CoordinatorError::InvalidArgument(format!("context is not valid zstd: {e}")))?;
         // The tar adds headers to the file bytes; allow for them.
         let limit = self.max_bytes + self.max_bytes / 8 + (1 << 20);
-        if self.decoder.get_ref().written() > limit {
-            return Err(CoordinatorError::ResourceExhausted(format!(
-                "context is larger than the limit of {} bytes (max_context_bytes)",
-                self.max_bytes
-            )));
-        }
-        Ok(())
+        let (hash, max_bytes) = (&mut self.hash, self.max_bytes);
+        self.decoder.feed(chunk, |out| {
+            hash.write_all(out)?;
+            if hash.written() > limit {
+                return Err(CoordinatorError::ResourceExhausted(format!(
+                    "context is larger than the limit of {max_bytes} bytes (max_context_bytes)"
+                )));
+            }
+            Ok(())
+        })
     }
 }
 
@@ -168,6 +186,89 @@ mod tests {
         let e = put(&contexts, &big).unwrap_err();
         assert!(matches!(e, CoordinatorError::ResourceExhausted(_)), "{e}");
         assert!(e.to_string().contains("max_context_bytes"));
+    }
+
+    /// `size` zeros as one zstd frame, compressed as they stream by.
+    fn bomb(size: u64) -> Vec<u8> {
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..size >> 20 {
+            encoder.write_all(&zeros).unwrap();
+        }
+        encoder.finish().unwrap()
+    }
+
+    fn put_raw(contexts: &ContextStore, digest: Digest, compressed: &[u8], piece: usize) -> Result<(u64, u64)> {
+        let mut upload = contexts.begin(digest)?;
+        for chunk in compressed.chunks(piece) {
+            upload.write(chunk)?;
+        }
+        contexts.finish(upload)
+    }
+
+    #[test]
+    fn a_bomb_is_refused_within_one_step_past_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let contexts = open(dir.path(), 1 << 20, 1 << 30);
+        let compressed = bomb(256 << 20);
+        assert!(compressed.len() < 64 << 10, "a bomb: {} bytes", compressed.len());
+        // All of it in one chunk, as one gRPC message would carry it.
+        let mut upload = contexts.begin(Digest::of(b"anything")).unwrap();
+        let e = upload.write(&compressed).unwrap_err();
+        assert!(matches!(e, CoordinatorError::ResourceExhausted(_)), "{e}");
+        assert!(e.to_string().contains("limit of 1048576 bytes (max_context_bytes)"), "{e}");
+        let limit = (1 << 20) + (1 << 17) + (1 << 20);
+        let decoded = upload.hash.written();
+        assert!(decoded <= limit + braid_shared::limits::ZSTD_STEP_BYTES as u64, "decoded {decoded} bytes");
+    }
+
+    #[test]
+    fn refuses_a_window_over_the_limit_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let contexts = open(dir.path(), 1 << 30, 1 << 30);
+        let data = vec![5u8; 1 << 16];
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        encoder.window_log(braid_shared::limits::ZSTD_WINDOW_LOG_MAX + 1).unwrap();
+        encoder.write_all(&data).unwrap();
+        let e = put_raw(&contexts, Digest::of(&data), &encoder.finish().unwrap(), 1000).unwrap_err();
+        assert!(matches!(e, CoordinatorError::InvalidArgument(_)), "{e}");
+        assert!(e.to_string().contains("needs a window larger than the limit of 16777216 bytes (2^24)"), "{e}");
+    }
+
+    #[test]
+    fn refuses_a_truncated_frame_whose_prefix_matches_the_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let contexts = open(dir.path(), 1 << 20, 1 << 30);
+        let data = b"a context tar, more or less".repeat(100);
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        encoder.include_checksum(true).unwrap();
+        encoder.write_all(&data).unwrap();
+        let whole = encoder.finish().unwrap();
+        // Without its 4-byte checksum every byte of `data` still decodes.
+        let cut = &whole[..whole.len() - 4];
+        let e = put_raw(&contexts, Digest::of(&data), cut, 7).unwrap_err();
+        assert!(matches!(e, CoordinatorError::InvalidArgument(_)), "{e}");
+        assert!(e.to_string().contains("context is not a complete zstd stream"), "{e}");
+        // The first bytes of a second frame after a whole one.
+        let two = [whole.as_slice(), &whole[..5]].concat();
+        let e = put_raw(&contexts, Digest::of(&data), &two, 7).unwrap_err();
+        assert!(e.to_string().contains("not a complete zstd stream"), "{e}");
+        assert_eq!(contexts.stat(&Digest::of(&data)).unwrap(), None);
+        assert_eq!(put_raw(&contexts, Digest::of(&data), &whole, 7).unwrap().0, data.len() as u64);
+    }
+
+    #[test]
+    fn refuses_trailing_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let contexts = open(dir.path(), 1 << 20, 1 << 30);
+        let data = b"hello context";
+        for garbage in [&b"trailing garbage"[..], b"\0\0\0\0\0\0\0\0"] {
+            let upload = [compressed(data), garbage.to_vec()].concat();
+            let e = put_raw(&contexts, Digest::of(data), &upload, 3).unwrap_err();
+            assert!(matches!(e, CoordinatorError::InvalidArgument(_)), "{e}");
+            assert!(e.to_string().contains("context is not valid zstd"), "{e}");
+        }
+        assert_eq!(std::fs::read_dir(dir.path().join("contexts")).unwrap().count(), 0, "nothing kept");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The coordinator's HTTP side: `/metrics`, `/healthz`, `/readyz`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -13,6 +14,7 @@ use axum::routing::get;
 use braid_shared::proto::{self, build_event::Kind};
 
 use crate::farm::{BuildEntry, JobStatus};
+use crate::listener::Conn;
 use crate::server::Coordinator;
 
 // Everything the dashboard needs is in the binary: it runs on networks
@@ -171,33 +173,31 @@ async fn readyz(State(c): State<Arc<Coordinator>>) -> impl IntoResponse {
     }
 }
 
-/// Serves `router` over TLS: each accepted connection is handshaken, then
-/// handed to hyper (HTTP/1.1 or HTTP/2).
-pub async fn serve_tls(listener: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor, router: Router) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!(error = %e, "http accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let acceptor = acceptor.clone();
+/// Serves the connections `listener::listen` hands over: HTTP/2 when they
+/// opened with its preface, else HTTP/1 with a bound on the time to send a
+/// request's headers (slow senders are closed, and so are idle keep-alive
+/// connections once that time passes).
+pub async fn serve_conns<S>(mut conns: tokio::sync::mpsc::Receiver<Conn<S>>, router: Router, header_timeout: Duration)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    let mut h1 = Builder::new(TokioExecutor::new()).http1_only();
+    h1.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    let mut h2 = Builder::new(TokioExecutor::new()).http2_only();
+    h2.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(64);
+    let (h1, h2) = (Arc::new(h1), Arc::new(h2));
+    while let Some(conn) = conns.recv().await {
+        let builder = if conn.is_h2() { h2.clone() } else { h1.clone() };
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "http tls handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let io = hyper_util::rt::TokioIo::new(tls);
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(io, service).await {
-                tracing::debug!(%peer, error = %e, "http connection ended");
+            if let Err(e) = builder.serve_connection(TokioIo::new(conn), service).await {
+                tracing::debug!(error = %e, "http connection ended");
             }
         });
     }

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod blobs;
+pub mod blocking;
 pub mod contexts;
 pub mod error;
 pub mod export;
@@ -12,6 +13,7 @@ pub mod farm;
 #[cfg(test)]
 mod farm_tests;
 pub mod http;
+pub mod listener;
 pub mod merge;
 pub mod metrics;
 pub mod scheduler;

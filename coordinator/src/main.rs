@@ -70,6 +70,16 @@ struct Args {
     /// Log format: pretty or json [default: pretty]
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
+    /// Open connections per listener (gRPC, HTTP), handshaking ones included;
+    /// lowered to fit the open-file limit [default: 4096]
+    #[arg(long, value_name = "N")]
+    max_connections: Option<u32>,
+    /// Seconds a new connection has for its TLS handshake and first bytes [default: 10]
+    #[arg(long = "handshake-timeout", value_name = "SECONDS")]
+    handshake_timeout_seconds: Option<u32>,
+    /// Seconds an HTTP/1 request on the HTTP port has to send its headers [default: 10]
+    #[arg(long = "header-timeout", value_name = "SECONDS")]
+    header_timeout_seconds: Option<u32>,
 }
 
 impl Args {
@@ -114,6 +124,15 @@ impl Args {
         }
         if let Some(v) = self.log_format {
             o.push(("log_format", v.name().into()));
+        }
+        for (key, value) in [
+            ("max_connections", self.max_connections),
+            ("handshake_timeout_seconds", self.handshake_timeout_seconds),
+            ("header_timeout_seconds", self.header_timeout_seconds),
+        ] {
+            if let Some(v) = value {
+                o.push((key, v.into()));
+            }
         }
         o
     }
@@ -176,6 +195,10 @@ async fn main() -> anyhow::Result<()> {
         return create_token_offline(&settings, role, *ttl_seconds, *single_use, description);
     }
     telemetry::init(settings.log_format);
+    match braid_shared::telemetry::raise_open_file_limit() {
+        Ok(open_files) => tracing::info!(open_files, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "raising the open-file limit failed"),
+    }
     let (addr, http_addr) = settings.validate()?;
     let coordinator = Coordinator::open(settings).context("opening the coordinator's data directory")?;
     server::serve(coordinator, addr, http_addr, telemetry::shutdown_signal()).await?;

@@ -4,8 +4,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use rustls_pki_types::pem::PemObject;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Server;
 
 use braid_shared::oci::{ImageDescriptor, Registry};
 use braid_shared::pki::{self, Pem};
@@ -19,6 +23,7 @@ use crate::blobs::BlobStore;
 use crate::contexts::ContextStore;
 use crate::error::{CoordinatorError, Result};
 use crate::farm::{Farm, FollowUp};
+use crate::listener::{self, ConnLimits};
 use crate::merge;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
@@ -95,7 +100,7 @@ impl Coordinator {
         });
     }
 
-    async fn run_follow_up(&self, step: FollowUp) -> Option<FollowUp> {
+    async fn run_follow_up(self: &Arc<Self>, step: FollowUp) -> Option<FollowUp> {
         match step {
             FollowUp::Verify { build_id, job_id, repository, export, digest, platform } => {
                 let mut outcome = Err("nothing to verify".to_owned());
@@ -104,11 +109,14 @@ impl Coordinator {
                     outcome = merge::verify(&registry, &repository, &digest, &platform).await;
                 }
                 if export && (outcome.is_ok() || outcome.as_ref().is_err_and(|e| e == "nothing to verify")) {
-                    outcome = match digest.parse() {
-                        Ok(digest) => self.blobs.verify_image(&digest, &platform).map(|(d, _)| d),
+                    // Reads and hashes the manifest and config: blocking work.
+                    let blobs = self.blobs.clone();
+                    let check = tokio::task::spawn_blocking(move || match digest.parse() {
+                        Ok(digest) => blobs.verify_image(&digest, &platform).map(|(d, _)| d),
                         Err(e) => Err(format!("{e}")),
-                    }
-                    .map_err(|e| format!("uploaded image: {e}"));
+                    });
+                    outcome =
+                        check.await.unwrap_or_else(|e| Err(e.to_string())).map_err(|e| format!("uploaded image: {e}"));
                 }
                 let result = self.farm().verified(&build_id, &job_id, outcome);
                 result.unwrap_or_else(|e| {
@@ -133,14 +141,19 @@ impl Coordinator {
     /// Writes the index: into the blob store for an exporting build, and
     /// to the registry under every tag for a pushing one.
     async fn merge(
-        &self,
+        self: &Arc<Self>,
         build_id: &str,
         m: &crate::farm::MergeInputs,
     ) -> std::result::Result<ImageDescriptor, String> {
         let (index, descriptor) = merge::index(&m.images, &m.annotations, &m.format)?;
         if m.export {
-            let needed = || self.blobs.referenced(&self.farm().exporting_images());
-            self.blobs.put_bytes(&index, needed).map_err(|e| format!("storing the index: {e}"))?;
+            let (this, bytes) = (self.clone(), index.clone());
+            crate::blocking::run(move || {
+                let needed = || this.blobs.referenced(&this.farm().exporting_images());
+                this.blobs.put_bytes(&bytes, needed)
+            })
+            .await
+            .map_err(|e| format!("storing the index: {e}"))?;
         }
         if m.push {
             merge::push(&self.registry_for(build_id), &m.tags, &m.pushed_to, &m.images, &index, &descriptor).await?;
@@ -189,27 +202,38 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let http_listener = tokio::net::TcpListener::bind(http_addr).await?;
+    let settings = &coordinator.settings;
+    let open_files = braid_shared::telemetry::open_file_limit()?;
+    let (grpc_limits, http_limits) =
+        ConnLimits::split(settings.max_connections, open_files, settings.handshake_timeout());
     tracing::info!(addr = %http_listener.local_addr()?, "http listening");
     let http = crate::http::router(coordinator.clone());
-    match http_tls(&coordinator.settings)? {
+    let header_timeout = settings.header_timeout();
+    match http_tls(settings)? {
         Some(acceptor) => {
-            tokio::spawn(crate::http::serve_tls(http_listener, acceptor, http));
+            let conns = listener::listen(http_listener, "http", http_limits, tls_handshake(acceptor));
+            tokio::spawn(crate::http::serve_conns(conns, http, header_timeout));
         }
         None => {
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(http_listener, http).await {
-                    tracing::error!(error = %e, "http server stopped");
-                }
-            });
+            let conns = listener::listen(http_listener, "http", http_limits, |tcp| async { Ok(tcp) });
+            tokio::spawn(crate::http::serve_conns(conns, http, header_timeout));
         }
     }
-    serve_on(coordinator, listener, shutdown).await
+    serve_on(coordinator, listener, grpc_limits, shutdown).await
 }
 
-/// Serves on an already-bound listener (tests bind port 0).
+/// A TLS handshake on a new connection, run by the listener under its timeout.
+fn tls_handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> impl Fn(TcpStream) -> tokio_rustls::Accept<TcpStream> + Send + Sync + 'static {
+    move |tcp| acceptor.accept(tcp)
+}
+
+/// Serves gRPC on an already-bound listener.
 pub async fn serve_on(
     coordinator: Arc<Coordinator>,
     listener: tokio::net::TcpListener,
+    conn_limits: ConnLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -232,55 +256,85 @@ pub async fn serve_on(
     let agents = AgentsServer::new(crate::service_agents::AgentsService::new(coordinator.clone()))
         .max_decoding_message_size(limits::GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(limits::GRPC_MESSAGE_BYTES);
-    tracing::info!(addr = %listener.local_addr()?, "coordinator listening");
     let admin = AdminServer::new(crate::service_admin::AdminService::new(coordinator.clone()));
-    let mut server = Server::builder();
-    if let Some(tls) = server_tls(&coordinator.settings)? {
-        server = server.tls_config(tls)?;
-    }
-    server
+    // TLS is done by the listener (handshakes concurrent and bounded in
+    // time and number), so tonic gets established streams; it reads the
+    // client certificate from them as from its own TLS.
+    let tls = grpc_tls(&coordinator.settings)?;
+    let local = listener.local_addr()?;
+    let router = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(builds)
         .add_service(agents)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .add_service(admin);
+    match tls {
+        Some(acceptor) => {
+            let conns = listener::listen(listener, "grpc", conn_limits, tls_handshake(acceptor));
+            tracing::info!(addr = %local, "coordinator listening");
+            router
+                .serve_with_incoming_shutdown(ReceiverStream::new(conns).map(Ok::<_, std::io::Error>), shutdown)
+                .await?;
+        }
+        None => {
+            let conns = listener::listen(listener, "grpc", conn_limits, |tcp| async { Ok(tcp) });
+            tracing::info!(addr = %local, "coordinator listening");
+            router
+                .serve_with_incoming_shutdown(ReceiverStream::new(conns).map(Ok::<_, std::io::Error>), shutdown)
+                .await?;
+        }
+    }
     Ok(())
 }
 
-/// TLS for gRPC: the coordinator's certificate, and client certificates
-/// checked against the cluster CA when presented (agents must present one;
-/// clients may use a bearer token instead).
-fn server_tls(settings: &Settings) -> Result<Option<ServerTlsConfig>, ServeError> {
+/// TLS for gRPC, as tonic would set it up: the coordinator's certificate,
+/// ALPN h2, and client certificates checked against the cluster CA when
+/// presented (agents must present one; clients may use a bearer token).
+fn grpc_tls(settings: &Settings) -> Result<Option<tokio_rustls::TlsAcceptor>, ServeError> {
     let (Some(cert), Some(key), Some(ca)) = (&settings.tls_cert, &settings.tls_key, &settings.tls_ca) else {
         return Ok(None);
     };
-    let read = |p: &std::path::PathBuf| std::fs::read(p).map_err(|e| ServeError::Tls(format!("{}: {e}", p.display())));
-    let identity = Identity::from_pem(read(cert)?, read(key)?);
-    Ok(Some(
-        ServerTlsConfig::new()
-            .identity(identity)
-            .client_ca_root(Certificate::from_pem(read(ca)?))
-            .client_auth_optional(true),
-    ))
+    let tls_err = |e: &dyn std::fmt::Display| ServeError::Tls(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca_cert in read_certs(ca)? {
+        roots.add(ca_cert).map_err(|e| tls_err(&e))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| tls_err(&e))?;
+    let key =
+        rustls_pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| tls_err(&format!("{}: {e}", key.display())))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(&e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(read_certs(cert)?, key)
+        .map_err(|e| tls_err(&e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+}
+
+/// Every certificate in a PEM file.
+fn read_certs(path: &std::path::Path) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, ServeError> {
+    let tls_err = |e: &dyn std::fmt::Display| ServeError::Tls(format!("{}: {e}", path.display()));
+    rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| tls_err(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_err(&e))
 }
 
 /// TLS for the HTTP port (metrics, health), with the same certificate as gRPC.
 fn http_tls(settings: &Settings) -> Result<Option<tokio_rustls::TlsAcceptor>, ServeError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
         return Ok(None);
     };
     let tls_err = |e: &dyn std::fmt::Display| ServeError::Tls(e.to_string());
-    let certs = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| tls_err(&e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| tls_err(&e))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| tls_err(&e))?;
+    let certs = read_certs(cert)?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| tls_err(&e))?;
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

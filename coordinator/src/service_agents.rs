@@ -14,6 +14,7 @@ use tracing::{Instrument, instrument};
 use braid_shared::proto::{self, agent_message::Kind as FromAgent, agents_server::Agents};
 use braid_shared::{Digest, Platform, limits, pki};
 
+use crate::blocking;
 use crate::metrics::Metrics;
 use crate::server::Coordinator;
 
@@ -241,13 +242,25 @@ impl Agents for AgentsService {
             blobs.touch(&digest);
             return Ok(Response::new(proto::PutBlobResponse { digest: digest.to_string(), size: first.size }));
         }
-        let needed = || blobs.referenced(&self.coordinator.farm().exporting_images());
-        let mut upload = blobs.begin(digest.clone(), first.size, needed)?;
-        upload.write(&first.chunk)?;
-        while let Some(msg) = stream.message().await? {
-            upload.write(&msg.chunk)?;
+        // Making room reads manifests back and hashing is CPU work: both on
+        // a blocking thread, one chunk at a time.
+        let coordinator = self.coordinator.clone();
+        let (expected, size) = (digest.clone(), first.size);
+        let mut upload = blocking::run(move || {
+            let needed = || coordinator.blobs.referenced(&coordinator.farm().exporting_images());
+            coordinator.blobs.begin(expected, size, needed)
+        })
+        .await?;
+        let mut chunk = first.chunk;
+        loop {
+            upload = blocking::run(move || upload.write(&chunk).map(|()| upload)).await?;
+            match stream.message().await? {
+                Some(msg) => chunk = msg.chunk,
+                None => break,
+            }
         }
-        blobs.finish(upload)?;
+        let store = blobs.clone();
+        blocking::run(move || store.finish(upload)).await?;
         Metrics::add(&self.coordinator.metrics.blob_bytes_received, first.size);
         Ok(Response::new(proto::PutBlobResponse { digest: digest.to_string(), size: first.size }))
     }

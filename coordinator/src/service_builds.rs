@@ -13,6 +13,7 @@ use braid_shared::proto::{self, builds_server::Builds};
 use braid_shared::{Digest, Platform, limits};
 
 use crate::auth::Role;
+use crate::blocking;
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
 use crate::server::Coordinator;
@@ -77,14 +78,20 @@ impl Builds for BuildsService {
             return Ok(Response::new(proto::PutContextResponse { digest: digest.to_string(), size, received: 0 }));
         }
         let mut upload = contexts.begin(digest.clone())?;
-        upload.write(&first.chunk)?;
-        while let Some(msg) = stream.message().await? {
-            if msg.chunk.len() > limits::GRPC_MESSAGE_BYTES {
-                return Err(Status::resource_exhausted("put_context: chunk larger than the message limit"));
+        let mut chunk = first.chunk;
+        // Decoding and hashing run on a blocking thread, one chunk at a time.
+        loop {
+            upload = blocking::run(move || upload.write(&chunk).map(|()| upload)).await?;
+            match stream.message().await? {
+                Some(msg) if msg.chunk.len() > limits::GRPC_MESSAGE_BYTES => {
+                    return Err(Status::resource_exhausted("put_context: chunk larger than the message limit"));
+                }
+                Some(msg) => chunk = msg.chunk,
+                None => break,
             }
-            upload.write(&msg.chunk)?;
         }
-        let (size, received) = contexts.finish(upload)?;
+        let coordinator = self.coordinator.clone();
+        let (size, received) = blocking::run(move || coordinator.contexts.finish(upload)).await?;
         let metrics = &self.coordinator.metrics;
         Metrics::add(&metrics.context_uploads, 1);
         Metrics::add(&metrics.context_bytes_received, received);
@@ -219,7 +226,14 @@ impl Builds for BuildsService {
             media_type: build.index_media_type.clone(),
         };
         let blobs = self.coordinator.blobs.clone();
-        let plan = crate::export::plan(&blobs, only.is_none().then_some(&index), &images, name).map_err(|e| {
+        let reader = blobs.clone();
+        // Reading the manifests back hashes them: a blocking thread's work.
+        let plan = tokio::task::spawn_blocking(move || {
+            crate::export::plan(&reader, only.is_none().then_some(&index), &images, name)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("planning the export: {e}")))?
+        .map_err(|e| {
             let gone = e.contains("not stored") || e.contains("was not uploaded");
             let hint = if gone { "; evicted to stay under blob_store_bytes: build it again" } else { "" };
             Status::failed_precondition(format!("build {}: {e}{hint}", r.build_id))

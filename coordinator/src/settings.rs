@@ -60,6 +60,17 @@ pub struct Settings {
     pub registry_credentials: std::collections::BTreeMap<String, CredentialSetting>,
     /// Log format, `pretty` or `json`. Default `pretty`.
     pub log_format: LogFormat,
+    /// Open connections per listener (gRPC and HTTP each), those still in
+    /// their TLS handshake included; lowered at start to fit the open-file
+    /// limit. Default 4096.
+    pub max_connections: u32,
+    /// Seconds a new connection has to finish its TLS handshake and send its
+    /// first bytes; past it, or when newer ones need the place, it is
+    /// closed. Default 10.
+    pub handshake_timeout_seconds: u32,
+    /// Seconds an HTTP/1 request on the HTTP port has to send all its
+    /// headers. Default 10.
+    pub header_timeout_seconds: u32,
 }
 
 #[derive(Clone, serde::Deserialize)]
@@ -96,6 +107,9 @@ impl Default for Settings {
             queue_timeout_seconds: 1800,
             registry_credentials: Default::default(),
             log_format: LogFormat::Pretty,
+            max_connections: 4096,
+            handshake_timeout_seconds: 10,
+            header_timeout_seconds: 10,
         }
     }
 }
@@ -120,6 +134,9 @@ pub const KEYS: &[&str] = &[
     "queue_timeout_seconds",
     "registry_credentials",
     "log_format",
+    "max_connections",
+    "handshake_timeout_seconds",
+    "header_timeout_seconds",
 ];
 pub const LIST_KEYS: &[&str] = &["insecure_registries"];
 
@@ -182,6 +199,17 @@ impl Settings {
         if self.blob_store_bytes < 1 << 20 {
             return Err(invalid("blob_store_bytes", "must be at least 1 MiB".into()));
         }
+        if !(16..=1_000_000).contains(&self.max_connections) {
+            return Err(invalid("max_connections", format!("{} is not 16 to 1000000", self.max_connections)));
+        }
+        for (key, value) in [
+            ("handshake_timeout_seconds", self.handshake_timeout_seconds),
+            ("header_timeout_seconds", self.header_timeout_seconds),
+        ] {
+            if !(1..=300).contains(&value) {
+                return Err(invalid(key, format!("{value} is not 1 to 300")));
+            }
+        }
         Ok((addr, http))
     }
 
@@ -209,6 +237,14 @@ impl Settings {
     pub fn agent_lost_after(&self) -> Duration {
         Duration::from_secs(self.agent_lost_seconds.into())
     }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_seconds.into())
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_seconds.into())
+    }
 }
 
 #[cfg(test)]
@@ -231,5 +267,19 @@ mod tests {
         assert!(e.contains("\"nonsense\" is not an ip:port"), "{e}");
         let bad_registry = Settings { insecure_registries: vec!["http://x".into()], ..with("127.0.0.1:1", true) };
         assert!(bad_registry.validate().unwrap_err().to_string().contains("insecure_registries"));
+    }
+
+    #[test]
+    fn connection_limits_and_timeouts_are_bounded() {
+        let ok = with("127.0.0.1:1", true);
+        for bad in [
+            Settings { max_connections: 3, ..ok.clone() },
+            Settings { handshake_timeout_seconds: 0, ..ok.clone() },
+            Settings { header_timeout_seconds: 301, ..ok.clone() },
+        ] {
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains("max_connections") || e.contains("timeout_seconds"), "{e}");
+        }
+        assert!(Settings { max_connections: 16, handshake_timeout_seconds: 1, ..ok }.validate().is_ok());
     }
 }

@@ -39,3 +39,11 @@ pub const AGENT_SLOTS: u32 = 256;
 pub const LIST_BUILDS: u32 = 500;
 /// Blobs (manifest, config, layers) of one image an agent uploads.
 pub const BLOBS_PER_IMAGE: usize = 1000;
+/// Largest zstd window braid decodes, as a power of two (16 MiB). A decoder
+/// holds a buffer the size of its frame's window, so this bounds what one
+/// upload can make the coordinator allocate; `zstd -19` needs at most 2^23
+/// and braid's CLI (level 3) 2^21.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+/// Decompressed bytes per decoding step: a size limit is checked after each,
+/// so decoding stops within this many bytes past it.
+pub const ZSTD_STEP_BYTES: usize = 128 << 10;

@@ -64,3 +64,20 @@ pub async fn shutdown_signal() {
     }
     tracing::info!("shutting down");
 }
+
+/// Raises the soft limit on open files to the hard limit, as servers do
+/// (the soft default of 1024 is for old `select` loops); returns the limit
+/// now in force.
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    open_file_limit()
+}
+
+/// The soft limit on open files.
+pub fn open_file_limit() -> std::io::Result<u64> {
+    Ok(nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?.0)
+}
