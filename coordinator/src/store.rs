@@ -120,7 +120,11 @@ impl Store {
         let bodies: Vec<Vec<u8>> = self.with(|c| {
             let mut stmt =
                 c.prepare_cached("SELECT body FROM events WHERE build_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")?;
-            let rows = stmt.query_map(params![build_id, after_seq as i64, limit as i64], |r| r.get(0))?;
+            // A client's after_seq past i64 means "after everything", not a
+            // negative number that replays from the start.
+            let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(params![build_id, after, limit], |r| r.get(0))?;
             rows.collect()
         })?;
         bodies

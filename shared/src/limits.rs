@@ -39,3 +39,14 @@ pub const AGENT_SLOTS: u32 = 256;
 pub const LIST_BUILDS: u32 = 500;
 /// Blobs (manifest, config, layers) of one image an agent uploads.
 pub const BLOBS_PER_IMAGE: usize = 1000;
+/// Longest `--timeout` of a build: 7 days.
+pub const BUILD_TIMEOUT_SECONDS: u64 = 7 * 24 * 3600;
+/// Longest lifetime of a token: 10 years (fits a u32 of seconds).
+pub const TOKEN_TTL_SECONDS: u64 = 10 * 365 * 24 * 3600;
+/// Distinct platforms that get their own metric label; past that (and for
+/// any platform neither well known nor declared by an agent) `other`.
+pub const METRIC_PLATFORMS: usize = 256;
+/// Dashboard login sessions held at once; the oldest goes first.
+pub const HTTP_SESSIONS: usize = 1024;
+/// Lifetime of a dashboard login session: 12 hours.
+pub const HTTP_SESSION_SECONDS: u64 = 12 * 3600;
