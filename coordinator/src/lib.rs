@@ -12,6 +12,7 @@ pub mod farm;
 #[cfg(test)]
 mod farm_tests;
 pub mod http;
+pub mod http_auth;
 pub mod merge;
 pub mod metrics;
 pub mod scheduler;
