@@ -82,9 +82,7 @@ pub fn credentials(raw: &[proto::RegistryCredential]) -> Result<Vec<braid_shared
     }
     let mut out: Vec<braid_shared::oci::Credential> = Vec::new();
     for c in raw {
-        let host_ok = !c.registry.is_empty()
-            && c.registry.len() <= 255
-            && c.registry.bytes().all(|b| b.is_ascii_alphanumeric() || b".:-[]".contains(&b));
+        let host_ok = c.registry.len() <= 255 && braid_shared::reference::is_registry_host(&c.registry);
         if !host_ok {
             return Err(invalid(format!("credentials: invalid registry {:?}", braid_shared::shorten(&c.registry, 80))));
         }
@@ -259,6 +257,8 @@ mod tests {
         let too_many: Vec<_> = (0..17).map(|i| cred(&format!("r{i}.io"))).collect();
         assert!(credentials(&too_many).unwrap_err().to_string().contains("credentials: more than the limit of 16"));
         assert!(credentials(&[cred("a/b")]).unwrap_err().to_string().contains("invalid registry"));
+        assert!(credentials(&[cred("r.io:0")]).unwrap_err().to_string().contains("invalid registry \"r.io:0\""));
+        assert!(credentials(&[cred("[::1]:5000"), cred("localhost:65535")]).is_ok());
         assert!(credentials(&[cred("x.io"), cred("x.io")]).unwrap_err().to_string().contains("given twice"));
         let mut long = cred("x.io");
         long.password = "p".repeat(8193);

@@ -88,6 +88,12 @@ fn is_domain_component(s: &str) -> bool {
         && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
 }
 
+/// A registry host as an image reference names it: `host[:port]` or
+/// `[ipv6][:port]`, the port 1 to 65535.
+pub fn is_registry_host(s: &str) -> bool {
+    is_domain(s)
+}
+
 fn is_domain(s: &str) -> bool {
     if let Some(rest) = s.strip_prefix('[') {
         // [IPv6]:port
