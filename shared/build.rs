@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // prost's codec, but a message that does not decode is InvalidArgument.
+        .codec_path("crate::codec::BraidCodec")
         // Its Debug is written by hand, redacting the password.
         .skip_debug(["braid.v1.RegistryCredential"])
         .compile_fds(fds)?;

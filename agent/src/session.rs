@@ -104,7 +104,7 @@ impl Agent {
             kind: Some(ToCoordinator::Hello(proto::Hello {
                 name: s.settings.name.clone(),
                 platforms: s.platforms.iter().map(ToString::to_string).collect(),
-                slots: s.settings.slots,
+                slots: s.settings.slots.into(),
                 backend: s.backend.clone(),
                 version: braid_shared::VERSION.to_owned(),
                 running: self.claimed(),

@@ -130,14 +130,24 @@ impl Tokens {
         Ok((record, token))
     }
 
+    /// Whether calls need a token (TLS mode).
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
     /// The valid token behind `secret`, or why not.
     fn check(&self, secret: &str) -> std::result::Result<(TokenRecord, Role), Status> {
         if secret.len() > 200 {
             return Err(Status::unauthenticated("invalid token"));
         }
+        self.check_hash(&hash(secret))
+    }
+
+    /// The valid token whose stored hash is `token_hash`, or why not.
+    fn check_hash(&self, token_hash: &str) -> std::result::Result<(TokenRecord, Role), Status> {
         let record = self
             .store
-            .token_by_hash(&hash(secret))
+            .token_by_hash(token_hash)
             .map_err(Status::from)?
             .ok_or_else(|| Status::unauthenticated("invalid token"))?;
         if record.revoked {
@@ -155,7 +165,18 @@ impl Tokens {
 
     /// Authorizes a client call that needs `needed` (operate satisfies submit).
     pub fn authorize<T>(&self, req: &Request<T>, needed: Role) -> std::result::Result<Caller, Status> {
-        let header = req.metadata().get("authorization").map(|v| v.to_str().unwrap_or_default().to_owned());
+        let header = req.metadata().get("authorization").map(|v| v.to_str().unwrap_or_default());
+        self.authorize_header(header, needed)
+    }
+
+    /// Authorizes an HTTP request by its `Authorization` header, as
+    /// `authorize` does a gRPC call.
+    pub fn authorize_http(&self, headers: &axum::http::HeaderMap, needed: Role) -> std::result::Result<Caller, Status> {
+        let header = headers.get(axum::http::header::AUTHORIZATION).map(|v| v.to_str().unwrap_or_default());
+        self.authorize_header(header, needed)
+    }
+
+    fn authorize_header(&self, header: Option<&str>, needed: Role) -> std::result::Result<Caller, Status> {
         let Some(header) = header else {
             if self.required {
                 return Err(Status::unauthenticated("missing bearer token (braid --token or BRAID_TOKEN)"));
@@ -165,7 +186,24 @@ impl Tokens {
         let secret = header
             .strip_prefix("Bearer ")
             .ok_or_else(|| Status::unauthenticated("the authorization header must be 'Bearer <token>'"))?;
-        let (record, role) = self.check(secret.trim())?;
+        self.authorize_secret(secret.trim(), needed).map(|(caller, _)| caller)
+    }
+
+    /// Authorizes the holder of `secret`; also returns the token's hash, which
+    /// a dashboard session keeps instead of the secret.
+    pub fn authorize_secret(&self, secret: &str, needed: Role) -> std::result::Result<(Caller, String), Status> {
+        if secret.len() > 200 {
+            return Err(Status::unauthenticated("invalid token"));
+        }
+        let token_hash = hash(secret);
+        let caller = self.authorize_hash(&token_hash, needed)?;
+        Ok((caller, token_hash))
+    }
+
+    /// Authorizes a dashboard session by the hash of the token it was opened
+    /// with: a revoked or expired token ends its sessions.
+    pub fn authorize_hash(&self, token_hash: &str, needed: Role) -> std::result::Result<Caller, Status> {
+        let (record, role) = self.check_hash(token_hash)?;
         let allowed = role == needed || (role == Role::Operate && needed == Role::Submit);
         if !allowed {
             return Err(Status::permission_denied(format!(

@@ -864,6 +864,7 @@ impl Farm {
         emulates: Vec<Platform>,
         sender: AgentSender,
     ) -> Result<u64> {
+        self.metrics.declare_platforms(platforms.iter().chain(&emulates).map(ToString::to_string));
         let session = self.next_session;
         self.next_session += 1;
         let claimed: HashSet<(String, u32, String)> =
@@ -907,7 +908,8 @@ impl Farm {
             AgentEntry {
                 name: hello.name.clone(),
                 platforms,
-                slots: hello.slots,
+                // validate_hello allows 1 to AGENT_SLOTS; the fallback is never taken.
+                slots: u32::try_from(hello.slots).unwrap_or(braid_shared::limits::AGENT_SLOTS),
                 backend: hello.backend.clone(),
                 version: hello.version.clone(),
                 running,
@@ -960,8 +962,9 @@ impl Farm {
         let now = now_ms();
         let mut expired: Vec<(String, String, String)> = Vec::new();
         for b in self.active.iter().filter_map(|id| self.builds.get(id)).filter(|b| !b.record.status.is_terminal()) {
-            let limit = u64::from(b.spec.timeout_seconds);
-            if limit > 0 && now - b.record.created_ms > (limit * 1000) as i64 {
+            let limit = b.spec.timeout_seconds;
+            let limit_ms = i64::try_from(limit.saturating_mul(1000)).unwrap_or(i64::MAX);
+            if limit > 0 && now - b.record.created_ms > limit_ms {
                 expired.push((b.record.id.clone(), String::new(), format!("timed out after {limit}s (--timeout)")));
                 continue;
             }

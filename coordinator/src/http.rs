@@ -1,4 +1,5 @@
-//! The coordinator's HTTP side: `/metrics`, `/healthz`, `/readyz`.
+//! The coordinator's HTTP side: the dashboard and its JSON API, `/metrics`,
+//! `/healthz`, `/readyz`; who may read what is `http_auth`'s.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -142,6 +143,7 @@ async fn events(
 }
 
 pub fn router(coordinator: Arc<Coordinator>) -> Router {
+    let auth = Arc::new(crate::http_auth::HttpAuth::new(coordinator.clone()));
     Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
         .route("/builds/{id}", get(|| async { Html(BUILD_HTML) }))
@@ -153,6 +155,8 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(coordinator)
+        .merge(crate::http_auth::routes(auth.clone()))
+        .layer(axum::middleware::from_fn_with_state(auth, crate::http_auth::guard))
 }
 
 async fn metrics(State(c): State<Arc<Coordinator>>) -> impl IntoResponse {

@@ -7,12 +7,14 @@ pub mod auth;
 pub mod blobs;
 pub mod blocking;
 pub mod contexts;
+pub mod decode_status;
 pub mod error;
 pub mod export;
 pub mod farm;
 #[cfg(test)]
 mod farm_tests;
 pub mod http;
+pub mod http_auth;
 pub mod listener;
 pub mod merge;
 pub mod metrics;

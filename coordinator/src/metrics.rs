@@ -1,6 +1,6 @@
 //! Every metric the coordinator exports, in Prometheus' text format.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,7 +56,31 @@ pub struct Metrics {
     pub agents_lost: AtomicU64,
     labeled: Mutex<BTreeMap<(&'static str, String), u64>>,
     histograms: Mutex<BTreeMap<(&'static str, String), Histogram>>,
+    /// Platforms some agent declared: with `KNOWN_PLATFORMS`, the only
+    /// values a `platform` label takes, so a submitter cannot create series.
+    declared: Mutex<BTreeSet<String>>,
 }
+
+/// Platforms that always get their own label.
+const KNOWN_PLATFORMS: &[&str] = &[
+    "linux/amd64",
+    "linux/amd64/v2",
+    "linux/amd64/v3",
+    "linux/amd64/v4",
+    "linux/arm64",
+    "linux/arm/v7",
+    "linux/arm/v6",
+    "linux/arm/v5",
+    "linux/386",
+    "linux/ppc64le",
+    "linux/s390x",
+    "linux/riscv64",
+    "windows/amd64",
+    "windows/arm64",
+];
+
+/// The label of every platform neither well known nor declared by an agent.
+pub const OTHER_PLATFORM: &str = "other";
 
 /// Gauges taken from the farm under its lock.
 #[derive(Debug, Default)]
@@ -105,15 +129,58 @@ impl Metrics {
     }
 
     pub fn inc(&self, name: &'static str, labels: Labels) {
+        let labels = self.bounded(labels);
         *lock(&self.labeled).entry((name, label_text(&labels))).or_default() += 1;
     }
 
     pub fn observe(&self, name: &'static str, labels: Labels, seconds: f64) {
+        let labels = self.bounded(labels);
         lock(&self.histograms).entry((name, label_text(&labels))).or_default().observe(seconds.max(0.0));
+    }
+
+    /// Records the platforms an agent declared as label values, up to
+    /// `limits::METRIC_PLATFORMS` of them.
+    pub fn declare_platforms(&self, platforms: impl IntoIterator<Item = String>) {
+        let mut declared = lock(&self.declared);
+        for p in platforms {
+            if declared.len() >= braid_shared::limits::METRIC_PLATFORMS {
+                break;
+            }
+            declared.insert(p);
+        }
+    }
+
+    /// `platform` if it is well known or declared, else `other`.
+    pub fn platform_label(&self, platform: &str) -> String {
+        if KNOWN_PLATFORMS.contains(&platform) || lock(&self.declared).contains(platform) {
+            platform.to_owned()
+        } else {
+            OTHER_PLATFORM.to_owned()
+        }
+    }
+
+    /// Every `platform` label bounded by `platform_label`.
+    fn bounded(&self, mut labels: Labels) -> Labels {
+        for (key, value) in &mut labels {
+            if *key == "platform" {
+                *value = self.platform_label(value);
+            }
+        }
+        labels
     }
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::new();
+        let mut agents: BTreeMap<(String, &str), u64> = BTreeMap::new();
+        for ((platform, state), n) in &gauges.agents {
+            *agents.entry((self.platform_label(platform), state.as_str())).or_default() += n;
+        }
+        let mut queues: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+        for (platform, (n, oldest)) in &gauges.queues {
+            let entry = queues.entry(self.platform_label(platform)).or_default();
+            entry.0 += n;
+            entry.1 = entry.1.max(*oldest);
+        }
         counter(
             &mut out,
             "braid_context_uploads_total",
@@ -169,21 +236,21 @@ impl Metrics {
         );
 
         let _ = writeln!(out, "# HELP braid_agents Agents by platform and state.\n# TYPE braid_agents gauge");
-        for ((platform, state), n) in &gauges.agents {
+        for ((platform, state), n) in &agents {
             let _ = writeln!(out, "braid_agents{{platform=\"{platform}\",state=\"{state}\"}} {n}");
         }
         let _ = writeln!(
             out,
             "# HELP braid_queue_depth Jobs waiting for an agent, by platform.\n# TYPE braid_queue_depth gauge"
         );
-        for (platform, (n, _)) in &gauges.queues {
+        for (platform, (n, _)) in &queues {
             let _ = writeln!(out, "braid_queue_depth{{platform=\"{platform}\"}} {n}");
         }
         let _ = writeln!(
             out,
             "# HELP braid_queue_oldest_seconds How long the oldest queued job has waited, by platform.\n# TYPE braid_queue_oldest_seconds gauge"
         );
-        for (platform, (_, oldest)) in &gauges.queues {
+        for (platform, (_, oldest)) in &queues {
             let _ = writeln!(out, "braid_queue_oldest_seconds{{platform=\"{platform}\"}} {oldest:.3}");
         }
 
@@ -228,5 +295,25 @@ mod tests {
         assert!(text.contains("braid_job_phase_seconds_bucket{platform=\"linux/arm64\",phase=\"build\",le=\"0.5\"} 1"));
         assert!(text.contains("braid_job_phase_seconds_bucket{platform=\"linux/arm64\",phase=\"build\",le=\"5\"} 2"));
         assert!(text.contains("braid_job_phase_seconds_count{platform=\"linux/arm64\",phase=\"build\"} 2"));
+    }
+
+    #[test]
+    fn platform_labels_are_bounded() {
+        let m = Metrics::default();
+        m.inc("braid_jobs_total", vec![("platform", "linux/amd64".into()), ("result", "failed".into())]);
+        m.inc("braid_jobs_total", vec![("platform", "evil/x1".into()), ("result", "failed".into())]);
+        m.inc("braid_jobs_total", vec![("platform", "evil/x2".into()), ("result", "failed".into())]);
+        m.declare_platforms(["linux/mips64le".to_owned()]);
+        m.inc("braid_job_retries_total", vec![("platform", "linux/mips64le".into())]);
+        let mut gauges = Gauges::default();
+        gauges.queues.insert("evil/x3".into(), (2, 1.0));
+        gauges.queues.insert("evil/x4".into(), (3, 5.0));
+        let text = m.render(&gauges);
+        assert!(text.contains("braid_jobs_total{platform=\"other\",result=\"failed\"} 2"), "{text}");
+        assert!(text.contains("braid_jobs_total{platform=\"linux/amd64\",result=\"failed\"} 1"), "{text}");
+        assert!(text.contains("braid_job_retries_total{platform=\"linux/mips64le\"} 1"), "{text}");
+        assert!(text.contains("braid_queue_depth{platform=\"other\"} 5"), "{text}");
+        assert!(text.contains("braid_queue_oldest_seconds{platform=\"other\"} 5.000"), "{text}");
+        assert!(!text.contains("evil"), "{text}");
     }
 }

@@ -265,7 +265,7 @@ pub async fn serve_on(
     let router = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(health_service)
+        .add_service(crate::decode_status::InvalidArgumentOnDecode(health_service))
         .add_service(reflection)
         .add_service(builds)
         .add_service(agents)

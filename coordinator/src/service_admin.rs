@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use braid_shared::limits;
 use braid_shared::proto::{self, admin_server::Admin};
 
 use crate::auth::{Role, TokenRecord};
@@ -96,7 +97,17 @@ impl Admin for AdminService {
         let r = req.into_inner();
         let role =
             Role::from_proto(r.role).ok_or_else(|| Status::invalid_argument("role: submit, operate or agent"))?;
-        let (record, token) = self.coordinator.tokens.create(role, r.ttl_seconds, r.single_use, &r.description)?;
+        let ttl_seconds = u32::try_from(r.ttl_seconds)
+            .ok()
+            .filter(|t| u64::from(*t) <= limits::TOKEN_TTL_SECONDS)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "ttl_seconds: {} is more than the limit of {} (10 years)",
+                    r.ttl_seconds,
+                    limits::TOKEN_TTL_SECONDS
+                ))
+            })?;
+        let (record, token) = self.coordinator.tokens.create(role, ttl_seconds, r.single_use, &r.description)?;
         Ok(Response::new(proto::CreateTokenResponse {
             token_id: record.id,
             token,

@@ -97,8 +97,12 @@ fn check_hello(hello: &proto::Hello) -> Result<(Vec<Platform>, Vec<Platform>), S
         .iter()
         .map(|p| p.parse::<Platform>().map_err(|e| Status::invalid_argument(format!("hello.platforms: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    if hello.slots == 0 || hello.slots > limits::AGENT_SLOTS {
-        return Err(Status::invalid_argument(format!("hello.slots: must be 1 to {}", limits::AGENT_SLOTS)));
+    if hello.slots == 0 || hello.slots > u64::from(limits::AGENT_SLOTS) {
+        return Err(Status::invalid_argument(format!(
+            "hello.slots: {} is not 1 to {}",
+            hello.slots,
+            limits::AGENT_SLOTS
+        )));
     }
     if hello.running.len() > limits::AGENT_SLOTS as usize {
         return Err(Status::invalid_argument("hello.running: more jobs than slots allow"));

@@ -269,11 +269,16 @@ impl Builds for BuildsService {
         let caller = self.coordinator.tokens.authorize(&req, Role::Submit)?;
         let limit = match req.get_ref().limit {
             0 => 20,
-            n if n > limits::LIST_BUILDS => {
-                return Err(Status::invalid_argument(format!("limit: at most {}", limits::LIST_BUILDS)));
-            }
-            n => n,
-        } as usize;
+            n => match usize::try_from(n) {
+                Ok(n) if n <= limits::LIST_BUILDS as usize => n,
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "limit: {n} is more than the limit of {}",
+                        limits::LIST_BUILDS
+                    )));
+                }
+            },
+        };
         let farm = self.coordinator.farm();
         let state = req.get_ref().state;
         if proto::BuildState::try_from(state).is_err() {

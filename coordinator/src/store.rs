@@ -85,21 +85,27 @@ impl Store {
         self.with(|c| c.execute("UPDATE builds SET record = ?2 WHERE id = ?1", params![record.id, json]).map(drop))
     }
 
-    /// Every build with its spec, oldest first.
+    /// Every build with its spec, oldest first. A build an older version
+    /// stored that no longer parses (a platform now refused, say) is left
+    /// out with a warning rather than keeping the coordinator from starting.
     pub fn load_builds(&self) -> Result<Vec<(BuildRecord, proto::BuildSpec)>> {
-        let rows: Vec<(String, Vec<u8>)> = self.with(|c| {
-            let mut stmt = c.prepare("SELECT record, spec FROM builds ORDER BY created, id")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let rows: Vec<(String, String, Vec<u8>)> = self.with(|c| {
+            let mut stmt = c.prepare("SELECT id, record, spec FROM builds ORDER BY created, id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             rows.collect()
         })?;
-        rows.into_iter()
-            .map(|(json, spec)| {
-                let record = serde_json::from_str(&json).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
-                let spec =
-                    proto::BuildSpec::decode(spec.as_slice()).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
-                Ok((record, spec))
-            })
-            .collect()
+        let mut builds = Vec::with_capacity(rows.len());
+        for (id, json, spec) in rows {
+            let record = serde_json::from_str(&json).map_err(|e| e.to_string());
+            let spec = proto::BuildSpec::decode(spec.as_slice()).map_err(|e| e.to_string());
+            match (record, spec) {
+                (Ok(record), Ok(spec)) => builds.push((record, spec)),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(build_id = %id, error = %e, "stored build skipped: it no longer parses")
+                }
+            }
+        }
+        Ok(builds)
     }
 
     pub fn append_events(&self, events: &[proto::BuildEvent]) -> Result<()> {
@@ -120,7 +126,11 @@ impl Store {
         let bodies: Vec<Vec<u8>> = self.with(|c| {
             let mut stmt =
                 c.prepare_cached("SELECT body FROM events WHERE build_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")?;
-            let rows = stmt.query_map(params![build_id, after_seq as i64, limit as i64], |r| r.get(0))?;
+            // A client's after_seq past i64 means "after everything", not a
+            // negative number that replays from the start.
+            let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(params![build_id, after, limit], |r| r.get(0))?;
             rows.collect()
         })?;
         bodies

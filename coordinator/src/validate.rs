@@ -38,17 +38,32 @@ fn is_stage_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// A label or annotation key: builders take `--label key=value` and split
+/// at the first `=`, and a control character (NUL, newline) breaks the
+/// argument or the log line that shows it.
+fn is_label_key(key: &str) -> bool {
+    !key.is_empty() && !key.chars().any(|c| c == '=' || c.is_control())
+}
+
 fn check_map(
     field: &str,
     map: &HashMap<String, String>,
     key_ok: impl Fn(&str) -> bool,
+    expected: &str,
 ) -> Result<(), CoordinatorError> {
     if map.len() > limits::BUILD_ARGS {
         return Err(too_many(field, limits::BUILD_ARGS));
     }
     for (k, v) in map {
         if k.len() > limits::ARG_KEY_BYTES || !key_ok(k) {
-            return Err(invalid(format!("{field}: invalid name {:?}", braid_shared::shorten(k, 80))));
+            return Err(invalid(format!(
+                "{field}: invalid name {:?}: expected {expected}, at most {} bytes",
+                braid_shared::shorten(k, 80),
+                limits::ARG_KEY_BYTES
+            )));
+        }
+        if v.contains('\0') {
+            return Err(invalid(format!("{field}: value of {k:?} contains a NUL byte")));
         }
         if v.len() > limits::ARG_VALUE_BYTES {
             return Err(CoordinatorError::ResourceExhausted(format!(
@@ -67,9 +82,7 @@ pub fn credentials(raw: &[proto::RegistryCredential]) -> Result<Vec<braid_shared
     }
     let mut out: Vec<braid_shared::oci::Credential> = Vec::new();
     for c in raw {
-        let host_ok = !c.registry.is_empty()
-            && c.registry.len() <= 255
-            && c.registry.bytes().all(|b| b.is_ascii_alphanumeric() || b".:-[]".contains(&b));
+        let host_ok = c.registry.len() <= 255 && braid_shared::reference::is_registry_host(&c.registry);
         if !host_ok {
             return Err(invalid(format!("credentials: invalid registry {:?}", braid_shared::shorten(&c.registry, 80))));
         }
@@ -155,13 +168,13 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
         spec.dockerfile_path = cleaned;
     }
 
-    check_map("build_args", &spec.build_args, is_arg_name)?;
+    check_map("build_args", &spec.build_args, is_arg_name, "a letter or '_', then letters, digits or '_'")?;
     if let Some(name) = spec.build_args.keys().find(|k| buildargs::is_automatic(k)) {
         return Err(invalid(format!(
             "build_args: {name} is set by braid from each job's platform and cannot be given"
         )));
     }
-    check_map("labels", &spec.labels, |k| !k.is_empty() && !k.contains(['\0', '\n']))?;
+    check_map("labels", &spec.labels, is_label_key, "a non-empty key without '=' or control characters")?;
     if spec.annotations.len() > limits::BUILD_ARGS {
         return Err(too_many("annotations", limits::BUILD_ARGS));
     }
@@ -179,11 +192,16 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
             let p: Platform = a.platform.parse().map_err(|e| invalid(format!("annotations: {e}")))?;
             a.platform = p.to_string();
         }
-        let key_ok = !a.key.is_empty()
-            && a.key.len() <= limits::ARG_KEY_BYTES
-            && !a.key.chars().any(|c| c.is_whitespace() || c == '=' || c.is_control());
+        let key_ok =
+            a.key.len() <= limits::ARG_KEY_BYTES && is_label_key(&a.key) && !a.key.contains(char::is_whitespace);
         if !key_ok {
-            return Err(invalid(format!("annotations: invalid key {:?}", braid_shared::shorten(&a.key, 80))));
+            return Err(invalid(format!(
+                "annotations: invalid key {:?}: expected a non-empty key without '=', spaces or control characters",
+                braid_shared::shorten(&a.key, 80)
+            )));
+        }
+        if a.value.contains('\0') {
+            return Err(invalid(format!("annotations: value of {:?} contains a NUL byte", a.key)));
         }
         if a.value.len() > limits::ARG_VALUE_BYTES {
             return Err(CoordinatorError::ResourceExhausted(format!(
@@ -201,8 +219,12 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
             "annotations: Docker manifest lists and schema 2 manifests have no annotations; use --format oci".into(),
         ));
     }
-    if spec.timeout_seconds > 7 * 24 * 3600 {
-        return Err(invalid("timeout_seconds: at most 7 days".into()));
+    if spec.timeout_seconds > limits::BUILD_TIMEOUT_SECONDS {
+        return Err(invalid(format!(
+            "timeout_seconds: {} is more than the limit of {} (7 days)",
+            spec.timeout_seconds,
+            limits::BUILD_TIMEOUT_SECONDS
+        )));
     }
     if !spec.target.is_empty() && !is_stage_name(&spec.target) {
         return Err(invalid(format!("target: invalid stage name {:?}", braid_shared::shorten(&spec.target, 80))));
@@ -235,6 +257,8 @@ mod tests {
         let too_many: Vec<_> = (0..17).map(|i| cred(&format!("r{i}.io"))).collect();
         assert!(credentials(&too_many).unwrap_err().to_string().contains("credentials: more than the limit of 16"));
         assert!(credentials(&[cred("a/b")]).unwrap_err().to_string().contains("invalid registry"));
+        assert!(credentials(&[cred("r.io:0")]).unwrap_err().to_string().contains("invalid registry \"r.io:0\""));
+        assert!(credentials(&[cred("[::1]:5000"), cred("localhost:65535")]).is_ok());
         assert!(credentials(&[cred("x.io"), cred("x.io")]).unwrap_err().to_string().contains("given twice"));
         let mut long = cred("x.io");
         long.password = "p".repeat(8193);
@@ -307,7 +331,69 @@ mod tests {
             ),
             (Box::new(|s| s.dockerfile_path = "a".repeat(4097)), "dockerfile_path"),
             (Box::new(|s| s.target = "t".repeat(129)), "target: invalid stage name"),
-            (Box::new(|s| s.timeout_seconds = 8 * 24 * 3600), "timeout_seconds: at most 7 days"),
+            (Box::new(|s| s.timeout_seconds = 8 * 24 * 3600), "timeout_seconds: 691200 is more than the limit"),
+            (Box::new(|s| s.timeout_seconds = 1 << 40), "timeout_seconds: 1099511627776 is more than the limit"),
+            (Box::new(|s| s.timeout_seconds = u64::MAX), "timeout_seconds: 18446744073709551615"),
+            (
+                Box::new(|s| {
+                    s.labels.insert("a=b".into(), "c".into());
+                }),
+                "labels: invalid name \"a=b\"",
+            ),
+            (
+                Box::new(|s| {
+                    s.labels.insert(String::new(), "c".into());
+                }),
+                "labels: invalid name \"\"",
+            ),
+            (
+                Box::new(|s| {
+                    s.labels.insert("a\rb".into(), "c".into());
+                }),
+                "labels: invalid name \"a\\rb\"",
+            ),
+            (
+                Box::new(|s| {
+                    s.labels.insert("k".into(), "a\0b".into());
+                }),
+                "labels: value of \"k\" contains a NUL byte",
+            ),
+            (
+                Box::new(|s| {
+                    s.build_args.insert("A=B".into(), "c".into());
+                }),
+                "build_args: invalid name \"A=B\"",
+            ),
+            (
+                Box::new(|s| {
+                    s.build_args.insert("A".into(), "\0".into());
+                }),
+                "build_args: value of \"A\" contains a NUL byte",
+            ),
+            (
+                Box::new(|s| {
+                    s.annotations.push(proto::Annotation {
+                        level: "manifest".into(),
+                        key: "a=b".into(),
+                        ..Default::default()
+                    })
+                }),
+                "annotations: invalid key \"a=b\"",
+            ),
+            (
+                Box::new(|s| {
+                    s.annotations.push(proto::Annotation {
+                        level: "manifest".into(),
+                        platform: "linux/../etc".into(),
+                        key: "k".into(),
+                        ..Default::default()
+                    })
+                }),
+                "annotations: invalid platform \"linux/../etc\"",
+            ),
+            (Box::new(|s| s.platforms = vec!["../../etc".into()]), "platforms: invalid platform \"../../etc\""),
+            (Box::new(|s| s.tags = vec!["host:0/app".into()]), "tags: invalid image reference \"host:0/app\""),
+            (Box::new(|s| s.tags = vec!["host:99999/app".into()]), "tags: invalid image reference \"host:99999/app\""),
             (Box::new(|s| s.tags = vec![format!("reg.io/app@sha256:{}", "a".repeat(64))]), "has a digest"),
             (Box::new(|s| s.format = "v2s1".into()), "format: \"v2s1\" is not oci or docker"),
             (

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod buildargs;
+pub mod codec;
 pub mod compression;
 pub mod context;
 pub mod digest;

@@ -47,3 +47,14 @@ pub const ZSTD_WINDOW_LOG_MAX: u32 = 24;
 /// Decompressed bytes per decoding step: a size limit is checked after each,
 /// so decoding stops within this many bytes past it.
 pub const ZSTD_STEP_BYTES: usize = 128 << 10;
+/// Longest `--timeout` of a build: 7 days.
+pub const BUILD_TIMEOUT_SECONDS: u64 = 7 * 24 * 3600;
+/// Longest lifetime of a token: 10 years (fits a u32 of seconds).
+pub const TOKEN_TTL_SECONDS: u64 = 10 * 365 * 24 * 3600;
+/// Distinct platforms that get their own metric label; past that (and for
+/// any platform neither well known nor declared by an agent) `other`.
+pub const METRIC_PLATFORMS: usize = 256;
+/// Dashboard login sessions held at once; the oldest goes first.
+pub const HTTP_SESSIONS: usize = 1024;
+/// Lifetime of a dashboard login session: 12 hours.
+pub const HTTP_SESSION_SECONDS: u64 = 12 * 3600;

@@ -18,7 +18,7 @@ pub struct Platform {
 #[error("invalid platform {input:?}: {reason}")]
 pub struct PlatformError {
     input: String,
-    reason: &'static str,
+    reason: String,
 }
 
 /// Longest platform string accepted; real ones are under 30 characters.
@@ -139,8 +139,22 @@ pub fn arm_variant_from_cpuinfo(cpuinfo: &str) -> String {
     variant.to_owned()
 }
 
-fn is_component(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+/// A component as containerd's specifier grammar accepts it before
+/// normalization (`[a-z0-9_.-]+` once lowercased): `x86-64` and `v8.2` are
+/// written with `-` and `.`.
+fn is_specifier_component(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+}
+
+/// What a normalized os or arch must look like: `[a-z0-9_]+`. Such a value
+/// is safe as a path component, a metric label and a builder argument.
+fn is_word(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A normalized variant: words joined by single dots (`v7`, `v8.2`).
+fn is_variant(s: &str) -> bool {
+    s.split('.').all(is_word)
 }
 
 fn normalize_os(os: &str) -> String {
@@ -150,20 +164,26 @@ fn normalize_os(os: &str) -> String {
     }
 }
 
-/// Containerd's architecture normalization, plus `i686` and bare `arm`.
+/// Containerd's architecture normalization (`normalizeArch`), plus `i686`;
+/// variants of the architectures whose variants are known (amd64, arm,
+/// arm64) are checked, where containerd would keep any.
 fn normalize_arch(arch: &str, variant: Option<&str>) -> Result<(String, Option<String>), &'static str> {
     let v = variant.map(str::to_owned);
     let out = match arch {
-        "i386" | "i686" | "386" => ("386".to_owned(), v),
+        // containerd drops an i386 variant; a `386` one is kept (e.g. sse2).
+        "i386" | "i686" => ("386".to_owned(), None),
+        "386" => ("386".to_owned(), v),
         "x86_64" | "x86-64" | "amd64" => match v.as_deref() {
             None | Some("v1") => ("amd64".to_owned(), None),
             Some(level @ ("v2" | "v3" | "v4")) => ("amd64".to_owned(), Some(level.to_owned())),
             Some(_) => return Err("unknown amd64 variant (expected v1 to v4)"),
         },
-        "aarch64" | "arm64" => match v.as_deref() {
-            None | Some("8") | Some("v8") => ("arm64".to_owned(), None),
-            Some(level) if is_arm64_version(level) => ("arm64".to_owned(), Some(level.to_owned())),
-            Some(_) => return Err("unknown arm64 variant (expected v8 or later, e.g. v8.2, v9)"),
+        "aarch64" | "arm64" => match v.as_deref().map(arm64_version) {
+            // v8 is arm64's baseline and, as containerd writes it, no variant.
+            None | Some(Some((8, 0))) => ("arm64".to_owned(), None),
+            Some(Some((major, 0))) => ("arm64".to_owned(), Some(format!("v{major}"))),
+            Some(Some((major, minor))) => ("arm64".to_owned(), Some(format!("v{major}.{minor}"))),
+            Some(None) => return Err("unknown arm64 variant (expected v8 or later, e.g. v8.2, v9)"),
         },
         "armhf" => match v.as_deref() {
             None | Some("v7") | Some("7") => ("arm".to_owned(), Some("v7".to_owned())),
@@ -184,15 +204,24 @@ fn normalize_arch(arch: &str, variant: Option<&str>) -> Result<(String, Option<S
     Ok(out)
 }
 
-/// `v8`, `v8.1` … `v8.9`, `v9`, `v9.1` … as Go's GOARM64.
-fn is_arm64_version(v: &str) -> bool {
-    let Some(rest) = v.strip_prefix('v') else {
-        return false;
-    };
+/// `v8`, `8`, `v8.0` … `v8.9`, `v9`, `9.0` … as Go's GOARM64: (major, minor).
+fn arm64_version(v: &str) -> Option<(u8, u8)> {
+    let rest = v.strip_prefix('v').unwrap_or(v);
     let (major, minor) = rest.split_once('.').unwrap_or((rest, "0"));
-    matches!(major, "8" | "9") && minor.len() == 1 && minor.bytes().all(|b| b.is_ascii_digit())
+    let major = match major {
+        "8" => 8,
+        "9" => 9,
+        _ => return None,
+    };
+    let minor = match minor.as_bytes() {
+        [d] if d.is_ascii_digit() => d - b'0',
+        _ => return None,
+    };
+    Some((major, minor))
 }
 
+/// Architectures Go knows (`go tool dist list`), with the aliases containerd
+/// normalizes; a bare `arm64` means `linux/arm64`.
 fn is_known_arch(arch: &str) -> bool {
     matches!(
         arch,
@@ -223,31 +252,46 @@ fn is_known_arch(arch: &str) -> bool {
 impl FromStr for Platform {
     type Err = PlatformError;
 
+    /// Parses `os/arch[/variant]` (or a bare known arch, meaning Linux).
+    /// Unknown but well-formed os and arch values are accepted, as buildx
+    /// (containerd's parser) accepts them: no agent declares them, so such a
+    /// build fails with "no agent builds it"; metrics count them as `other`.
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let err = |reason| PlatformError { input: input.to_owned(), reason };
+        let err = |reason: String| PlatformError { input: crate::shorten(input, 80), reason };
         if input.len() > MAX_LEN {
-            return Err(err("longer than 64 characters"));
+            return Err(err("longer than 64 characters".into()));
         }
         let lower = input.trim().to_ascii_lowercase();
         if lower.is_empty() {
-            return Err(err("empty"));
+            return Err(err("empty".into()));
         }
         let parts: Vec<&str> = lower.split('/').collect();
-        if !parts.iter().all(|p| is_component(p)) {
-            return Err(err("expected os/arch[/variant] of letters, digits, '.', '_' and '-'"));
+        if let Some(bad) = parts.iter().find(|p| !is_specifier_component(p)) {
+            return Err(err(format!(
+                "component {bad:?}: expected os/arch[/variant] of lowercase letters, digits, '_' (and '.' or '-' in an alias)"
+            )));
         }
         let (os, arch, variant) = match parts.as_slice() {
             [arch] if is_known_arch(arch) => ("linux", *arch, None),
-            [_] => return Err(err("expected os/arch[/variant]")),
+            [_] => return Err(err("expected os/arch[/variant]".into())),
             [os, arch] => (*os, *arch, None),
             [os, arch, variant] => (*os, *arch, Some(*variant)),
-            _ => return Err(err("too many components (expected os/arch[/variant])")),
+            _ => return Err(err("too many components (expected os/arch[/variant])".into())),
         };
         let os = normalize_os(os);
         if is_known_arch(&os) {
-            return Err(err("the operating system comes first, e.g. linux/arm64"));
+            return Err(err("the operating system comes first, e.g. linux/arm64".into()));
         }
-        let (arch, variant) = normalize_arch(arch, variant).map_err(err)?;
+        if !is_word(&os) {
+            return Err(err(format!("os {os:?}: expected lowercase letters, digits and '_'")));
+        }
+        let (arch, variant) = normalize_arch(arch, variant).map_err(|e| err(e.into()))?;
+        if !is_word(&arch) {
+            return Err(err(format!("arch {arch:?}: expected lowercase letters, digits and '_'")));
+        }
+        if let Some(v) = variant.as_deref().filter(|v| !is_variant(v)) {
+            return Err(err(format!("variant {v:?}: expected lowercase letters, digits and '_', with single dots")));
+        }
         Ok(Platform { os, arch, variant })
     }
 }
@@ -313,6 +357,28 @@ mod tests {
             ("macos/arm64", "darwin/arm64"),
             ("linux/riscv64", "linux/riscv64"),
             (" linux/ppc64le ", "linux/ppc64le"),
+            // containerd's own TestParseSelector cases (os given: braid has
+            // no default os but linux for a bare arch).
+            ("Linux/x86_64", "linux/amd64"),
+            ("Aarch64", "linux/arm64"),
+            ("x86_64", "linux/amd64"),
+            ("armel", "linux/arm/v6"),
+            ("armhf", "linux/arm/v7"),
+            ("i386", "linux/386"),
+            ("s390x", "linux/s390x"),
+            ("linux/s390x", "linux/s390x"),
+            ("MacOS/arm64", "darwin/arm64"),
+            // containerd's normalizeArch.
+            ("linux/arm64/v8.0", "linux/arm64"),
+            ("linux/arm64/9", "linux/arm64/v9"),
+            ("linux/arm64/v9.0", "linux/arm64/v9"),
+            ("linux/arm64/v8.2", "linux/arm64/v8.2"),
+            ("linux/i386/sse2", "linux/386"),
+            ("linux/arm/5", "linux/arm/v5"),
+            // Well-formed but unknown to Go: accepted, as buildx does.
+            ("plan9/mips", "plan9/mips"),
+            ("linux/new_arch", "linux/new_arch"),
+            ("myos/myarch/v2.1", "myos/myarch/v2.1"),
         ];
         for (input, want) in cases {
             assert_eq!(p(input).to_string(), want, "{input}");
@@ -334,6 +400,24 @@ mod tests {
             "arm64/linux",
             "linux/armhf/v6",
             "linux/arm64/v7",
+            // The shape: containerd's TestParseSelectorInvalid, and paths.
+            "/linux/arm",
+            "linux/arm/",
+            "linux /arm",
+            "linux/&arm",
+            "linux/arm/foo/bar",
+            "../../etc",
+            "linux/../etc",
+            "linux/..",
+            "linux/riscv64/..",
+            "linux/riscv64/.v1",
+            "linux/riscv64/v1.",
+            "linux/foo-bar",
+            "foo.bar/amd64",
+            "linux/amd\n64",
+            "linux/amd\u{0}64",
+            "linux/arm64/v10",
+            "linux/arm64/v8.10",
         ] {
             let e = bad.parse::<Platform>().unwrap_err();
             assert!(e.to_string().starts_with(&format!("invalid platform {bad:?}")), "{e}");
@@ -343,6 +427,10 @@ mod tests {
             e.to_string(),
             r#"invalid platform "linux/arm/v9": unknown arm variant (expected v5, v6, v7 or v8)"#
         );
+        let e = "../../etc".parse::<Platform>().unwrap_err().to_string();
+        assert!(e.contains(r#"os "..""#), "{e}");
+        let e = "linux/x.y".parse::<Platform>().unwrap_err().to_string();
+        assert!(e.contains(r#"arch "x.y""#), "{e}");
     }
 
     #[test]
@@ -383,7 +471,18 @@ mod tests {
         fn parse_never_panics_and_display_round_trips(s in "\\PC{0,80}") {
             if let Ok(platform) = s.parse::<Platform>() {
                 let again: Platform = platform.to_string().parse().unwrap();
-                prop_assert_eq!(again, platform);
+                prop_assert_eq!(&again, &platform);
+                // What is accepted is safe as a path component and a label.
+                prop_assert!(is_word(platform.os()) && is_word(platform.arch()));
+                prop_assert!(platform.variant().is_none_or(is_variant));
+            }
+        }
+
+        #[test]
+        fn shaped_inputs_are_words_after_normalization(s in "[a-zA-Z0-9_.-]{1,12}/[a-zA-Z0-9_.-]{1,12}(/[a-zA-Z0-9_.-]{1,8})?") {
+            if let Ok(platform) = s.parse::<Platform>() {
+                prop_assert!(is_word(platform.os()) && is_word(platform.arch()), "{platform}");
+                prop_assert!(!platform.to_string().contains(".."), "{platform}");
             }
         }
 

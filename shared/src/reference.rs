@@ -88,6 +88,12 @@ fn is_domain_component(s: &str) -> bool {
         && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
 }
 
+/// A registry host as an image reference names it: `host[:port]` or
+/// `[ipv6][:port]`, the port 1 to 65535.
+pub fn is_registry_host(s: &str) -> bool {
+    is_domain(s)
+}
+
 fn is_domain(s: &str) -> bool {
     if let Some(rest) = s.strip_prefix('[') {
         // [IPv6]:port
@@ -104,8 +110,10 @@ fn is_domain(s: &str) -> bool {
     port.is_none_or(is_port) && host.split('.').all(is_domain_component)
 }
 
+/// A TCP port, 1 to 65535 (distribution's grammar takes any digits; a
+/// registry cannot listen on the others).
 fn is_port(p: &str) -> bool {
-    !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+    p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok_and(|n| n != 0)
 }
 
 /// `[a-z0-9]+` joined by `.`, `_`, `__` or runs of `-`.
@@ -253,12 +261,32 @@ mod tests {
             ("a___b", "invalid repository name"),
             ("-reg.io/app", "invalid registry host"),
             ("reg.io:99x/app", "invalid"),
+            ("host:0/app", "invalid registry host"),
+            ("host:99999/app", "invalid registry host"),
+            ("host:65536/app", "invalid registry host"),
+            ("localhost:00000/app", "invalid registry host"),
+            ("host:/app", "invalid registry host"),
+            ("host:+80/app", "invalid registry host"),
+            ("[::1]:0/app", "invalid registry host"),
+            ("[::1]:70000/app", "invalid registry host"),
+            ("reg..io/app", "invalid registry host"),
+            ("reg.io./app", "invalid registry host"),
+            ("re_g.io/app", "invalid registry host"),
+            ("reg.io/app/", "invalid repository name"),
+            ("reg.io/app:t@sha256:xyz", "invalid digest"),
+            ("reg.io/app:t:u", "invalid"),
+            ("reg.io/a b", "invalid"),
         ] {
             let e = bad.parse::<ImageRef>().unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
             assert!(e.starts_with(&format!("invalid image reference {bad:?}")), "{e}");
         }
         assert!(format!("app:{}", "t".repeat(129)).parse::<ImageRef>().is_err());
+        for port in ["1", "80", "5000", "65535", "065535"] {
+            let input = format!("host:{port}/app:1");
+            assert!(input.parse::<ImageRef>().is_ok(), "{input}");
+        }
+        assert!("[::1]:65535/app".parse::<ImageRef>().is_ok());
         assert!("a".repeat(64).parse::<ImageRef>().is_err());
     }
 
@@ -269,6 +297,12 @@ mod tests {
                 let again: ImageRef = reference.to_string().parse().unwrap();
                 prop_assert_eq!(again, reference);
             }
+        }
+
+        #[test]
+        fn ports_are_one_to_65535(port in 0u64..200_000) {
+            let parsed = format!("host:{port}/app").parse::<ImageRef>();
+            prop_assert_eq!(parsed.is_ok(), (1..=65535).contains(&port));
         }
     }
 }

@@ -286,7 +286,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         push: outputs.push,
         annotations,
         allow_emulation: args.allow_emulation,
-        timeout_seconds: args.timeout.unwrap_or(0),
+        timeout_seconds: args.timeout.unwrap_or(0).into(),
         export: outputs.exports(),
         format: outputs.format.clone(),
     };
@@ -301,7 +301,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     let outcome = tokio::select! {
         outcome = follow(&mut client, &build_id, progress) => outcome?,
         _ = tokio::signal::ctrl_c() => {
-            eprintln!("interrupted: cancelling build {build_id}");
+            crate::diag::warn(&format!("interrupted: cancelling build {build_id}"));
             let mut c = conn.builds().await?;
             c.cancel(proto::CancelBuildRequest { build_id: build_id.clone() }).await?;
             return Ok(130);
@@ -320,7 +320,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         }
         state => {
             let why = if build.message.is_empty() { "no reason given".to_owned() } else { build.message.clone() };
-            eprintln!("error: build {build_id} {}: {why}", state_word(state));
+            crate::diag::error(&format!("build {build_id} {}: {why}", state_word(state)));
             Ok(1)
         }
     }
@@ -346,7 +346,7 @@ async fn follow(client: &mut Builds, build_id: &str, progress: Progress) -> anyh
                 Ok(None) => break,
                 Err(e) if retries < 10 => {
                     retries += 1;
-                    eprintln!("watch interrupted ({}); resuming", e.message());
+                    crate::diag::warn(&format!("watch interrupted ({}); resuming", e.message()));
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     break;
                 }
@@ -502,13 +502,14 @@ pub fn parse_duration(raw: &str) -> Result<u32, String> {
             'h' => 3600,
             _ => return Err(err()),
         };
-        total += number.parse::<u64>().map_err(|_| err())? * unit;
+        let n = number.parse::<u64>().map_err(|_| err())?;
+        total = n.checked_mul(unit).and_then(|s| total.checked_add(s)).ok_or_else(err)?;
         number.clear();
     }
     if !number.is_empty() {
-        total += number.parse::<u64>().map_err(|_| err())?;
+        total = number.parse::<u64>().ok().and_then(|n| total.checked_add(n)).ok_or_else(err)?;
     }
-    if total == 0 || total > 7 * 24 * 3600 {
+    if total == 0 || total > braid_shared::limits::BUILD_TIMEOUT_SECONDS {
         return Err(format!("invalid duration {raw:?}: from 1s to 7 days"));
     }
     u32::try_from(total).map_err(|_| err())

@@ -3,6 +3,7 @@
 mod build;
 mod certs;
 mod conn;
+mod diag;
 mod dockerconfig;
 mod ops;
 mod output;
@@ -27,6 +28,9 @@ struct Cli {
     /// The cluster CA (PEM) to verify an https:// coordinator with
     #[arg(long, global = true, env = "BRAID_CA", value_name = "FILE")]
     ca: Option<PathBuf>,
+    /// How braid's own errors and notes are written: pretty (lines for a person) or json (one object per line)
+    #[arg(long, global = true, env = "BRAID_LOG_FORMAT", value_name = "FORMAT", default_value = "pretty")]
+    log_format: braid_shared::telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -152,6 +156,7 @@ enum TokenCommand {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    diag::init(cli.log_format);
     let conn = conn::Conn { url: cli.coordinator.clone(), token: cli.token.clone(), ca: cli.ca.clone() };
     let result = match cli.command {
         Command::Build(args) => build::run(&conn, *args).await,
@@ -178,7 +183,7 @@ async fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            diag::error(&format!("{e:#}"));
             std::process::exit(1);
         }
     }

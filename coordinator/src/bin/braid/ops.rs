@@ -192,7 +192,7 @@ pub async fn builds(conn: &Conn, state: Option<&str>, limit: u32, format: Format
         }
     };
     let mut client = conn.builds().await?;
-    let list = client.list(proto::ListBuildsRequest { limit, state: state as i32 }).await?.into_inner();
+    let list = client.list(proto::ListBuildsRequest { limit: limit.into(), state: state as i32 }).await?.into_inner();
     if format == Format::Json {
         let all: Vec<Value> = list.builds.iter().map(build_json).collect();
         println!("{}", serde_json::to_string_pretty(&all)?);
@@ -277,7 +277,7 @@ pub async fn steer(conn: &Conn, name: &str, action: &str) -> anyhow::Result<i32>
     }
     let mut running = info.running;
     while running > 0 {
-        eprintln!("draining {name}: {running} job(s) still running");
+        crate::diag::note(&format!("draining {name}: {running} job(s) still running"));
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         let agents = admin.list_agents(proto::ListAgentsRequest {}).await?.into_inner().agents;
         running = agents.iter().find(|a| a.name == name).map_or(0, |a| a.running);

@@ -212,7 +212,7 @@ pub async fn find_store() -> anyhow::Result<Store> {
     };
     let podman = std::process::Command::new("podman").arg("--version").output();
     if podman.is_ok_and(|o| o.status.success()) {
-        eprintln!("--load: {engine_error}; loading into podman's store instead");
+        crate::diag::warn(&format!("--load: {engine_error}; loading into podman's store instead"));
         return Ok(Store::Podman);
     }
     bail!("--load needs a local Docker Engine or podman: {engine_error}, and podman is not installed")
@@ -263,7 +263,7 @@ async fn export_to_file(
                 return Ok(bytes);
             }
             Err(e) if attempt < EXPORT_ATTEMPTS && retryable(&e) => {
-                eprintln!("export interrupted ({e}); retrying");
+                crate::diag::warn(&format!("export interrupted ({e}); retrying"));
                 tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt))).await;
                 attempt += 1;
             }

@@ -21,12 +21,12 @@ pub async fn create(
     let mut admin = conn.admin().await?;
     let request = proto::CreateTokenRequest {
         role: role as i32,
-        ttl_seconds: ttl.unwrap_or(0),
+        ttl_seconds: ttl.unwrap_or(0).into(),
         single_use,
         description: description.to_owned(),
     };
     let created = admin.create_token(request).await?.into_inner();
-    eprintln!("token {} created (shown once; stored only hashed)", created.token_id);
+    crate::diag::note(&format!("token {} created (shown once; stored only hashed)", created.token_id));
     println!("{}", created.token);
     Ok(0)
 }
