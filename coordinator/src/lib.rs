@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod blobs;
 pub mod contexts;
+pub mod enroll;
 pub mod error;
 pub mod export;
 pub mod farm;
