@@ -147,6 +147,8 @@ impl Tokens {
             return Err(CoordinatorError::InvalidArgument("description: at most 256 bytes".into()));
         }
         check_binding(role, agent_name, replace)?;
+        // A token that takes over an enrolled name works once, whatever was asked.
+        let single_use = single_use || replace;
         let mut secret = [0u8; 32];
         rand::rng().fill_bytes(&mut secret);
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
@@ -278,7 +280,8 @@ mod tests {
     fn a_bound_token_enrolls_its_name_only() {
         let dir = tempfile::tempdir().unwrap();
         let tokens = Tokens::new(Arc::new(Store::open(&dir.path().join("braid.db")).unwrap()), true);
-        let (record, secret) = tokens.create(Role::Agent, 0, true, "", Some("pi-01"), true).unwrap();
+        let (record, secret) = tokens.create(Role::Agent, 0, false, "", Some("pi-01"), true).unwrap();
+        assert!(record.single_use, "a --replace token is single-use");
         let listed = tokens.list().unwrap();
         assert_eq!(listed[0].agent_name.as_deref(), Some("pi-01"));
         assert!(listed[0].replace);

@@ -100,26 +100,35 @@ pub fn record_join(store: &Store, token: &TokenRecord, cert: &CertInfo) -> Resul
     let replace = token.replace && token.agent_name.as_deref() == Some(cert.name.as_str());
     match store.enroll_with_token(&token.id, token.single_use, replace, &row(cert, "join"))? {
         JoinOutcome::Enrolled { revoked } => Ok(revoked),
-        JoinOutcome::AlreadyEnrolled(current) => Err(already_enrolled(&cert.name, &current.serial)),
+        JoinOutcome::AlreadyEnrolled(current) => {
+            Err(already_enrolled(&cert.name, &format!(" (certificate serial {})", current.serial)))
+        }
         JoinOutcome::TokenUsed => {
             Err(CoordinatorError::Unauthenticated(format!("token {} was already used", token.id)))
         }
     }
 }
 
-/// Refuses a Join of an enrolled name early, before anything is signed.
-pub fn check_not_enrolled(store: &Store, token: &TokenRecord, name: &str) -> Result<()> {
+/// Refuses a Join of an enrolled name early, before anything is signed. A
+/// name counts as enrolled when it has an unrevoked certificate, and also
+/// when the farm knows it (`in_farm`: connected, lost or holding jobs) though
+/// its certificate was never recorded (one from before serials were kept).
+pub fn check_not_enrolled(store: &Store, token: &TokenRecord, name: &str, in_farm: bool) -> Result<()> {
     let replace = token.replace && token.agent_name.as_deref() == Some(name);
+    if replace {
+        return Ok(());
+    }
     match store.current_cert(name)? {
-        Some(current) if !replace => Err(already_enrolled(name, &current.serial)),
-        _ => Ok(()),
+        Some(current) => Err(already_enrolled(name, &format!(" (certificate serial {})", current.serial))),
+        None if in_farm => Err(already_enrolled(name, " (it is known to the farm)")),
+        None => Ok(()),
     }
 }
 
-fn already_enrolled(name: &str, serial: &str) -> CoordinatorError {
+fn already_enrolled(name: &str, why: &str) -> CoordinatorError {
     CoordinatorError::AlreadyExists(format!(
-        "agent {name:?} is already enrolled (certificate serial {serial}); to enroll it again, run \
-         `braid agents forget {name}` first, or join with a token created with `--name {name} --replace`"
+        "agent {name:?} is already enrolled{why}; to enroll it again, run `braid agents forget {name}` first, \
+         or join with a token created with `--name {name} --replace`"
     ))
 }
 
@@ -165,7 +174,7 @@ mod tests {
 
         // A second Join of the name, before and at the recording.
         let second = info("pi-01", "aa02", now - 299);
-        let (c, m) = code(check_not_enrolled(&store, &any, "pi-01").unwrap_err());
+        let (c, m) = code(check_not_enrolled(&store, &any, "pi-01", false).unwrap_err());
         assert_eq!(c, tonic::Code::AlreadyExists);
         assert!(m.contains("braid agents forget pi-01") && m.contains("--replace"), "{m}");
         let single = token(&store, true, None, false);
@@ -179,7 +188,11 @@ mod tests {
 
         // --replace of another name does not replace this one.
         let other = token(&store, false, Some("pi-09"), true);
-        assert!(check_not_enrolled(&store, &other, "pi-01").is_err());
+        assert!(check_not_enrolled(&store, &other, "pi-01", false).is_err());
+        // A name the farm knows but never recorded (an agent from before
+        // serials were kept) is enrolled too.
+        assert_eq!(code(check_not_enrolled(&store, &any, "old-1", true).unwrap_err()).0, tonic::Code::AlreadyExists);
+        assert!(check_not_enrolled(&store, &any, "new-1", false).is_ok());
         // --replace for this name does, revoking the first certificate.
         let replace = token(&store, false, Some("pi-01"), true);
         assert_eq!(record_join(&store, &replace, &second).unwrap(), 1);

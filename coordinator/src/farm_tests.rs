@@ -343,3 +343,22 @@ fn a_connected_agent_is_replaced_only_by_its_own_or_a_newer_certificate() {
     assert_eq!(farm.build(&build).unwrap().record.jobs[0].status, JobStatus::Pending);
     assert!(farm.agent_list().is_empty());
 }
+
+#[test]
+fn a_context_lease_names_its_holder_and_its_build_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut farm, _store) = farm(dir.path());
+    let (_, mut inbox) = connect(&mut farm, "pi-01", &["linux/arm64"]);
+    submit(&mut farm, &["linux/arm64"]);
+    farm.schedule().unwrap();
+    let a = next_assignment(&mut inbox);
+    let context = format!("sha256:{}", "0".repeat(64));
+    assert_eq!(farm.lease_holder_and_context(&a.job_id, a.attempt, &a.lease_id), Some(("pi-01".into(), context)));
+    // Another lease, attempt or job: no lease, nothing served.
+    assert_eq!(farm.lease_holder_and_context(&a.job_id, a.attempt, "other"), None);
+    assert_eq!(farm.lease_holder_and_context(&a.job_id, a.attempt + 1, &a.lease_id), None);
+    assert_eq!(farm.lease_holder_and_context("nope", a.attempt, &a.lease_id), None);
+    // Once the agent is forgotten the job is re-queued and the lease is gone.
+    farm.forget_agent("pi-01").unwrap();
+    assert_eq!(farm.lease_holder_and_context(&a.job_id, a.attempt, &a.lease_id), None);
+}

@@ -149,7 +149,7 @@ enum TokenCommand {
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
         /// The join token may enroll NAME although it is enrolled, revoking its
-        /// earlier certificates (needs --name)
+        /// earlier certificates (needs --name; such a token is always single-use)
         #[arg(long, requires = "name")]
         replace: bool,
     },

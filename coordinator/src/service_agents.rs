@@ -245,7 +245,8 @@ impl Agents for AgentsService {
             )
         })?;
         let token = self.coordinator.tokens.join_token(&r.token, &r.name)?;
-        enroll::check_not_enrolled(&self.coordinator.store, &token, &r.name)?;
+        let in_farm = self.coordinator.farm().agents.contains_key(&r.name);
+        enroll::check_not_enrolled(&self.coordinator.store, &token, &r.name, in_farm)?;
         let cert_pem = pki::sign_agent_request(ca, &r.csr_pem, &r.name, AGENT_CERT_DAYS)
             .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
         let info = pki::inspect_pem(&cert_pem)

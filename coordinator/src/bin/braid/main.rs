@@ -156,7 +156,8 @@ enum TokenCommand {
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
         /// The join token may enroll NAME although it is already enrolled,
-        /// revoking its earlier certificates (needs --name)
+        /// revoking its earlier certificates (needs --name; such a token is
+        /// always single-use)
         #[arg(long, requires = "name")]
         replace: bool,
     },
