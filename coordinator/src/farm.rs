@@ -1136,6 +1136,44 @@ impl Farm {
         Some((agent.to_owned(), b.spec.context_digest.clone()))
     }
 
+    /// A context is served only to the agent holding the current lease of a
+    /// job whose build uses it (`caller` is None in plaintext mode, where the
+    /// lease alone counts).
+    pub fn check_context_lease(
+        &self,
+        caller: Option<&str>,
+        job_id: &str,
+        attempt: u32,
+        lease: &str,
+        digest: &Digest,
+    ) -> Result<()> {
+        if job_id.is_empty() {
+            return Err(CoordinatorError::PermissionDenied(
+                "job_id: required; a context is served only to the agent holding a lease on a job whose build uses it"
+                    .into(),
+            ));
+        }
+        let shown = braid_shared::shorten(job_id, 80);
+        let (holder, context) = self.lease_holder_and_context(job_id, attempt, lease).ok_or_else(|| {
+            CoordinatorError::FailedPrecondition(format!(
+                "job {shown} attempt {attempt}: no such lease (cancelled or re-queued?); no context served"
+            ))
+        })?;
+        if let Some(name) = caller
+            && name != holder
+        {
+            return Err(CoordinatorError::PermissionDenied(format!(
+                "job {shown} is leased to agent {holder:?}, not {name:?}"
+            )));
+        }
+        if context != digest.to_string() {
+            return Err(CoordinatorError::PermissionDenied(format!(
+                "job {shown}'s build uses context {context}, not {digest}"
+            )));
+        }
+        Ok(())
+    }
+
     fn build_of_job(&self, job_id: &str) -> Option<String> {
         self.job_index.get(job_id).cloned()
     }

@@ -358,6 +358,29 @@ fn a_context_lease_names_its_holder_and_its_build_context() {
     assert_eq!(farm.lease_holder_and_context(&a.job_id, a.attempt, "other"), None);
     assert_eq!(farm.lease_holder_and_context(&a.job_id, a.attempt + 1, &a.lease_id), None);
     assert_eq!(farm.lease_holder_and_context("nope", a.attempt, &a.lease_id), None);
+
+    // The service's check: the holder, of that context, under that lease.
+    let digest: braid_shared::Digest = format!("sha256:{}", "0".repeat(64)).parse().unwrap();
+    let other: braid_shared::Digest = format!("sha256:{}", "1".repeat(64)).parse().unwrap();
+    let check = |farm: &Farm, caller, job: &str, lease: &str, d| {
+        farm.check_context_lease(caller, job, a.attempt, lease, d).map_err(|e| {
+            let s = tonic::Status::from(e);
+            (s.code(), s.message().to_owned())
+        })
+    };
+    assert!(check(&farm, Some("pi-01"), &a.job_id, &a.lease_id, &digest).is_ok());
+    assert!(check(&farm, None, &a.job_id, &a.lease_id, &digest).is_ok(), "plaintext: the lease alone");
+    let (code, message) = check(&farm, Some("pi-02"), &a.job_id, &a.lease_id, &digest).unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied);
+    assert!(message.contains(&a.job_id) && message.contains("\"pi-01\", not \"pi-02\""), "{message}");
+    let (code, message) = check(&farm, Some("pi-01"), &a.job_id, &a.lease_id, &other).unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied);
+    assert!(message.contains("uses context sha256:000"), "{message}");
+    let (code, message) = check(&farm, Some("pi-01"), &a.job_id, "stale", &digest).unwrap_err();
+    assert_eq!(code, tonic::Code::FailedPrecondition);
+    assert!(message.contains(&a.job_id), "{message}");
+    assert_eq!(check(&farm, Some("pi-01"), "", "", &digest).unwrap_err().0, tonic::Code::PermissionDenied);
+
     // Once the agent is forgotten the job is re-queued and the lease is gone.
     farm.forget_agent("pi-01").unwrap();
     assert_eq!(farm.lease_holder_and_context(&a.job_id, a.attempt, &a.lease_id), None);

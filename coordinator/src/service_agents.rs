@@ -45,48 +45,17 @@ impl AgentsService {
                 info.name
             )));
         }
+        if !valid_name(&info.name) {
+            return Err(Status::permission_denied(format!(
+                "the certificate names agent {:?}, not a valid agent name",
+                braid_shared::shorten(&info.name, 80)
+            )));
+        }
         let cert = enroll::check_certificate(&self.coordinator.store, &info)?;
         if cert.superseded {
             self.coordinator.farm().close_superseded_session(&cert.name, &cert.stamp.serial);
         }
         Ok(Some(cert))
-    }
-
-    /// A context is served only to the agent holding the current lease of a
-    /// job whose build uses it.
-    fn check_context_lease(
-        &self,
-        identity: Option<AgentCert>,
-        r: &proto::FetchContextRequest,
-        digest: &Digest,
-    ) -> Result<(), Status> {
-        let job_id = braid_shared::shorten(&r.job_id, 80);
-        if r.job_id.is_empty() {
-            return Err(Status::permission_denied(
-                "job_id: required; a context is served only to the agent holding a lease on a job whose build uses it",
-            ));
-        }
-        let (holder, context) =
-            self.coordinator.farm().lease_holder_and_context(&r.job_id, r.attempt, &r.lease_id).ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "job {job_id} attempt {}: no such lease (cancelled or re-queued?); no context served",
-                    r.attempt
-                ))
-            })?;
-        if let Some(cert) = identity
-            && cert.name != holder
-        {
-            return Err(Status::permission_denied(format!(
-                "job {job_id} is leased to agent {holder:?}, not {:?}",
-                cert.name
-            )));
-        }
-        if context != digest.to_string() {
-            return Err(Status::permission_denied(format!(
-                "job {job_id}'s build uses context {context}, not {digest}"
-            )));
-        }
-        Ok(())
     }
 }
 
@@ -321,7 +290,9 @@ impl Agents for AgentsService {
         let identity = self.agent_identity(&req)?;
         let digest: Digest =
             req.get_ref().digest.parse().map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;
-        self.check_context_lease(identity, req.get_ref(), &digest)?;
+        let r = req.get_ref();
+        let caller = identity.as_ref().map(|c| c.name.as_str());
+        self.coordinator.farm().check_context_lease(caller, &r.job_id, r.attempt, &r.lease_id, &digest)?;
         if self.coordinator.contexts.stat(&digest)?.is_none() {
             return Err(Status::not_found(format!("context {digest} is not stored")));
         }
