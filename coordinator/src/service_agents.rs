@@ -285,7 +285,11 @@ impl Agents for AgentsService {
 
     type FetchContextStream = ContextStream;
 
-    #[instrument(skip_all, err, fields(digest = %req.get_ref().digest, job_id = %req.get_ref().job_id))]
+    #[instrument(
+        skip_all,
+        err,
+        fields(digest = %braid_shared::shorten(&req.get_ref().digest, 80), job_id = %braid_shared::shorten(&req.get_ref().job_id, 80))
+    )]
     async fn fetch_context(&self, req: Request<proto::FetchContextRequest>) -> Result<Response<ContextStream>, Status> {
         let identity = self.agent_identity(&req)?;
         let digest: Digest =

@@ -414,6 +414,10 @@ impl Store {
             }
             insert_cert(&tx, row)?;
             let revoked = revoke_others(&tx, &row.name, &row.serial)?;
+            // Revoked and expired: refused by the TLS handshake already, so
+            // the row can go. An expired current certificate stays: it still
+            // holds its name against older offline certificates.
+            tx.execute("DELETE FROM agent_certs WHERE revoked = 1 AND not_after < ?1", params![row.issued_ms / 1000])?;
             tx.commit()?;
             Ok(JoinOutcome::Enrolled { revoked })
         })
