@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    // Read at run time, not compiled in (`env!`): a build script binary
+    // reused from another checkout must compile this checkout's protos.
+    let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
     let main_proto = proto_root.join("braid/v1/braid.proto");
     println!("cargo:rerun-if-changed={}", proto_root.display());
 

@@ -45,8 +45,9 @@ impl ContextCache {
         self.dir.join(format!("{}.tar.zst", digest.hex()))
     }
 
-    /// The path of the compressed context, fetched if not cached.
-    pub async fn get(&self, digest: &Digest) -> Result<PathBuf, CacheError> {
+    /// The path of the compressed context, fetched if not cached; the
+    /// coordinator serves it only under the lease of `job`, whose build uses it.
+    pub async fn get(&self, digest: &Digest, job: &proto::Assignment) -> Result<PathBuf, CacheError> {
         let _one_at_a_time = self.lock.lock().await;
         let path = self.path(digest);
         if path.exists() {
@@ -56,7 +57,7 @@ impl ContextCache {
         }
         let mut last = None;
         for attempt in 1..=FETCH_ATTEMPTS {
-            match self.fetch(digest, &path).await {
+            match self.fetch(digest, job, &path).await {
                 Ok(()) => {
                     self.evict(&path);
                     return Ok(path);
@@ -73,11 +74,16 @@ impl ContextCache {
 
     /// Streams to a temporary file, verifies the digest, then renames, so an
     /// interrupted fetch never leaves a corrupt entry.
-    async fn fetch(&self, digest: &Digest, path: &Path) -> Result<(), CacheError> {
+    async fn fetch(&self, digest: &Digest, job: &proto::Assignment, path: &Path) -> Result<(), CacheError> {
         let mut client = AgentsClient::new(self.settings.connect().await?)
             .max_decoding_message_size(braid_shared::limits::GRPC_MESSAGE_BYTES);
-        let mut stream =
-            client.fetch_context(proto::FetchContextRequest { digest: digest.to_string() }).await?.into_inner();
+        let request = proto::FetchContextRequest {
+            digest: digest.to_string(),
+            job_id: job.job_id.clone(),
+            attempt: job.attempt,
+            lease_id: job.lease_id.clone(),
+        };
+        let mut stream = client.fetch_context(request).await?.into_inner();
         let mut temp = tempfile::NamedTempFile::new_in(&self.dir)?;
         while let Some(chunk) = stream.message().await? {
             temp.write_all(&chunk.chunk)?;

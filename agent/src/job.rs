@@ -126,7 +126,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     send_progress(env, a, proto::JobState::Building);
 
     let fetch_start = now_timestamp();
-    let compressed = match env.cache.get(&digest).await {
+    let compressed = match env.cache.get(&digest, a).await {
         Ok(path) => path,
         Err(e) => return infra(format!("fetching context {digest}: {e}")),
     };

@@ -23,6 +23,10 @@ pub struct TokenRecord {
     pub used: bool,
     pub revoked: bool,
     pub description: String,
+    /// A join token bound to one agent name enrolls only that name.
+    pub agent_name: Option<String>,
+    /// A join token that may enroll its bound name again (`--replace`).
+    pub replace: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +87,34 @@ impl Caller {
     }
 }
 
+/// Only join tokens are bound to a name, and only a bound one may replace:
+/// an unbound `--replace` token would let its holder take over every name.
+fn check_binding(role: Role, agent_name: Option<&str>, replace: bool) -> Result<()> {
+    let invalid = |m: String| Err(CoordinatorError::InvalidArgument(m));
+    if let Some(name) = agent_name {
+        if role != Role::Agent {
+            return invalid(format!(
+                "agent_name: only a join token (role agent) is bound to a name, not role {}",
+                role.name()
+            ));
+        }
+        if !crate::service_agents::valid_name(name) {
+            return invalid(format!(
+                "agent_name: {:?} must be 1 to {} letters, digits, '.', '_' or '-'",
+                braid_shared::shorten(name, 80),
+                braid_shared::limits::AGENT_NAME_BYTES
+            ));
+        }
+    }
+    if replace && role != Role::Agent {
+        return invalid(format!("replace: only a join token (role agent) may replace, not role {}", role.name()));
+    }
+    if replace && agent_name.is_none() {
+        return invalid("replace: needs agent_name (--name): a token that could re-enroll any name would let its holder take over every agent".into());
+    }
+    Ok(())
+}
+
 fn hash(token: &str) -> String {
     braid_shared::Digest::of(token.as_bytes()).to_string()
 }
@@ -100,16 +132,23 @@ impl Tokens {
     }
 
     /// Creates a token; returns its record and its secret (shown once).
+    /// `agent_name` binds a join token to the one name it may enroll;
+    /// `replace` lets it enroll that name although it is enrolled.
     pub fn create(
         &self,
         role: Role,
         ttl_seconds: u32,
         single_use: bool,
         description: &str,
+        agent_name: Option<&str>,
+        replace: bool,
     ) -> Result<(TokenRecord, String)> {
         if description.len() > 256 {
             return Err(CoordinatorError::InvalidArgument("description: at most 256 bytes".into()));
         }
+        check_binding(role, agent_name, replace)?;
+        // A token that takes over an enrolled name works once, whatever was asked.
+        let single_use = single_use || replace;
         let mut secret = [0u8; 32];
         rand::rng().fill_bytes(&mut secret);
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
@@ -124,9 +163,19 @@ impl Tokens {
             used: false,
             revoked: false,
             description: description.to_owned(),
+            agent_name: agent_name.map(str::to_owned),
+            replace,
         };
         self.store.token_insert(&record, &hash(&token))?;
-        tracing::info!(token_id = %record.id, role = role.name(), single_use, ttl_seconds, "token created");
+        tracing::info!(
+            token_id = %record.id,
+            role = role.name(),
+            single_use,
+            ttl_seconds,
+            agent_name = agent_name.unwrap_or_default(),
+            replace,
+            "token created"
+        );
         Ok((record, token))
     }
 
@@ -216,14 +265,22 @@ impl Tokens {
         Ok(Caller { token_id: Some(record.id), role })
     }
 
-    /// Spends a join token: valid, agent role, and single-use ones only once.
-    pub fn spend_join_token(&self, secret: &str) -> std::result::Result<TokenRecord, Status> {
+    /// A valid join token (agent role) that may enroll `name`; a single-use
+    /// one is spent only when the enrollment is recorded
+    /// (`Store::enroll_with_token`).
+    pub fn join_token(&self, secret: &str, name: &str) -> std::result::Result<TokenRecord, Status> {
         let (record, role) = self.check(secret)?;
         if role != Role::Agent {
             return Err(Status::permission_denied(format!("token {} is not a join token (role agent)", record.id)));
         }
-        if record.single_use && !self.store.token_use(&record.id).map_err(Status::from)? {
-            return Err(Status::unauthenticated(format!("token {} was already used", record.id)));
+        if let Some(bound) = &record.agent_name
+            && bound != name
+        {
+            return Err(Status::permission_denied(format!(
+                "token {} is bound to agent {bound:?}; it cannot enroll {:?}",
+                record.id,
+                braid_shared::shorten(name, 80)
+            )));
         }
         Ok(record)
     }
@@ -234,5 +291,45 @@ impl Tokens {
 
     pub fn list(&self) -> Result<Vec<TokenRecord>> {
         self.store.tokens()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_bound_join_tokens_replace() {
+        assert!(check_binding(Role::Agent, None, false).is_ok());
+        assert!(check_binding(Role::Agent, Some("pi-01"), false).is_ok());
+        assert!(check_binding(Role::Agent, Some("pi-01"), true).is_ok());
+        let refused = |role, name, replace, want: &str| {
+            let e = check_binding(role, name, replace).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        };
+        refused(Role::Agent, None, true, "replace: needs agent_name");
+        refused(Role::Submit, Some("pi-01"), false, "not role submit");
+        refused(Role::Operate, None, true, "not role operate");
+        refused(Role::Agent, Some("../x"), false, "agent_name: \"../x\"");
+        refused(Role::Agent, Some(""), false, "agent_name");
+    }
+
+    #[test]
+    fn a_bound_token_enrolls_its_name_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = Tokens::new(Arc::new(Store::open(&dir.path().join("braid.db")).unwrap()), true);
+        let (record, secret) = tokens.create(Role::Agent, 0, false, "", Some("pi-01"), true).unwrap();
+        assert!(record.single_use, "a --replace token is single-use");
+        let listed = tokens.list().unwrap();
+        assert_eq!(listed[0].agent_name.as_deref(), Some("pi-01"));
+        assert!(listed[0].replace);
+        assert_eq!(tokens.join_token(&secret, "pi-01").unwrap().id, record.id);
+        let e = tokens.join_token(&secret, "pi-02").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("\"pi-01\"") && e.message().contains("\"pi-02\""), "{}", e.message());
+        let (_, unbound) = tokens.create(Role::Agent, 0, false, "", None, false).unwrap();
+        assert!(tokens.join_token(&unbound, "anything").is_ok());
+        let (_, submit) = tokens.create(Role::Submit, 0, false, "", None, false).unwrap();
+        assert_eq!(tokens.join_token(&submit, "x").unwrap_err().code(), tonic::Code::PermissionDenied);
     }
 }

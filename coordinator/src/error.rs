@@ -14,6 +14,10 @@ pub enum CoordinatorError {
     ResourceExhausted(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Unauthenticated(String),
     #[error("store: {0}")]
     Store(#[from] rusqlite::Error),
     #[error("{0}")]
@@ -30,6 +34,8 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::FailedPrecondition(m) => Status::failed_precondition(m),
             CoordinatorError::ResourceExhausted(m) => Status::resource_exhausted(m),
             CoordinatorError::PermissionDenied(m) => Status::permission_denied(m),
+            CoordinatorError::AlreadyExists(m) => Status::already_exists(m),
+            CoordinatorError::Unauthenticated(m) => Status::unauthenticated(m),
             CoordinatorError::Store(e) => {
                 tracing::error!(error = %e, "store failure");
                 Status::internal("the coordinator's store failed; see its log")

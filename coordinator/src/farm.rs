@@ -280,6 +280,9 @@ pub struct AgentEntry {
     pub draining: bool,
     /// Declared lost (kept so operators see it until it comes back).
     pub lost: bool,
+    /// The certificate its session presented (None in plaintext mode and
+    /// for agents re-adopted after a restart until they reconnect).
+    pub cert: Option<crate::enroll::CertStamp>,
 }
 
 impl AgentEntry {
@@ -432,6 +435,7 @@ impl Farm {
                     emulates: Vec::new(),
                     draining: false,
                     lost: false,
+                    cert: None,
                 },
             );
         }
@@ -856,14 +860,29 @@ impl Farm {
     }
 
     /// Registers an agent's session; re-adopts the jobs it still runs and
-    /// hands back those it lost.
+    /// hands back those it lost. A connected agent's session is replaced
+    /// only by one presenting the same certificate or one recorded after
+    /// it (plaintext sessions carry none and always replace).
     pub fn agent_connected(
         &mut self,
         hello: &proto::Hello,
         platforms: Vec<Platform>,
         emulates: Vec<Platform>,
         sender: AgentSender,
+        cert: Option<crate::enroll::CertStamp>,
     ) -> Result<u64> {
+        if let Some(prev) = self.agents.get(&hello.name)
+            && prev.sender.is_some()
+            && let (Some(old), Some(new)) = (&prev.cert, &cert)
+            && old.serial != new.serial
+            && new.issued_ms <= old.issued_ms
+        {
+            return Err(CoordinatorError::AlreadyExists(format!(
+                "agent {:?} is connected with certificate serial {}; a session with certificate serial {}, not \
+                 issued after it, may not replace it",
+                hello.name, old.serial, new.serial
+            )));
+        }
         self.metrics.declare_platforms(platforms.iter().chain(&emulates).map(ToString::to_string));
         let session = self.next_session;
         self.next_session += 1;
@@ -920,12 +939,54 @@ impl Farm {
                 emulates,
                 draining: false,
                 lost: false,
+                cert,
             },
         );
         for (build_id, job_id) in lost {
             self.requeue(&build_id, &job_id, &format!("agent {} restarted without it", hello.name))?;
         }
         Ok(session)
+    }
+
+    /// Closes the live session of `name` if it presented another certificate
+    /// than `keep` (one just revoked by a newer one). Its jobs stay leased:
+    /// the newer certificate's session re-adopts those it still runs, the
+    /// rest are re-queued when the agent is declared lost.
+    pub fn close_superseded_session(&mut self, name: &str, keep: &str) -> bool {
+        let Some(agent) = self.agents.get_mut(name) else { return false };
+        if agent.cert.as_ref().is_none_or(|c| c.serial == keep) {
+            return false;
+        }
+        let Some(tx) = agent.sender.take() else { return false };
+        let _ = tx.send(Err(tonic::Status::unauthenticated(format!(
+            "the certificate of agent {name:?} was revoked: a newer one was enrolled"
+        ))));
+        tracing::warn!(agent = name, "closed a session whose certificate was superseded");
+        true
+    }
+
+    /// `braid agents forget`: closes the agent's session, re-queues its
+    /// running jobs as for a lost agent and drops it from the farm.
+    /// Returns (a live session was closed, jobs re-queued).
+    pub fn forget_agent(&mut self, name: &str) -> Result<(bool, u32)> {
+        let Some(agent) = self.agents.remove(name) else {
+            return Ok((false, 0));
+        };
+        let disconnected = match agent.sender {
+            Some(tx) => {
+                let _ = tx.send(Err(tonic::Status::unauthenticated(format!(
+                    "agent {name:?} was forgotten by an operator; its certificates are revoked"
+                ))));
+                true
+            }
+            None => false,
+        };
+        let requeued = agent.running.len() as u32;
+        for (build_id, job_id) in agent.running {
+            self.requeue(&build_id, &job_id, &format!("agent {name} was forgotten"))?;
+        }
+        tracing::warn!(agent = name, disconnected, requeued, "agent forgotten");
+        Ok((disconnected, requeued))
     }
 
     /// The session ended; the agent keeps its jobs until it is lost.
@@ -1067,6 +1128,53 @@ impl Farm {
         }
         let job = b.record.jobs.iter().find(|j| j.id == job_id && j.attempt == attempt)?;
         job.status.leased().filter(|(_, l)| *l == lease).map(|(agent, _)| agent.to_owned())
+    }
+
+    /// The agent holding `lease` on a job's `attempt`, and the context digest
+    /// of the job's build (a context is served only to such an agent).
+    pub fn lease_holder_and_context(&self, job_id: &str, attempt: u32, lease: &str) -> Option<(String, String)> {
+        let b = self.builds.get(self.job_index.get(job_id)?)?;
+        let job = b.record.jobs.iter().find(|j| j.id == job_id && j.attempt == attempt)?;
+        let (agent, _) = job.status.leased().filter(|(_, l)| *l == lease)?;
+        Some((agent.to_owned(), b.spec.context_digest.clone()))
+    }
+
+    /// A context is served only to the agent holding the current lease of a
+    /// job whose build uses it (`caller` is None in plaintext mode, where the
+    /// lease alone counts).
+    pub fn check_context_lease(
+        &self,
+        caller: Option<&str>,
+        job_id: &str,
+        attempt: u32,
+        lease: &str,
+        digest: &Digest,
+    ) -> Result<()> {
+        if job_id.is_empty() {
+            return Err(CoordinatorError::PermissionDenied(
+                "job_id: required; a context is served only to the agent holding a lease on a job whose build uses it"
+                    .into(),
+            ));
+        }
+        let shown = braid_shared::shorten(job_id, 80);
+        let (holder, context) = self.lease_holder_and_context(job_id, attempt, lease).ok_or_else(|| {
+            CoordinatorError::FailedPrecondition(format!(
+                "job {shown} attempt {attempt}: no such lease (cancelled or re-queued?); no context served"
+            ))
+        })?;
+        if let Some(name) = caller
+            && name != holder
+        {
+            return Err(CoordinatorError::PermissionDenied(format!(
+                "job {shown} is leased to agent {holder:?}, not {name:?}"
+            )));
+        }
+        if context != digest.to_string() {
+            return Err(CoordinatorError::PermissionDenied(format!(
+                "job {shown}'s build uses context {context}, not {digest}"
+            )));
+        }
+        Ok(())
     }
 
     fn build_of_job(&self, job_id: &str) -> Option<String> {

@@ -33,7 +33,7 @@ fn connect(farm: &mut Farm, name: &str, platforms: &[&str]) -> (u64, Inbox) {
         emulated_platforms: vec![],
     };
     let parsed = platforms.iter().map(|p| p.parse().unwrap()).collect();
-    (farm.agent_connected(&hello, parsed, vec![], tx).unwrap(), rx)
+    (farm.agent_connected(&hello, parsed, vec![], tx, None).unwrap(), rx)
 }
 
 fn submit(farm: &mut Farm, platforms: &[&str]) -> String {
@@ -294,4 +294,94 @@ fn a_build_keeps_its_state_events_past_the_event_limit() {
     assert!(matches!(follow, Some(FollowUp::Verify { .. })));
     let last = store.events_after(&build_id, 0, 10_000).unwrap().pop().unwrap();
     assert!(matches!(last.kind, Some(proto::build_event::Kind::Job(j)) if j.state == proto::JobState::Pushed as i32));
+}
+
+#[test]
+fn a_connected_agent_is_replaced_only_by_its_own_or_a_newer_certificate() {
+    use crate::enroll::CertStamp;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut farm, _store) = farm(dir.path());
+    let hello = proto::Hello {
+        name: "pi-01".into(),
+        platforms: vec!["linux/arm64".into()],
+        slots: 1,
+        backend: "buildah".into(),
+        version: "test".into(),
+        running: vec![],
+        emulated_platforms: vec![],
+    };
+    let platforms = || vec!["linux/arm64".parse().unwrap()];
+    let stamp = |serial: &str, issued_ms| Some(CertStamp { serial: serial.into(), issued_ms });
+    let (tx, mut real) = mpsc::unbounded_channel();
+    farm.agent_connected(&hello, platforms(), vec![], tx, stamp("aa", 100)).unwrap();
+    let build = submit(&mut farm, &["linux/arm64"]);
+    farm.schedule().unwrap();
+    let assignment = next_assignment(&mut real);
+
+    // Another certificate, not recorded after the real one: refused, and the
+    // real session keeps its job.
+    for older in [stamp("bb", 50), stamp("cc", 100)] {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let e = farm.agent_connected(&hello, platforms(), vec![], tx, older).unwrap_err();
+        assert!(matches!(e, crate::error::CoordinatorError::AlreadyExists(_)), "{e}");
+    }
+    assert!(real.try_recv().is_err(), "the real session was not told to go");
+    let job = &farm.build(&build).unwrap().record.jobs[0];
+    assert_eq!(job.status, JobStatus::Assigned { agent: "pi-01".into(), lease: assignment.lease_id.clone() });
+
+    // The same certificate (the agent reconnecting) replaces it.
+    let (tx, _same) = mpsc::unbounded_channel();
+    let running = proto::RunningJob { job_id: assignment.job_id.clone(), attempt: 1, lease_id: assignment.lease_id };
+    let again = proto::Hello { running: vec![running], ..hello.clone() };
+    farm.agent_connected(&again, platforms(), vec![], tx, stamp("aa", 100)).unwrap();
+    assert!(matches!(real.try_recv(), Ok(Err(_))), "the old session was closed");
+    // So does a newer one; forgetting the agent re-queues its job.
+    let (tx, mut newer) = mpsc::unbounded_channel();
+    farm.agent_connected(&again, platforms(), vec![], tx, stamp("dd", 200)).unwrap();
+    assert_eq!(farm.forget_agent("pi-01").unwrap(), (true, 1));
+    assert!(matches!(newer.try_recv(), Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated));
+    assert_eq!(farm.build(&build).unwrap().record.jobs[0].status, JobStatus::Pending);
+    assert!(farm.agent_list().is_empty());
+}
+
+#[test]
+fn a_context_lease_names_its_holder_and_its_build_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut farm, _store) = farm(dir.path());
+    let (_, mut inbox) = connect(&mut farm, "pi-01", &["linux/arm64"]);
+    submit(&mut farm, &["linux/arm64"]);
+    farm.schedule().unwrap();
+    let a = next_assignment(&mut inbox);
+    let context = format!("sha256:{}", "0".repeat(64));
+    assert_eq!(farm.lease_holder_and_context(&a.job_id, a.attempt, &a.lease_id), Some(("pi-01".into(), context)));
+    // Another lease, attempt or job: no lease, nothing served.
+    assert_eq!(farm.lease_holder_and_context(&a.job_id, a.attempt, "other"), None);
+    assert_eq!(farm.lease_holder_and_context(&a.job_id, a.attempt + 1, &a.lease_id), None);
+    assert_eq!(farm.lease_holder_and_context("nope", a.attempt, &a.lease_id), None);
+
+    // The service's check: the holder, of that context, under that lease.
+    let digest: braid_shared::Digest = format!("sha256:{}", "0".repeat(64)).parse().unwrap();
+    let other: braid_shared::Digest = format!("sha256:{}", "1".repeat(64)).parse().unwrap();
+    let check = |farm: &Farm, caller, job: &str, lease: &str, d| {
+        farm.check_context_lease(caller, job, a.attempt, lease, d).map_err(|e| {
+            let s = tonic::Status::from(e);
+            (s.code(), s.message().to_owned())
+        })
+    };
+    assert!(check(&farm, Some("pi-01"), &a.job_id, &a.lease_id, &digest).is_ok());
+    assert!(check(&farm, None, &a.job_id, &a.lease_id, &digest).is_ok(), "plaintext: the lease alone");
+    let (code, message) = check(&farm, Some("pi-02"), &a.job_id, &a.lease_id, &digest).unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied);
+    assert!(message.contains(&a.job_id) && message.contains("\"pi-01\", not \"pi-02\""), "{message}");
+    let (code, message) = check(&farm, Some("pi-01"), &a.job_id, &a.lease_id, &other).unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied);
+    assert!(message.contains("uses context sha256:000"), "{message}");
+    let (code, message) = check(&farm, Some("pi-01"), &a.job_id, "stale", &digest).unwrap_err();
+    assert_eq!(code, tonic::Code::FailedPrecondition);
+    assert!(message.contains(&a.job_id), "{message}");
+    assert_eq!(check(&farm, Some("pi-01"), "", "", &digest).unwrap_err().0, tonic::Code::PermissionDenied);
+
+    // Once the agent is forgotten the job is re-queued and the lease is gone.
+    farm.forget_agent("pi-01").unwrap();
+    assert_eq!(farm.lease_holder_and_context(&a.job_id, a.attempt, &a.lease_id), None);
 }

@@ -8,6 +8,7 @@ pub mod blobs;
 pub mod blocking;
 pub mod contexts;
 pub mod decode_status;
+pub mod enroll;
 pub mod error;
 pub mod export;
 pub mod farm;

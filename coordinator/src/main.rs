@@ -164,21 +164,24 @@ enum TokenCommand {
         /// A note for operators
         #[arg(long, default_value = "")]
         description: String,
+        /// Bind a join token (role agent) to one agent name: it enrolls only NAME
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// The join token may enroll NAME although it is enrolled, revoking its
+        /// earlier certificates (needs --name; such a token is always single-use)
+        #[arg(long, requires = "name")]
+        replace: bool,
     },
 }
 
 /// Writes a token into the store; safe while the coordinator runs (SQLite).
-fn create_token_offline(
-    settings: &Settings,
-    role: &str,
-    ttl_seconds: u32,
-    single_use: bool,
-    description: &str,
-) -> anyhow::Result<()> {
+fn create_token_offline(settings: &Settings, create: &TokenCommand) -> anyhow::Result<()> {
+    let TokenCommand::Create { role, ttl_seconds, single_use, description, name, replace } = create;
     let role = Role::parse(role).ok_or_else(|| anyhow::anyhow!("invalid role {role:?}: submit, operate or agent"))?;
     std::fs::create_dir_all(&settings.data_dir)?;
     let store = Arc::new(Store::open(&settings.data_dir.join("braid.db"))?);
-    let (record, token) = Tokens::new(store, true).create(role, ttl_seconds, single_use, description)?;
+    let (record, token) =
+        Tokens::new(store, true).create(role, *ttl_seconds, *single_use, description, name.as_deref(), *replace)?;
     eprintln!("token {} ({}) created", record.id, role.name());
     println!("{token}");
     Ok(())
@@ -189,10 +192,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings: Settings =
         braid_shared::settings::load(args.config.as_deref(), settings::KEYS, settings::LIST_KEYS, args.overrides())?;
-    if let Some(Command::Token { command: TokenCommand::Create { role, ttl_seconds, single_use, description } }) =
-        &args.command
-    {
-        return create_token_offline(&settings, role, *ttl_seconds, *single_use, description);
+    if let Some(Command::Token { command }) = &args.command {
+        return create_token_offline(&settings, command);
     }
     telemetry::init(settings.log_format);
     match braid_shared::telemetry::raise_open_file_limit() {

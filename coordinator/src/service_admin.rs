@@ -83,6 +83,8 @@ fn info(t: &TokenRecord) -> proto::TokenInfo {
         used: t.used,
         revoked: t.revoked,
         description: t.description.clone(),
+        agent_name: t.agent_name.clone().unwrap_or_default(),
+        replace: t.replace,
     }
 }
 
@@ -107,7 +109,9 @@ impl Admin for AdminService {
                     limits::TOKEN_TTL_SECONDS
                 ))
             })?;
-        let (record, token) = self.coordinator.tokens.create(role, ttl_seconds, r.single_use, &r.description)?;
+        let agent_name = (!r.agent_name.is_empty()).then_some(r.agent_name.as_str());
+        let (record, token) =
+            self.coordinator.tokens.create(role, ttl_seconds, r.single_use, &r.description, agent_name, r.replace)?;
         Ok(Response::new(proto::CreateTokenResponse {
             token_id: record.id,
             token,
@@ -155,6 +159,27 @@ impl Admin for AdminService {
     #[instrument(skip_all, err, fields(agent = %req.get_ref().name))]
     async fn drain(&self, req: Request<proto::AgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
         self.set_cordon(req, true)
+    }
+
+    #[instrument(skip_all, err, fields(agent = %braid_shared::shorten(&req.get_ref().name, 80)))]
+    async fn forget_agent(
+        &self,
+        req: Request<proto::AgentRequest>,
+    ) -> Result<Response<proto::ForgetAgentResponse>, Status> {
+        self.coordinator.tokens.authorize(&req, Role::Operate)?;
+        let name = &req.get_ref().name;
+        if !crate::service_agents::valid_name(name) {
+            return Err(Status::invalid_argument(format!(
+                "name: {:?} must be 1 to {} letters, digits, '.', '_' or '-'",
+                braid_shared::shorten(name, 80),
+                braid_shared::limits::AGENT_NAME_BYTES
+            )));
+        }
+        // Revoke first: a session opened between the two steps is refused.
+        let revoked_serials = crate::enroll::forget(&self.coordinator.store, name)?;
+        let (disconnected, requeued_jobs) = self.coordinator.farm().forget_agent(name)?;
+        self.coordinator.wake.notify_one();
+        Ok(Response::new(proto::ForgetAgentResponse { revoked_serials, disconnected, requeued_jobs }))
     }
 
     async fn list_tokens(

@@ -15,6 +15,7 @@ use braid_shared::proto::{self, agent_message::Kind as FromAgent, agents_server:
 use braid_shared::{Digest, Platform, limits, pki};
 
 use crate::blocking;
+use crate::enroll::{self, AgentCert};
 use crate::metrics::Metrics;
 use crate::server::Coordinator;
 
@@ -27,19 +28,35 @@ impl AgentsService {
         AgentsService { coordinator }
     }
 
-    /// The agent name in the caller's certificate; None in plaintext mode.
-    fn agent_identity<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+    /// The agent in the caller's certificate; None in plaintext mode. The
+    /// one place every agent call is authenticated: a revoked serial, or an
+    /// offline certificate older than the name's current one, is refused
+    /// here (`enroll::check_certificate`).
+    fn agent_identity<T>(&self, req: &Request<T>) -> Result<Option<AgentCert>, Status> {
         if !self.coordinator.settings.tls() {
             return Ok(None);
         }
         let missing = || Status::unauthenticated("agents must present a client certificate from the cluster CA");
         let certs = req.peer_certs().ok_or_else(missing)?;
         let first = certs.first().ok_or_else(missing)?;
-        let (unit, name) = pki::identity(first.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
-        if unit != "agent" {
-            return Err(Status::permission_denied(format!("the certificate for {name:?} is not an agent certificate")));
+        let info = pki::inspect(first.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        if info.unit != "agent" {
+            return Err(Status::permission_denied(format!(
+                "the certificate for {:?} is not an agent certificate",
+                info.name
+            )));
         }
-        Ok(Some(name))
+        if !valid_name(&info.name) {
+            return Err(Status::permission_denied(format!(
+                "the certificate names agent {:?}, not a valid agent name",
+                braid_shared::shorten(&info.name, 80)
+            )));
+        }
+        let cert = enroll::check_certificate(&self.coordinator.store, &info)?;
+        if cert.superseded {
+            self.coordinator.farm().close_superseded_session(&cert.name, &cert.stamp.serial);
+        }
+        Ok(Some(cert))
     }
 }
 
@@ -48,7 +65,7 @@ impl AgentsService {
     /// an exporting build.
     fn check_upload_lease(
         &self,
-        identity: Option<String>,
+        identity: Option<AgentCert>,
         job_id: &str,
         attempt: u32,
         lease: &str,
@@ -58,7 +75,7 @@ impl AgentsService {
                 "job {job_id} attempt {attempt}: no such lease of an exporting build (cancelled or re-queued?)"
             ))
         })?;
-        match identity {
+        match identity.map(|c| c.name) {
             Some(name) if name != holder => {
                 Err(Status::permission_denied(format!("job {job_id} is leased to agent {holder:?}, not {name:?}")))
             }
@@ -73,7 +90,9 @@ const AGENT_CERT_DAYS: i64 = 365;
 /// How long a new session may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn valid_name(name: &str) -> bool {
+/// Agent names: what `Hello.name`, `JoinRequest.name` and a join token's
+/// binding may be.
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= limits::AGENT_NAME_BYTES
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
@@ -135,12 +154,12 @@ impl Agents for AgentsService {
             return Err(Status::invalid_argument("the first message of a session must be a hello"));
         };
         let (platforms, emulates) = check_hello(&hello)?;
-        if let Some(certified) = identity
-            && certified != hello.name
+        if let Some(certified) = &identity
+            && certified.name != hello.name
         {
             return Err(Status::permission_denied(format!(
-                "hello names agent {:?} but the certificate is for {certified:?}",
-                hello.name
+                "hello names agent {:?} but the certificate is for {:?}",
+                hello.name, certified.name
             )));
         }
         let (tx, rx) = mpsc::unbounded_channel();
@@ -150,7 +169,9 @@ impl Agents for AgentsService {
             })),
         }));
         let name = hello.name.clone();
-        let session = self.coordinator.farm().agent_connected(&hello, platforms.clone(), emulates.clone(), tx)?;
+        let stamp = identity.map(|c| c.stamp);
+        let session =
+            self.coordinator.farm().agent_connected(&hello, platforms.clone(), emulates.clone(), tx, stamp)?;
         let span = tracing::info_span!("agent_session", agent = %name, session);
         span.in_scope(|| {
             tracing::info!(
@@ -197,10 +218,20 @@ impl Agents for AgentsService {
                 "this coordinator signs no certificates (no tls_ca_key); issue one with braid certs issue",
             )
         })?;
+        let token = self.coordinator.tokens.join_token(&r.token, &r.name)?;
+        let in_farm = self.coordinator.farm().agents.contains_key(&r.name);
+        enroll::check_not_enrolled(&self.coordinator.store, &token, &r.name, in_farm)?;
         let cert_pem = pki::sign_agent_request(ca, &r.csr_pem, &r.name, AGENT_CERT_DAYS)
             .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
-        let token = self.coordinator.tokens.spend_join_token(&r.token)?;
-        tracing::info!(token_id = %token.id, "agent enrolled");
+        let info = pki::inspect_pem(&cert_pem)
+            .map_err(|e| Status::internal(format!("reading the signed certificate: {e}")))?;
+        // Atomic: the name is checked again, the token spent and the serial
+        // recorded together, so two Joins cannot both enroll one name.
+        let revoked = enroll::record_join(&self.coordinator.store, &token, &info)?;
+        if revoked > 0 {
+            self.coordinator.farm().close_superseded_session(&r.name, &info.serial);
+        }
+        tracing::info!(token_id = %token.id, serial = %info.serial, replaced = revoked, "agent enrolled");
         Ok(Response::new(proto::JoinResponse { cert_pem, ca_pem: ca.cert.clone() }))
     }
 
@@ -271,11 +302,18 @@ impl Agents for AgentsService {
 
     type FetchContextStream = ContextStream;
 
-    #[instrument(skip_all, err, fields(digest = %req.get_ref().digest))]
+    #[instrument(
+        skip_all,
+        err,
+        fields(digest = %braid_shared::shorten(&req.get_ref().digest, 80), job_id = %braid_shared::shorten(&req.get_ref().job_id, 80))
+    )]
     async fn fetch_context(&self, req: Request<proto::FetchContextRequest>) -> Result<Response<ContextStream>, Status> {
-        self.agent_identity(&req)?;
+        let identity = self.agent_identity(&req)?;
         let digest: Digest =
             req.get_ref().digest.parse().map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;
+        let r = req.get_ref();
+        let caller = identity.as_ref().map(|c| c.name.as_str());
+        self.coordinator.farm().check_context_lease(caller, &r.job_id, r.attempt, &r.lease_id, &digest)?;
         if self.coordinator.contexts.stat(&digest)?.is_none() {
             return Err(Status::not_found(format!("context {digest} is not stored")));
         }

@@ -52,6 +52,25 @@ CREATE TABLE IF NOT EXISTS cordons (
 );
 ";
 
+/// Enrollment: every agent certificate serial the coordinator issued at a
+/// Join or first saw in a session, and the names an operator forgot.
+const ENROLLMENT_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS agent_certs (
+    serial     TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after  INTEGER NOT NULL,
+    issued_at  INTEGER NOT NULL,
+    source     TEXT NOT NULL,
+    revoked    INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS agent_certs_name ON agent_certs (name);
+CREATE TABLE IF NOT EXISTS forgotten_agents (
+    name TEXT PRIMARY KEY,
+    at   INTEGER NOT NULL
+);
+";
+
 impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         let conn = Connection::open(path)?;
@@ -59,6 +78,8 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(ENROLLMENT_SCHEMA)?;
+        Self::add_token_binding_columns(&conn)?;
         Ok(Store { conn: Mutex::new(conn) })
     }
 
@@ -198,12 +219,36 @@ impl Store {
 }
 
 impl Store {
+    /// Databases made before join tokens could be bound to a name lack
+    /// these columns.
+    fn add_token_binding_columns(conn: &Connection) -> rusqlite::Result<()> {
+        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('tokens')")?;
+        let columns = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        if !columns.iter().any(|c| c == "agent_name") {
+            conn.execute_batch("ALTER TABLE tokens ADD COLUMN agent_name TEXT")?;
+        }
+        if !columns.iter().any(|c| c == "may_replace") {
+            conn.execute_batch("ALTER TABLE tokens ADD COLUMN may_replace INTEGER NOT NULL DEFAULT 0")?;
+        }
+        Ok(())
+    }
+
     pub fn token_insert(&self, t: &TokenRecord, hash: &str) -> Result<()> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO tokens (id, hash, role, created, expires, single_use, description)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![t.id, hash, t.role, t.created_ms, t.expires_ms, t.single_use, t.description],
+                "INSERT INTO tokens (id, hash, role, created, expires, single_use, description, agent_name, may_replace)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    t.id,
+                    hash,
+                    t.role,
+                    t.created_ms,
+                    t.expires_ms,
+                    t.single_use,
+                    t.description,
+                    t.agent_name,
+                    t.replace
+                ],
             )
             .map(drop)
         })
@@ -219,13 +264,15 @@ impl Store {
             used: r.get(5)?,
             revoked: r.get(6)?,
             description: r.get(7)?,
+            agent_name: r.get(8)?,
+            replace: r.get(9)?,
         })
     }
 
     pub fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>> {
         self.with(|c| {
             c.query_row(
-                "SELECT id, role, created, expires, single_use, used, revoked, description FROM tokens WHERE hash = ?1",
+                "SELECT id, role, created, expires, single_use, used, revoked, description, agent_name, may_replace FROM tokens WHERE hash = ?1",
                 params![hash],
                 Self::token_row,
             )
@@ -247,10 +294,188 @@ impl Store {
     pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT id, role, created, expires, single_use, used, revoked, description FROM tokens ORDER BY created",
+                "SELECT id, role, created, expires, single_use, used, revoked, description, agent_name, may_replace FROM tokens ORDER BY created",
             )?;
             let rows = stmt.query_map([], Self::token_row)?;
             rows.collect()
+        })
+    }
+}
+
+/// One recorded agent certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertRow {
+    /// Lowercase hex of the certificate's serial.
+    pub serial: String,
+    pub name: String,
+    /// notBefore and notAfter, seconds since the epoch.
+    pub not_before: i64,
+    pub not_after: i64,
+    /// When the coordinator recorded it (Join, or the first call that
+    /// presented an offline-issued certificate), milliseconds.
+    pub issued_ms: i64,
+    /// "join" or "offline".
+    pub source: String,
+    pub revoked: bool,
+}
+
+/// What an attempt to enroll a name with a join token came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum JoinOutcome {
+    /// Recorded; this many earlier serials of the name were revoked.
+    Enrolled { revoked: u32 },
+    /// The name has a live (unrevoked) certificate and the token may not replace it.
+    AlreadyEnrolled(CertRow),
+    /// A single-use token another Join spent first.
+    TokenUsed,
+}
+
+/// What presenting an unrecorded (offline-issued) certificate came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OfflineOutcome {
+    /// Recorded as the name's current certificate; this many earlier serials were revoked.
+    Recorded { row: CertRow, revoked: u32 },
+    /// The name's current certificate is not older than this one.
+    NotNewer(CertRow),
+    /// The certificate dates from before an operator forgot the name (seconds).
+    Forgotten { at: i64 },
+    /// Recorded meanwhile (another call raced this one).
+    Known(CertRow),
+}
+
+const CERT_COLUMNS: &str = "serial, name, not_before, not_after, issued_at, source, revoked";
+
+fn cert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CertRow> {
+    Ok(CertRow {
+        serial: r.get(0)?,
+        name: r.get(1)?,
+        not_before: r.get(2)?,
+        not_after: r.get(3)?,
+        issued_ms: r.get(4)?,
+        source: r.get(5)?,
+        revoked: r.get(6)?,
+    })
+}
+
+fn cert_by_serial(c: &Connection, serial: &str) -> rusqlite::Result<Option<CertRow>> {
+    c.query_row(&format!("SELECT {CERT_COLUMNS} FROM agent_certs WHERE serial = ?1"), params![serial], cert_row)
+        .optional()
+}
+
+/// The name's unrevoked certificate, the most recently recorded first.
+fn current_cert(c: &Connection, name: &str) -> rusqlite::Result<Option<CertRow>> {
+    c.query_row(
+        &format!(
+            "SELECT {CERT_COLUMNS} FROM agent_certs WHERE name = ?1 AND revoked = 0 ORDER BY issued_at DESC LIMIT 1"
+        ),
+        params![name],
+        cert_row,
+    )
+    .optional()
+}
+
+fn insert_cert(c: &Connection, row: &CertRow) -> rusqlite::Result<()> {
+    c.execute(
+        &format!("INSERT INTO agent_certs ({CERT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+        params![row.serial, row.name, row.not_before, row.not_after, row.issued_ms, row.source, row.revoked],
+    )
+    .map(drop)
+}
+
+/// Revokes every serial of `name` but `keep`; returns how many.
+fn revoke_others(c: &Connection, name: &str, keep: &str) -> rusqlite::Result<u32> {
+    c.execute(
+        "UPDATE agent_certs SET revoked = 1 WHERE name = ?1 AND serial != ?2 AND revoked = 0",
+        params![name, keep],
+    )
+    .map(|n| n as u32)
+}
+
+impl Store {
+    pub fn cert_by_serial(&self, serial: &str) -> Result<Option<CertRow>> {
+        self.with(|c| cert_by_serial(c, serial))
+    }
+
+    pub fn current_cert(&self, name: &str) -> Result<Option<CertRow>> {
+        self.with(|c| current_cert(c, name))
+    }
+
+    /// In one transaction: refuses a name already enrolled unless `replace`,
+    /// spends a single-use token, records the new serial and revokes the
+    /// name's earlier ones. Nothing is spent or recorded when refused.
+    pub fn enroll_with_token(
+        &self,
+        token_id: &str,
+        single_use: bool,
+        replace: bool,
+        row: &CertRow,
+    ) -> Result<JoinOutcome> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            if let Some(current) = current_cert(&tx, &row.name)?
+                && !replace
+            {
+                return Ok(JoinOutcome::AlreadyEnrolled(current));
+            }
+            if single_use
+                && tx.execute("UPDATE tokens SET used = 1 WHERE id = ?1 AND used = 0", params![token_id])? != 1
+            {
+                return Ok(JoinOutcome::TokenUsed);
+            }
+            insert_cert(&tx, row)?;
+            let revoked = revoke_others(&tx, &row.name, &row.serial)?;
+            // Revoked and expired: refused by the TLS handshake already, so
+            // the row can go. An expired current certificate stays: it still
+            // holds its name against older offline certificates.
+            tx.execute("DELETE FROM agent_certs WHERE revoked = 1 AND not_after < ?1", params![row.issued_ms / 1000])?;
+            tx.commit()?;
+            Ok(JoinOutcome::Enrolled { revoked })
+        })
+    }
+
+    /// Records a certificate issued offline (with the CA key) the first time
+    /// it is presented, if it is newer than the name's current one and than
+    /// the last time an operator forgot the name; it then supersedes the
+    /// name's earlier serials.
+    pub fn record_offline_cert(&self, row: &CertRow) -> Result<OfflineOutcome> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            if let Some(known) = cert_by_serial(&tx, &row.serial)? {
+                return Ok(OfflineOutcome::Known(known));
+            }
+            let forgotten: Option<i64> = tx
+                .query_row("SELECT at FROM forgotten_agents WHERE name = ?1", params![row.name], |r| r.get(0))
+                .optional()?;
+            if let Some(at) = forgotten
+                && row.not_before <= at
+            {
+                return Ok(OfflineOutcome::Forgotten { at });
+            }
+            if let Some(current) = current_cert(&tx, &row.name)?
+                && row.not_before <= current.not_before
+            {
+                return Ok(OfflineOutcome::NotNewer(current));
+            }
+            insert_cert(&tx, row)?;
+            let revoked = revoke_others(&tx, &row.name, &row.serial)?;
+            tx.commit()?;
+            Ok(OfflineOutcome::Recorded { row: row.clone(), revoked })
+        })
+    }
+
+    /// Revokes every serial of `name` and remembers when (`at`, seconds), so
+    /// an offline certificate issued before it is refused too; returns how
+    /// many serials were revoked.
+    pub fn forget_agent(&self, name: &str, at: i64) -> Result<u32> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let revoked = tx.execute("UPDATE agent_certs SET revoked = 1 WHERE name = ?1 AND revoked = 0", params![name])?;
+            tx.execute(
+                "INSERT INTO forgotten_agents (name, at) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET at = excluded.at",
+                params![name, at],
+            )?;
+            tx.commit()?;
+            Ok(revoked as u32)
         })
     }
 }

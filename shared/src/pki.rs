@@ -4,9 +4,10 @@
 
 use std::path::Path;
 
+use rand::RngCore as _;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -81,8 +82,20 @@ pub fn issue_server(ca: &Pem, hosts: &[String], days: i64) -> Result<Pem, PkiErr
     Ok(Pem { cert: cert.pem(), key: key.serialize_pem().into() })
 }
 
+/// A random 128-bit serial (RFC 5280: positive, at most 20 bytes), so the
+/// coordinator can record and revoke one certificate of a name without
+/// confusing it with another issued for the same key or name.
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    // Positive, and never a leading zero byte that DER would strip.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&bytes)
+}
+
 fn client_params(kind: Kind, name: &str, days: i64) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.serial_number = Some(random_serial());
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationalUnitName, kind.unit());
     dn.push(DnType::CommonName, name);
@@ -103,7 +116,10 @@ pub fn issue_client(ca: &Pem, kind: Kind, name: &str, days: i64) -> Result<Pem, 
 /// A key and a signing request for an agent that joins with a token.
 pub fn new_agent_request(name: &str) -> Result<(String, zeroize::Zeroizing<String>), PkiError> {
     let key = KeyPair::generate()?;
-    let csr = client_params(Kind::Agent, name, 1)?.serialize_request(&key)?;
+    let mut params = client_params(Kind::Agent, name, 1)?;
+    // The coordinator picks the serial when it signs; a request carries none.
+    params.serial_number = None;
+    let csr = params.serialize_request(&key)?;
     Ok((csr.pem()?, key.serialize_pem().into()))
 }
 
@@ -117,12 +133,46 @@ pub fn sign_agent_request(ca: &Pem, csr_pem: &str, name: &str, days: i64) -> Res
 
 /// (OU, CN) of a DER certificate, as presented by a peer.
 pub fn identity(der: &[u8]) -> Result<(String, String), PkiError> {
+    let info = inspect(der)?;
+    Ok((info.unit, info.name))
+}
+
+/// What the coordinator reads from a client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The subject's OU: `agent` or `client`.
+    pub unit: String,
+    /// The subject's CN: the agent's or client's name.
+    pub name: String,
+    /// The serial number, lowercase hex of its DER bytes.
+    pub serial: String,
+    /// notBefore, seconds since the Unix epoch.
+    pub not_before: i64,
+    /// notAfter, seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// Subject, serial and validity of a DER certificate.
+pub fn inspect(der: &[u8]) -> Result<CertInfo, PkiError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Invalid(e.to_string()))?;
     let subject = cert.subject();
     let first = |attrs: Option<&x509_parser::x509::AttributeTypeAndValue>| {
         attrs.and_then(|a| a.as_str().ok()).unwrap_or_default().to_owned()
     };
-    Ok((first(subject.iter_organizational_unit().next()), first(subject.iter_common_name().next())))
+    let validity = cert.validity();
+    Ok(CertInfo {
+        unit: first(subject.iter_organizational_unit().next()),
+        name: first(subject.iter_common_name().next()),
+        serial: hex::encode(cert.raw_serial()),
+        not_before: validity.not_before.timestamp(),
+        not_after: validity.not_after.timestamp(),
+    })
+}
+
+/// [`inspect`] of the first certificate of a PEM text.
+pub fn inspect_pem(pem: &str) -> Result<CertInfo, PkiError> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| PkiError::Invalid(e.to_string()))?;
+    inspect(&p.contents)
 }
 
 /// Writes a private key readable by its owner only.
@@ -161,6 +211,22 @@ mod tests {
         let signed = sign_agent_request(&ca, &csr, "board-7", 10).unwrap();
         assert_eq!(identity(&pem_to_der(&signed)).unwrap(), ("agent".into(), "board-7".into()));
         assert!(sign_agent_request(&ca, "not a csr", "x", 1).is_err());
+    }
+
+    #[test]
+    fn serials_are_random_and_read_back() {
+        let ca = new_ca("test", 10).unwrap();
+        let (csr, _key) = new_agent_request("board-7").unwrap();
+        let a = inspect_pem(&sign_agent_request(&ca, &csr, "board-7", 10).unwrap()).unwrap();
+        let b = inspect_pem(&sign_agent_request(&ca, &csr, "board-7", 10).unwrap()).unwrap();
+        // The same key and name signed twice still gives two serials.
+        assert_ne!(a.serial, b.serial);
+        assert_eq!(a.serial.len(), 32, "{}", a.serial);
+        assert_eq!((a.unit.as_str(), a.name.as_str()), ("agent", "board-7"));
+        assert!(a.not_after - a.not_before > 9 * 86_400);
+        let offline = inspect_pem(&issue_client(&ca, Kind::Agent, "board-7", 10).unwrap().cert).unwrap();
+        assert_ne!(offline.serial, a.serial);
+        assert!(inspect_pem("not a certificate").is_err());
     }
 
     #[test]

@@ -75,6 +75,8 @@ enum Command {
     },
     /// List agents: platforms (native, ~emulated), state, slots, last heartbeat
     Agents {
+        #[command(subcommand)]
+        command: Option<AgentsCommand>,
         #[arg(long, value_enum, default_value = "table")]
         format: ops::Format,
     },
@@ -94,6 +96,17 @@ enum Command {
         limit: u32,
         #[arg(long, value_enum, default_value = "table")]
         format: ops::Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentsCommand {
+    /// Forget an agent's enrollment (operate role): revoke every certificate
+    /// recorded for NAME, disconnect its session and re-queue its running
+    /// jobs; NAME can then join again with a new token
+    Forget {
+        /// The agent's name
+        name: String,
     },
 }
 
@@ -143,6 +156,14 @@ enum TokenCommand {
         /// A note for operators
         #[arg(long, default_value = "")]
         description: String,
+        /// Bind a join token (--role agent) to one agent name: it enrolls only NAME
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// The join token may enroll NAME although it is already enrolled,
+        /// revoking its earlier certificates (needs --name; such a token is
+        /// always single-use)
+        #[arg(long, requires = "name")]
+        replace: bool,
     },
     /// Revoke a token by id
     Revoke { token_id: String },
@@ -169,12 +190,21 @@ async fn main() {
         Command::Certs { command: CertsCommand::Issue { dir, name, kind, days } } => {
             certs::issue(&dir, &name, &kind, days)
         }
-        Command::Token { command: TokenCommand::Create { role, ttl, single_use, description } } => {
-            tokens::create(&conn, &role, ttl, single_use, &description).await
+        Command::Token { command: TokenCommand::Create { role, ttl, single_use, description, name, replace } } => {
+            let new = tokens::NewToken {
+                role: &role,
+                ttl,
+                single_use,
+                description: &description,
+                name: name.as_deref(),
+                replace,
+            };
+            tokens::create(&conn, new).await
         }
         Command::Token { command: TokenCommand::Revoke { token_id } } => tokens::revoke(&conn, &token_id).await,
         Command::Token { command: TokenCommand::List { format } } => tokens::list(&conn, format).await,
-        Command::Agents { format } => ops::agents(&conn, format).await,
+        Command::Agents { command: Some(AgentsCommand::Forget { name }), .. } => ops::forget(&conn, &name).await,
+        Command::Agents { command: None, format } => ops::agents(&conn, format).await,
         Command::Cordon { agent } => ops::steer(&conn, &agent, "cordon").await,
         Command::Uncordon { agent } => ops::steer(&conn, &agent, "uncordon").await,
         Command::Drain { agent } => ops::steer(&conn, &agent, "drain").await,

@@ -285,3 +285,17 @@ pub async fn steer(conn: &Conn, name: &str, action: &str) -> anyhow::Result<i32>
     println!("agent {name} drained: no job running, no new job will be placed (uncordon to resume)");
     Ok(0)
 }
+
+/// `braid agents forget NAME`: revoke the agent's certificates and forget
+/// its enrollment.
+pub async fn forget(conn: &Conn, name: &str) -> anyhow::Result<i32> {
+    let mut admin = conn.admin().await?;
+    let r = admin.forget_agent(proto::AgentRequest { name: name.to_owned() }).await?.into_inner();
+    println!(
+        "agent {name} forgotten: {} certificate(s) revoked, {}, {} running job(s) re-queued",
+        r.revoked_serials,
+        if r.disconnected { "its session closed" } else { "no live session" },
+        r.requeued_jobs
+    );
+    Ok(0)
+}
