@@ -135,15 +135,20 @@ fn new_file_options(mode: u32) -> OpenOptions {
 /// `O_CREAT | O_EXCL | O_NOFOLLOW`, so a link or file already there is an
 /// error, never written through. For the agent's own files.
 pub fn create_new_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let mut file = create_new(path, mode)?;
+    file.write_all(bytes)?;
+    file.flush()
+}
+
+/// Opens `path` for writing as `create_new_file` does.
+pub fn create_new(path: &Path, mode: u32) -> io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)?;
-    file.write_all(bytes)?;
-    file.flush()
+        .open(path)
 }
 
 /// What an error resolving a path under a root means.
