@@ -296,7 +296,12 @@ fn beneath_new_file(path: &Path) -> Result<std::fs::File, DockerError> {
 /// written through).
 fn prepare_context(dir: &Path, dockerfile: &[u8]) -> Result<(), DockerError> {
     let root = Root::open(dir).map_err(io_err(dir))?;
-    root.replace_file(INLINE_DOCKERFILE, dockerfile, 0o644).map_err(io_err(&dir.join(INLINE_DOCKERFILE)))?;
+    // What is in the way is the context's doing: a build failure.
+    let replace = |name: &str, bytes: &[u8]| {
+        root.replace_file(name, bytes, 0o644)
+            .map_err(|e| DockerError::Build(format!("writing {name:?} into the context: {e}")))
+    };
+    replace(INLINE_DOCKERFILE, dockerfile)?;
     let rules = match root.read_file(".dockerignore", braid_shared::limits::DOCKERFILE_BYTES as u64) {
         Ok(rules) => {
             let mut rules = String::from_utf8_lossy(&rules).into_owned();
@@ -310,8 +315,7 @@ fn prepare_context(dir: &Path, dockerfile: &[u8]) -> Result<(), DockerError> {
         Err(BeneathError::NotFound { .. }) => format!(".dockerignore\n{INLINE_DOCKERFILE}\n"),
         Err(e) => return Err(DockerError::Build(format!("the context's .dockerignore: {e}"))),
     };
-    let ignore = dir.join(".dockerignore");
-    root.replace_file(".dockerignore", rules.as_bytes(), 0o644).map_err(io_err(&ignore))
+    replace(".dockerignore", rules.as_bytes())
 }
 
 /// Saves image `id` from the Engine and writes it to `layout` as a

@@ -54,6 +54,13 @@ pub async fn run(env: Arc<JobEnv>, assignment: proto::Assignment, cancel: Cancel
             outcome = execute(&env, &assignment, &cancel, &mut phases) => outcome,
             () = cancel.cancelled() => Outcome::Failed(proto::FailureKind::Cancelled, "cancelled".into()),
         };
+        // A builder killed by the cancel fails too: it was the cancel.
+        let outcome = match outcome {
+            Outcome::Failed(..) if cancel.is_cancelled() => {
+                Outcome::Failed(proto::FailureKind::Cancelled, "cancelled".into())
+            }
+            other => other,
+        };
         match &outcome {
             Outcome::Image(d) => tracing::info!(digest = %d.digest, "job done"),
             Outcome::Failed(kind, message) => tracing::warn!(?kind, %message, "job failed"),

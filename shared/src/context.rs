@@ -317,9 +317,10 @@ impl Unpacker<'_> {
                 let mut file = parent.open_with(&name, &options).map_err(write_err)?.into_std();
                 io::copy(&mut entry.take(size), &mut file).map_err(write_err)?;
                 file.set_permissions(fs::Permissions::from_mode(mode)).map_err(write_err)?;
-                let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime.min(i64::MAX as u64 / 2));
-                // An mtime the filesystem cannot hold is not worth refusing.
-                let _ = file.set_modified(mtime);
+                // An mtime the system cannot hold is not worth refusing.
+                if let Some(mtime) = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(mtime)) {
+                    let _ = file.set_modified(mtime);
+                }
             }
             tar::EntryType::Symlink => {
                 let link = entry.link_name().map_err(tar_err)?.ok_or("symlink without a target")?.into_owned();

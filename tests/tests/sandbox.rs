@@ -69,14 +69,10 @@ fn as_refs(entries: &[(String, Option<String>, bool)]) -> Vec<(&str, Option<&str
     entries.iter().map(|(p, l, h)| (p.as_str(), l.as_deref(), *h)).collect()
 }
 
-/// Uploads `tar` as a context and submits a build of it; waits for the
-/// build to end and returns it.
-async fn build_tar(
-    client: &mut BuildsClient<tonic::transport::Channel>,
-    tar: Vec<u8>,
-    platform: &str,
-    dockerfile_path: &str,
-) -> proto::Build {
+type Client = BuildsClient<tonic::transport::Channel>;
+
+/// Uploads `tar` as a context and submits a build of it; its id.
+async fn submit_tar(client: &mut Client, tar: Vec<u8>, platform: &str, dockerfile_path: &str) -> String {
     let digest = braid_shared::Digest::of(&tar).to_string();
     let chunk = zstd::encode_all(&tar[..], 3).unwrap();
     client
@@ -89,17 +85,32 @@ async fn build_tar(
         dockerfile_path: dockerfile_path.into(),
         ..Default::default()
     };
-    let id = client.submit(proto::SubmitRequest { spec: Some(spec), credentials: vec![] }).await.unwrap().into_inner();
+    client.submit(proto::SubmitRequest { spec: Some(spec), credentials: vec![] }).await.unwrap().into_inner().build_id
+}
+
+/// Polls build `id` until `done` says so (at most five minutes).
+async fn wait_build(client: &mut Client, id: &str, done: impl Fn(&proto::Build) -> bool) -> proto::Build {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let build = client.get(proto::GetBuildRequest { build_id: id.build_id.clone() }).await.unwrap().into_inner();
-        let done = [proto::BuildState::Succeeded, proto::BuildState::Failed, proto::BuildState::Cancelled];
-        if done.iter().any(|s| *s as i32 == build.state) {
+        let build = client.get(proto::GetBuildRequest { build_id: id.to_owned() }).await.unwrap().into_inner();
+        if done(&build) {
             return build;
         }
-        assert!(Instant::now() < deadline, "build {} did not end: {build:?}", id.build_id);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(Instant::now() < deadline, "build {id} did not get there: {build:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+fn ended(build: &proto::Build) -> bool {
+    [proto::BuildState::Succeeded, proto::BuildState::Failed, proto::BuildState::Cancelled]
+        .iter()
+        .any(|s| *s as i32 == build.state)
+}
+
+/// Submits a build of `tar` and waits for it to end.
+async fn build_tar(client: &mut Client, tar: Vec<u8>, platform: &str, dockerfile_path: &str) -> proto::Build {
+    let id = submit_tar(client, tar, platform, dockerfile_path).await;
+    wait_build(client, &id, ended).await
 }
 
 /// The one job's failure message of a failed build.
@@ -180,6 +191,18 @@ fn hostile_contexts_never_reach_outside_the_job_directory() {
             let message = failure(&build);
             assert!(message.contains("Dockerfile \"sub\" refused: it is not a regular file"), "{message}");
             untouched(backend);
+
+            // Cancelled as soon as it is assigned: the agent keeps no job
+            // directory (checked for every job at the end).
+            for i in 0..3 {
+                let tar = tar_of(&[(&format!("cancel-{i}"), None, false), ("Dockerfile", None, false)]);
+                let id = submit_tar(&mut client, tar, platform, "Dockerfile").await;
+                let pending = proto::JobState::Pending as i32;
+                wait_build(&mut client, &id, |b| ended(b) || b.jobs.iter().any(|j| j.state > pending)).await;
+                // It may have failed already ("marker" is no Dockerfile).
+                let _ = client.cancel(proto::CancelBuildRequest { build_id: id.clone() }).await;
+                wait_build(&mut client, &id, ended).await;
+            }
         }
     });
 
