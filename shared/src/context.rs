@@ -324,6 +324,9 @@ impl Unpacker<'_> {
             }
             tar::EntryType::Symlink => {
                 let link = entry.link_name().map_err(tar_err)?.ok_or("symlink without a target")?.into_owned();
+                if link.as_os_str().is_empty() {
+                    return Err("symlink without a target".into());
+                }
                 if link.has_root() {
                     return Err("symlink to an absolute path leads out of the context".into());
                 }
@@ -589,6 +592,7 @@ mod tests {
                 "symlink leads out",
             ),
             ("absolute root link", tar_with(|b| raw_entry(b, Symlink, "r", Some("/"), b"")), "r", "absolute path"),
+            ("empty link", tar_with(|b| raw_entry(b, Symlink, "e", None, b"")), "e", "symlink without a target"),
             (
                 "loop",
                 tar_with(|b| {
