@@ -54,10 +54,6 @@ impl Root {
         Ok(Root { dir: Dir::open_ambient_dir(path, ambient_authority())? })
     }
 
-    pub fn from_dir(dir: Dir) -> Root {
-        Root { dir }
-    }
-
     /// The handle, for operations this module does not wrap.
     pub fn dir(&self) -> &Dir {
         &self.dir

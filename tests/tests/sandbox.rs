@@ -231,7 +231,7 @@ fn hostile_contexts_never_reach_outside_the_job_directory() {
         let named = "refused context entry \".braid-inline.Dockerfile\": symlink leads out of the context";
         assert!(stderr.contains(named), "{backend}: {stderr}");
         untouched(backend);
-        assert!(!canary.join("x").exists() && !canary.join("y").exists());
+        assert!(!canary.join("x").exists(), "{backend}: the inline Dockerfile was written through its link");
     }
 
     // Links inside still build, on both backends: a link to a file in a
