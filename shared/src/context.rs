@@ -178,7 +178,15 @@ impl<W: Write> Walk<'_, W> {
             if self.bytes > self.limits.max_bytes {
                 return Err(ContextError::TooLarge { limit: self.limits.max_bytes });
             }
-            let file = fs::File::open(path).map_err(|source| ContextError::Read { path: path.to_owned(), source })?;
+            // Never through a link: it was a regular file a moment ago.
+            let file = {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                    .open(path)
+                    .map_err(|source| ContextError::Read { path: path.to_owned(), source })?
+            };
             header.set_entry_type(tar::EntryType::Regular);
             header.set_size(meta.len());
             self.builder.append_data(&mut header, rel, file.take(meta.len())).map_err(write)?;
