@@ -796,6 +796,45 @@ mod tests {
         assert!(std::fs::read_dir(work.path().join("jobs")).unwrap().next().is_none());
     }
 
+    fn failure_of(result: Result<Vec<u8>, Outcome>) -> String {
+        match result {
+            Err(Outcome::Failed(proto::FailureKind::Build, message)) => message,
+            Err(other) => panic!("not a build failure: {other:?}"),
+            Ok(bytes) => panic!("read {:?}", String::from_utf8_lossy(&bytes)),
+        }
+    }
+
+    /// Behind the unpacker's own checks: a context whose links lead out
+    /// (made here on disk directly) still cannot hand the agent a host file.
+    #[test]
+    fn the_dockerfile_is_read_beneath_the_context_and_answers_the_same_whatever_is_outside() {
+        let outer = tempfile::tempdir().unwrap();
+        std::fs::write(outer.path().join("host.Dockerfile"), "FROM scratch\n").unwrap();
+        let context = outer.path().join("job/context");
+        std::fs::create_dir_all(context.join("sub")).unwrap();
+        std::fs::write(context.join("sub/Dockerfile"), "FROM busybox\n").unwrap();
+        std::os::unix::fs::symlink(".", context.join("l0")).unwrap();
+        for i in 1..7 {
+            std::os::unix::fs::symlink(format!("l{}/..", i - 1), context.join(format!("l{i}"))).unwrap();
+        }
+        std::os::unix::fs::symlink(outer.path().join("host.Dockerfile"), context.join("abs")).unwrap();
+        std::os::unix::fs::symlink("sub/Dockerfile", context.join("Dockerfile")).unwrap();
+
+        assert_eq!(read_context_dockerfile(&context, "Dockerfile").unwrap(), b"FROM busybox\n", "a link inside");
+        let existing = failure_of(read_context_dockerfile(&context, "l2/host.Dockerfile"));
+        assert!(existing.contains("refused"), "{existing}");
+        let missing = failure_of(read_context_dockerfile(&context, "l2/missing.Dockerfile"));
+        assert_eq!(
+            existing.replace("host.Dockerfile", "X"),
+            missing.replace("missing.Dockerfile", "X"),
+            "an escape answers the same whether the host file exists or not"
+        );
+        assert!(failure_of(read_context_dockerfile(&context, "abs")).contains("refused"));
+        assert!(failure_of(read_context_dockerfile(&context, "sub")).contains("refused"));
+        let absent = failure_of(read_context_dockerfile(&context, "nothing"));
+        assert_eq!(absent, "Dockerfile \"nothing\" not found in the context");
+    }
+
     #[tokio::test]
     async fn detached_work_finishes_before_the_directory_goes() {
         let work = tempfile::tempdir().unwrap();
