@@ -14,9 +14,12 @@ use bollard::query_parameters::BuildImageOptions;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
+use braid_shared::beneath::{BeneathError, Root};
 use braid_shared::context::{self, ContextLimits, HashingWriter};
 use braid_shared::oci::{self, Credential};
 use braid_shared::{Digest, Platform, engine};
+
+use crate::job::JobDir;
 
 /// A saved image's config and manifest.json are small; anything larger is
 /// not an image.
@@ -157,10 +160,9 @@ impl Drop for GatePass<'_> {
 /// What one classic-builder build needs.
 pub struct BuildSpec<'a> {
     pub context_dir: &'a Path,
-    /// The Dockerfile's text when it is not a file in the context.
-    pub dockerfile_inline: Option<&'a [u8]>,
-    /// Its path in the context otherwise.
-    pub dockerfile_path: &'a str,
+    /// The Dockerfile's text: inline, or read by the agent beneath the
+    /// context, so the Engine is never asked to resolve a path in it.
+    pub dockerfile: &'a [u8],
     pub platform: &'a Platform,
     pub build_args: HashMap<String, String>,
     pub labels: HashMap<String, String>,
@@ -169,7 +171,7 @@ pub struct BuildSpec<'a> {
     pub credentials: &'a [Credential],
 }
 
-/// Name of an inline Dockerfile inside the context sent to the Engine;
+/// Name of the Dockerfile braid adds to the context sent to the Engine;
 /// the context's `.dockerignore` lists it so `COPY .` leaves it out.
 const INLINE_DOCKERFILE: &str = ".braid-inline.Dockerfile";
 
@@ -177,14 +179,13 @@ const INLINE_DOCKERFILE: &str = ".braid-inline.Dockerfile";
 pub async fn build(
     docker: &Docker,
     spec: BuildSpec<'_>,
-    scratch: &Path,
+    scratch: &JobDir,
     mut log: impl FnMut(String),
 ) -> Result<String, DockerError> {
-    let tar_path = scratch.join("context.tar");
-    write_context_tar(spec.context_dir, spec.dockerfile_inline, &tar_path).await?;
-    let dockerfile = if spec.dockerfile_inline.is_some() { INLINE_DOCKERFILE } else { spec.dockerfile_path };
+    let tar_path = scratch.path().join("context.tar");
+    write_context_tar(scratch, spec.context_dir, spec.dockerfile, &tar_path).await?;
     let options = BuildImageOptions {
-        dockerfile: dockerfile.to_owned(),
+        dockerfile: INLINE_DOCKERFILE.to_owned(),
         // FROM images for the requested platform, not a local one of
         // another platform under the same tag.
         pull: Some("1".into()),
@@ -265,31 +266,45 @@ fn registry_auths(credentials: &[Credential]) -> HashMap<String, DockerCredentia
         .collect()
 }
 
-async fn write_context_tar(dir: &Path, inline: Option<&[u8]>, out: &Path) -> Result<(), DockerError> {
-    let (dir, inline, out) = (dir.to_owned(), inline.map(<[u8]>::to_vec), out.to_owned());
-    tokio::task::spawn_blocking(move || {
-        prepare_ignore_file(&dir, inline.as_deref())?;
-        let file = std::fs::File::create(&out).map_err(io_err(&out))?;
-        let nothing_ignored = braid_shared::dockerignore::DockerIgnore::default();
-        context::write_tar(&dir, &nothing_ignored, ContextLimits::default(), std::io::BufWriter::new(file))
-            .map_err(|e| DockerError::Build(format!("packing the context: {e}")))?;
-        Ok(())
-    })
-    .await
-    .map_err(|e| DockerError::Build(e.to_string()))?
+async fn write_context_tar(scratch: &JobDir, dir: &Path, dockerfile: &[u8], out: &Path) -> Result<(), DockerError> {
+    let (dir, dockerfile, out) = (dir.to_owned(), dockerfile.to_vec(), out.to_owned());
+    scratch
+        .blocking(move || {
+            prepare_context(&dir, &dockerfile)?;
+            let file = beneath_new_file(&out)?;
+            let nothing_ignored = braid_shared::dockerignore::DockerIgnore::default();
+            context::write_tar(&dir, &nothing_ignored, ContextLimits::default(), std::io::BufWriter::new(file))
+                .map_err(|e| DockerError::Build(format!("packing the context: {e}")))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| DockerError::Build(e.to_string()))?
+}
+
+/// A file of the agent's own, new (`O_EXCL`, `O_NOFOLLOW`).
+fn beneath_new_file(path: &Path) -> Result<std::fs::File, DockerError> {
+    braid_shared::beneath::create_new(path, 0o644).map_err(io_err(path))
 }
 
 /// The client filtered the context already; the classic builder only
 /// leaves out the Dockerfile and `.dockerignore` when `.dockerignore`
-/// lists them. An inline Dockerfile is added to the context under a name
-/// of braid's and listed there, so `COPY .` leaves it out; when the context
-/// had no `.dockerignore`, the one made for this lists itself too.
-fn prepare_ignore_file(dir: &Path, inline: Option<&[u8]>) -> Result<(), DockerError> {
-    let Some(text) = inline else { return Ok(()) };
-    std::fs::write(dir.join(INLINE_DOCKERFILE), text).map_err(io_err(dir))?;
-    let ignore = dir.join(".dockerignore");
-    let rules = match std::fs::read_to_string(&ignore) {
-        Ok(mut rules) => {
+/// lists them. The Dockerfile is added to the context under a name of
+/// braid's and listed there, so `COPY .` leaves it out; when the context
+/// had no `.dockerignore`, the one made for this lists itself too. Both
+/// go through a handle on the context: the old `.dockerignore` is read
+/// beneath it, and each file is replaced (a link there is replaced, never
+/// written through).
+fn prepare_context(dir: &Path, dockerfile: &[u8]) -> Result<(), DockerError> {
+    let root = Root::open(dir).map_err(io_err(dir))?;
+    // What is in the way is the context's doing: a build failure.
+    let replace = |name: &str, bytes: &[u8]| {
+        root.replace_file(name, bytes, 0o644)
+            .map_err(|e| DockerError::Build(format!("writing {name:?} into the context: {e}")))
+    };
+    replace(INLINE_DOCKERFILE, dockerfile)?;
+    let rules = match root.read_file(".dockerignore", braid_shared::limits::DOCKERFILE_BYTES as u64) {
+        Ok(rules) => {
+            let mut rules = String::from_utf8_lossy(&rules).into_owned();
             if !rules.is_empty() && !rules.ends_with('\n') {
                 rules.push('\n');
             }
@@ -297,10 +312,10 @@ fn prepare_ignore_file(dir: &Path, inline: Option<&[u8]>) -> Result<(), DockerEr
             rules.push('\n');
             rules
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!(".dockerignore\n{INLINE_DOCKERFILE}\n"),
-        Err(e) => return Err(DockerError::Io { path: ignore, source: e }),
+        Err(BeneathError::NotFound { .. }) => format!(".dockerignore\n{INLINE_DOCKERFILE}\n"),
+        Err(e) => return Err(DockerError::Build(format!("the context's .dockerignore: {e}"))),
     };
-    std::fs::write(&ignore, rules).map_err(io_err(&ignore))
+    replace(".dockerignore", rules.as_bytes())
 }
 
 /// Saves image `id` from the Engine and writes it to `layout` as a
@@ -310,11 +325,12 @@ pub async fn export_layout(
     id: &str,
     platform: &Platform,
     annotations: BTreeMap<String, String>,
-    scratch: &Path,
+    scratch: &JobDir,
     layout: &Path,
 ) -> Result<(), DockerError> {
-    let archive = scratch.join("image.tar");
-    let mut file = tokio::fs::File::create(&archive).await.map_err(io_err(&archive))?;
+    let archive = scratch.path().join("image.tar");
+    // Made without an await: a cancel cannot leave it behind the job.
+    let mut file = tokio::fs::File::from_std(beneath_new_file(&archive)?);
     let mut stream = docker.export_image(id);
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| DockerError::Api(e.to_string()))?;
@@ -323,7 +339,8 @@ pub async fn export_layout(
     file.flush().await.map_err(io_err(&archive))?;
     drop(file);
     let (platform, layout) = (platform.clone(), layout.to_owned());
-    tokio::task::spawn_blocking(move || archive_to_layout(&archive, &platform, &annotations, &layout))
+    scratch
+        .blocking(move || archive_to_layout(&archive, &platform, &annotations, &layout))
         .await
         .map_err(|e| DockerError::Archive(e.to_string()))?
 }
@@ -687,18 +704,39 @@ mod tests {
     }
 
     #[test]
-    fn an_inline_dockerfile_is_listed_in_the_ignore_file() {
+    fn the_dockerfile_is_listed_in_the_ignore_file() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        prepare_ignore_file(d, None).unwrap();
-        assert!(!d.join(".dockerignore").exists(), "a context file Dockerfile needs nothing");
-        prepare_ignore_file(d, Some(b"FROM scratch\n")).unwrap();
+        prepare_context(d, b"FROM scratch\n").unwrap();
         let made = std::fs::read_to_string(d.join(".dockerignore")).unwrap();
         assert_eq!(made, format!(".dockerignore\n{INLINE_DOCKERFILE}\n"), "made for this: lists itself");
         std::fs::write(d.join(".dockerignore"), "*.log").unwrap();
-        prepare_ignore_file(d, Some(b"FROM scratch\n")).unwrap();
+        prepare_context(d, b"FROM scratch\n").unwrap();
         assert_eq!(std::fs::read_to_string(d.join(".dockerignore")).unwrap(), format!("*.log\n{INLINE_DOCKERFILE}\n"));
         assert_eq!(std::fs::read_to_string(d.join(INLINE_DOCKERFILE)).unwrap(), "FROM scratch\n");
+    }
+
+    #[test]
+    fn links_in_the_context_are_replaced_never_written_through() {
+        let outer = tempfile::tempdir().unwrap();
+        let context = outer.path().join("job/context");
+        std::fs::create_dir_all(&context).unwrap();
+        std::fs::write(outer.path().join("canary"), "keep").unwrap();
+        std::os::unix::fs::symlink("../../canary", context.join(INLINE_DOCKERFILE)).unwrap();
+        std::os::unix::fs::symlink("../../made-here", context.join(".dockerignore")).unwrap();
+        let e = prepare_context(&context, b"FROM scratch\n").unwrap_err().to_string();
+        assert!(e.contains(".dockerignore") && e.contains("refused"), "{e}");
+        assert_eq!(std::fs::read_to_string(outer.path().join("canary")).unwrap(), "keep");
+        assert!(!outer.path().join("made-here").exists());
+        // A link inside is read through, then replaced by a file.
+        std::fs::write(context.join("rules"), "*.log").unwrap();
+        std::fs::remove_file(context.join(".dockerignore")).unwrap();
+        std::os::unix::fs::symlink("rules", context.join(".dockerignore")).unwrap();
+        prepare_context(&context, b"FROM scratch\n").unwrap();
+        assert_eq!(std::fs::read_to_string(context.join("rules")).unwrap(), "*.log", "the target is untouched");
+        assert!(std::fs::symlink_metadata(context.join(".dockerignore")).unwrap().is_file());
+        assert!(std::fs::symlink_metadata(context.join(INLINE_DOCKERFILE)).unwrap().is_file());
+        assert_eq!(std::fs::read_to_string(outer.path().join("canary")).unwrap(), "keep");
     }
 
     #[tokio::test]

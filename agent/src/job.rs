@@ -16,7 +16,7 @@ use base64::Engine as _;
 use braid_shared::context::{self, ContextLimits};
 use braid_shared::oci::{self, Credential, ImageDescriptor, Registry};
 use braid_shared::proto::{self, agent_message::Kind as ToCoordinator};
-use braid_shared::{Digest, ImageRef, Platform, buildargs, limits};
+use braid_shared::{Digest, ImageRef, Platform, beneath, buildargs, limits};
 
 use crate::cache::ContextCache;
 use crate::settings::Valid;
@@ -53,6 +53,13 @@ pub async fn run(env: Arc<JobEnv>, assignment: proto::Assignment, cancel: Cancel
         let outcome = tokio::select! {
             outcome = execute(&env, &assignment, &cancel, &mut phases) => outcome,
             () = cancel.cancelled() => Outcome::Failed(proto::FailureKind::Cancelled, "cancelled".into()),
+        };
+        // A builder killed by the cancel fails too: it was the cancel.
+        let outcome = match outcome {
+            Outcome::Failed(..) if cancel.is_cancelled() => {
+                Outcome::Failed(proto::FailureKind::Cancelled, "cancelled".into())
+            }
+            other => other,
         };
         match &outcome {
             Outcome::Image(d) => tracing::info!(digest = %d.digest, "job done"),
@@ -116,13 +123,14 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         Ok(d) => d,
         Err(e) => return build_failure(e),
     };
-    let work = &env.settings.settings.work_dir;
-    let job_dir = work.join("jobs").join(format!("{}-{}", a.job_id, a.attempt));
-    let _cleanup = RemoveOnDrop(job_dir.clone());
-    let context_dir = job_dir.join("context");
-    if let Err(e) = tokio::fs::create_dir_all(&context_dir).await {
-        return infra(format!("creating {}: {e}", context_dir.display()));
-    }
+    let jobs = env.settings.settings.work_dir.join("jobs");
+    // Made without an await, so a cancel cannot leave a half-made
+    // directory behind a blocking task that outlives the job.
+    let job_dir = match JobDir::create(jobs.join(format!("{}-{}", a.job_id, a.attempt))) {
+        Ok(dir) => dir,
+        Err(e) => return infra(e),
+    };
+    let context_dir = job_dir.path().join("context");
     send_progress(env, a, proto::JobState::Building);
 
     let fetch_start = now_timestamp();
@@ -131,12 +139,13 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         Err(e) => return infra(format!("fetching context {digest}: {e}")),
     };
     let unpack_dir = context_dir.clone();
-    let unpacked = tokio::task::spawn_blocking(move || -> Result<_, String> {
-        let file = std::fs::File::open(&compressed).map_err(|e| e.to_string())?;
-        let decoder = braid_shared::compression::zstd_reader(file).map_err(|e| e.to_string())?;
-        context::unpack(decoder, &unpack_dir, ContextLimits::default()).map_err(|e| e.to_string())
-    })
-    .await;
+    let unpacked = job_dir
+        .blocking(move || -> Result<_, String> {
+            let file = std::fs::File::open(&compressed).map_err(|e| e.to_string())?;
+            let decoder = braid_shared::compression::zstd_reader(file).map_err(|e| e.to_string())?;
+            context::unpack(decoder, &unpack_dir, ContextLimits::default()).map_err(|e| e.to_string())
+        })
+        .await;
     match unpacked {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => return build_failure(format!("unpacking the context: {e}")),
@@ -145,36 +154,41 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
 
     phases.done("fetch", fetch_start);
     let build_start = now_timestamp();
-    let dockerfile = if spec.dockerfile_inline.is_empty() {
-        context_dir.join(&spec.dockerfile_path)
-    } else {
-        let path = job_dir.join("Dockerfile.inline");
-        if let Err(e) = tokio::fs::write(&path, &spec.dockerfile_inline).await {
-            return infra(e);
+    let dockerfile_text = if spec.dockerfile_inline.is_empty() {
+        match read_context_dockerfile(&context_dir, &spec.dockerfile_path) {
+            Ok(text) => text,
+            Err(failed) => return failed,
         }
-        path
+    } else {
+        spec.dockerfile_inline.clone()
     };
-    if !dockerfile.is_file() {
-        return build_failure(format!("Dockerfile {:?} not found in the context", spec.dockerfile_path));
+    // The builder is given this copy, outside the context, so it never
+    // resolves the Dockerfile's path itself.
+    let dockerfile = job_dir.path().join("Dockerfile");
+    if let Err(e) = beneath::create_new_file(&dockerfile, &dockerfile_text, 0o644) {
+        return infra(format!("writing {}: {e}", dockerfile.display()));
     }
 
     let insecure: Vec<String> = a.insecure_registries.clone();
     let credentials: Vec<Credential> = a.credentials.iter().map(Credential::from).collect();
-    let layout = job_dir.join("layout");
+    let layout = job_dir.path().join("layout");
     let job =
         BuildJob { env, a, spec, platform: &platform, job_dir: &job_dir, context_dir: &context_dir, layout: &layout };
     let built = if env.settings.backend == "docker" {
-        build_with_docker(&job, &credentials).await
+        build_with_docker(&job, &dockerfile_text, &credentials).await
     } else {
         build_with_containers(&job, &dockerfile, &insecure, &credentials, cancel).await
     };
     if let Err(failed) = built {
         return failed;
     }
-    if spec.format == "docker"
-        && let Err(e) = oci::layout_to_docker(&layout).await
-    {
-        return build_failure(format!("--format docker: {e}"));
+    if spec.format == "docker" {
+        let converting = layout.clone();
+        match job_dir.detached(async move { oci::layout_to_docker(&converting).await }).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return build_failure(format!("--format docker: {e}")),
+            Err(e) => return infra(format!("--format docker: {e}")),
+        }
     }
     phases.done("build", build_start);
     let push_start = now_timestamp();
@@ -197,6 +211,26 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     outcome
 }
 
+/// The context's Dockerfile, read beneath the context directory: a path
+/// that is missing, or that leads out through a link (whatever lies
+/// outside), or is not a regular file, fails the build, and the two
+/// answers depend on the context alone.
+fn read_context_dockerfile(context_dir: &Path, path: &str) -> Result<Vec<u8>, Outcome> {
+    let root = beneath::Root::open(context_dir).map_err(|e| infra(format!("opening the context: {e}")))?;
+    root.read_file(path, limits::DOCKERFILE_BYTES as u64).map_err(|e| match e {
+        beneath::BeneathError::NotFound { .. } => {
+            build_failure(format!("Dockerfile {path:?} not found in the context"))
+        }
+        beneath::BeneathError::Refused { .. } => build_failure(format!(
+            "Dockerfile {path:?} refused: it is not a regular file inside the context (a link on its path may lead out)"
+        )),
+        beneath::BeneathError::TooLarge { limit, .. } => {
+            build_failure(format!("Dockerfile {path:?} is larger than the limit of {limit} bytes"))
+        }
+        beneath::BeneathError::Io { source, .. } => build_failure(format!("reading Dockerfile {path:?}: {source}")),
+    })
+}
+
 /// One job's build, whichever backend runs it: it leaves a one-image OCI
 /// layout at `layout`.
 struct BuildJob<'a> {
@@ -204,7 +238,7 @@ struct BuildJob<'a> {
     a: &'a proto::Assignment,
     spec: &'a proto::BuildSpec,
     platform: &'a Platform,
-    job_dir: &'a Path,
+    job_dir: &'a JobDir,
     context_dir: &'a Path,
     layout: &'a Path,
 }
@@ -232,11 +266,11 @@ async fn build_with_containers(
     let storage_lock = env.storage_locks.for_storage(&prune::storage_name(platform));
     let _using = storage_lock.read().await;
     prune::touch(&prune::storage_dir(&env.settings.settings.work_dir, platform));
-    let conf = match write_containers_conf(job_dir, insecure, credentials).await {
+    let conf = match write_containers_conf(job_dir.path(), insecure, credentials) {
         Ok(c) => c,
         Err(e) => return Err(infra(format!("writing registries.conf: {e}"))),
     };
-    let iidfile = job_dir.join("iid");
+    let iidfile = job_dir.path().join("iid");
     let mut bud = buildah(env, &conf, platform);
     bud.arg(if env.settings.backend == "podman" { "build" } else { "bud" })
         .arg("--signature-policy")
@@ -275,7 +309,7 @@ async fn build_with_containers(
         bud.arg("--annotation").arg(format!("{key}={value}"));
     }
     bud.arg(context_dir);
-    match run_logged(env, a, bud, cancel).await {
+    match run_logged(env, a, bud, job_dir, cancel).await {
         Ok(()) => {}
         Err(RunError::Exit(tail)) => return Err(build_failure(tail)),
         Err(RunError::Spawn(e)) => return Err(infra(format!("starting {}: {e}", env.settings.backend))),
@@ -299,11 +333,11 @@ async fn build_with_containers(
         .arg("--quiet")
         .arg(&image_id)
         .arg(format!("oci:{}:image", layout.display()));
-    run_logged(env, a, export, cancel).await.map_err(|e| infra(format!("exporting the image: {e}")))
+    run_logged(env, a, export, job_dir, cancel).await.map_err(|e| infra(format!("exporting the image: {e}")))
 }
 
 /// The Docker Engine: build through its API, then save and convert.
-async fn build_with_docker(job: &BuildJob<'_>, credentials: &[Credential]) -> Result<(), Outcome> {
+async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &[Credential]) -> Result<(), Outcome> {
     let BuildJob { env, a, spec, platform, job_dir, context_dir, layout } = *job;
     let engine = docker::connect(&env.settings.docker_host).await.map_err(infra)?;
     let mut build_args = spec.build_args.clone();
@@ -311,8 +345,7 @@ async fn build_with_docker(job: &BuildJob<'_>, credentials: &[Credential]) -> Re
         .extend(buildargs::platform_args(platform, &env.settings.native).into_iter().map(|(k, v)| (k.to_owned(), v)));
     let build = docker::BuildSpec {
         context_dir,
-        dockerfile_inline: (!spec.dockerfile_inline.is_empty()).then_some(spec.dockerfile_inline.as_slice()),
-        dockerfile_path: &spec.dockerfile_path,
+        dockerfile,
         platform,
         build_args,
         labels: spec.labels.clone(),
@@ -454,7 +487,8 @@ struct ContainersConf {
     auth: PathBuf,
 }
 
-async fn write_containers_conf(
+/// Written without an await, each file new (`O_EXCL`, `O_NOFOLLOW`).
+fn write_containers_conf(
     job_dir: &Path,
     insecure: &[String],
     credentials: &[Credential],
@@ -478,10 +512,10 @@ async fn write_containers_conf(
         auths.insert(c.registry.clone(), serde_json::json!({ "auth": encoded }));
     }
     let auth = zeroize::Zeroizing::new(serde_json::json!({ "auths": auths }).to_string());
-    braid_shared::pki::write_private(&conf.auth, &auth).map_err(std::io::Error::other)?;
-    tokio::fs::write(&conf.registries, registries).await?;
-    tokio::fs::write(&conf.policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).await?;
-    tokio::fs::write(&conf.empty_ignore, "").await?;
+    beneath::create_new_file(&conf.auth, auth.as_bytes(), 0o600)?;
+    beneath::create_new_file(&conf.registries, registries.as_bytes(), 0o644)?;
+    beneath::create_new_file(&conf.policy, br#"{"default":[{"type":"insecureAcceptAnything"}]}"#, 0o644)?;
+    beneath::create_new_file(&conf.empty_ignore, b"", 0o644)?;
     Ok(conf)
 }
 
@@ -534,11 +568,14 @@ impl std::fmt::Display for RunError {
 const TAIL_LINES: usize = 12;
 
 /// Runs a builder command in its own process group, streaming its output
-/// as log lines; cancellation kills the whole group.
+/// as log lines; cancellation kills the whole group. The job directory
+/// outlives the group: its output readers hold it until every process
+/// that could write there has closed its output.
 async fn run_logged(
     env: &JobEnv,
     a: &proto::Assignment,
     mut cmd: Command,
+    job_dir: &JobDir,
     cancel: &CancellationToken,
 ) -> Result<(), RunError> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
@@ -554,13 +591,15 @@ async fn run_logged(
     .flatten()
     {
         let tx = line_tx.clone();
+        let keep = job_dir.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(reader).lines();
+            // Read to the end even when no one listens any more (the job
+            // was cancelled), so the directory lives as long as the group.
             while let Ok(Some(line)) = lines.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
+                let _ = tx.send(line);
             }
+            drop(keep);
         });
     }
     drop(line_tx);
@@ -638,11 +677,182 @@ impl Drop for KillGroupOnDrop {
     }
 }
 
-/// Removes a job's directory when the job ends, however it ends.
+/// A job's directory, removed when the last holder lets go: the job
+/// itself, and any blocking task or builder process still writing under it
+/// after the job was cancelled (removing it under such a writer would leave
+/// what it wrote behind).
+#[derive(Clone)]
+pub struct JobDir(Arc<RemoveOnDrop>);
+
+impl JobDir {
+    /// Makes `path` and its `context` directory afresh (what a crashed
+    /// agent left there is removed). Synchronous on purpose: no await lies
+    /// between holding the directory and having made it.
+    pub fn create(path: PathBuf) -> Result<JobDir, String> {
+        let dir = JobDir(Arc::new(RemoveOnDrop(path)));
+        let path = dir.path();
+        match std::fs::remove_dir_all(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(format!("clearing {}: {e}", path.display()));
+            }
+            _ => {}
+        }
+        std::fs::create_dir_all(path.join("context")).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        Ok(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0.0
+    }
+
+    /// Runs `f` on a blocking thread; the directory outlives it, even when
+    /// the job is dropped first.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        let keep = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = f();
+            drop(keep);
+            result
+        })
+        .await
+    }
+
+    /// Runs `work` to its end even if the job is dropped meanwhile (for
+    /// short local file work only); the directory outlives it.
+    pub async fn detached<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        let keep = self.clone();
+        tokio::spawn(async move {
+            let result = work.await;
+            drop(keep);
+            result
+        })
+        .await
+    }
+}
+
+/// Removes every job directory under `work_dir`: at start, no job runs.
+pub fn clear_job_dirs(work_dir: &Path) {
+    let jobs = work_dir.join("jobs");
+    if let Err(e) = std::fs::remove_dir_all(&jobs)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %jobs.display(), error = %e, "cannot clear old job directories");
+    }
+}
+
+/// Removes a job's directory when dropped.
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    async fn gone(path: &Path) -> bool {
+        for _ in 0..500 {
+            if !path.exists() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_job_leaves_no_directory_even_behind_a_late_writer() {
+        let work = tempfile::tempdir().unwrap();
+        let path = work.path().join("jobs/j-1");
+        std::fs::create_dir_all(path.join("stale")).unwrap();
+        let dir = JobDir::create(path.clone()).unwrap();
+        assert!(path.join("context").is_dir());
+        assert!(!path.join("stale").exists(), "what a crashed agent left is cleared");
+
+        // A blocking writer that is still running when its job is dropped,
+        // as a cancel drops it: it makes directories under the job's.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let late = path.join("context/late/deeper");
+        let mut job = Box::pin(dir.blocking(move || {
+            let _ = wait.recv();
+            std::fs::create_dir_all(&late)
+        }));
+        assert!(futures::poll!(&mut job).is_pending());
+        drop(job);
+        drop(dir);
+        assert!(path.is_dir(), "the writer still holds the directory");
+        go.send(()).unwrap();
+        assert!(gone(&path).await, "removed once the last writer is done");
+        assert!(std::fs::read_dir(work.path().join("jobs")).unwrap().next().is_none());
+    }
+
+    fn failure_of(result: Result<Vec<u8>, Outcome>) -> String {
+        match result {
+            Err(Outcome::Failed(proto::FailureKind::Build, message)) => message,
+            Err(other) => panic!("not a build failure: {other:?}"),
+            Ok(bytes) => panic!("read {:?}", String::from_utf8_lossy(&bytes)),
+        }
+    }
+
+    /// Behind the unpacker's own checks: a context whose links lead out
+    /// (made here on disk directly) still cannot hand the agent a host file.
+    #[test]
+    fn the_dockerfile_is_read_beneath_the_context_and_answers_the_same_whatever_is_outside() {
+        let outer = tempfile::tempdir().unwrap();
+        std::fs::write(outer.path().join("host.Dockerfile"), "FROM scratch\n").unwrap();
+        let context = outer.path().join("job/context");
+        std::fs::create_dir_all(context.join("sub")).unwrap();
+        std::fs::write(context.join("sub/Dockerfile"), "FROM busybox\n").unwrap();
+        std::os::unix::fs::symlink(".", context.join("l0")).unwrap();
+        for i in 1..7 {
+            std::os::unix::fs::symlink(format!("l{}/..", i - 1), context.join(format!("l{i}"))).unwrap();
+        }
+        std::os::unix::fs::symlink(outer.path().join("host.Dockerfile"), context.join("abs")).unwrap();
+        std::os::unix::fs::symlink("sub/Dockerfile", context.join("Dockerfile")).unwrap();
+
+        assert_eq!(read_context_dockerfile(&context, "Dockerfile").unwrap(), b"FROM busybox\n", "a link inside");
+        let existing = failure_of(read_context_dockerfile(&context, "l2/host.Dockerfile"));
+        assert!(existing.contains("refused"), "{existing}");
+        let missing = failure_of(read_context_dockerfile(&context, "l2/missing.Dockerfile"));
+        assert_eq!(
+            existing.replace("host.Dockerfile", "X"),
+            missing.replace("missing.Dockerfile", "X"),
+            "an escape answers the same whether the host file exists or not"
+        );
+        assert!(failure_of(read_context_dockerfile(&context, "abs")).contains("refused"));
+        assert!(failure_of(read_context_dockerfile(&context, "sub")).contains("refused"));
+        let absent = failure_of(read_context_dockerfile(&context, "nothing"));
+        assert_eq!(absent, "Dockerfile \"nothing\" not found in the context");
+    }
+
+    #[tokio::test]
+    async fn detached_work_finishes_before_the_directory_goes() {
+        let work = tempfile::tempdir().unwrap();
+        let path = work.path().join("jobs/j-2");
+        let dir = JobDir::create(path.clone()).unwrap();
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let file = path.join("layout-file");
+        let mut job = Box::pin(dir.detached(async move {
+            let _ = wait.await;
+            tokio::fs::write(&file, "x").await
+        }));
+        assert!(futures::poll!(&mut job).is_pending());
+        drop(job);
+        drop(dir);
+        assert!(path.is_dir());
+        go.send(()).unwrap();
+        assert!(gone(&path).await);
+        clear_job_dirs(work.path());
+        assert!(!work.path().join("jobs").exists());
     }
 }

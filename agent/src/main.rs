@@ -146,6 +146,8 @@ async fn main() -> anyhow::Result<()> {
     let valid = loaded.validate()?;
     let builder = check_backend(&valid).await?;
     std::fs::create_dir_all(&valid.settings.work_dir)?;
+    // What a killed agent's jobs left: none of them runs any more.
+    job::clear_job_dirs(&valid.settings.work_dir);
     tracing::info!(
         name = %valid.settings.name,
         platforms = ?valid.platforms.iter().map(ToString::to_string).collect::<Vec<_>>(),

@@ -5,9 +5,13 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
+use cap_fs_ext::{DirExt as _, OpenOptionsFollowExt as _};
+use cap_std::fs::{Dir, OpenOptionsExt as _};
 use sha2::{Digest as _, Sha256};
+
+use crate::beneath::{self, Resolution, Root};
 
 use crate::digest::Digest;
 use crate::dockerignore::DockerIgnore;
@@ -174,7 +178,15 @@ impl<W: Write> Walk<'_, W> {
             if self.bytes > self.limits.max_bytes {
                 return Err(ContextError::TooLarge { limit: self.limits.max_bytes });
             }
-            let file = fs::File::open(path).map_err(|source| ContextError::Read { path: path.to_owned(), source })?;
+            // Never through a link: it was a regular file a moment ago.
+            let file = {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                    .open(path)
+                    .map_err(|source| ContextError::Read { path: path.to_owned(), source })?
+            };
             header.set_entry_type(tar::EntryType::Regular);
             header.set_size(meta.len());
             self.builder.append_data(&mut header, rel, file.take(meta.len())).map_err(write)?;
@@ -193,135 +205,221 @@ pub struct UnpackSummary {
 }
 
 /// Unpacks a context tar into `dest` (which must exist), refusing anything
-/// that could write outside it: absolute paths, `..`, writing through a
-/// symlink, symlinks or hard links that lead out, and device nodes.
-/// Setuid, setgid and sticky bits are dropped.
+/// that could write or lead outside it. Every entry is made through a
+/// directory handle on `dest`: its parent is walked one real directory at a
+/// time (never through a link or a file), the entry itself is created
+/// afresh (a file or link already there is removed, never written through),
+/// absolute paths and `..` above `dest` are refused, and so are symlinks
+/// whose text leads out, hard links to anything but an earlier regular
+/// file, and device nodes. Once every entry is written, each symlink is
+/// resolved physically beneath `dest`; one that leads out refuses the whole
+/// context (so a chain such as `a -> x/..` then `x -> .` is caught whatever
+/// the order). Setuid, setgid and sticky bits are dropped.
 pub fn unpack<R: Read>(reader: R, dest: &Path, limits: ContextLimits) -> Result<UnpackSummary, ContextError> {
+    let root = Root::open(dest).map_err(ContextError::Write)?;
     let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(false);
-    archive.set_preserve_mtime(true);
-    archive.set_unpack_xattrs(false);
-    let mut summary = UnpackSummary::default();
-    let mut dir_modes: BTreeMap<PathBuf, u32> = BTreeMap::new();
+    let mut unpacker = Unpacker {
+        root: &root,
+        limits,
+        summary: UnpackSummary::default(),
+        dir_modes: BTreeMap::new(),
+        links: Vec::new(),
+        last_parent: None,
+    };
     for entry in archive.entries().map_err(ContextError::Tar)? {
         let mut entry = entry.map_err(ContextError::Tar)?;
         let raw_path = entry.path().map_err(ContextError::Tar)?.into_owned();
         let shown = raw_path.to_string_lossy().into_owned();
-        let refuse = |reason| ContextError::Refused { entry: shown.clone(), reason };
-        let rel = relative_inside(&raw_path).map_err(refuse)?;
-        summary.entries += 1;
-        if summary.entries > limits.max_entries {
-            return Err(ContextError::TooManyEntries { limit: limits.max_entries });
+        unpacker.entry(&mut entry, &raw_path).map_err(|e| e.into_error(&shown))?;
+    }
+    unpacker.check_links()?;
+    // Directory modes last, so a read-only directory does not block its files.
+    for (dir, mode) in unpacker.dir_modes.iter().rev() {
+        root.dir()
+            .set_permissions(dir, cap_std::fs::Permissions::from_std(fs::Permissions::from_mode(*mode)))
+            .map_err(ContextError::Write)?;
+    }
+    Ok(unpacker.summary)
+}
+
+/// An entry's failure: a refusal (named after the entry by the caller) or
+/// an error of its own.
+enum EntryError {
+    Refused(&'static str),
+    Other(ContextError),
+}
+
+impl EntryError {
+    fn into_error(self, entry: &str) -> ContextError {
+        match self {
+            EntryError::Refused(reason) => ContextError::Refused { entry: entry.to_owned(), reason },
+            EntryError::Other(e) => e,
         }
-        if rel.as_os_str().is_empty() {
-            continue;
+    }
+}
+
+impl From<&'static str> for EntryError {
+    fn from(reason: &'static str) -> Self {
+        EntryError::Refused(reason)
+    }
+}
+
+fn write_err(e: io::Error) -> EntryError {
+    EntryError::Other(ContextError::Write(e))
+}
+
+fn tar_err(e: io::Error) -> EntryError {
+    EntryError::Other(ContextError::Tar(e))
+}
+
+struct Unpacker<'a> {
+    root: &'a Root,
+    limits: ContextLimits,
+    summary: UnpackSummary,
+    dir_modes: BTreeMap<PathBuf, u32>,
+    /// Every symlink made, in order, with its name in the tar.
+    links: Vec<(PathBuf, String)>,
+    /// The last parent directory opened, reused by its next entries.
+    last_parent: Option<(PathBuf, Dir)>,
+}
+
+impl Unpacker<'_> {
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, raw_path: &Path) -> Result<(), EntryError> {
+        let rel = beneath::lexically_inside(raw_path).ok_or_else(|| {
+            if raw_path.has_root() { "absolute path" } else { "path leads out of the context ('..')" }
+        })?;
+        self.summary.entries += 1;
+        if self.summary.entries > self.limits.max_entries {
+            return Err(EntryError::Other(ContextError::TooManyEntries { limit: self.limits.max_entries }));
+        }
+        let kind = entry.header().entry_type();
+        if rel.as_os_str().is_empty() || matches!(kind, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader) {
+            return Ok(());
         }
         if rel.as_os_str().len() > crate::limits::CONTEXT_PATH_BYTES {
-            return Err(refuse("path longer than 4096 bytes"));
+            return Err("path longer than 4096 bytes".into());
         }
-        ensure_parents(dest, &rel).map_err(refuse)?;
-        let target = dest.join(&rel);
-        let kind = entry.header().entry_type();
         let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
         match kind {
             tar::EntryType::Directory => {
-                match fs::symlink_metadata(&target) {
+                let (parent, name) = self.parent(&rel, true)?;
+                match parent.symlink_metadata(&name) {
                     Ok(meta) if meta.is_dir() => {}
-                    Ok(_) => return Err(refuse("a directory replaces a file or link")),
-                    Err(_) => fs::create_dir(&target).map_err(ContextError::Write)?,
+                    Ok(_) => return Err("a directory replaces a file or link".into()),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => parent.create_dir(&name).map_err(write_err)?,
+                    Err(e) => return Err(write_err(e)),
                 }
-                dir_modes.insert(target, mode | 0o700);
+                self.dir_modes.insert(rel, mode | 0o700);
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let size = entry.header().entry_size().map_err(ContextError::Tar)?;
-                summary.bytes += size;
-                if summary.bytes > limits.max_bytes {
-                    return Err(ContextError::TooLarge { limit: limits.max_bytes });
+                let size = entry.header().entry_size().map_err(tar_err)?;
+                self.summary.bytes += size;
+                if self.summary.bytes > self.limits.max_bytes {
+                    return Err(EntryError::Other(ContextError::TooLarge { limit: self.limits.max_bytes }));
                 }
-                remove_non_dir(&target).map_err(refuse)?;
-                entry.unpack(&target).map_err(ContextError::Write)?;
+                let mtime = entry.header().mtime().unwrap_or(0);
+                let (parent, name) = self.parent(&rel, true)?;
+                remove_non_dir(&parent, &name, "a file replaces a directory")?;
+                let mut options = cap_std::fs::OpenOptions::new();
+                options.write(true).create_new(true).mode(0o600).follow(cap_fs_ext::FollowSymlinks::No);
+                let mut file = parent.open_with(&name, &options).map_err(write_err)?.into_std();
+                io::copy(&mut entry.take(size), &mut file).map_err(write_err)?;
+                file.set_permissions(fs::Permissions::from_mode(mode)).map_err(write_err)?;
+                // An mtime the system cannot hold is not worth refusing.
+                if let Some(mtime) = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(mtime)) {
+                    let _ = file.set_modified(mtime);
+                }
             }
             tar::EntryType::Symlink => {
-                let link =
-                    entry.link_name().map_err(ContextError::Tar)?.ok_or_else(|| refuse("symlink without a target"))?;
-                if link.is_absolute() {
-                    return Err(refuse("symlink to an absolute path leads out of the context"));
+                let link = entry.link_name().map_err(tar_err)?.ok_or("symlink without a target")?.into_owned();
+                if link.as_os_str().is_empty() {
+                    return Err("symlink without a target".into());
                 }
-                let parent = rel.parent().unwrap_or(Path::new(""));
-                relative_inside(&parent.join(&link)).map_err(|_| refuse("symlink leads out of the context"))?;
-                remove_non_dir(&target).map_err(refuse)?;
-                std::os::unix::fs::symlink(&link, &target).map_err(ContextError::Write)?;
+                if link.has_root() {
+                    return Err("symlink to an absolute path leads out of the context".into());
+                }
+                let parent_rel = rel.parent().unwrap_or(Path::new(""));
+                beneath::lexically_inside(&parent_rel.join(&link)).ok_or("symlink leads out of the context")?;
+                let (parent, name) = self.parent(&rel, true)?;
+                remove_non_dir(&parent, &name, "a symlink replaces a directory")?;
+                parent.symlink(&link, &name).map_err(write_err)?;
+                self.links.push((rel, raw_path.to_string_lossy().into_owned()));
             }
             tar::EntryType::Link => {
-                let link = entry
-                    .link_name()
-                    .map_err(ContextError::Tar)?
-                    .ok_or_else(|| refuse("hard link without a target"))?;
-                let source_rel = relative_inside(&link).map_err(|_| refuse("hard link leads out of the context"))?;
-                ensure_parents(dest, &source_rel).map_err(|_| refuse("hard link leads out of the context"))?;
-                let source = dest.join(&source_rel);
-                match fs::symlink_metadata(&source) {
-                    Ok(meta) if meta.is_file() || meta.is_symlink() => {}
-                    _ => return Err(refuse("hard link to something that is not an earlier file")),
+                let link = entry.link_name().map_err(tar_err)?.ok_or("hard link without a target")?.into_owned();
+                let source_rel = beneath::lexically_inside(&link).ok_or("hard link leads out of the context")?;
+                if source_rel == rel {
+                    return Err("hard link to itself".into());
                 }
-                remove_non_dir(&target).map_err(refuse)?;
-                fs::hard_link(&source, &target).map_err(ContextError::Write)?;
-            }
-            tar::EntryType::Char | tar::EntryType::Block => return Err(refuse("device node")),
-            tar::EntryType::Fifo => return Err(refuse("named pipe")),
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}
-            _ => return Err(refuse("unsupported entry type")),
-        }
-    }
-    // Directory modes last, so a read-only directory does not block its files.
-    for (dir, mode) in dir_modes.into_iter().rev() {
-        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(ContextError::Write)?;
-    }
-    Ok(summary)
-}
-
-/// The path with `.` removed, refused if it is absolute or climbs out.
-fn relative_inside(path: &Path) -> Result<PathBuf, &'static str> {
-    let mut out = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::Normal(part) => out.push(part),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if !out.pop() {
-                    return Err("path leads out of the context ('..')");
+                let (source_parent, source_name) = self
+                    .parent(&source_rel, false)
+                    .map_err(|_| "hard link to something that is not an earlier file")?;
+                match source_parent.symlink_metadata(&source_name) {
+                    Ok(meta) if meta.is_file() => {}
+                    Ok(meta) if meta.is_symlink() => return Err("hard link to a symlink".into()),
+                    Ok(meta) if meta.is_dir() => return Err("hard link to a directory".into()),
+                    _ => return Err("hard link to something that is not an earlier file".into()),
                 }
+                let (parent, name) = self.parent(&rel, true)?;
+                remove_non_dir(&parent, &name, "a hard link replaces a directory")?;
+                source_parent.hard_link(&source_name, &parent, &name).map_err(write_err)?;
             }
-            Component::RootDir | Component::Prefix(_) => return Err("absolute path"),
+            tar::EntryType::Char | tar::EntryType::Block => return Err("device node".into()),
+            tar::EntryType::Fifo => return Err("named pipe".into()),
+            _ => return Err("unsupported entry type".into()),
         }
+        Ok(())
     }
-    Ok(out)
+
+    /// The directory holding `rel` (walked from the root one real directory
+    /// at a time, made when `create`) and `rel`'s last component.
+    fn parent(&mut self, rel: &Path, create: bool) -> Result<(Dir, std::ffi::OsString), EntryError> {
+        let name = rel.file_name().ok_or("path has no name")?.to_owned();
+        let parent_rel = rel.parent().unwrap_or(Path::new(""));
+        if let Some((path, dir)) = &self.last_parent
+            && path == parent_rel
+        {
+            return Ok((dir.try_clone().map_err(write_err)?, name));
+        }
+        let mut dir = self.root.dir().try_clone().map_err(write_err)?;
+        for part in parent_rel.components() {
+            let part = part.as_os_str();
+            match dir.symlink_metadata(part) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(meta) if meta.is_symlink() => return Err("path goes through a symlink".into()),
+                Ok(_) => return Err("path goes through a file".into()),
+                Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
+                    dir.create_dir(part).map_err(|_| "cannot create its directory")?
+                }
+                Err(_) => return Err("path goes through something missing".into()),
+            }
+            dir = dir.open_dir_nofollow(part).map_err(|_| "path goes through a symlink")?;
+        }
+        self.last_parent = Some((parent_rel.to_owned(), dir.try_clone().map_err(write_err)?));
+        Ok((dir, name))
+    }
+
+    /// Resolves every symlink made, physically and beneath the root, now
+    /// that the whole tree is there.
+    fn check_links(&self) -> Result<(), ContextError> {
+        for (rel, shown) in &self.links {
+            let refuse = |reason| ContextError::Refused { entry: shown.clone(), reason };
+            match self.root.resolve(rel) {
+                Resolution::Inside | Resolution::Dangling => {}
+                Resolution::Loops => return Err(refuse("symlink loops or nests too deeply")),
+                Resolution::Outside => return Err(refuse("symlink leads out of the context")),
+            }
+        }
+        Ok(())
+    }
 }
 
-/// Creates the parent directories of `rel` under `dest`, refusing to go
-/// through a symlink or a file.
-fn ensure_parents(dest: &Path, rel: &Path) -> Result<(), &'static str> {
-    let mut current = dest.to_path_buf();
-    let Some(parent) = rel.parent() else {
-        return Ok(());
-    };
-    for part in parent.components() {
-        current.push(part);
-        match fs::symlink_metadata(&current) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(meta) if meta.is_symlink() => return Err("path goes through a symlink"),
-            Ok(_) => return Err("path goes through a file"),
-            Err(_) => fs::create_dir(&current).map_err(|_| "cannot create its directory")?,
-        }
-    }
-    Ok(())
-}
-
-/// Removes a file or link at `path` so that writing there never follows a link.
-fn remove_non_dir(path: &Path) -> Result<(), &'static str> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => Err("a file replaces a directory"),
-        Ok(_) => fs::remove_file(path).map_err(|_| "cannot replace the existing file"),
+/// Removes a file or link called `name` in `dir`, so that writing there
+/// never follows a link; a directory is refused with `reason`.
+fn remove_non_dir(dir: &Dir, name: &std::ffi::OsStr, reason: &'static str) -> Result<(), EntryError> {
+    match dir.symlink_metadata(name) {
+        Ok(meta) if meta.is_dir() => Err(reason.into()),
+        Ok(_) => dir.remove_file_or_symlink(name).map_err(|_| "cannot replace the existing file".into()),
         Err(_) => Ok(()),
     }
 }
@@ -357,18 +455,229 @@ mod tests {
         b.append(&h, data).unwrap();
     }
 
-    fn unpack_refused(tar: Vec<u8>) -> (String, tempfile::TempDir) {
+    const CANARY: &str = "FROM busybox\nRUN echo canary\n";
+
+    /// `outer/{job/, canary}`: unpacks into `job`, a canary file beside it.
+    fn unpack_into_job(tar: &[u8]) -> (Result<UnpackSummary, ContextError>, tempfile::TempDir) {
         let outer = tempfile::tempdir().unwrap();
         let dest = outer.path().join("job");
         fs::create_dir(&dest).unwrap();
-        let err = unpack(&tar[..], &dest, ContextLimits::default()).unwrap_err();
-        (err.to_string(), outer)
+        fs::write(outer.path().join("canary"), CANARY).unwrap();
+        let result = unpack(tar, &dest, ContextLimits::default());
+        (result, outer)
     }
 
-    /// Nothing but `job/` (and what is inside it) exists next to it.
+    fn unpack_refused(tar: Vec<u8>) -> (String, tempfile::TempDir) {
+        let (result, outer) = unpack_into_job(&tar);
+        (result.unwrap_err().to_string(), outer)
+    }
+
+    /// Nothing but `job/` (and what is inside it) and the untouched canary
+    /// exist next to it.
     fn assert_nothing_outside(outer: &tempfile::TempDir) {
-        let names: Vec<_> = fs::read_dir(outer.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("job")]);
+        let mut names: Vec<_> = fs::read_dir(outer.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, vec![std::ffi::OsString::from("canary"), std::ffi::OsString::from("job")]);
+        assert_eq!(fs::read_to_string(outer.path().join("canary")).unwrap(), CANARY);
+    }
+
+    /// The chain of the report: `l0 -> .`, `l1 -> l0/..`, ... `l6 -> l5/..`,
+    /// each lexically inside, `l6` physically six levels above.
+    fn chain(b: &mut tar::Builder<Vec<u8>>) {
+        raw_entry(b, tar::EntryType::Symlink, "l0", Some("."), b"");
+        for i in 1..7 {
+            raw_entry(b, tar::EntryType::Symlink, &format!("l{i}"), Some(&format!("l{}/..", i - 1)), b"");
+        }
+    }
+
+    #[test]
+    fn hostile_trees_are_refused_naming_the_entry() {
+        use tar::EntryType::*;
+        let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+            ("link chain", tar_with(chain), "l1", "symlink leads out"),
+            (
+                "write through the chain",
+                tar_with(|b| {
+                    chain(b);
+                    raw_entry(b, Regular, "l6/tmp/x", None, b"x");
+                }),
+                "l6/tmp/x",
+                "through a symlink",
+            ),
+            (
+                "link to a link out",
+                tar_with(|b| {
+                    raw_entry(b, Symlink, "x", Some("."), b"");
+                    raw_entry(b, Symlink, "y", Some("x/.."), b"");
+                    raw_entry(b, Symlink, "z", Some("y"), b"");
+                }),
+                "y",
+                "symlink leads out",
+            ),
+            (
+                "hard link to a symlink",
+                tar_with(|b| {
+                    raw_entry(b, Regular, "f", None, b"x");
+                    raw_entry(b, Symlink, "s", Some("f"), b"");
+                    raw_entry(b, Link, "h", Some("s"), b"");
+                }),
+                "h",
+                "hard link to a symlink",
+            ),
+            (
+                "hard link to the chain",
+                tar_with(|b| {
+                    chain(b);
+                    raw_entry(b, Link, "h", Some("l6"), b"");
+                }),
+                "h",
+                "hard link to a symlink",
+            ),
+            (
+                "hard link through the chain",
+                tar_with(|b| {
+                    chain(b);
+                    raw_entry(b, Link, "h", Some("l6/canary"), b"");
+                }),
+                "h",
+                "not an earlier file",
+            ),
+            (
+                "hard link to a directory",
+                tar_with(|b| {
+                    raw_entry(b, Directory, "d", None, b"");
+                    raw_entry(b, Link, "h", Some("d"), b"");
+                }),
+                "h",
+                "hard link to a directory",
+            ),
+            ("hard link to itself", tar_with(|b| raw_entry(b, Link, "h", Some("./h"), b"")), "h", "itself"),
+            (
+                "a directory re-sent as a symlink",
+                tar_with(|b| {
+                    raw_entry(b, Directory, "d", None, b"");
+                    raw_entry(b, Symlink, "d", Some("."), b"");
+                }),
+                "d",
+                "a symlink replaces a directory",
+            ),
+            (
+                "a symlink re-sent as a directory",
+                tar_with(|b| {
+                    raw_entry(b, Symlink, "d", Some("."), b"");
+                    raw_entry(b, Directory, "d", None, b"");
+                }),
+                "d",
+                "a directory replaces a file or link",
+            ),
+            (
+                "order-dependent chain",
+                tar_with(|b| {
+                    raw_entry(b, Symlink, "a", Some("x/.."), b"");
+                    raw_entry(b, Symlink, "x", Some("."), b"");
+                }),
+                "a",
+                "symlink leads out",
+            ),
+            (
+                "order-dependent chain, a file on top",
+                tar_with(|b| {
+                    raw_entry(b, Symlink, "a", Some("x/.."), b"");
+                    raw_entry(b, Symlink, "x", Some("."), b"");
+                    raw_entry(b, Regular, "a/canary", None, b"x");
+                }),
+                "a/canary",
+                "through a symlink",
+            ),
+            (
+                "a link replaced by a link out",
+                tar_with(|b| {
+                    raw_entry(b, Symlink, "x", Some("."), b"");
+                    raw_entry(b, Symlink, "a", Some("x"), b"");
+                    raw_entry(b, Symlink, "a", Some("x/.."), b"");
+                }),
+                "a",
+                "symlink leads out",
+            ),
+            ("absolute root link", tar_with(|b| raw_entry(b, Symlink, "r", Some("/"), b"")), "r", "absolute path"),
+            ("empty link", tar_with(|b| raw_entry(b, Symlink, "e", None, b"")), "e", "symlink without a target"),
+            (
+                "loop",
+                tar_with(|b| {
+                    raw_entry(b, Symlink, "p", Some("q"), b"");
+                    raw_entry(b, Symlink, "q", Some("p"), b"");
+                }),
+                "p",
+                "loops",
+            ),
+        ];
+        for (name, tar, entry, want) in cases {
+            let (err, outer) = unpack_refused(tar);
+            assert!(err.contains(want), "{name}: {err}");
+            assert!(err.starts_with(&format!("refused context entry {entry:?}")), "{name}: {err}");
+            assert_nothing_outside(&outer);
+        }
+    }
+
+    #[test]
+    fn dotdot_in_link_targets_at_every_depth() {
+        for depth in 0..7 {
+            let dir = (0..depth).map(|i| format!("d{i}/")).collect::<String>();
+            let up = "../".repeat(depth);
+            // One `..` more than the depth leads out, lexically.
+            let tar = tar_with(|b| {
+                raw_entry(b, tar::EntryType::Symlink, &format!("{dir}out"), Some(&format!("{up}../canary")), b"")
+            });
+            let (err, outer) = unpack_refused(tar);
+            assert!(err.contains("symlink leads out"), "depth {depth}: {err}");
+            assert_nothing_outside(&outer);
+            // Through a link to the directory itself, the same `..` count
+            // leads out physically.
+            let tar = tar_with(|b| {
+                raw_entry(b, tar::EntryType::Symlink, &format!("{dir}self"), Some("."), b"");
+                raw_entry(b, tar::EntryType::Symlink, &format!("{dir}out"), Some(&format!("self/{up}..")), b"");
+            });
+            let (result, outer) = unpack_into_job(&tar);
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains(&format!("{dir}out")) && err.contains("symlink leads out"), "depth {depth}: {err}");
+            assert_nothing_outside(&outer);
+            // Exactly the depth stays inside.
+            let tar = tar_with(|b| {
+                raw_entry(b, tar::EntryType::Regular, "top", None, b"top");
+                raw_entry(b, tar::EntryType::Symlink, &format!("{dir}in"), Some(&format!("{up}top")), b"");
+            });
+            let (result, outer) = unpack_into_job(&tar);
+            result.unwrap();
+            assert_eq!(fs::read_to_string(outer.path().join("job").join(format!("{dir}in"))).unwrap(), "top");
+            assert_nothing_outside(&outer);
+        }
+    }
+
+    #[test]
+    fn links_inside_are_kept() {
+        use tar::EntryType::*;
+        let tar = tar_with(|b| {
+            raw_entry(b, Directory, "sub/", None, b"");
+            raw_entry(b, Regular, "sub/file", None, b"hello");
+            raw_entry(b, Symlink, "to-file", Some("sub/file"), b"");
+            raw_entry(b, Symlink, "to-dir", Some("sub"), b"");
+            raw_entry(b, Symlink, "to-link", Some("to-file"), b"");
+            raw_entry(b, Symlink, "sub/up", Some("../to-dir/file"), b"");
+            raw_entry(b, Symlink, "dangling", Some("missing/.."), b"");
+            raw_entry(b, Link, "hard", Some("sub/file"), b"");
+            // A link re-sent as a file replaces the link, not its target.
+            raw_entry(b, Symlink, "was-link", Some("sub/file"), b"");
+            raw_entry(b, Regular, "was-link", None, b"new");
+        });
+        let (result, outer) = unpack_into_job(&tar);
+        result.unwrap();
+        let job = outer.path().join("job");
+        for link in ["to-file", "to-dir/file", "to-link", "sub/up", "hard"] {
+            assert_eq!(fs::read_to_string(job.join(link)).unwrap(), "hello", "{link}");
+        }
+        assert_eq!(fs::read_to_string(job.join("was-link")).unwrap(), "new");
+        assert!(fs::symlink_metadata(job.join("dangling")).unwrap().is_symlink());
+        assert_nothing_outside(&outer);
     }
 
     #[test]
@@ -462,20 +771,20 @@ mod tests {
         /// Random bytes never panic the unpacker.
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096)) {
-            let outer = tempfile::tempdir().unwrap();
-            let dest = outer.path().join("job");
-            fs::create_dir(&dest).unwrap();
-            let _ = unpack(&bytes[..], &dest, ContextLimits::default());
+            let (_, outer) = unpack_into_job(&bytes);
             assert_nothing_outside(&outer);
         }
 
-        /// Entries with hostile paths and link targets never write outside.
+        /// Entries with hostile paths and link targets never write outside,
+        /// and a context that is accepted holds no link that leads out: no
+        /// path opened beneath it reaches the canary beside it.
         #[test]
         fn hostile_entries_stay_inside(
             entries in proptest::collection::vec(
-                (0u8..4, "(\\.\\./|/|a/|b/|\\./){0,4}[a-c]{1,2}", "(\\.\\./|/|a/|\\./){0,4}[a-c]{0,2}"),
-                1..8,
+                (0u8..4, "(\\.\\./|/|a/|b/|\\./){0,4}[a-c]{1,2}", "(\\.\\./|/|[a-c]/|[a-c]{1,2}/\\.\\./|\\./){0,5}[a-c.]{0,2}"),
+                1..10,
             ),
+            opens in proptest::collection::vec("([a-c]{1,2}/|\\.\\./|\\./){0,6}(canary|[a-c]{1,2})?", 1..6),
         ) {
             use tar::EntryType::*;
             let tar = tar_with(|b| {
@@ -491,11 +800,21 @@ mod tests {
                     }
                 }
             });
-            let outer = tempfile::tempdir().unwrap();
-            let dest = outer.path().join("job");
-            fs::create_dir(&dest).unwrap();
-            let _ = unpack(&tar[..], &dest, ContextLimits::default());
+            let (result, outer) = unpack_into_job(&tar);
             assert_nothing_outside(&outer);
+            if result.is_ok() {
+                let root = Root::open(&outer.path().join("job")).unwrap();
+                for (_, path, _) in &entries {
+                    if let Some(rel) = beneath::lexically_inside(Path::new(path)) {
+                        proptest::prop_assert_ne!(root.resolve(&rel), Resolution::Outside, "{} leads out", path);
+                    }
+                }
+                for path in &opens {
+                    if let Ok(bytes) = root.read_file(path, 1 << 10) {
+                        proptest::prop_assert_ne!(bytes, CANARY.as_bytes().to_vec(), "{} read the canary", path);
+                    }
+                }
+            }
         }
     }
 }

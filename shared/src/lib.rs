@@ -2,6 +2,7 @@
 //! and CLI. Nothing here knows about servers.
 #![forbid(unsafe_code)]
 
+pub mod beneath;
 pub mod buildargs;
 pub mod codec;
 pub mod compression;
