@@ -3,6 +3,7 @@
 mod build;
 mod certs;
 mod conn;
+mod describe;
 mod dockerconfig;
 mod ops;
 mod output;
