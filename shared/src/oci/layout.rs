@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::image::{ImageIndex, ImageManifest};
 
-use super::{DOCKER_MANIFEST, ImageDescriptor, OCI_INDEX, OciError, to_docker_manifest};
+use super::index::to_docker_manifest;
+use super::{DOCKER_MANIFEST, ImageDescriptor, OCI_INDEX, OciError};
 use crate::digest::Digest;
 
 /// The descriptor of the single image in an OCI layout, without pushing it.

@@ -10,7 +10,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, RegistryOperation};
 use oci_spec::image::ImageManifest;
 
-use super::config_platform;
+use super::index::config_platform;
 use super::layout::{blob_path, read_layout};
 use super::{Credential, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, ImageDescriptor, OCI_INDEX, OCI_MANIFEST, OciError};
 use crate::digest::Digest;
