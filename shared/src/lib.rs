@@ -9,9 +9,11 @@ pub mod compression;
 pub mod context;
 pub mod digest;
 pub mod dockerignore;
+#[cfg(feature = "engine")]
 pub mod engine;
 pub mod limits;
 pub mod oci;
+#[cfg(feature = "pki")]
 pub mod pki;
 pub mod platform;
 pub mod reference;

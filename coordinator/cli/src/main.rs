@@ -3,6 +3,7 @@
 mod build;
 mod certs;
 mod conn;
+mod describe;
 mod diag;
 mod dockerconfig;
 mod ops;

@@ -5,8 +5,8 @@ use serde_json::{Value, json};
 use braid_shared::Platform;
 use braid_shared::proto::{self, build_event::Kind};
 
-use crate::build::{job_word, seconds};
 use crate::conn::Conn;
+use crate::describe::{build_state_name, event_line, job_word, seconds};
 
 /// How listings print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -17,18 +17,6 @@ pub enum Format {
 
 fn time(t: &Option<prost_types::Timestamp>) -> Value {
     t.as_ref().map_or(Value::Null, |t| json!(t.seconds as f64 + f64::from(t.nanos) / 1e9))
-}
-
-fn build_state_name(state: i32) -> &'static str {
-    match proto::BuildState::try_from(state).unwrap_or_default() {
-        proto::BuildState::Queued => "queued",
-        proto::BuildState::Running => "running",
-        proto::BuildState::Merging => "merging",
-        proto::BuildState::Succeeded => "succeeded",
-        proto::BuildState::Failed => "failed",
-        proto::BuildState::Cancelled => "cancelled",
-        proto::BuildState::Unspecified => "unknown",
-    }
 }
 
 fn image_json(r: &Option<proto::ImageResult>) -> Value {
@@ -53,28 +41,6 @@ pub fn event_json(e: &proto::BuildEvent) -> Value {
         m.extend(x);
     }
     v
-}
-
-pub fn event_line(e: &proto::BuildEvent) -> Option<String> {
-    Some(match &e.kind {
-        Some(Kind::Log(l)) => format!("[{}] {}", l.platform, l.line),
-        Some(Kind::Notice(n)) => format!("#  {}", n.text),
-        Some(Kind::Job(j)) => {
-            let mut line = format!("#  {} {}", j.platform, job_word(j.state));
-            if !j.agent.is_empty() {
-                line.push_str(&format!(" on {}", j.agent));
-            }
-            if j.attempt > 1 {
-                line.push_str(&format!(" (attempt {})", j.attempt));
-            }
-            if !j.message.is_empty() {
-                line.push_str(&format!(": {}", j.message));
-            }
-            line
-        }
-        Some(Kind::Build(b)) => format!("#  build {}", build_state_name(b.state)),
-        None => return None,
-    })
 }
 
 fn event_platform(e: &proto::BuildEvent) -> Option<&str> {

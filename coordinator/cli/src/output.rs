@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use futures::StreamExt;
 
+use braid_shared::oci::docker_archive;
 use braid_shared::proto;
-use braid_shared::{Digest, ImageRef, Platform, engine};
+use braid_shared::{ImageRef, Platform, engine};
 
 use crate::conn::Builds;
 
@@ -364,47 +365,7 @@ async fn docker_archive_of(
             s.tags.iter().filter_map(|t| t.parse::<ImageRef>().ok()).map(|t| t.with_default_tag().to_string()).collect()
         })
         .unwrap_or_default();
-    docker_archive(layout.path(), &tags, out)
-}
-
-/// Writes the one image of an OCI layout as a `docker save` archive:
-/// `manifest.json` naming its config, layers and tags, and those blobs.
-pub fn docker_archive(layout: &Path, tags: &[String], out: impl Write) -> anyhow::Result<()> {
-    let read_json = |path: PathBuf| -> anyhow::Result<serde_json::Value> {
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        Ok(serde_json::from_slice(&bytes)?)
-    };
-    let blob = |digest: &str| -> anyhow::Result<PathBuf> {
-        let digest: Digest = digest.parse()?;
-        Ok(PathBuf::from("blobs/sha256").join(digest.hex()))
-    };
-    let index = read_json(layout.join("index.json"))?;
-    let root = index["manifests"][0]["digest"].as_str().context("index.json names no image")?;
-    let manifest = read_json(layout.join(blob(root)?))?;
-    let config = blob(manifest["config"]["digest"].as_str().context("the manifest has no config")?)?;
-    let mut layers = Vec::new();
-    for layer in manifest["layers"].as_array().context("the manifest has no layers")? {
-        layers.push(blob(layer["digest"].as_str().context("a layer without a digest")?)?);
-    }
-    let entry = serde_json::json!([{
-        "Config": config,
-        "RepoTags": tags,
-        "Layers": layers,
-    }]);
-    let mut tar = tar::Builder::new(out);
-    let mut written = std::collections::HashSet::new();
-    for path in std::iter::once(&config).chain(&layers) {
-        if written.insert(path.clone()) {
-            tar.append_path_with_name(layout.join(path), path)?;
-        }
-    }
-    let manifest_json = serde_json::to_vec(&entry)?;
-    let mut header = tar::Header::new_ustar();
-    header.set_size(manifest_json.len() as u64);
-    header.set_mode(0o644);
-    tar.append_data(&mut header, "manifest.json", manifest_json.as_slice())?;
-    tar.into_inner()?.flush()?;
-    Ok(())
+    Ok(docker_archive(layout.path(), &tags, out)?)
 }
 
 async fn load_into_engine(host: &str, archive: &Path) -> anyhow::Result<String> {
@@ -517,45 +478,5 @@ mod tests {
             let e = result.unwrap_err().to_string();
             assert!(e.contains(want), "{e:?} does not say {want:?}");
         }
-    }
-
-    #[test]
-    fn a_layout_becomes_a_docker_load_archive() {
-        let layout = tempfile::tempdir().unwrap();
-        let blobs = layout.path().join("blobs/sha256");
-        std::fs::create_dir_all(&blobs).unwrap();
-        let put = |bytes: &[u8]| {
-            let d = Digest::of(bytes);
-            std::fs::write(blobs.join(d.hex()), bytes).unwrap();
-            d
-        };
-        let config = put(br#"{"architecture":"amd64","os":"linux"}"#);
-        let layer = put(b"gzip");
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "config": { "digest": config.as_str(), "size": 37 },
-            "layers": [{ "digest": layer.as_str(), "size": 4 }],
-        });
-        let manifest = put(manifest.to_string().as_bytes());
-        let index = serde_json::json!({ "manifests": [{ "digest": manifest.as_str() }] });
-        std::fs::write(layout.path().join("index.json"), index.to_string()).unwrap();
-        let mut out = Vec::new();
-        docker_archive(layout.path(), &["reg.io/app:1".into()], &mut out).unwrap();
-        let mut archive = tar::Archive::new(out.as_slice());
-        let mut names = Vec::new();
-        let mut manifest_json = String::new();
-        for entry in archive.entries().unwrap() {
-            let mut entry = entry.unwrap();
-            let name = entry.path().unwrap().display().to_string();
-            if name == "manifest.json" {
-                std::io::Read::read_to_string(&mut entry, &mut manifest_json).unwrap();
-            }
-            names.push(name);
-        }
-        assert_eq!(names.len(), 3, "{names:?}");
-        let m: serde_json::Value = serde_json::from_str(&manifest_json).unwrap();
-        assert_eq!(m[0]["RepoTags"][0], "reg.io/app:1");
-        assert_eq!(m[0]["Config"], format!("blobs/sha256/{}", config.hex()));
-        assert_eq!(m[0]["Layers"][0], format!("blobs/sha256/{}", layer.hex()));
     }
 }

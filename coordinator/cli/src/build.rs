@@ -12,6 +12,7 @@ use braid_shared::Platform;
 use braid_shared::proto::{self, build_event::Kind};
 
 use crate::conn::{Builds, Conn};
+use crate::describe::{self, seconds};
 use crate::output;
 use crate::upload::{self, DockerfileSource};
 
@@ -365,19 +366,6 @@ pub fn state_word(state: proto::BuildState) -> &'static str {
     }
 }
 
-pub fn job_word(state: i32) -> &'static str {
-    match proto::JobState::try_from(state).unwrap_or_default() {
-        proto::JobState::Pending => "pending",
-        proto::JobState::Assigned => "assigned",
-        proto::JobState::Building => "building",
-        proto::JobState::Pushed => "pushed",
-        proto::JobState::Verified => "verified",
-        proto::JobState::Failed => "failed",
-        proto::JobState::Cancelled => "cancelled",
-        proto::JobState::Unspecified => "unknown",
-    }
-}
-
 /// Prints one event; returns the final state when the build has ended.
 fn print_event(event: &proto::BuildEvent, progress: Progress) -> Option<proto::BuildState> {
     if let Some(Kind::Build(b)) = &event.kind {
@@ -388,18 +376,11 @@ fn print_event(event: &proto::BuildEvent, progress: Progress) -> Option<proto::B
         return None;
     }
     if progress != Progress::Quiet
-        && let Some(line) = crate::ops::event_line(event)
+        && let Some(line) = describe::event_line(event)
     {
         eprintln!("{line}");
     }
     None
-}
-
-pub fn seconds(job: &proto::Job) -> f64 {
-    match (&job.started, &job.finished) {
-        (Some(s), Some(f)) => (f.seconds - s.seconds) as f64 + f64::from(f.nanos - s.nanos) / 1e9,
-        _ => 0.0,
-    }
 }
 
 /// One line per platform and the index; the metadata file like buildx's.

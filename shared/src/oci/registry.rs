@@ -1,0 +1,221 @@
+//! The registry client: push an image from an OCI layout by digest, read a
+//! manifest back to verify its platform, copy manifests across repositories
+//! and push a multi-platform index.
+
+use std::path::Path;
+
+use futures::TryStreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, RegistryOperation};
+use oci_spec::image::ImageManifest;
+
+use super::index::config_platform;
+use super::layout::{blob_path, read_layout};
+use super::{Credential, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, ImageDescriptor, OCI_INDEX, OCI_MANIFEST, OciError};
+use crate::digest::Digest;
+use crate::limits;
+use crate::platform::Platform;
+use crate::reference::ImageRef;
+
+/// A registry client that speaks plain HTTP only to the registries named
+/// insecure.
+#[derive(Clone)]
+pub struct Registry {
+    client: Client,
+    credentials: std::sync::Arc<Vec<Credential>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// A client that uses `credentials` for their registries and anonymous
+    /// access elsewhere.
+    pub fn with_credentials(insecure_registries: &[String], credentials: Vec<Credential>) -> Registry {
+        Registry { credentials: std::sync::Arc::new(credentials), ..Registry::new(insecure_registries) }
+    }
+
+    fn auth(&self, registry: &str) -> RegistryAuth {
+        match self.credentials.iter().find(|c| c.registry == registry) {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.to_string()),
+            None => RegistryAuth::Anonymous,
+        }
+    }
+
+    pub fn new(insecure_registries: &[String]) -> Registry {
+        let config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(insecure_registries.to_vec()),
+            use_monolithic_push: true,
+            ..Default::default()
+        };
+        Registry { client: Client::new(config), credentials: std::sync::Arc::new(Vec::new()) }
+    }
+
+    fn err(image: &ImageRef, e: impl std::fmt::Display) -> OciError {
+        OciError::Registry { registry: image.registry().to_owned(), message: e.to_string() }
+    }
+
+    async fn login(&self, image: &ImageRef, op: RegistryOperation) -> Result<(), OciError> {
+        self.client
+            .auth(&image.to_oci(), &self.auth(image.registry()), op)
+            .await
+            .map(drop)
+            .map_err(|e| Self::err(image, e))
+    }
+
+    /// Pushes the one image in the OCI layout at `layout` to `repository` by
+    /// digest (no tag): blobs the registry lacks, then the manifest's exact
+    /// bytes, so its digest is unchanged.
+    pub async fn push_layout(&self, layout: &Path, repository: &ImageRef) -> Result<ImageDescriptor, OciError> {
+        let image = read_layout(layout).await?;
+        self.login(repository, RegistryOperation::Push).await?;
+        let target = repository.at_digest(&image.descriptor.digest).to_oci();
+        for blob in &image.blobs {
+            let exists =
+                self.client.blob_exists(&target, blob.digest.as_str()).await.map_err(|e| Self::err(repository, e))?;
+            if exists {
+                continue;
+            }
+            let path = blob_path(layout, &blob.digest);
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| OciError::Layout { path: path.clone(), message: e.to_string() })?;
+            let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
+                .map_err(oci_client::errors::OciDistributionError::IoError);
+            self.client
+                .push_blob_stream(&target, stream, blob.digest.as_str(), Some(blob.size))
+                .await
+                .map_err(|e| Self::err(repository, e))?;
+        }
+        self.push_manifest_bytes(repository, &image.manifest, &image.descriptor.media_type, &target).await?;
+        Ok(image.descriptor)
+    }
+
+    async fn push_manifest_bytes(
+        &self,
+        repository: &ImageRef,
+        bytes: &[u8],
+        media_type: &str,
+        target: &oci_client::Reference,
+    ) -> Result<(), OciError> {
+        let content_type = media_type.parse().map_err(|e| Self::err(repository, e))?;
+        self.client
+            .push_manifest_raw(target, bytes.to_vec(), content_type)
+            .await
+            .map(drop)
+            .map_err(|e| Self::err(repository, e))
+    }
+
+    /// Reads a manifest by digest, checks its bytes hash to it and its
+    /// config names `platform`; returns its descriptor and raw bytes.
+    pub async fn verify_image(
+        &self,
+        repository: &ImageRef,
+        digest: &Digest,
+        platform: &Platform,
+    ) -> Result<(ImageDescriptor, Vec<u8>), OciError> {
+        self.login(repository, RegistryOperation::Pull).await?;
+        let at = repository.at_digest(digest);
+        let manifest_err =
+            |message: String| OciError::Manifest { repository: repository.name(), digest: digest.to_string(), message };
+        let (bytes, _) = self
+            .client
+            .pull_manifest_raw(&at.to_oci(), &self.auth(repository.registry()), &[OCI_MANIFEST, DOCKER_MANIFEST])
+            .await
+            .map_err(|e| manifest_err(e.to_string()))?;
+        if bytes.len() > limits::MANIFEST_BYTES {
+            return Err(manifest_err(format!("larger than {} bytes", limits::MANIFEST_BYTES)));
+        }
+        if Digest::of(&bytes) != *digest {
+            return Err(manifest_err("content does not match its digest".to_owned()));
+        }
+        let manifest: ImageManifest =
+            serde_json::from_slice(&bytes).map_err(|e| manifest_err(format!("not an image manifest: {e}")))?;
+        let media_type =
+            manifest.media_type().as_ref().map(ToString::to_string).unwrap_or_else(|| OCI_MANIFEST.to_owned());
+        let config = manifest.config();
+        if config.size() > limits::MANIFEST_BYTES as u64 {
+            return Err(manifest_err(format!("config larger than {} bytes", limits::MANIFEST_BYTES)));
+        }
+        let config_digest: Digest = config.digest().to_string().parse().map_err(|e| manifest_err(format!("{e}")))?;
+        let config_bytes = self
+            .fetch_blob(repository, &config_digest, limits::MANIFEST_BYTES)
+            .await
+            .map_err(|e| manifest_err(format!("reading its config: {e}")))?;
+        let found = config_platform(&config_bytes).map_err(manifest_err)?;
+        if found != *platform {
+            return Err(OciError::WrongPlatform {
+                digest: digest.to_string(),
+                found: found.to_string(),
+                wanted: platform.to_string(),
+            });
+        }
+        let descriptor = ImageDescriptor { digest: digest.clone(), size: bytes.len() as u64, media_type };
+        Ok((descriptor, bytes.to_vec()))
+    }
+
+    /// Makes the manifest `bytes` (already in `from`) available in `to` too,
+    /// mounting its blobs across repositories of one registry.
+    pub async fn copy_manifest(
+        &self,
+        from: &ImageRef,
+        to: &ImageRef,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<(), OciError> {
+        self.login(to, RegistryOperation::Push).await?;
+        let manifest: ImageManifest = serde_json::from_slice(bytes).map_err(|e| Self::err(from, e))?;
+        let digest = Digest::of(bytes);
+        let target = to.at_digest(&digest).to_oci();
+        let source = from.at_digest(&digest).to_oci();
+        for blob in std::iter::once(manifest.config()).chain(manifest.layers()) {
+            let blob_digest = blob.digest().to_string();
+            if self.client.blob_exists(&target, &blob_digest).await.map_err(|e| Self::err(to, e))? {
+                continue;
+            }
+            self.client
+                .mount_blob(&target, &source, &blob_digest)
+                .await
+                .map_err(|e| Self::err(to, format!("mounting {blob_digest} from {}: {e}", from.name())))?;
+        }
+        self.push_manifest_bytes(to, bytes, media_type, &target).await
+    }
+
+    /// Pushes an index under `tag`.
+    pub async fn push_index(&self, tag: &ImageRef, index: &[u8], media_type: &str) -> Result<(), OciError> {
+        self.login(tag, RegistryOperation::Push).await?;
+        self.push_manifest_bytes(tag, index, media_type, &tag.to_oci()).await
+    }
+
+    /// Reads raw manifest bytes by tag or digest (index or image).
+    pub async fn fetch_manifest(&self, reference: &ImageRef) -> Result<(Vec<u8>, String), OciError> {
+        self.login(reference, RegistryOperation::Pull).await?;
+        let (bytes, digest) = self
+            .client
+            .pull_manifest_raw(
+                &reference.to_oci(),
+                &self.auth(reference.registry()),
+                &[OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST],
+            )
+            .await
+            .map_err(|e| Self::err(reference, e))?;
+        Ok((bytes.to_vec(), digest))
+    }
+
+    /// Reads one blob fully (bounded by `limit` bytes).
+    pub async fn fetch_blob(&self, repository: &ImageRef, digest: &Digest, limit: usize) -> Result<Vec<u8>, OciError> {
+        self.login(repository, RegistryOperation::Pull).await?;
+        let at = repository.at_digest(digest).to_oci();
+        let mut out = Vec::new();
+        let descriptor = oci_client::manifest::OciDescriptor { digest: digest.to_string(), ..Default::default() };
+        self.client.pull_blob(&at, &descriptor, &mut out).await.map_err(|e| Self::err(repository, e))?;
+        if out.len() > limit {
+            return Err(Self::err(repository, format!("blob {digest} is larger than {limit} bytes")));
+        }
+        Ok(out)
+    }
+}
