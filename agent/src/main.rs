@@ -14,105 +14,29 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use tokio_util::sync::CancellationToken;
 
-use braid_shared::settings::Override;
-use braid_shared::telemetry::{self, LogFormat};
+use braid_shared::telemetry;
 
 /// Dials a braid coordinator, takes the jobs for this host's platforms,
 /// builds them natively (buildah, podman or a Docker Engine) and pushes
 /// them by digest.
 ///
-/// Every flag is also a key of the --config TOML file and a BRAID_<KEY>
-/// environment variable (e.g. BRAID_SLOTS); flags win over variables,
-/// variables over the file.
+/// Every setting is a flag, a key of the --config TOML file and a
+/// BRAID_<KEY> environment variable (e.g. BRAID_SLOTS); flags win over
+/// variables, variables over the file, the file over the defaults.
+/// examples/agent.toml lists every key.
 #[derive(Debug, Parser)]
 #[command(name = "braid-agent", version)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Coordinator URL [default: http://127.0.0.1:7700]
-    #[arg(long, value_name = "URL")]
-    coordinator: Option<String>,
-    /// Name of this agent in the farm [default: the host name]
-    #[arg(long, value_name = "NAME")]
-    name: Option<String>,
-    /// A platform this host builds, instead of the detected one (repeatable;
-    /// e.g. an arm64 server that runs 32-bit code adds linux/arm/v7)
-    #[arg(long = "platform", value_name = "PLATFORM")]
-    platforms: Vec<String>,
-    /// Jobs to run at once [default: 1]
-    #[arg(long, value_name = "N")]
-    slots: Option<u32>,
-    /// Contexts, job directories and builder storage [default: ./braid-agent]
-    #[arg(long, value_name = "DIR")]
-    work_dir: Option<PathBuf>,
-    /// TOML settings file
+    /// TOML settings file [default: none]
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Dial the coordinator in plaintext; only to a loopback address
-    #[arg(long)]
-    insecure: bool,
-    /// The cluster CA (PEM) [default: WORK_DIR/tls/ca.pem, written by join]
-    #[arg(long, value_name = "FILE")]
-    tls_ca: Option<PathBuf>,
-    /// This agent's certificate (PEM) [default: WORK_DIR/tls/agent.pem]
-    #[arg(long, value_name = "FILE")]
-    tls_cert: Option<PathBuf>,
-    /// Its private key (PEM) [default: WORK_DIR/tls/agent-key.pem]
-    #[arg(long, value_name = "FILE")]
-    tls_key: Option<PathBuf>,
-    /// Builder backend: buildah, podman, docker or auto [default: auto:
-    /// buildah if installed, else podman, else the Docker Engine]
-    #[arg(long, value_name = "BACKEND")]
-    backend: Option<String>,
-    /// The Docker Engine's socket for the docker backend, unix://PATH or
-    /// tcp://HOST:PORT [default: DOCKER_HOST, else unix:///var/run/docker.sock]
-    #[arg(long, value_name = "HOST")]
-    docker_host: Option<String>,
-    /// Log format: pretty or json [default: pretty]
-    #[arg(long, value_name = "FORMAT")]
-    log_format: Option<LogFormat>,
-}
-
-impl Args {
-    fn overrides(&self) -> Vec<Override> {
-        let mut o: Vec<Override> = Vec::new();
-        if let Some(v) = &self.backend {
-            o.push(("backend", v.clone().into()));
-        }
-        if let Some(v) = &self.docker_host {
-            o.push(("docker_host", v.clone().into()));
-        }
-        if let Some(v) = &self.coordinator {
-            o.push(("coordinator", v.clone().into()));
-        }
-        if let Some(v) = &self.name {
-            o.push(("name", v.clone().into()));
-        }
-        if !self.platforms.is_empty() {
-            o.push(("platforms", self.platforms.clone().into()));
-        }
-        if let Some(v) = self.slots {
-            o.push(("slots", v.into()));
-        }
-        if let Some(v) = &self.work_dir {
-            o.push(("work_dir", v.display().to_string().into()));
-        }
-        if self.insecure {
-            o.push(("insecure", true.into()));
-        }
-        for (key, value) in [("tls_ca", &self.tls_ca), ("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)] {
-            if let Some(v) = value {
-                o.push((key, v.display().to_string().into()));
-            }
-        }
-        if let Some(v) = self.log_format {
-            o.push(("log_format", v.name().into()));
-        }
-        o
-    }
+    #[command(flatten)]
+    settings: settings::Settings,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -132,9 +56,9 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let loaded: settings::Settings =
-        braid_shared::settings::load(args.config.as_deref(), settings::KEYS, settings::LIST_KEYS, args.overrides())?;
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let loaded: settings::Settings = braid_shared::settings::load(args.config.as_deref(), &args.settings, &matches)?;
     if let Some(Command::Join { token, ca }) = &args.command {
         return join::run(&loaded, token, ca).await;
     }
@@ -217,5 +141,70 @@ async fn check_backend(valid: &settings::Valid) -> anyhow::Result<String> {
         Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned()),
         Ok(o) => anyhow::bail!("{backend} --version failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
         Err(e) => anyhow::bail!("{backend} not found ({e}); install it, e.g. apt-get install {backend}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str], vars: &[(&str, &str)]) -> settings::Settings {
+        let m =
+            Args::command().try_get_matches_from(std::iter::once("braid-agent").chain(args.iter().copied())).unwrap();
+        let args = Args::from_arg_matches(&m).unwrap();
+        let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        braid_shared::settings::load_with_env(args.config.as_deref(), &args.settings, &m, vars.into_iter()).unwrap()
+    }
+
+    /// Every key is a documented flag, with its default.
+    #[test]
+    fn help_documents_every_key() {
+        let gaps = braid_shared::settings::help_gaps::<settings::Settings>(&mut Args::command(), &[]);
+        assert!(gaps.is_empty(), "{gaps:#?}");
+    }
+
+    /// examples/agent.toml names every key, loads through the real loader and
+    /// validates, and sets only keys it says differ from the default.
+    #[test]
+    fn example_config_is_complete_and_true() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agent.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let missing = braid_shared::settings::example_gaps::<settings::Settings>(&text);
+        assert!(missing.is_empty(), "examples/agent.toml lacks {missing:?}");
+        let config = path.to_str().unwrap();
+        let (loaded, defaults) = (load(&["--config", config], &[]), settings::Settings::default());
+        let (loaded, defaults) = (serde_json::to_value(loaded).unwrap(), serde_json::to_value(defaults).unwrap());
+        let differ: Vec<&String> =
+            defaults.as_object().unwrap().iter().filter(|(k, v)| loaded[k.as_str()] != **v).map(|(k, _)| k).collect();
+        assert_eq!(differ, ["coordinator", "work_dir"], "a default changed?");
+        // With the files `join` writes beneath a work dir that exists here.
+        let work = tempfile::tempdir().unwrap();
+        let tls = settings::tls_dir(work.path());
+        std::fs::create_dir_all(&tls).unwrap();
+        for file in ["ca.pem", "agent.pem", "agent-key.pem"] {
+            std::fs::write(tls.join(file), "PEM").unwrap();
+        }
+        let work = work.path().to_str().unwrap();
+        let valid = load(&["--config", config, "--work-dir", work, "--name", "pi-01"], &[]).validate().unwrap();
+        assert!(valid.tls.is_some());
+    }
+
+    /// The keys that had no flag have one now; the old ones keep their spelling.
+    #[test]
+    fn flags_win_only_where_given() {
+        let s = load(
+            &["--emulation=false", "--stop-grace-seconds", "5", "--isolation", "oci", "--platform", "linux/arm64"],
+            &[("BRAID_SLOTS", "3"), ("BRAID_BUILDER_CACHE_BYTES", "1"), ("BRAID_PLATFORMS", "linux/amd64,linux/386")],
+        );
+        assert_eq!((s.emulation, s.stop_grace_seconds, s.isolation.as_str()), (false, 5, "oci"));
+        assert_eq!(
+            (s.slots, s.builder_cache_bytes, s.platforms.as_slice()),
+            (3, 1, ["linux/arm64".to_owned()].as_slice())
+        );
+        let s = load(&["--emulation", "--storage-driver", "vfs"], &[("BRAID_EMULATION", "false")]);
+        assert!(s.emulation && s.storage_driver == "vfs");
+        let s = load(&["join", "--token", "t", "--ca", "ca.pem"], &[("BRAID_EMULATION", "false")]);
+        assert!(!s.emulation, "a variable stands when no flag is given");
+        assert_eq!(load(&[], &[("BRAID_PLATFORMS", "linux/amd64,linux/386")]).platforms, ["linux/amd64", "linux/386"]);
     }
 }

@@ -8,104 +8,95 @@ use braid_shared::Platform;
 use braid_shared::settings::SettingsError;
 use braid_shared::telemetry::LogFormat;
 
-/// Every key here is also a TOML key and a `BRAID_<KEY>` variable.
-#[derive(Debug, Clone, serde::Deserialize)]
+/// The agent's settings, each defined once: its flag, `--help` text and
+/// default (clap) are also its TOML key and `BRAID_<KEY>` variable (serde).
+/// `--help` shows each default; `examples/agent.toml` lists them all.
+#[derive(Debug, Clone, clap::Args, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
-    /// Coordinator URL. Default `http://127.0.0.1:7700`.
+    /// Coordinator URL: https://HOST:PORT, or http:// with --insecure
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:7700")]
     pub coordinator: String,
-    /// The agent's name, unique in the farm. Default: the host name.
+    /// Name of this agent, unique in the farm [default: the host name]
+    #[arg(long, value_name = "NAME", default_value = "", hide_default_value = true)]
     pub name: String,
-    /// Platforms built here. Default: the detected native platform.
+    /// A platform this host builds, instead of the detected one (repeatable;
+    /// variable: comma-separated; e.g. an arm64 server that runs 32-bit code
+    /// adds linux/arm/v7) [default: the detected native platform]
+    #[arg(long = "platform", value_name = "PLATFORM")]
     pub platforms: Vec<String>,
-    /// Jobs run at once. Default 1.
+    /// Jobs to run at once (1 to 256)
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub slots: u32,
-    /// Contexts, job directories and builder storage. Default `./braid-agent`.
+    /// Contexts, job directories and builder storage
+    #[arg(long, value_name = "DIR", default_value = "braid-agent")]
     pub work_dir: PathBuf,
-    /// Dial the coordinator in plaintext (loopback only). Default false.
+    /// Dial the coordinator in plaintext; only to a loopback address
+    /// [default: off]
+    #[arg(long)]
     pub insecure: bool,
-    /// The cluster CA (PEM). Default: `<work_dir>/tls/ca.pem` from `join`.
+    /// The cluster CA (PEM) [default: WORK_DIR/tls/ca.pem, written by join]
+    #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
-    /// This agent's certificate (PEM). Default: `<work_dir>/tls/agent.pem`.
+    /// This agent's certificate (PEM) [default: WORK_DIR/tls/agent.pem]
+    #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
-    /// Its private key (PEM). Default: `<work_dir>/tls/agent-key.pem`.
+    /// Its private key (PEM) [default: WORK_DIR/tls/agent-key.pem]
+    #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
-    /// Builder backend: `buildah`, `podman`, `docker` (a Docker Engine), or
-    /// `auto`: buildah if installed, else podman, else the Docker Engine.
-    /// Default `auto`.
+    /// Builder backend: buildah, podman, docker (a Docker Engine), or auto:
+    /// buildah if installed, else podman, else the Docker Engine
+    #[arg(long, value_name = "BACKEND", default_value = "auto")]
     pub backend: String,
-    /// The Docker Engine's API socket, `unix://PATH` or `tcp://HOST:PORT`.
-    /// Default: `DOCKER_HOST`, else `unix:///var/run/docker.sock`.
+    /// The Docker Engine's API socket for the docker backend, unix://PATH or
+    /// tcp://HOST:PORT [default: DOCKER_HOST, else unix:///var/run/docker.sock]
+    #[arg(long, value_name = "HOST", default_value = "", hide_default_value = true)]
     pub docker_host: String,
-    /// buildah's `--isolation`: `chroot` works everywhere, including hosts
-    /// with hybrid cgroups; `oci` isolates more where cgroup v2 is there.
-    /// Default `chroot`.
+    /// buildah's --isolation: chroot works everywhere, including hosts with
+    /// hybrid cgroups; oci isolates more where cgroup v2 is there; or rootless
+    #[arg(long, value_name = "ISOLATION", default_value = "chroot")]
     pub isolation: String,
-    /// buildah's storage driver, `overlay` or `vfs`. Default `overlay`.
+    /// buildah's storage driver: overlay or vfs
+    #[arg(long, value_name = "DRIVER", default_value = "overlay")]
     pub storage_driver: String,
-    /// Bytes of contexts kept in the cache. Default 10 GiB.
+    /// Bytes of contexts kept in the cache (10 GiB)
+    #[arg(long, value_name = "BYTES", default_value_t = 10 << 30)]
     pub context_cache_bytes: u64,
     /// Bytes of buildah/podman storage (the layer cache, one per platform)
-    /// kept; past that, after a job, the least recently used platform's
-    /// storage is cleared. Default 20 GiB. (A Docker Engine's images are
-    /// left to the Engine.)
+    /// kept (20 GiB); past that, after a job, the least recently used
+    /// platform's storage is cleared (a Docker Engine's images are left to
+    /// the Engine)
+    #[arg(long, value_name = "BYTES", default_value_t = 20 << 30)]
     pub builder_cache_bytes: u64,
     /// Report the platforms this host can run through binfmt emulation
-    /// (QEMU), for builds that pass `--allow-emulation`. Default true.
+    /// (QEMU), for builds that pass --allow-emulation; --emulation=false
+    /// turns it off
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value_t = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
     pub emulation: bool,
     /// Seconds a stopping agent (first SIGTERM) lets running jobs finish
-    /// before it hands them back. Default 600.
+    /// before it hands them back
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub stop_grace_seconds: u32,
-    /// Log format, `pretty` or `json`. Default `pretty`.
+    /// Log format: pretty or json
+    #[arg(long, value_name = "FORMAT", default_value = "pretty")]
     pub log_format: LogFormat,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings {
-            coordinator: "http://127.0.0.1:7700".to_owned(),
-            name: String::new(),
-            platforms: Vec::new(),
-            slots: 1,
-            work_dir: PathBuf::from("braid-agent"),
-            insecure: false,
-            tls_ca: None,
-            tls_cert: None,
-            tls_key: None,
-            backend: "auto".to_owned(),
-            docker_host: String::new(),
-            isolation: "chroot".to_owned(),
-            storage_driver: "overlay".to_owned(),
-            context_cache_bytes: 10 << 30,
-            builder_cache_bytes: 20 << 30,
-            emulation: true,
-            stop_grace_seconds: 600,
-            log_format: LogFormat::Pretty,
-        }
+        // The defaults are clap's `default_value`s; the unit tests parse them.
+        #[allow(clippy::expect_used)]
+        braid_shared::settings::defaults().expect("the settings' default values parse")
     }
 }
-
-pub const KEYS: &[&str] = &[
-    "coordinator",
-    "name",
-    "platforms",
-    "slots",
-    "work_dir",
-    "insecure",
-    "tls_ca",
-    "tls_cert",
-    "tls_key",
-    "backend",
-    "docker_host",
-    "isolation",
-    "storage_driver",
-    "context_cache_bytes",
-    "builder_cache_bytes",
-    "emulation",
-    "stop_grace_seconds",
-    "log_format",
-];
-pub const LIST_KEYS: &[&str] = &["platforms"];
 
 /// Settings after validation, with parsed values.
 #[derive(Debug, Clone)]

@@ -5,138 +5,42 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use braid_coordinator::auth::{Role, Tokens};
 use braid_coordinator::store::Store;
 
 use braid_coordinator::server::{self, Coordinator};
-use braid_coordinator::settings::{self, Settings};
-use braid_shared::settings::Override;
-use braid_shared::telemetry::{self, LogFormat};
+use braid_coordinator::settings::Settings;
+use braid_shared::telemetry;
 
 /// Takes multi-platform builds and splits them across native agents.
 ///
-/// Every flag is also a key of the --config TOML file and a BRAID_<KEY>
-/// environment variable (e.g. BRAID_DATA_DIR); flags win over variables,
-/// variables over the file.
+/// Every setting is a flag, a key of the --config TOML file and a
+/// BRAID_<KEY> environment variable (e.g. BRAID_DATA_DIR; `__` nests);
+/// flags win over variables, variables over the file, the file over the
+/// defaults. examples/coordinator.toml lists every key.
 #[derive(Debug, Parser)]
-#[command(name = "braid-coordinator", version)]
+#[command(name = "braid-coordinator", version, after_help = AFTER_HELP)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// gRPC listen address [default: 127.0.0.1:7700]
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<String>,
-    /// HTTP listen address for /metrics, /healthz and /readyz [default: 127.0.0.1:7701]
-    #[arg(long, value_name = "ADDR")]
-    http_listen: Option<String>,
-    /// Where builds, events and contexts are kept [default: ./braid-data]
-    #[arg(long, value_name = "DIR")]
-    data_dir: Option<PathBuf>,
-    /// TOML settings file
+    /// TOML settings file [default: none]
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Reach this registry over plain HTTP; passed on to agents (repeatable)
-    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
-    insecure_registries: Vec<String>,
-    /// Serve plaintext gRPC without tokens; only allowed on a loopback address
-    #[arg(long)]
-    insecure: bool,
-    /// TLS certificate of the coordinator (PEM; `braid certs init` makes one)
-    #[arg(long, value_name = "FILE")]
-    tls_cert: Option<PathBuf>,
-    /// Private key of that certificate (PEM)
-    #[arg(long, value_name = "FILE")]
-    tls_key: Option<PathBuf>,
-    /// The cluster CA (PEM) agents' certificates must chain to
-    #[arg(long, value_name = "FILE")]
-    tls_ca: Option<PathBuf>,
-    /// The cluster CA's key, to sign the certificates of agents that join with a token
-    #[arg(long, value_name = "FILE")]
-    tls_ca_key: Option<PathBuf>,
-    /// Seconds without a heartbeat before an agent is lost [default: 30]
-    #[arg(long, value_name = "SECONDS")]
-    agent_lost_seconds: Option<u32>,
-    /// Attempts per job before an agent or network failure fails the build [default: 3]
-    #[arg(long, value_name = "N")]
-    max_attempts: Option<u32>,
-    /// Seconds between agent heartbeats [default: 5]
-    #[arg(long, value_name = "SECONDS")]
-    heartbeat_seconds: Option<u32>,
-    /// Seconds a job may wait for an agent before its build fails; 0 waits forever [default: 1800]
-    #[arg(long = "queue-timeout", value_name = "SECONDS")]
-    queue_timeout_seconds: Option<u32>,
-    /// Log format: pretty or json [default: pretty]
-    #[arg(long, value_name = "FORMAT")]
-    log_format: Option<LogFormat>,
-    /// Open connections per listener (gRPC, HTTP), handshaking ones included;
-    /// lowered to fit the open-file limit [default: 4096]
-    #[arg(long, value_name = "N")]
-    max_connections: Option<u32>,
-    /// Seconds a new connection has for its TLS handshake and first bytes [default: 10]
-    #[arg(long = "handshake-timeout", value_name = "SECONDS")]
-    handshake_timeout_seconds: Option<u32>,
-    /// Seconds an HTTP/1 request on the HTTP port has to send its headers [default: 10]
-    #[arg(long = "header-timeout", value_name = "SECONDS")]
-    header_timeout_seconds: Option<u32>,
+    #[command(flatten)]
+    settings: Settings,
 }
 
-impl Args {
-    fn overrides(&self) -> Vec<Override> {
-        let mut o: Vec<Override> = Vec::new();
-        if let Some(v) = &self.listen {
-            o.push(("listen", v.clone().into()));
-        }
-        if let Some(v) = &self.http_listen {
-            o.push(("http_listen", v.clone().into()));
-        }
-        if let Some(v) = &self.data_dir {
-            o.push(("data_dir", v.display().to_string().into()));
-        }
-        if !self.insecure_registries.is_empty() {
-            o.push(("insecure_registries", self.insecure_registries.clone().into()));
-        }
-        if self.insecure {
-            o.push(("insecure", true.into()));
-        }
-        for (key, value) in [
-            ("tls_cert", &self.tls_cert),
-            ("tls_key", &self.tls_key),
-            ("tls_ca", &self.tls_ca),
-            ("tls_ca_key", &self.tls_ca_key),
-        ] {
-            if let Some(v) = value {
-                o.push((key, v.display().to_string().into()));
-            }
-        }
-        if let Some(v) = self.max_attempts {
-            o.push(("max_attempts", v.into()));
-        }
-        if let Some(v) = self.heartbeat_seconds {
-            o.push(("heartbeat_seconds", v.into()));
-        }
-        if let Some(v) = self.queue_timeout_seconds {
-            o.push(("queue_timeout_seconds", v.into()));
-        }
-        if let Some(v) = self.agent_lost_seconds {
-            o.push(("agent_lost_seconds", v.into()));
-        }
-        if let Some(v) = self.log_format {
-            o.push(("log_format", v.name().into()));
-        }
-        for (key, value) in [
-            ("max_connections", self.max_connections),
-            ("handshake_timeout_seconds", self.handshake_timeout_seconds),
-            ("header_timeout_seconds", self.header_timeout_seconds),
-        ] {
-            if let Some(v) = value {
-                o.push((key, v.into()));
-            }
-        }
-        o
-    }
-}
+/// The keys without a flag (`settings::FILE_ONLY_KEYS`), for `--help`.
+const AFTER_HELP: &str = r#"Only in the --config file, never a flag (every local user can read a command line):
+  registry_credentials  Credentials per registry, used to verify and merge and handed
+                        to the agents whose jobs pull from or push to that registry
+                        [default: none], e.g.
+                          [registry_credentials."ghcr.io"]
+                          username = "ci"
+                          password = "..."
+"#;
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -155,9 +59,10 @@ enum TokenCommand {
         /// submit, operate or agent
         #[arg(long)]
         role: String,
-        /// Seconds until it expires; 0 never [default: 0]
-        #[arg(long = "ttl", default_value_t = 0)]
-        ttl_seconds: u32,
+        /// Lifetime, e.g. 24h, 30m or 7d (a bare number is seconds; 0 never
+        /// expires) [default: no expiry]
+        #[arg(long = "ttl", value_name = "DURATION", value_parser = braid_shared::duration::token_ttl)]
+        ttl_seconds: Option<u32>,
         /// It works once (join tokens)
         #[arg(long)]
         single_use: bool,
@@ -180,8 +85,14 @@ fn create_token_offline(settings: &Settings, create: &TokenCommand) -> anyhow::R
     let role = Role::parse(role).ok_or_else(|| anyhow::anyhow!("invalid role {role:?}: submit, operate or agent"))?;
     std::fs::create_dir_all(&settings.data_dir)?;
     let store = Arc::new(Store::open(&settings.data_dir.join("braid.db"))?);
-    let (record, token) =
-        Tokens::new(store, true).create(role, *ttl_seconds, *single_use, description, name.as_deref(), *replace)?;
+    let (record, token) = Tokens::new(store, true).create(
+        role,
+        ttl_seconds.unwrap_or(0),
+        *single_use,
+        description,
+        name.as_deref(),
+        *replace,
+    )?;
     eprintln!("token {} ({}) created", record.id, role.name());
     println!("{token}");
     Ok(())
@@ -189,9 +100,9 @@ fn create_token_offline(settings: &Settings, create: &TokenCommand) -> anyhow::R
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let settings: Settings =
-        braid_shared::settings::load(args.config.as_deref(), settings::KEYS, settings::LIST_KEYS, args.overrides())?;
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let settings: Settings = braid_shared::settings::load(args.config.as_deref(), &args.settings, &matches)?;
     if let Some(Command::Token { command }) = &args.command {
         return create_token_offline(&settings, command);
     }
@@ -205,4 +116,90 @@ async fn main() -> anyhow::Result<()> {
     server::serve(coordinator, addr, http_addr, telemetry::shutdown_signal()).await?;
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matches(args: &[&str]) -> clap::ArgMatches {
+        Args::command().try_get_matches_from(std::iter::once("braid-coordinator").chain(args.iter().copied())).unwrap()
+    }
+
+    /// Every key is a documented flag (or named in --help), with its default.
+    #[test]
+    fn help_documents_every_key() {
+        let gaps = braid_shared::settings::help_gaps::<Settings>(
+            &mut Args::command(),
+            braid_coordinator::settings::FILE_ONLY_KEYS,
+        );
+        assert!(gaps.is_empty(), "{gaps:#?}");
+        let help = Args::command().render_long_help().to_string();
+        for spelled in ["--insecure-registry", "--queue-timeout", "--handshake-timeout", "--header-timeout"] {
+            assert!(help.contains(spelled), "{spelled} is in users' scripts: keep it");
+        }
+        let token_help = Args::command()
+            .find_subcommand_mut("token")
+            .and_then(|t| t.find_subcommand_mut("create"))
+            .map(|c| c.render_long_help().to_string())
+            .unwrap();
+        assert_eq!(token_help.matches("[default:").count(), 2, "--ttl's default once, --description's: {token_help}");
+    }
+
+    /// examples/coordinator.toml names every key, loads through the real
+    /// loader and validates, and sets only keys it says differ from the default.
+    #[test]
+    fn example_config_is_complete_and_true() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/coordinator.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let missing = braid_shared::settings::example_gaps::<Settings>(&text);
+        assert!(missing.is_empty(), "examples/coordinator.toml lacks {missing:?}");
+        let m = matches(&["--config", path.to_str().unwrap()]);
+        let args = Args::from_arg_matches(&m).unwrap();
+        let loaded: Settings =
+            braid_shared::settings::load_with_env(args.config.as_deref(), &args.settings, &m, std::iter::empty())
+                .unwrap();
+        loaded.validate().unwrap();
+        let (loaded, defaults) =
+            (serde_json::to_value(&loaded).unwrap(), serde_json::to_value(Settings::default()).unwrap());
+        let differ: Vec<&String> =
+            defaults.as_object().unwrap().iter().filter(|(k, v)| loaded[k.as_str()] != **v).map(|(k, _)| k).collect();
+        assert_eq!(differ, ["data_dir", "tls_ca", "tls_ca_key", "tls_cert", "tls_key"], "a default changed?");
+    }
+
+    /// Flags override the file only where given; the old spellings still work.
+    #[test]
+    fn flags_win_only_where_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "max_attempts = 7\nqueue_timeout_seconds = 60\ninsecure = true\n").unwrap();
+        let m = matches(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--queue-timeout",
+            "90",
+            "--insecure-registry",
+            "r:5000",
+            "--blob-store-bytes",
+            "2097152",
+            "token",
+            "create",
+            "--role",
+            "submit",
+            "--ttl",
+            "24h",
+        ]);
+        let args = Args::from_arg_matches(&m).unwrap();
+        let vars = [("BRAID_HEARTBEAT_SECONDS".to_owned(), "2".to_owned())];
+        let s: Settings =
+            braid_shared::settings::load_with_env(args.config.as_deref(), &args.settings, &m, vars.into_iter())
+                .unwrap();
+        assert_eq!((s.max_attempts, s.queue_timeout_seconds, s.heartbeat_seconds), (7, 90, 2));
+        assert_eq!((s.insecure, s.insecure_registries.as_slice()), (true, ["r:5000".to_owned()].as_slice()));
+        assert_eq!((s.blob_store_bytes, s.agent_lost_seconds), (2 << 20, 30));
+        let Some(Command::Token { command: TokenCommand::Create { ttl_seconds, .. } }) = args.command else {
+            panic!("token create")
+        };
+        assert_eq!(ttl_seconds, Some(86400));
+    }
 }

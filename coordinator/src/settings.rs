@@ -7,71 +7,97 @@ use std::time::Duration;
 use braid_shared::settings::SettingsError;
 use braid_shared::telemetry::LogFormat;
 
-/// Every key here is also a TOML key and a `BRAID_<KEY>` variable.
-#[derive(Debug, Clone, serde::Deserialize)]
+/// The coordinator's settings, each defined once: its flag, `--help` text and
+/// default (clap) are also its TOML key and `BRAID_<KEY>` variable (serde).
+/// `--help` shows each default; `examples/coordinator.toml` lists them all.
+#[derive(Debug, Clone, clap::Args, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
-    /// gRPC listen address. Default `127.0.0.1:7700`.
+    /// gRPC listen address
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7700")]
     pub listen: String,
-    /// HTTP listen address for `/metrics`, `/healthz` and `/readyz`.
-    /// Default `127.0.0.1:7701`.
+    /// HTTP listen address for the dashboard, /metrics, /healthz and /readyz
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7701")]
     pub http_listen: String,
-    /// Where builds, events and contexts are kept. Default `./braid-data`.
+    /// Where builds, events, contexts and blobs are kept
+    #[arg(long, value_name = "DIR", default_value = "braid-data")]
     pub data_dir: PathBuf,
-    /// Registries (`host:port`) reached over plain HTTP; passed on to agents.
-    /// Default none.
+    /// Reach this registry (host:port) over plain HTTP; passed on to agents
+    /// (repeatable; variable: comma-separated) [default: none]
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
-    /// Serve plaintext gRPC (loopback only, no tokens needed). Default false.
+    /// Serve plaintext gRPC without tokens; only allowed on a loopback
+    /// address [default: off]
+    #[arg(long)]
     pub insecure: bool,
-    /// The coordinator's TLS certificate (PEM), from `braid certs init`.
+    /// TLS certificate of the coordinator (PEM; `braid certs init` makes
+    /// one) [default: none]
+    #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
-    /// Its private key (PEM).
+    /// Private key of that certificate (PEM) [default: none]
+    #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
-    /// The cluster CA (PEM): agents' certificates must chain to it.
+    /// The cluster CA (PEM) agents' certificates must chain to [default: none]
+    #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
     /// The cluster CA's key, to sign the certificates of agents that join
-    /// with a token. Default none (then agents get certificates from
-    /// `braid certs issue`).
+    /// with a token [default: none: agents then get certificates from
+    /// `braid certs issue`]
+    #[arg(long, value_name = "FILE")]
     pub tls_ca_key: Option<PathBuf>,
-    /// Seconds between agent heartbeats. Default 5.
+    /// Seconds between agent heartbeats
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     pub heartbeat_seconds: u32,
     /// Seconds without a heartbeat before an agent is lost and its jobs go
-    /// back to the queue. Default 30.
+    /// back to the queue
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub agent_lost_seconds: u32,
-    /// Attempts per job before an infrastructure failure fails the build.
-    /// Default 3.
+    /// Attempts per job before an agent or network failure fails the build
+    #[arg(long, value_name = "N", default_value_t = 3)]
     pub max_attempts: u32,
-    /// Largest context accepted, in bytes. Default 4 GiB.
+    /// Largest context accepted, in bytes (4 GiB)
+    #[arg(long, value_name = "BYTES", default_value_t = braid_shared::limits::CONTEXT_BYTES)]
     pub max_context_bytes: u64,
-    /// Bytes of stored contexts kept; past that the least recently used
-    /// ones no unfinished build needs are removed. Default 20 GiB.
+    /// Bytes of stored contexts kept (20 GiB); past that the least recently
+    /// used ones no unfinished build needs are removed
+    #[arg(long, value_name = "BYTES", default_value_t = 20 << 30)]
     pub context_store_bytes: u64,
     /// Bytes of image blobs kept for exporting builds (`--output type=oci`,
-    /// `--load`); past that the least recently used are removed (never one
-    /// written in the last hour). Default 20 GiB.
+    /// `--load`) (20 GiB); past that the least recently used are removed
+    /// (never one written in the last hour)
+    #[arg(long, value_name = "BYTES", default_value_t = 20 << 30)]
     pub blob_store_bytes: u64,
     /// Seconds a job may wait for an agent before its build fails; 0 waits
-    /// forever. Default 1800.
+    /// forever
+    #[arg(long = "queue-timeout", value_name = "SECONDS", default_value_t = 1800)]
     pub queue_timeout_seconds: u32,
     /// Credentials per registry (`[registry_credentials."ghcr.io"]` with
     /// `username` and `password`), used to verify and merge and handed to
-    /// the agents whose jobs pull from or push to that registry. Keep this
-    /// file private (0600, or vaulted). Default none.
+    /// the agents whose jobs pull from or push to that registry. Only in the
+    /// file or variables: a password on the command line is visible to every
+    /// local user. Keep the file private (0600, or vaulted). Default none.
+    #[arg(skip)]
+    #[serde(skip_serializing)]
     pub registry_credentials: std::collections::BTreeMap<String, CredentialSetting>,
-    /// Log format, `pretty` or `json`. Default `pretty`.
+    /// Log format: pretty or json
+    #[arg(long, value_name = "FORMAT", default_value = "pretty")]
     pub log_format: LogFormat,
     /// Open connections per listener (gRPC and HTTP each), those still in
     /// their TLS handshake included; lowered at start to fit the open-file
-    /// limit. Default 4096.
+    /// limit
+    #[arg(long, value_name = "N", default_value_t = 4096)]
     pub max_connections: u32,
     /// Seconds a new connection has to finish its TLS handshake and send its
-    /// first bytes; past it, or when newer ones need the place, it is
-    /// closed. Default 10.
+    /// first bytes; past it, or when newer ones need the place, it is closed
+    #[arg(long = "handshake-timeout", value_name = "SECONDS", default_value_t = 10)]
     pub handshake_timeout_seconds: u32,
-    /// Seconds an HTTP/1 request on the HTTP port has to send all its
-    /// headers. Default 10.
+    /// Seconds an HTTP/1 request on the HTTP port has to send all its headers
+    #[arg(long = "header-timeout", value_name = "SECONDS", default_value_t = 10)]
     pub header_timeout_seconds: u32,
 }
+
+/// The keys only the file and variables set (no flag), named in `--help`.
+pub const FILE_ONLY_KEYS: &[&str] = &["registry_credentials"];
 
 #[derive(Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,57 +114,11 @@ impl std::fmt::Debug for CredentialSetting {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings {
-            listen: "127.0.0.1:7700".to_owned(),
-            http_listen: "127.0.0.1:7701".to_owned(),
-            data_dir: PathBuf::from("braid-data"),
-            insecure_registries: Vec::new(),
-            insecure: false,
-            tls_cert: None,
-            tls_key: None,
-            tls_ca: None,
-            tls_ca_key: None,
-            heartbeat_seconds: 5,
-            agent_lost_seconds: 30,
-            max_attempts: 3,
-            max_context_bytes: braid_shared::limits::CONTEXT_BYTES,
-            context_store_bytes: 20 << 30,
-            blob_store_bytes: 20 << 30,
-            queue_timeout_seconds: 1800,
-            registry_credentials: Default::default(),
-            log_format: LogFormat::Pretty,
-            max_connections: 4096,
-            handshake_timeout_seconds: 10,
-            header_timeout_seconds: 10,
-        }
+        // The defaults are clap's `default_value`s; the unit tests parse them.
+        #[allow(clippy::expect_used)]
+        braid_shared::settings::defaults().expect("the settings' default values parse")
     }
 }
-
-/// The keys `BRAID_*` variables may set.
-pub const KEYS: &[&str] = &[
-    "listen",
-    "http_listen",
-    "data_dir",
-    "insecure_registries",
-    "insecure",
-    "tls_cert",
-    "tls_key",
-    "tls_ca",
-    "tls_ca_key",
-    "heartbeat_seconds",
-    "agent_lost_seconds",
-    "max_attempts",
-    "max_context_bytes",
-    "context_store_bytes",
-    "blob_store_bytes",
-    "queue_timeout_seconds",
-    "registry_credentials",
-    "log_format",
-    "max_connections",
-    "handshake_timeout_seconds",
-    "header_timeout_seconds",
-];
-pub const LIST_KEYS: &[&str] = &["insecure_registries"];
 
 impl Settings {
     /// Checks every value, naming the key that is wrong; returns the gRPC

@@ -9,6 +9,7 @@ pub mod compression;
 pub mod context;
 pub mod digest;
 pub mod dockerignore;
+pub mod duration;
 #[cfg(feature = "engine")]
 pub mod engine;
 pub mod limits;

@@ -61,8 +61,8 @@ pub struct BuildArgs {
     /// Let a platform no agent builds natively go to an agent that emulates it (QEMU, slow)
     #[arg(long)]
     allow_emulation: bool,
-    /// Fail the build if it has not finished within this time, e.g. 90s, 20m, 1h30m
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    /// Fail the build if it has not finished within this time, e.g. 90s, 20m, 1h30m (up to 7d)
+    #[arg(long, value_name = "DURATION", value_parser = braid_shared::duration::build_timeout)]
     timeout: Option<u32>,
     /// Submit and print the build id without following it (Ctrl-C then does not cancel)
     #[arg(long)]
@@ -466,34 +466,6 @@ fn forwarded_credentials(tags: &[String]) -> anyhow::Result<Vec<proto::RegistryC
         }
     }
     crate::dockerconfig::credentials_for(&registries)
-}
-
-pub fn parse_duration(raw: &str) -> Result<u32, String> {
-    let err = || format!("invalid duration {raw:?}: use e.g. 90s, 20m or 1h30m");
-    let mut total: u64 = 0;
-    let mut number = String::new();
-    for c in raw.chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            _ => return Err(err()),
-        };
-        let n = number.parse::<u64>().map_err(|_| err())?;
-        total = n.checked_mul(unit).and_then(|s| total.checked_add(s)).ok_or_else(err)?;
-        number.clear();
-    }
-    if !number.is_empty() {
-        total = number.parse::<u64>().ok().and_then(|n| total.checked_add(n)).ok_or_else(err)?;
-    }
-    if total == 0 || total > braid_shared::limits::BUILD_TIMEOUT_SECONDS {
-        return Err(format!("invalid duration {raw:?}: from 1s to 7 days"));
-    }
-    u32::try_from(total).map_err(|_| err())
 }
 
 fn rate(bytes_per_second: f64) -> String {

@@ -148,8 +148,9 @@ enum TokenCommand {
         /// submit (build, watch and cancel one's own), operate (everything) or agent (join)
         #[arg(long)]
         role: String,
-        /// Lifetime, e.g. 24h or 30m [default: no expiry]
-        #[arg(long, value_parser = build::parse_duration)]
+        /// Lifetime, e.g. 24h, 30m or 7d (a bare number is seconds; 0 never
+        /// expires) [default: no expiry]
+        #[arg(long, value_name = "DURATION", value_parser = braid_shared::duration::token_ttl)]
         ttl: Option<u32>,
         /// The token works once (for joining agents)
         #[arg(long)]
