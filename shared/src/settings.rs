@@ -135,6 +135,11 @@ pub fn help_gaps<T: Settings>(command: &mut clap::Command, file_only: &[&str]) -
             gaps.push(format!("--{long}: its help gives no default"));
         }
     }
+    for arg in command.get_arguments() {
+        if arg.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+            gaps.push(format!("{}: no help text", arg.get_id()));
+        }
+    }
     gaps
 }
 
@@ -243,6 +248,19 @@ mod tests {
     #[test]
     fn keys_come_from_the_struct() {
         assert_eq!(keys::<Sample>(), ["listen", "slots", "insecure_registries", "insecure", "table"]);
+    }
+
+    #[test]
+    fn gaps_in_help_and_examples_are_named() {
+        let gaps = help_gaps::<Sample>(&mut Sample::command(), &[]);
+        assert_eq!(
+            gaps,
+            ["--insecure-registry: its help gives no default", "table: no flag, and --help does not name it"]
+        );
+        let mut named = Sample::command().after_help("table: not a flag");
+        assert_eq!(help_gaps::<Sample>(&mut named, &["table"]).len(), 1, "a file-only key named in --help");
+        let example = "listen = \"x\"\n# slots = 1\n#insecure_registries = []\n[table.a]\n";
+        assert_eq!(example_gaps::<Sample>(example), ["insecure"]);
     }
 
     #[test]
