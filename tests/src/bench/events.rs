@@ -48,6 +48,8 @@ pub struct EventsResult {
     pub seconds: f64,
     /// The coordinator's utime + stime over the flood.
     pub cpu_seconds: f64,
+    /// Time the coordinator's threads waited for a CPU over the flood.
+    pub cpu_wait_seconds: f64,
     /// Bytes the coordinator caused to be written to disk over the flood.
     pub write_bytes: u64,
     pub idle: Latencies,
@@ -80,6 +82,17 @@ struct Links {
     go: watch::Receiver<bool>,
     /// Log lines sent by every agent.
     sent: Arc<AtomicU64>,
+}
+
+/// Nanoseconds the process's threads spent runnable but waiting for a CPU
+/// (/proc/PID/task/*/schedstat): how much other load held it back.
+fn runqueue_wait_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
 }
 
 /// One fake agent with one slot for `platform`: takes an assignment, says it is building,
@@ -226,8 +239,10 @@ pub async fn run(url: &str, coordinator_pid: u32, builds: usize, lines: usize) -
     let links = Links { welcomed, assigned, go, sent: sent.clone() };
     let mut agents = tokio::task::JoinSet::new();
     for i in 0..jobs {
-        let platform = PLATFORMS[i % PLATFORMS.len()];
-        agents.spawn(fake_agent(url.to_owned(), i, platform, lines / PLATFORMS.len(), links.clone()));
+        let p = i % PLATFORMS.len();
+        // Every agent of a platform sends as much, so each build gets `lines`.
+        let share = lines / PLATFORMS.len() + usize::from(p < lines % PLATFORMS.len());
+        agents.spawn(fake_agent(url.to_owned(), i, PLATFORMS[p], share, links.clone()));
     }
     drop(links);
     let setup = Duration::from_secs(30);
@@ -281,6 +296,7 @@ pub async fn run(url: &str, coordinator_pid: u32, builds: usize, lines: usize) -
     };
     let ticks_before = super::cpu_ticks(coordinator_pid);
     let written_before = write_bytes(coordinator_pid);
+    let waited_before = runqueue_wait_ns(coordinator_pid);
     let start = Instant::now();
     go_tx.send(true)?;
     let followed = tokio::time::timeout(FLOOD_DEADLINE, async {
@@ -292,6 +308,7 @@ pub async fn run(url: &str, coordinator_pid: u32, builds: usize, lines: usize) -
     .await;
     let ticks_after = super::cpu_ticks(coordinator_pid);
     let written_after = write_bytes(coordinator_pid);
+    let waited_after = runqueue_wait_ns(coordinator_pid);
     let _ = stop_tx.send(true);
     match followed {
         Ok(r) => r?,
@@ -311,6 +328,7 @@ pub async fn run(url: &str, coordinator_pid: u32, builds: usize, lines: usize) -
         lines_received: tally.lines.load(Ordering::Relaxed),
         builds_ended: tally.ended.load(Ordering::Relaxed),
         seconds: last.duration_since(start).as_secs_f64(),
+        cpu_wait_seconds: waited_after.saturating_sub(waited_before) as f64 / 1e9,
         write_bytes: written_after.saturating_sub(written_before),
         cpu_seconds: ticks_after.saturating_sub(ticks_before) as f64 / super::clock_ticks_per_second(),
         idle,

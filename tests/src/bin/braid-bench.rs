@@ -235,7 +235,7 @@ fn events_bench() -> anyhow::Result<()> {
     // `braid builds` samples fall inside it.
     const RUNS: [usize; 2] = [20_000, 100_000];
     // Under the per-job log and per-build event limits, so no line is cut.
-    const _: () = assert!(RUNS[1] / events::PLATFORMS.len() * (events::LINE_BYTES + 1) < limits::JOB_LOG_BYTES);
+    const _: () = assert!(RUNS[1].div_ceil(events::PLATFORMS.len()) * (events::LINE_BYTES + 1) < limits::JOB_LOG_BYTES);
     const _: () = assert!((RUNS[1] as u64) + 100 < limits::BUILD_EVENTS);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load = load.split_whitespace().next().unwrap_or("?").to_owned();
@@ -251,13 +251,13 @@ fn events_bench() -> anyhow::Result<()> {
     println!("## Events through the coordinator (SQLite store)\n");
     println!("Machine: {}; load average {load} when the table started.\n", machine());
     println!(
-        "| lines per build | lines received by followers | seconds | lines/s to followers | coordinator CPU per 10,000 lines (ms) | coordinator CPU (% of a core) | disk writes per 10,000 lines (KiB) |"
+        "| lines per build | lines received by followers | seconds | lines/s to followers | coordinator CPU per 10,000 lines (ms) | coordinator CPU (% of a core) | waiting for a CPU (% of a core) | disk writes per 10,000 lines (KiB) |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in &results {
         let per_10k = 10_000.0 / r.lines_received.max(1) as f64;
         println!(
-            "| {} | {} of {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {} of {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
             r.lines_sent / BUILDS as u64,
             r.lines_received,
             r.lines_sent,
@@ -265,6 +265,7 @@ fn events_bench() -> anyhow::Result<()> {
             r.lines_received as f64 / r.seconds,
             r.cpu_seconds * 1000.0 * per_10k,
             r.cpu_seconds / r.seconds * 100.0,
+            r.cpu_wait_seconds / r.seconds * 100.0,
             r.write_bytes as f64 / 1024.0 * per_10k
         );
     }
