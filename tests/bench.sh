@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # braid's benchmarks, in one command: builds release binaries, then runs
-# every benchmark (or the one named: context) and prints its tables.
+# every benchmark (or the one named) and prints its tables.
 #
-#   bash tests/bench.sh [context]
+#   bash tests/bench.sh [overhead|scale|events|context|footprint|emulation]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"

@@ -77,6 +77,25 @@ async fn fake_agent(channel: tonic::transport::Channel, name: String, clock: Clo
     Ok(())
 }
 
+/// Uploads a context of one empty file and returns its digest.
+pub async fn put_empty_context(
+    client: &mut proto::builds_client::BuildsClient<tonic::transport::Channel>,
+) -> anyhow::Result<String> {
+    let tar = {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "empty", std::io::empty())?;
+        b.into_inner()?
+    };
+    let digest = braid_shared::Digest::of(&tar).to_string();
+    let chunk = zstd::encode_all(&tar[..], 3)?;
+    client.put_context(tokio_stream::iter(vec![proto::PutContextRequest { digest: digest.clone(), chunk }])).await?;
+    Ok(digest)
+}
+
 pub async fn run(
     url: &str,
     coordinator_pid: u32,
@@ -103,18 +122,7 @@ pub async fn run(
     let rss_agents_kib = rss_kib(coordinator_pid);
 
     let mut client = proto::builds_client::BuildsClient::connect(url.to_owned()).await?;
-    let tar = {
-        let mut b = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_gnu();
-        h.set_size(0);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, "empty", std::io::empty())?;
-        b.into_inner()?
-    };
-    let digest = braid_shared::Digest::of(&tar).to_string();
-    let chunk = zstd::encode_all(&tar[..], 3)?;
-    client.put_context(tokio_stream::iter(vec![proto::PutContextRequest { digest: digest.clone(), chunk }])).await?;
+    let digest = put_empty_context(&mut client).await?;
     let spec = proto::BuildSpec {
         platforms: vec!["linux/riscv64".into()],
         context_digest: digest,

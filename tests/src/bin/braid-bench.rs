@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use braid_shared::context::{self, ContextLimits, HashingWriter};
 use braid_shared::dockerignore::DockerIgnore;
+use braid_shared::limits;
 use braid_tests::Farm;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -16,9 +17,12 @@ const MIB: f64 = 1024.0 * 1024.0;
 #[path = "../bench/scale.rs"]
 mod scale;
 
+#[path = "../bench/events.rs"]
+mod events;
+
 fn main() -> anyhow::Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
-    let known = ["all", "overhead", "scale", "context", "footprint", "emulation"];
+    let known = ["all", "overhead", "scale", "events", "context", "footprint", "emulation"];
     if !known.contains(&which.as_str()) {
         anyhow::bail!("unknown benchmark {which:?}: one of {}", known.join(", "));
     }
@@ -28,6 +32,9 @@ fn main() -> anyhow::Result<()> {
     }
     if run("scale") {
         scale_bench()?;
+    }
+    if run("events") {
+        events_bench()?;
     }
     if run("context") {
         context_bench()?;
@@ -191,6 +198,105 @@ fn scale_bench() -> anyhow::Result<()> {
     }
     println!(
         "\nEach build is one job for `linux/riscv64`, which every fake agent serves; \"dispatched/s\" counts builds whose job reached an agent per second of the run.\n"
+    );
+    Ok(())
+}
+
+/// The machine a table ran on: CPU model, cores and memory.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| Some(l.strip_prefix("model name")?.split_once(':')?.1.trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    format!("{model}, {cores} cores, {:.0} GiB", mem_kib / MIB)
+}
+
+/// The unit of /proc/PID/stat's CPU times.
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn events_bench() -> anyhow::Result<()> {
+    const BUILDS: usize = 10;
+    // Issue 15's flood (20,000 lines per build), and a longer one so more
+    // `braid builds` samples fall inside it.
+    const RUNS: [usize; 2] = [20_000, 100_000];
+    // Under the per-job log and per-build event limits, so no line is cut.
+    const _: () = assert!(RUNS[1].div_ceil(events::PLATFORMS.len()) * (events::LINE_BYTES + 1) < limits::JOB_LOG_BYTES);
+    const _: () = assert!((RUNS[1] as u64) + 100 < limits::BUILD_EVENTS);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split_whitespace().next().unwrap_or("?").to_owned();
+    let mut results = Vec::new();
+    for lines in RUNS {
+        let tmp = tempfile::tempdir()?;
+        let flags = ["--heartbeat-seconds", "30", "--agent-lost-seconds", "120"];
+        let farm = Farm::start_with(&tmp.path().join("farm"), None, &[], &flags)?;
+        let pid = farm.coordinator.as_ref().map(|c| c.pid()).unwrap_or(0);
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        results.push(runtime.block_on(events::run(&farm.url, pid, BUILDS, lines))?);
+    }
+    println!("## Events through the coordinator (SQLite store)\n");
+    println!("Machine: {}; load average {load} when the table started.\n", machine());
+    println!(
+        "| lines per build | lines received by followers | seconds | lines/s to followers | coordinator CPU per 10,000 lines (ms) | coordinator CPU (% of a core) | waiting for a CPU (% of a core) | disk writes per 10,000 lines (KiB) |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in &results {
+        let per_10k = 10_000.0 / r.lines_received.max(1) as f64;
+        println!(
+            "| {} | {} of {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            r.lines_sent / BUILDS as u64,
+            r.lines_received,
+            r.lines_sent,
+            r.seconds,
+            r.lines_received as f64 / r.seconds,
+            r.cpu_seconds * 1000.0 * per_10k,
+            r.cpu_seconds / r.seconds * 100.0,
+            r.cpu_wait_seconds / r.seconds * 100.0,
+            r.write_bytes as f64 / 1024.0 * per_10k
+        );
+    }
+    println!("\n| `braid builds` | samples | p50 (ms) | p99 (ms) | max (ms) | p50 vs idle | max vs idle p50 |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in &results {
+        let base = r.idle.pct(0.5);
+        for (name, l) in [("idle, before", &r.idle), ("during", &r.flood)] {
+            println!(
+                "| {name} the {}-line flood | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+                r.lines_sent / BUILDS as u64,
+                l.0.len(),
+                l.pct(0.5),
+                l.pct(0.99),
+                l.max(),
+                l.pct(0.5) / base,
+                l.max() / base
+            );
+        }
+    }
+    let ended: usize = results.iter().map(|r| r.builds_ended).sum();
+    println!(
+        "\n{BUILDS} builds of {} platforms at once; a fake agent per job on the real Agents API streams its share of \
+         the build's lines ({} bytes each, {} per JobLog message, as the agent batches them) as fast as the \
+         coordinator reads them, then its result. A Watch per build counts the lines from the first sent to the \
+         last received ({ended} of {} builds seen to end). `braid builds` is the real CLI, timed from start to exit \
+         every 200 ms; the idle rows are the same coordinator and builds just before the flood.\n",
+        events::PLATFORMS.len(),
+        events::LINE_BYTES,
+        events::LINES_PER_MESSAGE,
+        BUILDS * RUNS.len()
     );
     Ok(())
 }
