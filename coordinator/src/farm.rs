@@ -3,197 +3,20 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
 use braid_shared::oci::{Credential, ImageDescriptor};
 use braid_shared::proto::{self, build_event::Kind as EventKind, coordinator_message::Kind as ToAgent};
 use braid_shared::{Digest, ImageRef, Platform};
 
-use crate::auth::Caller;
 use crate::error::{CoordinatorError, Result};
 use crate::metrics::Metrics;
+use crate::model::{AgentState, Caller, CertStamp, IndexFormat, Phase, timestamp};
+pub use crate::model::{BuildRecord, BuildStatus, Image, JobRecord, JobStatus, PhaseRecord, now_ms};
 use crate::scheduler::{self, AgentView, QueuedJob};
 use crate::store::Store;
-
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
-fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum BuildStatus {
-    Queued,
-    Running,
-    Merging,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl BuildStatus {
-    pub fn is_terminal(self) -> bool {
-        matches!(self, BuildStatus::Succeeded | BuildStatus::Failed | BuildStatus::Cancelled)
-    }
-
-    pub fn to_proto(self) -> proto::BuildState {
-        match self {
-            BuildStatus::Queued => proto::BuildState::Queued,
-            BuildStatus::Running => proto::BuildState::Running,
-            BuildStatus::Merging => proto::BuildState::Merging,
-            BuildStatus::Succeeded => proto::BuildState::Succeeded,
-            BuildStatus::Failed => proto::BuildState::Failed,
-            BuildStatus::Cancelled => proto::BuildState::Cancelled,
-        }
-    }
-}
-
-/// A job's state; the agent and lease travel with the states that have one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum JobStatus {
-    Pending,
-    Assigned { agent: String, lease: String },
-    Building { agent: String, lease: String },
-    Pushed { agent: String },
-    Verified { agent: String },
-    Failed,
-    Cancelled,
-}
-
-impl JobStatus {
-    fn to_proto(&self) -> proto::JobState {
-        match self {
-            JobStatus::Pending => proto::JobState::Pending,
-            JobStatus::Assigned { .. } => proto::JobState::Assigned,
-            JobStatus::Building { .. } => proto::JobState::Building,
-            JobStatus::Pushed { .. } => proto::JobState::Pushed,
-            JobStatus::Verified { .. } => proto::JobState::Verified,
-            JobStatus::Failed => proto::JobState::Failed,
-            JobStatus::Cancelled => proto::JobState::Cancelled,
-        }
-    }
-
-    /// The agent holding a lease on this job, if any.
-    fn leased(&self) -> Option<(&str, &str)> {
-        match self {
-            JobStatus::Assigned { agent, lease } | JobStatus::Building { agent, lease } => Some((agent, lease)),
-            _ => None,
-        }
-    }
-
-    fn agent(&self) -> Option<&str> {
-        match self {
-            JobStatus::Assigned { agent, .. }
-            | JobStatus::Building { agent, .. }
-            | JobStatus::Pushed { agent }
-            | JobStatus::Verified { agent } => Some(agent),
-            _ => None,
-        }
-    }
-
-    fn is_done(&self) -> bool {
-        matches!(self, JobStatus::Verified { .. } | JobStatus::Failed | JobStatus::Cancelled)
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ImageRecord {
-    pub digest: String,
-    pub size: u64,
-    pub media_type: String,
-}
-
-impl From<&ImageDescriptor> for ImageRecord {
-    fn from(d: &ImageDescriptor) -> Self {
-        ImageRecord { digest: d.digest.to_string(), size: d.size, media_type: d.media_type.clone() }
-    }
-}
-
-impl ImageRecord {
-    fn to_proto(&self) -> proto::ImageResult {
-        proto::ImageResult { digest: self.digest.clone(), size: self.size, media_type: self.media_type.clone() }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JobRecord {
-    pub id: String,
-    pub platform: Platform,
-    pub status: JobStatus,
-    pub attempt: u32,
-    /// The agent that last held it, kept after it finishes for display.
-    pub last_agent: String,
-    pub result: Option<ImageRecord>,
-    pub message: String,
-    pub started_ms: Option<i64>,
-    pub finished_ms: Option<i64>,
-    pub emulated: bool,
-    /// Whether a "waiting for an agent" notice went out for this attempt.
-    #[serde(default)]
-    pub waiting_noticed: bool,
-    /// When it last entered the queue.
-    #[serde(default)]
-    pub queued_ms: Option<i64>,
-    /// Log bytes kept for it, against `limits::JOB_LOG_BYTES`.
-    #[serde(default)]
-    pub log_bytes: u64,
-    /// Its log was cut at a limit.
-    #[serde(default)]
-    pub log_cut: bool,
-    /// When each phase of the current attempt ran.
-    #[serde(default)]
-    pub phases: Vec<PhaseRecord>,
-    /// When the agent's result arrived (verification starts then).
-    #[serde(default)]
-    pub result_ms: Option<i64>,
-}
-
-/// One phase of a job: queued, fetch, build, push or verify.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PhaseRecord {
-    pub phase: String,
-    pub start_ms: i64,
-    pub end_ms: i64,
-}
-
-impl PhaseRecord {
-    fn to_proto(&self) -> proto::PhaseTiming {
-        proto::PhaseTiming {
-            phase: self.phase.clone(),
-            start: Some(timestamp(self.start_ms)),
-            end: Some(timestamp(self.end_ms)),
-        }
-    }
-
-    fn seconds(&self) -> f64 {
-        (self.end_ms - self.start_ms) as f64 / 1000.0
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BuildRecord {
-    pub id: String,
-    /// Submission order, for fair scheduling.
-    pub order: u64,
-    pub created_ms: i64,
-    pub finished_ms: Option<i64>,
-    pub status: BuildStatus,
-    pub message: String,
-    pub jobs: Vec<JobRecord>,
-    pub index: Option<ImageRecord>,
-    pub last_seq: u64,
-    /// The id of the token that submitted it (None without tokens).
-    #[serde(default)]
-    pub owner: Option<String>,
-    /// When the index merge started.
-    #[serde(default)]
-    pub merge_started_ms: Option<i64>,
-}
 
 /// A build in memory: its record, spec and event channel.
 pub struct BuildEntry {
@@ -212,8 +35,8 @@ impl BuildEntry {
             build_id: r.id.clone(),
             state: r.status.to_proto() as i32,
             spec: Some(proto::BuildSpec { dockerfile_inline: Vec::new(), ..self.spec.clone() }),
-            jobs: r.jobs.iter().map(job_to_proto).collect(),
-            index_digest: r.index.as_ref().map(|i| i.digest.clone()).unwrap_or_default(),
+            jobs: r.jobs.iter().map(JobRecord::to_proto).collect(),
+            index_digest: r.index.as_ref().map(|i| i.digest.to_string()).unwrap_or_default(),
             index_size: r.index.as_ref().map(|i| i.size).unwrap_or_default(),
             index_media_type: r.index.as_ref().map(|i| i.media_type.clone()).unwrap_or_default(),
             message: r.message.clone(),
@@ -223,12 +46,16 @@ impl BuildEntry {
         }
     }
 
-    /// Where a pushed image is checked: the first repository pushed to.
-    fn verify_repository(&self) -> Option<Box<ImageRef>> {
-        if !self.spec.push {
-            return None;
+    /// Where a finished image is checked: in the first repository pushed
+    /// to, in the blob store when the build exports; None when neither.
+    fn verify_in(&self) -> Option<VerifyIn> {
+        let repository = if self.spec.push { self.push_repositories().into_iter().next().map(Box::new) } else { None };
+        match (repository, self.spec.export) {
+            (Some(r), false) => Some(VerifyIn::Registry(r)),
+            (Some(r), true) => Some(VerifyIn::RegistryAndBlobs(r)),
+            (None, true) => Some(VerifyIn::Blobs),
+            (None, false) => None,
         }
-        self.push_repositories().into_iter().next().map(Box::new)
     }
 
     /// Repositories agents push to: the first tag's per registry.
@@ -240,22 +67,6 @@ impl BuildEntry {
     fn affinity_key(&self, platform: &Platform) -> String {
         let repo = self.tags.first().map(ImageRef::name).unwrap_or_default();
         format!("{repo}|{platform}")
-    }
-}
-
-fn job_to_proto(j: &JobRecord) -> proto::Job {
-    proto::Job {
-        job_id: j.id.clone(),
-        platform: j.platform.to_string(),
-        state: j.status.to_proto() as i32,
-        agent: j.status.agent().unwrap_or(&j.last_agent).to_owned(),
-        attempt: j.attempt,
-        result: j.result.as_ref().map(ImageRecord::to_proto),
-        message: j.message.clone(),
-        started: j.started_ms.map(timestamp),
-        finished: j.finished_ms.map(timestamp),
-        emulated: j.emulated,
-        phases: j.phases.iter().map(PhaseRecord::to_proto).collect(),
     }
 }
 
@@ -282,22 +93,22 @@ pub struct AgentEntry {
     pub lost: bool,
     /// The certificate its session presented (None in plaintext mode and
     /// for agents re-adopted after a restart until they reconnect).
-    pub cert: Option<crate::enroll::CertStamp>,
+    pub cert: Option<CertStamp>,
 }
 
 impl AgentEntry {
-    /// idle, busy, cordoned, draining or lost, as `braid agents` shows it.
-    pub fn state(&self) -> &'static str {
+    /// Idle, busy, cordoned, draining or lost, as `braid agents` shows it.
+    pub fn state(&self) -> AgentState {
         if self.lost {
-            "lost"
+            AgentState::Lost
         } else if self.draining {
-            "draining"
+            AgentState::Draining
         } else if self.cordoned {
-            "cordoned"
+            AgentState::Cordoned
         } else if self.running.is_empty() {
-            "idle"
+            AgentState::Idle
         } else {
-            "busy"
+            AgentState::Busy
         }
     }
 }
@@ -307,12 +118,22 @@ pub struct MergeInputs {
     pub tags: Vec<ImageRef>,
     /// The repositories agents pushed to, one per registry.
     pub pushed_to: Vec<ImageRef>,
-    pub images: Vec<(Platform, ImageRecord)>,
+    pub images: Vec<(Platform, Image)>,
     pub annotations: Vec<proto::Annotation>,
     pub push: bool,
     pub export: bool,
-    /// "oci" or "docker".
-    pub format: String,
+    pub format: IndexFormat,
+}
+
+/// Where a finished image is checked; at least one place.
+#[derive(Debug, Clone)]
+pub enum VerifyIn {
+    /// In the registry it was pushed to.
+    Registry(Box<ImageRef>),
+    /// In the blob store (the build exports).
+    Blobs,
+    /// In both: the registry first.
+    RegistryAndBlobs(Box<ImageRef>),
 }
 
 /// Work the caller must do outside the lock, after a state change.
@@ -320,14 +141,7 @@ pub struct MergeInputs {
 pub enum FollowUp {
     /// Check a finished image: in the registry it was pushed to, and in
     /// the blob store when the build exports.
-    Verify {
-        build_id: String,
-        job_id: String,
-        repository: Option<Box<ImageRef>>,
-        export: bool,
-        digest: String,
-        platform: Platform,
-    },
+    Verify { build_id: String, job_id: String, at: VerifyIn, digest: Digest, platform: Platform },
     /// Merge a build's verified images into an index.
     Merge { build_id: String },
 }
@@ -487,7 +301,7 @@ impl Farm {
         self.builds
             .values()
             .filter(|b| b.spec.export && b.record.finished_ms.is_none_or(|f| f >= recent))
-            .flat_map(|b| b.record.jobs.iter().filter_map(|j| j.result.as_ref()?.digest.parse().ok()))
+            .flat_map(|b| b.record.jobs.iter().filter_map(|j| Some(j.result.as_ref()?.digest.clone())))
             .collect()
     }
 
@@ -520,7 +334,7 @@ impl Farm {
         }
         for a in self.agents.values() {
             for p in &a.platforms {
-                *g.agents.entry((p.to_string(), a.state().to_owned())).or_default() += 1;
+                *g.agents.entry((p.to_string(), a.state().as_str().to_owned())).or_default() += 1;
             }
         }
         g
@@ -534,12 +348,13 @@ impl Farm {
                 BuildStatus::Merging => out.push(FollowUp::Merge { build_id: b.record.id.clone() }),
                 BuildStatus::Running => {
                     for j in &b.record.jobs {
-                        if let (JobStatus::Pushed { .. }, Some(result)) = (&j.status, &j.result) {
+                        if let (JobStatus::Pushed { .. }, Some(result), Some(at)) =
+                            (&j.status, &j.result, b.verify_in())
+                        {
                             out.push(FollowUp::Verify {
                                 build_id: b.record.id.clone(),
                                 job_id: j.id.clone(),
-                                repository: b.verify_repository(),
-                                export: b.spec.export,
+                                at,
                                 digest: result.digest.clone(),
                                 platform: j.platform.clone(),
                             });
@@ -660,12 +475,8 @@ impl Farm {
             .collect();
         self.store.append_events(&events)?;
         self.store.save_build(&b.record)?;
-        let ended = events.iter().any(|e| {
-            matches!(&e.kind, Some(EventKind::Build(s)) if [proto::BuildState::Succeeded, proto::BuildState::Failed, proto::BuildState::Cancelled].iter().any(|t| *t as i32 == s.state))
-        });
-        if ended {
+        if b.record.status.is_terminal() && self.active.remove(build_id) {
             Self::observe_end(&self.metrics, &b.record);
-            self.active.remove(build_id);
         }
         for e in events {
             // No receiver is fine: nobody is watching.
@@ -676,19 +487,11 @@ impl Farm {
 
     /// Build duration and per-job results, once per build, when it ends.
     fn observe_end(metrics: &Metrics, record: &BuildRecord) {
-        let result = match record.status {
-            BuildStatus::Succeeded => "succeeded",
-            BuildStatus::Failed => "failed",
-            _ => "cancelled",
-        };
+        let result = record.status.as_str();
         let seconds = (record.finished_ms.unwrap_or_else(now_ms) - record.created_ms) as f64 / 1000.0;
         metrics.observe("braid_build_duration_seconds", vec![("result", result.into())], seconds);
         for j in &record.jobs {
-            let result = match j.status {
-                JobStatus::Verified { .. } => "succeeded",
-                JobStatus::Failed => "failed",
-                _ => "cancelled",
-            };
+            let result = j.status.result_word();
             metrics.inc("braid_jobs_total", vec![("platform", j.platform.to_string()), ("result", result.into())]);
         }
     }
@@ -701,7 +504,7 @@ impl Farm {
             agent: job.status.agent().unwrap_or(&job.last_agent).to_owned(),
             attempt: job.attempt,
             message: job.message.clone(),
-            result: job.result.as_ref().map(ImageRecord::to_proto),
+            result: job.result.as_ref().map(Image::to_proto),
             emulated: job.emulated,
         })
     }
@@ -710,7 +513,7 @@ impl Farm {
         EventKind::Build(proto::BuildStateChanged {
             state: record.status.to_proto() as i32,
             message: record.message.clone(),
-            index: record.index.as_ref().map(ImageRecord::to_proto),
+            index: record.index.as_ref().map(Image::to_proto),
         })
     }
 
@@ -817,11 +620,11 @@ impl Farm {
         job.status = JobStatus::Assigned { agent: agent_name.to_owned(), lease: lease.clone() };
         let now = now_ms();
         let queued =
-            PhaseRecord { phase: "queued".into(), start_ms: job.queued_ms.unwrap_or(b.record.created_ms), end_ms: now };
+            PhaseRecord { phase: Phase::Queued, start_ms: job.queued_ms.unwrap_or(b.record.created_ms), end_ms: now };
         let platform_label = job.platform.to_string();
         self.metrics.observe(
             "braid_job_phase_seconds",
-            vec![("platform", platform_label.clone()), ("phase", "queued".into())],
+            vec![("platform", platform_label.clone()), ("phase", Phase::Queued.as_str().into())],
             queued.seconds(),
         );
         if emulated {
@@ -869,7 +672,7 @@ impl Farm {
         platforms: Vec<Platform>,
         emulates: Vec<Platform>,
         sender: AgentSender,
-        cert: Option<crate::enroll::CertStamp>,
+        cert: Option<CertStamp>,
     ) -> Result<u64> {
         if let Some(prev) = self.agents.get(&hello.name)
             && prev.sender.is_some()
@@ -1287,17 +1090,15 @@ impl Farm {
         let ms =
             |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
         for p in phases.iter().take(8) {
-            if !matches!(p.phase.as_str(), "fetch" | "build" | "push") {
-                continue;
-            }
+            let Some(phase) = Phase::of_agent(&p.phase) else { continue };
             let (Some(start_ms), Some(end_ms)) = (ms(&p.start), ms(&p.end)) else { continue };
             if end_ms < start_ms {
                 continue;
             }
-            let record = PhaseRecord { phase: p.phase.clone(), start_ms, end_ms };
+            let record = PhaseRecord { phase, start_ms, end_ms };
             metrics.observe(
                 "braid_job_phase_seconds",
-                vec![("platform", job.platform.to_string()), ("phase", p.phase.clone())],
+                vec![("platform", job.platform.to_string()), ("phase", phase.as_str().into())],
                 record.seconds(),
             );
             job.phases.push(record);
@@ -1314,28 +1115,34 @@ impl Farm {
         let Some(b) = self.builds.get_mut(build_id) else {
             return Ok(None);
         };
-        let repository = b.verify_repository();
-        let export = b.spec.export;
+        let verify_in = b.verify_in();
         let affinity = b.tags.first().map(ImageRef::name);
         let Some(job) = b.record.jobs.iter_mut().find(|j| j.id == job_id) else {
             return Ok(None);
         };
-        job.result = Some(ImageRecord { digest: image.digest.clone(), size: image.size, media_type: image.media_type });
+        let image = match Image::from_proto(image) {
+            Ok(image) => image,
+            Err(e) => {
+                let message = format!("{}: pushed image refused: {e}", job.platform);
+                return self.fail_build(build_id, job_id, message).map(|()| None);
+            }
+        };
+        let digest = image.digest.clone();
+        job.result = Some(image);
         if let Some(repo) = affinity {
             let key = format!("{repo}|{}", job.platform);
             self.last_agent.insert(key, agent.to_owned());
         }
         let platform = job.platform.clone();
-        if repository.is_some() || export {
+        if let Some(at) = verify_in {
             job.status = JobStatus::Pushed { agent: agent.to_owned() };
             let event = Self::job_event(job);
             self.emit(build_id, vec![event])?;
             return Ok(Some(FollowUp::Verify {
                 build_id: build_id.to_owned(),
                 job_id: job_id.to_owned(),
-                repository,
-                export,
-                digest: image.digest,
+                at,
+                digest,
                 platform,
             }));
         }
@@ -1363,15 +1170,14 @@ impl Farm {
         };
         match outcome {
             Ok(descriptor) => {
-                job.result = Some(ImageRecord::from(&descriptor));
+                job.result = Some(Image::from(descriptor));
                 job.status = JobStatus::Verified { agent };
                 let now = now_ms();
                 job.finished_ms = Some(now);
-                let verify =
-                    PhaseRecord { phase: "verify".into(), start_ms: job.result_ms.unwrap_or(now), end_ms: now };
+                let verify = PhaseRecord { phase: Phase::Verify, start_ms: job.result_ms.unwrap_or(now), end_ms: now };
                 metrics.observe(
                     "braid_job_phase_seconds",
-                    vec![("platform", job.platform.to_string()), ("phase", "verify".into())],
+                    vec![("platform", job.platform.to_string()), ("phase", Phase::Verify.as_str().into())],
                     verify.seconds(),
                 );
                 job.phases.push(verify);
@@ -1422,7 +1228,7 @@ impl Farm {
             annotations: b.spec.annotations.clone(),
             push: b.spec.push,
             export: b.spec.export,
-            format: if b.spec.format.is_empty() { "oci".to_owned() } else { b.spec.format.clone() },
+            format: IndexFormat::parse(&b.spec.format)?,
         })
     }
 
@@ -1439,8 +1245,8 @@ impl Farm {
         match outcome {
             Ok(index) => {
                 b.record.status = BuildStatus::Succeeded;
-                b.record.index = Some(ImageRecord::from(&index));
                 tracing::info!(build_id, index = %index.digest, "build succeeded");
+                b.record.index = Some(Image::from(index));
             }
             Err(message) => {
                 b.record.status = BuildStatus::Failed;

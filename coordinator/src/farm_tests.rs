@@ -99,13 +99,13 @@ fn a_build_goes_from_queue_to_index_and_ignores_stale_results() {
     else {
         panic!("a pushed image is verified next");
     };
-    assert_eq!(digest, format!("sha256:{}", "a".repeat(64)));
+    assert_eq!(digest.as_str(), format!("sha256:{}", "a".repeat(64)));
     let merge = farm.verified(&build_id, &job_id, Ok(descriptor('a'))).unwrap();
     assert!(matches!(merge, Some(FollowUp::Merge { .. })));
     farm.merged(&build_id, Ok(descriptor('f'))).unwrap();
     let build = farm.build(&build_id).unwrap();
     assert_eq!(build.record.status, BuildStatus::Succeeded);
-    assert_eq!(build.record.index.as_ref().unwrap().digest, format!("sha256:{}", "f".repeat(64)));
+    assert_eq!(build.record.index.as_ref().unwrap().digest.as_str(), format!("sha256:{}", "f".repeat(64)));
 
     let events = store.events_after(&build_id, 0, 1000).unwrap();
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
@@ -166,7 +166,7 @@ fn a_lost_agent_s_job_runs_elsewhere_and_its_late_result_is_ignored() {
     assert!(farm.job_result("arm-a", first_session, image(&a, 'a')).unwrap().is_none(), "late result ignored");
     assert!(farm.job_result("arm-b", second_session, image(&retry, 'b')).unwrap().is_some());
     let job = &farm.build(&build_id).unwrap().record.jobs[0];
-    assert_eq!(job.result.as_ref().unwrap().digest, format!("sha256:{}", "b".repeat(64)));
+    assert_eq!(job.result.as_ref().unwrap().digest.as_str(), format!("sha256:{}", "b".repeat(64)));
 }
 
 #[test]
@@ -207,7 +207,7 @@ fn a_cordon_outlasts_a_reconnect_and_a_restart() {
         farm.set_cordoned("arm-a", true).unwrap();
         farm.agent_disconnected("arm-a", session);
         let (_, mut inbox) = connect(&mut farm, "arm-a", &["linux/arm64"]);
-        assert_eq!(farm.agent_list()[0].state(), "cordoned", "a reconnect keeps the cordon");
+        assert_eq!(farm.agent_list()[0].state().as_str(), "cordoned", "a reconnect keeps the cordon");
         submit(&mut farm, &["linux/arm64"]);
         farm.schedule().unwrap();
         assert!(
@@ -217,11 +217,11 @@ fn a_cordon_outlasts_a_reconnect_and_a_restart() {
     }
     let (mut farm, _) = farm(dir.path());
     let (_, _inbox) = connect(&mut farm, "arm-a", &["linux/arm64"]);
-    assert_eq!(farm.agent_list()[0].state(), "cordoned", "a restart keeps the cordon");
+    assert_eq!(farm.agent_list()[0].state().as_str(), "cordoned", "a restart keeps the cordon");
     farm.set_cordoned("arm-a", false).unwrap();
     let (mut farm, _) = self::farm(dir.path());
     let (_, _inbox) = connect(&mut farm, "arm-a", &["linux/arm64"]);
-    assert_eq!(farm.agent_list()[0].state(), "idle", "uncordoning is kept too");
+    assert_eq!(farm.agent_list()[0].state().as_str(), "idle", "uncordoning is kept too");
 }
 
 #[test]

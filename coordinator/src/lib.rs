@@ -19,6 +19,7 @@ pub mod http_auth;
 pub mod listener;
 pub mod merge;
 pub mod metrics;
+pub mod model;
 pub mod scheduler;
 pub mod server;
 pub mod service_admin;

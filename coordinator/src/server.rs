@@ -16,13 +16,14 @@ use braid_shared::pki::{self, Pem};
 use braid_shared::proto::admin_server::AdminServer;
 use braid_shared::proto::agents_server::AgentsServer;
 use braid_shared::proto::builds_server::BuildsServer;
-use braid_shared::{limits, proto};
+use braid_shared::{Digest, ImageRef, Platform, limits, proto};
 
 use crate::auth::Tokens;
+use crate::blobs::BlobError;
 use crate::blobs::BlobStore;
 use crate::contexts::ContextStore;
 use crate::error::{CoordinatorError, Result};
-use crate::farm::{Farm, FollowUp};
+use crate::farm::{Farm, FollowUp, VerifyIn};
 use crate::listener::{self, ConnLimits};
 use crate::merge;
 use crate::metrics::Metrics;
@@ -102,22 +103,19 @@ impl Coordinator {
 
     async fn run_follow_up(self: &Arc<Self>, step: FollowUp) -> Option<FollowUp> {
         match step {
-            FollowUp::Verify { build_id, job_id, repository, export, digest, platform } => {
-                let mut outcome = Err("nothing to verify".to_owned());
-                if let Some(repository) = repository {
-                    let registry = self.registry_for(&build_id);
-                    outcome = merge::verify(&registry, &repository, &digest, &platform).await;
-                }
-                if export && (outcome.is_ok() || outcome.as_ref().is_err_and(|e| e == "nothing to verify")) {
-                    // Reads and hashes the manifest and config: blocking work.
-                    let blobs = self.blobs.clone();
-                    let check = tokio::task::spawn_blocking(move || match digest.parse() {
-                        Ok(digest) => blobs.verify_image(&digest, &platform).map(|(d, _)| d),
-                        Err(e) => Err(format!("{e}")),
-                    });
-                    outcome =
-                        check.await.unwrap_or_else(|e| Err(e.to_string())).map_err(|e| format!("uploaded image: {e}"));
-                }
+            FollowUp::Verify { build_id, job_id, at, digest, platform } => {
+                let outcome = match at {
+                    VerifyIn::Registry(repository) => {
+                        self.verify_pushed(&build_id, &repository, &digest, &platform).await
+                    }
+                    VerifyIn::Blobs => self.verify_uploaded(digest, platform).await,
+                    VerifyIn::RegistryAndBlobs(repository) => {
+                        match self.verify_pushed(&build_id, &repository, &digest, &platform).await {
+                            Ok(_) => self.verify_uploaded(digest, platform).await,
+                            Err(e) => Err(e),
+                        }
+                    }
+                };
                 let result = self.farm().verified(&build_id, &job_id, outcome);
                 result.unwrap_or_else(|e| {
                     tracing::error!(build_id, job_id, error = %e, "recording the verification failed");
@@ -138,6 +136,32 @@ impl Coordinator {
         }
     }
 
+    /// Checks a pushed image in the registry.
+    async fn verify_pushed(
+        &self,
+        build_id: &str,
+        repository: &ImageRef,
+        digest: &Digest,
+        platform: &Platform,
+    ) -> std::result::Result<ImageDescriptor, String> {
+        merge::verify(&self.registry_for(build_id), repository, digest, platform).await
+    }
+
+    /// Checks an uploaded image in the blob store; reading and hashing the
+    /// manifest and config is blocking work.
+    async fn verify_uploaded(
+        &self,
+        digest: Digest,
+        platform: Platform,
+    ) -> std::result::Result<ImageDescriptor, String> {
+        let blobs = self.blobs.clone();
+        let check = tokio::task::spawn_blocking(move || blobs.verify_image(&digest, &platform).map(|(d, _)| d));
+        check
+            .await
+            .unwrap_or_else(|e| Err(BlobError::Internal(e.to_string())))
+            .map_err(|e| format!("uploaded image: {e}"))
+    }
+
     /// Writes the index: into the blob store for an exporting build, and
     /// to the registry under every tag for a pushing one.
     async fn merge(
@@ -145,7 +169,7 @@ impl Coordinator {
         build_id: &str,
         m: &crate::farm::MergeInputs,
     ) -> std::result::Result<ImageDescriptor, String> {
-        let (index, descriptor) = merge::index(&m.images, &m.annotations, &m.format)?;
+        let (index, descriptor) = merge::index(&m.images, &m.annotations, m.format)?;
         if m.export {
             let (this, bytes) = (self.clone(), index.clone());
             crate::blocking::run(move || {

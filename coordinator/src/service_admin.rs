@@ -10,6 +10,7 @@ use braid_shared::proto::{self, admin_server::Admin};
 
 use crate::auth::{Role, TokenRecord};
 use crate::farm::{AgentEntry, Farm};
+use crate::model::{timestamp, valid_agent_name};
 use crate::server::Coordinator;
 
 pub struct AdminService {
@@ -61,16 +62,12 @@ fn agent_info(farm: &Farm, a: &AgentEntry) -> proto::AgentInfo {
         emulated_platforms: a.emulates.iter().map(ToString::to_string).collect(),
         backend: a.backend.clone(),
         version: a.version.clone(),
-        state: a.state().to_owned(),
+        state: a.state().as_str().to_owned(),
         slots: a.slots,
         running: a.running.len() as u32,
         last_heartbeat: Some(timestamp(last)),
         running_jobs,
     }
-}
-
-fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
 }
 
 fn info(t: &TokenRecord) -> proto::TokenInfo {
@@ -168,7 +165,7 @@ impl Admin for AdminService {
     ) -> Result<Response<proto::ForgetAgentResponse>, Status> {
         self.coordinator.tokens.authorize(&req, Role::Operate)?;
         let name = &req.get_ref().name;
-        if !crate::service_agents::valid_name(name) {
+        if !valid_agent_name(name) {
             return Err(Status::invalid_argument(format!(
                 "name: {:?} must be 1 to {} letters, digits, '.', '_' or '-'",
                 braid_shared::shorten(name, 80),

@@ -17,6 +17,7 @@ use braid_shared::{Digest, Platform, limits, pki};
 use crate::blocking;
 use crate::enroll::{self, AgentCert};
 use crate::metrics::Metrics;
+use crate::model::valid_agent_name;
 use crate::server::Coordinator;
 
 pub struct AgentsService {
@@ -46,7 +47,7 @@ impl AgentsService {
                 info.name
             )));
         }
-        if !valid_name(&info.name) {
+        if !valid_agent_name(&info.name) {
             return Err(Status::permission_denied(format!(
                 "the certificate names agent {:?}, not a valid agent name",
                 braid_shared::shorten(&info.name, 80)
@@ -90,18 +91,10 @@ const AGENT_CERT_DAYS: i64 = 365;
 /// How long a new session may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Agent names: what `Hello.name`, `JoinRequest.name` and a join token's
-/// binding may be.
-pub(crate) fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= limits::AGENT_NAME_BYTES
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 /// Checks a hello; returns the platforms the agent builds natively and
 /// those it emulates.
 fn check_hello(hello: &proto::Hello) -> Result<(Vec<Platform>, Vec<Platform>), Status> {
-    if !valid_name(&hello.name) {
+    if !valid_agent_name(&hello.name) {
         return Err(Status::invalid_argument(format!(
             "hello.name: {:?} must be 1 to {} letters, digits, '.', '_' or '-'",
             braid_shared::shorten(&hello.name, 80),
@@ -203,7 +196,7 @@ impl Agents for AgentsService {
     #[instrument(skip_all, err, fields(agent = %req.get_ref().name))]
     async fn join(&self, req: Request<proto::JoinRequest>) -> Result<Response<proto::JoinResponse>, Status> {
         let r = req.into_inner();
-        if !valid_name(&r.name) {
+        if !valid_agent_name(&r.name) {
             return Err(Status::invalid_argument(format!(
                 "name: {:?} must be 1 to {} letters, digits, '.', '_' or '-'",
                 braid_shared::shorten(&r.name, 80),

@@ -16,6 +16,7 @@ use crate::auth::Role;
 use crate::blocking;
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
+use crate::model::BuildStatus;
 use crate::server::Coordinator;
 use crate::validate;
 
@@ -234,8 +235,7 @@ impl Builds for BuildsService {
         .await
         .map_err(|e| Status::internal(format!("planning the export: {e}")))?
         .map_err(|e| {
-            let gone = e.contains("not stored") || e.contains("was not uploaded");
-            let hint = if gone { "; evicted to stay under blob_store_bytes: build it again" } else { "" };
+            let hint = if e.is_missing() { "; evicted to stay under blob_store_bytes: build it again" } else { "" };
             Status::failed_precondition(format!("build {}: {e}{hint}", r.build_id))
         })?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
@@ -284,10 +284,11 @@ impl Builds for BuildsService {
         if proto::BuildState::try_from(state).is_err() {
             return Err(Status::invalid_argument(format!("state: unknown build state {state}")));
         }
+        let state = BuildStatus::from_proto(state);
         let mut builds: Vec<_> = farm
             .builds
             .values()
-            .filter(|b| state == proto::BuildState::Unspecified as i32 || b.record.status.to_proto() as i32 == state)
+            .filter(|b| state.is_none_or(|s| b.record.status == s))
             .filter(|b| caller.owns(b.record.owner.as_deref()))
             .collect();
         builds.sort_by_key(|b| std::cmp::Reverse(b.record.order));
@@ -311,10 +312,8 @@ impl Builds for BuildsService {
 
 /// The event that ends a build.
 fn is_final(event: &proto::BuildEvent) -> bool {
-    use proto::BuildState::*;
     matches!(
         &event.kind,
-        Some(proto::build_event::Kind::Build(b))
-            if [Succeeded as i32, Failed as i32, Cancelled as i32].contains(&b.state)
+        Some(proto::build_event::Kind::Build(b)) if BuildStatus::from_proto(b.state).is_some_and(BuildStatus::is_terminal)
     )
 }

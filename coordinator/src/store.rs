@@ -9,9 +9,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use braid_shared::proto;
 
-use crate::auth::TokenRecord;
 use crate::error::{CoordinatorError, Result};
-use crate::farm::BuildRecord;
+use crate::model::{BuildRecord, TokenRecord};
 
 pub struct Store {
     conn: Mutex<Connection>,
