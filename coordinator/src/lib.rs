@@ -3,6 +3,7 @@
 //! results into one OCI image index.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod auth;
 pub mod blobs;
 pub mod blocking;
@@ -22,9 +23,6 @@ pub mod metrics;
 pub mod model;
 pub mod scheduler;
 pub mod server;
-pub mod service_admin;
-pub mod service_agents;
-pub mod service_builds;
 pub mod settings;
 pub mod store;
 pub mod validate;

@@ -261,8 +261,8 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<BuildsServer<crate::service_builds::BuildsService>>().await;
-    health_reporter.set_serving::<AgentsServer<crate::service_agents::AgentsService>>().await;
+    health_reporter.set_serving::<BuildsServer<crate::api::builds::BuildsService>>().await;
+    health_reporter.set_serving::<AgentsServer<crate::api::agents::AgentsService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -274,13 +274,13 @@ pub async fn serve_on(
         coordinator.follow_up(Some(follow));
     }
 
-    let builds = BuildsServer::new(crate::service_builds::BuildsService::new(coordinator.clone()))
+    let builds = BuildsServer::new(crate::api::builds::BuildsService::new(coordinator.clone()))
         .max_decoding_message_size(limits::GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(limits::GRPC_MESSAGE_BYTES);
-    let agents = AgentsServer::new(crate::service_agents::AgentsService::new(coordinator.clone()))
+    let agents = AgentsServer::new(crate::api::agents::AgentsService::new(coordinator.clone()))
         .max_decoding_message_size(limits::GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(limits::GRPC_MESSAGE_BYTES);
-    let admin = AdminServer::new(crate::service_admin::AdminService::new(coordinator.clone()));
+    let admin = AdminServer::new(crate::api::admin::AdminService::new(coordinator.clone()));
     // TLS is done by the listener (handshakes concurrent and bounded in
     // time and number), so tonic gets established streams; it reads the
     // client certificate from them as from its own TLS.
