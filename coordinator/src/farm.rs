@@ -29,23 +29,6 @@ pub struct BuildEntry {
 }
 
 impl BuildEntry {
-    pub fn to_proto(&self) -> proto::Build {
-        let r = &self.record;
-        proto::Build {
-            build_id: r.id.clone(),
-            state: r.status.to_proto() as i32,
-            spec: Some(proto::BuildSpec { dockerfile_inline: Vec::new(), ..self.spec.clone() }),
-            jobs: r.jobs.iter().map(JobRecord::to_proto).collect(),
-            index_digest: r.index.as_ref().map(|i| i.digest.to_string()).unwrap_or_default(),
-            index_size: r.index.as_ref().map(|i| i.size).unwrap_or_default(),
-            index_media_type: r.index.as_ref().map(|i| i.media_type.clone()).unwrap_or_default(),
-            message: r.message.clone(),
-            created: Some(timestamp(r.created_ms)),
-            finished: r.finished_ms.map(timestamp),
-            merge_started: r.merge_started_ms.map(timestamp),
-        }
-    }
-
     /// Where a finished image is checked: in the first repository pushed
     /// to, in the blob store when the build exports; None when neither.
     fn verify_in(&self) -> Option<VerifyIn> {
@@ -1321,7 +1304,7 @@ impl Farm {
     }
 
     /// Cancels a build; a build that has ended is left as it is.
-    pub fn cancel(&mut self, build_id: &str, reason: &str) -> Result<proto::Build> {
+    pub fn cancel(&mut self, build_id: &str, reason: &str) -> Result<()> {
         let status = self.build(build_id)?.record.status;
         if !status.is_terminal() {
             let mut events = Vec::new();
@@ -1335,6 +1318,6 @@ impl Farm {
             tracing::info!(build_id, reason, "build cancelled");
             self.emit(build_id, events)?;
         }
-        Ok(self.build(build_id)?.to_proto())
+        Ok(())
     }
 }

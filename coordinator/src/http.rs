@@ -16,7 +16,7 @@ use braid_shared::proto::build_event::Kind;
 
 use crate::farm::BuildEntry;
 use crate::listener::Conn;
-use crate::server::Coordinator;
+use crate::state::Coordinator;
 
 // Everything the dashboard needs is in the binary: it runs on networks
 // without internet.

@@ -24,5 +24,6 @@ pub mod model;
 pub mod scheduler;
 pub mod server;
 pub mod settings;
+pub mod state;
 pub mod store;
 pub mod validate;

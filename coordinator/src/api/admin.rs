@@ -8,10 +8,10 @@ use tracing::instrument;
 use braid_shared::limits;
 use braid_shared::proto::{self, admin_server::Admin};
 
-use crate::auth::{Role, TokenRecord};
-use crate::farm::{AgentEntry, Farm};
+use super::convert;
+use crate::auth::Role;
 use crate::model::{timestamp, valid_agent_name};
-use crate::server::Coordinator;
+use crate::state::Coordinator;
 
 pub struct AdminService {
     coordinator: Arc<Coordinator>,
@@ -30,58 +30,9 @@ impl AdminService {
         self.coordinator.tokens.authorize(&req, Role::Operate)?;
         let mut farm = self.coordinator.farm();
         farm.set_cordoned(&req.get_ref().name, cordoned)?;
-        let agent = farm.agent_list().into_iter().find(|a| a.name == req.get_ref().name).map(|a| agent_info(&farm, a));
+        let agent =
+            farm.agent_list().into_iter().find(|a| a.name == req.get_ref().name).map(|a| convert::agent_info(&farm, a));
         agent.map(Response::new).ok_or_else(|| Status::not_found("agent vanished"))
-    }
-}
-
-fn agent_info(farm: &Farm, a: &AgentEntry) -> proto::AgentInfo {
-    let since = a.last_seen.elapsed();
-    let last = std::time::SystemTime::now()
-        .checked_sub(since)
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let mut running_jobs: Vec<String> = a
-        .running
-        .iter()
-        .map(|(build_id, job_id)| {
-            let platform = farm
-                .builds
-                .get(build_id)
-                .and_then(|b| b.record.jobs.iter().find(|j| &j.id == job_id))
-                .map(|j| j.platform.to_string())
-                .unwrap_or_default();
-            format!("{build_id} {platform}")
-        })
-        .collect();
-    running_jobs.sort();
-    proto::AgentInfo {
-        name: a.name.clone(),
-        platforms: a.platforms.iter().map(ToString::to_string).collect(),
-        emulated_platforms: a.emulates.iter().map(ToString::to_string).collect(),
-        backend: a.backend.clone(),
-        version: a.version.clone(),
-        state: a.state().as_str().to_owned(),
-        slots: a.slots,
-        running: a.running.len() as u32,
-        last_heartbeat: Some(timestamp(last)),
-        running_jobs,
-    }
-}
-
-fn info(t: &TokenRecord) -> proto::TokenInfo {
-    proto::TokenInfo {
-        token_id: t.id.clone(),
-        role: Role::parse(&t.role).map_or(proto::Role::Unspecified, Role::to_proto) as i32,
-        created: Some(timestamp(t.created_ms)),
-        expires: t.expires_ms.map(timestamp),
-        single_use: t.single_use,
-        used: t.used,
-        revoked: t.revoked,
-        description: t.description.clone(),
-        agent_name: t.agent_name.clone().unwrap_or_default(),
-        replace: t.replace,
     }
 }
 
@@ -137,7 +88,7 @@ impl Admin for AdminService {
     ) -> Result<Response<proto::ListAgentsResponse>, Status> {
         self.coordinator.tokens.authorize(&req, Role::Operate)?;
         let farm = self.coordinator.farm();
-        let agents = farm.agent_list().into_iter().map(|a| agent_info(&farm, a)).collect();
+        let agents = farm.agent_list().into_iter().map(|a| convert::agent_info(&farm, a)).collect();
         Ok(Response::new(proto::ListAgentsResponse { agents }))
     }
 
@@ -184,7 +135,7 @@ impl Admin for AdminService {
         req: Request<proto::ListTokensRequest>,
     ) -> Result<Response<proto::ListTokensResponse>, Status> {
         self.coordinator.tokens.authorize(&req, Role::Operate)?;
-        let tokens = self.coordinator.tokens.list()?.iter().map(info).collect();
+        let tokens = self.coordinator.tokens.list()?.iter().map(convert::token_info).collect();
         Ok(Response::new(proto::ListTokensResponse { tokens }))
     }
 }

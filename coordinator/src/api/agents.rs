@@ -18,7 +18,7 @@ use crate::blocking;
 use crate::enroll::{self, AgentCert};
 use crate::metrics::Metrics;
 use crate::model::valid_agent_name;
-use crate::server::Coordinator;
+use crate::state::Coordinator;
 
 pub struct AgentsService {
     coordinator: Arc<Coordinator>,

@@ -12,12 +12,13 @@ use braid_shared::oci::ImageDescriptor;
 use braid_shared::proto::{self, builds_server::Builds};
 use braid_shared::{Digest, Platform, limits};
 
+use super::convert;
 use crate::auth::Role;
 use crate::blocking;
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
 use crate::model::BuildStatus;
-use crate::server::Coordinator;
+use crate::state::Coordinator;
 use crate::validate;
 
 pub struct BuildsService {
@@ -191,7 +192,7 @@ impl Builds for BuildsService {
         let (build, name) = {
             let farm = self.coordinator.farm();
             let b = farm.build_for(&r.build_id, &caller)?;
-            (b.to_proto(), b.tags.first().cloned())
+            (convert::build(b), b.tags.first().cloned())
         };
         let spec = build.spec.unwrap_or_default();
         if !spec.export {
@@ -258,7 +259,7 @@ impl Builds for BuildsService {
     async fn get(&self, req: Request<proto::GetBuildRequest>) -> Result<Response<proto::Build>, Status> {
         let caller = self.coordinator.tokens.authorize(&req, Role::Submit)?;
         check_build_id(&req.get_ref().build_id)?;
-        let build = self.coordinator.farm().build_for(&req.get_ref().build_id, &caller)?.to_proto();
+        let build = self.coordinator.farm().build_for(&req.get_ref().build_id, &caller).map(convert::build)?;
         Ok(Response::new(build))
     }
 
@@ -292,7 +293,7 @@ impl Builds for BuildsService {
             .filter(|b| caller.owns(b.record.owner.as_deref()))
             .collect();
         builds.sort_by_key(|b| std::cmp::Reverse(b.record.order));
-        let builds = builds.into_iter().take(limit).map(|b| b.to_proto()).collect();
+        let builds = builds.into_iter().take(limit).map(convert::build).collect();
         Ok(Response::new(proto::ListBuildsResponse { builds }))
     }
 
@@ -303,7 +304,8 @@ impl Builds for BuildsService {
         let build = {
             let mut farm = self.coordinator.farm();
             farm.build_for(&req.get_ref().build_id, &caller)?;
-            farm.cancel(&req.get_ref().build_id, "cancelled by request")?
+            farm.cancel(&req.get_ref().build_id, "cancelled by request")?;
+            farm.build(&req.get_ref().build_id).map(convert::build)?
         };
         self.coordinator.wake.notify_one();
         Ok(Response::new(build))

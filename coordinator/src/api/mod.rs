@@ -4,3 +4,4 @@
 pub mod admin;
 pub mod agents;
 pub mod builds;
+pub mod convert;
