@@ -17,6 +17,7 @@ pub mod farm;
 mod farm_tests;
 pub mod http;
 pub mod http_auth;
+pub mod journal;
 pub mod listener;
 pub mod merge;
 pub mod metrics;

@@ -71,9 +71,9 @@ pub async fn serve_on(
         .build_v1()?;
 
     tokio::spawn(coordinator.clone().schedule_loop());
-    let interrupted = coordinator.farm().interrupted_follow_ups();
-    for follow in interrupted {
-        coordinator.follow_up(Some(follow));
+    {
+        let farm = coordinator.farm();
+        coordinator.perform(&farm, farm.interrupted());
     }
 
     let builds = BuildsServer::new(crate::api::builds::BuildsService::new(coordinator.clone()))
@@ -96,23 +96,21 @@ pub async fn serve_on(
         .add_service(builds)
         .add_service(agents)
         .add_service(admin);
-    match tls {
+    let served = match tls {
         Some(acceptor) => {
             let conns = listener::listen(listener, "grpc", conn_limits, tls_handshake(acceptor));
             tracing::info!(addr = %local, "coordinator listening");
-            router
-                .serve_with_incoming_shutdown(ReceiverStream::new(conns).map(Ok::<_, std::io::Error>), shutdown)
-                .await?;
+            router.serve_with_incoming_shutdown(ReceiverStream::new(conns).map(Ok::<_, std::io::Error>), shutdown).await
         }
         None => {
             let conns = listener::listen(listener, "grpc", conn_limits, |tcp| async { Ok(tcp) });
             tracing::info!(addr = %local, "coordinator listening");
-            router
-                .serve_with_incoming_shutdown(ReceiverStream::new(conns).map(Ok::<_, std::io::Error>), shutdown)
-                .await?;
+            router.serve_with_incoming_shutdown(ReceiverStream::new(conns).map(Ok::<_, std::io::Error>), shutdown).await
         }
-    }
-    Ok(())
+    };
+    // What the farm changed last is stored before the process goes.
+    coordinator.flush().await;
+    Ok(served?)
 }
 
 /// TLS for gRPC, as tonic would set it up: the coordinator's certificate,

@@ -2,28 +2,39 @@
 //! settings and metrics, and the work a change of the farm asks for
 //! (verifying images, merging indexes), run in the background.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 use braid_shared::oci::{ImageDescriptor, Registry};
 use braid_shared::pki::{self, Pem};
+use braid_shared::proto::{self, coordinator_message::Kind as ToAgent};
 use braid_shared::{Digest, ImageRef, Platform};
 
 use crate::auth::Tokens;
 use crate::blobs::{BlobError, BlobStore};
 use crate::contexts::ContextStore;
 use crate::error::{CoordinatorError, Result};
-use crate::farm::{Farm, FollowUp, VerifyIn};
+use crate::farm::{Effect, Effects, Farm, FarmConfig, VerifyIn};
+use crate::journal::{Entry, Journal};
 use crate::merge;
 use crate::metrics::Metrics;
+use crate::model::SystemClock;
 use crate::settings::Settings;
 use crate::store::Store;
+
+/// A session's outbound stream: what the coordinator sends an agent.
+pub type AgentSender = mpsc::UnboundedSender<std::result::Result<proto::CoordinatorMessage, tonic::Status>>;
 
 /// Everything the services share.
 pub struct Coordinator {
     farm: Mutex<Farm>,
+    /// Open agent sessions by id; locked only with the farm locked first.
+    sessions: Mutex<HashMap<u64, AgentSender>>,
+    /// The farm's writes, made off its lock.
+    journal: Journal,
     pub contexts: ContextStore,
     pub blobs: Arc<BlobStore>,
     pub store: Arc<Store>,
@@ -48,10 +59,14 @@ impl Coordinator {
         )?;
         let blobs = Arc::new(BlobStore::open(&settings.data_dir.join("blobs/sha256"), settings.blob_store_bytes)?);
         let metrics = Arc::new(Metrics::default());
-        let mut farm =
-            Farm::load(store.clone(), settings.max_attempts, settings.insecure_registries.clone(), metrics.clone())?;
-        farm.adopt_orphans();
-        farm.set_configured_credentials(settings.credentials());
+        let config = FarmConfig {
+            max_attempts: settings.max_attempts,
+            insecure_registries: settings.insecure_registries.clone(),
+            configured: settings.credentials(),
+        };
+        let mut farm = Farm::new(config, Arc::new(SystemClock::default()), metrics.clone());
+        farm.restore(store.load_builds()?, store.cordons()?);
+        let journal = Journal::start(store.clone())?;
         let tokens = Tokens::new(store.clone(), settings.tls());
         let ca = match (&settings.tls_ca, &settings.tls_ca_key) {
             (Some(cert), Some(key)) => Some(Pem {
@@ -62,6 +77,8 @@ impl Coordinator {
         };
         Ok(Arc::new(Coordinator {
             farm: Mutex::new(farm),
+            sessions: Mutex::new(HashMap::new()),
+            journal,
             contexts,
             blobs,
             store,
@@ -80,21 +97,69 @@ impl Coordinator {
         self.farm.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs work a state change asked for, in the background.
-    pub fn follow_up(self: &Arc<Self>, follow: Option<FollowUp>) {
-        let Some(follow) = follow else { return };
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut next = Some(follow);
-            while let Some(step) = next.take() {
-                next = this.run_follow_up(step).await;
-            }
-        });
+    fn sessions(&self) -> MutexGuard<'_, HashMap<u64, AgentSender>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn run_follow_up(self: &Arc<Self>, step: FollowUp) -> Option<FollowUp> {
-        match step {
-            FollowUp::Verify { build_id, job_id, at, digest, platform } => {
+    /// Performs what a transition of `farm` asked for; called with the farm
+    /// still locked (hence the `_farm` borrow), so messages to agents and
+    /// writes keep the farm's order. Sends and queued writes do not block;
+    /// verifications and merges run in the background.
+    pub fn perform(self: &Arc<Self>, _farm: &Farm, effects: Effects) {
+        for effect in effects {
+            match effect {
+                Effect::Assign { session, assignment } => self.send(session, ToAgent::Assign(*assignment)),
+                Effect::Cancel { session, cancel } => self.send(session, ToAgent::Cancel(cancel)),
+                Effect::Disconnect { session, agent, why } => {
+                    if let Some(tx) = self.sessions().remove(&session) {
+                        let _ = tx.send(Err(crate::error::disconnect_status(&agent, why)));
+                    }
+                }
+                Effect::Insert { record, spec } => self.journal.push(Entry::Insert { record, spec }),
+                Effect::Persist(record) => self.journal.push(Entry::Record(record)),
+                Effect::Append { events, live } => self.journal.push(Entry::Events { events, live }),
+                Effect::Cordon { agent, cordoned } => self.journal.push(Entry::Cordon { agent, cordoned }),
+                follow @ (Effect::Verify { .. } | Effect::Merge { .. }) => {
+                    tokio::spawn(self.clone().follow(follow));
+                }
+            }
+        }
+    }
+
+    /// Runs a transition on the locked farm and performs its effects.
+    pub fn change<T>(self: &Arc<Self>, transition: impl FnOnce(&mut Farm) -> (T, Effects)) -> T {
+        let mut farm = self.farm();
+        let (value, effects) = transition(&mut farm);
+        self.perform(&farm, effects);
+        value
+    }
+
+    fn send(&self, session: u64, kind: ToAgent) {
+        if let Some(tx) = self.sessions().get(&session) {
+            let _ = tx.send(Ok(proto::CoordinatorMessage { kind: Some(kind) }));
+        }
+    }
+
+    /// Registers a new session's stream (before its transition's effects
+    /// are performed, which may already send on it).
+    pub fn open_session(&self, _farm: &Farm, session: u64, tx: AgentSender) {
+        self.sessions().insert(session, tx);
+    }
+
+    /// Forgets a session whose stream ended.
+    pub fn close_session(&self, session: u64) {
+        self.sessions().remove(&session);
+    }
+
+    /// Waits until every change made so far is stored.
+    pub async fn flush(&self) {
+        self.journal.flush().await;
+    }
+
+    /// Checks an image or merges an index, then records the outcome.
+    async fn follow(self: Arc<Self>, effect: Effect) {
+        match effect {
+            Effect::Verify { build_id, job_id, at, digest, platform } => {
                 let outcome = match at {
                     VerifyIn::Registry(repository) => {
                         self.verify_pushed(&build_id, &repository, &digest, &platform).await
@@ -107,23 +172,21 @@ impl Coordinator {
                         }
                     }
                 };
-                let result = self.farm().verified(&build_id, &job_id, outcome);
-                result.unwrap_or_else(|e| {
-                    tracing::error!(build_id, job_id, error = %e, "recording the verification failed");
-                    None
-                })
+                let mut farm = self.farm();
+                let effects = farm.verified(&build_id, &job_id, outcome);
+                self.perform(&farm, effects);
             }
-            FollowUp::Merge { build_id } => {
+            Effect::Merge { build_id } => {
                 let inputs = self.farm().merge_inputs(&build_id);
                 let outcome = match inputs {
                     Some(m) => self.merge(&build_id, &m).await,
                     None => Err("a platform has no image".to_owned()),
                 };
-                if let Err(e) = self.farm().merged(&build_id, outcome) {
-                    tracing::error!(build_id, error = %e, "recording the merge failed");
-                }
-                None
+                let mut farm = self.farm();
+                let effects = farm.merged(&build_id, outcome);
+                self.perform(&farm, effects);
             }
+            _ => {}
         }
     }
 
@@ -190,19 +253,16 @@ impl Coordinator {
         loop {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
             let sweep = last_sweep.elapsed() >= Duration::from_millis(200);
-            let result = {
+            {
                 let mut farm = self.farm();
-                let swept = if sweep {
+                let mut effects = Vec::new();
+                if sweep {
                     last_sweep = std::time::Instant::now();
-                    farm.reap(self.settings.agent_lost_after())
-                        .and_then(|()| farm.check_timeouts(self.settings.queue_timeout()))
-                } else {
-                    Ok(())
-                };
-                swept.and_then(|()| farm.schedule())
-            };
-            if let Err(e) = result {
-                tracing::error!(error = %e, "scheduling failed");
+                    effects.extend(farm.reap(self.settings.agent_lost_after()));
+                    effects.extend(farm.check_timeouts(self.settings.queue_timeout()));
+                }
+                effects.extend(farm.schedule());
+                self.perform(&farm, effects);
             }
         }
     }

@@ -22,16 +22,20 @@ impl AdminService {
         AdminService { coordinator }
     }
 
-    fn set_cordon(
+    async fn set_cordon(
         &self,
         req: Request<proto::AgentRequest>,
         cordoned: bool,
     ) -> Result<Response<proto::AgentInfo>, Status> {
         self.coordinator.tokens.authorize(&req, Role::Operate)?;
-        let mut farm = self.coordinator.farm();
-        farm.set_cordoned(&req.get_ref().name, cordoned)?;
-        let agent =
-            farm.agent_list().into_iter().find(|a| a.name == req.get_ref().name).map(|a| convert::agent_info(&farm, a));
+        let agent = {
+            let mut farm = self.coordinator.farm();
+            let effects = farm.set_cordoned(&req.get_ref().name, cordoned)?;
+            self.coordinator.perform(&farm, effects);
+            farm.agent_list().into_iter().find(|a| a.name == req.get_ref().name).map(|a| convert::agent_info(&farm, a))
+        };
+        // Stored before it is acknowledged: a restart keeps the cordon.
+        self.coordinator.flush().await;
         agent.map(Response::new).ok_or_else(|| Status::not_found("agent vanished"))
     }
 }
@@ -94,19 +98,19 @@ impl Admin for AdminService {
 
     #[instrument(skip_all, err, fields(agent = %req.get_ref().name))]
     async fn cordon(&self, req: Request<proto::AgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
-        self.set_cordon(req, true)
+        self.set_cordon(req, true).await
     }
 
     #[instrument(skip_all, err, fields(agent = %req.get_ref().name))]
     async fn uncordon(&self, req: Request<proto::AgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
-        let info = self.set_cordon(req, false);
+        let info = self.set_cordon(req, false).await;
         self.coordinator.wake.notify_one();
         info
     }
 
     #[instrument(skip_all, err, fields(agent = %req.get_ref().name))]
     async fn drain(&self, req: Request<proto::AgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
-        self.set_cordon(req, true)
+        self.set_cordon(req, true).await
     }
 
     #[instrument(skip_all, err, fields(agent = %braid_shared::shorten(&req.get_ref().name, 80)))]
@@ -125,7 +129,7 @@ impl Admin for AdminService {
         }
         // Revoke first: a session opened between the two steps is refused.
         let revoked_serials = crate::enroll::forget(&self.coordinator.store, name)?;
-        let (disconnected, requeued_jobs) = self.coordinator.farm().forget_agent(name)?;
+        let (disconnected, requeued_jobs) = self.coordinator.change(|farm| farm.forget_agent(name));
         self.coordinator.wake.notify_one();
         Ok(Response::new(proto::ForgetAgentResponse { revoked_serials, disconnected, requeued_jobs }))
     }

@@ -55,7 +55,7 @@ impl AgentsService {
         }
         let cert = enroll::check_certificate(&self.coordinator.store, &info)?;
         if cert.superseded {
-            self.coordinator.farm().close_superseded_session(&cert.name, &cert.stamp.serial);
+            self.coordinator.change(|farm| ((), farm.close_superseded_session(&cert.name, &cert.stamp.serial)));
         }
         Ok(Some(cert))
     }
@@ -163,8 +163,14 @@ impl Agents for AgentsService {
         }));
         let name = hello.name.clone();
         let stamp = identity.map(|c| c.stamp);
-        let session =
-            self.coordinator.farm().agent_connected(&hello, platforms.clone(), emulates.clone(), tx, stamp)?;
+        let session = {
+            let mut farm = self.coordinator.farm();
+            let (session, effects) = farm.agent_connected(&hello, platforms.clone(), emulates.clone(), stamp)?;
+            // Registered first: the effects may already send on it.
+            self.coordinator.open_session(&farm, session, tx);
+            self.coordinator.perform(&farm, effects);
+            session
+        };
         let span = tracing::info_span!("agent_session", agent = %name, session);
         span.in_scope(|| {
             tracing::info!(
@@ -187,6 +193,7 @@ impl Agents for AgentsService {
                     Err(e) => tracing::warn!(error = %e, "agent session ended"),
                 }
                 coordinator.farm().agent_disconnected(&name, session);
+                coordinator.close_session(session);
             }
             .instrument(span),
         );
@@ -222,7 +229,7 @@ impl Agents for AgentsService {
         // recorded together, so two Joins cannot both enroll one name.
         let revoked = enroll::record_join(&self.coordinator.store, &token, &info)?;
         if revoked > 0 {
-            self.coordinator.farm().close_superseded_session(&r.name, &info.serial);
+            self.coordinator.change(|farm| ((), farm.close_superseded_session(&r.name, &info.serial)));
         }
         tracing::info!(token_id = %token.id, serial = %info.serial, replaced = revoked, "agent enrolled");
         Ok(Response::new(proto::JoinResponse { cert_pem, ca_pem: ca.cert.clone() }))
@@ -338,33 +345,29 @@ async fn read_session(
 ) -> Result<(), Status> {
     while let Some(message) = inbound.message().await? {
         let Some(kind) = message.kind else { continue };
-        let follow = {
+        {
             let mut farm = coordinator.farm();
-            match kind {
+            let effects = match kind {
                 FromAgent::Hello(_) => {
                     return Err(Status::invalid_argument("a second hello in one session"));
                 }
                 FromAgent::Heartbeat(beat) => {
                     farm.heartbeat(name, session);
                     farm.set_draining(name, session, beat.draining);
-                    None
+                    Vec::new()
                 }
                 FromAgent::Log(log) => {
                     farm.heartbeat(name, session);
-                    farm.job_log(name, session, log)?;
-                    None
+                    farm.job_log(name, session, log)
                 }
-                FromAgent::Progress(progress) => {
-                    farm.job_progress(name, session, progress)?;
-                    None
-                }
+                FromAgent::Progress(progress) => farm.job_progress(name, session, progress),
                 FromAgent::Result(result) => {
                     tracing::info!(job_id = %result.job_id, attempt = result.attempt, "job result");
-                    farm.job_result(name, session, result)?
+                    farm.job_result(name, session, result)
                 }
-            }
-        };
-        coordinator.follow_up(follow);
+            };
+            coordinator.perform(&farm, effects);
+        }
         coordinator.wake.notify_one();
     }
     Ok(())

@@ -119,8 +119,11 @@ impl Builds for BuildsService {
             .into());
         }
         self.coordinator.contexts.touch(&digest)?;
-        let build_id =
-            self.coordinator.farm().submit(valid.spec, valid.platforms, valid.tags, caller.token_id, credentials)?;
+        let build_id = self
+            .coordinator
+            .change(|farm| farm.submit(valid.spec, valid.platforms, valid.tags, caller.token_id, credentials));
+        // Stored before its id is handed out: a restart keeps every build a client knows of.
+        self.coordinator.flush().await;
         tracing::Span::current().record("build_id", build_id.as_str());
         Metrics::add(&self.coordinator.metrics.builds_submitted, 1);
         tracing::info!(build_id, "build submitted");
@@ -142,6 +145,9 @@ impl Builds for BuildsService {
         let coordinator = self.coordinator.clone();
         let build_id = req.build_id;
         let stream = async_stream::try_stream! {
+            // Events the farm made before the subscription are stored or
+            // queued to be; once written, the replay finds them all.
+            coordinator.flush().await;
             let mut live = sub.live;
             let mut sent = req.after_seq;
             let mut done = false;
@@ -304,7 +310,8 @@ impl Builds for BuildsService {
         let build = {
             let mut farm = self.coordinator.farm();
             farm.build_for(&req.get_ref().build_id, &caller)?;
-            farm.cancel(&req.get_ref().build_id, "cancelled by request")?;
+            let effects = farm.cancel(&req.get_ref().build_id, "cancelled by request")?;
+            self.coordinator.perform(&farm, effects);
             farm.build(&req.get_ref().build_id).map(convert::build)?
         };
         self.coordinator.wake.notify_one();

@@ -25,12 +25,6 @@ pub fn build(b: &BuildEntry) -> proto::Build {
 
 /// An agent as `braid agents` shows it.
 pub fn agent_info(farm: &Farm, a: &AgentEntry) -> proto::AgentInfo {
-    let since = a.last_seen.elapsed();
-    let last = std::time::SystemTime::now()
-        .checked_sub(since)
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
     let mut running_jobs: Vec<String> = a
         .running
         .iter()
@@ -54,7 +48,7 @@ pub fn agent_info(farm: &Farm, a: &AgentEntry) -> proto::AgentInfo {
         state: a.state().as_str().to_owned(),
         slots: a.slots,
         running: a.running.len() as u32,
-        last_heartbeat: Some(timestamp(last)),
+        last_heartbeat: Some(timestamp(a.last_seen_ms)),
         running_jobs,
     }
 }
