@@ -147,22 +147,6 @@ impl Store {
         })
     }
 
-    pub fn insert_build(&self, record: &BuildRecord, spec: &proto::BuildSpec) -> Result<()> {
-        let json = serde_json::to_string(record).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO builds (id, created, spec, record) VALUES (?1, ?2, ?3, ?4)",
-                params![record.id, record.created_ms, spec.encode_to_vec(), json],
-            )
-            .map(drop)
-        })
-    }
-
-    pub fn save_build(&self, record: &BuildRecord) -> Result<()> {
-        let json = serde_json::to_string(record).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
-        self.with(|c| c.execute("UPDATE builds SET record = ?2 WHERE id = ?1", params![record.id, json]).map(drop))
-    }
-
     /// Every build with its spec, oldest first. A build an older version
     /// stored that no longer parses (a platform now refused, say) is left
     /// out with a warning rather than keeping the coordinator from starting.
@@ -195,19 +179,6 @@ impl Store {
             }
         }
         Ok(builds)
-    }
-
-    pub fn append_events(&self, events: &[proto::BuildEvent]) -> Result<()> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            {
-                let mut stmt = tx.prepare_cached("INSERT INTO events (build_id, seq, body) VALUES (?1, ?2, ?3)")?;
-                for e in events {
-                    stmt.execute(params![e.build_id, e.seq as i64, e.encode_to_vec()])?;
-                }
-            }
-            tx.commit()
-        })
     }
 
     /// Events of one build after `after_seq`, at most `limit`.
@@ -253,17 +224,6 @@ impl Store {
             let mut stmt = c.prepare("SELECT digest, stored FROM contexts ORDER BY last_used, digest")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
             rows.collect()
-        })
-    }
-
-    /// Records or clears an operator's cordon on an agent.
-    pub fn set_cordon(&self, agent: &str, cordoned: bool) -> Result<()> {
-        self.with(|c| {
-            if cordoned {
-                c.execute("INSERT OR IGNORE INTO cordons (agent) VALUES (?1)", params![agent]).map(drop)
-            } else {
-                c.execute("DELETE FROM cordons WHERE agent = ?1", params![agent]).map(drop)
-            }
         })
     }
 
