@@ -195,44 +195,33 @@ impl Builds for BuildsService {
         } else {
             Some(r.platform.parse().map_err(|e| Status::invalid_argument(format!("platform: {e}")))?)
         };
-        let (build, name) = {
+        // The farm's own typed records: nothing is turned into text and back.
+        let (images, index, name) = {
             let farm = self.coordinator.farm();
             let b = farm.build_for(&r.build_id, &caller)?;
-            (convert::build(b), b.tags.first().cloned())
-        };
-        let spec = build.spec.unwrap_or_default();
-        if !spec.export {
-            return Err(Status::failed_precondition(format!(
-                "build {} has no local output: submit it with --output type=oci or --load",
-                r.build_id
-            )));
-        }
-        if build.state != proto::BuildState::Succeeded as i32 {
-            return Err(Status::failed_precondition(format!("build {} has not succeeded", r.build_id)));
-        }
-        let descriptor = |r: &proto::ImageResult| -> Result<ImageDescriptor, Status> {
-            let digest: Digest = r.digest.parse().map_err(|_| Status::internal("a stored digest does not parse"))?;
-            Ok(ImageDescriptor { digest, size: r.size, media_type: r.media_type.clone() })
-        };
-        let mut images = Vec::new();
-        for job in &build.jobs {
-            let platform: Platform = job.platform.parse().map_err(|_| Status::internal("a stored platform"))?;
-            if only.as_ref().is_some_and(|p| *p != platform) {
-                continue;
+            if !b.spec.export {
+                return Err(Status::failed_precondition(format!(
+                    "build {} has no local output: submit it with --output type=oci or --load",
+                    r.build_id
+                )));
             }
-            let result = job.result.as_ref().ok_or_else(|| Status::internal("a succeeded job without an image"))?;
-            images.push((platform, descriptor(result)?));
-        }
+            if b.record.status != BuildStatus::Succeeded {
+                return Err(Status::failed_precondition(format!("build {} has not succeeded", r.build_id)));
+            }
+            let mut images = Vec::new();
+            for job in b.record.jobs.iter().filter(|j| only.as_ref().is_none_or(|p| *p == j.platform)) {
+                let image = job.result.as_ref().ok_or_else(|| Status::internal("a succeeded job without an image"))?;
+                images.push((job.platform.clone(), ImageDescriptor::from(image)));
+            }
+            let index = b.record.index.as_ref().map(ImageDescriptor::from);
+            (images, index, b.tags.first().cloned())
+        };
         if let Some(p) = &only
             && images.is_empty()
         {
             return Err(Status::not_found(format!("build {} has no image for {p}", r.build_id)));
         }
-        let index = ImageDescriptor {
-            digest: build.index_digest.parse().map_err(|_| Status::internal("a stored index digest"))?,
-            size: build.index_size,
-            media_type: build.index_media_type.clone(),
-        };
+        let index = index.ok_or_else(|| Status::internal("a succeeded exporting build without an index"))?;
         let blobs = self.coordinator.blobs.clone();
         let reader = blobs.clone();
         // Reading the manifests back hashes them: a blocking thread's work.
