@@ -119,3 +119,40 @@ fn write_one(store: &Store, entry: &Entry) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64) -> proto::BuildEvent {
+        let notice = proto::Notice { platform: String::new(), text: format!("event {seq}") };
+        proto::BuildEvent {
+            seq,
+            build_id: "b1".into(),
+            time: None,
+            kind: Some(proto::build_event::Kind::Notice(notice)),
+        }
+    }
+
+    #[tokio::test]
+    async fn events_are_shown_once_written_and_a_failed_write_shows_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("braid.db")).unwrap());
+        let journal = Journal::start(store.clone()).unwrap();
+        let (live, mut watcher) = broadcast::channel(16);
+        journal.push(Entry::Events { events: vec![event(1), event(2)], live: live.clone() });
+        journal.flush().await;
+        let stored: Vec<u64> = store.events_after("b1", 0, 10).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(stored, [1, 2]);
+        assert_eq!((watcher.try_recv().unwrap().seq, watcher.try_recv().unwrap().seq), (1, 2));
+
+        // Seq 2 again cannot be stored (one event per number): it is not
+        // shown, and a good write queued after it (batched with it or not) is.
+        journal.push(Entry::Events { events: vec![event(2)], live: live.clone() });
+        journal.push(Entry::Events { events: vec![event(3)], live });
+        journal.flush().await;
+        assert_eq!(watcher.try_recv().unwrap().seq, 3);
+        assert!(watcher.try_recv().is_err(), "the refused event was not shown");
+        assert_eq!(store.events_after("b1", 0, 10).unwrap().len(), 3);
+    }
+}
