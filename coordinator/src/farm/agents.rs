@@ -13,7 +13,7 @@ use crate::model::CertStamp;
 impl Farm {
     /// Jobs whose agents we have not heard from since a restart; they get
     /// `lost_after` to reconnect like any agent that goes quiet.
-    pub fn adopt_orphans(&mut self) {
+    pub(super) fn adopt_orphans(&mut self) {
         let now = self.now();
         let mut orphans: HashMap<String, Vec<(String, String)>> = HashMap::new();
         for b in self.builds.values() {

@@ -145,7 +145,7 @@ impl Farm {
         self.take()
     }
 
-    pub(super) fn lease(&mut self, build_id: &str, job_id: &str, agent_name: &str, emulated: bool) {
+    fn lease(&mut self, build_id: &str, job_id: &str, agent_name: &str, emulated: bool) {
         let lease = uuid::Uuid::new_v4().simple().to_string();
         let insecure = self.config.insecure_registries.clone();
         let now = self.now();
@@ -216,7 +216,7 @@ impl Farm {
         self.take()
     }
 
-    pub(super) fn check_timeouts_inner(&mut self, queue_timeout: Option<Duration>) {
+    fn check_timeouts_inner(&mut self, queue_timeout: Option<Duration>) {
         let now = self.now();
         let mut expired: Vec<(String, String, String)> = Vec::new();
         for b in self.active.iter().filter_map(|id| self.builds.get(id)).filter(|b| !b.record.status.is_terminal()) {
@@ -274,7 +274,7 @@ impl Farm {
         self.take()
     }
 
-    pub(super) fn job_log_inner(&mut self, name: &str, session: u64, log: proto::JobLog) {
+    fn job_log_inner(&mut self, name: &str, session: u64, log: proto::JobLog) {
         let Some(build_id) = self.build_of_job(&log.job_id) else {
             return;
         };
@@ -323,7 +323,7 @@ impl Farm {
         self.take()
     }
 
-    pub(super) fn job_progress_inner(&mut self, name: &str, session: u64, progress: proto::JobProgress) {
+    fn job_progress_inner(&mut self, name: &str, session: u64, progress: proto::JobProgress) {
         let Some(build_id) = self.build_of_job(&progress.job_id) else {
             return;
         };
@@ -348,7 +348,7 @@ impl Farm {
         self.take()
     }
 
-    pub(super) fn job_result_inner(&mut self, name: &str, session: u64, result: proto::JobResult) {
+    fn job_result_inner(&mut self, name: &str, session: u64, result: proto::JobResult) {
         let Some(build_id) = self.build_of_job(&result.job_id) else {
             return;
         };
@@ -382,7 +382,7 @@ impl Farm {
 
     /// Keeps the agent's phase times (bounded, known phases only) and
     /// observes them.
-    pub(super) fn record_agent_phases(&mut self, build_id: &str, job_id: &str, phases: &[proto::PhaseTiming]) {
+    fn record_agent_phases(&mut self, build_id: &str, job_id: &str, phases: &[proto::PhaseTiming]) {
         let now = self.now();
         let metrics = self.metrics.clone();
         let Some(job) = self.job_mut(build_id, job_id) else { return };
@@ -404,7 +404,7 @@ impl Farm {
         }
     }
 
-    pub(super) fn image_built(&mut self, build_id: &str, job_id: &str, agent: &str, image: proto::ImageResult) {
+    fn image_built(&mut self, build_id: &str, job_id: &str, agent: &str, image: proto::ImageResult) {
         let now = self.now();
         let Some(b) = self.builds.get_mut(build_id) else {
             return;
@@ -455,7 +455,7 @@ impl Farm {
         self.take()
     }
 
-    pub(super) fn verified_inner(&mut self, build_id: &str, job_id: &str, outcome: Result<ImageDescriptor, String>) {
+    fn verified_inner(&mut self, build_id: &str, job_id: &str, outcome: Result<ImageDescriptor, String>) {
         let metrics = self.metrics.clone();
         let now = self.now();
         let Some(job) = self.job_mut(build_id, job_id) else {
@@ -487,7 +487,7 @@ impl Farm {
         }
     }
 
-    pub(super) fn maybe_merge(&mut self, build_id: &str) {
+    fn maybe_merge(&mut self, build_id: &str) {
         let now = self.now();
         let Some(b) = self.builds.get_mut(build_id) else {
             return;
@@ -532,7 +532,7 @@ impl Farm {
         self.take()
     }
 
-    pub(super) fn merged_inner(&mut self, build_id: &str, outcome: Result<ImageDescriptor, String>) {
+    fn merged_inner(&mut self, build_id: &str, outcome: Result<ImageDescriptor, String>) {
         let now = self.now();
         let Some(b) = self.builds.get_mut(build_id) else {
             return;
@@ -562,7 +562,7 @@ impl Farm {
 
     /// Fails a build because of one job: the job fails, the others are
     /// cancelled, and no index is pushed.
-    pub(super) fn fail_build(&mut self, build_id: &str, job_id: &str, message: String) {
+    fn fail_build(&mut self, build_id: &str, job_id: &str, message: String) {
         let now = self.now();
         let Some(b) = self.builds.get_mut(build_id) else {
             return;
@@ -599,7 +599,7 @@ impl Farm {
     }
 
     /// Cancels every unfinished job of a build and tells their agents.
-    pub(super) fn stop_jobs(&mut self, build_id: &str, reason: &str, events: &mut Vec<EventKind>) {
+    fn stop_jobs(&mut self, build_id: &str, reason: &str, events: &mut Vec<EventKind>) {
         let now = self.now();
         let Some(b) = self.builds.get_mut(build_id) else {
             return;
