@@ -290,6 +290,7 @@ impl Farm {
             return;
         }
         let platform = job.platform.to_string();
+        let bytes_before = job.log_bytes;
         let mut kinds = Vec::new();
         for line in log.lines {
             let line = braid_shared::shorten(&line, LOG_LINE_BYTES);
@@ -310,10 +311,12 @@ impl Farm {
             job.log_bytes += line.len() as u64;
             kinds.push(EventKind::Log(proto::LogLine { platform: platform.clone(), line }));
         }
-        // Log lines leave the record as it is; a cut is a change worth keeping.
-        let cut = job.log_cut;
+        // Log lines leave the record as it is; a cut is a change worth
+        // keeping, and so is each MiB logged (after a restart, a job's log
+        // count is at most that much behind).
+        let keep = job.log_cut || job.log_bytes >> 20 != bytes_before >> 20;
         self.append(&build_id, kinds);
-        if cut && let Some(b) = self.builds.get(&build_id) {
+        if keep && let Some(b) = self.builds.get(&build_id) {
             self.out.push(Effect::Persist(Box::new(b.record.clone())));
         }
     }
