@@ -6,86 +6,10 @@ use std::sync::Arc;
 use rand::RngCore;
 use tonic::{Request, Status};
 
-use braid_shared::proto;
-
 use crate::error::{CoordinatorError, Result};
-use crate::farm::now_ms;
+pub use crate::model::{Caller, Role, TokenRecord};
+use crate::model::{now_ms, valid_agent_name};
 use crate::store::Store;
-
-/// A token as stored (never its secret).
-#[derive(Debug, Clone)]
-pub struct TokenRecord {
-    pub id: String,
-    pub role: String,
-    pub created_ms: i64,
-    pub expires_ms: Option<i64>,
-    pub single_use: bool,
-    pub used: bool,
-    pub revoked: bool,
-    pub description: String,
-    /// A join token bound to one agent name enrolls only that name.
-    pub agent_name: Option<String>,
-    /// A join token that may enroll its bound name again (`--replace`).
-    pub replace: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Submit,
-    Operate,
-    Agent,
-}
-
-impl Role {
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Submit => "submit",
-            Role::Operate => "operate",
-            Role::Agent => "agent",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "submit" => Some(Role::Submit),
-            "operate" => Some(Role::Operate),
-            "agent" => Some(Role::Agent),
-            _ => None,
-        }
-    }
-
-    pub fn from_proto(r: i32) -> Option<Role> {
-        match proto::Role::try_from(r).ok()? {
-            proto::Role::Submit => Some(Role::Submit),
-            proto::Role::Operate => Some(Role::Operate),
-            proto::Role::Agent => Some(Role::Agent),
-            proto::Role::Unspecified => None,
-        }
-    }
-
-    pub fn to_proto(self) -> proto::Role {
-        match self {
-            Role::Submit => proto::Role::Submit,
-            Role::Operate => proto::Role::Operate,
-            Role::Agent => proto::Role::Agent,
-        }
-    }
-}
-
-/// The authenticated caller of a client RPC.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// The token's id; None for the loopback development mode without tokens.
-    pub token_id: Option<String>,
-    pub role: Role,
-}
-
-impl Caller {
-    /// Whether the caller may see or steer a build owned by `owner`.
-    pub fn owns(&self, owner: Option<&str>) -> bool {
-        self.role == Role::Operate || self.token_id.is_none() || owner == self.token_id.as_deref()
-    }
-}
 
 /// Only join tokens are bound to a name, and only a bound one may replace:
 /// an unbound `--replace` token would let its holder take over every name.
@@ -98,7 +22,7 @@ fn check_binding(role: Role, agent_name: Option<&str>, replace: bool) -> Result<
                 role.name()
             ));
         }
-        if !crate::service_agents::valid_name(name) {
+        if !valid_agent_name(name) {
             return invalid(format!(
                 "agent_name: {:?} must be 1 to {} letters, digits, '.', '_' or '-'",
                 braid_shared::shorten(name, 80),

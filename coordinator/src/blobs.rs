@@ -16,6 +16,36 @@ use braid_shared::{Digest, Platform, limits};
 
 use crate::error::{CoordinatorError, Result};
 
+/// Why a stored blob or image could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// Never uploaded, or evicted since.
+    #[error("blob {0} is not stored")]
+    NotStored(Digest),
+    #[error("layer {0} was not uploaded")]
+    LayerMissing(Digest),
+    #[error("index {0} is no longer stored")]
+    IndexGone(Digest),
+    #[error("blob {digest} is larger than {limit} bytes")]
+    TooLarge { digest: Digest, limit: usize },
+    #[error("blob {0} is damaged on disk")]
+    Damaged(Digest),
+    #[error("layer {digest} is {len} bytes, the manifest says {want}")]
+    WrongSize { digest: Digest, len: u64, want: u64 },
+    /// The image is not what it should be (its manifest, config or platform).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl BlobError {
+    /// The blob is gone: evicted, or never uploaded.
+    pub fn is_missing(&self) -> bool {
+        matches!(self, BlobError::NotStored(_) | BlobError::LayerMissing(_) | BlobError::IndexGone(_))
+    }
+}
+
 pub struct BlobStore {
     dir: PathBuf,
     max_bytes: u64,
@@ -134,15 +164,15 @@ impl BlobStore {
     }
 
     /// A small blob (a manifest, index or config), at most `limit` bytes.
-    pub fn read(&self, digest: &Digest, limit: usize) -> std::result::Result<Vec<u8>, String> {
+    pub fn read(&self, digest: &Digest, limit: usize) -> std::result::Result<Vec<u8>, BlobError> {
         let path = self.path(digest);
-        let len = std::fs::metadata(&path).map_err(|_| format!("blob {digest} is not stored"))?.len();
+        let len = std::fs::metadata(&path).map_err(|_| BlobError::NotStored(digest.clone()))?.len();
         if len > limit as u64 {
-            return Err(format!("blob {digest} is larger than {limit} bytes"));
+            return Err(BlobError::TooLarge { digest: digest.clone(), limit });
         }
-        let bytes = std::fs::read(&path).map_err(|e| format!("blob {digest}: {e}"))?;
+        let bytes = std::fs::read(&path).map_err(|e| BlobError::Internal(format!("blob {digest}: {e}")))?;
         if Digest::of(&bytes) != *digest {
-            return Err(format!("blob {digest} is damaged on disk"));
+            return Err(BlobError::Damaged(digest.clone()));
         }
         Ok(bytes)
     }
@@ -161,23 +191,26 @@ impl BlobStore {
         &self,
         digest: &Digest,
         platform: &Platform,
-    ) -> std::result::Result<(ImageDescriptor, Vec<Digest>), String> {
+    ) -> std::result::Result<(ImageDescriptor, Vec<Digest>), BlobError> {
+        let invalid = |m: String| BlobError::Invalid(m);
         let manifest = self.read(digest, limits::MANIFEST_BYTES)?;
-        let parsed: ImageManifest = serde_json::from_slice(&manifest).map_err(|e| format!("manifest {digest}: {e}"))?;
-        let config_digest: Digest = parsed.config().digest().to_string().parse().map_err(|e| format!("{e}"))?;
+        let parsed: ImageManifest =
+            serde_json::from_slice(&manifest).map_err(|e| invalid(format!("manifest {digest}: {e}")))?;
+        let config_digest: Digest =
+            parsed.config().digest().to_string().parse().map_err(|e| invalid(format!("{e}")))?;
         let config = self.read(&config_digest, limits::MANIFEST_BYTES * 4)?;
-        let found = oci::config_platform(&config)?;
+        let found = oci::config_platform(&config).map_err(invalid)?;
         if found != *platform {
-            return Err(format!("the image is for {found}, not {platform}"));
+            return Err(invalid(format!("the image is for {found}, not {platform}")));
         }
         let mut blobs = vec![digest.clone(), config_digest];
         for layer in parsed.layers() {
-            let layer_digest: Digest = layer.digest().to_string().parse().map_err(|e| format!("{e}"))?;
+            let layer_digest: Digest = layer.digest().to_string().parse().map_err(|e| invalid(format!("{e}")))?;
             let len = std::fs::metadata(self.path(&layer_digest))
-                .map_err(|_| format!("layer {layer_digest} was not uploaded"))?
+                .map_err(|_| BlobError::LayerMissing(layer_digest.clone()))?
                 .len();
             if len != layer.size() {
-                return Err(format!("layer {layer_digest} is {len} bytes, the manifest says {}", layer.size()));
+                return Err(BlobError::WrongSize { digest: layer_digest, len, want: layer.size() });
             }
             blobs.push(layer_digest);
         }
@@ -337,9 +370,9 @@ mod tests {
         assert_eq!(descriptor.digest, manifest);
         assert_eq!(all, [manifest.clone(), config, layer.clone()]);
         let e = blobs.verify_image(&manifest, &"linux/amd64".parse().unwrap()).unwrap_err();
-        assert!(e.contains("not linux/amd64"), "{e}");
+        assert!(e.to_string().contains("not linux/amd64"), "{e}");
         std::fs::remove_file(blobs.path(&layer)).unwrap();
         let e = blobs.verify_image(&manifest, &"linux/arm64".parse().unwrap()).unwrap_err();
-        assert!(e.contains("was not uploaded"), "{e}");
+        assert!(e.to_string().contains("was not uploaded"), "{e}");
     }
 }

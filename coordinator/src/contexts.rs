@@ -11,7 +11,7 @@ use braid_shared::compression::{StreamDecoder, ZstdError};
 use braid_shared::context::HashingWriter;
 
 use crate::error::{CoordinatorError, Result};
-use crate::farm::now_ms;
+use crate::model::now_ms;
 use crate::store::Store;
 
 pub struct ContextStore {

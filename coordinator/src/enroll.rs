@@ -7,20 +7,10 @@
 
 use braid_shared::pki::CertInfo;
 
-use crate::auth::TokenRecord;
 use crate::error::{CoordinatorError, Result};
-use crate::farm::now_ms;
+pub use crate::model::CertStamp;
+use crate::model::{TokenRecord, now_ms};
 use crate::store::{CertRow, JoinOutcome, OfflineOutcome, Store};
-
-/// The certificate an agent's session was opened with, kept with the
-/// session to decide whether a later one may replace it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertStamp {
-    /// Lowercase hex serial.
-    pub serial: String,
-    /// When the coordinator recorded it, milliseconds: later is newer.
-    pub issued_ms: i64,
-}
 
 /// An accepted agent certificate.
 #[derive(Debug, Clone)]

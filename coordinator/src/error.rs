@@ -2,6 +2,8 @@
 
 use tonic::Status;
 
+use crate::farm::{Disconnect, FarmError};
+
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
     #[error("{0}")]
@@ -50,3 +52,34 @@ impl From<CoordinatorError> for Status {
 }
 
 pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
+
+impl From<FarmError> for CoordinatorError {
+    fn from(e: FarmError) -> CoordinatorError {
+        match e {
+            FarmError::NotFound(m) => CoordinatorError::NotFound(m),
+            FarmError::PermissionDenied(m) => CoordinatorError::PermissionDenied(m),
+            FarmError::FailedPrecondition(m) => CoordinatorError::FailedPrecondition(m),
+            FarmError::AlreadyExists(m) => CoordinatorError::AlreadyExists(m),
+        }
+    }
+}
+
+impl From<FarmError> for Status {
+    fn from(e: FarmError) -> Status {
+        CoordinatorError::from(e).into()
+    }
+}
+
+/// What an agent's session is told when the farm closes it.
+pub fn disconnect_status(agent: &str, why: Disconnect) -> Status {
+    match why {
+        Disconnect::Replaced => Status::aborted("replaced by a newer session of the same agent"),
+        Disconnect::Lost => Status::unavailable("declared lost: no heartbeat in time"),
+        Disconnect::Superseded => {
+            Status::unauthenticated(format!("the certificate of agent {agent:?} was revoked: a newer one was enrolled"))
+        }
+        Disconnect::Forgotten => Status::unauthenticated(format!(
+            "agent {agent:?} was forgotten by an operator; its certificates are revoked"
+        )),
+    }
+}

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use braid_shared::oci::ImageDescriptor;
 use braid_shared::{Digest, ImageRef, Platform};
 
-use crate::blobs::BlobStore;
+use crate::blobs::{BlobError, BlobStore};
 
 /// What goes into one layout: its root descriptor and blobs, in order.
 #[derive(Debug)]
@@ -28,19 +28,19 @@ pub fn plan(
     index: Option<&ImageDescriptor>,
     images: &[(Platform, ImageDescriptor)],
     name: Option<ImageRef>,
-) -> Result<LayoutPlan, String> {
+) -> Result<LayoutPlan, BlobError> {
     let mut all = Vec::new();
     let root = match index {
         Some(index) => {
             if !blobs.has(&index.digest) {
-                return Err(format!("index {} is no longer stored", index.digest));
+                return Err(BlobError::IndexGone(index.digest.clone()));
             }
             all.push(index.digest.clone());
             index.clone()
         }
         None => match images {
             [(_, only)] => only.clone(),
-            _ => return Err("one image, or an index over several".into()),
+            _ => return Err(BlobError::Internal("one image, or an index over several".into())),
         },
     };
     for (platform, image) in images {
@@ -188,6 +188,6 @@ mod tests {
             media_type: braid_shared::oci::OCI_MANIFEST.into(),
         };
         let e = plan(&blobs, None, &[("linux/amd64".parse().unwrap(), image)], None).unwrap_err();
-        assert!(e.contains("not stored"), "{e}");
+        assert!(e.to_string().contains("not stored"), "{e}");
     }
 }

@@ -1,6 +1,9 @@
-//! The farm's state machine driven directly, with channels standing in for
-//! agent sessions (the end-to-end tests run the real ones).
+//! The farm's state machine driven directly: a clock the test moves, the
+//! effects it returns performed by a small executor here (store writes
+//! made at once, messages put on channels standing in for agent sessions).
+//! The end-to-end tests run the real ones.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,21 +12,125 @@ use tokio::sync::mpsc;
 use braid_shared::oci::ImageDescriptor;
 use braid_shared::proto::{self, coordinator_message::Kind as ToAgent};
 
-use crate::farm::{BuildStatus, Farm, FollowUp, JobStatus};
-use crate::store::Store;
+use crate::farm::{BuildStatus, Effect, Effects, Farm, FarmConfig, JobStatus};
+use crate::model::{CertStamp, ManualClock};
+use crate::store::{Store, Write};
 use crate::validate;
 
 type Inbox = mpsc::UnboundedReceiver<Result<proto::CoordinatorMessage, tonic::Status>>;
 
-fn farm(dir: &std::path::Path) -> (Farm, Arc<Store>) {
-    let store = Arc::new(Store::open(&dir.join("braid.db")).unwrap());
-    let metrics = Arc::new(crate::metrics::Metrics::default());
-    (Farm::load(store.clone(), 2, vec!["127.0.0.1:5000".into()], metrics).unwrap(), store)
+/// A farm, its store, its clock and the sessions its effects reach.
+struct World {
+    farm: Farm,
+    store: Arc<Store>,
+    clock: Arc<ManualClock>,
+    sessions: HashMap<u64, mpsc::UnboundedSender<Result<proto::CoordinatorMessage, tonic::Status>>>,
 }
 
-fn connect(farm: &mut Farm, name: &str, platforms: &[&str]) -> (u64, Inbox) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let hello = proto::Hello {
+impl std::ops::Deref for World {
+    type Target = Farm;
+    fn deref(&self) -> &Farm {
+        &self.farm
+    }
+}
+
+impl std::ops::DerefMut for World {
+    fn deref_mut(&mut self) -> &mut Farm {
+        &mut self.farm
+    }
+}
+
+impl World {
+    /// Performs effects as the coordinator does; returns the verifications
+    /// and merges, which the test performs itself.
+    fn run(&mut self, effects: Effects) -> Effects {
+        let mut rest = Vec::new();
+        for e in effects {
+            match e {
+                Effect::Insert { record, spec } => self.store.write(&[Write::Insert(&record, &spec)]).unwrap(),
+                Effect::Persist(record) => self.store.write(&[Write::Record(&record)]).unwrap(),
+                Effect::Append { events, .. } => self.store.write(&[Write::Events(&events)]).unwrap(),
+                Effect::Cordon { agent, cordoned } => self.store.write(&[Write::Cordon(&agent, cordoned)]).unwrap(),
+                Effect::Assign { session, assignment } => self.send(session, Ok(ToAgent::Assign(*assignment))),
+                Effect::Cancel { session, cancel } => self.send(session, Ok(ToAgent::Cancel(cancel))),
+                Effect::Disconnect { session, agent, why } => {
+                    if let Some(tx) = self.sessions.remove(&session) {
+                        let _ = tx.send(Err(crate::error::disconnect_status(&agent, why)));
+                    }
+                }
+                other => rest.push(other),
+            }
+        }
+        rest
+    }
+
+    fn send(&mut self, session: u64, kind: Result<ToAgent, tonic::Status>) {
+        if let Some(tx) = self.sessions.get(&session) {
+            let _ = tx.send(kind.map(|k| proto::CoordinatorMessage { kind: Some(k) }));
+        }
+    }
+
+    fn schedule(&mut self) {
+        let e = self.farm.schedule();
+        self.run(e);
+    }
+
+    fn reap(&mut self, lost_after: Duration) {
+        let e = self.farm.reap(lost_after);
+        self.run(e);
+    }
+
+    fn job_result(&mut self, name: &str, session: u64, result: proto::JobResult) -> Effects {
+        let e = self.farm.job_result(name, session, result);
+        self.run(e)
+    }
+
+    fn job_log(&mut self, name: &str, session: u64, log: proto::JobLog) {
+        let e = self.farm.job_log(name, session, log);
+        self.run(e);
+    }
+
+    fn forget_agent(&mut self, name: &str) -> (bool, u32) {
+        let (out, e) = self.farm.forget_agent(name);
+        self.run(e);
+        out
+    }
+
+    fn set_cordoned(&mut self, name: &str, cordoned: bool) {
+        let e = self.farm.set_cordoned(name, cordoned).unwrap();
+        self.run(e);
+    }
+
+    fn connect_with(
+        &mut self,
+        hello: &proto::Hello,
+        cert: Option<CertStamp>,
+    ) -> Result<(u64, Inbox), crate::farm::FarmError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let platforms = hello.platforms.iter().map(|p| p.parse().unwrap()).collect();
+        let (session, effects) = self.farm.agent_connected(hello, platforms, vec![], cert)?;
+        self.sessions.insert(session, tx);
+        self.run(effects);
+        Ok((session, rx))
+    }
+}
+
+/// Milliseconds the test clock starts at.
+const T0: i64 = 1_700_000_000_000;
+
+fn farm(dir: &std::path::Path) -> (World, Arc<Store>) {
+    let store = Arc::new(Store::open(&dir.join("braid.db")).unwrap());
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let clock = Arc::new(ManualClock::at(T0));
+    let config =
+        FarmConfig { max_attempts: 2, insecure_registries: vec!["127.0.0.1:5000".into()], configured: Vec::new() };
+    let mut farm = Farm::new(config, clock.clone(), metrics);
+    farm.restore(store.load_builds().unwrap(), store.cordons().unwrap());
+    (World { farm, store: store.clone(), clock, sessions: HashMap::new() }, store)
+}
+
+fn hello(name: &str, platforms: &[&str]) -> proto::Hello {
+    proto::Hello {
         name: name.into(),
         platforms: platforms.iter().map(|p| p.to_string()).collect(),
         slots: 1,
@@ -31,12 +138,14 @@ fn connect(farm: &mut Farm, name: &str, platforms: &[&str]) -> (u64, Inbox) {
         version: "test".into(),
         running: vec![],
         emulated_platforms: vec![],
-    };
-    let parsed = platforms.iter().map(|p| p.parse().unwrap()).collect();
-    (farm.agent_connected(&hello, parsed, vec![], tx, None).unwrap(), rx)
+    }
 }
 
-fn submit(farm: &mut Farm, platforms: &[&str]) -> String {
+fn connect(w: &mut World, name: &str, platforms: &[&str]) -> (u64, Inbox) {
+    w.connect_with(&hello(name, platforms), None).unwrap()
+}
+
+fn submit(w: &mut World, platforms: &[&str]) -> String {
     let spec = proto::BuildSpec {
         platforms: platforms.iter().map(|p| p.to_string()).collect(),
         tags: vec!["127.0.0.1:5000/app:1".into()],
@@ -45,7 +154,9 @@ fn submit(farm: &mut Farm, platforms: &[&str]) -> String {
         ..Default::default()
     };
     let v = validate::spec(spec).unwrap();
-    farm.submit(v.spec, v.platforms, v.tags, None, vec![]).unwrap()
+    let (id, effects) = w.farm.submit(v.spec, v.platforms, v.tags, None, vec![]);
+    w.run(effects);
+    id
 }
 
 fn next_assignment(inbox: &mut Inbox) -> proto::Assignment {
@@ -85,7 +196,7 @@ fn a_build_goes_from_queue_to_index_and_ignores_stale_results() {
     let (mut farm, store) = farm(dir.path());
     let (amd_session, mut amd) = connect(&mut farm, "amd", &["linux/amd64"]);
     let build_id = submit(&mut farm, &["linux/amd64"]);
-    farm.schedule().unwrap();
+    farm.schedule();
     let a = next_assignment(&mut amd);
     assert_eq!((a.platform.as_str(), a.attempt), ("linux/amd64", 1));
     assert_eq!(a.push_repositories, ["127.0.0.1:5000/app"]);
@@ -93,19 +204,20 @@ fn a_build_goes_from_queue_to_index_and_ignores_stale_results() {
 
     let mut stale = image(&a, 'b');
     stale.lease_id = "not-the-lease".into();
-    assert!(farm.job_result("amd", amd_session, stale).unwrap().is_none(), "a stale lease is ignored");
+    assert!(farm.job_result("amd", amd_session, stale).is_empty(), "a stale lease is ignored");
 
-    let Some(FollowUp::Verify { job_id, digest, .. }) = farm.job_result("amd", amd_session, image(&a, 'a')).unwrap()
-    else {
+    let Some(Effect::Verify { job_id, digest, .. }) = farm.job_result("amd", amd_session, image(&a, 'a')).pop() else {
         panic!("a pushed image is verified next");
     };
-    assert_eq!(digest, format!("sha256:{}", "a".repeat(64)));
-    let merge = farm.verified(&build_id, &job_id, Ok(descriptor('a'))).unwrap();
-    assert!(matches!(merge, Some(FollowUp::Merge { .. })));
-    farm.merged(&build_id, Ok(descriptor('f'))).unwrap();
+    assert_eq!(digest.as_str(), format!("sha256:{}", "a".repeat(64)));
+    let verified = farm.farm.verified(&build_id, &job_id, Ok(descriptor('a')));
+    let merge = farm.run(verified);
+    assert!(matches!(merge.as_slice(), [Effect::Merge { .. }]));
+    let merged = farm.farm.merged(&build_id, Ok(descriptor('f')));
+    assert!(farm.run(merged).is_empty());
     let build = farm.build(&build_id).unwrap();
     assert_eq!(build.record.status, BuildStatus::Succeeded);
-    assert_eq!(build.record.index.as_ref().unwrap().digest, format!("sha256:{}", "f".repeat(64)));
+    assert_eq!(build.record.index.as_ref().unwrap().digest.as_str(), format!("sha256:{}", "f".repeat(64)));
 
     let events = store.events_after(&build_id, 0, 1000).unwrap();
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
@@ -123,7 +235,7 @@ fn a_build_error_fails_the_build_and_cancels_the_other_platforms() {
     let (amd_session, mut amd) = connect(&mut farm, "amd", &["linux/amd64"]);
     let (_, mut arm) = connect(&mut farm, "arm", &["linux/arm64"]);
     let build_id = submit(&mut farm, &["linux/amd64", "linux/arm64"]);
-    farm.schedule().unwrap();
+    farm.schedule();
     let a = next_assignment(&mut amd);
     let arm_job = next_assignment(&mut arm);
     let failure = proto::JobResult {
@@ -136,7 +248,7 @@ fn a_build_error_fails_the_build_and_cancels_the_other_platforms() {
         })),
         phases: vec![],
     };
-    farm.job_result("amd", amd_session, failure).unwrap();
+    farm.job_result("amd", amd_session, failure);
     let b = farm.build(&build_id).unwrap();
     assert_eq!(b.record.status, BuildStatus::Failed);
     assert_eq!(b.record.message, "linux/amd64: exit status 3");
@@ -152,21 +264,21 @@ fn a_lost_agent_s_job_runs_elsewhere_and_its_late_result_is_ignored() {
     let (mut farm, _) = farm(dir.path());
     let (first_session, mut first) = connect(&mut farm, "arm-a", &["linux/arm64"]);
     let build_id = submit(&mut farm, &["linux/arm64"]);
-    farm.schedule().unwrap();
+    farm.schedule();
     let a = next_assignment(&mut first);
     let (second_session, mut second) = connect(&mut farm, "arm-b", &["linux/arm64"]);
     farm.agent_disconnected("arm-a", first_session);
     farm.heartbeat("arm-b", second_session);
-    std::thread::sleep(Duration::from_millis(20));
+    farm.clock.advance(20);
     farm.heartbeat("arm-b", second_session);
-    farm.reap(Duration::from_millis(10)).unwrap();
-    farm.schedule().unwrap();
+    farm.reap(Duration::from_millis(10));
+    farm.schedule();
     let retry = next_assignment(&mut second);
     assert_eq!((retry.job_id.as_str(), retry.attempt), (a.job_id.as_str(), 2));
-    assert!(farm.job_result("arm-a", first_session, image(&a, 'a')).unwrap().is_none(), "late result ignored");
-    assert!(farm.job_result("arm-b", second_session, image(&retry, 'b')).unwrap().is_some());
+    assert!(farm.job_result("arm-a", first_session, image(&a, 'a')).is_empty(), "late result ignored");
+    assert!(!farm.job_result("arm-b", second_session, image(&retry, 'b')).is_empty());
     let job = &farm.build(&build_id).unwrap().record.jobs[0];
-    assert_eq!(job.result.as_ref().unwrap().digest, format!("sha256:{}", "b".repeat(64)));
+    assert_eq!(job.result.as_ref().unwrap().digest.as_str(), format!("sha256:{}", "b".repeat(64)));
 }
 
 #[test]
@@ -176,23 +288,22 @@ fn a_restart_keeps_builds_and_gives_up_after_max_attempts() {
         let (mut farm, _) = farm(dir.path());
         let (_, mut inbox) = connect(&mut farm, "arm-a", &["linux/arm64"]);
         let id = submit(&mut farm, &["linux/arm64"]);
-        farm.schedule().unwrap();
+        farm.schedule();
         next_assignment(&mut inbox);
         id
     };
     let (mut farm, _) = farm(dir.path());
-    farm.adopt_orphans();
     let job = &farm.build(&build_id).unwrap().record.jobs[0];
     assert!(matches!(job.status, JobStatus::Assigned { .. }), "still leased after the restart");
     // arm-a never comes back: lost, re-queued (attempt 2 of 2), lost again: failed.
-    std::thread::sleep(Duration::from_millis(20));
-    farm.reap(Duration::from_millis(10)).unwrap();
+    farm.clock.advance(20);
+    farm.reap(Duration::from_millis(10));
     let (session, mut inbox) = connect(&mut farm, "arm-b", &["linux/arm64"]);
-    farm.schedule().unwrap();
+    farm.schedule();
     assert_eq!(next_assignment(&mut inbox).attempt, 2);
     farm.agent_disconnected("arm-b", session);
-    std::thread::sleep(Duration::from_millis(20));
-    farm.reap(Duration::from_millis(10)).unwrap();
+    farm.clock.advance(20);
+    farm.reap(Duration::from_millis(10));
     let b = farm.build(&build_id).unwrap();
     assert_eq!(b.record.status, BuildStatus::Failed);
     assert!(b.record.message.contains("gave up after 2 attempts"), "{}", b.record.message);
@@ -204,12 +315,12 @@ fn a_cordon_outlasts_a_reconnect_and_a_restart() {
     {
         let (mut farm, _) = farm(dir.path());
         let (session, _inbox) = connect(&mut farm, "arm-a", &["linux/arm64"]);
-        farm.set_cordoned("arm-a", true).unwrap();
+        farm.set_cordoned("arm-a", true);
         farm.agent_disconnected("arm-a", session);
         let (_, mut inbox) = connect(&mut farm, "arm-a", &["linux/arm64"]);
-        assert_eq!(farm.agent_list()[0].state(), "cordoned", "a reconnect keeps the cordon");
+        assert_eq!(farm.agent_list()[0].state().as_str(), "cordoned", "a reconnect keeps the cordon");
         submit(&mut farm, &["linux/arm64"]);
-        farm.schedule().unwrap();
+        farm.schedule();
         assert!(
             std::iter::from_fn(|| inbox.try_recv().ok()).all(|m| !matches!(m.unwrap().kind, Some(ToAgent::Assign(_)))),
             "a cordoned agent gets no job"
@@ -217,11 +328,11 @@ fn a_cordon_outlasts_a_reconnect_and_a_restart() {
     }
     let (mut farm, _) = farm(dir.path());
     let (_, _inbox) = connect(&mut farm, "arm-a", &["linux/arm64"]);
-    assert_eq!(farm.agent_list()[0].state(), "cordoned", "a restart keeps the cordon");
-    farm.set_cordoned("arm-a", false).unwrap();
+    assert_eq!(farm.agent_list()[0].state().as_str(), "cordoned", "a restart keeps the cordon");
+    farm.set_cordoned("arm-a", false);
     let (mut farm, _) = self::farm(dir.path());
     let (_, _inbox) = connect(&mut farm, "arm-a", &["linux/arm64"]);
-    assert_eq!(farm.agent_list()[0].state(), "idle", "uncordoning is kept too");
+    assert_eq!(farm.agent_list()[0].state().as_str(), "idle", "uncordoning is kept too");
 }
 
 #[test]
@@ -230,7 +341,7 @@ fn a_job_log_is_cut_at_its_limit_with_one_notice() {
     let (mut farm, store) = farm(dir.path());
     let (session, mut inbox) = connect(&mut farm, "amd", &["linux/amd64"]);
     let build_id = submit(&mut farm, &["linux/amd64"]);
-    farm.schedule().unwrap();
+    farm.schedule();
     let a = next_assignment(&mut inbox);
     let line = "x".repeat(braid_shared::limits::LOG_LINE_BYTES);
     let per_message = 64;
@@ -238,7 +349,7 @@ fn a_job_log_is_cut_at_its_limit_with_one_notice() {
     for _ in 0..messages {
         let log =
             proto::JobLog { job_id: a.job_id.clone(), attempt: a.attempt, lines: vec![line.clone(); per_message] };
-        farm.job_log("amd", session, log).unwrap();
+        farm.job_log("amd", session, log);
     }
     let events = store.events_after(&build_id, 0, 1_000_000).unwrap();
     let kept: usize = events
@@ -262,7 +373,7 @@ fn a_job_log_is_cut_at_its_limit_with_one_notice() {
     let (intruder, _) = connect(&mut farm, "other", &["linux/amd64"]);
     let before = store.events_after(&build_id, 0, 1_000_000).unwrap().len();
     let log = proto::JobLog { job_id: a.job_id.clone(), attempt: a.attempt, lines: vec!["forged".into()] };
-    farm.job_log("other", intruder, log).unwrap();
+    farm.job_log("other", intruder, log);
     assert_eq!(store.events_after(&build_id, 0, 1_000_000).unwrap().len(), before);
 }
 
@@ -273,11 +384,11 @@ fn a_build_keeps_its_state_events_past_the_event_limit() {
     farm.max_build_events = 50;
     let (session, mut inbox) = connect(&mut farm, "amd", &["linux/amd64"]);
     let build_id = submit(&mut farm, &["linux/amd64"]);
-    farm.schedule().unwrap();
+    farm.schedule();
     let a = next_assignment(&mut inbox);
     for _ in 0..5 {
         let log = proto::JobLog { job_id: a.job_id.clone(), attempt: a.attempt, lines: vec!["line".into(); 30] };
-        farm.job_log("amd", session, log).unwrap();
+        farm.job_log("amd", session, log);
     }
     let events = store.events_after(&build_id, 0, 10_000).unwrap();
     assert!(events.len() <= 50, "{} events kept", events.len());
@@ -290,55 +401,41 @@ fn a_build_keeps_its_state_events_past_the_event_limit() {
         Some("log of linux/amd64 cut at the limit of 50 events per build; later lines are dropped")
     );
     // State changes still go through after the cut.
-    let follow = farm.job_result("amd", session, image(&a, 'a')).unwrap();
-    assert!(matches!(follow, Some(FollowUp::Verify { .. })));
+    let follow = farm.job_result("amd", session, image(&a, 'a'));
+    assert!(matches!(follow.as_slice(), [Effect::Verify { .. }]));
     let last = store.events_after(&build_id, 0, 10_000).unwrap().pop().unwrap();
     assert!(matches!(last.kind, Some(proto::build_event::Kind::Job(j)) if j.state == proto::JobState::Pushed as i32));
 }
 
 #[test]
 fn a_connected_agent_is_replaced_only_by_its_own_or_a_newer_certificate() {
-    use crate::enroll::CertStamp;
     let dir = tempfile::tempdir().unwrap();
     let (mut farm, _store) = farm(dir.path());
-    let hello = proto::Hello {
-        name: "pi-01".into(),
-        platforms: vec!["linux/arm64".into()],
-        slots: 1,
-        backend: "buildah".into(),
-        version: "test".into(),
-        running: vec![],
-        emulated_platforms: vec![],
-    };
-    let platforms = || vec!["linux/arm64".parse().unwrap()];
+    let hello = hello("pi-01", &["linux/arm64"]);
     let stamp = |serial: &str, issued_ms| Some(CertStamp { serial: serial.into(), issued_ms });
-    let (tx, mut real) = mpsc::unbounded_channel();
-    farm.agent_connected(&hello, platforms(), vec![], tx, stamp("aa", 100)).unwrap();
+    let (_, mut real) = farm.connect_with(&hello, stamp("aa", 100)).unwrap();
     let build = submit(&mut farm, &["linux/arm64"]);
-    farm.schedule().unwrap();
+    farm.schedule();
     let assignment = next_assignment(&mut real);
 
     // Another certificate, not recorded after the real one: refused, and the
     // real session keeps its job.
     for older in [stamp("bb", 50), stamp("cc", 100)] {
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let e = farm.agent_connected(&hello, platforms(), vec![], tx, older).unwrap_err();
-        assert!(matches!(e, crate::error::CoordinatorError::AlreadyExists(_)), "{e}");
+        let e = farm.connect_with(&hello, older).map(|_| ()).unwrap_err();
+        assert!(matches!(e, crate::farm::FarmError::AlreadyExists(_)), "{e}");
     }
     assert!(real.try_recv().is_err(), "the real session was not told to go");
     let job = &farm.build(&build).unwrap().record.jobs[0];
     assert_eq!(job.status, JobStatus::Assigned { agent: "pi-01".into(), lease: assignment.lease_id.clone() });
 
     // The same certificate (the agent reconnecting) replaces it.
-    let (tx, _same) = mpsc::unbounded_channel();
     let running = proto::RunningJob { job_id: assignment.job_id.clone(), attempt: 1, lease_id: assignment.lease_id };
     let again = proto::Hello { running: vec![running], ..hello.clone() };
-    farm.agent_connected(&again, platforms(), vec![], tx, stamp("aa", 100)).unwrap();
+    let (_, _same) = farm.connect_with(&again, stamp("aa", 100)).unwrap();
     assert!(matches!(real.try_recv(), Ok(Err(_))), "the old session was closed");
     // So does a newer one; forgetting the agent re-queues its job.
-    let (tx, mut newer) = mpsc::unbounded_channel();
-    farm.agent_connected(&again, platforms(), vec![], tx, stamp("dd", 200)).unwrap();
-    assert_eq!(farm.forget_agent("pi-01").unwrap(), (true, 1));
+    let (_, mut newer) = farm.connect_with(&again, stamp("dd", 200)).unwrap();
+    assert_eq!(farm.forget_agent("pi-01"), (true, 1));
     assert!(matches!(newer.try_recv(), Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated));
     assert_eq!(farm.build(&build).unwrap().record.jobs[0].status, JobStatus::Pending);
     assert!(farm.agent_list().is_empty());
@@ -350,7 +447,7 @@ fn a_context_lease_names_its_holder_and_its_build_context() {
     let (mut farm, _store) = farm(dir.path());
     let (_, mut inbox) = connect(&mut farm, "pi-01", &["linux/arm64"]);
     submit(&mut farm, &["linux/arm64"]);
-    farm.schedule().unwrap();
+    farm.schedule();
     let a = next_assignment(&mut inbox);
     let context = format!("sha256:{}", "0".repeat(64));
     assert_eq!(farm.lease_holder_and_context(&a.job_id, a.attempt, &a.lease_id), Some(("pi-01".into(), context)));
@@ -382,6 +479,86 @@ fn a_context_lease_names_its_holder_and_its_build_context() {
     assert_eq!(check(&farm, Some("pi-01"), "", "", &digest).unwrap_err().0, tonic::Code::PermissionDenied);
 
     // Once the agent is forgotten the job is re-queued and the lease is gone.
-    farm.forget_agent("pi-01").unwrap();
+    farm.forget_agent("pi-01");
     assert_eq!(farm.lease_holder_and_context(&a.job_id, a.attempt, &a.lease_id), None);
+}
+
+#[test]
+fn transitions_return_their_effects_and_read_time_from_the_clock() {
+    use proto::build_event::Kind;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, store) = farm(dir.path());
+    let (session, _inbox) = connect(&mut w, "arm-a", &["linux/arm64"]);
+    let build_id = submit(&mut w, &["linux/arm64"]);
+
+    // Placing the job: one assignment to the agent's session, the build's
+    // and the job's new states appended and the record stored once.
+    let placed = w.farm.schedule();
+    let assignments: Vec<&proto::Assignment> = placed
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Assign { session: s, assignment } if *s == session => Some(&**assignment),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(assignments.len(), 1, "{placed:?}");
+    let a = assignments[0].clone();
+    let states: Vec<i32> = placed
+        .iter()
+        .flat_map(|e| match e {
+            Effect::Append { events, .. } => events.iter().collect(),
+            _ => Vec::new(),
+        })
+        .filter_map(|e| match &e.kind {
+            Some(Kind::Job(j)) => Some(j.state),
+            Some(Kind::Build(b)) => Some(b.state),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(states, [proto::BuildState::Running as i32, proto::JobState::Assigned as i32]);
+    assert_eq!(placed.iter().filter(|e| matches!(e, Effect::Persist(_))).count(), 1);
+    assert!(store.events_after(&build_id, 1, 10).unwrap().is_empty(), "the farm itself wrote nothing");
+    w.run(placed);
+
+    // A log batch appends events and leaves the record alone.
+    let log = proto::JobLog { job_id: a.job_id.clone(), attempt: a.attempt, lines: vec!["a".into(), "b".into()] };
+    let logged = w.farm.job_log("arm-a", session, log);
+    assert!(matches!(logged.as_slice(), [Effect::Append { events, .. }] if events.len() == 2), "{logged:?}");
+    w.run(logged);
+
+    // Heard of at T0; lost only once more than lost_after has passed on the clock.
+    let lost_after = Duration::from_secs(30);
+    w.clock.advance(30_000);
+    assert!(w.farm.reap(lost_after).is_empty(), "exactly lost_after is not yet lost");
+    w.clock.advance(1);
+    let lost = w.farm.reap(lost_after);
+    assert!(
+        matches!(&lost[0], Effect::Disconnect { session: s, why: crate::farm::Disconnect::Lost, .. } if *s == session),
+        "{lost:?}"
+    );
+    let requeued = lost.iter().any(|e| {
+        matches!(e, Effect::Append { events, .. } if events.iter().any(|ev| matches!(&ev.kind,
+            Some(Kind::Job(j)) if j.state == proto::JobState::Pending as i32 && j.message.contains("agent arm-a was lost"))))
+    });
+    assert!(requeued, "{lost:?}");
+    w.run(lost);
+    assert_eq!(w.agent_list()[0].state().as_str(), "lost");
+
+    // The next agent gets attempt 2; its result asks for a verification in
+    // the registry it pushed to, stamped by the clock.
+    let (second, mut inbox) = connect(&mut w, "arm-b", &["linux/arm64"]);
+    w.schedule();
+    let retry = next_assignment(&mut inbox);
+    assert_eq!(retry.attempt, 2);
+    w.clock.advance(5_000);
+    let verify = w.farm.job_result("arm-b", second, image(&retry, 'c'));
+    let at = verify.iter().find_map(|e| match e {
+        Effect::Verify { at, digest, .. } => Some((at.clone(), digest.to_string())),
+        _ => None,
+    });
+    let (at, digest) = at.expect("a verification");
+    assert!(matches!(at, crate::farm::VerifyIn::Registry(r) if r.name() == "127.0.0.1:5000/app"));
+    assert_eq!(digest, format!("sha256:{}", "c".repeat(64)));
+    let job = &w.build(&build_id).unwrap().record.jobs[0];
+    assert_eq!(job.result_ms, Some(T0 + 30_001 + 5_000));
 }

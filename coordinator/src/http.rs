@@ -12,11 +12,11 @@ use axum::response::{Html, IntoResponse, Json};
 use serde_json::{Value, json};
 
 use axum::routing::get;
-use braid_shared::proto::{self, build_event::Kind};
+use braid_shared::proto::build_event::Kind;
 
-use crate::farm::{BuildEntry, JobStatus};
+use crate::farm::BuildEntry;
 use crate::listener::Conn;
-use crate::server::Coordinator;
+use crate::state::Coordinator;
 
 // Everything the dashboard needs is in the binary: it runs on networks
 // without internet.
@@ -28,30 +28,6 @@ fn secs(ms: i64) -> f64 {
     ms as f64 / 1000.0
 }
 
-fn job_state(status: &JobStatus) -> &'static str {
-    match status {
-        JobStatus::Pending => "pending",
-        JobStatus::Assigned { .. } => "assigned",
-        JobStatus::Building { .. } => "building",
-        JobStatus::Pushed { .. } => "pushed",
-        JobStatus::Verified { .. } => "verified",
-        JobStatus::Failed => "failed",
-        JobStatus::Cancelled => "cancelled",
-    }
-}
-
-fn build_state(b: &BuildEntry) -> &'static str {
-    match b.record.status.to_proto() {
-        proto::BuildState::Queued => "queued",
-        proto::BuildState::Running => "running",
-        proto::BuildState::Merging => "merging",
-        proto::BuildState::Succeeded => "succeeded",
-        proto::BuildState::Failed => "failed",
-        proto::BuildState::Cancelled => "cancelled",
-        proto::BuildState::Unspecified => "unknown",
-    }
-}
-
 fn build_json(b: &BuildEntry) -> Value {
     let r = &b.record;
     let jobs: Vec<Value> = r
@@ -61,17 +37,17 @@ fn build_json(b: &BuildEntry) -> Value {
             let phases: Vec<Value> = j
                 .phases
                 .iter()
-                .map(|p| json!({"phase": p.phase, "start": secs(p.start_ms), "end": secs(p.end_ms)}))
+                .map(|p| json!({"phase": p.phase.as_str(), "start": secs(p.start_ms), "end": secs(p.end_ms)}))
                 .collect();
             json!({
-                "platform": j.platform.to_string(), "state": job_state(&j.status), "agent": j.last_agent,
+                "platform": j.platform.to_string(), "state": j.status.as_str(), "agent": j.last_agent,
                 "attempt": j.attempt, "emulated": j.emulated, "message": j.message, "phases": phases,
                 "result": j.result.as_ref().map(|i| json!({"digest": i.digest, "size": i.size})),
             })
         })
         .collect();
     json!({
-        "build_id": r.id, "state": build_state(b), "message": r.message, "tags": b.spec.tags,
+        "build_id": r.id, "state": r.status.as_str(), "message": r.message, "tags": b.spec.tags,
         "platforms": b.spec.platforms, "created": secs(r.created_ms), "finished": r.finished_ms.map(secs),
         "merge_started": r.merge_started_ms.map(secs),
         "index": r.index.as_ref().map(|i| json!({"digest": i.digest, "size": i.size})), "jobs": jobs,
@@ -83,7 +59,7 @@ async fn overview(State(c): State<Arc<Coordinator>>) -> Json<Value> {
     let gauges = farm.gauges();
     let mut platforms: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
     for a in farm.agent_list() {
-        let entry = |emulated: bool| json!({"name": a.name, "state": a.state(), "running": a.running.len(), "slots": a.slots, "emulated": emulated});
+        let entry = |emulated: bool| json!({"name": a.name, "state": a.state().as_str(), "running": a.running.len(), "slots": a.slots, "emulated": emulated});
         for p in &a.platforms {
             platforms.entry(p.to_string()).or_default().push(entry(false));
         }

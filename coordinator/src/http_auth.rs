@@ -25,7 +25,7 @@ use tonic::{Code, Status};
 use braid_shared::limits;
 
 use crate::auth::Role;
-use crate::server::Coordinator;
+use crate::state::Coordinator;
 
 /// The cookie that carries a session id.
 const COOKIE: &str = "braid_session";

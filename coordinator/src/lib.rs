@@ -3,6 +3,7 @@
 //! results into one OCI image index.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod auth;
 pub mod blobs;
 pub mod blocking;
@@ -16,14 +17,14 @@ pub mod farm;
 mod farm_tests;
 pub mod http;
 pub mod http_auth;
+pub mod journal;
 pub mod listener;
 pub mod merge;
 pub mod metrics;
+pub mod model;
 pub mod scheduler;
 pub mod server;
-pub mod service_admin;
-pub mod service_agents;
-pub mod service_builds;
 pub mod settings;
+pub mod state;
 pub mod store;
 pub mod validate;

@@ -7,53 +7,47 @@ use braid_shared::oci::{self, ImageDescriptor, IndexEntry, Registry};
 use braid_shared::proto;
 use braid_shared::{Digest, ImageRef, Platform};
 
-use crate::farm::ImageRecord;
+use crate::model::{AnnotationLevel, Image, IndexFormat};
 
 /// Checks a pushed image: its manifest exists in the registry and its config
 /// names the platform the job was for.
 pub async fn verify(
     registry: &Registry,
     repository: &ImageRef,
-    digest: &str,
+    digest: &Digest,
     platform: &Platform,
 ) -> Result<ImageDescriptor, String> {
-    let digest: Digest = digest.parse().map_err(|e| format!("{e}"))?;
-    registry.verify_image(repository, &digest, platform).await.map(|(d, _)| d).map_err(|e| e.to_string())
+    registry.verify_image(repository, digest, platform).await.map(|(d, _)| d).map_err(|e| e.to_string())
 }
 
 /// The index over every platform's image, as bytes and descriptor: an OCI
 /// image index, or a Docker manifest list for `--format docker` (which
 /// has no annotations).
 pub fn index(
-    images: &[(Platform, ImageRecord)],
+    images: &[(Platform, Image)],
     annotations: &[proto::Annotation],
-    format: &str,
+    format: IndexFormat,
 ) -> Result<(Vec<u8>, ImageDescriptor), String> {
-    let applies = |a: &proto::Annotation, level: &str, platform: Option<&Platform>| {
-        a.level == level
+    let applies = |a: &proto::Annotation, level: AnnotationLevel, platform: Option<&Platform>| {
+        AnnotationLevel::parse(&a.level) == Some(level)
             && (a.platform.is_empty()
                 || platform.is_some_and(|p| a.platform.parse::<Platform>().ok().as_ref() == Some(p)))
     };
     let mut manifests = Vec::with_capacity(images.len());
     for (platform, image) in images {
-        let digest: Digest = image.digest.parse().map_err(|e| format!("{e}"))?;
         let annotations = annotations
             .iter()
-            .filter(|a| applies(a, "manifest-descriptor", Some(platform)))
+            .filter(|a| applies(a, AnnotationLevel::ManifestDescriptor, Some(platform)))
             .map(|a| (a.key.clone(), a.value.clone()))
             .collect();
-        manifests.push(IndexEntry {
-            platform: platform.clone(),
-            image: ImageDescriptor { digest, size: image.size, media_type: image.media_type.clone() },
-            annotations,
-        });
+        manifests.push(IndexEntry { platform: platform.clone(), image: ImageDescriptor::from(image), annotations });
     }
-    let (index, media_type) = if format == "docker" {
+    let (index, media_type) = if format == IndexFormat::Docker {
         (oci::build_manifest_list(&manifests).map_err(|e| e.to_string())?, oci::DOCKER_MANIFEST_LIST)
     } else {
         let index_annotations: HashMap<String, String> = annotations
             .iter()
-            .filter(|a| applies(a, "index", None))
+            .filter(|a| applies(a, AnnotationLevel::Index, None))
             .map(|a| (a.key.clone(), a.value.clone()))
             .collect();
         (oci::build_index(&manifests, index_annotations).map_err(|e| e.to_string())?, oci::OCI_INDEX)
@@ -69,7 +63,7 @@ pub async fn push(
     registry: &Registry,
     tags: &[ImageRef],
     pushed_to: &[ImageRef],
-    images: &[(Platform, ImageRecord)],
+    images: &[(Platform, Image)],
     index: &[u8],
     descriptor: &ImageDescriptor,
 ) -> Result<(), String> {
@@ -79,9 +73,8 @@ pub async fn push(
         };
         if source.repository() != tag.repository() {
             for (_, image) in images {
-                let digest: Digest = image.digest.parse().map_err(|e| format!("{e}"))?;
-                let (bytes, _) =
-                    registry.fetch_manifest(&source.at_digest(&digest)).await.map_err(|e| e.to_string())?;
+                let digest = &image.digest;
+                let (bytes, _) = registry.fetch_manifest(&source.at_digest(digest)).await.map_err(|e| e.to_string())?;
                 registry
                     .copy_manifest(source, tag, &bytes, &image.media_type)
                     .await

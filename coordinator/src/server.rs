@@ -1,197 +1,23 @@
-//! The coordinator process: state, background loops and the gRPC server.
+//! The coordinator's servers assembled: gRPC with its TLS, and the HTTP port.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
 
-use braid_shared::oci::{ImageDescriptor, Registry};
-use braid_shared::pki::{self, Pem};
 use braid_shared::proto::admin_server::AdminServer;
 use braid_shared::proto::agents_server::AgentsServer;
 use braid_shared::proto::builds_server::BuildsServer;
 use braid_shared::{limits, proto};
 
-use crate::auth::Tokens;
-use crate::blobs::BlobStore;
-use crate::contexts::ContextStore;
-use crate::error::{CoordinatorError, Result};
-use crate::farm::{Farm, FollowUp};
 use crate::listener::{self, ConnLimits};
-use crate::merge;
-use crate::metrics::Metrics;
 use crate::settings::Settings;
-use crate::store::Store;
-
-/// Everything the services share.
-pub struct Coordinator {
-    farm: Mutex<Farm>,
-    pub contexts: ContextStore,
-    pub blobs: Arc<BlobStore>,
-    pub store: Arc<Store>,
-    pub settings: Settings,
-    /// Wakes the scheduler after anything that may let a job be placed.
-    pub wake: Notify,
-    pub metrics: Arc<Metrics>,
-    pub tokens: Tokens,
-    /// The cluster CA and its key, when this coordinator signs joining agents.
-    pub ca: Option<Pem>,
-}
-
-impl Coordinator {
-    pub fn open(settings: Settings) -> Result<Arc<Coordinator>> {
-        std::fs::create_dir_all(&settings.data_dir)?;
-        let store = Arc::new(Store::open(&settings.data_dir.join("braid.db"))?);
-        let contexts = ContextStore::open(
-            &settings.data_dir.join("contexts"),
-            store.clone(),
-            settings.max_context_bytes,
-            settings.context_store_bytes,
-        )?;
-        let blobs = Arc::new(BlobStore::open(&settings.data_dir.join("blobs/sha256"), settings.blob_store_bytes)?);
-        let metrics = Arc::new(Metrics::default());
-        let mut farm =
-            Farm::load(store.clone(), settings.max_attempts, settings.insecure_registries.clone(), metrics.clone())?;
-        farm.adopt_orphans();
-        farm.set_configured_credentials(settings.credentials());
-        let tokens = Tokens::new(store.clone(), settings.tls());
-        let ca = match (&settings.tls_ca, &settings.tls_ca_key) {
-            (Some(cert), Some(key)) => Some(Pem {
-                cert: pki::read(cert).map_err(|e| CoordinatorError::Internal(e.to_string()))?,
-                key: pki::read(key).map_err(|e| CoordinatorError::Internal(e.to_string()))?.into(),
-            }),
-            _ => None,
-        };
-        Ok(Arc::new(Coordinator {
-            farm: Mutex::new(farm),
-            contexts,
-            blobs,
-            store,
-            settings,
-            wake: Notify::new(),
-            metrics,
-            tokens,
-            ca,
-        }))
-    }
-
-    /// The farm, locked. Never held across an await.
-    pub fn farm(&self) -> MutexGuard<'_, Farm> {
-        // A panic while holding the lock leaves the farm as the last
-        // completed change wrote it; keep serving rather than fail forever.
-        self.farm.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Runs work a state change asked for, in the background.
-    pub fn follow_up(self: &Arc<Self>, follow: Option<FollowUp>) {
-        let Some(follow) = follow else { return };
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut next = Some(follow);
-            while let Some(step) = next.take() {
-                next = this.run_follow_up(step).await;
-            }
-        });
-    }
-
-    async fn run_follow_up(self: &Arc<Self>, step: FollowUp) -> Option<FollowUp> {
-        match step {
-            FollowUp::Verify { build_id, job_id, repository, export, digest, platform } => {
-                let mut outcome = Err("nothing to verify".to_owned());
-                if let Some(repository) = repository {
-                    let registry = self.registry_for(&build_id);
-                    outcome = merge::verify(&registry, &repository, &digest, &platform).await;
-                }
-                if export && (outcome.is_ok() || outcome.as_ref().is_err_and(|e| e == "nothing to verify")) {
-                    // Reads and hashes the manifest and config: blocking work.
-                    let blobs = self.blobs.clone();
-                    let check = tokio::task::spawn_blocking(move || match digest.parse() {
-                        Ok(digest) => blobs.verify_image(&digest, &platform).map(|(d, _)| d),
-                        Err(e) => Err(format!("{e}")),
-                    });
-                    outcome =
-                        check.await.unwrap_or_else(|e| Err(e.to_string())).map_err(|e| format!("uploaded image: {e}"));
-                }
-                let result = self.farm().verified(&build_id, &job_id, outcome);
-                result.unwrap_or_else(|e| {
-                    tracing::error!(build_id, job_id, error = %e, "recording the verification failed");
-                    None
-                })
-            }
-            FollowUp::Merge { build_id } => {
-                let inputs = self.farm().merge_inputs(&build_id);
-                let outcome = match inputs {
-                    Some(m) => self.merge(&build_id, &m).await,
-                    None => Err("a platform has no image".to_owned()),
-                };
-                if let Err(e) = self.farm().merged(&build_id, outcome) {
-                    tracing::error!(build_id, error = %e, "recording the merge failed");
-                }
-                None
-            }
-        }
-    }
-
-    /// Writes the index: into the blob store for an exporting build, and
-    /// to the registry under every tag for a pushing one.
-    async fn merge(
-        self: &Arc<Self>,
-        build_id: &str,
-        m: &crate::farm::MergeInputs,
-    ) -> std::result::Result<ImageDescriptor, String> {
-        let (index, descriptor) = merge::index(&m.images, &m.annotations, &m.format)?;
-        if m.export {
-            let (this, bytes) = (self.clone(), index.clone());
-            crate::blocking::run(move || {
-                let needed = || this.blobs.referenced(&this.farm().exporting_images());
-                this.blobs.put_bytes(&bytes, needed)
-            })
-            .await
-            .map_err(|e| format!("storing the index: {e}"))?;
-        }
-        if m.push {
-            merge::push(&self.registry_for(build_id), &m.tags, &m.pushed_to, &m.images, &index, &descriptor).await?;
-        }
-        Ok(descriptor)
-    }
-
-    /// A registry client with the build's credentials.
-    fn registry_for(&self, build_id: &str) -> Registry {
-        let credentials = self.farm().credentials_for(build_id);
-        Registry::with_credentials(&self.settings.insecure_registries, credentials)
-    }
-
-    /// Places queued jobs whenever woken, and at least every second; looks
-    /// for lost agents and timed-out builds a few times a second (each
-    /// looks at every agent or build, too much for every wake-up).
-    async fn schedule_loop(self: Arc<Self>) {
-        let mut last_sweep = std::time::Instant::now();
-        loop {
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
-            let sweep = last_sweep.elapsed() >= Duration::from_millis(200);
-            let result = {
-                let mut farm = self.farm();
-                let swept = if sweep {
-                    last_sweep = std::time::Instant::now();
-                    farm.reap(self.settings.agent_lost_after())
-                        .and_then(|()| farm.check_timeouts(self.settings.queue_timeout()))
-                } else {
-                    Ok(())
-                };
-                swept.and_then(|()| farm.schedule())
-            };
-            if let Err(e) = result {
-                tracing::error!(error = %e, "scheduling failed");
-            }
-        }
-    }
-}
+pub use crate::state::Coordinator;
 
 /// Serves until `shutdown` resolves.
 pub async fn serve(
@@ -237,26 +63,26 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<BuildsServer<crate::service_builds::BuildsService>>().await;
-    health_reporter.set_serving::<AgentsServer<crate::service_agents::AgentsService>>().await;
+    health_reporter.set_serving::<BuildsServer<crate::api::builds::BuildsService>>().await;
+    health_reporter.set_serving::<AgentsServer<crate::api::agents::AgentsService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
     tokio::spawn(coordinator.clone().schedule_loop());
-    let interrupted = coordinator.farm().interrupted_follow_ups();
-    for follow in interrupted {
-        coordinator.follow_up(Some(follow));
+    {
+        let farm = coordinator.farm();
+        coordinator.perform(&farm, farm.interrupted());
     }
 
-    let builds = BuildsServer::new(crate::service_builds::BuildsService::new(coordinator.clone()))
+    let builds = BuildsServer::new(crate::api::builds::BuildsService::new(coordinator.clone()))
         .max_decoding_message_size(limits::GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(limits::GRPC_MESSAGE_BYTES);
-    let agents = AgentsServer::new(crate::service_agents::AgentsService::new(coordinator.clone()))
+    let agents = AgentsServer::new(crate::api::agents::AgentsService::new(coordinator.clone()))
         .max_decoding_message_size(limits::GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(limits::GRPC_MESSAGE_BYTES);
-    let admin = AdminServer::new(crate::service_admin::AdminService::new(coordinator.clone()));
+    let admin = AdminServer::new(crate::api::admin::AdminService::new(coordinator.clone()));
     // TLS is done by the listener (handshakes concurrent and bounded in
     // time and number), so tonic gets established streams; it reads the
     // client certificate from them as from its own TLS.
@@ -270,23 +96,21 @@ pub async fn serve_on(
         .add_service(builds)
         .add_service(agents)
         .add_service(admin);
-    match tls {
+    let served = match tls {
         Some(acceptor) => {
             let conns = listener::listen(listener, "grpc", conn_limits, tls_handshake(acceptor));
             tracing::info!(addr = %local, "coordinator listening");
-            router
-                .serve_with_incoming_shutdown(ReceiverStream::new(conns).map(Ok::<_, std::io::Error>), shutdown)
-                .await?;
+            router.serve_with_incoming_shutdown(ReceiverStream::new(conns).map(Ok::<_, std::io::Error>), shutdown).await
         }
         None => {
             let conns = listener::listen(listener, "grpc", conn_limits, |tcp| async { Ok(tcp) });
             tracing::info!(addr = %local, "coordinator listening");
-            router
-                .serve_with_incoming_shutdown(ReceiverStream::new(conns).map(Ok::<_, std::io::Error>), shutdown)
-                .await?;
+            router.serve_with_incoming_shutdown(ReceiverStream::new(conns).map(Ok::<_, std::io::Error>), shutdown).await
         }
-    }
-    Ok(())
+    };
+    // What the farm changed last is stored before the process goes.
+    coordinator.flush().await;
+    Ok(served?)
 }
 
 /// TLS for gRPC, as tonic would set it up: the coordinator's certificate,

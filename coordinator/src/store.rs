@@ -1,6 +1,7 @@
 //! The coordinator's durable state: builds, jobs and events in SQLite, so a
 //! restart loses nothing.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -9,9 +10,20 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use braid_shared::proto;
 
-use crate::auth::TokenRecord;
 use crate::error::{CoordinatorError, Result};
-use crate::farm::BuildRecord;
+use crate::model::{BuildRecord, TokenRecord};
+
+/// One change of the farm to store (`Store::write`).
+#[derive(Debug)]
+pub enum Write<'a> {
+    /// A new build and its spec.
+    Insert(&'a BuildRecord, &'a proto::BuildSpec),
+    /// A build's record as it now is.
+    Record(&'a BuildRecord),
+    Events(&'a [proto::BuildEvent]),
+    /// An agent cordoned (true) or not.
+    Cordon(&'a str, bool),
+}
 
 pub struct Store {
     conn: Mutex<Connection>,
@@ -90,20 +102,49 @@ impl Store {
         Ok(f(&mut conn)?)
     }
 
-    pub fn insert_build(&self, record: &BuildRecord, spec: &proto::BuildSpec) -> Result<()> {
-        let json = serde_json::to_string(record).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+    /// Writes a batch of the farm's changes in one transaction: one commit
+    /// (one fsync) for however many events and records the batch holds.
+    pub fn write(&self, writes: &[Write<'_>]) -> Result<()> {
+        let json = |r: &BuildRecord| serde_json::to_string(r).map_err(|e| CoordinatorError::Internal(e.to_string()));
+        let mut records = Vec::with_capacity(writes.len());
+        for w in writes {
+            records.push(match w {
+                Write::Insert(r, _) | Write::Record(r) => Some(json(r)?),
+                _ => None,
+            });
+        }
         self.with(|c| {
-            c.execute(
-                "INSERT INTO builds (id, created, spec, record) VALUES (?1, ?2, ?3, ?4)",
-                params![record.id, record.created_ms, spec.encode_to_vec(), json],
-            )
-            .map(drop)
+            let tx = c.transaction()?;
+            {
+                let mut insert =
+                    tx.prepare_cached("INSERT INTO builds (id, created, spec, record) VALUES (?1, ?2, ?3, ?4)")?;
+                let mut update = tx.prepare_cached("UPDATE builds SET record = ?2 WHERE id = ?1")?;
+                let mut event = tx.prepare_cached("INSERT INTO events (build_id, seq, body) VALUES (?1, ?2, ?3)")?;
+                for (w, json) in writes.iter().zip(&records) {
+                    match (w, json) {
+                        (Write::Insert(r, spec), Some(json)) => {
+                            insert.execute(params![r.id, r.created_ms, spec.encode_to_vec(), json])?;
+                        }
+                        (Write::Record(r), Some(json)) => {
+                            update.execute(params![r.id, json])?;
+                        }
+                        (Write::Events(events), _) => {
+                            for e in *events {
+                                event.execute(params![e.build_id, e.seq as i64, e.encode_to_vec()])?;
+                            }
+                        }
+                        (Write::Cordon(agent, true), _) => {
+                            tx.execute("INSERT OR IGNORE INTO cordons (agent) VALUES (?1)", params![agent])?;
+                        }
+                        (Write::Cordon(agent, false), _) => {
+                            tx.execute("DELETE FROM cordons WHERE agent = ?1", params![agent])?;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            tx.commit()
         })
-    }
-
-    pub fn save_build(&self, record: &BuildRecord) -> Result<()> {
-        let json = serde_json::to_string(record).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
-        self.with(|c| c.execute("UPDATE builds SET record = ?2 WHERE id = ?1", params![record.id, json]).map(drop))
     }
 
     /// Every build with its spec, oldest first. A build an older version
@@ -115,9 +156,20 @@ impl Store {
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             rows.collect()
         })?;
+        // Log lines do not rewrite the record: its last event is the events
+        // table's.
+        let last_seqs: HashMap<String, i64> = self.with(|c| {
+            let mut stmt = c.prepare("SELECT build_id, MAX(seq) FROM events GROUP BY build_id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })?;
         let mut builds = Vec::with_capacity(rows.len());
         for (id, json, spec) in rows {
-            let record = serde_json::from_str(&json).map_err(|e| e.to_string());
+            let record = serde_json::from_str::<BuildRecord>(&json).map_err(|e| e.to_string()).map(|mut r| {
+                let stored = last_seqs.get(&id).and_then(|s| u64::try_from(*s).ok()).unwrap_or(0);
+                r.last_seq = r.last_seq.max(stored);
+                r
+            });
             let spec = proto::BuildSpec::decode(spec.as_slice()).map_err(|e| e.to_string());
             match (record, spec) {
                 (Ok(record), Ok(spec)) => builds.push((record, spec)),
@@ -127,19 +179,6 @@ impl Store {
             }
         }
         Ok(builds)
-    }
-
-    pub fn append_events(&self, events: &[proto::BuildEvent]) -> Result<()> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            {
-                let mut stmt = tx.prepare_cached("INSERT INTO events (build_id, seq, body) VALUES (?1, ?2, ?3)")?;
-                for e in events {
-                    stmt.execute(params![e.build_id, e.seq as i64, e.encode_to_vec()])?;
-                }
-            }
-            tx.commit()
-        })
     }
 
     /// Events of one build after `after_seq`, at most `limit`.
@@ -185,17 +224,6 @@ impl Store {
             let mut stmt = c.prepare("SELECT digest, stored FROM contexts ORDER BY last_used, digest")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
             rows.collect()
-        })
-    }
-
-    /// Records or clears an operator's cordon on an agent.
-    pub fn set_cordon(&self, agent: &str, cordoned: bool) -> Result<()> {
-        self.with(|c| {
-            if cordoned {
-                c.execute("INSERT OR IGNORE INTO cordons (agent) VALUES (?1)", params![agent]).map(drop)
-            } else {
-                c.execute("DELETE FROM cordons WHERE agent = ?1", params![agent]).map(drop)
-            }
         })
     }
 

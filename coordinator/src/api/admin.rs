@@ -8,9 +8,10 @@ use tracing::instrument;
 use braid_shared::limits;
 use braid_shared::proto::{self, admin_server::Admin};
 
-use crate::auth::{Role, TokenRecord};
-use crate::farm::{AgentEntry, Farm};
-use crate::server::Coordinator;
+use super::convert;
+use crate::auth::Role;
+use crate::model::{timestamp, valid_agent_name};
+use crate::state::Coordinator;
 
 pub struct AdminService {
     coordinator: Arc<Coordinator>,
@@ -21,70 +22,21 @@ impl AdminService {
         AdminService { coordinator }
     }
 
-    fn set_cordon(
+    async fn set_cordon(
         &self,
         req: Request<proto::AgentRequest>,
         cordoned: bool,
     ) -> Result<Response<proto::AgentInfo>, Status> {
         self.coordinator.tokens.authorize(&req, Role::Operate)?;
-        let mut farm = self.coordinator.farm();
-        farm.set_cordoned(&req.get_ref().name, cordoned)?;
-        let agent = farm.agent_list().into_iter().find(|a| a.name == req.get_ref().name).map(|a| agent_info(&farm, a));
+        let agent = {
+            let mut farm = self.coordinator.farm();
+            let effects = farm.set_cordoned(&req.get_ref().name, cordoned)?;
+            self.coordinator.perform(&farm, effects);
+            farm.agent_list().into_iter().find(|a| a.name == req.get_ref().name).map(|a| convert::agent_info(&farm, a))
+        };
+        // Stored before it is acknowledged: a restart keeps the cordon.
+        self.coordinator.flush().await;
         agent.map(Response::new).ok_or_else(|| Status::not_found("agent vanished"))
-    }
-}
-
-fn agent_info(farm: &Farm, a: &AgentEntry) -> proto::AgentInfo {
-    let since = a.last_seen.elapsed();
-    let last = std::time::SystemTime::now()
-        .checked_sub(since)
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let mut running_jobs: Vec<String> = a
-        .running
-        .iter()
-        .map(|(build_id, job_id)| {
-            let platform = farm
-                .builds
-                .get(build_id)
-                .and_then(|b| b.record.jobs.iter().find(|j| &j.id == job_id))
-                .map(|j| j.platform.to_string())
-                .unwrap_or_default();
-            format!("{build_id} {platform}")
-        })
-        .collect();
-    running_jobs.sort();
-    proto::AgentInfo {
-        name: a.name.clone(),
-        platforms: a.platforms.iter().map(ToString::to_string).collect(),
-        emulated_platforms: a.emulates.iter().map(ToString::to_string).collect(),
-        backend: a.backend.clone(),
-        version: a.version.clone(),
-        state: a.state().to_owned(),
-        slots: a.slots,
-        running: a.running.len() as u32,
-        last_heartbeat: Some(timestamp(last)),
-        running_jobs,
-    }
-}
-
-fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
-}
-
-fn info(t: &TokenRecord) -> proto::TokenInfo {
-    proto::TokenInfo {
-        token_id: t.id.clone(),
-        role: Role::parse(&t.role).map_or(proto::Role::Unspecified, Role::to_proto) as i32,
-        created: Some(timestamp(t.created_ms)),
-        expires: t.expires_ms.map(timestamp),
-        single_use: t.single_use,
-        used: t.used,
-        revoked: t.revoked,
-        description: t.description.clone(),
-        agent_name: t.agent_name.clone().unwrap_or_default(),
-        replace: t.replace,
     }
 }
 
@@ -140,25 +92,25 @@ impl Admin for AdminService {
     ) -> Result<Response<proto::ListAgentsResponse>, Status> {
         self.coordinator.tokens.authorize(&req, Role::Operate)?;
         let farm = self.coordinator.farm();
-        let agents = farm.agent_list().into_iter().map(|a| agent_info(&farm, a)).collect();
+        let agents = farm.agent_list().into_iter().map(|a| convert::agent_info(&farm, a)).collect();
         Ok(Response::new(proto::ListAgentsResponse { agents }))
     }
 
     #[instrument(skip_all, err, fields(agent = %req.get_ref().name))]
     async fn cordon(&self, req: Request<proto::AgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
-        self.set_cordon(req, true)
+        self.set_cordon(req, true).await
     }
 
     #[instrument(skip_all, err, fields(agent = %req.get_ref().name))]
     async fn uncordon(&self, req: Request<proto::AgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
-        let info = self.set_cordon(req, false);
+        let info = self.set_cordon(req, false).await;
         self.coordinator.wake.notify_one();
         info
     }
 
     #[instrument(skip_all, err, fields(agent = %req.get_ref().name))]
     async fn drain(&self, req: Request<proto::AgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
-        self.set_cordon(req, true)
+        self.set_cordon(req, true).await
     }
 
     #[instrument(skip_all, err, fields(agent = %braid_shared::shorten(&req.get_ref().name, 80)))]
@@ -168,7 +120,7 @@ impl Admin for AdminService {
     ) -> Result<Response<proto::ForgetAgentResponse>, Status> {
         self.coordinator.tokens.authorize(&req, Role::Operate)?;
         let name = &req.get_ref().name;
-        if !crate::service_agents::valid_name(name) {
+        if !valid_agent_name(name) {
             return Err(Status::invalid_argument(format!(
                 "name: {:?} must be 1 to {} letters, digits, '.', '_' or '-'",
                 braid_shared::shorten(name, 80),
@@ -177,7 +129,7 @@ impl Admin for AdminService {
         }
         // Revoke first: a session opened between the two steps is refused.
         let revoked_serials = crate::enroll::forget(&self.coordinator.store, name)?;
-        let (disconnected, requeued_jobs) = self.coordinator.farm().forget_agent(name)?;
+        let (disconnected, requeued_jobs) = self.coordinator.change(|farm| farm.forget_agent(name));
         self.coordinator.wake.notify_one();
         Ok(Response::new(proto::ForgetAgentResponse { revoked_serials, disconnected, requeued_jobs }))
     }
@@ -187,7 +139,7 @@ impl Admin for AdminService {
         req: Request<proto::ListTokensRequest>,
     ) -> Result<Response<proto::ListTokensResponse>, Status> {
         self.coordinator.tokens.authorize(&req, Role::Operate)?;
-        let tokens = self.coordinator.tokens.list()?.iter().map(info).collect();
+        let tokens = self.coordinator.tokens.list()?.iter().map(convert::token_info).collect();
         Ok(Response::new(proto::ListTokensResponse { tokens }))
     }
 }

@@ -17,7 +17,8 @@ use braid_shared::{Digest, Platform, limits, pki};
 use crate::blocking;
 use crate::enroll::{self, AgentCert};
 use crate::metrics::Metrics;
-use crate::server::Coordinator;
+use crate::model::valid_agent_name;
+use crate::state::Coordinator;
 
 pub struct AgentsService {
     coordinator: Arc<Coordinator>,
@@ -46,7 +47,7 @@ impl AgentsService {
                 info.name
             )));
         }
-        if !valid_name(&info.name) {
+        if !valid_agent_name(&info.name) {
             return Err(Status::permission_denied(format!(
                 "the certificate names agent {:?}, not a valid agent name",
                 braid_shared::shorten(&info.name, 80)
@@ -54,7 +55,7 @@ impl AgentsService {
         }
         let cert = enroll::check_certificate(&self.coordinator.store, &info)?;
         if cert.superseded {
-            self.coordinator.farm().close_superseded_session(&cert.name, &cert.stamp.serial);
+            self.coordinator.change(|farm| ((), farm.close_superseded_session(&cert.name, &cert.stamp.serial)));
         }
         Ok(Some(cert))
     }
@@ -90,18 +91,10 @@ const AGENT_CERT_DAYS: i64 = 365;
 /// How long a new session may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Agent names: what `Hello.name`, `JoinRequest.name` and a join token's
-/// binding may be.
-pub(crate) fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= limits::AGENT_NAME_BYTES
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 /// Checks a hello; returns the platforms the agent builds natively and
 /// those it emulates.
 fn check_hello(hello: &proto::Hello) -> Result<(Vec<Platform>, Vec<Platform>), Status> {
-    if !valid_name(&hello.name) {
+    if !valid_agent_name(&hello.name) {
         return Err(Status::invalid_argument(format!(
             "hello.name: {:?} must be 1 to {} letters, digits, '.', '_' or '-'",
             braid_shared::shorten(&hello.name, 80),
@@ -170,8 +163,14 @@ impl Agents for AgentsService {
         }));
         let name = hello.name.clone();
         let stamp = identity.map(|c| c.stamp);
-        let session =
-            self.coordinator.farm().agent_connected(&hello, platforms.clone(), emulates.clone(), tx, stamp)?;
+        let session = {
+            let mut farm = self.coordinator.farm();
+            let (session, effects) = farm.agent_connected(&hello, platforms.clone(), emulates.clone(), stamp)?;
+            // Registered first: the effects may already send on it.
+            self.coordinator.open_session(&farm, session, tx);
+            self.coordinator.perform(&farm, effects);
+            session
+        };
         let span = tracing::info_span!("agent_session", agent = %name, session);
         span.in_scope(|| {
             tracing::info!(
@@ -194,6 +193,7 @@ impl Agents for AgentsService {
                     Err(e) => tracing::warn!(error = %e, "agent session ended"),
                 }
                 coordinator.farm().agent_disconnected(&name, session);
+                coordinator.close_session(session);
             }
             .instrument(span),
         );
@@ -203,7 +203,7 @@ impl Agents for AgentsService {
     #[instrument(skip_all, err, fields(agent = %req.get_ref().name))]
     async fn join(&self, req: Request<proto::JoinRequest>) -> Result<Response<proto::JoinResponse>, Status> {
         let r = req.into_inner();
-        if !valid_name(&r.name) {
+        if !valid_agent_name(&r.name) {
             return Err(Status::invalid_argument(format!(
                 "name: {:?} must be 1 to {} letters, digits, '.', '_' or '-'",
                 braid_shared::shorten(&r.name, 80),
@@ -229,7 +229,7 @@ impl Agents for AgentsService {
         // recorded together, so two Joins cannot both enroll one name.
         let revoked = enroll::record_join(&self.coordinator.store, &token, &info)?;
         if revoked > 0 {
-            self.coordinator.farm().close_superseded_session(&r.name, &info.serial);
+            self.coordinator.change(|farm| ((), farm.close_superseded_session(&r.name, &info.serial)));
         }
         tracing::info!(token_id = %token.id, serial = %info.serial, replaced = revoked, "agent enrolled");
         Ok(Response::new(proto::JoinResponse { cert_pem, ca_pem: ca.cert.clone() }))
@@ -345,33 +345,29 @@ async fn read_session(
 ) -> Result<(), Status> {
     while let Some(message) = inbound.message().await? {
         let Some(kind) = message.kind else { continue };
-        let follow = {
+        {
             let mut farm = coordinator.farm();
-            match kind {
+            let effects = match kind {
                 FromAgent::Hello(_) => {
                     return Err(Status::invalid_argument("a second hello in one session"));
                 }
                 FromAgent::Heartbeat(beat) => {
                     farm.heartbeat(name, session);
                     farm.set_draining(name, session, beat.draining);
-                    None
+                    Vec::new()
                 }
                 FromAgent::Log(log) => {
                     farm.heartbeat(name, session);
-                    farm.job_log(name, session, log)?;
-                    None
+                    farm.job_log(name, session, log)
                 }
-                FromAgent::Progress(progress) => {
-                    farm.job_progress(name, session, progress)?;
-                    None
-                }
+                FromAgent::Progress(progress) => farm.job_progress(name, session, progress),
                 FromAgent::Result(result) => {
                     tracing::info!(job_id = %result.job_id, attempt = result.attempt, "job result");
-                    farm.job_result(name, session, result)?
+                    farm.job_result(name, session, result)
                 }
-            }
-        };
-        coordinator.follow_up(follow);
+            };
+            coordinator.perform(&farm, effects);
+        }
         coordinator.wake.notify_one();
     }
     Ok(())

@@ -12,11 +12,13 @@ use braid_shared::oci::ImageDescriptor;
 use braid_shared::proto::{self, builds_server::Builds};
 use braid_shared::{Digest, Platform, limits};
 
+use super::convert;
 use crate::auth::Role;
 use crate::blocking;
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
-use crate::server::Coordinator;
+use crate::model::BuildStatus;
+use crate::state::Coordinator;
 use crate::validate;
 
 pub struct BuildsService {
@@ -117,8 +119,11 @@ impl Builds for BuildsService {
             .into());
         }
         self.coordinator.contexts.touch(&digest)?;
-        let build_id =
-            self.coordinator.farm().submit(valid.spec, valid.platforms, valid.tags, caller.token_id, credentials)?;
+        let build_id = self
+            .coordinator
+            .change(|farm| farm.submit(valid.spec, valid.platforms, valid.tags, caller.token_id, credentials));
+        // Stored before its id is handed out: a restart keeps every build a client knows of.
+        self.coordinator.flush().await;
         tracing::Span::current().record("build_id", build_id.as_str());
         Metrics::add(&self.coordinator.metrics.builds_submitted, 1);
         tracing::info!(build_id, "build submitted");
@@ -140,6 +145,9 @@ impl Builds for BuildsService {
         let coordinator = self.coordinator.clone();
         let build_id = req.build_id;
         let stream = async_stream::try_stream! {
+            // Events the farm made before the subscription are stored or
+            // queued to be; once written, the replay finds them all.
+            coordinator.flush().await;
             let mut live = sub.live;
             let mut sent = req.after_seq;
             let mut done = false;
@@ -187,44 +195,33 @@ impl Builds for BuildsService {
         } else {
             Some(r.platform.parse().map_err(|e| Status::invalid_argument(format!("platform: {e}")))?)
         };
-        let (build, name) = {
+        // The farm's own typed records: nothing is turned into text and back.
+        let (images, index, name) = {
             let farm = self.coordinator.farm();
             let b = farm.build_for(&r.build_id, &caller)?;
-            (b.to_proto(), b.tags.first().cloned())
-        };
-        let spec = build.spec.unwrap_or_default();
-        if !spec.export {
-            return Err(Status::failed_precondition(format!(
-                "build {} has no local output: submit it with --output type=oci or --load",
-                r.build_id
-            )));
-        }
-        if build.state != proto::BuildState::Succeeded as i32 {
-            return Err(Status::failed_precondition(format!("build {} has not succeeded", r.build_id)));
-        }
-        let descriptor = |r: &proto::ImageResult| -> Result<ImageDescriptor, Status> {
-            let digest: Digest = r.digest.parse().map_err(|_| Status::internal("a stored digest does not parse"))?;
-            Ok(ImageDescriptor { digest, size: r.size, media_type: r.media_type.clone() })
-        };
-        let mut images = Vec::new();
-        for job in &build.jobs {
-            let platform: Platform = job.platform.parse().map_err(|_| Status::internal("a stored platform"))?;
-            if only.as_ref().is_some_and(|p| *p != platform) {
-                continue;
+            if !b.spec.export {
+                return Err(Status::failed_precondition(format!(
+                    "build {} has no local output: submit it with --output type=oci or --load",
+                    r.build_id
+                )));
             }
-            let result = job.result.as_ref().ok_or_else(|| Status::internal("a succeeded job without an image"))?;
-            images.push((platform, descriptor(result)?));
-        }
+            if b.record.status != BuildStatus::Succeeded {
+                return Err(Status::failed_precondition(format!("build {} has not succeeded", r.build_id)));
+            }
+            let mut images = Vec::new();
+            for job in b.record.jobs.iter().filter(|j| only.as_ref().is_none_or(|p| *p == j.platform)) {
+                let image = job.result.as_ref().ok_or_else(|| Status::internal("a succeeded job without an image"))?;
+                images.push((job.platform.clone(), ImageDescriptor::from(image)));
+            }
+            let index = b.record.index.as_ref().map(ImageDescriptor::from);
+            (images, index, b.tags.first().cloned())
+        };
         if let Some(p) = &only
             && images.is_empty()
         {
             return Err(Status::not_found(format!("build {} has no image for {p}", r.build_id)));
         }
-        let index = ImageDescriptor {
-            digest: build.index_digest.parse().map_err(|_| Status::internal("a stored index digest"))?,
-            size: build.index_size,
-            media_type: build.index_media_type.clone(),
-        };
+        let index = index.ok_or_else(|| Status::internal("a succeeded exporting build without an index"))?;
         let blobs = self.coordinator.blobs.clone();
         let reader = blobs.clone();
         // Reading the manifests back hashes them: a blocking thread's work.
@@ -234,8 +231,7 @@ impl Builds for BuildsService {
         .await
         .map_err(|e| Status::internal(format!("planning the export: {e}")))?
         .map_err(|e| {
-            let gone = e.contains("not stored") || e.contains("was not uploaded");
-            let hint = if gone { "; evicted to stay under blob_store_bytes: build it again" } else { "" };
+            let hint = if e.is_missing() { "; evicted to stay under blob_store_bytes: build it again" } else { "" };
             Status::failed_precondition(format!("build {}: {e}{hint}", r.build_id))
         })?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
@@ -258,7 +254,7 @@ impl Builds for BuildsService {
     async fn get(&self, req: Request<proto::GetBuildRequest>) -> Result<Response<proto::Build>, Status> {
         let caller = self.coordinator.tokens.authorize(&req, Role::Submit)?;
         check_build_id(&req.get_ref().build_id)?;
-        let build = self.coordinator.farm().build_for(&req.get_ref().build_id, &caller)?.to_proto();
+        let build = self.coordinator.farm().build_for(&req.get_ref().build_id, &caller).map(convert::build)?;
         Ok(Response::new(build))
     }
 
@@ -284,14 +280,15 @@ impl Builds for BuildsService {
         if proto::BuildState::try_from(state).is_err() {
             return Err(Status::invalid_argument(format!("state: unknown build state {state}")));
         }
+        let state = BuildStatus::from_proto(state);
         let mut builds: Vec<_> = farm
             .builds
             .values()
-            .filter(|b| state == proto::BuildState::Unspecified as i32 || b.record.status.to_proto() as i32 == state)
+            .filter(|b| state.is_none_or(|s| b.record.status == s))
             .filter(|b| caller.owns(b.record.owner.as_deref()))
             .collect();
         builds.sort_by_key(|b| std::cmp::Reverse(b.record.order));
-        let builds = builds.into_iter().take(limit).map(|b| b.to_proto()).collect();
+        let builds = builds.into_iter().take(limit).map(convert::build).collect();
         Ok(Response::new(proto::ListBuildsResponse { builds }))
     }
 
@@ -302,7 +299,9 @@ impl Builds for BuildsService {
         let build = {
             let mut farm = self.coordinator.farm();
             farm.build_for(&req.get_ref().build_id, &caller)?;
-            farm.cancel(&req.get_ref().build_id, "cancelled by request")?
+            let effects = farm.cancel(&req.get_ref().build_id, "cancelled by request")?;
+            self.coordinator.perform(&farm, effects);
+            farm.build(&req.get_ref().build_id).map(convert::build)?
         };
         self.coordinator.wake.notify_one();
         Ok(Response::new(build))
@@ -311,10 +310,8 @@ impl Builds for BuildsService {
 
 /// The event that ends a build.
 fn is_final(event: &proto::BuildEvent) -> bool {
-    use proto::BuildState::*;
     matches!(
         &event.kind,
-        Some(proto::build_event::Kind::Build(b))
-            if [Succeeded as i32, Failed as i32, Cancelled as i32].contains(&b.state)
+        Some(proto::build_event::Kind::Build(b)) if BuildStatus::from_proto(b.state).is_some_and(BuildStatus::is_terminal)
     )
 }

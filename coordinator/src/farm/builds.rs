@@ -1,0 +1,646 @@
+//! The builds table: submission, placement, results, verification,
+//! merging, failure and cancellation.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use braid_shared::oci::{Credential, ImageDescriptor};
+use braid_shared::proto::{self, build_event::Kind as EventKind};
+use braid_shared::{ImageRef, Platform};
+
+use super::{BuildEntry, Effect, Effects, Farm, MergeInputs, Result};
+use crate::model::{
+    BuildRecord, BuildStatus, Image, IndexFormat, JobRecord, JobStatus, Phase, PhaseRecord, from_timestamp,
+};
+use crate::scheduler::{self, AgentView, QueuedJob};
+
+impl Farm {
+    /// Takes a validated build: one pending job per platform. Returns its id.
+    pub fn submit(
+        &mut self,
+        spec: proto::BuildSpec,
+        platforms: Vec<Platform>,
+        tags: Vec<ImageRef>,
+        owner: Option<String>,
+        credentials: Vec<Credential>,
+    ) -> (String, Effects) {
+        let now = self.now();
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let jobs =
+            platforms.into_iter().map(|p| JobRecord::new(uuid::Uuid::new_v4().simple().to_string(), p, now)).collect();
+        let record = BuildRecord {
+            id: id.clone(),
+            order: self.next_order,
+            created_ms: now,
+            finished_ms: None,
+            status: BuildStatus::Queued,
+            message: String::new(),
+            jobs,
+            index: None,
+            last_seq: 0,
+            owner,
+            merge_started_ms: None,
+        };
+        self.next_order += 1;
+        for j in &record.jobs {
+            self.job_index.insert(j.id.clone(), id.clone());
+        }
+        self.active.insert(id.clone());
+        let (events, _) = broadcast::channel(1024);
+        self.builds.insert(id.clone(), BuildEntry { record, spec, tags, events, credentials });
+        // The record is inserted with its first event's number.
+        self.append(&id, vec![Self::build_event_of(BuildStatus::Queued)]);
+        if let Some(b) = self.builds.get(&id) {
+            let insert = Effect::Insert { record: Box::new(b.record.clone()), spec: Box::new(b.spec.clone()) };
+            let at = self.out.len().saturating_sub(1);
+            self.out.insert(at, insert);
+        }
+        (id, self.take())
+    }
+
+    fn build_event_of(state: BuildStatus) -> EventKind {
+        EventKind::Build(proto::BuildStateChanged {
+            state: state.to_proto() as i32,
+            message: String::new(),
+            index: None,
+        })
+    }
+
+    /// Places what can be placed; sends assignments; notes platforms that
+    /// no connected agent builds.
+    pub fn schedule(&mut self) -> Effects {
+        // Most wake-ups (results, logs) find nothing queued: skip the views.
+        let anything_pending = self.active.iter().filter_map(|id| self.builds.get(id)).any(|b| {
+            b.record.status != BuildStatus::Merging && b.record.jobs.iter().any(|j| j.status == JobStatus::Pending)
+        });
+        if !anything_pending {
+            return Vec::new();
+        }
+        let mut queue = Vec::new();
+        let mut waiting: Vec<(String, String, Platform)> = Vec::new();
+        let views: Vec<AgentView> = self
+            .agents
+            .values()
+            .filter(|a| a.connected)
+            .map(|a| AgentView {
+                name: &a.name,
+                platforms: &a.platforms,
+                emulates: &a.emulates,
+                slots: a.slots,
+                running: a.running.len() as u32,
+                schedulable: !a.cordoned && !a.draining,
+            })
+            .collect();
+        // Whether any agent serves a platform, asked once per pass, not per job.
+        let mut served_by: HashMap<(&Platform, bool), bool> = HashMap::new();
+        for b in self.active.iter().filter_map(|id| self.builds.get(id)) {
+            if b.record.status.is_terminal() || b.record.status == BuildStatus::Merging {
+                continue;
+            }
+            for j in b.record.jobs.iter().filter(|j| j.status == JobStatus::Pending) {
+                queue.push(QueuedJob {
+                    job_id: j.id.clone(),
+                    build_order: b.record.order,
+                    platform: j.platform.clone(),
+                    affinity_key: b.affinity_key(&j.platform),
+                    allow_emulation: b.spec.allow_emulation,
+                    submitter: b.record.owner.clone().unwrap_or_default(),
+                });
+                if j.waiting_noticed {
+                    continue;
+                }
+                // Cordoned and stopping agents do not count: they take nothing new.
+                let served = *served_by.entry((&j.platform, b.spec.allow_emulation)).or_insert_with(|| {
+                    views.iter().any(|a| {
+                        a.schedulable && (a.builds(&j.platform) || (b.spec.allow_emulation && a.emulates(&j.platform)))
+                    })
+                });
+                if !served {
+                    waiting.push((b.record.id.clone(), j.id.clone(), j.platform.clone()));
+                }
+            }
+        }
+        let placements =
+            if queue.is_empty() { Vec::new() } else { scheduler::assign(&queue, &views, &self.last_agent) };
+        drop(views);
+        for (build_id, job_id, platform) in waiting {
+            if let Some(j) = self.job_mut(&build_id, &job_id) {
+                j.waiting_noticed = true;
+            }
+            self.emit(
+                &build_id,
+                vec![EventKind::Notice(proto::Notice {
+                    platform: platform.to_string(),
+                    text: format!("waiting for an agent for {platform}"),
+                })],
+            );
+        }
+        for placement in placements {
+            if let Some(build_id) = self.build_of_job(&placement.job_id) {
+                self.lease(&build_id, &placement.job_id, &placement.agent, placement.emulated);
+            }
+        }
+        self.take()
+    }
+
+    fn lease(&mut self, build_id: &str, job_id: &str, agent_name: &str, emulated: bool) {
+        let lease = uuid::Uuid::new_v4().simple().to_string();
+        let insecure = self.config.insecure_registries.clone();
+        let now = self.now();
+        let credentials: Vec<proto::RegistryCredential> =
+            self.credentials_for(build_id).iter().map(proto::RegistryCredential::from).collect();
+        let Some(b) = self.builds.get_mut(build_id) else {
+            return;
+        };
+        let push_repositories: Vec<String> =
+            if b.spec.push { b.push_repositories().iter().map(ImageRef::name).collect() } else { Vec::new() };
+        let spec = b.spec.clone();
+        let first_start = b.record.status == BuildStatus::Queued;
+        if first_start {
+            b.record.status = BuildStatus::Running;
+        }
+        let Some(job) = b.record.jobs.iter_mut().find(|j| j.id == job_id) else {
+            return;
+        };
+        job.attempt += 1;
+        job.status = JobStatus::Assigned { agent: agent_name.to_owned(), lease: lease.clone() };
+        let queued =
+            PhaseRecord { phase: Phase::Queued, start_ms: job.queued_ms.unwrap_or(b.record.created_ms), end_ms: now };
+        let platform_label = job.platform.to_string();
+        self.metrics.observe(
+            "braid_job_phase_seconds",
+            vec![("platform", platform_label.clone()), ("phase", Phase::Queued.as_str().into())],
+            queued.seconds(),
+        );
+        if emulated {
+            self.metrics.inc("braid_jobs_emulated_total", vec![("platform", platform_label)]);
+        }
+        job.phases = vec![queued];
+        job.result_ms = None;
+        job.last_agent = agent_name.to_owned();
+        job.emulated = emulated;
+        job.started_ms.get_or_insert(now);
+        job.waiting_noticed = false;
+        let assignment = proto::Assignment {
+            job_id: job_id.to_owned(),
+            build_id: build_id.to_owned(),
+            attempt: job.attempt,
+            lease_id: lease,
+            platform: job.platform.to_string(),
+            spec: Some(spec),
+            push_repositories,
+            insecure_registries: insecure,
+            emulated,
+            credentials,
+        };
+        let mut events = vec![Self::job_event(job)];
+        if first_start {
+            events.insert(0, Self::build_event(&b.record));
+        }
+        if let Some(agent) = self.agents.get_mut(agent_name) {
+            agent.running.insert((build_id.to_owned(), job_id.to_owned()));
+            if agent.connected {
+                self.out.push(Effect::Assign { session: agent.session, assignment: Box::new(assignment) });
+            }
+        }
+        tracing::info!(build_id, job_id, agent = agent_name, "job assigned");
+        self.emit(build_id, events)
+    }
+
+    /// Fails builds past their `--timeout` and jobs that waited longer than
+    /// `queue_timeout` for an agent.
+    pub fn check_timeouts(&mut self, queue_timeout: Option<Duration>) -> Effects {
+        self.check_timeouts_inner(queue_timeout);
+        self.take()
+    }
+
+    fn check_timeouts_inner(&mut self, queue_timeout: Option<Duration>) {
+        let now = self.now();
+        let mut expired: Vec<(String, String, String)> = Vec::new();
+        for b in self.active.iter().filter_map(|id| self.builds.get(id)).filter(|b| !b.record.status.is_terminal()) {
+            let limit = b.spec.timeout_seconds;
+            let limit_ms = i64::try_from(limit.saturating_mul(1000)).unwrap_or(i64::MAX);
+            if limit > 0 && now - b.record.created_ms > limit_ms {
+                expired.push((b.record.id.clone(), String::new(), format!("timed out after {limit}s (--timeout)")));
+                continue;
+            }
+            let Some(wait) = queue_timeout else { continue };
+            for j in b.record.jobs.iter().filter(|j| j.status == JobStatus::Pending) {
+                let since = j.queued_ms.unwrap_or(b.record.created_ms);
+                if now - since > wait.as_millis() as i64 {
+                    let message = format!(
+                        "{}: no agent took the job within {}s (queue_timeout_seconds)",
+                        j.platform,
+                        wait.as_secs()
+                    );
+                    expired.push((b.record.id.clone(), j.id.clone(), message));
+                    break;
+                }
+            }
+        }
+        for (build_id, job_id, message) in expired {
+            self.fail_build(&build_id, &job_id, message);
+        }
+    }
+
+    /// Puts a leased job back in the queue, or fails it after too many attempts.
+    pub(super) fn requeue(&mut self, build_id: &str, job_id: &str, why: &str) {
+        let max = self.config.max_attempts;
+        let metrics = self.metrics.clone();
+        let now = self.now();
+        let Some(job) = self.job_mut(build_id, job_id) else {
+            return;
+        };
+        if job.status.leased().is_none() {
+            return;
+        }
+        if job.attempt >= max {
+            let message = format!("{why}; gave up after {max} attempts");
+            return self.fail_build(build_id, job_id, message);
+        }
+        job.status = JobStatus::Pending;
+        job.queued_ms = Some(now);
+        metrics.inc("braid_job_retries_total", vec![("platform", job.platform.to_string())]);
+        job.message = format!("{why}; re-queued");
+        let event = Self::job_event(job);
+        tracing::info!(build_id, job_id, why, "job re-queued");
+        self.emit(build_id, vec![event])
+    }
+
+    pub fn job_log(&mut self, name: &str, session: u64, log: proto::JobLog) -> Effects {
+        self.job_log_inner(name, session, log);
+        self.take()
+    }
+
+    fn job_log_inner(&mut self, name: &str, session: u64, log: proto::JobLog) {
+        let Some(build_id) = self.build_of_job(&log.job_id) else {
+            return;
+        };
+        if !self.leased_to(name, session, &build_id, &log.job_id, log.attempt, None) {
+            return;
+        }
+        use braid_shared::limits::{JOB_LOG_BYTES, LOG_LINE_BYTES};
+        let max_events = self.max_build_events;
+        let Some(b) = self.builds.get_mut(&build_id) else { return };
+        let room = max_events.saturating_sub(b.record.last_seq + 1);
+        let Some(job) = b.record.jobs.iter_mut().find(|j| j.id == log.job_id) else { return };
+        if job.log_cut {
+            return;
+        }
+        let platform = job.platform.to_string();
+        let bytes_before = job.log_bytes;
+        let mut kinds = Vec::new();
+        for line in log.lines {
+            let line = braid_shared::shorten(&line, LOG_LINE_BYTES);
+            let over_bytes = job.log_bytes + line.len() as u64 > JOB_LOG_BYTES as u64;
+            if over_bytes || kinds.len() as u64 >= room {
+                job.log_cut = true;
+                let why = if over_bytes {
+                    format!("{} MiB per job", JOB_LOG_BYTES >> 20)
+                } else {
+                    format!("{max_events} events per build")
+                };
+                kinds.push(EventKind::Notice(proto::Notice {
+                    platform: platform.clone(),
+                    text: format!("log of {platform} cut at the limit of {why}; later lines are dropped"),
+                }));
+                break;
+            }
+            job.log_bytes += line.len() as u64;
+            kinds.push(EventKind::Log(proto::LogLine { platform: platform.clone(), line }));
+        }
+        // Log lines leave the record as it is; a cut is a change worth
+        // keeping, and so is each MiB logged (after a restart, a job's log
+        // count is at most that much behind).
+        let keep = job.log_cut || job.log_bytes >> 20 != bytes_before >> 20;
+        self.append(&build_id, kinds);
+        if keep && let Some(b) = self.builds.get(&build_id) {
+            self.out.push(Effect::Persist(Box::new(b.record.clone())));
+        }
+    }
+
+    pub fn job_progress(&mut self, name: &str, session: u64, progress: proto::JobProgress) -> Effects {
+        self.job_progress_inner(name, session, progress);
+        self.take()
+    }
+
+    fn job_progress_inner(&mut self, name: &str, session: u64, progress: proto::JobProgress) {
+        let Some(build_id) = self.build_of_job(&progress.job_id) else {
+            return;
+        };
+        if !self.leased_to(name, session, &build_id, &progress.job_id, progress.attempt, None) {
+            return;
+        }
+        let Some(job) = self.job_mut(&build_id, &progress.job_id) else {
+            return;
+        };
+        if progress.state == proto::JobState::Building as i32
+            && let JobStatus::Assigned { agent, lease } = &job.status
+        {
+            job.status = JobStatus::Building { agent: agent.clone(), lease: lease.clone() };
+            let event = Self::job_event(job);
+            self.emit(&build_id, vec![event]);
+        }
+    }
+
+    /// Takes an agent's result for a job it holds; stale results are ignored.
+    pub fn job_result(&mut self, name: &str, session: u64, result: proto::JobResult) -> Effects {
+        self.job_result_inner(name, session, result);
+        self.take()
+    }
+
+    fn job_result_inner(&mut self, name: &str, session: u64, result: proto::JobResult) {
+        let Some(build_id) = self.build_of_job(&result.job_id) else {
+            return;
+        };
+        // The slot is free whatever the result says.
+        if let Some(agent) = self.agents.get_mut(name) {
+            agent.running.remove(&(build_id.clone(), result.job_id.clone()));
+        }
+        if !self.leased_to(name, session, &build_id, &result.job_id, result.attempt, Some(&result.lease_id)) {
+            tracing::info!(build_id, job_id = result.job_id, agent = name, "ignoring a result for a stale lease");
+            return;
+        }
+        let job_id = result.job_id.clone();
+        self.record_agent_phases(&build_id, &job_id, &result.phases);
+        match result.outcome {
+            Some(proto::job_result::Outcome::Image(image)) => self.image_built(&build_id, &job_id, name, image),
+            Some(proto::job_result::Outcome::Failure(f)) => {
+                let kind = proto::FailureKind::try_from(f.kind).unwrap_or(proto::FailureKind::Infra);
+                match kind {
+                    proto::FailureKind::Build => {
+                        let platform = self.job_mut(&build_id, &job_id).map(|j| j.platform.to_string());
+                        let message = format!("{}: {}", platform.unwrap_or_default(), f.message);
+                        self.fail_build(&build_id, &job_id, message);
+                    }
+                    proto::FailureKind::Cancelled => {}
+                    _ => self.requeue(&build_id, &job_id, &format!("agent {name}: {}", f.message)),
+                }
+            }
+            None => self.requeue(&build_id, &job_id, &format!("agent {name} sent an empty result")),
+        }
+    }
+
+    /// Keeps the agent's phase times (bounded, known phases only) and
+    /// observes them.
+    fn record_agent_phases(&mut self, build_id: &str, job_id: &str, phases: &[proto::PhaseTiming]) {
+        let now = self.now();
+        let metrics = self.metrics.clone();
+        let Some(job) = self.job_mut(build_id, job_id) else { return };
+        job.result_ms = Some(now);
+        let ms = |t: &Option<prost_types::Timestamp>| t.as_ref().map(from_timestamp);
+        for p in phases.iter().take(8) {
+            let Some(phase) = Phase::of_agent(&p.phase) else { continue };
+            let (Some(start_ms), Some(end_ms)) = (ms(&p.start), ms(&p.end)) else { continue };
+            if end_ms < start_ms {
+                continue;
+            }
+            let record = PhaseRecord { phase, start_ms, end_ms };
+            metrics.observe(
+                "braid_job_phase_seconds",
+                vec![("platform", job.platform.to_string()), ("phase", phase.as_str().into())],
+                record.seconds(),
+            );
+            job.phases.push(record);
+        }
+    }
+
+    fn image_built(&mut self, build_id: &str, job_id: &str, agent: &str, image: proto::ImageResult) {
+        let now = self.now();
+        let Some(b) = self.builds.get_mut(build_id) else {
+            return;
+        };
+        let verify_in = b.verify_in();
+        let affinity = b.tags.first().map(ImageRef::name);
+        let Some(job) = b.record.jobs.iter_mut().find(|j| j.id == job_id) else {
+            return;
+        };
+        let image = match Image::from_proto(image) {
+            Ok(image) => image,
+            Err(e) => {
+                let message = format!("{}: pushed image refused: {e}", job.platform);
+                return self.fail_build(build_id, job_id, message);
+            }
+        };
+        let digest = image.digest.clone();
+        job.result = Some(image);
+        if let Some(repo) = affinity {
+            let key = format!("{repo}|{}", job.platform);
+            self.last_agent.insert(key, agent.to_owned());
+        }
+        let platform = job.platform.clone();
+        if let Some(at) = verify_in {
+            job.status = JobStatus::Pushed { agent: agent.to_owned() };
+            let event = Self::job_event(job);
+            self.emit(build_id, vec![event]);
+            self.out.push(Effect::Verify {
+                build_id: build_id.to_owned(),
+                job_id: job_id.to_owned(),
+                at,
+                digest,
+                platform,
+            });
+            return;
+        }
+        // Nothing was pushed or uploaded, so there is nothing to verify.
+        job.status = JobStatus::Verified { agent: agent.to_owned() };
+        job.finished_ms = Some(now);
+        let event = Self::job_event(job);
+        self.emit(build_id, vec![event]);
+        self.maybe_merge(build_id)
+    }
+
+    /// The registry check of a pushed image finished.
+    pub fn verified(&mut self, build_id: &str, job_id: &str, outcome: Result<ImageDescriptor, String>) -> Effects {
+        self.verified_inner(build_id, job_id, outcome);
+        self.take()
+    }
+
+    fn verified_inner(&mut self, build_id: &str, job_id: &str, outcome: Result<ImageDescriptor, String>) {
+        let metrics = self.metrics.clone();
+        let now = self.now();
+        let Some(job) = self.job_mut(build_id, job_id) else {
+            return;
+        };
+        let JobStatus::Pushed { agent } = job.status.clone() else {
+            return;
+        };
+        match outcome {
+            Ok(descriptor) => {
+                job.result = Some(Image::from(descriptor));
+                job.status = JobStatus::Verified { agent };
+                job.finished_ms = Some(now);
+                let verify = PhaseRecord { phase: Phase::Verify, start_ms: job.result_ms.unwrap_or(now), end_ms: now };
+                metrics.observe(
+                    "braid_job_phase_seconds",
+                    vec![("platform", job.platform.to_string()), ("phase", Phase::Verify.as_str().into())],
+                    verify.seconds(),
+                );
+                job.phases.push(verify);
+                let event = Self::job_event(job);
+                self.emit(build_id, vec![event]);
+                self.maybe_merge(build_id)
+            }
+            Err(message) => {
+                let platform = job.platform.to_string();
+                self.fail_build(build_id, job_id, format!("{platform}: pushed image refused: {message}"));
+            }
+        }
+    }
+
+    fn maybe_merge(&mut self, build_id: &str) {
+        let now = self.now();
+        let Some(b) = self.builds.get_mut(build_id) else {
+            return;
+        };
+        if b.record.status.is_terminal()
+            || !b.record.jobs.iter().all(|j| matches!(j.status, JobStatus::Verified { .. }))
+        {
+            return;
+        }
+        if !b.spec.push && !b.spec.export {
+            b.record.status = BuildStatus::Succeeded;
+            b.record.finished_ms = Some(now);
+            let event = Self::build_event(&b.record);
+            self.emit(build_id, vec![event]);
+            return;
+        }
+        b.record.status = BuildStatus::Merging;
+        b.record.merge_started_ms = Some(now);
+        let event = Self::build_event(&b.record);
+        self.emit(build_id, vec![event]);
+        self.out.push(Effect::Merge { build_id: build_id.to_owned() });
+    }
+
+    /// What a merge needs: tags, push repositories and each platform's image.
+    pub fn merge_inputs(&self, build_id: &str) -> Option<MergeInputs> {
+        let b = self.builds.get(build_id)?;
+        let images =
+            b.record.jobs.iter().map(|j| Some((j.platform.clone(), j.result.clone()?))).collect::<Option<Vec<_>>>()?;
+        Some(MergeInputs {
+            tags: b.tags.clone(),
+            pushed_to: b.push_repositories(),
+            images,
+            annotations: b.spec.annotations.clone(),
+            push: b.spec.push,
+            export: b.spec.export,
+            format: IndexFormat::parse(&b.spec.format)?,
+        })
+    }
+
+    pub fn merged(&mut self, build_id: &str, outcome: Result<ImageDescriptor, String>) -> Effects {
+        self.merged_inner(build_id, outcome);
+        self.take()
+    }
+
+    fn merged_inner(&mut self, build_id: &str, outcome: Result<ImageDescriptor, String>) {
+        let now = self.now();
+        let Some(b) = self.builds.get_mut(build_id) else {
+            return;
+        };
+        if b.record.status != BuildStatus::Merging {
+            return;
+        }
+        if let Some(started) = b.record.merge_started_ms {
+            self.metrics.observe("braid_build_merge_seconds", vec![], (now - started) as f64 / 1000.0);
+        }
+        match outcome {
+            Ok(index) => {
+                b.record.status = BuildStatus::Succeeded;
+                tracing::info!(build_id, index = %index.digest, "build succeeded");
+                b.record.index = Some(Image::from(index));
+            }
+            Err(message) => {
+                b.record.status = BuildStatus::Failed;
+                b.record.message = format!("pushing the index: {message}");
+                tracing::warn!(build_id, %message, "merge failed");
+            }
+        }
+        b.record.finished_ms = Some(now);
+        let event = Self::build_event(&b.record);
+        self.emit(build_id, vec![event]);
+    }
+
+    /// Fails a build because of one job: the job fails, the others are
+    /// cancelled, and no index is pushed.
+    fn fail_build(&mut self, build_id: &str, job_id: &str, message: String) {
+        let now = self.now();
+        let Some(b) = self.builds.get_mut(build_id) else {
+            return;
+        };
+        if b.record.status.is_terminal() {
+            return;
+        }
+        let mut events = Vec::new();
+        if let Some(job) = b.record.jobs.iter_mut().find(|j| j.id == job_id) {
+            job.status = JobStatus::Failed;
+            job.message = message.clone();
+            job.finished_ms = Some(now);
+            events.push(Self::job_event(job));
+        }
+        let pushed: Vec<String> = b
+            .record
+            .jobs
+            .iter()
+            .filter_map(|j| Some(format!("{} {}", j.platform, j.result.as_ref()?.digest)))
+            .collect();
+        b.record.status = BuildStatus::Failed;
+        b.record.message = if pushed.is_empty() || !b.spec.push {
+            message
+        } else {
+            format!("{message} (already pushed by digest, no index written: {})", pushed.join(", "))
+        };
+        b.record.finished_ms = Some(now);
+        tracing::warn!(build_id, job_id, message = %b.record.message, "build failed");
+        self.stop_jobs(build_id, "another platform failed", &mut events);
+        if let Some(b) = self.builds.get(build_id) {
+            events.push(Self::build_event(&b.record));
+        }
+        self.emit(build_id, events);
+    }
+
+    /// Cancels every unfinished job of a build and tells their agents.
+    fn stop_jobs(&mut self, build_id: &str, reason: &str, events: &mut Vec<EventKind>) {
+        let now = self.now();
+        let Some(b) = self.builds.get_mut(build_id) else {
+            return;
+        };
+        let mut cancels = Vec::new();
+        for job in b.record.jobs.iter_mut().filter(|j| !j.status.is_done()) {
+            if let Some((agent, _)) = job.status.leased() {
+                cancels.push((agent.to_owned(), job.id.clone(), job.attempt));
+            }
+            job.status = JobStatus::Cancelled;
+            job.message = reason.to_owned();
+            job.finished_ms = Some(now);
+            events.push(Self::job_event(job));
+        }
+        for (agent, job_id, attempt) in cancels {
+            if let Some(a) = self.agents.get(&agent).filter(|a| a.connected) {
+                let cancel = proto::CancelJob { job_id, attempt, reason: reason.to_owned() };
+                self.out.push(Effect::Cancel { session: a.session, cancel });
+            }
+        }
+    }
+
+    /// Cancels a build; a build that has ended is left as it is.
+    pub fn cancel(&mut self, build_id: &str, reason: &str) -> Result<Effects> {
+        let status = self.build(build_id)?.record.status;
+        let now = self.now();
+        if !status.is_terminal() {
+            let mut events = Vec::new();
+            self.stop_jobs(build_id, reason, &mut events);
+            if let Some(b) = self.builds.get_mut(build_id) {
+                b.record.status = BuildStatus::Cancelled;
+                b.record.message = reason.to_owned();
+                b.record.finished_ms = Some(now);
+                events.push(Self::build_event(&b.record));
+            }
+            tracing::info!(build_id, reason, "build cancelled");
+            self.emit(build_id, events);
+        }
+        Ok(self.take())
+    }
+}

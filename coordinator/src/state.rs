@@ -1,0 +1,269 @@
+//! The state every service shares: the farm behind its lock, the stores,
+//! settings and metrics, and the work a change of the farm asks for
+//! (verifying images, merging indexes), run in the background.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+
+use braid_shared::oci::{ImageDescriptor, Registry};
+use braid_shared::pki::{self, Pem};
+use braid_shared::proto::{self, coordinator_message::Kind as ToAgent};
+use braid_shared::{Digest, ImageRef, Platform};
+
+use crate::auth::Tokens;
+use crate::blobs::{BlobError, BlobStore};
+use crate::contexts::ContextStore;
+use crate::error::{CoordinatorError, Result};
+use crate::farm::{Effect, Effects, Farm, FarmConfig, VerifyIn};
+use crate::journal::{Entry, Journal};
+use crate::merge;
+use crate::metrics::Metrics;
+use crate::model::SystemClock;
+use crate::settings::Settings;
+use crate::store::Store;
+
+/// A session's outbound stream: what the coordinator sends an agent.
+pub type AgentSender = mpsc::UnboundedSender<std::result::Result<proto::CoordinatorMessage, tonic::Status>>;
+
+/// Everything the services share.
+pub struct Coordinator {
+    farm: Mutex<Farm>,
+    /// Open agent sessions by id; locked only with the farm locked first.
+    sessions: Mutex<HashMap<u64, AgentSender>>,
+    /// The farm's writes, made off its lock.
+    journal: Journal,
+    pub contexts: ContextStore,
+    pub blobs: Arc<BlobStore>,
+    pub store: Arc<Store>,
+    pub settings: Settings,
+    /// Wakes the scheduler after anything that may let a job be placed.
+    pub wake: Notify,
+    pub metrics: Arc<Metrics>,
+    pub tokens: Tokens,
+    /// The cluster CA and its key, when this coordinator signs joining agents.
+    pub ca: Option<Pem>,
+}
+
+impl Coordinator {
+    pub fn open(settings: Settings) -> Result<Arc<Coordinator>> {
+        std::fs::create_dir_all(&settings.data_dir)?;
+        let store = Arc::new(Store::open(&settings.data_dir.join("braid.db"))?);
+        let contexts = ContextStore::open(
+            &settings.data_dir.join("contexts"),
+            store.clone(),
+            settings.max_context_bytes,
+            settings.context_store_bytes,
+        )?;
+        let blobs = Arc::new(BlobStore::open(&settings.data_dir.join("blobs/sha256"), settings.blob_store_bytes)?);
+        let metrics = Arc::new(Metrics::default());
+        let config = FarmConfig {
+            max_attempts: settings.max_attempts,
+            insecure_registries: settings.insecure_registries.clone(),
+            configured: settings.credentials(),
+        };
+        let mut farm = Farm::new(config, Arc::new(SystemClock::default()), metrics.clone());
+        farm.restore(store.load_builds()?, store.cordons()?);
+        let journal = Journal::start(store.clone())?;
+        let tokens = Tokens::new(store.clone(), settings.tls());
+        let ca = match (&settings.tls_ca, &settings.tls_ca_key) {
+            (Some(cert), Some(key)) => Some(Pem {
+                cert: pki::read(cert).map_err(|e| CoordinatorError::Internal(e.to_string()))?,
+                key: pki::read(key).map_err(|e| CoordinatorError::Internal(e.to_string()))?.into(),
+            }),
+            _ => None,
+        };
+        Ok(Arc::new(Coordinator {
+            farm: Mutex::new(farm),
+            sessions: Mutex::new(HashMap::new()),
+            journal,
+            contexts,
+            blobs,
+            store,
+            settings,
+            wake: Notify::new(),
+            metrics,
+            tokens,
+            ca,
+        }))
+    }
+
+    /// The farm, locked. Never held across an await.
+    pub fn farm(&self) -> MutexGuard<'_, Farm> {
+        // A panic while holding the lock leaves the farm as the last
+        // completed change wrote it; keep serving rather than fail forever.
+        self.farm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<u64, AgentSender>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Performs what a transition of `farm` asked for; called with the farm
+    /// still locked (hence the `_farm` borrow), so messages to agents and
+    /// writes keep the farm's order. Sends and queued writes do not block;
+    /// verifications and merges run in the background.
+    pub fn perform(self: &Arc<Self>, _farm: &Farm, effects: Effects) {
+        for effect in effects {
+            match effect {
+                Effect::Assign { session, assignment } => self.send(session, ToAgent::Assign(*assignment)),
+                Effect::Cancel { session, cancel } => self.send(session, ToAgent::Cancel(cancel)),
+                Effect::Disconnect { session, agent, why } => {
+                    if let Some(tx) = self.sessions().remove(&session) {
+                        let _ = tx.send(Err(crate::error::disconnect_status(&agent, why)));
+                    }
+                }
+                Effect::Insert { record, spec } => self.journal.push(Entry::Insert { record, spec }),
+                Effect::Persist(record) => self.journal.push(Entry::Record(record)),
+                Effect::Append { events, live } => self.journal.push(Entry::Events { events, live }),
+                Effect::Cordon { agent, cordoned } => self.journal.push(Entry::Cordon { agent, cordoned }),
+                follow @ (Effect::Verify { .. } | Effect::Merge { .. }) => {
+                    tokio::spawn(self.clone().follow(follow));
+                }
+            }
+        }
+    }
+
+    /// Runs a transition on the locked farm and performs its effects.
+    pub fn change<T>(self: &Arc<Self>, transition: impl FnOnce(&mut Farm) -> (T, Effects)) -> T {
+        let mut farm = self.farm();
+        let (value, effects) = transition(&mut farm);
+        self.perform(&farm, effects);
+        value
+    }
+
+    fn send(&self, session: u64, kind: ToAgent) {
+        if let Some(tx) = self.sessions().get(&session) {
+            let _ = tx.send(Ok(proto::CoordinatorMessage { kind: Some(kind) }));
+        }
+    }
+
+    /// Registers a new session's stream (before its transition's effects
+    /// are performed, which may already send on it).
+    pub fn open_session(&self, _farm: &Farm, session: u64, tx: AgentSender) {
+        self.sessions().insert(session, tx);
+    }
+
+    /// Forgets a session whose stream ended.
+    pub fn close_session(&self, session: u64) {
+        self.sessions().remove(&session);
+    }
+
+    /// Waits until every change made so far is stored.
+    pub async fn flush(&self) {
+        self.journal.flush().await;
+    }
+
+    /// Checks an image or merges an index, then records the outcome.
+    async fn follow(self: Arc<Self>, effect: Effect) {
+        match effect {
+            Effect::Verify { build_id, job_id, at, digest, platform } => {
+                let outcome = match at {
+                    VerifyIn::Registry(repository) => {
+                        self.verify_pushed(&build_id, &repository, &digest, &platform).await
+                    }
+                    VerifyIn::Blobs => self.verify_uploaded(digest, platform).await,
+                    VerifyIn::RegistryAndBlobs(repository) => {
+                        match self.verify_pushed(&build_id, &repository, &digest, &platform).await {
+                            Ok(_) => self.verify_uploaded(digest, platform).await,
+                            Err(e) => Err(e),
+                        }
+                    }
+                };
+                let mut farm = self.farm();
+                let effects = farm.verified(&build_id, &job_id, outcome);
+                self.perform(&farm, effects);
+            }
+            Effect::Merge { build_id } => {
+                let inputs = self.farm().merge_inputs(&build_id);
+                let outcome = match inputs {
+                    Some(m) => self.merge(&build_id, &m).await,
+                    None => Err("a platform has no image".to_owned()),
+                };
+                let mut farm = self.farm();
+                let effects = farm.merged(&build_id, outcome);
+                self.perform(&farm, effects);
+            }
+            _ => {}
+        }
+    }
+
+    /// Checks a pushed image in the registry.
+    async fn verify_pushed(
+        &self,
+        build_id: &str,
+        repository: &ImageRef,
+        digest: &Digest,
+        platform: &Platform,
+    ) -> std::result::Result<ImageDescriptor, String> {
+        merge::verify(&self.registry_for(build_id), repository, digest, platform).await
+    }
+
+    /// Checks an uploaded image in the blob store; reading and hashing the
+    /// manifest and config is blocking work.
+    async fn verify_uploaded(
+        &self,
+        digest: Digest,
+        platform: Platform,
+    ) -> std::result::Result<ImageDescriptor, String> {
+        let blobs = self.blobs.clone();
+        let check = tokio::task::spawn_blocking(move || blobs.verify_image(&digest, &platform).map(|(d, _)| d));
+        check
+            .await
+            .unwrap_or_else(|e| Err(BlobError::Internal(e.to_string())))
+            .map_err(|e| format!("uploaded image: {e}"))
+    }
+
+    /// Writes the index: into the blob store for an exporting build, and
+    /// to the registry under every tag for a pushing one.
+    async fn merge(
+        self: &Arc<Self>,
+        build_id: &str,
+        m: &crate::farm::MergeInputs,
+    ) -> std::result::Result<ImageDescriptor, String> {
+        let (index, descriptor) = merge::index(&m.images, &m.annotations, m.format)?;
+        if m.export {
+            let (this, bytes) = (self.clone(), index.clone());
+            crate::blocking::run(move || {
+                let needed = || this.blobs.referenced(&this.farm().exporting_images());
+                this.blobs.put_bytes(&bytes, needed)
+            })
+            .await
+            .map_err(|e| format!("storing the index: {e}"))?;
+        }
+        if m.push {
+            merge::push(&self.registry_for(build_id), &m.tags, &m.pushed_to, &m.images, &index, &descriptor).await?;
+        }
+        Ok(descriptor)
+    }
+
+    /// A registry client with the build's credentials.
+    fn registry_for(&self, build_id: &str) -> Registry {
+        let credentials = self.farm().credentials_for(build_id);
+        Registry::with_credentials(&self.settings.insecure_registries, credentials)
+    }
+
+    /// Places queued jobs whenever woken, and at least every second; looks
+    /// for lost agents and timed-out builds a few times a second (each
+    /// looks at every agent or build, too much for every wake-up).
+    pub(crate) async fn schedule_loop(self: Arc<Self>) {
+        let mut last_sweep = std::time::Instant::now();
+        loop {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
+            let sweep = last_sweep.elapsed() >= Duration::from_millis(200);
+            {
+                let mut farm = self.farm();
+                let mut effects = Vec::new();
+                if sweep {
+                    last_sweep = std::time::Instant::now();
+                    effects.extend(farm.reap(self.settings.agent_lost_after()));
+                    effects.extend(farm.check_timeouts(self.settings.queue_timeout()));
+                }
+                effects.extend(farm.schedule());
+                self.perform(&farm, effects);
+            }
+        }
+    }
+}
