@@ -58,3 +58,6 @@ pub const METRIC_PLATFORMS: usize = 256;
 pub const HTTP_SESSIONS: usize = 1024;
 /// Lifetime of a dashboard login session: 12 hours.
 pub const HTTP_SESSION_SECONDS: u64 = 12 * 3600;
+/// How long `braid build` and `braid logs --follow` keep reconnecting to an
+/// unreachable coordinator when the build has no `--timeout` of its own.
+pub const RECONNECT_SECONDS: u64 = 600;
