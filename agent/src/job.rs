@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use backon::BackoffBuilder as _;
 use base64::Engine as _;
 use braid_shared::context::{self, ContextLimits};
 use braid_shared::oci::{self, Credential, ImageDescriptor, Registry};
@@ -379,32 +380,18 @@ async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &
 /// Pushes to every repository, retrying registry errors with backoff.
 async fn push_everywhere(env: &JobEnv, a: &proto::Assignment, layout: &Path, registry: Registry) -> Outcome {
     let mut descriptor = None;
+    let patience = Duration::from_secs(env.settings.settings.push_retry_seconds.into());
     for raw in &a.push_repositories {
         let repository: ImageRef = match raw.parse() {
             Ok(r) => r,
             Err(e) => return build_failure(e),
         };
-        let mut delay = Duration::from_millis(500);
-        let mut attempt = 1;
-        loop {
-            match registry.push_layout(layout, &repository).await {
-                Ok(d) => {
-                    log_lines(env, a, vec![format!("pushed {} to {}", d.digest, repository.name())]);
-                    descriptor = Some(d);
-                    break;
-                }
-                Err(e) if attempt < PUSH_ATTEMPTS => {
-                    log_lines(
-                        env,
-                        a,
-                        vec![format!("push to {} failed (attempt {attempt}): {e}; retrying", repository.name())],
-                    );
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                    attempt += 1;
-                }
-                Err(e) => return infra(format!("pushing to {}: {e}", repository.name())),
+        match push_with_retries(env, a, layout, &registry, &repository, patience).await {
+            Ok(d) => {
+                log_lines(env, a, vec![format!("pushed {} to {}", d.digest, repository.name())]);
+                descriptor = Some(d);
             }
+            Err(outcome) => return outcome,
         }
     }
     match descriptor {
@@ -413,7 +400,59 @@ async fn push_everywhere(env: &JobEnv, a: &proto::Assignment, layout: &Path, reg
     }
 }
 
-const PUSH_ATTEMPTS: u32 = 4;
+/// Pushes to one repository, retrying a registry that cannot be reached (or
+/// answers 5xx, 408, 429) with exponential backoff and jitter for up to
+/// `patience`: an outage shorter than that costs no attempt of the job. A
+/// registry's refusal (401, 403, another 4xx) will not change by waiting or
+/// on another agent: it fails the build at once, with its message.
+async fn push_with_retries(
+    env: &JobEnv,
+    a: &proto::Assignment,
+    layout: &Path,
+    registry: &Registry,
+    repository: &ImageRef,
+    patience: Duration,
+) -> Result<ImageDescriptor, Outcome> {
+    let started = Instant::now();
+    let mut delays = backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let mut attempt = 1;
+    loop {
+        let e = match registry.push_layout(layout, repository).await {
+            Ok(d) => return Ok(d),
+            Err(e) => e,
+        };
+        if !e.is_transient() {
+            return Err(build_failure(format!("pushing to {}: {e}", repository.name())));
+        }
+        let left = patience.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(infra(format!(
+                "pushing to {}: registry {} unreachable for {}s ({attempt} tries): {e}",
+                repository.name(),
+                repository.registry(),
+                patience.as_secs()
+            )));
+        }
+        let delay = delays.next().unwrap_or(Duration::from_secs(30)).min(left);
+        log_lines(
+            env,
+            a,
+            vec![format!(
+                "registry {} unreachable, retrying (attempt {attempt}, next in {:.1}s): {e}",
+                repository.registry(),
+                delay.as_secs_f64()
+            )],
+        );
+        tokio::time::sleep(delay).await;
+        attempt += 1;
+    }
+}
 
 /// Makes the image's config name the target platform, as BuildKit does.
 /// buildah 1.28 writes `arm/v7` for `--platform linux/arm/v6` when the base

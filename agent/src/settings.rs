@@ -85,6 +85,12 @@ pub struct Settings {
     /// before it hands them back
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub stop_grace_seconds: u32,
+    /// Seconds a push keeps retrying a registry that cannot be reached or
+    /// answers 5xx, 408 or 429 (exponential backoff with jitter) before the
+    /// job fails as an infrastructure failure; 401, 403 and other 4xx answers
+    /// fail at once (0 to 86400)
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub push_retry_seconds: u32,
     /// Log format: pretty or json
     #[arg(long, value_name = "FORMAT", default_value = "pretty")]
     pub log_format: LogFormat,
@@ -247,6 +253,9 @@ impl Settings {
         };
         if !(1..=braid_shared::limits::AGENT_SLOTS).contains(&self.slots) {
             return Err(invalid("slots", "must be 1 to 256".into()));
+        }
+        if u64::from(self.push_retry_seconds) > braid_shared::limits::PUSH_RETRY_SECONDS {
+            return Err(invalid("push_retry_seconds", format!("{}: must be 0 to 86400", self.push_retry_seconds)));
         }
         let backend = match self.backend.as_str() {
             "buildah" | "podman" | "docker" => self.backend.clone(),

@@ -61,3 +61,5 @@ pub const HTTP_SESSION_SECONDS: u64 = 12 * 3600;
 /// How long `braid build` and `braid logs --follow` keep reconnecting to an
 /// unreachable coordinator when the build has no `--timeout` of its own.
 pub const RECONNECT_SECONDS: u64 = 600;
+/// Longest `push_retry_seconds` of an agent: a day.
+pub const PUSH_RETRY_SECONDS: u64 = 24 * 3600;

@@ -208,6 +208,8 @@ impl Drop for DockerEngine {
 pub struct Registry {
     pub addr: String,
     proc: Option<Proc>,
+    config: PathBuf,
+    log: PathBuf,
 }
 
 impl Registry {
@@ -243,24 +245,29 @@ impl Registry {
             writeln!(f, "auth: {{htpasswd: {{realm: braid-tests, path: {}}}}}", file.display())?;
         }
         drop(f);
-        let proc = Proc::spawn(
-            "docker-registry",
-            Command::new("docker-registry").arg("serve").arg(&config),
-            &dir.join("registry.log"),
-        )?;
-        let url = format!("http://{addr}/v2/");
-        eventually(Duration::from_secs(20), "the registry to answer", || {
-            // 200, or 401 from a registry that wants a login: it is up.
-            let out =
-                Command::new("curl").args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", &url]).output().ok()?;
-            matches!(&out.stdout[..], b"200" | b"401").then_some(())
-        })?;
-        Ok(Registry { addr, proc: Some(proc) })
+        let mut registry = Registry { addr, proc: None, config, log: dir.join("registry.log") };
+        registry.restart()?;
+        Ok(registry)
     }
 
     /// Stops the registry (as an outage would).
     pub fn stop(&mut self) {
         self.proc = None;
+    }
+
+    /// Starts a stopped registry again: same address, same data.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc = None;
+        let proc =
+            Proc::spawn("docker-registry", Command::new("docker-registry").arg("serve").arg(&self.config), &self.log)?;
+        self.proc = Some(proc);
+        let url = format!("http://{}/v2/", self.addr);
+        eventually(Duration::from_secs(20), "the registry to answer", || {
+            // 200, or 401 from a registry that wants a login: it is up.
+            let out =
+                Command::new("curl").args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", &url]).output().ok()?;
+            matches!(&out.stdout[..], b"200" | b"401").then_some(())
+        })
     }
 
     /// Pushes the offline multi-platform busybox base image.

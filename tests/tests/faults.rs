@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use braid_tests::{AgentSpec, Farm, Registry, RunningBuild, dockerfile_context, require_environment};
 
@@ -74,4 +74,73 @@ fn followers_ride_out_a_coordinator_crash_without_gap_or_duplicate() {
         assert_eq!(out.matches("reconnecting").count(), 1, "the outage is announced once:\n{out}");
         assert_eq!(out.matches("reachable again").count(), 1, "and its end once:\n{out}");
     }
+}
+
+/// A Dockerfile whose RUN leaves time to stop the registry before the push.
+fn slow_dockerfile(base: &str, i: usize) -> String {
+    format!("FROM {base}\nRUN echo push-{i} > /id && sleep 4\n")
+}
+
+#[test]
+fn pushes_outlast_a_registry_outage_without_burning_an_attempt() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut registry, base) = setup(tmp.path());
+    let farm = Farm::start(tmp.path(), &registry, &[AgentSpec::new("amd64-agent", &[]).slots(2)]).unwrap();
+    farm.wait_for_agents(1).unwrap();
+    let mut builds = Vec::new();
+    for i in 0..2 {
+        let ctx = dockerfile_context(tmp.path(), &format!("ctx{i}"), &slow_dockerfile(&base, i));
+        let tag = format!("{}/faults/outage{i}:1", registry.addr);
+        let build = RunningBuild::start(
+            &farm,
+            &["build", "--platform", "linux/amd64", "-t", &tag, "--push", "--progress", "plain", &ctx],
+        );
+        builds.push((build, format!("faults/outage{i}:1")));
+    }
+    for (build, _) in &mut builds {
+        build.wait_for("sleep 4", Duration::from_secs(120));
+    }
+    registry.stop();
+    for (build, _) in &mut builds {
+        build
+            .wait_for(&format!("registry {} unreachable, retrying (attempt 1", registry.addr), Duration::from_secs(60));
+    }
+    // The outage itself, longer than the old retry budget (about 10 s).
+    std::thread::sleep(Duration::from_secs(20));
+    registry.restart().unwrap();
+    for (build, tag) in builds {
+        let (code, out) = build.finish(Duration::from_secs(180));
+        assert_eq!(code, Some(0), "the push waits for the registry and the build succeeds:\n{out}");
+        assert!(!out.contains("(attempt 2)"), "the outage cost no attempt of the job:\n{out}");
+        assert!(registry.manifest(&tag).is_some(), "{tag} was pushed");
+    }
+}
+
+#[test]
+fn a_registry_that_stays_down_fails_the_build_in_bounded_time_naming_it() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut registry, base) = setup(tmp.path());
+    let agent = AgentSpec::new("amd64-agent", &[]).flag("--push-retry-seconds", "5");
+    let farm = Farm::start_with(tmp.path(), Some(&registry.addr), &[agent], &["--max-attempts", "1"]).unwrap();
+    farm.wait_for_agents(1).unwrap();
+    let ctx = dockerfile_context(tmp.path(), "ctx", &slow_dockerfile(&base, 0));
+    let tag = format!("{}/faults/down:1", registry.addr);
+    let mut build = RunningBuild::start(
+        &farm,
+        &["build", "--platform", "linux/amd64", "-t", &tag, "--push", "--progress", "plain", &ctx],
+    );
+    build.wait_for("sleep 4", Duration::from_secs(120));
+    registry.stop();
+    let stopped = Instant::now();
+    let (code, out) = build.finish(Duration::from_secs(60));
+    assert_ne!(code, Some(0), "a push that never gets through fails the build:\n{out}");
+    assert!(stopped.elapsed() < Duration::from_secs(45), "it fails within the retry time: {:?}", stopped.elapsed());
+    assert!(out.contains(&format!("registry {} unreachable, retrying (attempt 1", registry.addr)), "{out}");
+    assert!(
+        out.contains(&format!("registry {} unreachable for 5s", registry.addr)),
+        "the error names the registry:\n{out}"
+    );
+    assert!(out.contains("gave up after 1 attempts"), "{out}");
 }
