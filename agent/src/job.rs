@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::BufReader;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,7 @@ use braid_shared::proto::{self, agent_message::Kind as ToCoordinator};
 use braid_shared::{Digest, ImageRef, Platform, beneath, buildargs, limits};
 
 use crate::cache::ContextCache;
+use crate::joblog::{self, JobLog, Outgoing};
 use crate::settings::Valid;
 use crate::{docker, prune, upload};
 
@@ -34,7 +35,9 @@ pub enum Outcome {
 pub struct JobEnv {
     pub settings: Valid,
     pub cache: Arc<ContextCache>,
-    pub outbox: mpsc::UnboundedSender<proto::AgentMessage>,
+    pub outbox: mpsc::UnboundedSender<Outgoing>,
+    /// The agent-wide budget of log bytes queued for the coordinator.
+    pub log_budget: Arc<tokio::sync::Semaphore>,
     pub engine_gate: Arc<docker::PlatformGate>,
     pub storage_locks: Arc<prune::StorageLocks>,
 }
@@ -358,16 +361,10 @@ async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &
         log_lines(env, a, vec!["waiting for this agent's builds of another platform on the Docker Engine".into()]);
     }
     let pass = env.engine_gate.enter(platform).await;
-    let mut sent_bytes = 0usize;
-    let image_id = docker::build(&engine, build, job_dir, |line| {
-        let line = braid_shared::shorten(&line, limits::LOG_LINE_BYTES);
-        sent_bytes += line.len();
-        if sent_bytes <= limits::JOB_LOG_BYTES {
-            log_lines(env, a, vec![line]);
-        }
-    })
-    .await
-    .map_err(|e| match e {
+    let mut log = JobLog::new(a, env.outbox.clone(), env.log_budget.clone());
+    let built = docker::build(&engine, build, job_dir, &mut log).await;
+    log.finish();
+    let image_id = built.map_err(|e| match e {
         docker::DockerError::Build(message) => build_failure(message),
         other => infra(other),
     })?;
@@ -621,7 +618,8 @@ async fn run_logged(
     let mut child = cmd.spawn().map_err(RunError::Spawn)?;
     let pgid = child.id();
     let guard = KillGroupOnDrop(pgid);
-    let (line_tx, mut line_rx) = mpsc::unbounded_channel::<String>();
+    let mut log = JobLog::new(a, env.outbox.clone(), env.log_budget.clone());
+    let (line_tx, mut line_rx) = mpsc::channel::<String>(joblog::CHANNEL_LINES);
     for reader in [
         child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
         child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
@@ -631,20 +629,16 @@ async fn run_logged(
     {
         let tx = line_tx.clone();
         let keep = job_dir.clone();
+        let shared = log.shared();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(reader).lines();
-            // Read to the end even when no one listens any more (the job
+            // Reads to the end even when no one listens any more (the job
             // was cancelled), so the directory lives as long as the group.
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
+            joblog::read_lines(BufReader::new(reader), tx, shared).await;
             drop(keep);
         });
     }
     drop(line_tx);
-    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
-    let mut batch = Vec::new();
-    let mut sent_bytes = 0usize;
+    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::with_capacity(TAIL_LINES);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
@@ -653,19 +647,15 @@ async fn run_logged(
                     let line = braid_shared::shorten(&line, limits::LOG_LINE_BYTES);
                     if tail.len() == TAIL_LINES { tail.pop_front(); }
                     tail.push_back(line.clone());
-                    sent_bytes += line.len();
-                    if sent_bytes <= limits::JOB_LOG_BYTES { batch.push(line); }
-                    if batch.len() >= 64 { log_lines(env, a, std::mem::take(&mut batch)); }
+                    log.push(line);
                 }
                 None => break,
             },
-            _ = tick.tick() => if !batch.is_empty() { log_lines(env, a, std::mem::take(&mut batch)); },
+            _ = tick.tick() => log.flush(),
             () = cancel.cancelled() => break,
         }
     }
-    if !batch.is_empty() {
-        log_lines(env, a, batch);
-    }
+    log.finish();
     let status = tokio::select! {
         status = child.wait() => status.map_err(RunError::Spawn)?,
         () = cancel.cancelled() => {
@@ -689,20 +679,23 @@ fn failure_summary(tail: &std::collections::VecDeque<String>, status: std::proce
     format!("builder exited with {status}: {}", lines.join(" | "))
 }
 
+/// A few lines of braid's own: they go past the log budget.
 fn log_lines(env: &JobEnv, a: &proto::Assignment, lines: Vec<String>) {
-    let _ = env.outbox.send(proto::AgentMessage {
+    let message = proto::AgentMessage {
         kind: Some(ToCoordinator::Log(proto::JobLog { job_id: a.job_id.clone(), attempt: a.attempt, lines })),
-    });
+    };
+    let _ = env.outbox.send(message.into());
 }
 
 fn send_progress(env: &JobEnv, a: &proto::Assignment, state: proto::JobState) {
-    let _ = env.outbox.send(proto::AgentMessage {
+    let message = proto::AgentMessage {
         kind: Some(ToCoordinator::Progress(proto::JobProgress {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
             state: state as i32,
         })),
-    });
+    };
+    let _ = env.outbox.send(message.into());
 }
 
 /// Kills a builder's whole process group when its job is dropped (cancelled).

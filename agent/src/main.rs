@@ -4,6 +4,7 @@
 mod cache;
 mod docker;
 mod job;
+mod joblog;
 mod join;
 mod prune;
 mod session;

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use braid_tests::{AgentSpec, Farm, Registry, RunningBuild, dockerfile_context, require_environment};
+use braid_tests::{AgentSpec, Farm, Registry, RunningBuild, dockerfile_context, eventually, require_environment};
 
 /// These tests time outages; one at a time on the machine's two cores.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -143,4 +143,56 @@ fn a_registry_that_stays_down_fails_the_build_in_bounded_time_naming_it() {
         "the error names the registry:\n{out}"
     );
     assert!(out.contains("gave up after 1 attempts"), "{out}");
+}
+
+/// A process's resident set, from /proc (kB): `VmRSS` or `VmHWM` (peak).
+fn memory_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_log_flood_of_one_byte_lines_keeps_the_agent_small() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let (registry, base) = setup(tmp.path());
+    let farm = Farm::start(tmp.path(), &registry, &[AgentSpec::new("amd64-agent", &[])]).unwrap();
+    farm.wait_for_agents(1).unwrap();
+    let pid = farm.agents[0].pid();
+    let idle = memory_kb(pid, "VmRSS");
+    // 100 million one-byte lines: the old cap counted bytes only.
+    let ctx = dockerfile_context(tmp.path(), "ctx", &format!("FROM {base}\nRUN yes | head -c 200000000\n"));
+    let tag = format!("{}/faults/flood:1", registry.addr);
+    let started = Instant::now();
+    let out =
+        farm.braid(&["build", "--platform", "linux/amd64", "-t", &tag, "--push", "--progress", "plain", &ctx]).unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the flooding build succeeds:\n{}",
+        text.chars().rev().take(3000).collect::<String>()
+    );
+    eprintln!("flood build took {:?}", started.elapsed());
+    let peak = memory_kb(pid, "VmHWM");
+    assert!(peak < 300 * 1024, "the agent peaked at {peak} kB (idle {idle} kB)");
+    let settled = eventually(Duration::from_secs(30), "the agent to return to its idle footprint", || {
+        let now = memory_kb(pid, "VmRSS");
+        (now < idle + 64 * 1024).then_some(now)
+    })
+    .unwrap();
+    eprintln!("agent rss: idle {idle} kB, peak {peak} kB, after {settled} kB");
+    let logs = farm.braid(&["logs", &farm_build_id(&text), "--format", "json"]).unwrap();
+    let events = String::from_utf8_lossy(&logs.stdout);
+    let notice = events.lines().find(|l| l.contains("more log lines") && l.contains("dropped")).unwrap_or_else(|| {
+        panic!("no notice of the dropped lines in {} events", events.lines().count());
+    });
+    let dropped: u64 = notice.split("braid: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(dropped > 90_000_000, "the notice counts the dropped lines: {notice}");
+}
+
+/// The build id from `#2 build ID submitted`.
+fn farm_build_id(stderr: &str) -> String {
+    let line = stderr.lines().find(|l| l.starts_with("#2 build ")).unwrap();
+    line.split_whitespace().nth(2).unwrap().to_owned()
 }
