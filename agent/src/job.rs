@@ -130,7 +130,8 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     let jobs = env.settings.settings.work_dir.join("jobs");
     // Made without an await, so a cancel cannot leave a half-made
     // directory behind a blocking task that outlives the job.
-    let job_dir = match JobDir::create(jobs.join(format!("{}-{}", a.job_id, a.attempt))) {
+    let name = format!("{}-{}", a.job_id, a.attempt);
+    let job_dir = match JobDir::create(jobs.join(&name), env.settings.secrets_dir.join(&name)) {
         Ok(dir) => dir,
         Err(e) => return infra(e),
     };
@@ -270,7 +271,7 @@ async fn build_with_containers(
     let storage_lock = env.storage_locks.for_storage(&prune::storage_name(platform));
     let _using = storage_lock.read().await;
     prune::touch(&prune::storage_dir(&env.settings.settings.work_dir, platform));
-    let conf = match write_containers_conf(job_dir.path(), insecure, credentials) {
+    let conf = match write_containers_conf(job_dir, insecure, credentials) {
         Ok(c) => c,
         Err(e) => return Err(infra(format!("writing registries.conf: {e}"))),
     };
@@ -519,16 +520,18 @@ struct ContainersConf {
     registries: PathBuf,
     policy: PathBuf,
     empty_ignore: PathBuf,
-    /// Registry logins for pulls (0600, removed with the job directory).
+    /// Registry logins for pulls (0600, in the job's secrets directory on
+    /// a tmpfs, removed with the job).
     auth: PathBuf,
 }
 
 /// Written without an await, each file new (`O_EXCL`, `O_NOFOLLOW`).
 fn write_containers_conf(
-    job_dir: &Path,
+    dir: &JobDir,
     insecure: &[String],
     credentials: &[Credential],
 ) -> std::io::Result<ContainersConf> {
+    let job_dir = dir.path();
     let mut registries = String::from("unqualified-search-registries = [\"docker.io\"]\n");
     for r in insecure {
         registries.push_str(&format!("\n[[registry]]\nlocation = \"{r}\"\ninsecure = true\n"));
@@ -539,7 +542,7 @@ fn write_containers_conf(
         // The context was filtered by the client already; filtering again
         // with the root .dockerignore would undo a Dockerfile-specific one.
         empty_ignore: job_dir.join("empty.dockerignore"),
-        auth: job_dir.join("auth.json"),
+        auth: dir.secrets().join("auth.json"),
     };
     let mut auths = serde_json::Map::new();
     for c in credentials {
@@ -718,23 +721,37 @@ pub struct JobDir(Arc<RemoveOnDrop>);
 
 impl JobDir {
     /// Makes `path` and its `context` directory afresh (what a crashed
-    /// agent left there is removed). Synchronous on purpose: no await lies
-    /// between holding the directory and having made it.
-    pub fn create(path: PathBuf) -> Result<JobDir, String> {
-        let dir = JobDir(Arc::new(RemoveOnDrop(path)));
-        let path = dir.path();
-        match std::fs::remove_dir_all(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(format!("clearing {}: {e}", path.display()));
+    /// agent left there is removed), and `secrets` (0700, on the agent's
+    /// tmpfs) for the job's secret files; both go with the job. Synchronous
+    /// on purpose: no await lies between holding them and having made them.
+    pub fn create(path: PathBuf, secrets: PathBuf) -> Result<JobDir, String> {
+        let dir = JobDir(Arc::new(RemoveOnDrop(path, secrets)));
+        for stale in [dir.path(), dir.secrets()] {
+            match std::fs::remove_dir_all(stale) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(format!("clearing {}: {e}", stale.display()));
+                }
+                _ => {}
             }
-            _ => {}
         }
+        let path = dir.path();
         std::fs::create_dir_all(path.join("context")).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        let secrets = dir.secrets();
+        secrets
+            .parent()
+            .map_or(Ok(()), crate::leftovers::private_dir)
+            .and_then(|()| crate::leftovers::private_dir(secrets))
+            .map_err(|e| format!("creating {}: {e}", secrets.display()))?;
         Ok(dir)
     }
 
     pub fn path(&self) -> &Path {
         &self.0.0
+    }
+
+    /// The job's directory for secret files: never under the work dir.
+    pub fn secrets(&self) -> &Path {
+        &self.0.1
     }
 
     /// Runs `f` on a blocking thread; the directory outlives it, even when
@@ -768,21 +785,12 @@ impl JobDir {
     }
 }
 
-/// Removes every job directory under `work_dir`: at start, no job runs.
-pub fn clear_job_dirs(work_dir: &Path) {
-    let jobs = work_dir.join("jobs");
-    if let Err(e) = std::fs::remove_dir_all(&jobs)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(path = %jobs.display(), error = %e, "cannot clear old job directories");
-    }
-}
-
-/// Removes a job's directory when dropped.
-struct RemoveOnDrop(PathBuf);
+/// Removes a job's directory and its secrets directory when dropped.
+struct RemoveOnDrop(PathBuf, PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.1);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -807,8 +815,11 @@ mod tests {
         let work = tempfile::tempdir().unwrap();
         let path = work.path().join("jobs/j-1");
         std::fs::create_dir_all(path.join("stale")).unwrap();
-        let dir = JobDir::create(path.clone()).unwrap();
+        let secrets = work.path().join("secrets/j-1");
+        let dir = JobDir::create(path.clone(), secrets.clone()).unwrap();
         assert!(path.join("context").is_dir());
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(std::fs::metadata(&secrets).unwrap().permissions().mode() & 0o777, 0o700);
         assert!(!path.join("stale").exists(), "what a crashed agent left is cleared");
 
         // A blocking writer that is still running when its job is dropped,
@@ -825,6 +836,7 @@ mod tests {
         assert!(path.is_dir(), "the writer still holds the directory");
         go.send(()).unwrap();
         assert!(gone(&path).await, "removed once the last writer is done");
+        assert!(!secrets.exists(), "and its secrets with it");
         assert!(std::fs::read_dir(work.path().join("jobs")).unwrap().next().is_none());
     }
 
@@ -871,7 +883,7 @@ mod tests {
     async fn detached_work_finishes_before_the_directory_goes() {
         let work = tempfile::tempdir().unwrap();
         let path = work.path().join("jobs/j-2");
-        let dir = JobDir::create(path.clone()).unwrap();
+        let dir = JobDir::create(path.clone(), work.path().join("secrets/j-2")).unwrap();
         let (go, wait) = tokio::sync::oneshot::channel::<()>();
         let file = path.join("layout-file");
         let mut job = Box::pin(dir.detached(async move {
@@ -884,7 +896,8 @@ mod tests {
         assert!(path.is_dir());
         go.send(()).unwrap();
         assert!(gone(&path).await);
-        clear_job_dirs(work.path());
+        crate::leftovers::sweep(work.path(), &work.path().join("secrets"));
         assert!(!work.path().join("jobs").exists());
+        assert!(work.path().join("secrets").is_dir(), "an empty secrets directory is ready");
     }
 }

@@ -6,6 +6,7 @@ mod docker;
 mod job;
 mod joblog;
 mod join;
+mod leftovers;
 mod prune;
 mod session;
 mod settings;
@@ -72,7 +73,13 @@ async fn main() -> anyhow::Result<()> {
     let builder = check_backend(&valid).await?;
     std::fs::create_dir_all(&valid.settings.work_dir)?;
     // What a killed agent's jobs left: none of them runs any more.
-    job::clear_job_dirs(&valid.settings.work_dir);
+    leftovers::sweep(&valid.settings.work_dir, &valid.secrets_dir);
+    if !leftovers::in_memory(&valid.secrets_dir) {
+        tracing::warn!(
+            path = %valid.secrets_dir.display(),
+            "no tmpfs for registry logins ($XDG_RUNTIME_DIR, /run, /dev/shm): they are written to disk for each job"
+        );
+    }
     tracing::info!(
         name = %valid.settings.name,
         platforms = ?valid.platforms.iter().map(ToString::to_string).collect::<Vec<_>>(),

@@ -121,6 +121,9 @@ pub struct Valid {
     pub docker_host: String,
     /// Whether `auto` chose the backend, for a start-up error that says so.
     pub backend_detected: bool,
+    /// Where jobs keep secret files (registry logins): this agent's own
+    /// directory on a tmpfs (see `leftovers`).
+    pub secrets_dir: PathBuf,
 }
 
 /// Whether `program` is an executable on PATH.
@@ -283,7 +286,18 @@ impl Settings {
         } else {
             Vec::new()
         };
-        Ok(Valid { settings: self, platforms, native, emulates, tls, backend, docker_host, backend_detected })
+        let secrets_dir = crate::leftovers::secrets_root(&self.work_dir);
+        Ok(Valid {
+            settings: self,
+            platforms,
+            native,
+            emulates,
+            tls,
+            backend,
+            docker_host,
+            backend_detected,
+            secrets_dir,
+        })
     }
 }
 

@@ -441,7 +441,12 @@ pub struct Farm {
     pub agents: Vec<Proc>,
     pub coordinator: Option<Proc>,
     coordinator_args: Vec<String>,
+    /// Each agent's arguments and environment, to start it again.
+    agent_commands: Vec<AgentCommand>,
 }
+
+/// An agent's name, arguments and environment variables.
+type AgentCommand = (String, Vec<std::ffi::OsString>, Vec<(String, String)>);
 
 impl Farm {
     pub fn start(dir: &Path, registry: &Registry, agents: &[AgentSpec]) -> anyhow::Result<Farm> {
@@ -473,7 +478,15 @@ impl Farm {
             coordinator_args.extend(["--insecure-registry".to_owned(), addr.to_owned()]);
         }
         coordinator_args.extend(extra.iter().map(|s| s.to_string()));
-        let mut farm = Farm { dir: dir.to_owned(), url, http, agents: Vec::new(), coordinator: None, coordinator_args };
+        let mut farm = Farm {
+            dir: dir.to_owned(),
+            url,
+            http,
+            agents: Vec::new(),
+            coordinator: None,
+            coordinator_args,
+            agent_commands: Vec::new(),
+        };
         farm.start_coordinator()?;
         for spec in agents {
             let mut cmd = Command::new(bin("braid-agent"));
@@ -489,8 +502,23 @@ impl Farm {
             cmd.args(&spec.flags);
             cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
             farm.agents.push(Proc::spawn(spec.name, &mut cmd, &dir.join(format!("{}.log", spec.name)))?);
+            let args = cmd.get_args().map(ToOwned::to_owned).collect();
+            farm.agent_commands.push((spec.name.to_owned(), args, spec.env.clone()));
         }
         Ok(farm)
+    }
+
+    /// Starts agent `name` again with its first arguments (after a crash,
+    /// or killing it first if it still runs); its log goes on.
+    pub fn restart_agent(&mut self, name: &str) -> anyhow::Result<()> {
+        let (_, args, env) =
+            self.agent_commands.iter().find(|(n, ..)| n == name).with_context(|| format!("no agent {name}"))?;
+        let mut cmd = Command::new(bin("braid-agent"));
+        cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+        let proc = Proc::spawn(name, &mut cmd, &self.dir.join(format!("{name}.log")))?;
+        self.agents.retain(|a| a.name != name);
+        self.agents.push(proc);
+        Ok(())
     }
 
     pub fn start_coordinator(&mut self) -> anyhow::Result<()> {

@@ -196,3 +196,65 @@ fn farm_build_id(stderr: &str) -> String {
     let line = stderr.lines().find(|l| l.starts_with("#2 build ")).unwrap();
     line.split_whitespace().nth(2).unwrap().to_owned()
 }
+
+/// The mount points under `dir` in this process's mount table.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let prefix = format!("{}/", dir.display());
+    table.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&prefix)).map(str::to_owned).collect()
+}
+
+/// Every path under `dir` named `name`.
+fn find_named(dir: &Path, name: &str) -> Vec<std::path::PathBuf> {
+    let out = std::process::Command::new("find").arg(dir).args(["-xdev", "-name", name]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().map(Into::into).collect()
+}
+
+#[test]
+fn a_killed_agent_leaves_no_job_dir_credentials_or_mounts_after_its_restart() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let (registry, base) = setup(tmp.path());
+    let mut farm = Farm::start(tmp.path(), &registry, &[AgentSpec::new("amd64-agent", &[])]).unwrap();
+    farm.wait_for_agents(1).unwrap();
+    let work = tmp.path().join("amd64-agent");
+    // Where the agent keeps its secrets: its own directory on a tmpfs.
+    let name = braid_shared::Digest::of(work.as_os_str().as_encoded_bytes()).hex()[..16].to_owned();
+    let secrets = ["/run", "/dev/shm"]
+        .iter()
+        .map(|t| Path::new(t).join("braid-agent-secrets").join(&name))
+        .find(|p| p.is_dir())
+        .expect("the agent's secrets directory on /run or /dev/shm");
+    let ctx = dockerfile_context(tmp.path(), "ctx", &format!("FROM {base}\nRUN echo started && sleep 30\n"));
+    let tag = format!("{}/faults/killed:1", registry.addr);
+    let mut build = RunningBuild::start(
+        &farm,
+        &["build", "--platform", "linux/amd64", "-t", &tag, "--push", "--progress", "plain", &ctx],
+    );
+    build.wait_for("started", Duration::from_secs(120));
+    // Mid-build: the login is on the tmpfs, never under the work dir.
+    assert_eq!(find_named(&secrets, "auth.json").len(), 1, "one job's login in {}", secrets.display());
+    assert!(find_named(&work, "auth.json").is_empty(), "no login under the work dir");
+    let mounted = mounts_under(&work);
+    farm.signal_agent("amd64-agent", "KILL");
+    farm.wait_agent_exit("amd64-agent", Duration::from_secs(10)).unwrap();
+    let jobs: Vec<_> = std::fs::read_dir(work.join("jobs")).unwrap().collect();
+    assert!(!jobs.is_empty(), "the killed agent left its job directory");
+    assert!(!mounted.is_empty(), "the killed builder left mounts under the work dir");
+
+    let before = farm.log("amd64-agent").matches("agent starting").count();
+    farm.restart_agent("amd64-agent").unwrap();
+    eventually(Duration::from_secs(30), "the agent to start again", || {
+        (farm.log("amd64-agent").matches("agent starting").count() > before).then_some(())
+    })
+    .unwrap();
+    let left: Vec<_> =
+        std::fs::read_dir(work.join("jobs")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "no job directory after the restart: {left:?}");
+    assert!(find_named(&work, "auth.json").is_empty(), "no login under the work dir");
+    assert!(find_named(&secrets, "auth.json").is_empty(), "no login left on the tmpfs");
+    let mounts = mounts_under(&work);
+    assert!(mounts.is_empty(), "no mount left under the work dir (had {mounted:?}): {mounts:?}");
+    let _ = build.child.kill();
+    let _ = build.child.wait();
+}
