@@ -231,6 +231,7 @@ fn a_killed_agent_leaves_no_job_dir_credentials_or_mounts_after_its_restart() {
         &farm,
         &["build", "--platform", "linux/amd64", "-t", &tag, "--push", "--progress", "plain", &ctx],
     );
+    let build_id = build.build_id();
     build.wait_for("started", Duration::from_secs(120));
     // Mid-build: the login is on the tmpfs, never under the work dir.
     assert_eq!(find_named(&secrets, "auth.json").len(), 1, "one job's login in {}", secrets.display());
@@ -241,6 +242,8 @@ fn a_killed_agent_leaves_no_job_dir_credentials_or_mounts_after_its_restart() {
     let jobs: Vec<_> = std::fs::read_dir(work.join("jobs")).unwrap().collect();
     assert!(!jobs.is_empty(), "the killed agent left its job directory");
     assert!(!mounted.is_empty(), "the killed builder left mounts under the work dir");
+    // No new attempt of the job after the restart: only leftovers are looked at.
+    assert!(farm.braid(&["cancel", &build_id]).unwrap().status.success());
 
     let before = farm.log("amd64-agent").matches("agent starting").count();
     farm.restart_agent("amd64-agent").unwrap();
