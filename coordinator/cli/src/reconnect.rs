@@ -38,6 +38,35 @@ pub fn transient(status: &tonic::Status) -> bool {
     }
 }
 
+/// Whether `e` (or one of its causes) says nothing answered at the
+/// coordinator's address: refused, reset, timed out, unreachable. A bad URL,
+/// a name that does not resolve or a TLS failure is not waited out.
+pub fn no_answer(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::*;
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | NotConnected
+                    | TimedOut
+                    | BrokenPipe
+                    | UnexpectedEof
+                    | HostUnreachable
+                    | NetworkUnreachable
+                    | AddrNotAvailable
+            )
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// The retry state of one command: an outage starts at the first failure
 /// and ends at the next success.
 pub struct Patience {
@@ -109,9 +138,7 @@ impl Patience {
                     self.recovered();
                     return Ok(v);
                 }
-                Err(e) if e.downcast_ref::<tonic::transport::Error>().is_some() => {
-                    self.wait(&format!("{e:#}")).await?;
-                }
+                Err(e) if no_answer(e.as_ref()) => self.wait(&format!("{e:#}")).await?,
                 Err(e) => return Err(e),
             }
         }
@@ -130,6 +157,16 @@ mod tests {
         assert!(!transient(&tonic::Status::internal("the coordinator hit an i/o error")));
         assert!(!transient(&tonic::Status::not_found("no build \"x\"")));
         assert!(!transient(&tonic::Status::permission_denied("token")));
+    }
+
+    #[test]
+    fn a_refused_connection_is_waited_out_and_a_bad_address_is_not() {
+        let refused = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+            .context("connecting to the coordinator");
+        assert!(no_answer(refused.as_ref()));
+        let tls = anyhow::Error::new(std::io::Error::new(std::io::ErrorKind::InvalidData, "invalid peer certificate"));
+        assert!(!no_answer(tls.as_ref()));
+        assert!(!no_answer(anyhow::anyhow!("coordinator URL \"x\" must start with https://").as_ref()));
     }
 
     #[test]
