@@ -90,12 +90,15 @@ async fn main() -> anyhow::Result<()> {
     );
     let grace = Duration::from_secs(valid.settings.stop_grace_seconds.into());
     let stop = CancellationToken::new();
+    let secrets_dir = valid.secrets_dir.clone();
     let agent = session::Agent::new(valid);
     let run = tokio::spawn(agent.clone().run(stop.clone()));
     telemetry::shutdown_signal().await;
     stop_gracefully(&agent, grace).await;
     stop.cancel();
     let _ = run.await;
+    // Empty once every job has gone; nothing to leave in memory.
+    let _ = std::fs::remove_dir(&secrets_dir);
     Ok(())
 }
 

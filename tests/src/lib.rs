@@ -686,6 +686,14 @@ impl RunningBuild {
     }
 }
 
+impl Drop for RunningBuild {
+    /// A test that fails half-way leaves no `braid build` behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Coordinator flags for tests that time failure detection: heartbeat every
 /// second, an agent is lost after three.
 pub const FAST_FAILURE: &[&str] = &["--heartbeat-seconds", "1", "--agent-lost-seconds", "3"];
