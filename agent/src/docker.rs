@@ -179,12 +179,13 @@ pub struct BuildSpec<'a> {
 /// the context's `.dockerignore` lists it so `COPY .` leaves it out.
 const INLINE_DOCKERFILE: &str = ".braid-inline.Dockerfile";
 
-/// Builds `spec`, sending each output line to `log`; returns the image id.
+/// Builds `spec`, sending each output line to `log` (flushed after each
+/// chunk of output); returns the image id.
 pub async fn build(
     docker: &Docker,
     spec: BuildSpec<'_>,
     scratch: &JobDir,
-    mut log: impl FnMut(String),
+    log: &mut crate::joblog::JobLog,
 ) -> Result<String, DockerError> {
     let tar_path = scratch.path().join("context.tar");
     write_context_tar(scratch, spec.context_dir, spec.dockerfile, &tar_path).await?;
@@ -224,7 +225,7 @@ pub async fn build(
                     cut -= 1;
                 }
                 let line: String = partial.drain(..cut).collect();
-                log(line);
+                log.push(line);
             }
             while let Some(end) = partial.find('\n') {
                 let line: String = partial.drain(..=end).collect();
@@ -233,8 +234,9 @@ pub async fn build(
                     last_lines.remove(0);
                 }
                 last_lines.push(line.clone());
-                log(line);
+                log.push(braid_shared::shorten(&line, braid_shared::limits::LOG_LINE_BYTES));
             }
+            log.flush();
         }
         if let Some(detail) = info.error_detail {
             return Err(DockerError::Build(detail.message.unwrap_or_else(|| last_lines.join(" | "))));
@@ -246,7 +248,7 @@ pub async fn build(
         }
     }
     if !partial.trim().is_empty() {
-        log(partial.trim_end().to_owned());
+        log.push(braid_shared::shorten(partial.trim_end(), braid_shared::limits::LOG_LINE_BYTES));
     }
     image_id.ok_or_else(|| DockerError::Build(format!("the Engine reported no image: {}", last_lines.join(" | "))))
 }

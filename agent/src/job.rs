@@ -4,14 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::BufReader;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use backon::BackoffBuilder as _;
 use base64::Engine as _;
 use braid_shared::context::{self, ContextLimits};
 use braid_shared::oci::{self, Credential, ImageDescriptor, Registry};
@@ -19,6 +20,7 @@ use braid_shared::proto::{self, agent_message::Kind as ToCoordinator};
 use braid_shared::{Digest, ImageRef, Platform, beneath, buildargs, limits};
 
 use crate::cache::ContextCache;
+use crate::joblog::{self, JobLog, Outgoing};
 use crate::settings::Valid;
 use crate::{docker, prune, upload};
 
@@ -33,7 +35,9 @@ pub enum Outcome {
 pub struct JobEnv {
     pub settings: Valid,
     pub cache: Arc<ContextCache>,
-    pub outbox: mpsc::UnboundedSender<proto::AgentMessage>,
+    pub outbox: mpsc::UnboundedSender<Outgoing>,
+    /// The agent-wide budget of log bytes queued for the coordinator.
+    pub log_budget: Arc<tokio::sync::Semaphore>,
     pub engine_gate: Arc<docker::PlatformGate>,
     pub storage_locks: Arc<prune::StorageLocks>,
 }
@@ -126,7 +130,8 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     let jobs = env.settings.settings.work_dir.join("jobs");
     // Made without an await, so a cancel cannot leave a half-made
     // directory behind a blocking task that outlives the job.
-    let job_dir = match JobDir::create(jobs.join(format!("{}-{}", a.job_id, a.attempt))) {
+    let name = format!("{}-{}", a.job_id, a.attempt);
+    let job_dir = match JobDir::create(jobs.join(&name), env.settings.secrets_dir.join(&name)) {
         Ok(dir) => dir,
         Err(e) => return infra(e),
     };
@@ -266,7 +271,7 @@ async fn build_with_containers(
     let storage_lock = env.storage_locks.for_storage(&prune::storage_name(platform));
     let _using = storage_lock.read().await;
     prune::touch(&prune::storage_dir(&env.settings.settings.work_dir, platform));
-    let conf = match write_containers_conf(job_dir.path(), insecure, credentials) {
+    let conf = match write_containers_conf(job_dir, insecure, credentials) {
         Ok(c) => c,
         Err(e) => return Err(infra(format!("writing registries.conf: {e}"))),
     };
@@ -357,16 +362,10 @@ async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &
         log_lines(env, a, vec!["waiting for this agent's builds of another platform on the Docker Engine".into()]);
     }
     let pass = env.engine_gate.enter(platform).await;
-    let mut sent_bytes = 0usize;
-    let image_id = docker::build(&engine, build, job_dir, |line| {
-        let line = braid_shared::shorten(&line, limits::LOG_LINE_BYTES);
-        sent_bytes += line.len();
-        if sent_bytes <= limits::JOB_LOG_BYTES {
-            log_lines(env, a, vec![line]);
-        }
-    })
-    .await
-    .map_err(|e| match e {
+    let mut log = JobLog::new(a, env.outbox.clone(), env.log_budget.clone());
+    let built = docker::build(&engine, build, job_dir, &mut log).await;
+    log.finish();
+    let image_id = built.map_err(|e| match e {
         docker::DockerError::Build(message) => build_failure(message),
         other => infra(other),
     })?;
@@ -379,32 +378,18 @@ async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &
 /// Pushes to every repository, retrying registry errors with backoff.
 async fn push_everywhere(env: &JobEnv, a: &proto::Assignment, layout: &Path, registry: Registry) -> Outcome {
     let mut descriptor = None;
+    let patience = Duration::from_secs(env.settings.settings.push_retry_seconds.into());
     for raw in &a.push_repositories {
         let repository: ImageRef = match raw.parse() {
             Ok(r) => r,
             Err(e) => return build_failure(e),
         };
-        let mut delay = Duration::from_millis(500);
-        let mut attempt = 1;
-        loop {
-            match registry.push_layout(layout, &repository).await {
-                Ok(d) => {
-                    log_lines(env, a, vec![format!("pushed {} to {}", d.digest, repository.name())]);
-                    descriptor = Some(d);
-                    break;
-                }
-                Err(e) if attempt < PUSH_ATTEMPTS => {
-                    log_lines(
-                        env,
-                        a,
-                        vec![format!("push to {} failed (attempt {attempt}): {e}; retrying", repository.name())],
-                    );
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                    attempt += 1;
-                }
-                Err(e) => return infra(format!("pushing to {}: {e}", repository.name())),
+        match push_with_retries(env, a, layout, &registry, &repository, patience).await {
+            Ok(d) => {
+                log_lines(env, a, vec![format!("pushed {} to {}", d.digest, repository.name())]);
+                descriptor = Some(d);
             }
+            Err(outcome) => return outcome,
         }
     }
     match descriptor {
@@ -413,7 +398,59 @@ async fn push_everywhere(env: &JobEnv, a: &proto::Assignment, layout: &Path, reg
     }
 }
 
-const PUSH_ATTEMPTS: u32 = 4;
+/// Pushes to one repository, retrying a registry that cannot be reached (or
+/// answers 5xx, 408, 429) with exponential backoff and jitter for up to
+/// `patience`: an outage shorter than that costs no attempt of the job. A
+/// registry's refusal (401, 403, another 4xx) will not change by waiting or
+/// on another agent: it fails the build at once, with its message.
+async fn push_with_retries(
+    env: &JobEnv,
+    a: &proto::Assignment,
+    layout: &Path,
+    registry: &Registry,
+    repository: &ImageRef,
+    patience: Duration,
+) -> Result<ImageDescriptor, Outcome> {
+    let started = Instant::now();
+    let mut delays = backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let mut attempt = 1;
+    loop {
+        let e = match registry.push_layout(layout, repository).await {
+            Ok(d) => return Ok(d),
+            Err(e) => e,
+        };
+        if !e.is_transient() {
+            return Err(build_failure(format!("pushing to {}: {e}", repository.name())));
+        }
+        let left = patience.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(infra(format!(
+                "pushing to {}: registry {} unreachable for {}s ({attempt} tries): {e}",
+                repository.name(),
+                repository.registry(),
+                patience.as_secs()
+            )));
+        }
+        let delay = delays.next().unwrap_or(Duration::from_secs(30)).min(left);
+        log_lines(
+            env,
+            a,
+            vec![format!(
+                "registry {} unreachable, retrying (attempt {attempt}, next in {:.1}s): {e}",
+                repository.registry(),
+                delay.as_secs_f64()
+            )],
+        );
+        tokio::time::sleep(delay).await;
+        attempt += 1;
+    }
+}
 
 /// Makes the image's config name the target platform, as BuildKit does.
 /// buildah 1.28 writes `arm/v7` for `--platform linux/arm/v6` when the base
@@ -483,16 +520,18 @@ struct ContainersConf {
     registries: PathBuf,
     policy: PathBuf,
     empty_ignore: PathBuf,
-    /// Registry logins for pulls (0600, removed with the job directory).
+    /// Registry logins for pulls (0600, in the job's secrets directory on
+    /// a tmpfs, removed with the job).
     auth: PathBuf,
 }
 
 /// Written without an await, each file new (`O_EXCL`, `O_NOFOLLOW`).
 fn write_containers_conf(
-    job_dir: &Path,
+    dir: &JobDir,
     insecure: &[String],
     credentials: &[Credential],
 ) -> std::io::Result<ContainersConf> {
+    let job_dir = dir.path();
     let mut registries = String::from("unqualified-search-registries = [\"docker.io\"]\n");
     for r in insecure {
         registries.push_str(&format!("\n[[registry]]\nlocation = \"{r}\"\ninsecure = true\n"));
@@ -503,7 +542,7 @@ fn write_containers_conf(
         // The context was filtered by the client already; filtering again
         // with the root .dockerignore would undo a Dockerfile-specific one.
         empty_ignore: job_dir.join("empty.dockerignore"),
-        auth: job_dir.join("auth.json"),
+        auth: dir.secrets().join("auth.json"),
     };
     let mut auths = serde_json::Map::new();
     for c in credentials {
@@ -582,7 +621,8 @@ async fn run_logged(
     let mut child = cmd.spawn().map_err(RunError::Spawn)?;
     let pgid = child.id();
     let guard = KillGroupOnDrop(pgid);
-    let (line_tx, mut line_rx) = mpsc::unbounded_channel::<String>();
+    let mut log = JobLog::new(a, env.outbox.clone(), env.log_budget.clone());
+    let (line_tx, mut line_rx) = mpsc::channel::<String>(joblog::CHANNEL_LINES);
     for reader in [
         child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
         child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
@@ -592,20 +632,16 @@ async fn run_logged(
     {
         let tx = line_tx.clone();
         let keep = job_dir.clone();
+        let shared = log.shared();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(reader).lines();
-            // Read to the end even when no one listens any more (the job
+            // Reads to the end even when no one listens any more (the job
             // was cancelled), so the directory lives as long as the group.
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
+            joblog::read_lines(BufReader::new(reader), tx, shared).await;
             drop(keep);
         });
     }
     drop(line_tx);
-    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
-    let mut batch = Vec::new();
-    let mut sent_bytes = 0usize;
+    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::with_capacity(TAIL_LINES);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
@@ -614,19 +650,15 @@ async fn run_logged(
                     let line = braid_shared::shorten(&line, limits::LOG_LINE_BYTES);
                     if tail.len() == TAIL_LINES { tail.pop_front(); }
                     tail.push_back(line.clone());
-                    sent_bytes += line.len();
-                    if sent_bytes <= limits::JOB_LOG_BYTES { batch.push(line); }
-                    if batch.len() >= 64 { log_lines(env, a, std::mem::take(&mut batch)); }
+                    log.push(line);
                 }
                 None => break,
             },
-            _ = tick.tick() => if !batch.is_empty() { log_lines(env, a, std::mem::take(&mut batch)); },
+            _ = tick.tick() => log.flush(),
             () = cancel.cancelled() => break,
         }
     }
-    if !batch.is_empty() {
-        log_lines(env, a, batch);
-    }
+    log.finish();
     let status = tokio::select! {
         status = child.wait() => status.map_err(RunError::Spawn)?,
         () = cancel.cancelled() => {
@@ -650,20 +682,23 @@ fn failure_summary(tail: &std::collections::VecDeque<String>, status: std::proce
     format!("builder exited with {status}: {}", lines.join(" | "))
 }
 
+/// A few lines of braid's own: they go past the log budget.
 fn log_lines(env: &JobEnv, a: &proto::Assignment, lines: Vec<String>) {
-    let _ = env.outbox.send(proto::AgentMessage {
+    let message = proto::AgentMessage {
         kind: Some(ToCoordinator::Log(proto::JobLog { job_id: a.job_id.clone(), attempt: a.attempt, lines })),
-    });
+    };
+    let _ = env.outbox.send(message.into());
 }
 
 fn send_progress(env: &JobEnv, a: &proto::Assignment, state: proto::JobState) {
-    let _ = env.outbox.send(proto::AgentMessage {
+    let message = proto::AgentMessage {
         kind: Some(ToCoordinator::Progress(proto::JobProgress {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
             state: state as i32,
         })),
-    });
+    };
+    let _ = env.outbox.send(message.into());
 }
 
 /// Kills a builder's whole process group when its job is dropped (cancelled).
@@ -686,23 +721,37 @@ pub struct JobDir(Arc<RemoveOnDrop>);
 
 impl JobDir {
     /// Makes `path` and its `context` directory afresh (what a crashed
-    /// agent left there is removed). Synchronous on purpose: no await lies
-    /// between holding the directory and having made it.
-    pub fn create(path: PathBuf) -> Result<JobDir, String> {
-        let dir = JobDir(Arc::new(RemoveOnDrop(path)));
-        let path = dir.path();
-        match std::fs::remove_dir_all(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(format!("clearing {}: {e}", path.display()));
+    /// agent left there is removed), and `secrets` (0700, on the agent's
+    /// tmpfs) for the job's secret files; both go with the job. Synchronous
+    /// on purpose: no await lies between holding them and having made them.
+    pub fn create(path: PathBuf, secrets: PathBuf) -> Result<JobDir, String> {
+        let dir = JobDir(Arc::new(RemoveOnDrop(path, secrets)));
+        for stale in [dir.path(), dir.secrets()] {
+            match std::fs::remove_dir_all(stale) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(format!("clearing {}: {e}", stale.display()));
+                }
+                _ => {}
             }
-            _ => {}
         }
+        let path = dir.path();
         std::fs::create_dir_all(path.join("context")).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        let secrets = dir.secrets();
+        secrets
+            .parent()
+            .map_or(Ok(()), crate::leftovers::private_dir)
+            .and_then(|()| crate::leftovers::private_dir(secrets))
+            .map_err(|e| format!("creating {}: {e}", secrets.display()))?;
         Ok(dir)
     }
 
     pub fn path(&self) -> &Path {
         &self.0.0
+    }
+
+    /// The job's directory for secret files: never under the work dir.
+    pub fn secrets(&self) -> &Path {
+        &self.0.1
     }
 
     /// Runs `f` on a blocking thread; the directory outlives it, even when
@@ -736,21 +785,12 @@ impl JobDir {
     }
 }
 
-/// Removes every job directory under `work_dir`: at start, no job runs.
-pub fn clear_job_dirs(work_dir: &Path) {
-    let jobs = work_dir.join("jobs");
-    if let Err(e) = std::fs::remove_dir_all(&jobs)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(path = %jobs.display(), error = %e, "cannot clear old job directories");
-    }
-}
-
-/// Removes a job's directory when dropped.
-struct RemoveOnDrop(PathBuf);
+/// Removes a job's directory and its secrets directory when dropped.
+struct RemoveOnDrop(PathBuf, PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.1);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -775,8 +815,11 @@ mod tests {
         let work = tempfile::tempdir().unwrap();
         let path = work.path().join("jobs/j-1");
         std::fs::create_dir_all(path.join("stale")).unwrap();
-        let dir = JobDir::create(path.clone()).unwrap();
+        let secrets = work.path().join("secrets/j-1");
+        let dir = JobDir::create(path.clone(), secrets.clone()).unwrap();
         assert!(path.join("context").is_dir());
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(std::fs::metadata(&secrets).unwrap().permissions().mode() & 0o777, 0o700);
         assert!(!path.join("stale").exists(), "what a crashed agent left is cleared");
 
         // A blocking writer that is still running when its job is dropped,
@@ -793,6 +836,7 @@ mod tests {
         assert!(path.is_dir(), "the writer still holds the directory");
         go.send(()).unwrap();
         assert!(gone(&path).await, "removed once the last writer is done");
+        assert!(!secrets.exists(), "and its secrets with it");
         assert!(std::fs::read_dir(work.path().join("jobs")).unwrap().next().is_none());
     }
 
@@ -839,7 +883,7 @@ mod tests {
     async fn detached_work_finishes_before_the_directory_goes() {
         let work = tempfile::tempdir().unwrap();
         let path = work.path().join("jobs/j-2");
-        let dir = JobDir::create(path.clone()).unwrap();
+        let dir = JobDir::create(path.clone(), work.path().join("secrets/j-2")).unwrap();
         let (go, wait) = tokio::sync::oneshot::channel::<()>();
         let file = path.join("layout-file");
         let mut job = Box::pin(dir.detached(async move {
@@ -852,7 +896,8 @@ mod tests {
         assert!(path.is_dir());
         go.send(()).unwrap();
         assert!(gone(&path).await);
-        clear_job_dirs(work.path());
+        crate::leftovers::sweep(work.path(), &work.path().join("secrets"));
         assert!(!work.path().join("jobs").exists());
+        assert!(work.path().join("secrets").is_dir(), "an empty secrets directory is ready");
     }
 }

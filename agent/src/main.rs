@@ -4,7 +4,9 @@
 mod cache;
 mod docker;
 mod job;
+mod joblog;
 mod join;
+mod leftovers;
 mod prune;
 mod session;
 mod settings;
@@ -71,7 +73,13 @@ async fn main() -> anyhow::Result<()> {
     let builder = check_backend(&valid).await?;
     std::fs::create_dir_all(&valid.settings.work_dir)?;
     // What a killed agent's jobs left: none of them runs any more.
-    job::clear_job_dirs(&valid.settings.work_dir);
+    leftovers::sweep(&valid.settings.work_dir, &valid.secrets_dir);
+    if !leftovers::in_memory(&valid.secrets_dir) {
+        tracing::warn!(
+            path = %valid.secrets_dir.display(),
+            "no tmpfs for registry logins ($XDG_RUNTIME_DIR, /run, /dev/shm): they are written to disk for each job"
+        );
+    }
     tracing::info!(
         name = %valid.settings.name,
         platforms = ?valid.platforms.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -82,12 +90,15 @@ async fn main() -> anyhow::Result<()> {
     );
     let grace = Duration::from_secs(valid.settings.stop_grace_seconds.into());
     let stop = CancellationToken::new();
+    let secrets_dir = valid.secrets_dir.clone();
     let agent = session::Agent::new(valid);
     let run = tokio::spawn(agent.clone().run(stop.clone()));
     telemetry::shutdown_signal().await;
     stop_gracefully(&agent, grace).await;
     stop.cancel();
     let _ = run.await;
+    // Empty once every job has gone; nothing to leave in memory.
+    let _ = std::fs::remove_dir(&secrets_dir);
     Ok(())
 }
 

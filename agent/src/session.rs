@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +19,7 @@ use braid_shared::proto::{
 
 use crate::cache::ContextCache;
 use crate::job::{self, JobEnv};
+use crate::joblog::Outgoing;
 use crate::settings::Valid;
 
 struct Running {
@@ -36,8 +38,11 @@ pub struct Agent {
     /// Everything jobs say (logs, progress, results) goes here and is
     /// forwarded by whichever session is live, so nothing a job reports is
     /// tied to the connection it started under.
-    outbox: mpsc::UnboundedSender<proto::AgentMessage>,
-    outbox_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<proto::AgentMessage>>,
+    /// Log lines enter it only against `log_budget` (see `joblog`), so what
+    /// it holds is bounded; results and progress enter freely.
+    outbox: mpsc::UnboundedSender<Outgoing>,
+    outbox_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Outgoing>>,
+    log_budget: Arc<tokio::sync::Semaphore>,
     /// Results queued in the outbox and not yet forwarded.
     pending: Mutex<HashMap<String, proto::RunningJob>>,
     /// Results a session failed to forward; sent first by the next one.
@@ -67,6 +72,7 @@ impl Agent {
             settings,
             outbox,
             outbox_rx: tokio::sync::Mutex::new(outbox_rx),
+            log_budget: crate::joblog::budget(),
             pending: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             undelivered: Mutex::new(Vec::new()),
@@ -187,9 +193,11 @@ impl Agent {
     ) -> Result<(), SessionError> {
         let mut client = AgentsClient::new(self.settings.connect().await?)
             .max_decoding_message_size(braid_shared::limits::GRPC_MESSAGE_BYTES);
-        let (out_tx, out_rx) = mpsc::unbounded_channel::<proto::AgentMessage>();
-        out_tx.send(self.hello())?;
-        let mut inbound = client.session(UnboundedReceiverStream::new(out_rx)).await?.into_inner();
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<Outgoing>();
+        out_tx.send(self.hello().into())?;
+        // A log batch's budget is released as the connection takes it.
+        let outgoing = UnboundedReceiverStream::new(out_rx).map(|o| o.message);
+        let mut inbound = client.session(outgoing).await?.into_inner();
         let first = inbound.message().await?;
         let heartbeat = match first.and_then(|m| m.kind) {
             Some(FromCoordinator::Welcome(w)) => Duration::from_secs(w.heartbeat_seconds.clamp(1, 3600).into()),
@@ -197,15 +205,16 @@ impl Agent {
         };
         tracing::info!(coordinator = %self.settings.settings.coordinator, "connected");
         for result in std::mem::take(&mut *lock(&self.undelivered)) {
-            out_tx.send(proto::AgentMessage { kind: Some(ToCoordinator::Result(result)) })?;
+            out_tx.send(proto::AgentMessage { kind: Some(ToCoordinator::Result(result)) }.into())?;
         }
         if self.draining.load(Ordering::Relaxed) {
-            out_tx.send(self.heartbeat())?;
+            out_tx.send(self.heartbeat().into())?;
         }
         let env = Arc::new(JobEnv {
             settings: self.settings.clone(),
             cache,
             outbox: self.outbox.clone(),
+            log_budget: self.log_budget.clone(),
             engine_gate: self.engine_gate.clone(),
             storage_locks: self.storage_locks.clone(),
         });
@@ -214,7 +223,7 @@ impl Agent {
         loop {
             tokio::select! {
                 Some(message) = outbox.recv() => {
-                    let result = match &message.kind {
+                    let result = match &message.message.kind {
                         Some(ToCoordinator::Result(r)) => Some(r.clone()),
                         _ => None,
                     };
@@ -236,8 +245,8 @@ impl Agent {
                         Some(FromCoordinator::Welcome(_)) | None => {}
                     }
                 }
-                _ = tick.tick() => out_tx.send(self.heartbeat())?,
-                () = self.beat_now.notified() => out_tx.send(self.heartbeat())?,
+                _ = tick.tick() => out_tx.send(self.heartbeat().into())?,
+                () = self.beat_now.notified() => out_tx.send(self.heartbeat().into())?,
                 () = stop.cancelled() => return Ok(()),
             }
         }
@@ -304,7 +313,7 @@ impl Agent {
         };
         lock(&self.pending).insert(result.job_id.clone(), claim);
         // The receiver lives as long as the agent, so this cannot fail.
-        let _ = self.outbox.send(proto::AgentMessage { kind: Some(ToCoordinator::Result(result)) });
+        let _ = self.outbox.send(proto::AgentMessage { kind: Some(ToCoordinator::Result(result)) }.into());
     }
 
     fn cancel(&self, c: &proto::CancelJob) {

@@ -85,6 +85,12 @@ pub struct Settings {
     /// before it hands them back
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub stop_grace_seconds: u32,
+    /// Seconds a push keeps retrying a registry that cannot be reached or
+    /// answers 5xx, 408 or 429 (exponential backoff with jitter) before the
+    /// job fails as an infrastructure failure; 401, 403 and other 4xx answers
+    /// fail at once (0 to 86400)
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub push_retry_seconds: u32,
     /// Log format: pretty or json
     #[arg(long, value_name = "FORMAT", default_value = "pretty")]
     pub log_format: LogFormat,
@@ -115,6 +121,9 @@ pub struct Valid {
     pub docker_host: String,
     /// Whether `auto` chose the backend, for a start-up error that says so.
     pub backend_detected: bool,
+    /// Where jobs keep secret files (registry logins): this agent's own
+    /// directory on a tmpfs (see `leftovers`).
+    pub secrets_dir: PathBuf,
 }
 
 /// Whether `program` is an executable on PATH.
@@ -248,6 +257,9 @@ impl Settings {
         if !(1..=braid_shared::limits::AGENT_SLOTS).contains(&self.slots) {
             return Err(invalid("slots", "must be 1 to 256".into()));
         }
+        if u64::from(self.push_retry_seconds) > braid_shared::limits::PUSH_RETRY_SECONDS {
+            return Err(invalid("push_retry_seconds", format!("{}: must be 0 to 86400", self.push_retry_seconds)));
+        }
         let backend = match self.backend.as_str() {
             "buildah" | "podman" | "docker" => self.backend.clone(),
             "auto" if on_path("buildah") => "buildah".to_owned(),
@@ -274,7 +286,18 @@ impl Settings {
         } else {
             Vec::new()
         };
-        Ok(Valid { settings: self, platforms, native, emulates, tls, backend, docker_host, backend_detected })
+        let secrets_dir = crate::leftovers::secrets_root(&self.work_dir);
+        Ok(Valid {
+            settings: self,
+            platforms,
+            native,
+            emulates,
+            tls,
+            backend,
+            docker_host,
+            backend_detected,
+            secrets_dir,
+        })
     }
 }
 

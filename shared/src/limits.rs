@@ -26,6 +26,15 @@ pub const DOCKERFILE_BYTES: usize = 1 << 20;
 pub const LOG_LINE_BYTES: usize = 8 << 10;
 /// Log bytes kept per job; past that a single notice says the log was cut.
 pub const JOB_LOG_BYTES: usize = 16 << 20;
+/// Log lines kept per job (one-byte lines count too); past that the same
+/// notice. Below `BUILD_EVENTS`, so the coordinator keeps the notice.
+pub const JOB_LOG_LINES: usize = 200_000;
+/// Log bytes (with a per-line overhead) an agent holds for the coordinator
+/// at once, over all its jobs; past that jobs hold their lines back.
+pub const AGENT_LOG_IN_FLIGHT_BYTES: usize = 8 << 20;
+/// Log bytes one job holds back while the agent's in-flight budget is used
+/// up; past that its lines are dropped and counted.
+pub const JOB_LOG_PENDING_BYTES: usize = 1 << 20;
 /// Events kept per build; past that log lines are dropped (state changes
 /// are always kept).
 pub const BUILD_EVENTS: u64 = 250_000;
@@ -58,3 +67,8 @@ pub const METRIC_PLATFORMS: usize = 256;
 pub const HTTP_SESSIONS: usize = 1024;
 /// Lifetime of a dashboard login session: 12 hours.
 pub const HTTP_SESSION_SECONDS: u64 = 12 * 3600;
+/// How long `braid build` and `braid logs --follow` keep reconnecting to an
+/// unreachable coordinator when the build has no `--timeout` of its own.
+pub const RECONNECT_SECONDS: u64 = 600;
+/// Longest `push_retry_seconds` of an agent: a day.
+pub const PUSH_RETRY_SECONDS: u64 = 24 * 3600;

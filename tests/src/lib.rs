@@ -208,6 +208,8 @@ impl Drop for DockerEngine {
 pub struct Registry {
     pub addr: String,
     proc: Option<Proc>,
+    config: PathBuf,
+    log: PathBuf,
 }
 
 impl Registry {
@@ -243,24 +245,29 @@ impl Registry {
             writeln!(f, "auth: {{htpasswd: {{realm: braid-tests, path: {}}}}}", file.display())?;
         }
         drop(f);
-        let proc = Proc::spawn(
-            "docker-registry",
-            Command::new("docker-registry").arg("serve").arg(&config),
-            &dir.join("registry.log"),
-        )?;
-        let url = format!("http://{addr}/v2/");
-        eventually(Duration::from_secs(20), "the registry to answer", || {
-            // 200, or 401 from a registry that wants a login: it is up.
-            let out =
-                Command::new("curl").args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", &url]).output().ok()?;
-            matches!(&out.stdout[..], b"200" | b"401").then_some(())
-        })?;
-        Ok(Registry { addr, proc: Some(proc) })
+        let mut registry = Registry { addr, proc: None, config, log: dir.join("registry.log") };
+        registry.restart()?;
+        Ok(registry)
     }
 
     /// Stops the registry (as an outage would).
     pub fn stop(&mut self) {
         self.proc = None;
+    }
+
+    /// Starts a stopped registry again: same address, same data.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc = None;
+        let proc =
+            Proc::spawn("docker-registry", Command::new("docker-registry").arg("serve").arg(&self.config), &self.log)?;
+        self.proc = Some(proc);
+        let url = format!("http://{}/v2/", self.addr);
+        eventually(Duration::from_secs(20), "the registry to answer", || {
+            // 200, or 401 from a registry that wants a login: it is up.
+            let out =
+                Command::new("curl").args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", &url]).output().ok()?;
+            matches!(&out.stdout[..], b"200" | b"401").then_some(())
+        })
     }
 
     /// Pushes the offline multi-platform busybox base image.
@@ -434,7 +441,12 @@ pub struct Farm {
     pub agents: Vec<Proc>,
     pub coordinator: Option<Proc>,
     coordinator_args: Vec<String>,
+    /// Each agent's arguments and environment, to start it again.
+    agent_commands: Vec<AgentCommand>,
 }
+
+/// An agent's name, arguments and environment variables.
+type AgentCommand = (String, Vec<std::ffi::OsString>, Vec<(String, String)>);
 
 impl Farm {
     pub fn start(dir: &Path, registry: &Registry, agents: &[AgentSpec]) -> anyhow::Result<Farm> {
@@ -466,7 +478,15 @@ impl Farm {
             coordinator_args.extend(["--insecure-registry".to_owned(), addr.to_owned()]);
         }
         coordinator_args.extend(extra.iter().map(|s| s.to_string()));
-        let mut farm = Farm { dir: dir.to_owned(), url, http, agents: Vec::new(), coordinator: None, coordinator_args };
+        let mut farm = Farm {
+            dir: dir.to_owned(),
+            url,
+            http,
+            agents: Vec::new(),
+            coordinator: None,
+            coordinator_args,
+            agent_commands: Vec::new(),
+        };
         farm.start_coordinator()?;
         for spec in agents {
             let mut cmd = Command::new(bin("braid-agent"));
@@ -482,8 +502,23 @@ impl Farm {
             cmd.args(&spec.flags);
             cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
             farm.agents.push(Proc::spawn(spec.name, &mut cmd, &dir.join(format!("{}.log", spec.name)))?);
+            let args = cmd.get_args().map(ToOwned::to_owned).collect();
+            farm.agent_commands.push((spec.name.to_owned(), args, spec.env.clone()));
         }
         Ok(farm)
+    }
+
+    /// Starts agent `name` again with its first arguments (after a crash,
+    /// or killing it first if it still runs); its log goes on.
+    pub fn restart_agent(&mut self, name: &str) -> anyhow::Result<()> {
+        let (_, args, env) =
+            self.agent_commands.iter().find(|(n, ..)| n == name).with_context(|| format!("no agent {name}"))?;
+        let mut cmd = Command::new(bin("braid-agent"));
+        cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+        let proc = Proc::spawn(name, &mut cmd, &self.dir.join(format!("{name}.log")))?;
+        self.agents.retain(|a| a.name != name);
+        self.agents.push(proc);
+        Ok(())
     }
 
     pub fn start_coordinator(&mut self) -> anyhow::Result<()> {
@@ -648,6 +683,14 @@ impl RunningBuild {
         std::thread::sleep(Duration::from_millis(200));
         self.seen.extend(self.lines.try_iter());
         (status.code(), self.seen.join("\n"))
+    }
+}
+
+impl Drop for RunningBuild {
+    /// A test that fails half-way leaves no `braid build` behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -195,31 +195,6 @@ fn a_frozen_agent_is_replaced_and_its_late_result_ignored() {
 }
 
 #[test]
-fn a_registry_outage_is_retried_then_fails_clearly() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
-    let (mut registry, base) = setup(tmp.path(), true);
-    let mut flags = FAST_FAILURE.to_vec();
-    flags.extend(["--max-attempts", "1"]);
-    let farm =
-        Farm::start_with(tmp.path(), Some(&registry.addr), &[AgentSpec::new("amd64-agent", &[])], &flags).unwrap();
-    farm.wait_for_agents(1).unwrap();
-    let ctx = dockerfile_context(tmp.path(), "ctx", &format!("FROM {base}\nRUN sleep 3\n"));
-    let tag = format!("{}/rel/outage:1", registry.addr);
-    let mut build = RunningBuild::start(
-        &farm,
-        &["build", "--platform", "linux/amd64", "-t", &tag, "--push", "--progress", "plain", &ctx],
-    );
-    build.wait_for("RUN sleep 3", Duration::from_secs(60));
-    registry.stop();
-    let (code, out) = build.finish(Duration::from_secs(120));
-    assert_ne!(code, Some(0), "a push that never gets through fails the build");
-    assert!(out.contains("failed (attempt 1)") && out.contains("retrying"), "pushes are retried:\n{out}");
-    assert!(out.contains(&format!("pushing to {}/rel/outage", registry.addr)), "the error names the registry:\n{out}");
-    assert!(out.contains("gave up after 1 attempts"), "{out}");
-}
-
-#[test]
 fn forty_builds_at_once_over_four_agents() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().unwrap();

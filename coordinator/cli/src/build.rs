@@ -14,6 +14,7 @@ use braid_shared::proto::{self, build_event::Kind};
 use crate::conn::{Builds, Conn};
 use crate::describe::{self, seconds};
 use crate::output;
+use crate::reconnect::{self, Patience};
 use crate::upload::{self, DockerfileSource};
 
 #[derive(Debug, clap::Args)]
@@ -61,7 +62,8 @@ pub struct BuildArgs {
     /// Let a platform no agent builds natively go to an agent that emulates it (QEMU, slow)
     #[arg(long)]
     allow_emulation: bool,
-    /// Fail the build if it has not finished within this time, e.g. 90s, 20m, 1h30m (up to 7d)
+    /// Fail the build if it has not finished within this time, e.g. 90s, 20m, 1h30m (up to 7d); also how long
+    /// braid keeps reconnecting to a coordinator that went away while following (10m without --timeout)
     #[arg(long, value_name = "DURATION", value_parser = braid_shared::duration::build_timeout)]
     timeout: Option<u32>,
     /// Submit and print the build id without following it (Ctrl-C then does not cancel)
@@ -229,7 +231,8 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     };
     let build_args = parse_build_args(&args.build_args)?;
     let labels = parse_labels(&args.labels)?;
-    let mut client = conn.builds().await?;
+    let mut patience = Patience::new(reconnect::limit(args.timeout));
+    let mut client = patience.connect(|| conn.builds()).await?;
 
     let context_dir = args.path.clone();
     let file = args.file.clone();
@@ -300,15 +303,29 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     }
 
     let outcome = tokio::select! {
-        outcome = follow(&mut client, &build_id, progress) => outcome?,
+        outcome = follow(&mut client, &build_id, progress, &mut patience) => outcome?,
         _ = tokio::signal::ctrl_c() => {
             crate::diag::warn(&format!("interrupted: cancelling build {build_id}"));
-            let mut c = conn.builds().await?;
-            c.cancel(proto::CancelBuildRequest { build_id: build_id.clone() }).await?;
+            let mut patience = Patience::new(reconnect::limit(args.timeout));
+            let c = patience.connect(|| conn.builds()).await?;
+            let request = proto::CancelBuildRequest { build_id: build_id.clone() };
+            patience
+                .retry(|| {
+                    let (mut c, r) = (c.clone(), request.clone());
+                    async move { c.cancel(r).await }
+                })
+                .await?;
             return Ok(130);
         }
     };
-    let build = client.get(proto::GetBuildRequest { build_id: build_id.clone() }).await?.into_inner();
+    let request = proto::GetBuildRequest { build_id: build_id.clone() };
+    let build = patience
+        .retry(|| {
+            let (mut c, r) = (client.clone(), request.clone());
+            async move { c.get(r).await }
+        })
+        .await?
+        .into_inner();
     // `-o type=oci,dest=-` writes the layout to stdout: the summary then goes to stderr.
     let stdout_taken = matches!(&outputs.local, Some(output::Local::OciTar(dest)) if dest.as_os_str() == "-");
     summarize(&build, progress, args.metadata_file.as_deref(), stdout_taken)?;
@@ -327,28 +344,43 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     }
 }
 
-/// Prints events until the build ends; resumes after a dropped stream.
-async fn follow(client: &mut Builds, build_id: &str, progress: Progress) -> anyhow::Result<proto::BuildState> {
+/// Prints events until the build ends. A dropped stream is watched again
+/// after the last event printed (no gap, no line twice), for as long as
+/// `patience` allows.
+async fn follow(
+    client: &mut Builds,
+    build_id: &str,
+    progress: Progress,
+    patience: &mut Patience,
+) -> anyhow::Result<proto::BuildState> {
     let mut after = 0;
-    let mut retries = 0;
     loop {
-        let mut stream = client
-            .watch(proto::WatchRequest { build_id: build_id.to_owned(), after_seq: after, history_only: false })
+        let request = proto::WatchRequest { build_id: build_id.to_owned(), after_seq: after, history_only: false };
+        let mut stream = patience
+            .retry(|| {
+                let (mut c, r) = (client.clone(), request.clone());
+                async move { c.watch(r).await }
+            })
             .await?
             .into_inner();
         loop {
             match stream.message().await {
                 Ok(Some(event)) => {
+                    // Only later events: a resumed stream never repeats one.
+                    if event.seq <= after {
+                        continue;
+                    }
                     after = event.seq;
                     if let Some(state) = print_event(&event, progress) {
                         return Ok(state);
                     }
                 }
-                Ok(None) => break,
-                Err(e) if retries < 10 => {
-                    retries += 1;
-                    crate::diag::warn(&format!("watch interrupted ({}); resuming", e.message()));
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                Ok(None) => {
+                    patience.wait(&"the event stream ended before the build did").await?;
+                    break;
+                }
+                Err(e) if reconnect::transient(&e) => {
+                    patience.wait(&e.message()).await?;
                     break;
                 }
                 Err(e) => return Err(e.into()),
@@ -487,6 +519,7 @@ async fn show_upload_progress(sent: Arc<AtomicU64>, started: Instant) {
     }
 }
 
+/// `braid cancel`: asks the coordinator to cancel a build.
 pub async fn cancel(conn: &Conn, build_id: &str) -> anyhow::Result<i32> {
     let mut client = conn.builds().await?;
     let build = client.cancel(proto::CancelBuildRequest { build_id: build_id.to_owned() }).await?.into_inner();

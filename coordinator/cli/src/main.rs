@@ -8,6 +8,7 @@ mod diag;
 mod dockerconfig;
 mod ops;
 mod output;
+mod reconnect;
 mod tokens;
 mod upload;
 
@@ -51,7 +52,7 @@ enum Command {
         /// Only this platform's lines
         #[arg(long)]
         platform: Option<String>,
-        /// Keep following until the build ends
+        /// Keep following until the build ends (reconnecting for up to 10 minutes if the coordinator goes away)
         #[arg(short, long)]
         follow: bool,
         /// table (readable lines) or json (one event per line, with its sequence number)

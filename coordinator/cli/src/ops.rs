@@ -7,6 +7,7 @@ use braid_shared::proto::{self, build_event::Kind};
 
 use crate::conn::Conn;
 use crate::describe::{build_state_name, event_line, job_word, seconds};
+use crate::reconnect::{self, Patience};
 
 /// How listings print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -62,25 +63,77 @@ pub async fn logs(
     format: Format,
 ) -> anyhow::Result<i32> {
     let only: Option<Platform> = platform.map(str::parse).transpose()?;
-    let mut client = conn.builds().await?;
-    let request = proto::WatchRequest { build_id: build_id.to_owned(), after_seq: 0, history_only: !follow };
-    let mut stream = client.watch(request).await?.into_inner();
-    while let Some(event) = stream.message().await? {
-        if let Some(want) = &only
-            && event_platform(&event).is_some_and(|p| p.parse::<Platform>().ok().as_ref() != Some(want))
-        {
-            continue;
+    if !follow {
+        let mut client = conn.builds().await?;
+        let request = proto::WatchRequest { build_id: build_id.to_owned(), after_seq: 0, history_only: true };
+        let mut stream = client.watch(request).await?.into_inner();
+        while let Some(event) = stream.message().await? {
+            print_log_event(&event, only.as_ref(), format);
         }
-        match format {
-            Format::Json => println!("{}", event_json(&event)),
-            Format::Table => {
-                if let Some(line) = event_line(&event) {
-                    println!("{line}");
+        return Ok(0);
+    }
+    // Following: a coordinator that goes away is waited for, and the stream
+    // resumes after the last event printed.
+    let mut patience = Patience::new(reconnect::limit(None));
+    let client = patience.connect(|| conn.builds()).await?;
+    let mut after = 0;
+    loop {
+        let request = proto::WatchRequest { build_id: build_id.to_owned(), after_seq: after, history_only: false };
+        let mut stream = patience
+            .retry(|| {
+                let (mut c, r) = (client.clone(), request.clone());
+                async move { c.watch(r).await }
+            })
+            .await?
+            .into_inner();
+        loop {
+            match stream.message().await {
+                Ok(Some(event)) if event.seq <= after => {}
+                Ok(Some(event)) => {
+                    after = event.seq;
+                    print_log_event(&event, only.as_ref(), format);
+                    if build_ended(&event) {
+                        return Ok(0);
+                    }
                 }
+                // The build's last event ends the stream: one that ends
+                // before it was cut short.
+                Ok(None) => {
+                    patience.wait(&"the event stream ended before the build did").await?;
+                    break;
+                }
+                Err(e) if reconnect::transient(&e) => {
+                    patience.wait(&e.message()).await?;
+                    break;
+                }
+                Err(e) => return Err(e.into()),
             }
         }
     }
-    Ok(0)
+}
+
+fn build_ended(event: &proto::BuildEvent) -> bool {
+    let Some(Kind::Build(b)) = &event.kind else { return false };
+    matches!(
+        proto::BuildState::try_from(b.state).unwrap_or_default(),
+        proto::BuildState::Succeeded | proto::BuildState::Failed | proto::BuildState::Cancelled
+    )
+}
+
+fn print_log_event(event: &proto::BuildEvent, only: Option<&Platform>, format: Format) {
+    if let Some(want) = only
+        && event_platform(event).is_some_and(|p| p.parse::<Platform>().ok().as_ref() != Some(want))
+    {
+        return;
+    }
+    match format {
+        Format::Json => println!("{}", event_json(event)),
+        Format::Table => {
+            if let Some(line) = event_line(event) {
+                println!("{line}");
+            }
+        }
+    }
 }
 
 pub fn build_json(b: &proto::Build) -> Value {

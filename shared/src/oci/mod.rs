@@ -28,13 +28,40 @@ pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.mani
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
     #[error("registry {registry}: {message}")]
-    Registry { registry: String, message: String },
+    Registry { registry: String, failure: RegistryFailure, message: String },
     #[error("reading OCI layout {path:?}: {message}")]
     Layout { path: PathBuf, message: String },
     #[error("manifest {digest} in {repository}: {message}")]
     Manifest { repository: String, digest: String, message: String },
     #[error("image {digest} is for {found}, not {wanted}")]
     WrongPlatform { digest: String, found: String, wanted: String },
+}
+
+/// How a registry call failed, as far as trying again is concerned: typed
+/// from the client's error, never read from its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryFailure {
+    /// No answer: the connection was refused, reset or timed out.
+    Unreachable,
+    /// An answer with this HTTP status (a refused token or login is 401).
+    Status(u16),
+    /// Anything else: an answer that breaks the protocol, a local error.
+    Other,
+}
+
+impl OciError {
+    /// Whether the same call may succeed later: the registry was not
+    /// reached, or answered 5xx, 408 (timeout) or 429 (too many requests).
+    /// 401, 403 and other 4xx answers will not change by waiting.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            OciError::Registry { failure: RegistryFailure::Unreachable, .. } => true,
+            OciError::Registry { failure: RegistryFailure::Status(code), .. } => {
+                matches!(code, 408 | 429) || !(400..500).contains(code)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Credentials for one registry. The password is wiped from memory when

@@ -6,13 +6,17 @@ use std::path::Path;
 
 use futures::TryStreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, RegistryOperation};
 use oci_spec::image::ImageManifest;
 
 use super::index::config_platform;
 use super::layout::{blob_path, read_layout};
-use super::{Credential, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, ImageDescriptor, OCI_INDEX, OCI_MANIFEST, OciError};
+use super::{
+    Credential, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, ImageDescriptor, OCI_INDEX, OCI_MANIFEST, OciError,
+    RegistryFailure,
+};
 use crate::digest::Digest;
 use crate::limits;
 use crate::platform::Platform;
@@ -55,8 +59,30 @@ impl Registry {
         Registry { client: Client::new(config), credentials: std::sync::Arc::new(Vec::new()) }
     }
 
+    /// A failure that is not the registry's answer (a malformed value).
     fn err(image: &ImageRef, e: impl std::fmt::Display) -> OciError {
-        OciError::Registry { registry: image.registry().to_owned(), message: e.to_string() }
+        OciError::Registry {
+            registry: image.registry().to_owned(),
+            failure: RegistryFailure::Other,
+            message: e.to_string(),
+        }
+    }
+
+    /// A failed registry call, with what it says about retrying and the
+    /// whole chain of causes (a refused connection is only in a source).
+    fn failed(image: &ImageRef, e: OciDistributionError) -> OciError {
+        let failure = failure_of(&e);
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            source = cause.source();
+        }
+        OciError::Registry { registry: image.registry().to_owned(), failure, message }
     }
 
     async fn login(&self, image: &ImageRef, op: RegistryOperation) -> Result<(), OciError> {
@@ -64,7 +90,7 @@ impl Registry {
             .auth(&image.to_oci(), &self.auth(image.registry()), op)
             .await
             .map(drop)
-            .map_err(|e| Self::err(image, e))
+            .map_err(|e| Self::failed(image, e))
     }
 
     /// Pushes the one image in the OCI layout at `layout` to `repository` by
@@ -75,8 +101,11 @@ impl Registry {
         self.login(repository, RegistryOperation::Push).await?;
         let target = repository.at_digest(&image.descriptor.digest).to_oci();
         for blob in &image.blobs {
-            let exists =
-                self.client.blob_exists(&target, blob.digest.as_str()).await.map_err(|e| Self::err(repository, e))?;
+            let exists = self
+                .client
+                .blob_exists(&target, blob.digest.as_str())
+                .await
+                .map_err(|e| Self::failed(repository, e))?;
             if exists {
                 continue;
             }
@@ -89,7 +118,7 @@ impl Registry {
             self.client
                 .push_blob_stream(&target, stream, blob.digest.as_str(), Some(blob.size))
                 .await
-                .map_err(|e| Self::err(repository, e))?;
+                .map_err(|e| Self::failed(repository, e))?;
         }
         self.push_manifest_bytes(repository, &image.manifest, &image.descriptor.media_type, &target).await?;
         Ok(image.descriptor)
@@ -107,7 +136,7 @@ impl Registry {
             .push_manifest_raw(target, bytes.to_vec(), content_type)
             .await
             .map(drop)
-            .map_err(|e| Self::err(repository, e))
+            .map_err(|e| Self::failed(repository, e))
     }
 
     /// Reads a manifest by digest, checks its bytes hash to it and its
@@ -174,7 +203,7 @@ impl Registry {
         let source = from.at_digest(&digest).to_oci();
         for blob in std::iter::once(manifest.config()).chain(manifest.layers()) {
             let blob_digest = blob.digest().to_string();
-            if self.client.blob_exists(&target, &blob_digest).await.map_err(|e| Self::err(to, e))? {
+            if self.client.blob_exists(&target, &blob_digest).await.map_err(|e| Self::failed(to, e))? {
                 continue;
             }
             self.client
@@ -202,7 +231,7 @@ impl Registry {
                 &[OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST],
             )
             .await
-            .map_err(|e| Self::err(reference, e))?;
+            .map_err(|e| Self::failed(reference, e))?;
         Ok((bytes.to_vec(), digest))
     }
 
@@ -212,10 +241,77 @@ impl Registry {
         let at = repository.at_digest(digest).to_oci();
         let mut out = Vec::new();
         let descriptor = oci_client::manifest::OciDescriptor { digest: digest.to_string(), ..Default::default() };
-        self.client.pull_blob(&at, &descriptor, &mut out).await.map_err(|e| Self::err(repository, e))?;
+        self.client.pull_blob(&at, &descriptor, &mut out).await.map_err(|e| Self::failed(repository, e))?;
         if out.len() > limit {
             return Err(Self::err(repository, format!("blob {digest} is larger than {limit} bytes")));
         }
         Ok(out)
+    }
+}
+
+/// What a client error says about the registry's answer.
+fn failure_of(e: &OciDistributionError) -> RegistryFailure {
+    match e {
+        OciDistributionError::RequestError(e) => match e.status() {
+            Some(status) => RegistryFailure::Status(status.as_u16()),
+            None => RegistryFailure::Unreachable,
+        },
+        OciDistributionError::ServerError { code, .. } => RegistryFailure::Status(*code),
+        OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => {
+            RegistryFailure::Status(401)
+        }
+        // Only a 4xx answer carries an error envelope; its code names which.
+        OciDistributionError::RegistryError { envelope, .. } => {
+            RegistryFailure::Status(envelope.errors.first().map_or(400, |e| envelope_status(&e.code)))
+        }
+        _ => RegistryFailure::Other,
+    }
+}
+
+/// The status the distribution spec gives each error code.
+fn envelope_status(code: &OciErrorCode) -> u16 {
+    match code {
+        OciErrorCode::Unauthorized => 401,
+        OciErrorCode::Denied => 403,
+        OciErrorCode::BlobUnknown
+        | OciErrorCode::BlobUploadUnknown
+        | OciErrorCode::ManifestUnknown
+        | OciErrorCode::NameUnknown
+        | OciErrorCode::NotFound => 404,
+        OciErrorCode::Unsupported => 415,
+        OciErrorCode::Toomanyrequests => 429,
+        _ => 400,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(failure: RegistryFailure) -> OciError {
+        OciError::Registry { registry: "r".into(), failure, message: String::new() }
+    }
+
+    #[test]
+    fn only_outages_and_busy_answers_are_retried() {
+        assert!(error(RegistryFailure::Unreachable).is_transient());
+        for code in [500, 502, 503, 408, 429] {
+            assert!(error(RegistryFailure::Status(code)).is_transient(), "{code}");
+        }
+        for code in [400, 401, 403, 404, 413] {
+            assert!(!error(RegistryFailure::Status(code)).is_transient(), "{code}");
+        }
+        assert!(!error(RegistryFailure::Other).is_transient());
+    }
+
+    #[test]
+    fn client_errors_carry_their_status() {
+        let server = OciDistributionError::ServerError { code: 503, url: "u".into(), message: "busy".into() };
+        assert_eq!(failure_of(&server), RegistryFailure::Status(503));
+        let unauthorized = OciDistributionError::UnauthorizedError { url: "u".into() };
+        assert_eq!(failure_of(&unauthorized), RegistryFailure::Status(401));
+        assert_eq!(envelope_status(&OciErrorCode::Denied), 403);
+        assert_eq!(envelope_status(&OciErrorCode::Toomanyrequests), 429);
+        assert_eq!(failure_of(&OciDistributionError::PushNoDataError), RegistryFailure::Other);
     }
 }
