@@ -18,7 +18,7 @@ use braid_shared::context::{self, ContextLimits};
 use braid_shared::oci::{self, Credential};
 use braid_shared::{Platform, engine};
 
-use crate::job::JobDir;
+use crate::jobdir::JobDir;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {

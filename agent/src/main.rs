@@ -4,10 +4,12 @@
 mod cache;
 mod docker;
 mod job;
+mod jobdir;
 mod joblog;
 mod join;
 mod leftovers;
 mod prune;
+mod secrets;
 mod session;
 mod settings;
 mod upload;
@@ -74,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&valid.settings.work_dir)?;
     // What a killed agent's jobs left: none of them runs any more.
     leftovers::sweep(&valid.settings.work_dir, &valid.secrets_dir);
-    if !leftovers::in_memory(&valid.secrets_dir) {
+    if !secrets::in_memory(&valid.secrets_dir) {
         tracing::warn!(
             path = %valid.secrets_dir.display(),
             "no tmpfs for registry logins ($XDG_RUNTIME_DIR, /run, /dev/shm): they are written to disk for each job"

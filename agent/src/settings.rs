@@ -286,7 +286,7 @@ impl Settings {
         } else {
             Vec::new()
         };
-        let secrets_dir = crate::leftovers::secrets_root(&self.work_dir);
+        let secrets_dir = crate::secrets::secrets_root(&self.work_dir);
         Ok(Valid {
             settings: self,
             platforms,

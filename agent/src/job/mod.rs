@@ -1,0 +1,356 @@
+//! One job: fetch the context, unpack it, build (buildah, podman or a
+//! Docker Engine), export an OCI layout, push it by digest, report.
+
+mod containers;
+mod process;
+mod push;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use braid_shared::context::{self, ContextLimits};
+use braid_shared::oci::{self, Credential, ImageDescriptor, Registry};
+use braid_shared::proto::{self, agent_message::Kind as ToCoordinator};
+use braid_shared::{Digest, Platform, beneath, buildargs, limits};
+
+use crate::cache::ContextCache;
+use crate::jobdir::JobDir;
+use crate::joblog::{JobLog, Outgoing};
+use crate::settings::Valid;
+use crate::{docker, prune, upload};
+
+/// How a job ended, in the coordinator's terms.
+#[derive(Debug)]
+pub enum Outcome {
+    Image(ImageDescriptor),
+    Failed(proto::FailureKind, String),
+}
+
+/// What a job needs from the agent around it.
+pub struct JobEnv {
+    pub settings: Valid,
+    pub cache: Arc<ContextCache>,
+    pub outbox: mpsc::UnboundedSender<Outgoing>,
+    /// The agent-wide budget of log bytes queued for the coordinator.
+    pub log_budget: Arc<tokio::sync::Semaphore>,
+    pub engine_gate: Arc<docker::PlatformGate>,
+    pub storage_locks: Arc<prune::StorageLocks>,
+}
+
+pub async fn run(env: Arc<JobEnv>, assignment: proto::Assignment, cancel: CancellationToken) -> proto::JobResult {
+    let span = tracing::info_span!(
+        "job",
+        build_id = %assignment.build_id,
+        job_id = %assignment.job_id,
+        attempt = assignment.attempt,
+        platform = %assignment.platform,
+        agent = %env.settings.settings.name,
+    );
+    let mut phases = Phases::default();
+    let outcome = async {
+        tracing::info!("job started");
+        let outcome = tokio::select! {
+            outcome = execute(&env, &assignment, &cancel, &mut phases) => outcome,
+            () = cancel.cancelled() => Outcome::Failed(proto::FailureKind::Cancelled, "cancelled".into()),
+        };
+        // A builder killed by the cancel fails too: it was the cancel.
+        let outcome = match outcome {
+            Outcome::Failed(..) if cancel.is_cancelled() => {
+                Outcome::Failed(proto::FailureKind::Cancelled, "cancelled".into())
+            }
+            other => other,
+        };
+        match &outcome {
+            Outcome::Image(d) => tracing::info!(digest = %d.digest, "job done"),
+            Outcome::Failed(kind, message) => tracing::warn!(?kind, %message, "job failed"),
+        }
+        outcome
+    }
+    .instrument(span)
+    .await;
+    let outcome = match outcome {
+        Outcome::Image(d) => proto::job_result::Outcome::Image(proto::ImageResult {
+            digest: d.digest.to_string(),
+            size: d.size,
+            media_type: d.media_type,
+        }),
+        Outcome::Failed(kind, message) => {
+            proto::job_result::Outcome::Failure(proto::JobFailure { kind: kind as i32, message })
+        }
+    };
+    proto::JobResult {
+        job_id: assignment.job_id,
+        attempt: assignment.attempt,
+        lease_id: assignment.lease_id,
+        outcome: Some(outcome),
+        phases: phases.0,
+    }
+}
+
+fn infra(message: impl std::fmt::Display) -> Outcome {
+    Outcome::Failed(proto::FailureKind::Infra, message.to_string())
+}
+
+fn build_failure(message: impl std::fmt::Display) -> Outcome {
+    Outcome::Failed(proto::FailureKind::Build, message.to_string())
+}
+
+/// When each phase ran, reported with the result for timelines and metrics.
+#[derive(Default)]
+struct Phases(Vec<proto::PhaseTiming>);
+
+fn now_timestamp() -> prost_types::Timestamp {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+impl Phases {
+    fn done(&mut self, phase: &str, start: prost_types::Timestamp) {
+        self.0.push(proto::PhaseTiming { phase: phase.to_owned(), start: Some(start), end: Some(now_timestamp()) });
+    }
+}
+
+async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken, phases: &mut Phases) -> Outcome {
+    let Some(spec) = &a.spec else {
+        return build_failure("assignment without a build spec");
+    };
+    let platform: Platform = match a.platform.parse() {
+        Ok(p) => p,
+        Err(e) => return build_failure(e),
+    };
+    let digest: Digest = match spec.context_digest.parse() {
+        Ok(d) => d,
+        Err(e) => return build_failure(e),
+    };
+    let jobs = env.settings.settings.work_dir.join("jobs");
+    // Made without an await, so a cancel cannot leave a half-made
+    // directory behind a blocking task that outlives the job.
+    let name = format!("{}-{}", a.job_id, a.attempt);
+    let job_dir = match JobDir::create(jobs.join(&name), env.settings.secrets_dir.join(&name)) {
+        Ok(dir) => dir,
+        Err(e) => return infra(e),
+    };
+    let context_dir = job_dir.path().join("context");
+    send_progress(env, a, proto::JobState::Building);
+
+    let fetch_start = now_timestamp();
+    let compressed = match env.cache.get(&digest, a).await {
+        Ok(path) => path,
+        Err(e) => return infra(format!("fetching context {digest}: {e}")),
+    };
+    let unpack_dir = context_dir.clone();
+    let unpacked = job_dir
+        .blocking(move || -> Result<_, String> {
+            let file = std::fs::File::open(&compressed).map_err(|e| e.to_string())?;
+            let decoder = braid_shared::compression::zstd_reader(file).map_err(|e| e.to_string())?;
+            context::unpack(decoder, &unpack_dir, ContextLimits::default()).map_err(|e| e.to_string())
+        })
+        .await;
+    match unpacked {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return build_failure(format!("unpacking the context: {e}")),
+        Err(e) => return infra(format!("unpacking the context: {e}")),
+    }
+
+    phases.done("fetch", fetch_start);
+    let build_start = now_timestamp();
+    let dockerfile_text = if spec.dockerfile_inline.is_empty() {
+        match read_context_dockerfile(&context_dir, &spec.dockerfile_path) {
+            Ok(text) => text,
+            Err(failed) => return failed,
+        }
+    } else {
+        spec.dockerfile_inline.clone()
+    };
+    // The builder is given this copy, outside the context, so it never
+    // resolves the Dockerfile's path itself.
+    let dockerfile = job_dir.path().join("Dockerfile");
+    if let Err(e) = beneath::create_new_file(&dockerfile, &dockerfile_text, 0o644) {
+        return infra(format!("writing {}: {e}", dockerfile.display()));
+    }
+
+    let insecure: Vec<String> = a.insecure_registries.clone();
+    let credentials: Vec<Credential> = a.credentials.iter().map(Credential::from).collect();
+    let layout = job_dir.path().join("layout");
+    let job =
+        BuildJob { env, a, spec, platform: &platform, job_dir: &job_dir, context_dir: &context_dir, layout: &layout };
+    let built = if env.settings.backend == "docker" {
+        build_with_docker(&job, &dockerfile_text, &credentials).await
+    } else {
+        containers::build_with_containers(&job, &dockerfile, &insecure, &credentials, cancel).await
+    };
+    if let Err(failed) = built {
+        return failed;
+    }
+    if spec.format == "docker" {
+        let converting = layout.clone();
+        match job_dir.detached(async move { oci::layout_to_docker(&converting).await }).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return build_failure(format!("--format docker: {e}")),
+            Err(e) => return infra(format!("--format docker: {e}")),
+        }
+    }
+    phases.done("build", build_start);
+    let push_start = now_timestamp();
+    let mut outcome = match oci::layout_descriptor(&layout).await {
+        Ok(d) => Outcome::Image(d),
+        Err(e) => infra(e),
+    };
+    if !a.push_repositories.is_empty() {
+        outcome = push::push_everywhere(env, a, &layout, Registry::with_credentials(&insecure, credentials)).await;
+    }
+    if spec.export && matches!(outcome, Outcome::Image(_)) {
+        match upload::upload_layout(&env.settings, a, &layout).await {
+            Ok(bytes) => log_lines(env, a, vec![format!("uploaded {bytes} bytes of image blobs to the coordinator")]),
+            Err(e) => outcome = infra(format!("uploading the image to the coordinator: {e}")),
+        }
+    }
+    if !a.push_repositories.is_empty() || spec.export {
+        phases.done("push", push_start);
+    }
+    outcome
+}
+
+/// The context's Dockerfile, read beneath the context directory: a path
+/// that is missing, or that leads out through a link (whatever lies
+/// outside), or is not a regular file, fails the build, and the two
+/// answers depend on the context alone.
+fn read_context_dockerfile(context_dir: &Path, path: &str) -> Result<Vec<u8>, Outcome> {
+    let root = beneath::Root::open(context_dir).map_err(|e| infra(format!("opening the context: {e}")))?;
+    root.read_file(path, limits::DOCKERFILE_BYTES as u64).map_err(|e| match e {
+        beneath::BeneathError::NotFound { .. } => {
+            build_failure(format!("Dockerfile {path:?} not found in the context"))
+        }
+        beneath::BeneathError::Refused { .. } => build_failure(format!(
+            "Dockerfile {path:?} refused: it is not a regular file inside the context (a link on its path may lead out)"
+        )),
+        beneath::BeneathError::TooLarge { limit, .. } => {
+            build_failure(format!("Dockerfile {path:?} is larger than the limit of {limit} bytes"))
+        }
+        beneath::BeneathError::Io { source, .. } => build_failure(format!("reading Dockerfile {path:?}: {source}")),
+    })
+}
+
+/// One job's build, whichever backend runs it: it leaves a one-image OCI
+/// layout at `layout`.
+struct BuildJob<'a> {
+    env: &'a JobEnv,
+    a: &'a proto::Assignment,
+    spec: &'a proto::BuildSpec,
+    platform: &'a Platform,
+    job_dir: &'a JobDir,
+    context_dir: &'a Path,
+    layout: &'a Path,
+}
+
+/// The `manifest`-level annotations that apply to `platform`.
+fn manifest_annotations(spec: &proto::BuildSpec, platform: &Platform) -> std::collections::BTreeMap<String, String> {
+    spec.annotations
+        .iter()
+        .filter(|an| an.level == "manifest")
+        .filter(|an| an.platform.is_empty() || an.platform.parse::<Platform>().ok().as_ref() == Some(platform))
+        .map(|an| (an.key.clone(), an.value.clone()))
+        .collect()
+}
+
+/// The Docker Engine: build through its API, then save and convert.
+async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &[Credential]) -> Result<(), Outcome> {
+    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout } = *job;
+    let engine = docker::connect(&env.settings.docker_host).await.map_err(infra)?;
+    let mut build_args = spec.build_args.clone();
+    build_args
+        .extend(buildargs::platform_args(platform, &env.settings.native).into_iter().map(|(k, v)| (k.to_owned(), v)));
+    let build = docker::BuildSpec {
+        context_dir,
+        dockerfile,
+        platform,
+        build_args,
+        labels: spec.labels.clone(),
+        target: &spec.target,
+        no_cache: spec.no_cache,
+        credentials,
+    };
+    if !env.engine_gate.is_open_for(platform) {
+        log_lines(env, a, vec!["waiting for this agent's builds of another platform on the Docker Engine".into()]);
+    }
+    let pass = env.engine_gate.enter(platform).await;
+    let mut log = JobLog::new(a, env.outbox.clone(), env.log_budget.clone());
+    let built = docker::build(&engine, build, job_dir, &mut log).await;
+    log.finish();
+    let image_id = built.map_err(|e| match e {
+        docker::DockerError::Build(message) => build_failure(message),
+        other => infra(other),
+    })?;
+    drop(pass);
+    docker::export_layout(&engine, &image_id, platform, manifest_annotations(spec, platform), job_dir, layout)
+        .await
+        .map_err(|e| infra(format!("exporting the image: {e}")))
+}
+
+/// A few lines of braid's own: they go past the log budget.
+fn log_lines(env: &JobEnv, a: &proto::Assignment, lines: Vec<String>) {
+    let message = proto::AgentMessage {
+        kind: Some(ToCoordinator::Log(proto::JobLog { job_id: a.job_id.clone(), attempt: a.attempt, lines })),
+    };
+    let _ = env.outbox.send(message.into());
+}
+
+fn send_progress(env: &JobEnv, a: &proto::Assignment, state: proto::JobState) {
+    let message = proto::AgentMessage {
+        kind: Some(ToCoordinator::Progress(proto::JobProgress {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            state: state as i32,
+        })),
+    };
+    let _ = env.outbox.send(message.into());
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn failure_of(result: Result<Vec<u8>, Outcome>) -> String {
+        match result {
+            Err(Outcome::Failed(proto::FailureKind::Build, message)) => message,
+            Err(other) => panic!("not a build failure: {other:?}"),
+            Ok(bytes) => panic!("read {:?}", String::from_utf8_lossy(&bytes)),
+        }
+    }
+
+    /// Behind the unpacker's own checks: a context whose links lead out
+    /// (made here on disk directly) still cannot hand the agent a host file.
+    #[test]
+    fn the_dockerfile_is_read_beneath_the_context_and_answers_the_same_whatever_is_outside() {
+        let outer = tempfile::tempdir().unwrap();
+        std::fs::write(outer.path().join("host.Dockerfile"), "FROM scratch\n").unwrap();
+        let context = outer.path().join("job/context");
+        std::fs::create_dir_all(context.join("sub")).unwrap();
+        std::fs::write(context.join("sub/Dockerfile"), "FROM busybox\n").unwrap();
+        std::os::unix::fs::symlink(".", context.join("l0")).unwrap();
+        for i in 1..7 {
+            std::os::unix::fs::symlink(format!("l{}/..", i - 1), context.join(format!("l{i}"))).unwrap();
+        }
+        std::os::unix::fs::symlink(outer.path().join("host.Dockerfile"), context.join("abs")).unwrap();
+        std::os::unix::fs::symlink("sub/Dockerfile", context.join("Dockerfile")).unwrap();
+
+        assert_eq!(read_context_dockerfile(&context, "Dockerfile").unwrap(), b"FROM busybox\n", "a link inside");
+        let existing = failure_of(read_context_dockerfile(&context, "l2/host.Dockerfile"));
+        assert!(existing.contains("refused"), "{existing}");
+        let missing = failure_of(read_context_dockerfile(&context, "l2/missing.Dockerfile"));
+        assert_eq!(
+            existing.replace("host.Dockerfile", "X"),
+            missing.replace("missing.Dockerfile", "X"),
+            "an escape answers the same whether the host file exists or not"
+        );
+        assert!(failure_of(read_context_dockerfile(&context, "abs")).contains("refused"));
+        assert!(failure_of(read_context_dockerfile(&context, "sub")).contains("refused"));
+        let absent = failure_of(read_context_dockerfile(&context, "nothing"));
+        assert_eq!(absent, "Dockerfile \"nothing\" not found in the context");
+    }
+}
