@@ -160,6 +160,14 @@ impl Coordinator {
         })));
     }
 
+    /// Ends every agent session (the coordinator is stopping); the agents
+    /// reconnect, keeping their jobs and unacknowledged messages.
+    pub fn close_all_sessions(&self) {
+        for (_, tx) in self.sessions().drain() {
+            let _ = tx.send(Err(tonic::Status::unavailable("the coordinator is stopping; reconnect later")));
+        }
+    }
+
     /// Forgets a session whose stream ended.
     pub fn close_session(&self, session: u64) {
         self.sessions().remove(&session);
