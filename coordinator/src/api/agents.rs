@@ -356,11 +356,9 @@ async fn read_session(
         let seq = message.seq;
         {
             let mut farm = coordinator.farm();
-            let delivery = match kind {
-                FromAgent::Hello(_) => Delivery::Apply,
-                FromAgent::Heartbeat(_) => Delivery::Apply,
-                _ => farm.accept(name, session, seq),
-            };
+            // Logs, progress and results are numbered; hellos and heartbeats not.
+            let numbered = !matches!(kind, FromAgent::Hello(_) | FromAgent::Heartbeat(_));
+            let delivery = if numbered { farm.accept(name, session, seq) } else { Delivery::Apply };
             let effects = match (kind, delivery) {
                 (FromAgent::Hello(_), _) => {
                     return Err(Status::invalid_argument("a second hello in one session"));
@@ -384,7 +382,7 @@ async fn read_session(
             coordinator.perform(&farm, effects);
             // After its effects are queued to the journal, so the ack
             // goes out once they are stored.
-            if seq > 0 && delivery != Delivery::Stale {
+            if numbered && seq > 0 && delivery != Delivery::Stale {
                 coordinator.ack(session, seq);
             }
         }
