@@ -8,7 +8,9 @@
 //!   only counted.
 //! - Batches go into the agent's outbox only against a permit of the
 //!   agent-wide in-flight budget (`AGENT_LOG_IN_FLIGHT_BYTES`), released
-//!   when the session hands the message to the connection. Without a permit
+//!   when the coordinator acknowledges the message (`outbox`), so lines
+//!   survive a dropped connection and the budget bounds what waits for the
+//!   coordinator, however long it is away. Without a permit
 //!   a batch waits, up to `JOB_LOG_PENDING_BYTES`; past that lines are
 //!   dropped, so a slow or absent coordinator never blocks the builder.
 //! - Whatever was dropped is said once, at the end, in a log line with the
@@ -18,24 +20,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 
 use braid_shared::limits;
 use braid_shared::proto::{self, agent_message::Kind as ToCoordinator};
 
-/// A message for the coordinator and, for log lines, the share of the
-/// in-flight budget it holds until the session sends it.
-pub struct Outgoing {
-    pub message: proto::AgentMessage,
-    /// Held, not read: dropping it gives the bytes back to the budget.
-    pub _permit: Option<OwnedSemaphorePermit>,
-}
-
-impl From<proto::AgentMessage> for Outgoing {
-    fn from(message: proto::AgentMessage) -> Outgoing {
-        Outgoing { message, _permit: None }
-    }
-}
+use crate::outbox::Outbox;
 
 /// The agent-wide budget of log bytes queued for the coordinator.
 pub fn budget() -> Arc<Semaphore> {
@@ -65,7 +55,7 @@ pub struct Shared {
 pub struct JobLog {
     job_id: String,
     attempt: u32,
-    outbox: mpsc::UnboundedSender<Outgoing>,
+    outbox: Arc<Outbox>,
     budget: Arc<Semaphore>,
     shared: Arc<Shared>,
     lines: usize,
@@ -80,7 +70,7 @@ pub struct JobLog {
 }
 
 impl JobLog {
-    pub fn new(a: &proto::Assignment, outbox: mpsc::UnboundedSender<Outgoing>, budget: Arc<Semaphore>) -> JobLog {
+    pub fn new(a: &proto::Assignment, outbox: Arc<Outbox>, budget: Arc<Semaphore>) -> JobLog {
         JobLog {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
@@ -135,7 +125,7 @@ impl JobLog {
         let lines = std::mem::take(&mut self.batch);
         self.batch_cost = 0;
         let message = log_message(&self.job_id, self.attempt, lines);
-        let _ = self.outbox.send(Outgoing { message, _permit: Some(permit) });
+        self.outbox.push_with(message, Some(permit));
         if self.batch.capacity() > BATCH_LINES * 2 {
             self.batch.shrink_to(BATCH_LINES);
         }
@@ -161,13 +151,16 @@ impl JobLog {
             ));
         }
         if !tail.is_empty() {
-            let _ = self.outbox.send(log_message(&self.job_id, self.attempt, tail).into());
+            self.outbox.push(log_message(&self.job_id, self.attempt, tail));
         }
     }
 }
 
 fn log_message(job_id: &str, attempt: u32, lines: Vec<String>) -> proto::AgentMessage {
-    proto::AgentMessage { kind: Some(ToCoordinator::Log(proto::JobLog { job_id: job_id.to_owned(), attempt, lines })) }
+    proto::AgentMessage {
+        kind: Some(ToCoordinator::Log(proto::JobLog { job_id: job_id.to_owned(), attempt, lines })),
+        seq: 0,
+    }
 }
 
 /// Reads `reader` to its end in lines of at most `LOG_LINE_BYTES` (invalid
@@ -226,10 +219,12 @@ mod tests {
         proto::Assignment { job_id: "j".into(), attempt: 1, ..Default::default() }
     }
 
-    fn lines_of(messages: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<String> {
+    /// The lines the outbox holds, acknowledging them.
+    fn lines_of(outbox: &Outbox) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(m) = messages.try_recv() {
-            if let Some(ToCoordinator::Log(l)) = m.message.kind {
+        for m in outbox.after(0) {
+            outbox.ack(m.seq);
+            if let Some(ToCoordinator::Log(l)) = m.kind {
                 out.extend(l.lines);
             }
         }
@@ -258,32 +253,32 @@ mod tests {
 
     #[tokio::test]
     async fn one_byte_lines_count_against_the_cap_and_the_drop_is_said() {
-        let (outbox, mut messages) = mpsc::unbounded_channel();
-        let mut log = JobLog::new(&assignment(), outbox, budget());
+        let outbox = Arc::new(Outbox::default());
+        let mut log = JobLog::new(&assignment(), outbox.clone(), budget());
         let total = limits::JOB_LOG_LINES + 10;
         for _ in 0..total {
             log.push("y".into());
-            // The session forwards as it goes.
-            drop(messages.try_recv());
+            // The coordinator acknowledges as it goes.
+            outbox.ack(u64::MAX);
         }
         assert!(log.shared.full.load(Ordering::Relaxed));
         log.finish();
-        let lines = lines_of(&mut messages);
+        let lines = lines_of(&outbox);
         let notice = lines.last().unwrap();
         assert!(notice.starts_with("braid: 10 more log lines (10 bytes) dropped"), "{notice}");
     }
 
     #[tokio::test]
     async fn without_budget_a_job_holds_a_bounded_batch_and_counts_the_rest() {
-        let (outbox, mut messages) = mpsc::unbounded_channel();
-        let mut log = JobLog::new(&assignment(), outbox, Arc::new(Semaphore::new(0)));
+        let outbox = Arc::new(Outbox::default());
+        let mut log = JobLog::new(&assignment(), outbox.clone(), Arc::new(Semaphore::new(0)));
         for _ in 0..100_000 {
             log.push("y".into());
         }
         assert!(log.batch_cost <= limits::JOB_LOG_PENDING_BYTES);
-        assert!(lines_of(&mut messages).is_empty(), "nothing is sent without budget");
+        assert!(lines_of(&outbox).is_empty(), "nothing is sent without budget");
         log.finish();
-        let lines = lines_of(&mut messages);
+        let lines = lines_of(&outbox);
         assert!(lines.last().unwrap().contains("log lines dropped: the coordinator did not take them"), "{lines:?}");
     }
 }

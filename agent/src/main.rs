@@ -8,6 +8,7 @@ mod jobdir;
 mod joblog;
 mod join;
 mod leftovers;
+mod outbox;
 mod prune;
 mod secrets;
 mod session;

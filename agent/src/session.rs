@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
-use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +18,7 @@ use braid_shared::proto::{
 
 use crate::cache::ContextCache;
 use crate::job::{self, JobEnv};
-use crate::joblog::Outgoing;
+use crate::outbox::Outbox;
 use crate::settings::Valid;
 
 struct Running {
@@ -35,18 +34,16 @@ struct Running {
 pub struct Agent {
     settings: Valid,
     running: Mutex<HashMap<String, Running>>,
-    /// Everything jobs say (logs, progress, results) goes here and is
-    /// forwarded by whichever session is live, so nothing a job reports is
-    /// tied to the connection it started under.
+    /// Everything jobs say (logs, progress, results) goes here and stays
+    /// until the coordinator acknowledges it; whichever session is live
+    /// sends it, so nothing a job reports is tied to the connection it
+    /// started under, and nothing is lost with one (see `outbox`).
     /// Log lines enter it only against `log_budget` (see `joblog`), so what
     /// it holds is bounded; results and progress enter freely.
-    outbox: mpsc::UnboundedSender<Outgoing>,
-    outbox_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Outgoing>>,
+    outbox: Arc<Outbox>,
     log_budget: Arc<tokio::sync::Semaphore>,
-    /// Results queued in the outbox and not yet forwarded.
-    pending: Mutex<HashMap<String, proto::RunningJob>>,
-    /// Results a session failed to forward; sent first by the next one.
-    undelivered: Mutex<Vec<proto::JobResult>>,
+    /// This process's id: the outbox's numbers count within it.
+    incarnation: String,
     draining: AtomicBool,
     /// Sends a heartbeat now (the drain state changed).
     beat_now: Notify,
@@ -67,15 +64,12 @@ type SessionError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Agent {
     pub fn new(settings: Valid) -> Arc<Agent> {
-        let (outbox, outbox_rx) = mpsc::unbounded_channel();
         Arc::new(Agent {
             settings,
-            outbox,
-            outbox_rx: tokio::sync::Mutex::new(outbox_rx),
+            outbox: Arc::default(),
             log_budget: crate::joblog::budget(),
-            pending: Mutex::new(HashMap::new()),
+            incarnation: uuid::Uuid::new_v4().simple().to_string(),
             running: Mutex::new(HashMap::new()),
-            undelivered: Mutex::new(Vec::new()),
             draining: AtomicBool::new(false),
             beat_now: Notify::new(),
             engine_gate: Arc::default(),
@@ -95,12 +89,9 @@ impl Agent {
                 lease_id: r.lease_id.clone(),
             })
             .collect();
-        jobs.extend(lock(&self.pending).values().cloned());
-        jobs.extend(lock(&self.undelivered).iter().map(|r| proto::RunningJob {
-            job_id: r.job_id.clone(),
-            attempt: r.attempt,
-            lease_id: r.lease_id.clone(),
-        }));
+        // Read after `running`: a job queues its result before it leaves
+        // `running`, so it is in one or the other.
+        jobs.extend(self.outbox.unacknowledged_results());
         jobs
     }
 
@@ -115,7 +106,9 @@ impl Agent {
                 version: braid_shared::VERSION.to_owned(),
                 running: self.claimed(),
                 emulated_platforms: s.emulates.iter().map(ToString::to_string).collect(),
+                incarnation: self.incarnation.clone(),
             })),
+            seq: 0,
         }
     }
 
@@ -133,6 +126,7 @@ impl Agent {
                 running,
                 draining: self.draining.load(Ordering::Relaxed),
             })),
+            seq: 0,
         }
     }
 
@@ -150,9 +144,9 @@ impl Agent {
         }
     }
 
-    /// No job running and no result waiting to be sent.
+    /// No job running and nothing the coordinator has not acknowledged.
     pub fn idle(&self) -> bool {
-        lock(&self.running).is_empty() && lock(&self.pending).is_empty() && lock(&self.undelivered).is_empty()
+        lock(&self.running).is_empty() && self.outbox.len() == 0
     }
 
     pub fn running_jobs(&self) -> usize {
@@ -193,22 +187,17 @@ impl Agent {
     ) -> Result<(), SessionError> {
         let mut client = AgentsClient::new(self.settings.connect().await?)
             .max_decoding_message_size(braid_shared::limits::GRPC_MESSAGE_BYTES);
-        let (out_tx, out_rx) = mpsc::unbounded_channel::<Outgoing>();
-        out_tx.send(self.hello().into())?;
-        // A log batch's budget is released as the connection takes it.
-        let outgoing = UnboundedReceiverStream::new(out_rx).map(|o| o.message);
-        let mut inbound = client.session(outgoing).await?.into_inner();
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<proto::AgentMessage>();
+        out_tx.send(self.hello())?;
+        let mut inbound = client.session(UnboundedReceiverStream::new(out_rx)).await?.into_inner();
         let first = inbound.message().await?;
         let heartbeat = match first.and_then(|m| m.kind) {
             Some(FromCoordinator::Welcome(w)) => Duration::from_secs(w.heartbeat_seconds.clamp(1, 3600).into()),
             _ => return Err("the coordinator did not welcome this agent".into()),
         };
         tracing::info!(coordinator = %self.settings.settings.coordinator, "connected");
-        for result in std::mem::take(&mut *lock(&self.undelivered)) {
-            out_tx.send(proto::AgentMessage { kind: Some(ToCoordinator::Result(result)) }.into())?;
-        }
         if self.draining.load(Ordering::Relaxed) {
-            out_tx.send(self.heartbeat().into())?;
+            out_tx.send(self.heartbeat())?;
         }
         let env = Arc::new(JobEnv {
             settings: self.settings.clone(),
@@ -218,35 +207,30 @@ impl Agent {
             engine_gate: self.engine_gate.clone(),
             storage_locks: self.storage_locks.clone(),
         });
-        let mut outbox = self.outbox_rx.lock().await;
         let mut tick = tokio::time::interval(heartbeat);
+        // The highest number this connection has sent: it starts over with
+        // everything not acknowledged, which the coordinator applies once.
+        let mut sent = 0;
         loop {
+            for message in self.outbox.after(sent) {
+                sent = message.seq;
+                out_tx.send(message)?;
+            }
             tokio::select! {
-                Some(message) = outbox.recv() => {
-                    let result = match &message.message.kind {
-                        Some(ToCoordinator::Result(r)) => Some(r.clone()),
-                        _ => None,
-                    };
-                    if let Some(r) = &result {
-                        lock(&self.pending).remove(&r.job_id);
-                    }
-                    if let Err(e) = out_tx.send(message) {
-                        if let Some(r) = result {
-                            lock(&self.undelivered).push(r);
-                        }
-                        return Err(e.into());
-                    }
-                }
+                () = self.outbox.pushed() => {}
                 message = inbound.message() => {
                     let Some(message) = message? else { return Ok(()) };
                     match message.kind {
                         Some(FromCoordinator::Assign(a)) => self.clone().start(env.clone(), a),
                         Some(FromCoordinator::Cancel(c)) => self.cancel(&c),
+                        Some(FromCoordinator::Ack(a)) => {
+                            self.outbox.ack(a.up_to.min(sent));
+                        }
                         Some(FromCoordinator::Welcome(_)) | None => {}
                     }
                 }
-                _ = tick.tick() => out_tx.send(self.heartbeat().into())?,
-                () = self.beat_now.notified() => out_tx.send(self.heartbeat().into())?,
+                _ = tick.tick() => out_tx.send(self.heartbeat())?,
+                () = self.beat_now.notified() => out_tx.send(self.heartbeat())?,
                 () = stop.cancelled() => return Ok(()),
             }
         }
@@ -304,16 +288,9 @@ impl Agent {
         });
     }
 
-    /// Queues a result for the live session, or the next one.
+    /// Queues a result until the coordinator acknowledges it.
     fn deliver(&self, result: proto::JobResult) {
-        let claim = proto::RunningJob {
-            job_id: result.job_id.clone(),
-            attempt: result.attempt,
-            lease_id: result.lease_id.clone(),
-        };
-        lock(&self.pending).insert(result.job_id.clone(), claim);
-        // The receiver lives as long as the agent, so this cannot fail.
-        let _ = self.outbox.send(proto::AgentMessage { kind: Some(ToCoordinator::Result(result)) }.into());
+        self.outbox.push(proto::AgentMessage { kind: Some(ToCoordinator::Result(result)), seq: 0 });
     }
 
     fn cancel(&self, c: &proto::CancelJob) {

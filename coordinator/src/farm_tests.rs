@@ -49,7 +49,13 @@ impl World {
             match e {
                 Effect::Insert { record, spec } => self.store.write(&[Write::Insert(&record, &spec)]).unwrap(),
                 Effect::Persist(record) => self.store.write(&[Write::Record(&record)]).unwrap(),
-                Effect::Append { events, .. } => self.store.write(&[Write::Events(&events)]).unwrap(),
+                Effect::Append { events, delivered, .. } => {
+                    let mut writes = vec![Write::Events(&events)];
+                    if let Some((agent, d)) = &delivered {
+                        writes.push(Write::Delivered(agent, d));
+                    }
+                    self.store.write(&writes).unwrap();
+                }
                 Effect::Cordon { agent, cordoned } => self.store.write(&[Write::Cordon(&agent, cordoned)]).unwrap(),
                 Effect::Assign { session, assignment } => self.send(session, Ok(ToAgent::Assign(*assignment))),
                 Effect::Cancel { session, cancel } => self.send(session, Ok(ToAgent::Cancel(cancel))),
@@ -108,10 +114,10 @@ impl World {
     ) -> Result<(u64, Inbox), crate::farm::FarmError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let platforms = hello.platforms.iter().map(|p| p.parse().unwrap()).collect();
-        let (session, effects) = self.farm.agent_connected(hello, platforms, vec![], cert)?;
-        self.sessions.insert(session, tx);
+        let (connected, effects) = self.farm.agent_connected(hello, platforms, vec![], cert)?;
+        self.sessions.insert(connected.session, tx);
         self.run(effects);
-        Ok((session, rx))
+        Ok((connected.session, rx))
     }
 }
 
@@ -126,6 +132,7 @@ fn farm(dir: &std::path::Path) -> (World, Arc<Store>) {
         FarmConfig { max_attempts: 2, insecure_registries: vec!["127.0.0.1:5000".into()], configured: Vec::new() };
     let mut farm = Farm::new(config, clock.clone(), metrics);
     farm.restore(store.load_builds().unwrap(), store.cordons().unwrap());
+    farm.restore_deliveries(store.deliveries().unwrap());
     (World { farm, store: store.clone(), clock, sessions: HashMap::new() }, store)
 }
 
@@ -138,6 +145,7 @@ fn hello(name: &str, platforms: &[&str]) -> proto::Hello {
         version: "test".into(),
         running: vec![],
         emulated_platforms: vec![],
+        incarnation: String::new(),
     }
 }
 
@@ -368,7 +376,25 @@ fn a_job_log_is_cut_at_its_limit_with_one_notice() {
             _ => None,
         })
         .collect();
-    assert_eq!(notices, ["log of linux/amd64 cut at the limit of 16 MiB per job; later lines are dropped"]);
+    assert_eq!(
+        notices,
+        ["log of linux/amd64 cut at the limit of 16 MiB per job; later lines are dropped and counted at the end"]
+    );
+    // The result says, once, how many lines were dropped after the cut.
+    let kept_lines = events.iter().filter(|e| matches!(e.kind, Some(proto::build_event::Kind::Log(_)))).count();
+    let dropped = messages * per_message - kept_lines;
+    farm.job_result("amd", session, image(&a, 'a'));
+    farm.job_result("amd", session, image(&a, 'a'));
+    let said: Vec<String> = store
+        .events_after(&build_id, 0, 1_000_000)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            Some(proto::build_event::Kind::Notice(n)) if n.text.contains("after the cut") => Some(n.text),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(said, [format!("log of linux/amd64: {dropped} more lines dropped after the cut")]);
     // A log line from an agent that holds no lease is dropped.
     let (intruder, _) = connect(&mut farm, "other", &["linux/amd64"]);
     let before = store.events_after(&build_id, 0, 1_000_000).unwrap().len();
@@ -398,7 +424,9 @@ fn a_build_keeps_its_state_events_past_the_event_limit() {
     });
     assert_eq!(
         notice.as_deref(),
-        Some("log of linux/amd64 cut at the limit of 50 events per build; later lines are dropped")
+        Some(
+            "log of linux/amd64 cut at the limit of 50 events per build; later lines are dropped and counted at the end"
+        )
     );
     // State changes still go through after the cut.
     let follow = farm.job_result("amd", session, image(&a, 'a'));
@@ -561,4 +589,81 @@ fn transitions_return_their_effects_and_read_time_from_the_clock() {
     assert_eq!(digest, format!("sha256:{}", "c".repeat(64)));
     let job = &w.build(&build_id).unwrap().record.jobs[0];
     assert_eq!(job.result_ms, Some(T0 + 30_001 + 5_000));
+}
+
+#[test]
+fn claimed_and_readopted_jobs_are_counted_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut farm, _) = farm(dir.path());
+    let (session, mut inbox) = connect(&mut farm, "amd", &["linux/amd64"]);
+    submit(&mut farm, &["linux/amd64"]);
+    farm.schedule();
+    let a = next_assignment(&mut inbox);
+    farm.agent_disconnected("amd", session);
+    let mut again = hello("amd", &["linux/amd64"]);
+    let held = proto::RunningJob { job_id: a.job_id.clone(), attempt: a.attempt, lease_id: a.lease_id.clone() };
+    let unknown = proto::RunningJob { job_id: "gone".into(), attempt: 1, lease_id: "l".into() };
+    again.running = vec![held, unknown];
+    let platforms = vec!["linux/amd64".parse().unwrap()];
+    let (connected, _) = farm.farm.agent_connected(&again, platforms, vec![], None).unwrap();
+    assert_eq!((connected.claimed, connected.readopted), (2, 1));
+}
+
+#[test]
+fn an_agent_s_messages_are_applied_once_across_reconnects_and_restarts() {
+    use crate::model::Delivery;
+    let dir = tempfile::tempdir().unwrap();
+    let log = |a: &proto::Assignment, line: &str| proto::JobLog {
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        lines: vec![line.into()],
+    };
+    let logged = |store: &Store, build_id: &str| -> Vec<String> {
+        store
+            .events_after(build_id, 0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                Some(proto::build_event::Kind::Log(l)) => Some(l.line),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut first = hello("amd", &["linux/amd64"]);
+    first.incarnation = "one".into();
+    let (build_id, a) = {
+        let (mut farm, store) = farm(dir.path());
+        let (session, mut inbox) = farm.connect_with(&first, None).unwrap();
+        let build_id = submit(&mut farm, &["linux/amd64"]);
+        farm.schedule();
+        let a = next_assignment(&mut inbox);
+        assert_eq!(farm.accept("amd", session, 1), Delivery::Apply);
+        farm.job_log("amd", session, log(&a, "1"));
+        assert_eq!(farm.accept("amd", session, 1), Delivery::Duplicate);
+        // A reconnect of the same process: its resend of 1 is not applied
+        // again, 2 is; the old session's late copy is neither.
+        first.running =
+            vec![proto::RunningJob { job_id: a.job_id.clone(), attempt: a.attempt, lease_id: a.lease_id.clone() }];
+        let (next, _inbox) = farm.connect_with(&first, None).unwrap();
+        assert_eq!(farm.accept("amd", next, 1), Delivery::Duplicate);
+        assert_eq!(farm.accept("amd", session, 2), Delivery::Stale);
+        assert_eq!(farm.accept("amd", next, 2), Delivery::Apply);
+        farm.job_log("amd", next, log(&a, "2"));
+        assert_eq!(logged(&store, &build_id), ["1", "2"]);
+        (build_id, a)
+    };
+    // A restart keeps what was applied, stored with the lines themselves.
+    let (mut farm, store) = farm(dir.path());
+    let (session, _inbox) = farm.connect_with(&first, None).unwrap();
+    assert_eq!(farm.accept("amd", session, 2), Delivery::Duplicate);
+    assert_eq!(farm.accept("amd", session, 3), Delivery::Apply);
+    farm.job_log("amd", session, log(&a, "3"));
+    assert_eq!(logged(&store, &build_id), ["1", "2", "3"]);
+    // A new process numbers from 1 again.
+    let mut second = first.clone();
+    second.incarnation = "two".into();
+    let (session, _inbox) = farm.connect_with(&second, None).unwrap();
+    assert_eq!(farm.accept("amd", session, 1), Delivery::Apply);
+    // Unnumbered messages (an older agent) are always applied.
+    assert_eq!(farm.accept("amd", session, 0), Delivery::Apply);
 }

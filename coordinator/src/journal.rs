@@ -10,14 +10,13 @@ use tokio::sync::{broadcast, oneshot};
 
 use braid_shared::proto;
 
-use crate::model::BuildRecord;
+use crate::model::{BuildRecord, Delivered};
 use crate::store::{Store, Write};
 
 /// Entries written together at most.
 const BATCH: usize = 4096;
 
 /// One thing to write (and, for events, then to show).
-#[derive(Debug)]
 pub enum Entry {
     Insert {
         record: Box<BuildRecord>,
@@ -27,6 +26,8 @@ pub enum Entry {
     Events {
         events: Vec<proto::BuildEvent>,
         live: broadcast::Sender<proto::BuildEvent>,
+        /// The agent message that made them, stored in the same transaction.
+        delivered: Option<(String, Delivered)>,
     },
     Cordon {
         agent: String,
@@ -34,16 +35,38 @@ pub enum Entry {
     },
     /// Answered once everything queued before it is written.
     Flush(oneshot::Sender<()>),
+    /// Run once everything queued before it is written (an agent's ack).
+    Then(Box<dyn FnOnce() + Send>),
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Entry::Insert { record, .. } => write!(f, "Insert({})", record.id),
+            Entry::Record(record) => write!(f, "Record({})", record.id),
+            Entry::Events { events, delivered, .. } => write!(f, "Events({}, {delivered:?})", events.len()),
+            Entry::Cordon { agent, cordoned } => write!(f, "Cordon({agent}, {cordoned})"),
+            Entry::Flush(_) => write!(f, "Flush"),
+            Entry::Then(_) => write!(f, "Then"),
+        }
+    }
 }
 
 impl Entry {
-    fn write(&self) -> Option<Write<'_>> {
+    /// What the entry writes, in one transaction.
+    fn writes(&self) -> Vec<Write<'_>> {
         match self {
-            Entry::Insert { record, spec } => Some(Write::Insert(record, spec)),
-            Entry::Record(record) => Some(Write::Record(record)),
-            Entry::Events { events, .. } => Some(Write::Events(events)),
-            Entry::Cordon { agent, cordoned } => Some(Write::Cordon(agent, *cordoned)),
-            Entry::Flush(_) => None,
+            Entry::Insert { record, spec } => vec![Write::Insert(record, spec)],
+            Entry::Record(record) => vec![Write::Record(record)],
+            Entry::Events { events, delivered, .. } => {
+                let mut writes = vec![Write::Events(events)];
+                if let Some((agent, d)) = delivered {
+                    writes.push(Write::Delivered(agent, d));
+                }
+                writes
+            }
+            Entry::Cordon { agent, cordoned } => vec![Write::Cordon(agent, *cordoned)],
+            Entry::Flush(_) | Entry::Then(_) => Vec::new(),
         }
     }
 }
@@ -83,7 +106,7 @@ fn run(store: &Store, rx: &mpsc::Receiver<Entry>) {
                 Err(_) => break,
             }
         }
-        let writes: Vec<Write<'_>> = batch.iter().filter_map(Entry::write).collect();
+        let writes: Vec<Write<'_>> = batch.iter().flat_map(Entry::writes).collect();
         let written: Vec<bool> = match store.write(&writes) {
             Ok(()) => vec![true; batch.len()],
             // One bad write does not sink the rest of its batch.
@@ -94,7 +117,7 @@ fn run(store: &Store, rx: &mpsc::Receiver<Entry>) {
         };
         for (entry, written) in batch.into_iter().zip(written) {
             match entry {
-                Entry::Events { events, live } if written => {
+                Entry::Events { events, live, .. } if written => {
                     for event in events {
                         // No receiver is fine: nobody is watching.
                         let _ = live.send(event);
@@ -103,6 +126,7 @@ fn run(store: &Store, rx: &mpsc::Receiver<Entry>) {
                 Entry::Flush(done) => {
                     let _ = done.send(());
                 }
+                Entry::Then(then) => then(),
                 _ => {}
             }
         }
@@ -110,8 +134,11 @@ fn run(store: &Store, rx: &mpsc::Receiver<Entry>) {
 }
 
 fn write_one(store: &Store, entry: &Entry) -> bool {
-    let Some(write) = entry.write() else { return true };
-    match store.write(std::slice::from_ref(&write)) {
+    let writes = entry.writes();
+    if writes.is_empty() {
+        return true;
+    }
+    match store.write(&writes) {
         Ok(()) => true,
         Err(e) => {
             tracing::error!(error = %e, "storing a change of the farm failed; it is not shown to watchers");
@@ -140,7 +167,7 @@ mod tests {
         let store = Arc::new(Store::open(&dir.path().join("braid.db")).unwrap());
         let journal = Journal::start(store.clone()).unwrap();
         let (live, mut watcher) = broadcast::channel(16);
-        journal.push(Entry::Events { events: vec![event(1), event(2)], live: live.clone() });
+        journal.push(Entry::Events { events: vec![event(1), event(2)], live: live.clone(), delivered: None });
         journal.flush().await;
         let stored: Vec<u64> = store.events_after("b1", 0, 10).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(stored, [1, 2]);
@@ -148,8 +175,8 @@ mod tests {
 
         // Seq 2 again cannot be stored (one event per number): it is not
         // shown, and a good write queued after it (batched with it or not) is.
-        journal.push(Entry::Events { events: vec![event(2)], live: live.clone() });
-        journal.push(Entry::Events { events: vec![event(3)], live });
+        journal.push(Entry::Events { events: vec![event(2)], live: live.clone(), delivered: None });
+        journal.push(Entry::Events { events: vec![event(3)], live, delivered: None });
         journal.flush().await;
         assert_eq!(watcher.try_recv().unwrap().seq, 3);
         assert!(watcher.try_recv().is_err(), "the refused event was not shown");

@@ -96,16 +96,40 @@ pub async fn serve_on(
         .add_service(builds)
         .add_service(agents)
         .add_service(admin);
-    let served = match tls {
-        Some(acceptor) => {
-            let conns = listener::listen(listener, "grpc", conn_limits, tls_handshake(acceptor));
-            tracing::info!(addr = %local, "coordinator listening");
-            router.serve_with_incoming_shutdown(ReceiverStream::new(conns).map(Ok::<_, std::io::Error>), shutdown).await
+    // The signal starts tonic's graceful shutdown; agent sessions and
+    // followers never end by themselves, so past the grace they are closed
+    // and the server is not waited for any longer.
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.cancel();
         }
-        None => {
-            let conns = listener::listen(listener, "grpc", conn_limits, |tcp| async { Ok(tcp) });
-            tracing::info!(addr = %local, "coordinator listening");
-            router.serve_with_incoming_shutdown(ReceiverStream::new(conns).map(Ok::<_, std::io::Error>), shutdown).await
+    });
+    let served = async {
+        match tls {
+            Some(acceptor) => {
+                let conns = listener::listen(listener, "grpc", conn_limits, tls_handshake(acceptor));
+                tracing::info!(addr = %local, "coordinator listening");
+                let incoming = ReceiverStream::new(conns).map(Ok::<_, std::io::Error>);
+                router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()).await
+            }
+            None => {
+                let conns = listener::listen(listener, "grpc", conn_limits, |tcp| async { Ok(tcp) });
+                tracing::info!(addr = %local, "coordinator listening");
+                let incoming = ReceiverStream::new(conns).map(Ok::<_, std::io::Error>);
+                router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()).await
+            }
+        }
+    };
+    let grace = coordinator.settings.shutdown_grace();
+    let served = tokio::select! {
+        served = served => served,
+        () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "open calls outlasted the shutdown grace; closing agent sessions and streams");
+            coordinator.close_all_sessions();
+            Ok(())
         }
     };
     // What the farm changed last is stored before the process goes.

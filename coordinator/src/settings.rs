@@ -94,6 +94,12 @@ pub struct Settings {
     /// Seconds an HTTP/1 request on the HTTP port has to send all its headers
     #[arg(long = "header-timeout", value_name = "SECONDS", default_value_t = 10)]
     pub header_timeout_seconds: u32,
+    /// Seconds a stopping coordinator (SIGTERM, Ctrl-C) waits for open
+    /// calls to end; then it closes agent sessions and followers' streams
+    /// (agents keep building and reconnect once it is back), stores what is
+    /// queued and exits
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub shutdown_grace_seconds: u32,
 }
 
 /// The keys only the file and variables set (no flag), named in `--help`.
@@ -185,6 +191,7 @@ impl Settings {
         for (key, value) in [
             ("handshake_timeout_seconds", self.handshake_timeout_seconds),
             ("header_timeout_seconds", self.header_timeout_seconds),
+            ("shutdown_grace_seconds", self.shutdown_grace_seconds),
         ] {
             if !(1..=300).contains(&value) {
                 return Err(invalid(key, format!("{value} is not 1 to 300")));
@@ -216,6 +223,10 @@ impl Settings {
 
     pub fn agent_lost_after(&self) -> Duration {
         Duration::from_secs(self.agent_lost_seconds.into())
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_seconds.into())
     }
 
     pub fn handshake_timeout(&self) -> Duration {

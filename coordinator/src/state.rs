@@ -66,6 +66,7 @@ impl Coordinator {
         };
         let mut farm = Farm::new(config, Arc::new(SystemClock::default()), metrics.clone());
         farm.restore(store.load_builds()?, store.cordons()?);
+        farm.restore_deliveries(store.deliveries()?);
         let journal = Journal::start(store.clone())?;
         let tokens = Tokens::new(store.clone(), settings.tls());
         let ca = match (&settings.tls_ca, &settings.tls_ca_key) {
@@ -117,7 +118,9 @@ impl Coordinator {
                 }
                 Effect::Insert { record, spec } => self.journal.push(Entry::Insert { record, spec }),
                 Effect::Persist(record) => self.journal.push(Entry::Record(record)),
-                Effect::Append { events, live } => self.journal.push(Entry::Events { events, live }),
+                Effect::Append { events, live, delivered } => {
+                    self.journal.push(Entry::Events { events, live, delivered });
+                }
                 Effect::Cordon { agent, cordoned } => self.journal.push(Entry::Cordon { agent, cordoned }),
                 follow @ (Effect::Verify { .. } | Effect::Merge { .. }) => {
                     tokio::spawn(self.clone().follow(follow));
@@ -144,6 +147,25 @@ impl Coordinator {
     /// are performed, which may already send on it).
     pub fn open_session(&self, _farm: &Farm, session: u64, tx: AgentSender) {
         self.sessions().insert(session, tx);
+    }
+
+    /// Acknowledges an agent's messages up to `up_to` once everything the
+    /// farm changed so far (theirs included) is stored.
+    pub fn ack(&self, session: u64, up_to: u64) {
+        let Some(tx) = self.sessions().get(&session).cloned() else { return };
+        let ack = proto::CoordinatorMessage { kind: Some(ToAgent::Ack(proto::Ack { up_to })) };
+        self.journal.push(Entry::Then(Box::new(move || {
+            // A closed session is fine: the agent resends on its next one.
+            let _ = tx.send(Ok(ack));
+        })));
+    }
+
+    /// Ends every agent session (the coordinator is stopping); the agents
+    /// reconnect, keeping their jobs and unacknowledged messages.
+    pub fn close_all_sessions(&self) {
+        for (_, tx) in self.sessions().drain() {
+            let _ = tx.send(Err(tonic::Status::unavailable("the coordinator is stopping; reconnect later")));
+        }
     }
 
     /// Forgets a session whose stream ended.

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use braid_shared::proto;
 
 use crate::error::{CoordinatorError, Result};
-use crate::model::{BuildRecord, TokenRecord};
+use crate::model::{BuildRecord, Delivered, TokenRecord};
 
 /// One change of the farm to store (`Store::write`).
 #[derive(Debug)]
@@ -23,6 +23,9 @@ pub enum Write<'a> {
     Events(&'a [proto::BuildEvent]),
     /// An agent cordoned (true) or not.
     Cordon(&'a str, bool),
+    /// The last message of an agent's incarnation applied (written with the
+    /// events it made, so a restart neither loses nor repeats them).
+    Delivered(&'a str, &'a Delivered),
 }
 
 pub struct Store {
@@ -61,6 +64,11 @@ CREATE TABLE IF NOT EXISTS contexts (
 );
 CREATE TABLE IF NOT EXISTS cordons (
     agent TEXT PRIMARY KEY
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    agent       TEXT PRIMARY KEY,
+    incarnation TEXT NOT NULL,
+    seq         INTEGER NOT NULL
 );
 ";
 
@@ -138,6 +146,13 @@ impl Store {
                         }
                         (Write::Cordon(agent, false), _) => {
                             tx.execute("DELETE FROM cordons WHERE agent = ?1", params![agent])?;
+                        }
+                        (Write::Delivered(agent, d), _) => {
+                            tx.prepare_cached(
+                                "INSERT INTO deliveries (agent, incarnation, seq) VALUES (?1, ?2, ?3) \
+                                 ON CONFLICT (agent) DO UPDATE SET incarnation = ?2, seq = ?3",
+                            )?
+                            .execute(params![agent, d.incarnation, d.seq as i64])?;
                         }
                         _ => {}
                     }
@@ -223,6 +238,18 @@ impl Store {
         self.with(|c| {
             let mut stmt = c.prepare("SELECT digest, stored FROM contexts ORDER BY last_used, digest")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+            rows.collect()
+        })
+    }
+
+    /// The last message applied per agent (`Write::Delivered`).
+    pub fn deliveries(&self) -> Result<Vec<(String, Delivered)>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT agent, incarnation, seq FROM deliveries")?;
+            let rows = stmt.query_map([], |row| {
+                let seq: i64 = row.get(2)?;
+                Ok((row.get(0)?, Delivered { incarnation: row.get(1)?, seq: u64::try_from(seq).unwrap_or(0) }))
+            })?;
             rows.collect()
         })
     }

@@ -150,6 +150,7 @@ fn hostile_inputs_are_refused_with_the_field_and_value_named() {
                 version: "0".into(),
                 ..Default::default()
             })),
+            seq: 0,
         };
         let session = agents.session(tokio_stream::iter(vec![hello(vec!["../../etc".into()], 1)])).await;
         assert_refused(session.map(drop), &["hello.platforms: invalid platform \"../../etc\""]);

@@ -8,7 +8,6 @@ mod push;
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -19,7 +18,8 @@ use braid_shared::{Digest, Platform, beneath, buildargs, limits};
 
 use crate::cache::ContextCache;
 use crate::jobdir::JobDir;
-use crate::joblog::{JobLog, Outgoing};
+use crate::joblog::JobLog;
+use crate::outbox::Outbox;
 use crate::settings::Valid;
 use crate::{docker, prune, upload};
 
@@ -34,7 +34,7 @@ pub enum Outcome {
 pub struct JobEnv {
     pub settings: Valid,
     pub cache: Arc<ContextCache>,
-    pub outbox: mpsc::UnboundedSender<Outgoing>,
+    pub outbox: Arc<Outbox>,
     /// The agent-wide budget of log bytes queued for the coordinator.
     pub log_budget: Arc<tokio::sync::Semaphore>,
     pub engine_gate: Arc<docker::PlatformGate>,
@@ -295,8 +295,9 @@ async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &
 fn log_lines(env: &JobEnv, a: &proto::Assignment, lines: Vec<String>) {
     let message = proto::AgentMessage {
         kind: Some(ToCoordinator::Log(proto::JobLog { job_id: a.job_id.clone(), attempt: a.attempt, lines })),
+        seq: 0,
     };
-    let _ = env.outbox.send(message.into());
+    env.outbox.push(message);
 }
 
 fn send_progress(env: &JobEnv, a: &proto::Assignment, state: proto::JobState) {
@@ -306,8 +307,9 @@ fn send_progress(env: &JobEnv, a: &proto::Assignment, state: proto::JobState) {
             attempt: a.attempt,
             state: state as i32,
         })),
+        seq: 0,
     };
-    let _ = env.outbox.send(message.into());
+    env.outbox.push(message);
 }
 
 #[cfg(test)]

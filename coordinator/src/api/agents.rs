@@ -17,7 +17,7 @@ use braid_shared::{Digest, Platform, limits, pki};
 use crate::blocking;
 use crate::enroll::{self, AgentCert};
 use crate::metrics::Metrics;
-use crate::model::valid_agent_name;
+use crate::model::{Delivery, valid_agent_name};
 use crate::state::Coordinator;
 
 pub struct AgentsService {
@@ -88,6 +88,9 @@ impl AgentsService {
 /// Validity of certificates issued to joining agents.
 const AGENT_CERT_DAYS: i64 = 365;
 
+/// `Hello.incarnation`, at most.
+const INCARNATION_BYTES: usize = 64;
+
 /// How long a new session may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -119,6 +122,9 @@ fn check_hello(hello: &proto::Hello) -> Result<(Vec<Platform>, Vec<Platform>), S
     if hello.running.len() > limits::AGENT_SLOTS as usize {
         return Err(Status::invalid_argument("hello.running: more jobs than slots allow"));
     }
+    if hello.incarnation.len() > INCARNATION_BYTES {
+        return Err(Status::invalid_argument(format!("hello.incarnation: at most {INCARNATION_BYTES} bytes")));
+    }
     if hello.emulated_platforms.len() > limits::PLATFORMS {
         return Err(Status::invalid_argument(format!("hello.emulated_platforms: at most {}", limits::PLATFORMS)));
     }
@@ -143,7 +149,7 @@ impl Agents for AgentsService {
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no hello within 10 seconds"))??;
-        let Some(proto::AgentMessage { kind: Some(FromAgent::Hello(hello)) }) = first else {
+        let Some(proto::AgentMessage { kind: Some(FromAgent::Hello(hello)), .. }) = first else {
             return Err(Status::invalid_argument("the first message of a session must be a hello"));
         };
         let (platforms, emulates) = check_hello(&hello)?;
@@ -163,14 +169,15 @@ impl Agents for AgentsService {
         }));
         let name = hello.name.clone();
         let stamp = identity.map(|c| c.stamp);
-        let session = {
+        let connected = {
             let mut farm = self.coordinator.farm();
-            let (session, effects) = farm.agent_connected(&hello, platforms.clone(), emulates.clone(), stamp)?;
+            let (connected, effects) = farm.agent_connected(&hello, platforms.clone(), emulates.clone(), stamp)?;
             // Registered first: the effects may already send on it.
-            self.coordinator.open_session(&farm, session, tx);
+            self.coordinator.open_session(&farm, connected.session, tx);
             self.coordinator.perform(&farm, effects);
-            session
+            connected
         };
+        let session = connected.session;
         let span = tracing::info_span!("agent_session", agent = %name, session);
         span.in_scope(|| {
             tracing::info!(
@@ -179,7 +186,8 @@ impl Agents for AgentsService {
                 slots = hello.slots,
                 backend = %hello.backend,
                 version = %hello.version,
-                readopted = hello.running.len(),
+                claimed = connected.claimed,
+                readopted = connected.readopted,
                 "agent connected"
             );
         });
@@ -345,28 +353,38 @@ async fn read_session(
 ) -> Result<(), Status> {
     while let Some(message) = inbound.message().await? {
         let Some(kind) = message.kind else { continue };
+        let seq = message.seq;
         {
             let mut farm = coordinator.farm();
-            let effects = match kind {
-                FromAgent::Hello(_) => {
+            // Logs, progress and results are numbered; hellos and heartbeats not.
+            let numbered = !matches!(kind, FromAgent::Hello(_) | FromAgent::Heartbeat(_));
+            let delivery = if numbered { farm.accept(name, session, seq) } else { Delivery::Apply };
+            let effects = match (kind, delivery) {
+                (FromAgent::Hello(_), _) => {
                     return Err(Status::invalid_argument("a second hello in one session"));
                 }
-                FromAgent::Heartbeat(beat) => {
+                (FromAgent::Heartbeat(beat), _) => {
                     farm.heartbeat(name, session);
                     farm.set_draining(name, session, beat.draining);
                     Vec::new()
                 }
-                FromAgent::Log(log) => {
+                (_, Delivery::Duplicate | Delivery::Stale) => Vec::new(),
+                (FromAgent::Log(log), Delivery::Apply) => {
                     farm.heartbeat(name, session);
                     farm.job_log(name, session, log)
                 }
-                FromAgent::Progress(progress) => farm.job_progress(name, session, progress),
-                FromAgent::Result(result) => {
+                (FromAgent::Progress(progress), Delivery::Apply) => farm.job_progress(name, session, progress),
+                (FromAgent::Result(result), Delivery::Apply) => {
                     tracing::info!(job_id = %result.job_id, attempt = result.attempt, "job result");
                     farm.job_result(name, session, result)
                 }
             };
             coordinator.perform(&farm, effects);
+            // After its effects are queued to the journal, so the ack
+            // goes out once they are stored.
+            if numbered && seq > 0 && delivery != Delivery::Stale {
+                coordinator.ack(session, seq);
+            }
         }
         coordinator.wake.notify_one();
     }

@@ -7,8 +7,19 @@ use braid_shared::proto;
 use braid_shared::{Digest, Platform};
 
 use super::{AgentEntry, Disconnect, Effect, Effects, Farm, FarmError, Result};
+
+/// A session just opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connected {
+    pub session: u64,
+    /// Jobs the agent said it still holds (running, or results not
+    /// acknowledged).
+    pub claimed: usize,
+    /// Those still leased to it, now running under this session.
+    pub readopted: usize,
+}
 use crate::metrics::Metrics;
-use crate::model::CertStamp;
+use crate::model::{CertStamp, Delivered, Delivery};
 
 impl Farm {
     /// Jobs whose agents we have not heard from since a restart; they get
@@ -81,7 +92,7 @@ impl Farm {
         platforms: Vec<Platform>,
         emulates: Vec<Platform>,
         cert: Option<CertStamp>,
-    ) -> Result<(u64, Effects)> {
+    ) -> Result<(Connected, Effects)> {
         if let Some(prev) = self.agents.get(&hello.name)
             && prev.connected
             && let (Some(old), Some(new)) = (&prev.cert, &cert)
@@ -153,10 +164,62 @@ impl Farm {
                 cert,
             },
         );
+        let readopted = self.agents.get(&hello.name).map_or(0, |a| a.running.len());
         for (build_id, job_id) in lost {
             self.requeue(&build_id, &job_id, &format!("agent {} restarted without it", hello.name));
         }
-        Ok((session, self.take()))
+        self.new_incarnation(&hello.name, &hello.incarnation);
+        Ok((Connected { session, claimed: hello.running.len(), readopted }, self.take()))
+    }
+
+    /// Takes back the last message applied per agent (from the store).
+    pub fn restore_deliveries(&mut self, deliveries: Vec<(String, Delivered)>) {
+        self.deliveries = deliveries.into_iter().collect();
+    }
+
+    /// A new agent process numbers its messages from 1 again; the same
+    /// process reconnecting goes on where it was. An agent that numbers
+    /// nothing (empty incarnation) gets no deduplication.
+    fn new_incarnation(&mut self, name: &str, incarnation: &str) {
+        if incarnation.is_empty() {
+            self.deliveries.remove(name);
+            return;
+        }
+        if self.deliveries.get(name).is_none_or(|d| d.incarnation != incarnation) {
+            let fresh = Delivered { incarnation: incarnation.to_owned(), seq: 0 };
+            self.deliveries.insert(name.to_owned(), fresh);
+        }
+    }
+
+    /// Decides about an agent's message numbered `seq` (0: unnumbered,
+    /// always applied), and notes it as applied.
+    pub fn accept(&mut self, name: &str, session: u64, seq: u64) -> Delivery {
+        if self.agents.get(name).is_none_or(|a| a.session != session) {
+            return Delivery::Stale;
+        }
+        let Some(last) = self.deliveries.get_mut(name).filter(|_| seq > 0) else {
+            return Delivery::Apply;
+        };
+        if seq <= last.seq {
+            return Delivery::Duplicate;
+        }
+        last.seq = seq;
+        Delivery::Apply
+    }
+
+    /// Stores the agent's last applied number with the last events its
+    /// message made, in their transaction: a restart then repeats none of
+    /// them. (A message that made no events changed nothing a resend could
+    /// double: results and progress apply only to the state they expect.)
+    pub(super) fn mark_delivered(&mut self, name: &str) {
+        let Some(d) = self.deliveries.get(name).filter(|d| d.seq > 0) else { return };
+        let last_append = self.out.iter_mut().rev().find_map(|e| match e {
+            Effect::Append { delivered, .. } => Some(delivered),
+            _ => None,
+        });
+        if let Some(delivered) = last_append {
+            *delivered = Some((name.to_owned(), d.clone()));
+        }
     }
 
     /// Closes the live session of `name` if it presented another certificate

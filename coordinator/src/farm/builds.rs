@@ -271,6 +271,7 @@ impl Farm {
 
     pub fn job_log(&mut self, name: &str, session: u64, log: proto::JobLog) -> Effects {
         self.job_log_inner(name, session, log);
+        self.mark_delivered(name);
         self.take()
     }
 
@@ -287,16 +288,21 @@ impl Farm {
         let room = max_events.saturating_sub(b.record.last_seq + 1);
         let Some(job) = b.record.jobs.iter_mut().find(|j| j.id == log.job_id) else { return };
         if job.log_cut {
+            // Counted in memory; the record is stored when the result's
+            // notice says how many.
+            job.log_dropped += log.lines.len() as u64;
             return;
         }
         let platform = job.platform.to_string();
         let bytes_before = job.log_bytes;
         let mut kinds = Vec::new();
-        for line in log.lines {
+        let total = log.lines.len();
+        for (i, line) in log.lines.into_iter().enumerate() {
             let line = braid_shared::shorten(&line, LOG_LINE_BYTES);
             let over_bytes = job.log_bytes + line.len() as u64 > JOB_LOG_BYTES as u64;
             if over_bytes || kinds.len() as u64 >= room {
                 job.log_cut = true;
+                job.log_dropped = (total - i) as u64;
                 let why = if over_bytes {
                     format!("{} MiB per job", JOB_LOG_BYTES >> 20)
                 } else {
@@ -304,7 +310,9 @@ impl Farm {
                 };
                 kinds.push(EventKind::Notice(proto::Notice {
                     platform: platform.clone(),
-                    text: format!("log of {platform} cut at the limit of {why}; later lines are dropped"),
+                    text: format!(
+                        "log of {platform} cut at the limit of {why}; later lines are dropped and counted at the end"
+                    ),
                 }));
                 break;
             }
@@ -321,8 +329,21 @@ impl Farm {
         }
     }
 
+    /// Says once how many lines of a cut log were dropped (when the
+    /// attempt's result comes).
+    fn say_dropped_lines(&mut self, build_id: &str, job_id: &str) {
+        let Some(job) = self.job_mut(build_id, job_id) else { return };
+        if job.log_dropped == 0 {
+            return;
+        }
+        let (platform, dropped) = (job.platform.to_string(), std::mem::take(&mut job.log_dropped));
+        let text = format!("log of {platform}: {dropped} more lines dropped after the cut");
+        self.emit(build_id, vec![EventKind::Notice(proto::Notice { platform, text })]);
+    }
+
     pub fn job_progress(&mut self, name: &str, session: u64, progress: proto::JobProgress) -> Effects {
         self.job_progress_inner(name, session, progress);
+        self.mark_delivered(name);
         self.take()
     }
 
@@ -348,6 +369,7 @@ impl Farm {
     /// Takes an agent's result for a job it holds; stale results are ignored.
     pub fn job_result(&mut self, name: &str, session: u64, result: proto::JobResult) -> Effects {
         self.job_result_inner(name, session, result);
+        self.mark_delivered(name);
         self.take()
     }
 
@@ -364,6 +386,7 @@ impl Farm {
             return;
         }
         let job_id = result.job_id.clone();
+        self.say_dropped_lines(&build_id, &job_id);
         self.record_agent_phases(&build_id, &job_id, &result.phases);
         match result.outcome {
             Some(proto::job_result::Outcome::Image(image)) => self.image_built(&build_id, &job_id, name, image),

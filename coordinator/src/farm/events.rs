@@ -39,7 +39,7 @@ impl Farm {
         if b.record.status.is_terminal() && self.active.remove(build_id) {
             Self::observe_end(&self.metrics, &b.record, self.clock.now_ms());
         }
-        self.out.push(Effect::Append { events, live: b.events.clone() });
+        self.out.push(Effect::Append { events, live: b.events.clone(), delivered: None });
     }
 
     /// Build duration and per-job results, once per build, when it ends.

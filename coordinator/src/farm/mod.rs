@@ -9,6 +9,7 @@
 //! appending a build's events).
 
 mod agents;
+pub use agents::Connected;
 mod builds;
 mod events;
 
@@ -22,7 +23,7 @@ use braid_shared::proto;
 use braid_shared::{Digest, ImageRef, Platform};
 
 use crate::metrics::Metrics;
-use crate::model::{AgentState, CertStamp, Clock, IndexFormat};
+use crate::model::{AgentState, CertStamp, Clock, Delivered, IndexFormat};
 pub use crate::model::{BuildRecord, BuildStatus, Image, JobRecord, JobStatus, PhaseRecord};
 
 /// Why a transition was refused; mapped once to a gRPC status
@@ -171,8 +172,14 @@ pub enum Effect {
     Insert { record: Box<BuildRecord>, spec: Box<proto::BuildSpec> },
     /// Store a build's record as it now is (on state changes only).
     Persist(Box<BuildRecord>),
-    /// Store a build's events, then show them to its watchers.
-    Append { events: Vec<proto::BuildEvent>, live: broadcast::Sender<proto::BuildEvent> },
+    /// Store a build's events (and, for those an agent's message made, the
+    /// message's number, in the same transaction), then show them to its
+    /// watchers.
+    Append {
+        events: Vec<proto::BuildEvent>,
+        live: broadcast::Sender<proto::BuildEvent>,
+        delivered: Option<(String, Delivered)>,
+    },
     /// Store an operator's cordon.
     Cordon { agent: String, cordoned: bool },
     /// Check a finished image where it was pushed or uploaded, then call
@@ -216,6 +223,8 @@ pub struct Farm {
     cordons: HashSet<String>,
     /// Effects of the transition under way; handed back at its end.
     out: Effects,
+    /// Per agent, the last numbered message applied (see `accept`).
+    deliveries: HashMap<String, Delivered>,
 }
 
 /// Replay and live events for one Watch.
@@ -241,6 +250,7 @@ impl Farm {
             max_build_events: braid_shared::limits::BUILD_EVENTS,
             cordons: HashSet::new(),
             out: Vec::new(),
+            deliveries: HashMap::new(),
         }
     }
 

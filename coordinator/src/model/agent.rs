@@ -42,3 +42,25 @@ pub fn valid_agent_name(name: &str) -> bool {
         && name.len() <= limits::AGENT_NAME_BYTES
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
+
+/// The last message of an agent process the coordinator applied: an
+/// agent numbers what it sends within one incarnation (one process), and a
+/// number at or below `seq` of the same incarnation is a resend, applied
+/// already.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    pub incarnation: String,
+    pub seq: u64,
+}
+
+/// What to do with a numbered message from an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// New: apply it, then acknowledge it.
+    Apply,
+    /// Applied before (a resend after a reconnect): acknowledge it only.
+    Duplicate,
+    /// From a session that is no longer the agent's: neither (the agent
+    /// sends it again on its live session).
+    Stale,
+}

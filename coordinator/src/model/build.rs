@@ -243,6 +243,10 @@ pub struct JobRecord {
     /// Its log was cut at a limit.
     #[serde(default)]
     pub log_cut: bool,
+    /// Lines dropped since the cut, said in one notice when the attempt's
+    /// result comes.
+    #[serde(default)]
+    pub log_dropped: u64,
     /// When each phase of the current attempt ran.
     #[serde(default)]
     pub phases: Vec<PhaseRecord>,
@@ -269,6 +273,7 @@ impl JobRecord {
             queued_ms: Some(now),
             log_bytes: 0,
             log_cut: false,
+            log_dropped: 0,
             phases: Vec::new(),
             result_ms: None,
         }

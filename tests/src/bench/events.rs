@@ -117,7 +117,9 @@ async fn fake_agent(
             version: "bench".into(),
             running: vec![],
             emulated_platforms: vec![],
+            incarnation: String::new(),
         })),
+        seq: 0,
     })
     .await?;
     let mut client = proto::agents_client::AgentsClient::new(channel);
@@ -136,13 +138,13 @@ async fn fake_agent(
         attempt: assignment.attempt,
         state: proto::JobState::Building as i32,
     };
-    tx.send(proto::AgentMessage { kind: Some(Up::Progress(progress)) }).await?;
+    tx.send(proto::AgentMessage { kind: Some(Up::Progress(progress)), seq: 0 }).await?;
     links.go.wait_for(|go| *go).await?;
     for start in (0..lines).step_by(LINES_PER_MESSAGE) {
         let batch = (start..(start + LINES_PER_MESSAGE).min(lines)).map(|n| line(index, n)).collect::<Vec<_>>();
         let n = batch.len() as u64;
         let log = proto::JobLog { job_id: assignment.job_id.clone(), attempt: assignment.attempt, lines: batch };
-        tx.send(proto::AgentMessage { kind: Some(Up::Log(log)) }).await?;
+        tx.send(proto::AgentMessage { kind: Some(Up::Log(log)), seq: 0 }).await?;
         links.sent.fetch_add(n, Ordering::Relaxed);
     }
     let result = proto::JobResult {
@@ -156,7 +158,7 @@ async fn fake_agent(
         })),
         phases: vec![],
     };
-    tx.send(proto::AgentMessage { kind: Some(Up::Result(result)) }).await?;
+    tx.send(proto::AgentMessage { kind: Some(Up::Result(result)), seq: 0 }).await?;
     // Keep the session open until the coordinator or the benchmark ends it.
     while inbound.message().await?.is_some() {}
     Ok(())

@@ -44,7 +44,9 @@ async fn fake_agent(channel: tonic::transport::Channel, name: String, clock: Clo
             version: "bench".into(),
             running: vec![],
             emulated_platforms: vec![],
+            incarnation: String::new(),
         })),
+        seq: 0,
     })
     .await?;
     let mut client = proto::agents_client::AgentsClient::new(channel);
@@ -71,7 +73,7 @@ async fn fake_agent(channel: tonic::transport::Channel, name: String, clock: Clo
                 })),
                 phases: vec![],
             };
-            tx.send(proto::AgentMessage { kind: Some(Up::Result(result)) }).await?;
+            tx.send(proto::AgentMessage { kind: Some(Up::Result(result)), seq: 0 }).await?;
         }
     }
     Ok(())
