@@ -16,9 +16,10 @@ use braid_shared::{Digest, ImageRef, Platform};
 use crate::auth::Tokens;
 use crate::blobs::{BlobError, BlobStore};
 use crate::contexts::ContextStore;
+use crate::disk::DataDir;
 use crate::error::{CoordinatorError, Result};
-use crate::farm::{Effect, Effects, Farm, FarmConfig, VerifyIn};
-use crate::journal::{Entry, Journal};
+use crate::farm::{Effect, Effects, Farm, FarmConfig, NewBuild, VerifyIn};
+use crate::journal::{Entry, Item, Journal};
 use crate::merge;
 use crate::metrics::Metrics;
 use crate::model::SystemClock;
@@ -38,6 +39,8 @@ pub struct Coordinator {
     pub contexts: ContextStore,
     pub blobs: Arc<BlobStore>,
     pub store: Arc<Store>,
+    /// Whether the data directory takes writes.
+    pub disk: Arc<DataDir>,
     pub settings: Settings,
     /// Wakes the scheduler after anything that may let a job be placed.
     pub wake: Notify,
@@ -51,14 +54,16 @@ impl Coordinator {
     pub fn open(settings: Settings) -> Result<Arc<Coordinator>> {
         std::fs::create_dir_all(&settings.data_dir)?;
         let store = Arc::new(Store::open(&settings.data_dir.join("braid.db"))?);
+        let metrics = Arc::new(Metrics::default());
+        let disk = Arc::new(DataDir::new(&settings.data_dir, metrics.clone()));
         let contexts = ContextStore::open(
             &settings.data_dir.join("contexts"),
             store.clone(),
+            disk.clone(),
             settings.max_context_bytes,
             settings.context_store_bytes,
         )?;
         let blobs = Arc::new(BlobStore::open(&settings.data_dir.join("blobs/sha256"), settings.blob_store_bytes)?);
-        let metrics = Arc::new(Metrics::default());
         let config = FarmConfig {
             max_attempts: settings.max_attempts,
             insecure_registries: settings.insecure_registries.clone(),
@@ -66,7 +71,7 @@ impl Coordinator {
         };
         let mut farm = Farm::new(config, Arc::new(SystemClock::default()), metrics.clone());
         farm.restore(store.load_builds()?, store.cordons()?);
-        let journal = Journal::start(store.clone())?;
+        let journal = Journal::start(store.clone(), disk.clone())?;
         let tokens = Tokens::new(store.clone(), settings.tls());
         let ca = match (&settings.tls_ca, &settings.tls_ca_key) {
             (Some(cert), Some(key)) => Some(Pem {
@@ -82,6 +87,7 @@ impl Coordinator {
             contexts,
             blobs,
             store,
+            disk,
             settings,
             wake: Notify::new(),
             metrics,
@@ -105,7 +111,10 @@ impl Coordinator {
     /// still locked (hence the `_farm` borrow), so messages to agents and
     /// writes keep the farm's order. Sends and queued writes do not block;
     /// verifications and merges run in the background.
+    /// The store writes of one call go to the journal as one change, written
+    /// in one transaction.
     pub fn perform(self: &Arc<Self>, _farm: &Farm, effects: Effects) {
+        let mut change = Vec::new();
         for effect in effects {
             match effect {
                 Effect::Assign { session, assignment } => self.send(session, ToAgent::Assign(*assignment)),
@@ -115,15 +124,36 @@ impl Coordinator {
                         let _ = tx.send(Err(crate::error::disconnect_status(&agent, why)));
                     }
                 }
-                Effect::Insert { record, spec } => self.journal.push(Entry::Insert { record, spec }),
-                Effect::Persist(record) => self.journal.push(Entry::Record(record)),
-                Effect::Append { events, live } => self.journal.push(Entry::Events { events, live }),
-                Effect::Cordon { agent, cordoned } => self.journal.push(Entry::Cordon { agent, cordoned }),
+                Effect::Persist(record) => change.push(Item::Record(record)),
+                Effect::Append { events, live } => change.push(Item::Events { events, live }),
+                Effect::Cordon { agent, cordoned } => change.push(Item::Cordon { agent, cordoned }),
                 follow @ (Effect::Verify { .. } | Effect::Merge { .. }) => {
                     tokio::spawn(self.clone().follow(follow));
                 }
             }
         }
+        if !change.is_empty() {
+            self.journal.push(Entry::Change(change));
+        }
+    }
+
+    /// Takes a validated build: stored first (its record and first event,
+    /// in one transaction, outside the farm's lock), then put in the farm,
+    /// so a build exists in memory, and its id is handed out, only once it
+    /// is stored. A full disk refuses it with `DataDirFull`.
+    pub async fn submit(self: &Arc<Self>, new: NewBuild) -> Result<String> {
+        let this = self.clone();
+        let new = crate::blocking::run(move || {
+            let (record, spec, event) = new.parts();
+            let written = this.store.write(&[
+                crate::store::Write::Insert(record, spec),
+                crate::store::Write::Events(std::slice::from_ref(event)),
+            ]);
+            written.map_err(|e| this.disk.check(e))?;
+            Ok(new)
+        })
+        .await?;
+        Ok(self.change(|farm| farm.admit(new)))
     }
 
     /// Runs a transition on the locked farm and performs its effects.
@@ -231,7 +261,7 @@ impl Coordinator {
                 this.blobs.put_bytes(&bytes, needed)
             })
             .await
-            .map_err(|e| format!("storing the index: {e}"))?;
+            .map_err(|e| format!("storing the index: {}", self.disk.check(e)))?;
         }
         if m.push {
             merge::push(&self.registry_for(build_id), &m.tags, &m.pushed_to, &m.images, &index, &descriptor).await?;

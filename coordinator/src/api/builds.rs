@@ -99,8 +99,12 @@ impl Builds for BuildsService {
         Metrics::add(&metrics.context_bytes_received, received);
         tracing::info!(digest = %digest, size, received, "context stored");
         let needed = self.coordinator.farm().needed_contexts();
-        let evicted = contexts.evict(&needed)?;
-        Metrics::add(&metrics.contexts_evicted, evicted);
+        // The context is stored: a failed eviction (a full disk refuses even
+        // deletions from the database) is for the operator, not the client.
+        match contexts.evict(&needed) {
+            Ok(evicted) => Metrics::add(&metrics.contexts_evicted, evicted),
+            Err(e) => tracing::warn!(error = %e, "evicting contexts failed"),
+        }
         Ok(Response::new(proto::PutContextResponse { digest: digest.to_string(), size, received }))
     }
 
@@ -118,12 +122,12 @@ impl Builds for BuildsService {
             ))
             .into());
         }
-        self.coordinator.contexts.touch(&digest)?;
-        let build_id = self
-            .coordinator
-            .change(|farm| farm.submit(valid.spec, valid.platforms, valid.tags, caller.token_id, credentials));
-        // Stored before its id is handed out: a restart keeps every build a client knows of.
-        self.coordinator.flush().await;
+        self.coordinator.contexts.touch(&digest);
+        let new =
+            self.coordinator.farm().new_build(valid.spec, valid.platforms, valid.tags, caller.token_id, credentials);
+        // Stored before its id is handed out: a restart keeps every build a
+        // client knows of, and a full disk refuses the build.
+        let build_id = self.coordinator.submit(new).await?;
         tracing::Span::current().record("build_id", build_id.as_str());
         Metrics::add(&self.coordinator.metrics.builds_submitted, 1);
         tracing::info!(build_id, "build submitted");
@@ -146,8 +150,12 @@ impl Builds for BuildsService {
         let build_id = req.build_id;
         let stream = async_stream::try_stream! {
             // Events the farm made before the subscription are stored or
-            // queued to be; once written, the replay finds them all.
-            coordinator.flush().await;
+            // queued to be; once written, the replay finds them all. A
+            // history while the journal waits for disk space is what is
+            // stored now, rather than a wait until there is room.
+            if !(req.history_only && coordinator.disk.journal_stuck()) {
+                coordinator.flush().await;
+            }
             let mut live = sub.live;
             let mut sent = req.after_seq;
             let mut done = false;
