@@ -26,6 +26,9 @@ use crate::model::SystemClock;
 use crate::settings::Settings;
 use crate::store::Store;
 
+/// How long an acknowledging answer waits for a journal that cannot write.
+const STORED_WAIT: Duration = Duration::from_secs(5);
+
 /// A session's outbound stream: what the coordinator sends an agent.
 pub type AgentSender = mpsc::UnboundedSender<std::result::Result<proto::CoordinatorMessage, tonic::Status>>;
 
@@ -181,9 +184,27 @@ impl Coordinator {
         self.sessions().remove(&session);
     }
 
-    /// Waits until every change made so far is stored.
+    /// Waits until every change made so far is stored (while the disk is
+    /// full, until there is room again).
     pub async fn flush(&self) {
         self.journal.flush().await;
+    }
+
+    /// Waits until every change made so far is stored, before an answer
+    /// that acknowledges one. While the journal waits for room on a full
+    /// disk this gives up after `STORED_WAIT` with `DataDirFull`: the change
+    /// is made and will be stored once there is room, but is not
+    /// acknowledged (a restart before then would not show it).
+    pub async fn stored(&self) -> Result<()> {
+        if tokio::time::timeout(STORED_WAIT, self.journal.flush()).await.is_ok() {
+            return Ok(());
+        }
+        if self.disk.journal_stuck() {
+            return Err(CoordinatorError::DataDirFull { free: self.disk.free_bytes() });
+        }
+        // Slow, not stuck: the answer waits for it.
+        self.journal.flush().await;
+        Ok(())
     }
 
     /// Checks an image or merges an index, then records the outcome.

@@ -131,6 +131,12 @@ fn a_full_data_dir_refuses_clients_keeps_agents_and_loses_nothing() {
     })
     .unwrap();
     assert!(build.child.try_wait().unwrap().is_none(), "the follower waits for the stored end");
+    // A history is what is stored, at once, not a wait for room.
+    let mut history = Command::new(braid_tests::bin("braid"));
+    history.args(["--coordinator", &farm.url, "logs", &build_id]);
+    let history = braid_tests::run_with_timeout(&mut history, Duration::from_secs(20)).unwrap();
+    assert!(history.status.success(), "{}", text(&history));
+    assert!(text(&history).contains("line-100"), "{}", text(&history));
 
     // Room again: ready, and the follower gets every line and the end.
     std::fs::remove_file(&filler).unwrap();

@@ -169,7 +169,8 @@ impl Builds for BuildsService {
                     done = is_final(&event);
                     yield event;
                 }
-                if done || (replayed == 0 && (sub.terminal || req.history_only)) {
+                // A history ends with what is stored, not at the next live event.
+                if done || (replayed < REPLAY_BATCH && req.history_only) || (replayed == 0 && sub.terminal) {
                     break;
                 }
                 if replayed == REPLAY_BATCH {
@@ -312,6 +313,8 @@ impl Builds for BuildsService {
             farm.build(&req.get_ref().build_id).map(convert::build)?
         };
         self.coordinator.wake.notify_one();
+        // Stored before it is acknowledged: a restart keeps the cancel.
+        self.coordinator.stored().await?;
         Ok(Response::new(build))
     }
 }
