@@ -58,8 +58,18 @@ pub fn free_bytes(path: &Path) -> u64 {
     }
 }
 
+/// The first data directory opened in this process: for the free bytes of
+/// a full disk met where no `DataDir` is at hand (`error.rs`).
+static FIRST: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The free bytes of the data directory, if one was opened.
+pub fn data_dir_free_bytes() -> Option<u64> {
+    FIRST.get().map(|p| free_bytes(p))
+}
+
 impl DataDir {
     pub fn new(path: &Path, metrics: std::sync::Arc<Metrics>) -> DataDir {
+        let _ = FIRST.set(path.to_owned());
         DataDir {
             path: path.to_owned(),
             journal_stuck: AtomicBool::new(false),

@@ -45,7 +45,10 @@ impl From<CoordinatorError> for Status {
             // A full disk that no `DataDir::check` saw still says what it is.
             e @ (CoordinatorError::Store(_) | CoordinatorError::Io(_)) if crate::disk::is_full(&e) => {
                 tracing::error!(error = %e, "the data directory is full");
-                Status::resource_exhausted("coordinator data dir full")
+                match crate::disk::data_dir_free_bytes() {
+                    Some(free) => Status::resource_exhausted(CoordinatorError::DataDirFull { free }.to_string()),
+                    None => Status::resource_exhausted("coordinator data dir full"),
+                }
             }
             CoordinatorError::Store(e) => {
                 tracing::error!(error = %e, "store failure");
