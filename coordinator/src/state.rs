@@ -113,9 +113,8 @@ impl Coordinator {
     /// Performs what a transition of `farm` asked for; called with the farm
     /// still locked (hence the `_farm` borrow), so messages to agents and
     /// writes keep the farm's order. Sends and queued writes do not block;
-    /// verifications and merges run in the background.
-    /// The store writes of one call go to the journal as one change, written
-    /// in one transaction.
+    /// verifications and merges run in the background. The store writes of
+    /// one call go to the journal as one change, written in one transaction.
     pub fn perform(self: &Arc<Self>, _farm: &Farm, effects: Effects) {
         let mut change = Vec::new();
         for effect in effects {
