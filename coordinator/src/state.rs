@@ -317,3 +317,69 @@ impl Coordinator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::BuildStatus;
+
+    fn new_build(c: &Coordinator) -> NewBuild {
+        let spec = proto::BuildSpec {
+            platforms: vec!["linux/amd64".into()],
+            tags: vec!["127.0.0.1:5000/app:1".into()],
+            context_digest: format!("sha256:{}", "0".repeat(64)),
+            push: true,
+            ..Default::default()
+        };
+        let v = crate::validate::spec(spec).unwrap();
+        c.farm().new_build(v.spec, v.platforms, v.tags, None, vec![])
+    }
+
+    #[tokio::test]
+    async fn a_full_store_refuses_builds_and_acknowledges_only_what_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings { data_dir: dir.path().to_owned(), ..Settings::default() };
+        let c = Coordinator::open(settings).unwrap();
+
+        // The database may not grow: builds are taken while they fit, then
+        // refused with the reason; memory holds exactly what is stored.
+        c.store.limit_pages(1);
+        let mut accepted = Vec::new();
+        let e = loop {
+            match c.submit(new_build(&c)).await {
+                Ok(id) => accepted.push(id),
+                Err(e) => break e,
+            }
+            assert!(accepted.len() < 1000, "the database never filled up");
+        };
+        assert!(matches!(e, CoordinatorError::DataDirFull { .. }), "{e}");
+        let status = tonic::Status::from(e);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().starts_with("coordinator data dir full ("), "{}", status.message());
+        assert_eq!(c.farm().builds.len(), accepted.len());
+        assert_eq!(c.store.load_builds().unwrap().len(), accepted.len());
+
+        // Room: stored with its first event, then in the farm.
+        c.store.limit_pages(1 << 30);
+        let id = c.submit(new_build(&c)).await.unwrap();
+        assert!(c.farm().builds.contains_key(&id));
+        assert_eq!(c.store.events_after(&id, 0, 10).unwrap().len(), 1);
+
+        // Failing writes: a cancel is made but not acknowledged, and stored
+        // (record and events together) once the store writes again.
+        c.store.refuse_writes(true);
+        let effects = c.farm().cancel(&id, "cancelled by request").unwrap();
+        c.perform(&c.farm(), effects);
+        let e = c.stored().await.unwrap_err();
+        assert!(matches!(e, CoordinatorError::DataDirFull { .. }), "{e}");
+        let stored = |c: &Coordinator| c.store.load_builds().unwrap().into_iter().find(|(r, _)| r.id == id).unwrap().0;
+        assert_eq!(stored(&c).status, BuildStatus::Queued);
+        assert_eq!(c.store.events_after(&id, 0, 10).unwrap().len(), 1);
+        c.store.refuse_writes(false);
+        c.stored().await.unwrap();
+        let record = stored(&c);
+        assert_eq!(record.status, BuildStatus::Cancelled);
+        let seqs: Vec<u64> = c.store.events_after(&id, 0, 10).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=record.last_seq).collect::<Vec<_>>());
+    }
+}

@@ -132,6 +132,12 @@ impl Store {
         self.with(|c| c.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))).unwrap();
     }
 
+    /// Refuses every write (SQLITE_READONLY) while `on`, as a failing disk would.
+    #[cfg(test)]
+    pub fn refuse_writes(&self, on: bool) {
+        self.with(|c| c.pragma_update(None, "query_only", on)).unwrap();
+    }
+
     /// Writes a batch of the farm's changes in one transaction: one commit
     /// (one fsync) for however many events and records the batch holds.
     pub fn write(&self, writes: &[Write<'_>]) -> Result<()> {
