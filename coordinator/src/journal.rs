@@ -3,8 +3,9 @@
 //! are shown to its watchers only once they are written, so a watcher never
 //! sees an event that a restart would lose.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, oneshot};
@@ -64,6 +65,32 @@ impl Entry {
     }
 }
 
+/// The records of unfinished builds as last stored: what `Get` and `List`
+/// show, so while the disk is full no client sees a state that a restart
+/// would take back. Finished builds leave it (their record no longer
+/// changes), so it holds at most the unfinished ones.
+#[derive(Default)]
+pub struct Stored(Mutex<HashMap<String, BuildRecord>>);
+
+impl Stored {
+    /// `record` is stored.
+    pub fn note(&self, record: &BuildRecord) {
+        let mut map = self.lock();
+        if record.status.is_terminal() {
+            map.remove(&record.id);
+        } else {
+            map.insert(record.id.clone(), record.clone());
+        }
+    }
+
+    /// Stored records by build id; a build not in it is stored as it is in
+    /// memory (finished, or unchanged since it was stored).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BuildRecord>> {
+        // A map of clones: whole after any panic.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// The queue to the writer thread; the thread ends when this is dropped.
 ///
 /// Memory runs ahead of the database here, by design: the farm changes
@@ -82,9 +109,9 @@ pub struct Journal {
 }
 
 impl Journal {
-    pub fn start(store: Arc<Store>, disk: Arc<DataDir>) -> std::io::Result<Journal> {
+    pub fn start(store: Arc<Store>, disk: Arc<DataDir>, stored: Arc<Stored>) -> std::io::Result<Journal> {
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new().name("braid-journal".into()).spawn(move || run(&store, &disk, &rx))?;
+        std::thread::Builder::new().name("braid-journal".into()).spawn(move || run(&store, &disk, &stored, &rx))?;
         Ok(Journal { tx })
     }
 
@@ -102,7 +129,7 @@ impl Journal {
     }
 }
 
-fn run(store: &Store, disk: &DataDir, rx: &mpsc::Receiver<Entry>) {
+fn run(store: &Store, disk: &DataDir, stored: &Stored, rx: &mpsc::Receiver<Entry>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < BATCH {
@@ -124,11 +151,15 @@ fn run(store: &Store, disk: &DataDir, rx: &mpsc::Receiver<Entry>) {
             match entry {
                 Entry::Change(items) if written => {
                     for item in items {
-                        if let Item::Events { events, live } = item {
-                            for event in events {
-                                // No receiver is fine: nobody is watching.
-                                let _ = live.send(event);
+                        match item {
+                            Item::Events { events, live } => {
+                                for event in events {
+                                    // No receiver is fine: nobody is watching.
+                                    let _ = live.send(event);
+                                }
                             }
+                            Item::Record(record) => stored.note(&record),
+                            Item::Cordon { .. } => {}
                         }
                     }
                 }
@@ -230,7 +261,7 @@ mod tests {
         let spec = proto::BuildSpec::default();
         store.write(&[Write::Insert(&record(BuildStatus::Queued, 0), &spec)]).unwrap();
         let disk = Arc::new(DataDir::new(dir, Default::default()));
-        let journal = Journal::start(store.clone(), disk.clone()).unwrap();
+        let journal = Journal::start(store.clone(), disk.clone(), Default::default()).unwrap();
         (store, disk, journal)
     }
 

@@ -19,7 +19,7 @@ use crate::contexts::ContextStore;
 use crate::disk::DataDir;
 use crate::error::{CoordinatorError, Result};
 use crate::farm::{Effect, Effects, Farm, FarmConfig, NewBuild, VerifyIn};
-use crate::journal::{Entry, Item, Journal};
+use crate::journal::{Entry, Item, Journal, Stored};
 use crate::merge;
 use crate::metrics::Metrics;
 use crate::model::SystemClock;
@@ -39,6 +39,8 @@ pub struct Coordinator {
     sessions: Mutex<HashMap<u64, AgentSender>>,
     /// The farm's writes, made off its lock.
     journal: Journal,
+    /// Unfinished builds' records as stored: what clients are shown.
+    pub stored: Arc<Stored>,
     pub contexts: ContextStore,
     pub blobs: Arc<BlobStore>,
     pub store: Arc<Store>,
@@ -73,8 +75,11 @@ impl Coordinator {
             configured: settings.credentials(),
         };
         let mut farm = Farm::new(config, Arc::new(SystemClock::default()), metrics.clone());
-        farm.restore(store.load_builds()?, store.cordons()?);
-        let journal = Journal::start(store.clone(), disk.clone())?;
+        let builds = store.load_builds()?;
+        let stored = Arc::new(Stored::default());
+        builds.iter().for_each(|(record, _)| stored.note(record));
+        farm.restore(builds, store.cordons()?);
+        let journal = Journal::start(store.clone(), disk.clone(), stored.clone())?;
         let tokens = Tokens::new(store.clone(), settings.tls());
         let ca = match (&settings.tls_ca, &settings.tls_ca_key) {
             (Some(cert), Some(key)) => Some(Pem {
@@ -87,6 +92,7 @@ impl Coordinator {
             farm: Mutex::new(farm),
             sessions: Mutex::new(HashMap::new()),
             journal,
+            stored,
             contexts,
             blobs,
             store,
@@ -152,6 +158,7 @@ impl Coordinator {
                 crate::store::Write::Events(std::slice::from_ref(event)),
             ]);
             written.map_err(|e| this.disk.check(e))?;
+            this.stored.note(record);
             Ok(new)
         })
         .await?;
@@ -375,9 +382,13 @@ mod tests {
         let stored = |c: &Coordinator| c.store.load_builds().unwrap().into_iter().find(|(r, _)| r.id == id).unwrap().0;
         assert_eq!(stored(&c).status, BuildStatus::Queued);
         assert_eq!(c.store.events_after(&id, 0, 10).unwrap().len(), 1);
+        // Clients are shown the stored state, not memory's.
+        assert_eq!(c.farm().builds[&id].record.status, BuildStatus::Cancelled);
+        assert_eq!(c.stored.lock()[&id].status, BuildStatus::Queued);
         c.store.refuse_writes(false);
         c.stored().await.unwrap();
         let record = stored(&c);
+        assert!(!c.stored.lock().contains_key(&id), "a finished build is shown as memory has it");
         assert_eq!(record.status, BuildStatus::Cancelled);
         let seqs: Vec<u64> = c.store.events_after(&id, 0, 10).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, (1..=record.last_seq).collect::<Vec<_>>());

@@ -131,6 +131,9 @@ fn a_full_data_dir_refuses_clients_keeps_agents_and_loses_nothing() {
     })
     .unwrap();
     assert!(build.child.try_wait().unwrap().is_none(), "the follower waits for the stored end");
+    // Listed as stored, not as memory has it: a restart now would show the same.
+    let listed = text(&farm.braid(&["builds"]).unwrap());
+    assert!(listed.contains(&build_id) && listed.contains("running") && !listed.contains("succeeded"), "{listed}");
     // A history is what is stored, at once, not a wait for room.
     let mut history = Command::new(braid_tests::bin("braid"));
     history.args(["--coordinator", &farm.url, "logs", &build_id]);

@@ -263,7 +263,11 @@ impl Builds for BuildsService {
     async fn get(&self, req: Request<proto::GetBuildRequest>) -> Result<Response<proto::Build>, Status> {
         let caller = self.coordinator.tokens.authorize(&req, Role::Submit)?;
         check_build_id(&req.get_ref().build_id)?;
-        let build = self.coordinator.farm().build_for(&req.get_ref().build_id, &caller).map(convert::build)?;
+        let farm = self.coordinator.farm();
+        let b = farm.build_for(&req.get_ref().build_id, &caller)?;
+        // As stored: memory may be ahead while the disk is full.
+        let stored = self.coordinator.stored.lock();
+        let build = convert::build_as(b, stored.get(&b.record.id).unwrap_or(&b.record));
         Ok(Response::new(build))
     }
 
@@ -290,14 +294,17 @@ impl Builds for BuildsService {
             return Err(Status::invalid_argument(format!("state: unknown build state {state}")));
         }
         let state = BuildStatus::from_proto(state);
+        // As stored: memory may be ahead while the disk is full.
+        let stored = self.coordinator.stored.lock();
         let mut builds: Vec<_> = farm
             .builds
             .values()
-            .filter(|b| state.is_none_or(|s| b.record.status == s))
-            .filter(|b| caller.owns(b.record.owner.as_deref()))
+            .map(|b| (b, stored.get(&b.record.id).unwrap_or(&b.record)))
+            .filter(|(_, r)| state.is_none_or(|s| r.status == s))
+            .filter(|(b, _)| caller.owns(b.record.owner.as_deref()))
             .collect();
-        builds.sort_by_key(|b| std::cmp::Reverse(b.record.order));
-        let builds = builds.into_iter().take(limit).map(convert::build).collect();
+        builds.sort_by_key(|(b, _)| std::cmp::Reverse(b.record.order));
+        let builds = builds.into_iter().take(limit).map(|(b, r)| convert::build_as(b, r)).collect();
         Ok(Response::new(proto::ListBuildsResponse { builds }))
     }
 
