@@ -150,16 +150,19 @@ fn run(store: &Store, disk: &DataDir, stored: &Stored, rx: &mpsc::Receiver<Entry
         for (entry, written) in batch.into_iter().zip(written) {
             match entry {
                 Entry::Change(items) if written => {
+                    // Records first: a client that sees an event and asks
+                    // for its build finds at least that state.
+                    for item in &items {
+                        if let Item::Record(record) = item {
+                            stored.note(record);
+                        }
+                    }
                     for item in items {
-                        match item {
-                            Item::Events { events, live } => {
-                                for event in events {
-                                    // No receiver is fine: nobody is watching.
-                                    let _ = live.send(event);
-                                }
+                        if let Item::Events { events, live } = item {
+                            for event in events {
+                                // No receiver is fine: nobody is watching.
+                                let _ = live.send(event);
                             }
-                            Item::Record(record) => stored.note(&record),
-                            Item::Cordon { .. } => {}
                         }
                     }
                 }
