@@ -97,9 +97,10 @@ impl Stored {
 /// under its lock and the writes follow on this thread, so no transition
 /// waits for a disk. What keeps the two from disagreeing in a way a restart
 /// could show is that nothing leaves the coordinator before it is written
-/// (events reach watchers after their commit; a build id is handed out
-/// after its row is stored, `Coordinator::submit`; `flush` waits for all of
-/// it), and that a write the disk refuses (full, failing) is retried until
+/// (events reach watchers after their commit; `Get` and `List` show the
+/// last stored records, `Stored`; a build id is handed out after its row is
+/// stored, `Coordinator::submit`; cancels and cordons are answered after
+/// `Coordinator::stored`), and that a write the disk refuses (full, failing) is retried until
 /// it commits, never skipped: the database gets every change, in order,
 /// whole, so event numbers stay contiguous and a record always matches its
 /// events. Only a change SQLite refuses for itself (a constraint, which is
