@@ -10,6 +10,7 @@ use braid_shared::Digest;
 use braid_shared::compression::{StreamDecoder, ZstdError};
 use braid_shared::context::HashingWriter;
 
+use crate::disk::DataDir;
 use crate::error::{CoordinatorError, Result};
 use crate::model::now_ms;
 use crate::store::Store;
@@ -17,6 +18,7 @@ use crate::store::Store;
 pub struct ContextStore {
     dir: PathBuf,
     store: Arc<Store>,
+    disk: Arc<DataDir>,
     max_bytes: u64,
     store_bytes: u64,
 }
@@ -32,6 +34,7 @@ pub struct Upload {
     hash: HashingWriter<std::io::Sink>,
     received: u64,
     max_bytes: u64,
+    disk: Arc<DataDir>,
 }
 
 impl From<ZstdError> for CoordinatorError {
@@ -45,9 +48,15 @@ impl From<ZstdError> for CoordinatorError {
 }
 
 impl ContextStore {
-    pub fn open(dir: &Path, store: Arc<Store>, max_bytes: u64, store_bytes: u64) -> Result<ContextStore> {
+    pub fn open(
+        dir: &Path,
+        store: Arc<Store>,
+        disk: Arc<DataDir>,
+        max_bytes: u64,
+        store_bytes: u64,
+    ) -> Result<ContextStore> {
         std::fs::create_dir_all(dir)?;
-        Ok(ContextStore { dir: dir.to_owned(), store, max_bytes, store_bytes })
+        Ok(ContextStore { dir: dir.to_owned(), store, disk, max_bytes, store_bytes })
     }
 
     /// Removes least recently used contexts until the store fits
@@ -88,20 +97,31 @@ impl ContextStore {
         Ok(size.filter(|_| self.path(digest).exists()))
     }
 
-    pub fn touch(&self, digest: &Digest) -> Result<()> {
-        self.store.context_touch(digest.as_str(), now_ms())
+    /// Marks a context used now, for eviction; best effort (a full disk
+    /// refuses it, and a use is no reason to fail a build or a fetch).
+    pub fn touch(&self, digest: &Digest) {
+        if let Err(e) = self.store.context_touch(digest.as_str(), now_ms()) {
+            tracing::warn!(error = %e, %digest, "could not note a context's use");
+        }
     }
 
     pub fn begin(&self, expected: Digest) -> Result<Upload> {
-        let temp = tempfile::NamedTempFile::new_in(&self.dir)?;
+        let temp = tempfile::NamedTempFile::new_in(&self.dir).map_err(|e| self.disk.check(e.into()))?;
         let decoder = StreamDecoder::new()?;
         let hash = HashingWriter::new(std::io::sink());
-        Ok(Upload { expected, temp, decoder, hash, received: 0, max_bytes: self.max_bytes })
+        let disk = self.disk.clone();
+        Ok(Upload { expected, temp, decoder, hash, received: 0, max_bytes: self.max_bytes, disk })
     }
 
     /// Keeps the upload if it is a complete zstd stream that hashes to its
-    /// digest; returns (size, received).
+    /// digest; returns (size, received). A full disk is `DataDirFull`.
     pub fn finish(&self, upload: Upload) -> Result<(u64, u64)> {
+        let stored = self.finish_inner(upload).map_err(|e| self.disk.check(e))?;
+        self.disk.file_written();
+        Ok(stored)
+    }
+
+    fn finish_inner(&self, upload: Upload) -> Result<(u64, u64)> {
         let Upload { expected, temp, decoder, hash, received, .. } = upload;
         decoder.finish()?;
         let (digest, size, _) = hash.finish();
@@ -111,8 +131,13 @@ impl ContextStore {
             )));
         }
         temp.as_file().sync_all()?;
-        temp.persist(self.path(&expected)).map_err(|e| CoordinatorError::Io(e.error))?;
-        self.store.context_stored(expected.as_str(), size, received, now_ms())?;
+        let path = self.path(&expected);
+        temp.persist(&path).map_err(|e| CoordinatorError::Io(e.error))?;
+        if let Err(e) = self.store.context_stored(expected.as_str(), size, received, now_ms()) {
+            // Not recorded, so not kept: a file no row names is never evicted.
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         Ok((size, received))
     }
 }
@@ -123,7 +148,7 @@ impl Upload {
     /// no more than a context of the largest allowed size.
     pub fn write(&mut self, chunk: &[u8]) -> Result<()> {
         self.received += chunk.len() as u64;
-        self.temp.write_all(chunk)?;
+        self.temp.write_all(chunk).map_err(|e| self.disk.check(e.into()))?;
         // The tar adds headers to the file bytes; allow for them.
         let limit = self.max_bytes + self.max_bytes / 8 + (1 << 20);
         let (hash, max_bytes) = (&mut self.hash, self.max_bytes);
@@ -149,7 +174,8 @@ mod tests {
 
     fn open(dir: &Path, max: u64, keep: u64) -> ContextStore {
         let store = Arc::new(Store::open(&dir.join("db")).unwrap());
-        ContextStore::open(&dir.join("contexts"), store, max, keep).unwrap()
+        let disk = Arc::new(DataDir::new(dir, Default::default()));
+        ContextStore::open(&dir.join("contexts"), store, disk, max, keep).unwrap()
     }
 
     fn put(contexts: &ContextStore, data: &[u8]) -> Result<(u64, u64)> {

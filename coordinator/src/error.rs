@@ -24,6 +24,9 @@ pub enum CoordinatorError {
     Store(#[from] rusqlite::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The data directory's disk (or quota) is full.
+    #[error("coordinator data dir full ({free} bytes free)")]
+    DataDirFull { free: u64 },
     #[error("{0}")]
     Internal(String),
 }
@@ -38,6 +41,15 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::PermissionDenied(m) => Status::permission_denied(m),
             CoordinatorError::AlreadyExists(m) => Status::already_exists(m),
             CoordinatorError::Unauthenticated(m) => Status::unauthenticated(m),
+            CoordinatorError::DataDirFull { .. } => Status::resource_exhausted(e.to_string()),
+            // A full disk that no `DataDir::check` saw still says what it is.
+            e @ (CoordinatorError::Store(_) | CoordinatorError::Io(_)) if crate::disk::is_full(&e) => {
+                tracing::error!(error = %e, "the data directory is full");
+                match crate::disk::data_dir_free_bytes() {
+                    Some(free) => Status::resource_exhausted(CoordinatorError::DataDirFull { free }.to_string()),
+                    None => Status::resource_exhausted("coordinator data dir full"),
+                }
+            }
             CoordinatorError::Store(e) => {
                 tracing::error!(error = %e, "store failure");
                 Status::internal("the coordinator's store failed; see its log")

@@ -47,7 +47,6 @@ impl World {
         let mut rest = Vec::new();
         for e in effects {
             match e {
-                Effect::Insert { record, spec } => self.store.write(&[Write::Insert(&record, &spec)]).unwrap(),
                 Effect::Persist(record) => self.store.write(&[Write::Record(&record)]).unwrap(),
                 Effect::Append { events, delivered, .. } => {
                     let mut writes = vec![Write::Events(&events)];
@@ -162,7 +161,10 @@ fn submit(w: &mut World, platforms: &[&str]) -> String {
         ..Default::default()
     };
     let v = validate::spec(spec).unwrap();
-    let (id, effects) = w.farm.submit(v.spec, v.platforms, v.tags, None, vec![]);
+    let new = w.farm.new_build(v.spec, v.platforms, v.tags, None, vec![]);
+    let (record, spec, first) = new.parts();
+    w.store.write(&[Write::Insert(record, spec), Write::Events(std::slice::from_ref(first))]).unwrap();
+    let (id, effects) = w.farm.admit(new);
     w.run(effects);
     id
 }

@@ -138,6 +138,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
 async fn metrics(State(c): State<Arc<Coordinator>>) -> impl IntoResponse {
     let mut gauges = c.farm().gauges();
     gauges.blob_store_bytes = c.blobs.stored_bytes();
+    gauges.store_writable = writable(&c).await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], c.metrics.render(&gauges))
 }
 
@@ -145,12 +146,23 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready when the store answers.
+/// Whether the data directory takes writes (probing it is blocking work).
+async fn writable(c: &Arc<Coordinator>) -> bool {
+    let disk = c.disk.clone();
+    tokio::task::spawn_blocking(move || disk.writable()).await.unwrap_or(false)
+}
+
+/// Ready when the store answers and the data directory takes writes: a
+/// full disk takes the coordinator out of rotation until it has room.
 async fn readyz(State(c): State<Arc<Coordinator>>) -> impl IntoResponse {
-    match c.store.contexts_by_age() {
-        Ok(_) => (StatusCode::OK, "ready\n"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n"),
+    if c.store.contexts_by_age().is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n".to_owned());
     }
+    if !writable(&c).await {
+        let free = c.disk.free_bytes();
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("coordinator data dir full ({free} bytes free)\n"));
+    }
+    (StatusCode::OK, "ready\n".to_owned())
 }
 
 /// Serves the connections `listener::listen` hands over: HTTP/2 when they

@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod blocking;
 pub mod contexts;
 pub mod decode_status;
+pub mod disk;
 pub mod enroll;
 pub mod error;
 pub mod export;

@@ -54,6 +54,9 @@ pub struct Metrics {
     pub export_bytes_served: AtomicU64,
     pub builds_submitted: AtomicU64,
     pub agents_lost: AtomicU64,
+    /// Writes to the data directory that failed (full disk, I/O error),
+    /// each retry of the journal included.
+    pub store_write_errors: AtomicU64,
     labeled: Mutex<BTreeMap<(&'static str, String), u64>>,
     histograms: Mutex<BTreeMap<(&'static str, String), Histogram>>,
     /// Platforms some agent declared: with `KNOWN_PLATFORMS`, the only
@@ -94,6 +97,8 @@ pub struct Gauges {
     pub queues: BTreeMap<String, (u64, f64)>,
     /// Bytes of image blobs held for exporting builds.
     pub blob_store_bytes: u64,
+    /// The data directory takes writes (`DataDir::writable`).
+    pub store_writable: bool,
 }
 
 /// Labeled counters, with their help text.
@@ -224,6 +229,18 @@ impl Metrics {
             "braid_agents_lost_total",
             "Agents declared lost after missing heartbeats.",
             &self.agents_lost,
+        );
+        counter(
+            &mut out,
+            "braid_store_write_errors_total",
+            "Failed writes to the data directory (full disk, i/o error); the journal's retries count too.",
+            &self.store_write_errors,
+        );
+        gauge(
+            &mut out,
+            "braid_store_writable",
+            "1 when the data directory takes writes, 0 while it is full or failing (/readyz is 503 then).",
+            u64::from(gauges.store_writable),
         );
         gauge(&mut out, "braid_agents_connected", "Agents with a live session.", gauges.agents_connected);
         gauge(&mut out, "braid_jobs_queued", "Jobs waiting for an agent.", gauges.jobs_queued);

@@ -16,14 +16,18 @@ use braid_shared::{Digest, ImageRef, Platform};
 use crate::auth::Tokens;
 use crate::blobs::{BlobError, BlobStore};
 use crate::contexts::ContextStore;
+use crate::disk::DataDir;
 use crate::error::{CoordinatorError, Result};
-use crate::farm::{Effect, Effects, Farm, FarmConfig, VerifyIn};
-use crate::journal::{Entry, Journal};
+use crate::farm::{Effect, Effects, Farm, FarmConfig, NewBuild, VerifyIn};
+use crate::journal::{Entry, Item, Journal, Stored};
 use crate::merge;
 use crate::metrics::Metrics;
 use crate::model::SystemClock;
 use crate::settings::Settings;
 use crate::store::Store;
+
+/// How long an acknowledging answer waits for a journal that cannot write.
+const STORED_WAIT: Duration = Duration::from_secs(5);
 
 /// A session's outbound stream: what the coordinator sends an agent.
 pub type AgentSender = mpsc::UnboundedSender<std::result::Result<proto::CoordinatorMessage, tonic::Status>>;
@@ -35,9 +39,13 @@ pub struct Coordinator {
     sessions: Mutex<HashMap<u64, AgentSender>>,
     /// The farm's writes, made off its lock.
     journal: Journal,
+    /// Unfinished builds' records as stored: what clients are shown.
+    pub stored: Arc<Stored>,
     pub contexts: ContextStore,
     pub blobs: Arc<BlobStore>,
     pub store: Arc<Store>,
+    /// Whether the data directory takes writes.
+    pub disk: Arc<DataDir>,
     pub settings: Settings,
     /// Wakes the scheduler after anything that may let a job be placed.
     pub wake: Notify,
@@ -51,23 +59,28 @@ impl Coordinator {
     pub fn open(settings: Settings) -> Result<Arc<Coordinator>> {
         std::fs::create_dir_all(&settings.data_dir)?;
         let store = Arc::new(Store::open(&settings.data_dir.join("braid.db"))?);
+        let metrics = Arc::new(Metrics::default());
+        let disk = Arc::new(DataDir::new(&settings.data_dir, metrics.clone()));
         let contexts = ContextStore::open(
             &settings.data_dir.join("contexts"),
             store.clone(),
+            disk.clone(),
             settings.max_context_bytes,
             settings.context_store_bytes,
         )?;
         let blobs = Arc::new(BlobStore::open(&settings.data_dir.join("blobs/sha256"), settings.blob_store_bytes)?);
-        let metrics = Arc::new(Metrics::default());
         let config = FarmConfig {
             max_attempts: settings.max_attempts,
             insecure_registries: settings.insecure_registries.clone(),
             configured: settings.credentials(),
         };
         let mut farm = Farm::new(config, Arc::new(SystemClock::default()), metrics.clone());
-        farm.restore(store.load_builds()?, store.cordons()?);
+        let builds = store.load_builds()?;
+        let stored = Arc::new(Stored::default());
+        builds.iter().for_each(|(record, _)| stored.note(record));
+        farm.restore(builds, store.cordons()?);
         farm.restore_deliveries(store.deliveries()?);
-        let journal = Journal::start(store.clone())?;
+        let journal = Journal::start(store.clone(), disk.clone(), stored.clone())?;
         let tokens = Tokens::new(store.clone(), settings.tls());
         let ca = match (&settings.tls_ca, &settings.tls_ca_key) {
             (Some(cert), Some(key)) => Some(Pem {
@@ -80,9 +93,11 @@ impl Coordinator {
             farm: Mutex::new(farm),
             sessions: Mutex::new(HashMap::new()),
             journal,
+            stored,
             contexts,
             blobs,
             store,
+            disk,
             settings,
             wake: Notify::new(),
             metrics,
@@ -105,8 +120,10 @@ impl Coordinator {
     /// Performs what a transition of `farm` asked for; called with the farm
     /// still locked (hence the `_farm` borrow), so messages to agents and
     /// writes keep the farm's order. Sends and queued writes do not block;
-    /// verifications and merges run in the background.
+    /// verifications and merges run in the background. The store writes of
+    /// one call go to the journal as one change, written in one transaction.
     pub fn perform(self: &Arc<Self>, _farm: &Farm, effects: Effects) {
+        let mut change = Vec::new();
         for effect in effects {
             match effect {
                 Effect::Assign { session, assignment } => self.send(session, ToAgent::Assign(*assignment)),
@@ -116,17 +133,37 @@ impl Coordinator {
                         let _ = tx.send(Err(crate::error::disconnect_status(&agent, why)));
                     }
                 }
-                Effect::Insert { record, spec } => self.journal.push(Entry::Insert { record, spec }),
-                Effect::Persist(record) => self.journal.push(Entry::Record(record)),
-                Effect::Append { events, live, delivered } => {
-                    self.journal.push(Entry::Events { events, live, delivered });
-                }
-                Effect::Cordon { agent, cordoned } => self.journal.push(Entry::Cordon { agent, cordoned }),
+                Effect::Persist(record) => change.push(Item::Record(record)),
+                Effect::Append { events, live, delivered } => change.push(Item::Events { events, live, delivered }),
+                Effect::Cordon { agent, cordoned } => change.push(Item::Cordon { agent, cordoned }),
                 follow @ (Effect::Verify { .. } | Effect::Merge { .. }) => {
                     tokio::spawn(self.clone().follow(follow));
                 }
             }
         }
+        if !change.is_empty() {
+            self.journal.push(Entry::Change(change));
+        }
+    }
+
+    /// Takes a validated build: stored first (its record and first event,
+    /// in one transaction, outside the farm's lock), then put in the farm,
+    /// so a build exists in memory, and its id is handed out, only once it
+    /// is stored. A full disk refuses it with `DataDirFull`.
+    pub async fn submit(self: &Arc<Self>, new: NewBuild) -> Result<String> {
+        let this = self.clone();
+        let new = crate::blocking::run(move || {
+            let (record, spec, event) = new.parts();
+            let written = this.store.write(&[
+                crate::store::Write::Insert(record, spec),
+                crate::store::Write::Events(std::slice::from_ref(event)),
+            ]);
+            written.map_err(|e| this.disk.check(e))?;
+            this.stored.note(record);
+            Ok(new)
+        })
+        .await?;
+        Ok(self.change(|farm| farm.admit(new)))
     }
 
     /// Runs a transition on the locked farm and performs its effects.
@@ -173,9 +210,27 @@ impl Coordinator {
         self.sessions().remove(&session);
     }
 
-    /// Waits until every change made so far is stored.
+    /// Waits until every change made so far is stored (while the disk is
+    /// full, until there is room again).
     pub async fn flush(&self) {
         self.journal.flush().await;
+    }
+
+    /// Waits until every change made so far is stored, before an answer
+    /// that acknowledges one. While the journal waits for room on a full
+    /// disk this gives up after `STORED_WAIT` with `DataDirFull`: the change
+    /// is made and will be stored once there is room, but is not
+    /// acknowledged (a restart before then would not show it).
+    pub async fn stored(&self) -> Result<()> {
+        if tokio::time::timeout(STORED_WAIT, self.journal.flush()).await.is_ok() {
+            return Ok(());
+        }
+        if self.disk.journal_stuck() {
+            return Err(CoordinatorError::DataDirFull { free: self.disk.free_bytes() });
+        }
+        // Slow, not stuck: the answer waits for it.
+        self.journal.flush().await;
+        Ok(())
     }
 
     /// Checks an image or merges an index, then records the outcome.
@@ -253,7 +308,7 @@ impl Coordinator {
                 this.blobs.put_bytes(&bytes, needed)
             })
             .await
-            .map_err(|e| format!("storing the index: {e}"))?;
+            .map_err(|e| format!("storing the index: {}", self.disk.check(e)))?;
         }
         if m.push {
             merge::push(&self.registry_for(build_id), &m.tags, &m.pushed_to, &m.images, &index, &descriptor).await?;
@@ -287,5 +342,75 @@ impl Coordinator {
                 self.perform(&farm, effects);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::BuildStatus;
+
+    fn new_build(c: &Coordinator) -> NewBuild {
+        let spec = proto::BuildSpec {
+            platforms: vec!["linux/amd64".into()],
+            tags: vec!["127.0.0.1:5000/app:1".into()],
+            context_digest: format!("sha256:{}", "0".repeat(64)),
+            push: true,
+            ..Default::default()
+        };
+        let v = crate::validate::spec(spec).unwrap();
+        c.farm().new_build(v.spec, v.platforms, v.tags, None, vec![])
+    }
+
+    #[tokio::test]
+    async fn a_full_store_refuses_builds_and_acknowledges_only_what_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings { data_dir: dir.path().to_owned(), ..Settings::default() };
+        let c = Coordinator::open(settings).unwrap();
+
+        // The database may not grow: builds are taken while they fit, then
+        // refused with the reason; memory holds exactly what is stored.
+        c.store.limit_pages(1);
+        let mut accepted = Vec::new();
+        let e = loop {
+            match c.submit(new_build(&c)).await {
+                Ok(id) => accepted.push(id),
+                Err(e) => break e,
+            }
+            assert!(accepted.len() < 1000, "the database never filled up");
+        };
+        assert!(matches!(e, CoordinatorError::DataDirFull { .. }), "{e}");
+        let status = tonic::Status::from(e);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().starts_with("coordinator data dir full ("), "{}", status.message());
+        assert_eq!(c.farm().builds.len(), accepted.len());
+        assert_eq!(c.store.load_builds().unwrap().len(), accepted.len());
+
+        // Room: stored with its first event, then in the farm.
+        c.store.limit_pages(1 << 30);
+        let id = c.submit(new_build(&c)).await.unwrap();
+        assert!(c.farm().builds.contains_key(&id));
+        assert_eq!(c.store.events_after(&id, 0, 10).unwrap().len(), 1);
+
+        // Failing writes: a cancel is made but not acknowledged, and stored
+        // (record and events together) once the store writes again.
+        c.store.refuse_writes(true);
+        let effects = c.farm().cancel(&id, "cancelled by request").unwrap();
+        c.perform(&c.farm(), effects);
+        let e = c.stored().await.unwrap_err();
+        assert!(matches!(e, CoordinatorError::DataDirFull { .. }), "{e}");
+        let stored = |c: &Coordinator| c.store.load_builds().unwrap().into_iter().find(|(r, _)| r.id == id).unwrap().0;
+        assert_eq!(stored(&c).status, BuildStatus::Queued);
+        assert_eq!(c.store.events_after(&id, 0, 10).unwrap().len(), 1);
+        // Clients are shown the stored state, not memory's.
+        assert_eq!(c.farm().builds[&id].record.status, BuildStatus::Cancelled);
+        assert_eq!(c.stored.lock()[&id].status, BuildStatus::Queued);
+        c.store.refuse_writes(false);
+        c.stored().await.unwrap();
+        let record = stored(&c);
+        assert!(!c.stored.lock().contains_key(&id), "a finished build is shown as memory has it");
+        assert_eq!(record.status, BuildStatus::Cancelled);
+        let seqs: Vec<u64> = c.store.events_after(&id, 0, 10).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=record.last_seq).collect::<Vec<_>>());
     }
 }

@@ -32,6 +32,29 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
+/// Whether a failed write is the disk's or the system's doing (full,
+/// failing, locked), so the same write can succeed later; a change SQLite
+/// refuses for itself (a constraint, a type) is not.
+pub fn is_transient(e: &CoordinatorError) -> bool {
+    use rusqlite::ErrorCode as C;
+    match e {
+        CoordinatorError::Store(rusqlite::Error::SqliteFailure(f, _)) => matches!(
+            f.code,
+            C::DiskFull
+                | C::SystemIoFailure
+                | C::DatabaseBusy
+                | C::DatabaseLocked
+                | C::CannotOpen
+                | C::ReadOnly
+                | C::OutOfMemory
+                | C::FileLockingProtocolFailed
+                | C::OperationInterrupted
+        ),
+        CoordinatorError::Io(_) | CoordinatorError::DataDirFull { .. } => true,
+        _ => false,
+    }
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS builds (
     id       TEXT PRIMARY KEY,
@@ -108,6 +131,19 @@ impl Store {
         // transaction kept the file consistent, so carry on with it.
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         Ok(f(&mut conn)?)
+    }
+
+    /// Lets the database grow to `pages` pages at most (never below its
+    /// size): past it, writes fail with SQLITE_FULL, as on a full disk.
+    #[cfg(test)]
+    pub fn limit_pages(&self, pages: u64) {
+        self.with(|c| c.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))).unwrap();
+    }
+
+    /// Refuses every write (SQLITE_READONLY) while `on`, as a failing disk would.
+    #[cfg(test)]
+    pub fn refuse_writes(&self, on: bool) {
+        self.with(|c| c.pragma_update(None, "query_only", on)).unwrap();
     }
 
     /// Writes a batch of the farm's changes in one transaction: one commit

@@ -35,7 +35,7 @@ impl AdminService {
             farm.agent_list().into_iter().find(|a| a.name == req.get_ref().name).map(|a| convert::agent_info(&farm, a))
         };
         // Stored before it is acknowledged: a restart keeps the cordon.
-        self.coordinator.flush().await;
+        self.coordinator.stored().await?;
         agent.map(Response::new).ok_or_else(|| Status::not_found("agent vanished"))
     }
 }

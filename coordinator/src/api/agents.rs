@@ -289,21 +289,25 @@ impl Agents for AgentsService {
         // a blocking thread, one chunk at a time.
         let coordinator = self.coordinator.clone();
         let (expected, size) = (digest.clone(), first.size);
+        // A full disk is told as such (`DataDir::check`).
+        let disk = &self.coordinator.disk;
         let mut upload = blocking::run(move || {
             let needed = || coordinator.blobs.referenced(&coordinator.farm().exporting_images());
             coordinator.blobs.begin(expected, size, needed)
         })
-        .await?;
+        .await
+        .map_err(|e| disk.check(e))?;
         let mut chunk = first.chunk;
         loop {
-            upload = blocking::run(move || upload.write(&chunk).map(|()| upload)).await?;
+            upload = blocking::run(move || upload.write(&chunk).map(|()| upload)).await.map_err(|e| disk.check(e))?;
             match stream.message().await? {
                 Some(msg) => chunk = msg.chunk,
                 None => break,
             }
         }
         let store = blobs.clone();
-        blocking::run(move || store.finish(upload)).await?;
+        blocking::run(move || store.finish(upload)).await.map_err(|e| disk.check(e))?;
+        disk.file_written();
         Metrics::add(&self.coordinator.metrics.blob_bytes_received, first.size);
         Ok(Response::new(proto::PutBlobResponse { digest: digest.to_string(), size: first.size }))
     }
@@ -326,7 +330,7 @@ impl Agents for AgentsService {
             return Err(Status::not_found(format!("context {digest} is not stored")));
         }
         let mut file = tokio::fs::File::open(self.coordinator.contexts.path(&digest)).await?;
-        self.coordinator.contexts.touch(&digest)?;
+        self.coordinator.contexts.touch(&digest);
         let coordinator = self.coordinator.clone();
         Metrics::add(&coordinator.metrics.context_fetches, 1);
         let stream = async_stream::try_stream! {

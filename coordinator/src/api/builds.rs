@@ -99,8 +99,12 @@ impl Builds for BuildsService {
         Metrics::add(&metrics.context_bytes_received, received);
         tracing::info!(digest = %digest, size, received, "context stored");
         let needed = self.coordinator.farm().needed_contexts();
-        let evicted = contexts.evict(&needed)?;
-        Metrics::add(&metrics.contexts_evicted, evicted);
+        // The context is stored: a failed eviction (a full disk refuses even
+        // deletions from the database) is for the operator, not the client.
+        match contexts.evict(&needed) {
+            Ok(evicted) => Metrics::add(&metrics.contexts_evicted, evicted),
+            Err(e) => tracing::warn!(error = %e, "evicting contexts failed"),
+        }
         Ok(Response::new(proto::PutContextResponse { digest: digest.to_string(), size, received }))
     }
 
@@ -118,12 +122,12 @@ impl Builds for BuildsService {
             ))
             .into());
         }
-        self.coordinator.contexts.touch(&digest)?;
-        let build_id = self
-            .coordinator
-            .change(|farm| farm.submit(valid.spec, valid.platforms, valid.tags, caller.token_id, credentials));
-        // Stored before its id is handed out: a restart keeps every build a client knows of.
-        self.coordinator.flush().await;
+        self.coordinator.contexts.touch(&digest);
+        let new =
+            self.coordinator.farm().new_build(valid.spec, valid.platforms, valid.tags, caller.token_id, credentials);
+        // Stored before its id is handed out: a restart keeps every build a
+        // client knows of, and a full disk refuses the build.
+        let build_id = self.coordinator.submit(new).await?;
         tracing::Span::current().record("build_id", build_id.as_str());
         Metrics::add(&self.coordinator.metrics.builds_submitted, 1);
         tracing::info!(build_id, "build submitted");
@@ -146,8 +150,12 @@ impl Builds for BuildsService {
         let build_id = req.build_id;
         let stream = async_stream::try_stream! {
             // Events the farm made before the subscription are stored or
-            // queued to be; once written, the replay finds them all.
-            coordinator.flush().await;
+            // queued to be; once written, the replay finds them all. A
+            // history while the journal waits for disk space is what is
+            // stored now, rather than a wait until there is room.
+            if !(req.history_only && coordinator.disk.journal_stuck()) {
+                coordinator.flush().await;
+            }
             let mut live = sub.live;
             let mut sent = req.after_seq;
             let mut done = false;
@@ -161,7 +169,8 @@ impl Builds for BuildsService {
                     done = is_final(&event);
                     yield event;
                 }
-                if done || (replayed == 0 && (sub.terminal || req.history_only)) {
+                // A history ends with what is stored, not at the next live event.
+                if done || (replayed < REPLAY_BATCH && req.history_only) || (replayed == 0 && sub.terminal) {
                     break;
                 }
                 if replayed == REPLAY_BATCH {
@@ -254,7 +263,11 @@ impl Builds for BuildsService {
     async fn get(&self, req: Request<proto::GetBuildRequest>) -> Result<Response<proto::Build>, Status> {
         let caller = self.coordinator.tokens.authorize(&req, Role::Submit)?;
         check_build_id(&req.get_ref().build_id)?;
-        let build = self.coordinator.farm().build_for(&req.get_ref().build_id, &caller).map(convert::build)?;
+        let farm = self.coordinator.farm();
+        let b = farm.build_for(&req.get_ref().build_id, &caller)?;
+        // As stored: memory may be ahead while the disk is full.
+        let stored = self.coordinator.stored.lock();
+        let build = convert::build_as(b, stored.get(&b.record.id).unwrap_or(&b.record));
         Ok(Response::new(build))
     }
 
@@ -281,14 +294,17 @@ impl Builds for BuildsService {
             return Err(Status::invalid_argument(format!("state: unknown build state {state}")));
         }
         let state = BuildStatus::from_proto(state);
+        // As stored: memory may be ahead while the disk is full.
+        let stored = self.coordinator.stored.lock();
         let mut builds: Vec<_> = farm
             .builds
             .values()
-            .filter(|b| state.is_none_or(|s| b.record.status == s))
-            .filter(|b| caller.owns(b.record.owner.as_deref()))
+            .map(|b| (b, stored.get(&b.record.id).unwrap_or(&b.record)))
+            .filter(|(_, r)| state.is_none_or(|s| r.status == s))
+            .filter(|(b, _)| caller.owns(b.record.owner.as_deref()))
             .collect();
-        builds.sort_by_key(|b| std::cmp::Reverse(b.record.order));
-        let builds = builds.into_iter().take(limit).map(convert::build).collect();
+        builds.sort_by_key(|(b, _)| std::cmp::Reverse(b.record.order));
+        let builds = builds.into_iter().take(limit).map(|(b, r)| convert::build_as(b, r)).collect();
         Ok(Response::new(proto::ListBuildsResponse { builds }))
     }
 
@@ -304,6 +320,8 @@ impl Builds for BuildsService {
             farm.build(&req.get_ref().build_id).map(convert::build)?
         };
         self.coordinator.wake.notify_one();
+        // Stored before it is acknowledged: a restart keeps the cancel.
+        self.coordinator.stored().await?;
         Ok(Response::new(build))
     }
 }

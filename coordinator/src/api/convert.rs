@@ -3,11 +3,15 @@
 use braid_shared::proto;
 
 use crate::farm::{AgentEntry, BuildEntry, Farm};
-use crate::model::{JobRecord, Role, TokenRecord, timestamp};
+use crate::model::{BuildRecord, JobRecord, Role, TokenRecord, timestamp};
 
 /// A build as `Get`, `List` and `Cancel` answer it (without its inline Dockerfile).
 pub fn build(b: &BuildEntry) -> proto::Build {
-    let r = &b.record;
+    build_as(b, &b.record)
+}
+
+/// A build as `record` (its stored record, `journal::Stored`) has it.
+pub fn build_as(b: &BuildEntry, r: &BuildRecord) -> proto::Build {
     proto::Build {
         build_id: r.id.clone(),
         state: r.status.to_proto() as i32,

@@ -12,20 +12,34 @@ use braid_shared::{ImageRef, Platform};
 
 use super::{BuildEntry, Effect, Effects, Farm, MergeInputs, Result};
 use crate::model::{
-    BuildRecord, BuildStatus, Image, IndexFormat, JobRecord, JobStatus, Phase, PhaseRecord, from_timestamp,
+    BuildRecord, BuildStatus, Image, IndexFormat, JobRecord, JobStatus, Phase, PhaseRecord, from_timestamp, timestamp,
 };
+
+/// A build made but not yet in the farm: stored first, then admitted.
+pub struct NewBuild {
+    entry: BuildEntry,
+    first: proto::BuildEvent,
+}
+
+impl NewBuild {
+    /// What is stored: its record, its spec and its first event.
+    pub fn parts(&self) -> (&BuildRecord, &proto::BuildSpec, &proto::BuildEvent) {
+        (&self.entry.record, &self.entry.spec, &self.first)
+    }
+}
 use crate::scheduler::{self, AgentView, QueuedJob};
 
 impl Farm {
-    /// Takes a validated build: one pending job per platform. Returns its id.
-    pub fn submit(
+    /// Makes a validated build, one pending job per platform, with its
+    /// first event; the build joins the farm at `admit`, once stored.
+    pub fn new_build(
         &mut self,
         spec: proto::BuildSpec,
         platforms: Vec<Platform>,
         tags: Vec<ImageRef>,
         owner: Option<String>,
         credentials: Vec<Credential>,
-    ) -> (String, Effects) {
+    ) -> NewBuild {
         let now = self.now();
         let id = uuid::Uuid::new_v4().simple().to_string();
         let jobs =
@@ -39,24 +53,29 @@ impl Farm {
             message: String::new(),
             jobs,
             index: None,
-            last_seq: 0,
+            last_seq: 1,
             owner,
             merge_started_ms: None,
         };
         self.next_order += 1;
-        for j in &record.jobs {
+        let first = proto::BuildEvent {
+            seq: 1,
+            build_id: id,
+            time: Some(timestamp(now)),
+            kind: Some(Self::build_event_of(BuildStatus::Queued)),
+        };
+        let (events, _) = broadcast::channel(1024);
+        NewBuild { entry: BuildEntry { record, spec, tags, events, credentials }, first }
+    }
+
+    /// Puts a stored build in the farm, to be scheduled. Returns its id.
+    pub fn admit(&mut self, new: NewBuild) -> (String, Effects) {
+        let id = new.entry.record.id.clone();
+        for j in &new.entry.record.jobs {
             self.job_index.insert(j.id.clone(), id.clone());
         }
         self.active.insert(id.clone());
-        let (events, _) = broadcast::channel(1024);
-        self.builds.insert(id.clone(), BuildEntry { record, spec, tags, events, credentials });
-        // The record is inserted with its first event's number.
-        self.append(&id, vec![Self::build_event_of(BuildStatus::Queued)]);
-        if let Some(b) = self.builds.get(&id) {
-            let insert = Effect::Insert { record: Box::new(b.record.clone()), spec: Box::new(b.spec.clone()) };
-            let at = self.out.len().saturating_sub(1);
-            self.out.insert(at, insert);
-        }
+        self.builds.insert(id.clone(), new.entry);
         (id, self.take())
     }
 

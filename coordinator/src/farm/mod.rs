@@ -13,6 +13,8 @@ pub use agents::Connected;
 mod builds;
 mod events;
 
+pub use builds::NewBuild;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -168,8 +170,6 @@ pub enum Effect {
     Cancel { session: u64, cancel: proto::CancelJob },
     /// Close an agent's session (named for the message it gets).
     Disconnect { session: u64, agent: String, why: Disconnect },
-    /// Store a new build and its spec.
-    Insert { record: Box<BuildRecord>, spec: Box<proto::BuildSpec> },
     /// Store a build's record as it now is (on state changes only).
     Persist(Box<BuildRecord>),
     /// Store a build's events (and, for those an agent's message made, the
