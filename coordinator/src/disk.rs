@@ -29,47 +29,9 @@ pub struct DataDir {
     metrics: std::sync::Arc<Metrics>,
 }
 
-/// Whether an I/O error means the disk (or the user's quota) is full.
-pub fn io_is_full(e: &std::io::Error) -> bool {
-    matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
-}
-
-/// Whether a SQLite error means the disk is full.
-pub fn sqlite_is_full(e: &rusqlite::Error) -> bool {
-    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
-}
-
-/// Whether an error of the coordinator is a full disk.
-pub fn is_full(e: &CoordinatorError) -> bool {
-    match e {
-        CoordinatorError::Io(e) => io_is_full(e),
-        CoordinatorError::Store(e) => sqlite_is_full(e),
-        CoordinatorError::DataDirFull { .. } => true,
-        _ => false,
-    }
-}
-
-/// Bytes an unprivileged writer may still use on the file system of `path`;
-/// 0 when that cannot be read.
-pub fn free_bytes(path: &Path) -> u64 {
-    match rustix::fs::statvfs(path) {
-        Ok(s) => s.f_bavail.saturating_mul(s.f_frsize),
-        Err(_) => 0,
-    }
-}
-
-/// The first data directory opened in this process: for the free bytes of
-/// a full disk met where no `DataDir` is at hand (`error.rs`).
-static FIRST: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-
-/// The free bytes of the data directory, if one was opened.
-pub fn data_dir_free_bytes() -> Option<u64> {
-    FIRST.get().map(|p| free_bytes(p))
-}
-
 impl DataDir {
     pub fn new(path: &Path, metrics: std::sync::Arc<Metrics>) -> DataDir {
-        let _ = FIRST.set(path.to_owned());
+        crate::space::remember_data_dir(path);
         DataDir {
             path: path.to_owned(),
             journal_stuck: AtomicBool::new(false),
@@ -80,13 +42,13 @@ impl DataDir {
     }
 
     pub fn free_bytes(&self) -> u64 {
-        free_bytes(&self.path)
+        crate::space::free_bytes(&self.path)
     }
 
     /// Turns a full disk into `DataDirFull` (with the bytes free now) and
     /// notes it; other errors pass as they are.
     pub fn check(&self, e: CoordinatorError) -> CoordinatorError {
-        if !is_full(&e) {
+        if !e.is_disk_full() {
             return e;
         }
         self.files_full.store(true, Ordering::Relaxed);
@@ -161,6 +123,7 @@ impl DataDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::space::{io_is_full, sqlite_is_full};
 
     #[test]
     fn full_is_told_by_kind_and_code_not_by_text() {

@@ -43,9 +43,9 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Unauthenticated(m) => Status::unauthenticated(m),
             CoordinatorError::DataDirFull { .. } => Status::resource_exhausted(e.to_string()),
             // A full disk that no `DataDir::check` saw still says what it is.
-            e @ (CoordinatorError::Store(_) | CoordinatorError::Io(_)) if crate::disk::is_full(&e) => {
+            e @ (CoordinatorError::Store(_) | CoordinatorError::Io(_)) if e.is_disk_full() => {
                 tracing::error!(error = %e, "the data directory is full");
-                match crate::disk::data_dir_free_bytes() {
+                match crate::space::data_dir_free_bytes() {
                     Some(free) => Status::resource_exhausted(CoordinatorError::DataDirFull { free }.to_string()),
                     None => Status::resource_exhausted("coordinator data dir full"),
                 }
@@ -59,6 +59,18 @@ impl From<CoordinatorError> for Status {
                 Status::internal("the coordinator hit an i/o error; see its log")
             }
             CoordinatorError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+impl CoordinatorError {
+    /// Whether this is a full disk (or quota), by its kind or code.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            CoordinatorError::Io(e) => crate::space::io_is_full(e),
+            CoordinatorError::Store(e) => crate::space::sqlite_is_full(e),
+            CoordinatorError::DataDirFull { .. } => true,
+            _ => false,
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod model;
 pub mod scheduler;
 pub mod server;
 pub mod settings;
+pub mod space;
 pub mod state;
 pub mod store;
 pub mod validate;
