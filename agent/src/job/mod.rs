@@ -273,7 +273,17 @@ async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &
         target: &spec.target,
         no_cache: spec.no_cache,
         credentials,
+        network: &spec.network,
+        add_hosts: &spec.add_hosts,
+        shm_size_bytes: spec.shm_size_bytes,
     };
+    // The classic builder's API has no ulimits (bollard sends none): fail
+    // rather than build without them.
+    if !spec.ulimits.is_empty() {
+        return Err(build_failure(
+            "--ulimit is not supported by this agent's Docker Engine backend (classic builder); use a buildah or podman agent",
+        ));
+    }
     if !env.engine_gate.is_open_for(platform) {
         log_lines(env, a, vec!["waiting for this agent's builds of another platform on the Docker Engine".into()]);
     }
