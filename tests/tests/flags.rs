@@ -130,11 +130,40 @@ fn run_flags_reach_buildah_and_the_docker_engine() {
     let index = registry.manifest("flags/ulimit:1").unwrap();
     let seen = registry.per_platform("flags/ulimit", &index, &["nofile"], &dir.join("scratch2")).unwrap();
     assert_eq!(seen, ["amd64 777"]);
-    let mut args = vec!["build", "--platform", "linux/arm64", "-t", &tag, "--push"];
+    let mut args = vec!["build", "--platform", "linux/arm64", "-t", &tag, "--push", "--iidfile", iid.to_str().unwrap()];
     args.extend(ulimit);
     args.push(&ctx);
     let out = farm.braid(&args).unwrap();
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.contains("--ulimit is not supported by this agent's Docker Engine backend"), "{err}");
+    assert!(!iid.exists(), "a failed build leaves no stale --iidfile, as buildx");
+
+    // --pull: the base tag moves to a new image while the agents hold the
+    // old one. buildah (pull if newer) and the Engine (braid always asks it
+    // to pull) see the new one anyway; with --pull buildah fetches the base
+    // even when its copy is current, as buildx does.
+    let v2 = dockerfile_context(dir, "v2", &format!("FROM {base}\nRUN echo v2 > /base-version\n"));
+    let out = farm.braid(&["build", "--platform", "linux/amd64,linux/arm64", "-t", &base, "--push", &v2]).unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let seen =
+        dockerfile_context(dir, "seen", &format!("FROM {base}\nRUN cat /base-version > /seen || echo v1 > /seen\n"));
+    let tag = format!("{}/flags/pull:1", registry.addr);
+    let build = |extra: &[&str]| {
+        let mut args = vec!["build", "--progress", "plain", "-t", &tag, "--push"];
+        args.extend(extra);
+        args.push(&seen);
+        let out = farm.braid(&args).unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let index = registry.manifest("flags/pull:1").unwrap();
+        let scratch = dir.join(format!("pull{}", extra.len()));
+        (registry.per_platform("flags/pull", &index, &["seen"], &scratch).unwrap(), text(&out.stderr))
+    };
+    let (seen1, log1) = build(&["--platform", "linux/amd64"]);
+    let (seen2, log2) = build(&["--platform", "linux/amd64", "--no-cache"]);
+    let (seen3, log3) = build(&["--platform", "linux/amd64,linux/arm64", "--pull", "--no-cache"]);
+    assert_eq!((seen1, seen2), (vec!["amd64 v2".to_owned()], vec!["amd64 v2".to_owned()]), "{log1}");
+    assert!(!log2.contains("Trying to pull"), "without --pull buildah uses its up-to-date copy:\n{log2}");
+    assert!(log3.contains("[linux/amd64] Trying to pull"), "--pull fetches the base again:\n{log3}");
+    assert_eq!(seen3, ["amd64 v2", "arm64 v2"]);
 }

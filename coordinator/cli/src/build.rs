@@ -285,6 +285,15 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         bail!("--detach returns before the build ends, so it cannot write --iidfile");
     }
     let run_flags = RunFlags::parse(&args)?;
+    // As buildx: a build that fails leaves no stale image id behind.
+    if let Some(path) = &args.iidfile {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing the old --iidfile {path:?}"));
+            }
+            _ => {}
+        }
+    }
     let say = |line: String| {
         if progress != Progress::Quiet {
             eprintln!("{line}");
