@@ -1,5 +1,6 @@
 //! buildx's run-time flags through the real binaries, on one farm with a
-//! buildah agent (linux/amd64) and a Docker Engine agent (linux/arm64):
+//! buildah agent (linux/amd64), a Docker Engine agent (linux/arm64) and an
+//! agent that refuses `--network host` (linux/386):
 //! `--pull`, `--network`, `--add-host`, `--shm-size`, `--ulimit`,
 //! `--iidfile`, `-q`, and the refusals before upload.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -27,9 +28,11 @@ fn run_flags_reach_buildah_and_the_docker_engine() {
     let agents = [
         AgentSpec::new("buildah-amd64", &[]),
         AgentSpec::new("docker-arm64", &["linux/arm64"]).backend("docker").flag("--docker-host", &engine.host),
+        // An operator's refusal of --network host (BuildKit's network.host entitlement).
+        AgentSpec::new("no-host-net", &["linux/386"]).env("BRAID_ALLOW_NETWORK_HOST", "false"),
     ];
     let farm = Farm::start(dir, &registry, &agents).unwrap();
-    farm.wait_for_agents(2).unwrap();
+    farm.wait_for_agents(3).unwrap();
 
     // Invalid values are refused by the CLI before anything is uploaded.
     let ctx = dockerfile_context(dir, "ctx", &format!("FROM {base}\n{PROBE}"));
@@ -80,6 +83,11 @@ fn run_flags_reach_buildah_and_the_docker_engine() {
         ["amd64 10.1.2.3 db.example", "arm64 10.1.2.3 db.example"],
         "add-host on buildah (amd64) and the Engine (arm64)"
     );
+
+    let out = farm.braid(&["build", "--platform", "linux/386", "--network", "host", &ctx]).unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("--network host: agent no-host-net does not let builds use its host's network"), "{err}");
 
     // --network none and --shm-size: the Engine's RUN steps see only the
     // loopback and a /dev/shm of that size; buildah with chroot isolation

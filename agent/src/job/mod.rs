@@ -173,6 +173,12 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         return infra(format!("writing {}: {e}", dockerfile.display()));
     }
 
+    if spec.network == "host" && !env.settings.settings.allow_network_host {
+        return build_failure(format!(
+            "--network host: agent {} does not let builds use its host's network (allow_network_host = false)",
+            env.settings.settings.name
+        ));
+    }
     let insecure: Vec<String> = a.insecure_registries.clone();
     let credentials: Vec<Credential> = a.credentials.iter().map(Credential::from).collect();
     let layout = job_dir.path().join("layout");
