@@ -78,7 +78,8 @@ pub struct BuildArgs {
     /// Always fetch the base images, even when the agent's builder has a copy
     #[arg(long)]
     pull: bool,
-    /// Networking of RUN steps: default, none or host
+    /// Networking of RUN steps: default, none or host (none needs a Docker Engine agent or buildah with
+    /// isolation oci; an agent may refuse host)
     #[arg(long, value_name = "MODE", value_parser = braid_shared::buildflags::NETWORKS)]
     network: Option<String>,
     /// Add a host-to-IP mapping to /etc/hosts of RUN steps, HOST:IP (repeatable)
@@ -88,7 +89,7 @@ pub struct BuildArgs {
     /// buildah and podman agents; the Docker Engine backend fails the job)
     #[arg(long = "ulimit", value_name = "ULIMIT")]
     ulimits: Vec<String>,
-    /// Size of /dev/shm of RUN steps, e.g. 64m or 1g
+    /// Size of /dev/shm of RUN steps, e.g. 64m or 1g (a Docker Engine agent or buildah with isolation oci)
     #[arg(long, value_name = "BYTES", value_parser = |s: &str| braid_shared::buildflags::parse_size(s).map_err(|e| e.to_string()))]
     shm_size: Option<u64>,
     /// Write the image index's digest to FILE (braid always makes an index, as buildx for several platforms)
