@@ -173,6 +173,11 @@ pub struct BuildSpec<'a> {
     pub target: &'a str,
     pub no_cache: bool,
     pub credentials: &'a [Credential],
+    /// `--network`: "", "default", "none" or "host".
+    pub network: &'a str,
+    pub add_hosts: &'a [braid_shared::proto::HostMapping],
+    /// `--shm-size` (0: the Engine's default).
+    pub shm_size_bytes: u64,
 }
 
 /// Name of the Dockerfile braid adds to the context sent to the Engine;
@@ -187,6 +192,19 @@ pub async fn build(
     scratch: &JobDir,
     log: &mut crate::joblog::JobLog,
 ) -> Result<String, DockerError> {
+    // bollard takes shmsize as an i32.
+    let shmsize = match spec.shm_size_bytes {
+        0 => None,
+        n => Some(i32::try_from(n).map_err(|_| {
+            DockerError::Build(format!(
+                "--shm-size {n}: the Docker Engine backend takes at most {} bytes; use a buildah or podman agent",
+                i32::MAX
+            ))
+        })?),
+    };
+    let extrahosts = (!spec.add_hosts.is_empty())
+        .then(|| spec.add_hosts.iter().map(|h| format!("{}:{}", h.host, h.ip)).collect::<Vec<_>>().join(","));
+    let networkmode = matches!(spec.network, "none" | "host").then(|| spec.network.to_owned());
     let tar_path = scratch.path().join("context.tar");
     write_context_tar(scratch, spec.context_dir, spec.dockerfile, &tar_path).await?;
     let options = BuildImageOptions {
@@ -201,6 +219,10 @@ pub async fn build(
         labels: Some(spec.labels),
         platform: spec.platform.to_string(),
         target: spec.target.to_owned(),
+        // `pull` above fetches the base images already: `--pull` is honoured.
+        extrahosts,
+        networkmode,
+        shmsize,
         ..Default::default()
     };
     let file = tokio::fs::File::open(&tar_path).await.map_err(io_err(&tar_path))?;

@@ -81,6 +81,20 @@ pub struct Settings {
         action = clap::ArgAction::Set
     )]
     pub emulation: bool,
+    /// Let builds run RUN steps in this host's network (`braid build
+    /// --network host`), as the Docker Engine's BuildKit allows by default;
+    /// --allow-network-host=false fails such jobs (BuildKit's `network.host`
+    /// entitlement)
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value_t = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub allow_network_host: bool,
     /// Seconds a stopping agent (first SIGTERM) lets running jobs finish
     /// before it hands them back
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use braid_shared::{ImageRef, Platform, buildargs, limits, proto};
+use braid_shared::{ImageRef, Platform, buildargs, buildflags, limits, proto};
 
 use crate::error::CoordinatorError;
 
@@ -229,7 +229,29 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
     if !spec.target.is_empty() && !is_stage_name(&spec.target) {
         return Err(invalid(format!("target: invalid stage name {:?}", braid_shared::shorten(&spec.target, 80))));
     }
+    run_flags(&spec)?;
     Ok(ValidSpec { spec, platforms, tags })
+}
+
+/// `--network`, `--add-host`, `--ulimit`, `--shm-size`: checked as the CLI
+/// checks them, the message naming the field.
+fn run_flags(spec: &proto::BuildSpec) -> Result<(), CoordinatorError> {
+    fn field(name: &'static str) -> impl Fn(buildflags::FlagError) -> CoordinatorError {
+        move |e| invalid(format!("{name}: {e}"))
+    }
+    buildflags::check_network(&spec.network).map_err(field("network"))?;
+    if spec.add_hosts.len() > limits::ADD_HOSTS {
+        return Err(too_many("add_hosts", limits::ADD_HOSTS));
+    }
+    for m in &spec.add_hosts {
+        buildflags::check_host_mapping(m).map_err(field("add_hosts"))?;
+    }
+    buildflags::check_ulimits(&spec.ulimits).map_err(field("ulimits"))?;
+    if spec.shm_size_bytes != 0 {
+        buildflags::check_shm_size(spec.shm_size_bytes)
+            .map_err(|e| invalid(format!("shm_size_bytes: {}: {e}", spec.shm_size_bytes)))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -271,6 +293,15 @@ mod tests {
         let v = spec(base()).unwrap();
         assert_eq!(v.spec.platforms, ["linux/amd64", "linux/arm64"]);
         assert_eq!(v.spec.dockerfile_path, "Dockerfile");
+        let flags = proto::BuildSpec {
+            pull: true,
+            network: "none".into(),
+            add_hosts: vec![proto::HostMapping { host: "db.local".into(), ip: "fe80::1".into() }],
+            ulimits: vec![proto::Ulimit { name: "nofile".into(), soft: 512, hard: -1 }],
+            shm_size_bytes: 64 << 20,
+            ..base()
+        };
+        assert!(spec(flags).is_ok());
     }
 
     #[test]
@@ -407,6 +438,37 @@ mod tests {
                 }),
                 "have no annotations; use --format oci",
             ),
+            (
+                Box::new(|s| s.network = "bridge".into()),
+                "network: --network \"bridge\": expected default, none or host",
+            ),
+            (
+                Box::new(|s| s.add_hosts = vec![proto::HostMapping { host: "a\nb".into(), ip: "1.2.3.4".into() }]),
+                "add_hosts: --add-host \"a\\nb\": invalid host name",
+            ),
+            (
+                Box::new(|s| s.add_hosts = vec![proto::HostMapping { host: "db".into(), ip: "1.2.3".into() }]),
+                "add_hosts: --add-host db:\"1.2.3\": invalid IP address",
+            ),
+            (
+                Box::new(|s| {
+                    s.add_hosts = vec![proto::HostMapping { host: "db".into(), ip: "::1".into() }; 65];
+                }),
+                "add_hosts: more than the limit of 64",
+            ),
+            (
+                Box::new(|s| s.ulimits = vec![proto::Ulimit { name: "files".into(), soft: 1, hard: 1 }]),
+                "ulimits: --ulimit \"files=1:1\": unknown name \"files\"",
+            ),
+            (
+                Box::new(|s| s.ulimits = vec![proto::Ulimit { name: "nofile".into(), soft: 9, hard: 1 }]),
+                "ulimits: --ulimit \"nofile=9:1\": the soft limit is above the hard limit",
+            ),
+            (
+                Box::new(|s| s.ulimits = vec![proto::Ulimit { name: "nofile".into(), soft: 1, hard: 1 }; 2]),
+                "ulimits: --ulimit: nofile given twice",
+            ),
+            (Box::new(|s| s.shm_size_bytes = (64 << 30) + 1), "shm_size_bytes: 68719476737: more than the limit"),
         ];
         for (mutate, want) in cases {
             let mut s = base();

@@ -4,6 +4,7 @@
 
 pub mod beneath;
 pub mod buildargs;
+pub mod buildflags;
 pub mod codec;
 pub mod compression;
 pub mod context;

@@ -72,3 +72,7 @@ pub const HTTP_SESSION_SECONDS: u64 = 12 * 3600;
 pub const RECONNECT_SECONDS: u64 = 600;
 /// Longest `push_retry_seconds` of an agent: a day.
 pub const PUSH_RETRY_SECONDS: u64 = 24 * 3600;
+/// `--add-host` entries in one build.
+pub const ADD_HOSTS: usize = 64;
+/// Largest `--shm-size`: 64 GiB.
+pub const SHM_SIZE_BYTES: u64 = 64 << 30;

@@ -32,6 +32,9 @@ pub(super) async fn build_with_containers(
         Ok(c) => c,
         Err(e) => return Err(infra(format!("writing registries.conf: {e}"))),
     };
+    if env.settings.settings.isolation == "chroot" {
+        chroot_can_honour(spec, &env.settings.backend)?;
+    }
     let iidfile = job_dir.path().join("iid");
     let mut bud = buildah(env, &conf, platform);
     bud.arg(if env.settings.backend == "podman" { "build" } else { "bud" })
@@ -54,6 +57,7 @@ pub(super) async fn build_with_containers(
     if !spec.target.is_empty() {
         bud.arg("--target").arg(&spec.target);
     }
+    run_flags(&mut bud, spec);
     let mut args: Vec<(&String, &String)> = spec.build_args.iter().collect();
     args.sort();
     for (k, v) in args {
@@ -96,6 +100,48 @@ pub(super) async fn build_with_containers(
         .arg(&image_id)
         .arg(format!("oci:{}:image", layout.display()));
     run_logged(env, a, export, job_dir, cancel).await.map_err(|e| infra(format!("exporting the image: {e}")))
+}
+
+/// With `--isolation chroot`, buildah runs RUN steps in the host's network
+/// and with the host's /dev/shm, whatever it is asked: refuse rather than
+/// build without what the flag asks.
+fn chroot_can_honour(spec: &braid_shared::proto::BuildSpec, backend: &str) -> Result<(), Outcome> {
+    let refuse = |flag: &str, what: &str| {
+        Err(build_failure(format!(
+            "{flag}: this agent's {backend} runs RUN steps with --isolation chroot, {what}; \
+             it needs an agent with isolation oci"
+        )))
+    };
+    if spec.network == "none" {
+        return refuse("--network none", "in the host's network");
+    }
+    if spec.shm_size_bytes != 0 {
+        return refuse("--shm-size", "with the host's /dev/shm");
+    }
+    Ok(())
+}
+
+/// `--pull`, `--network`, `--add-host`, `--ulimit`, `--shm-size` as buildah
+/// and podman spell them (`--pull=always` from buildah 1.23 on).
+fn run_flags(bud: &mut Command, spec: &braid_shared::proto::BuildSpec) {
+    if spec.pull {
+        bud.arg("--pull=always");
+    }
+    match spec.network.as_str() {
+        "none" | "host" => {
+            bud.arg("--network").arg(&spec.network);
+        }
+        _ => {}
+    }
+    for h in &spec.add_hosts {
+        bud.arg("--add-host").arg(format!("{}:{}", h.host, h.ip));
+    }
+    for u in &spec.ulimits {
+        bud.arg("--ulimit").arg(format!("{}={}:{}", u.name, u.soft, u.hard));
+    }
+    if spec.shm_size_bytes != 0 {
+        bud.arg("--shm-size").arg(format!("{}b", spec.shm_size_bytes));
+    }
 }
 
 /// Makes the image's config name the target platform, as BuildKit does.

@@ -173,6 +173,12 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         return infra(format!("writing {}: {e}", dockerfile.display()));
     }
 
+    if spec.network == "host" && !env.settings.settings.allow_network_host {
+        return build_failure(format!(
+            "--network host: agent {} does not let builds use its host's network (allow_network_host = false)",
+            env.settings.settings.name
+        ));
+    }
     let insecure: Vec<String> = a.insecure_registries.clone();
     let credentials: Vec<Credential> = a.credentials.iter().map(Credential::from).collect();
     let layout = job_dir.path().join("layout");
@@ -273,7 +279,17 @@ async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &
         target: &spec.target,
         no_cache: spec.no_cache,
         credentials,
+        network: &spec.network,
+        add_hosts: &spec.add_hosts,
+        shm_size_bytes: spec.shm_size_bytes,
     };
+    // The classic builder's API has no ulimits (bollard sends none): fail
+    // rather than build without them.
+    if !spec.ulimits.is_empty() {
+        return Err(build_failure(
+            "--ulimit is not supported by this agent's Docker Engine backend (classic builder); use a buildah or podman agent",
+        ));
+    }
     if !env.engine_gate.is_open_for(platform) {
         log_lines(env, a, vec!["waiting for this agent's builds of another platform on the Docker Engine".into()]);
     }

@@ -75,9 +75,66 @@ pub struct BuildArgs {
     /// Progress output: auto, plain (log lines prefixed by platform) or quiet
     #[arg(long, value_name = "TYPE", default_value = "auto", value_parser = ["auto", "plain", "quiet"])]
     progress: String,
+    /// Always fetch the base images, even when the agent's builder has a copy
+    #[arg(long)]
+    pull: bool,
+    /// Networking of RUN steps: default, none or host (none needs a Docker Engine agent or buildah with
+    /// isolation oci; an agent may refuse host)
+    #[arg(long, value_name = "MODE", value_parser = braid_shared::buildflags::NETWORKS)]
+    network: Option<String>,
+    /// Add a host-to-IP mapping to /etc/hosts of RUN steps, HOST:IP (repeatable)
+    #[arg(long = "add-host", value_name = "HOST:IP")]
+    add_hosts: Vec<String>,
+    /// Resource limit of RUN steps, TYPE=SOFT[:HARD] with docker's names (nofile, nproc, ...; repeatable;
+    /// buildah and podman agents; the Docker Engine backend fails the job)
+    #[arg(long = "ulimit", value_name = "ULIMIT")]
+    ulimits: Vec<String>,
+    /// Size of /dev/shm of RUN steps, e.g. 64m or 1g (a Docker Engine agent or buildah with isolation oci)
+    #[arg(long, value_name = "BYTES", value_parser = |s: &str| braid_shared::buildflags::parse_size(s).map_err(|e| e.to_string()))]
+    shm_size: Option<u64>,
+    /// Write the image index's digest to FILE (braid always makes an index, as buildx for several platforms)
+    #[arg(long, value_name = "FILE")]
+    iidfile: Option<PathBuf>,
+    /// Print only the index digest on success (the same as --progress quiet)
+    #[arg(short = 'q', long)]
+    quiet: bool,
     /// Build context directory, or "-" to read a tar from stdin
     #[arg(value_name = "PATH")]
     path: PathBuf,
+}
+
+/// `--network`, `--add-host`, `--ulimit`: refused here, before the upload,
+/// as the coordinator would.
+struct RunFlags {
+    network: String,
+    add_hosts: Vec<proto::HostMapping>,
+    ulimits: Vec<proto::Ulimit>,
+}
+
+impl RunFlags {
+    fn parse(args: &BuildArgs) -> anyhow::Result<Self> {
+        use braid_shared::buildflags;
+        let network = args.network.clone().unwrap_or_default();
+        buildflags::check_network(&network)?;
+        if args.add_hosts.len() > braid_shared::limits::ADD_HOSTS {
+            bail!("--add-host: more than the limit of {} entries", braid_shared::limits::ADD_HOSTS);
+        }
+        let add_hosts = args.add_hosts.iter().map(|h| buildflags::parse_add_host(h)).collect::<Result<_, _>>()?;
+        let ulimits: Vec<_> = args.ulimits.iter().map(|u| buildflags::parse_ulimit(u)).collect::<Result<_, _>>()?;
+        buildflags::check_ulimits(&ulimits)?;
+        Ok(Self { network, add_hosts, ulimits })
+    }
+}
+
+/// `--iidfile`: the index digest, as buildx writes for a multi-platform build.
+fn write_iidfile(path: &std::path::Path, build: &proto::Build) -> anyhow::Result<()> {
+    if build.index_digest.is_empty() {
+        crate::diag::warn(&format!(
+            "--iidfile {path:?} not written: the build made no image index (no --push, --output or --load)"
+        ));
+        return Ok(());
+    }
+    std::fs::write(path, &build.index_digest).with_context(|| format!("writing --iidfile {path:?}"))
 }
 
 /// `--build-arg KEY` takes KEY's value from the environment, and is left out
@@ -221,9 +278,23 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         _ => None,
     };
     let progress = match args.progress.as_str() {
+        _ if args.quiet => Progress::Quiet,
         "quiet" => Progress::Quiet,
         _ => Progress::Plain,
     };
+    if args.detach && args.iidfile.is_some() {
+        bail!("--detach returns before the build ends, so it cannot write --iidfile");
+    }
+    let run_flags = RunFlags::parse(&args)?;
+    // As buildx: a build that fails leaves no stale image id behind.
+    if let Some(path) = &args.iidfile {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing the old --iidfile {path:?}"));
+            }
+            _ => {}
+        }
+    }
     let say = |line: String| {
         if progress != Progress::Quiet {
             eprintln!("{line}");
@@ -293,6 +364,11 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         timeout_seconds: args.timeout.unwrap_or(0).into(),
         export: outputs.exports(),
         format: outputs.format.clone(),
+        pull: args.pull,
+        network: run_flags.network,
+        add_hosts: run_flags.add_hosts,
+        ulimits: run_flags.ulimits,
+        shm_size_bytes: args.shm_size.unwrap_or(0),
     };
     let credentials = if conn.may_carry_secrets() { forwarded_credentials(&tags)? } else { Vec::new() };
     let build_id = client.submit(proto::SubmitRequest { spec: Some(spec), credentials }).await?.into_inner().build_id;
@@ -331,6 +407,9 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     summarize(&build, progress, args.metadata_file.as_deref(), stdout_taken)?;
     match outcome {
         proto::BuildState::Succeeded => {
+            if let Some(path) = &args.iidfile {
+                write_iidfile(path, &build)?;
+            }
             if let Some(local) = &outputs.local {
                 output::write_local(&mut client, &build, local, store.as_ref(), &say).await?;
             }
