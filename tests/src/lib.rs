@@ -150,6 +150,57 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<
     Ok(Output { status, stdout: out_thread.join().unwrap(), stderr: err_thread.join().unwrap() })
 }
 
+/// A finished command's stdout and stderr, for assertion messages.
+pub fn output_text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// A TLS test cluster's PKI: `braid certs init` into one directory, for a
+/// coordinator on 127.0.0.1.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn init(dir: &Path) -> Pki {
+        let out = run_with_timeout(
+            Command::new(bin("braid")).args(["certs", "init", "--dir"]).arg(dir).args(["--host", "127.0.0.1"]),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert!(out.status.success(), "braid certs init: {}", output_text(&out));
+        Pki { dir: dir.to_owned() }
+    }
+
+    /// The cluster CA's certificate, for `--ca` and curl's `--cacert`.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The coordinator's TLS flags; with `signs_joins`, also the CA key that
+    /// lets it sign joining agents' certificates.
+    pub fn coordinator_flags(&self, signs_joins: bool) -> Vec<std::ffi::OsString> {
+        let mut files =
+            vec![("--tls-cert", "coordinator.pem"), ("--tls-key", "coordinator-key.pem"), ("--tls-ca", "ca.pem")];
+        if signs_joins {
+            files.push(("--tls-ca-key", "ca-key.pem"));
+        }
+        files.into_iter().flat_map(|(flag, file)| [flag.into(), self.dir.join(file).into_os_string()]).collect()
+    }
+}
+
+/// A token made offline: `braid-coordinator --data-dir DATA token create
+/// --role ROLE`, as an operator bootstraps a farm.
+pub fn offline_token(data: &Path, role: &str) -> String {
+    let out = run_with_timeout(
+        Command::new(bin("braid-coordinator")).arg("--data-dir").arg(data).args(["token", "create", "--role", role]),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert!(out.status.success(), "token create: {}", output_text(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 pub fn send_signal(pid: u32, signal: &str) {
     let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
     assert!(status.success(), "kill -{signal} {pid} failed");

@@ -9,7 +9,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use braid_shared::proto::{self, agents_client::AgentsClient};
-use braid_tests::{Proc, Registry, bin, eventually, free_port, require_environment, run_with_timeout};
+use braid_tests::{
+    Pki, Proc, Registry, bin, eventually, free_port, offline_token, output_text, require_environment, run_with_timeout,
+};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// A coordinator serving TLS with a fresh cluster CA that signs joins, a
@@ -23,16 +25,12 @@ struct TlsFarm {
     _coordinator: Proc,
 }
 
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
 fn run(cmd: &mut Command) -> Output {
     run_with_timeout(cmd, Duration::from_secs(300)).unwrap()
 }
 
 fn stdout(out: &Output) -> String {
-    assert!(out.status.success(), "{}", text(out));
+    assert!(out.status.success(), "{}", output_text(out));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -40,28 +38,18 @@ impl TlsFarm {
     /// `before_start` runs once the CA exists, before the coordinator does.
     fn start(dir: &Path, before_start: impl FnOnce(&Path)) -> TlsFarm {
         let registry = Registry::start(&dir.join("registry")).unwrap();
-        let certs = dir.join("certs");
-        stdout(&run(Command::new(bin("braid")).args(["certs", "init", "--dir"]).arg(&certs)));
+        let pki = Pki::init(&dir.join("certs"));
+        let certs = pki.dir.clone();
         before_start(&certs);
         let data = dir.join("data");
-        let coordinator = || {
-            let mut cmd = Command::new(bin("braid-coordinator"));
-            cmd.arg("--data-dir").arg(&data);
-            cmd
-        };
-        let operate = stdout(&run(coordinator().args(["token", "create", "--role", "operate"])));
+        let operate = offline_token(&data, "operate");
         let port = free_port();
-        let mut cmd = coordinator();
-        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", &format!("127.0.0.1:{}", free_port())])
+        let mut cmd = Command::new(bin("braid-coordinator"));
+        cmd.arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--insecure-registry", &registry.addr, "--agent-lost-seconds", "60"]);
-        for (flag, file) in [
-            ("--tls-cert", "coordinator.pem"),
-            ("--tls-key", "coordinator-key.pem"),
-            ("--tls-ca", "ca.pem"),
-            ("--tls-ca-key", "ca-key.pem"),
-        ] {
-            cmd.arg(flag).arg(certs.join(file));
-        }
+        cmd.args(pki.coordinator_flags(true));
         let coordinator = Proc::spawn("coordinator", &mut cmd, &dir.join("coordinator.log")).unwrap();
         eventually(Duration::from_secs(20), "the coordinator to listen", || {
             std::fs::read_to_string(dir.join("coordinator.log")).ok()?.contains("coordinator listening").then_some(())
@@ -134,7 +122,7 @@ impl TlsFarm {
             meta.to_str().unwrap(),
             ctx.to_str().unwrap(),
         ]);
-        assert!(out.status.success(), "build {n}: {}", text(&out));
+        assert!(out.status.success(), "build {n}: {}", output_text(&out));
         let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
         let id = meta["braid.build.id"].as_str().unwrap();
         serde_json::from_str(&stdout(&self.braid(&["inspect", id, "--format", "json"]))).unwrap()
@@ -154,9 +142,9 @@ fn jobs_done(farm: &TlsFarm, label: &str) -> usize {
 }
 
 fn refused(out: &Output, wants: &[&str]) {
-    assert!(!out.status.success(), "should be refused: {}", text(out));
+    assert!(!out.status.success(), "should be refused: {}", output_text(out));
     for want in wants {
-        assert!(text(out).contains(want), "wanted {want:?} in {}", text(out));
+        assert!(output_text(out).contains(want), "wanted {want:?} in {}", output_text(out));
     }
 }
 
@@ -240,7 +228,7 @@ fn join_tokens_never_take_over_an_enrolled_name() {
     // 3. Forgetting agent-a revokes its certificate: the running a2 is cut
     // off and refused on reconnect, and a fresh token enrolls the name again.
     let out = farm.braid(&["agents", "forget", "agent-a"]);
-    assert!(stdout(&out).contains("1 certificate(s) revoked, its session closed"), "{}", text(&out));
+    assert!(stdout(&out).contains("1 certificate(s) revoked, its session closed"), "{}", output_text(&out));
     eventually(Duration::from_secs(30), "the forgotten agent's reconnect to be refused", || {
         let log = farm.log("a2");
         (log.contains("was forgotten by an operator") && log.contains("was revoked")).then_some(())

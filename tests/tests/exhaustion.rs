@@ -12,16 +12,12 @@ use std::time::{Duration, Instant};
 
 use braid_shared::Digest;
 use braid_shared::proto::{self, builds_client::BuildsClient};
-use braid_tests::{Farm, Proc, bin, eventually, free_port, run_with_timeout};
+use braid_tests::{Farm, Pki, Proc, bin, eventually, free_port, offline_token, output_text, run_with_timeout};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 /// The two tests measure time and CPU: they run one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 /// `size` zeros as one zstd frame, compressed as they stream by (never
 /// whole in memory).
@@ -89,7 +85,7 @@ fn zstd_bombs_and_cut_frames_are_refused_cheaply() {
         let start = Instant::now();
         let out = farm.braid(&["builds"]).unwrap();
         fastest = fastest.min(start.elapsed());
-        assert!(out.status.success(), "{}", text(&out));
+        assert!(out.status.success(), "{}", output_text(&out));
         for upload in bombs {
             let status = runtime.block_on(upload).unwrap().unwrap_err();
             assert_eq!(status.code(), Code::ResourceExhausted, "{}", status.message());
@@ -192,24 +188,9 @@ fn idle_and_slow_connections_do_not_lock_clients_out() {
     raise_own_file_limit(4096);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let certs = dir.join("certs");
-    let out = run_with_timeout(
-        Command::new(bin("braid")).args(["certs", "init", "--dir"]).arg(&certs).args(["--host", "127.0.0.1"]),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let pki = Pki::init(&dir.join("certs"));
     let data = dir.join("data");
-    let out = run_with_timeout(
-        Command::new(bin("braid-coordinator"))
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["token", "create", "--role", "submit"]),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let token = offline_token(&data, "submit");
 
     // A hard limit of 1024 files: raising the soft limit gains nothing.
     let (port, http) = (free_port(), free_port());
@@ -220,12 +201,7 @@ fn idle_and_slow_connections_do_not_lock_clients_out() {
         .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", &format!("127.0.0.1:{http}")])
         .arg("--data-dir")
         .arg(&data)
-        .arg("--tls-cert")
-        .arg(certs.join("coordinator.pem"))
-        .arg("--tls-key")
-        .arg(certs.join("coordinator-key.pem"))
-        .arg("--tls-ca")
-        .arg(certs.join("ca.pem"))
+        .args(pki.coordinator_flags(false))
         .args(["--header-timeout", &header_timeout.as_secs().to_string()]);
     let log = dir.join("coordinator.log");
     let coordinator = Proc::spawn("coordinator", &mut cmd, &log).unwrap();
@@ -245,7 +221,7 @@ fn idle_and_slow_connections_do_not_lock_clients_out() {
 
     // 500 slowloris connections to the HTTP port.
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let connector = tls_connector(&certs.join("ca.pem"));
+    let connector = tls_connector(&pki.ca());
     let give_up = header_timeout + Duration::from_secs(20);
     let slow: Vec<_> = (0..500).map(|_| runtime.spawn(slowloris(http, connector.clone(), give_up))).collect();
 
@@ -256,13 +232,13 @@ fn idle_and_slow_connections_do_not_lock_clients_out() {
     let mut braid = Command::new(bin("braid"));
     braid
         .args(["--coordinator", &format!("https://127.0.0.1:{port}"), "--ca"])
-        .arg(certs.join("ca.pem"))
+        .arg(pki.ca())
         .args(["--token", &token, "builds"])
         .env_remove("BRAID_TOKEN");
     let start = Instant::now();
     let out = run_with_timeout(&mut braid, Duration::from_secs(30)).unwrap();
     let took = start.elapsed();
-    assert!(out.status.success(), "{}\n{}", text(&out), read_log());
+    assert!(out.status.success(), "{}\n{}", output_text(&out), read_log());
     assert!(took < Duration::from_secs(1), "braid builds took {took:?} with 2000 idle connections open");
 
     // Every slowloris connection is closed by the server within the header
@@ -280,6 +256,6 @@ fn idle_and_slow_connections_do_not_lock_clients_out() {
     // everything ends with the coordinator still up.
     drop(idle);
     let out = run_with_timeout(&mut braid, Duration::from_secs(30)).unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     drop(coordinator);
 }

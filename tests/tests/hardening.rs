@@ -14,12 +14,10 @@ use braid_shared::proto::{
     self, admin_client::AdminClient, agent_message::Kind as FromAgent, agents_client::AgentsClient,
     builds_client::BuildsClient,
 };
-use braid_tests::{Farm, Proc, bin, eventually, free_port, require_environment, run_with_timeout};
+use braid_tests::{
+    Farm, Pki, Proc, bin, eventually, free_port, offline_token, output_text, require_environment, run_with_timeout,
+};
 use tonic::Code;
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 fn spec() -> proto::BuildSpec {
     proto::BuildSpec {
@@ -183,22 +181,26 @@ fn hostile_inputs_are_refused_with_the_field_and_value_named() {
     std::fs::write(ctx.join("Dockerfile"), "FROM scratch\n").unwrap();
     let ctx = ctx.to_str().unwrap();
     let out = farm.braid(&["build", "--platform", "linux/amd64,../../etc", ctx]).unwrap();
-    assert!(!out.status.success() && text(&out).contains("invalid platform \"../../etc\""), "{}", text(&out));
+    assert!(
+        !out.status.success() && output_text(&out).contains("invalid platform \"../../etc\""),
+        "{}",
+        output_text(&out)
+    );
     let out = farm.braid(&["build", "--platform", "linux/amd64", "-t", "127.0.0.1:0/app", ctx]).unwrap();
     assert!(
         !out.status.success()
-            && text(&out).contains("tags: invalid image reference")
-            && text(&out).contains("127.0.0.1:0/app"),
+            && output_text(&out).contains("tags: invalid image reference")
+            && output_text(&out).contains("127.0.0.1:0/app"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     let out = farm.braid(&["build", "--platform", "linux/amd64", "--label", "a\rb=v", ctx]).unwrap();
-    assert!(!out.status.success() && text(&out).contains("labels: invalid name"), "{}", text(&out));
+    assert!(!out.status.success() && output_text(&out).contains("labels: invalid name"), "{}", output_text(&out));
 
     // A well-formed platform no agent declares is accepted (as buildx does)
     // but gets no metric series of its own.
     let out = farm.braid(&["build", "--platform", "linux/evilarch_1", "--detach", ctx]).unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let metrics = eventually(Duration::from_secs(20), "the job to be counted", || {
         let out = Command::new("curl").args(["-fsS", &format!("http://{}/metrics", farm.http)]).output().ok()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -216,11 +218,11 @@ fn hostile_inputs_are_refused_with_the_field_and_value_named() {
     assert_eq!(line["level"], "ERROR", "{stderr}");
     assert!(line["fields"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{stderr}");
     let out = farm.braid(&["--log-format", "xml", "builds"]).unwrap();
-    assert!(!out.status.success() && text(&out).contains("expected pretty or json"), "{}", text(&out));
+    assert!(!out.status.success() && output_text(&out).contains("expected pretty or json"), "{}", output_text(&out));
 
     // Plain loopback development stays open.
     let out = Command::new("curl").args(["-fsS", &format!("http://{}/api/overview", farm.http)]).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 }
 
 struct Https {
@@ -246,55 +248,25 @@ impl Https {
     }
 }
 
-fn token(out: &Output) -> String {
-    assert!(out.status.success(), "{}", text(out));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 #[test]
 fn with_tls_the_dashboard_api_and_metrics_need_an_operate_token() {
     require_environment();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let certs = dir.join("certs");
-    let out = run_with_timeout(
-        Command::new(bin("braid")).args(["certs", "init", "--dir"]).arg(&certs).args(["--host", "127.0.0.1"]),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let pki = Pki::init(&dir.join("certs"));
     let data = dir.join("data");
-    let coordinator_token = |role: &str| {
-        token(
-            &run_with_timeout(
-                Command::new(bin("braid-coordinator"))
-                    .arg("--data-dir")
-                    .arg(&data)
-                    .args(["token", "create", "--role", role]),
-                Duration::from_secs(30),
-            )
-            .unwrap(),
-        )
-    };
-    let operate = coordinator_token("operate");
-    let operate_2 = coordinator_token("operate");
-    let submit = coordinator_token("submit");
+    let operate = offline_token(&data, "operate");
+    let operate_2 = offline_token(&data, "operate");
+    let submit = offline_token(&data, "submit");
 
     let (port, http) = (free_port(), free_port());
     let mut cmd = Command::new(bin("braid-coordinator"));
     cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", &format!("127.0.0.1:{http}")])
         .arg("--data-dir")
         .arg(&data);
-    for (flag, file) in [
-        ("--tls-cert", "coordinator.pem"),
-        ("--tls-key", "coordinator-key.pem"),
-        ("--tls-ca", "ca.pem"),
-        ("--tls-ca-key", "ca-key.pem"),
-    ] {
-        cmd.arg(flag).arg(certs.join(file));
-    }
+    cmd.args(pki.coordinator_flags(true));
     let _coordinator = Proc::spawn("coordinator", &mut cmd, &dir.join("coordinator.log")).unwrap();
-    let https = Https { base: format!("https://127.0.0.1:{http}"), ca: certs.join("ca.pem") };
+    let https = Https { base: format!("https://127.0.0.1:{http}"), ca: pki.ca() };
     eventually(Duration::from_secs(20), "https /healthz", || (https.curl(&[], "/healthz").0 == 200).then_some(()))
         .unwrap();
 
@@ -364,11 +336,11 @@ fn with_tls_the_dashboard_api_and_metrics_need_an_operate_token() {
     let out = run_with_timeout(
         Command::new(bin("braid"))
             .args(["--coordinator", &format!("https://127.0.0.1:{port}"), "--ca"])
-            .arg(certs.join("ca.pem"))
+            .arg(pki.ca())
             .args(["--token", &operate, "token", "revoke", id]),
         Duration::from_secs(30),
     )
     .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(https.curl(&second, "/api/overview").0, 401);
 }

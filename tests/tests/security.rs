@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use braid_tests::{Proc, Registry, bin, eventually, free_port, require_environment, run_with_timeout};
+use braid_tests::{
+    Pki, Proc, Registry, bin, eventually, free_port, offline_token, output_text, require_environment, run_with_timeout,
+};
 
 struct Tls {
     dir: PathBuf,
@@ -38,12 +40,8 @@ impl Tls {
     }
 }
 
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
 fn token_from(out: &Output) -> String {
-    assert!(out.status.success(), "{}", text(out));
+    assert!(out.status.success(), "{}", output_text(out));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -61,26 +59,13 @@ fn mutual_tls_tokens_and_roles() {
     let certs = dir.join("certs");
 
     // The cluster CA and the coordinator's certificate; keys are 0600.
-    let out = run_with_timeout(
-        Command::new(bin("braid")).args(["certs", "init", "--dir"]).arg(&certs).args(["--host", "127.0.0.1"]),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let pki = Pki::init(&certs);
     for key in ["ca-key.pem", "coordinator-key.pem"] {
         assert_eq!(mode(&certs.join(key)), 0o600, "{key}");
     }
 
     let data = dir.join("data");
-    let bootstrap = run_with_timeout(
-        Command::new(bin("braid-coordinator"))
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["token", "create", "--role", "operate"]),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    let operate = token_from(&bootstrap);
+    let operate = offline_token(&data, "operate");
 
     let port = free_port();
     let http = free_port();
@@ -89,14 +74,7 @@ fn mutual_tls_tokens_and_roles() {
         .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", &format!("127.0.0.1:{http}")])
         .arg("--data-dir")
         .arg(&data)
-        .arg("--tls-cert")
-        .arg(certs.join("coordinator.pem"))
-        .arg("--tls-key")
-        .arg(certs.join("coordinator-key.pem"))
-        .arg("--tls-ca")
-        .arg(certs.join("ca.pem"))
-        .arg("--tls-ca-key")
-        .arg(certs.join("ca-key.pem"))
+        .args(pki.coordinator_flags(true))
         .args(["--insecure-registry", &registry.addr]);
     let _coordinator = Proc::spawn("coordinator", &mut coordinator_cmd, &dir.join("coordinator.log")).unwrap();
     eventually(Duration::from_secs(20), "the coordinator to listen", || {
@@ -134,12 +112,12 @@ fn mutual_tls_tokens_and_roles() {
         run_with_timeout(&mut cmd, Duration::from_secs(30)).unwrap()
     };
     let out = join("agent-1", "agent-1", &join_token);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(mode(&dir.join("agent-1/tls/agent-key.pem")), 0o600);
     let again = join("agent-1", "agent-1", &join_token);
-    assert!(again.status.success() && text(&again).contains("already enrolled"), "{}", text(&again));
+    assert!(again.status.success() && output_text(&again).contains("already enrolled"), "{}", output_text(&again));
     let reused = join("agent-x", "agent-x", &join_token);
-    assert!(!reused.status.success() && text(&reused).contains("already used"), "{}", text(&reused));
+    assert!(!reused.status.success() && output_text(&reused).contains("already used"), "{}", output_text(&reused));
 
     let mut agent_cmd = tls.agent("agent-1", "agent-1", &[]);
     let _agent = Proc::spawn("agent-1", &mut agent_cmd, &dir.join("agent-1.log")).unwrap();
@@ -170,7 +148,7 @@ fn mutual_tls_tokens_and_roles() {
             ctx.to_str().unwrap(),
         ],
     );
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let build_id =
         serde_json::from_slice::<serde_json::Value>(&std::fs::read(&meta).unwrap()).unwrap()["braid.build.id"]
             .as_str()
@@ -182,7 +160,7 @@ fn mutual_tls_tokens_and_roles() {
     let refused = |token: Option<&str>, args: &[&str], want: &str| {
         let out = tls.braid(token, args);
         assert!(!out.status.success(), "{args:?} should be refused");
-        assert!(text(&out).contains(want), "{args:?}: wanted {want:?} in {}", text(&out));
+        assert!(output_text(&out).contains(want), "{args:?}: wanted {want:?} in {}", output_text(&out));
     };
     refused(None, &["builds"], "missing bearer token");
     refused(Some("braid_nope_0000"), &["builds"], "invalid token");
@@ -226,7 +204,7 @@ fn mutual_tls_tokens_and_roles() {
             Duration::from_secs(30),
         )
         .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
+        assert!(out.status.success(), "{}", output_text(&out));
         (certs_dir.join(format!("{name}.pem")), certs_dir.join(format!("{name}-key.pem")))
     };
     let cases = [
