@@ -6,7 +6,7 @@
 use std::io::Write as _;
 use std::net::TcpStream as StdTcpStream;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
