@@ -21,8 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         // prost's codec, but a message that does not decode is InvalidArgument.
         .codec_path("crate::codec::BraidCodec")
-        // Its Debug is written by hand, redacting the password.
-        .skip_debug(["braid.v1.RegistryCredential"])
+        // Their Debug is written by hand, redacting the password and the value.
+        .skip_debug(["braid.v1.RegistryCredential", "braid.v1.SecretValue"])
         .compile_fds(fds)?;
     Ok(())
 }

@@ -145,6 +145,7 @@ fn hello(name: &str, platforms: &[&str]) -> proto::Hello {
         running: vec![],
         emulated_platforms: vec![],
         incarnation: String::new(),
+        builder: None,
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod beneath;
 pub mod buildargs;
 pub mod buildflags;
+pub mod capability;
 pub mod codec;
 pub mod compression;
 pub mod context;
@@ -37,6 +38,15 @@ pub mod proto {
                 .field("registry", &self.registry)
                 .field("username", &self.username)
                 .field("password", &"<redacted>")
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for SecretValue {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("SecretValue")
+                .field("id", &self.id)
+                .field("value", &format_args!("<{} bytes redacted>", self.value.len()))
                 .finish()
         }
     }

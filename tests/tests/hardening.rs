@@ -86,7 +86,7 @@ fn hostile_inputs_are_refused_with_the_field_and_value_named() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let mut builds = BuildsClient::connect(farm.url.clone()).await.unwrap();
-        let submit = |s: proto::BuildSpec| proto::SubmitRequest { spec: Some(s), credentials: vec![] };
+        let submit = |s: proto::BuildSpec| proto::SubmitRequest { spec: Some(s), credentials: vec![], secrets: vec![] };
 
         // Platforms: anything not [a-z0-9_]-shaped after normalization.
         for bad in [

@@ -25,7 +25,7 @@ fn every_limit_answers_precisely() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let mut client = BuildsClient::connect(farm.url.clone()).await.unwrap().max_encoding_message_size(64 << 20);
-        let submit = |s: proto::BuildSpec| proto::SubmitRequest { spec: Some(s), credentials: vec![] };
+        let submit = |s: proto::BuildSpec| proto::SubmitRequest { spec: Some(s), credentials: vec![], secrets: vec![] };
         let cases: Vec<(proto::BuildSpec, Code, &str)> = vec![
             (proto::BuildSpec { platforms: vec![], ..spec() }, Code::InvalidArgument, "platforms: at least one"),
             (

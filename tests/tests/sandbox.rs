@@ -85,7 +85,12 @@ async fn submit_tar(client: &mut Client, tar: Vec<u8>, platform: &str, dockerfil
         dockerfile_path: dockerfile_path.into(),
         ..Default::default()
     };
-    client.submit(proto::SubmitRequest { spec: Some(spec), credentials: vec![] }).await.unwrap().into_inner().build_id
+    client
+        .submit(proto::SubmitRequest { spec: Some(spec), credentials: vec![], secrets: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .build_id
 }
 
 /// Polls build `id` until `done` says so (at most five minutes).

@@ -369,9 +369,14 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         add_hosts: run_flags.add_hosts,
         ulimits: run_flags.ulimits,
         shm_size_bytes: args.shm_size.unwrap_or(0),
+        ..Default::default()
     };
     let credentials = if conn.may_carry_secrets() { forwarded_credentials(&tags)? } else { Vec::new() };
-    let build_id = client.submit(proto::SubmitRequest { spec: Some(spec), credentials }).await?.into_inner().build_id;
+    let build_id = client
+        .submit(proto::SubmitRequest { spec: Some(spec), credentials, secrets: Vec::new() })
+        .await?
+        .into_inner()
+        .build_id;
     say(format!("#2 build {build_id} submitted"));
     if args.detach {
         println!("{build_id}");

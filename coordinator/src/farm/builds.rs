@@ -213,6 +213,8 @@ impl Farm {
             insecure_registries: insecure,
             emulated,
             credentials,
+            // The build's --secret values (issue 16).
+            secrets: Vec::new(),
         };
         let mut events = vec![Self::job_event(job)];
         if first_start {

@@ -118,6 +118,7 @@ async fn fake_agent(
             running: vec![],
             emulated_platforms: vec![],
             incarnation: String::new(),
+            builder: None,
         })),
         seq: 0,
     })
@@ -270,7 +271,7 @@ pub async fn run(url: &str, coordinator_pid: u32, builds: usize, lines: usize) -
     let submits = (0..builds).map(|_| {
         let mut c = client.clone();
         let spec = spec.clone();
-        async move { c.submit(proto::SubmitRequest { spec: Some(spec), credentials: vec![] }).await }
+        async move { c.submit(proto::SubmitRequest { spec: Some(spec), credentials: vec![], secrets: vec![] }).await }
     });
     let mut ids = Vec::new();
     for r in futures::future::join_all(submits).await {

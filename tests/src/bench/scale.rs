@@ -45,6 +45,7 @@ async fn fake_agent(channel: tonic::transport::Channel, name: String, clock: Clo
             running: vec![],
             emulated_platforms: vec![],
             incarnation: String::new(),
+            builder: None,
         })),
         seq: 0,
     })
@@ -142,7 +143,9 @@ pub async fn run(
         let clock = clock.clone();
         submitters.push(tokio::spawn(async move {
             let sent = Instant::now();
-            if let Ok(r) = c.submit(proto::SubmitRequest { spec: Some(spec), credentials: vec![] }).await {
+            if let Ok(r) =
+                c.submit(proto::SubmitRequest { spec: Some(spec), credentials: vec![], secrets: vec![] }).await
+            {
                 let id = r.into_inner().build_id;
                 let mut map = clock.lock().unwrap_or_else(|p| p.into_inner());
                 map.entry(id).or_insert((None, None)).0 = Some(sent);

@@ -1,0 +1,186 @@
+//! What an agent's builder can do, and so what a build may need of it.
+//!
+//! An agent probes its builder at start and reports these names in its
+//! hello (`BuilderInfo.capabilities`); the coordinator derives what a build
+//! needs from its flags and its Dockerfile (`BuildSpec.needs`) and places a
+//! job only on an agent whose builder has all of it. One vocabulary, so the
+//! two sides cannot drift: a name neither side knows is refused, not ignored.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// One thing a build may need of a builder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Capability {
+    /// `--secret` and `RUN --mount=type=secret`.
+    Secrets,
+    /// `--ssh` and `RUN --mount=type=ssh`.
+    Ssh,
+    /// `RUN --mount=type=cache`.
+    CacheMounts,
+    /// `RUN --mount=type=bind`.
+    BindMounts,
+    /// `RUN --mount=type=tmpfs`.
+    TmpfsMounts,
+    /// `RUN <<EOF` and `COPY <<EOF` (here-documents).
+    Heredocs,
+    /// `COPY --link` / `ADD --link`.
+    CopyLink,
+    /// `COPY --chmod` / `ADD --chmod`.
+    CopyChmod,
+    /// `--build-context NAME=VALUE`.
+    BuildContexts,
+    /// `--cache-from type=registry`.
+    RegistryCacheImport,
+    /// `--cache-to type=registry`.
+    RegistryCacheExport,
+    /// `--cache-to type=inline`.
+    InlineCacheExport,
+    /// `--no-cache-filter STAGE`.
+    NoCacheFilter,
+    /// `--network none`.
+    NetworkNone,
+    /// `--network host`.
+    NetworkHost,
+    /// `--add-host`.
+    AddHosts,
+    /// `--ulimit`.
+    Ulimits,
+    /// `--shm-size`.
+    ShmSize,
+    /// A `# syntax=` directive naming a Dockerfile frontend image.
+    SyntaxDirective,
+}
+
+impl Capability {
+    /// Every capability, in the order they are listed to people.
+    pub const ALL: [Capability; 19] = [
+        Capability::Secrets,
+        Capability::Ssh,
+        Capability::CacheMounts,
+        Capability::BindMounts,
+        Capability::TmpfsMounts,
+        Capability::Heredocs,
+        Capability::CopyLink,
+        Capability::CopyChmod,
+        Capability::BuildContexts,
+        Capability::RegistryCacheImport,
+        Capability::RegistryCacheExport,
+        Capability::InlineCacheExport,
+        Capability::NoCacheFilter,
+        Capability::NetworkNone,
+        Capability::NetworkHost,
+        Capability::AddHosts,
+        Capability::Ulimits,
+        Capability::ShmSize,
+        Capability::SyntaxDirective,
+    ];
+
+    /// The wire and display name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::Secrets => "secrets",
+            Capability::Ssh => "ssh",
+            Capability::CacheMounts => "cache-mounts",
+            Capability::BindMounts => "bind-mounts",
+            Capability::TmpfsMounts => "tmpfs-mounts",
+            Capability::Heredocs => "heredocs",
+            Capability::CopyLink => "copy-link",
+            Capability::CopyChmod => "copy-chmod",
+            Capability::BuildContexts => "build-contexts",
+            Capability::RegistryCacheImport => "registry-cache-import",
+            Capability::RegistryCacheExport => "registry-cache-export",
+            Capability::InlineCacheExport => "inline-cache-export",
+            Capability::NoCacheFilter => "no-cache-filter",
+            Capability::NetworkNone => "network-none",
+            Capability::NetworkHost => "network-host",
+            Capability::AddHosts => "add-hosts",
+            Capability::Ulimits => "ulimits",
+            Capability::ShmSize => "shm-size",
+            Capability::SyntaxDirective => "syntax-directive",
+        }
+    }
+
+    /// What a user wrote that needs it, for messages.
+    pub fn feature(self) -> &'static str {
+        match self {
+            Capability::Secrets => "build secrets (--secret, RUN --mount=type=secret)",
+            Capability::Ssh => "SSH forwarding (--ssh, RUN --mount=type=ssh)",
+            Capability::CacheMounts => "RUN --mount=type=cache",
+            Capability::BindMounts => "RUN --mount=type=bind",
+            Capability::TmpfsMounts => "RUN --mount=type=tmpfs",
+            Capability::Heredocs => "heredocs (<<EOF)",
+            Capability::CopyLink => "COPY --link",
+            Capability::CopyChmod => "COPY --chmod",
+            Capability::BuildContexts => "--build-context",
+            Capability::RegistryCacheImport => "--cache-from type=registry",
+            Capability::RegistryCacheExport => "--cache-to type=registry",
+            Capability::InlineCacheExport => "--cache-to type=inline",
+            Capability::NoCacheFilter => "--no-cache-filter",
+            Capability::NetworkNone => "--network none",
+            Capability::NetworkHost => "--network host",
+            Capability::AddHosts => "--add-host",
+            Capability::Ulimits => "--ulimit",
+            Capability::ShmSize => "--shm-size",
+            Capability::SyntaxDirective => "a # syntax= frontend image",
+        }
+    }
+
+    /// Which builders provide it, for the hint in a refusal.
+    pub fn provided_by(self) -> &'static str {
+        match self {
+            Capability::Secrets | Capability::Ssh | Capability::CacheMounts | Capability::BindMounts => {
+                "buildah >= 1.24, podman >= 4.0, or a Docker Engine with BuildKit"
+            }
+            Capability::TmpfsMounts => "buildah >= 1.24, podman >= 4.0, or a Docker Engine with BuildKit",
+            Capability::Heredocs => "buildah >= 1.33 or podman >= 4.8",
+            Capability::CopyLink => "buildah >= 1.31 or podman >= 4.6",
+            Capability::CopyChmod => "buildah >= 1.24, podman >= 4.0, or a Docker Engine with BuildKit",
+            Capability::BuildContexts => "buildah >= 1.27 or podman >= 4.2",
+            Capability::RegistryCacheImport | Capability::RegistryCacheExport => "buildah >= 1.27 or podman >= 4.2",
+            Capability::InlineCacheExport => "a Docker Engine with BuildKit",
+            Capability::NoCacheFilter => "a BuildKit with a docker-container driver (buildx); no agent builder here",
+            Capability::NetworkNone | Capability::AddHosts | Capability::ShmSize => "every builder",
+            Capability::NetworkHost => "an agent with allow_network_host = true",
+            Capability::Ulimits => "buildah or podman",
+            Capability::SyntaxDirective => "a BuildKit that can pull the frontend image",
+        }
+    }
+}
+
+impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A capability name neither side knows.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown builder capability {0:?}")]
+pub struct UnknownCapability(pub String);
+
+impl FromStr for Capability {
+    type Err = UnknownCapability;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Capability::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| UnknownCapability(crate::shorten(s, 64)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn every_name_parses_back_and_names_are_unique() {
+        let mut names: Vec<&str> = Capability::ALL.iter().map(|c| c.name()).collect();
+        for c in Capability::ALL {
+            assert_eq!(c.name().parse::<Capability>().unwrap(), c);
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Capability::ALL.len());
+        assert!("nope".parse::<Capability>().is_err());
+    }
+}
