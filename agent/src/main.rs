@@ -33,7 +33,7 @@ use braid_shared::telemetry;
 /// variables, variables over the file, the file over the defaults.
 /// examples/agent.toml lists every key.
 #[derive(Debug, Parser)]
-#[command(name = "braid-agent", version)]
+#[command(name = "braid-agent", version = braid_build_info::LONG_VERSION)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,

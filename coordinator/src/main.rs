@@ -21,7 +21,7 @@ use braid_shared::telemetry;
 /// flags win over variables, variables over the file, the file over the
 /// defaults. examples/coordinator.toml lists every key.
 #[derive(Debug, Parser)]
-#[command(name = "braid-coordinator", version, after_help = AFTER_HELP)]
+#[command(name = "braid-coordinator", version = braid_build_info::LONG_VERSION, after_help = AFTER_HELP)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,

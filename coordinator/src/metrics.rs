@@ -236,6 +236,13 @@ impl Metrics {
             "Failed writes to the data directory (full disk, i/o error); the journal's retries count too.",
             &self.store_write_errors,
         );
+        // Label values are the build's own constants: no escaping needed.
+        let _ = writeln!(
+            out,
+            "# HELP braid_build_info The coordinator's version and git commit (always 1).\n# TYPE braid_build_info gauge\nbraid_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            braid_build_info::VERSION,
+            braid_build_info::COMMIT
+        );
         gauge(
             &mut out,
             "braid_store_writable",

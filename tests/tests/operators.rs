@@ -135,6 +135,12 @@ fn operators_see_and_steer_the_farm() {
     ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
+    // The same commit `--version` names, and a real one (the suite runs in a checkout).
+    let version = stdout(&Command::new(braid_tests::bin("braid")).arg("--version").output().unwrap());
+    let commit = version.trim().rsplit_once("(commit ").and_then(|(_, c)| c.strip_suffix(')')).unwrap().to_owned();
+    assert!(commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit()), "{version}");
+    let info = format!("braid_build_info{{version=\"{}\",commit=\"{commit}\"}} 1", env!("CARGO_PKG_VERSION"));
+    assert!(text.contains(&info), "{info} missing from:\n{text}");
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

@@ -6,6 +6,7 @@ mod conn;
 mod describe;
 mod diag;
 mod dockerconfig;
+mod docs;
 mod ops;
 mod output;
 mod reconnect;
@@ -19,8 +20,8 @@ use clap::{Parser, Subcommand};
 /// Builds container images for several platforms at once, each on a machine
 /// that runs it natively.
 #[derive(Debug, Parser)]
-#[command(name = "braid", version)]
-struct Cli {
+#[command(name = "braid", version = braid_build_info::LONG_VERSION)]
+pub(crate) struct Cli {
     /// Coordinator URL (plaintext http:// only to a loopback address in this version)
     #[arg(long, global = true, env = "BRAID_COORDINATOR", default_value = "http://127.0.0.1:7700")]
     coordinator: String,
@@ -98,6 +99,17 @@ enum Command {
         limit: u32,
         #[arg(long, value_enum, default_value = "table")]
         format: ops::Format,
+    },
+    /// Print a shell completion script: `braid completion bash >
+    /// /etc/bash_completion.d/braid` (or zsh, fish, elvish, powershell)
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (braid.1, braid-build.1, ...) into DIR
+    Man {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
     },
 }
 
@@ -212,6 +224,8 @@ async fn main() {
         Command::Uncordon { agent } => ops::steer(&conn, &agent, "uncordon").await,
         Command::Drain { agent } => ops::steer(&conn, &agent, "drain").await,
         Command::Builds { state, limit, format } => ops::builds(&conn, state.as_deref(), limit, format).await,
+        Command::Completion { shell } => docs::completion(shell),
+        Command::Man { dir } => docs::man(&dir),
     };
     match result {
         Ok(code) => std::process::exit(code),
