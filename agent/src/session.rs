@@ -62,6 +62,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 type SessionError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How long an agent whose certificate or token is refused waits before
+/// trying again, doubling up to the most (an operator may re-admit it
+/// meanwhile).
+const REFUSED_RETRY_FIRST: Duration = Duration::from_secs(10);
+const REFUSED_RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// Whether the coordinator refused who this agent is (revoked or unknown
+/// certificate, bad token), as opposed to a link that failed.
+fn is_refused_identity(e: &SessionError) -> bool {
+    e.downcast_ref::<tonic::Status>()
+        .is_some_and(|s| matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied))
+}
+
 impl Agent {
     pub fn new(settings: Valid) -> Arc<Agent> {
         Arc::new(Agent {
@@ -169,13 +182,29 @@ impl Agent {
             }
         };
         let mut backoff = Duration::from_millis(250);
+        let mut refused_backoff = REFUSED_RETRY_FIRST;
         while !stop.is_cancelled() {
+            let mut wait = backoff;
             match self.clone().connect_once(cache.clone(), &stop).await {
-                Ok(()) => backoff = Duration::from_millis(250),
+                Ok(()) => {
+                    backoff = Duration::from_millis(250);
+                    refused_backoff = REFUSED_RETRY_FIRST;
+                }
+                // A revoked or unknown identity does not heal by itself: say
+                // what to do, and stop knocking every few seconds.
+                Err(e) if is_refused_identity(&e) => {
+                    wait = refused_backoff;
+                    refused_backoff = (refused_backoff * 2).min(REFUSED_RETRY_MAX);
+                    tracing::error!(
+                        error = %e,
+                        retry_in = ?wait,
+                        "the coordinator refuses this agent's identity: enroll it again (braid-agent join with a new token)"
+                    );
+                }
                 Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "coordinator session ended"),
             }
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(wait) => {}
                 () = stop.cancelled() => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(10));

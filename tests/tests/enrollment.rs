@@ -220,6 +220,9 @@ fn join_tokens_never_take_over_an_enrolled_name() {
         farm.log("a1").contains("was revoked").then_some(())
     })
     .unwrap();
+    // It says what to do, and knocks again less and less often.
+    let log = farm.log("a1");
+    assert!(log.contains("enroll it again") && log.contains("retry_in=10s"), "{log}");
     let _a2 = farm.spawn("a2", farm.agent("agent-a", "a2"));
     farm.wait_connected("agent-a", 2);
     farm.build(3);
