@@ -554,13 +554,15 @@ impl Store {
         })
     }
 
-    /// Revokes every serial of `name` and remembers when (`at`, seconds), so
+    /// Revokes every serial of `name`, drops its delivery record, and remembers when (`at`, seconds), so
     /// an offline certificate issued before it is refused too; returns how
     /// many serials were revoked.
     pub fn forget_agent(&self, name: &str, at: i64) -> Result<u32> {
         self.with(|c| {
             let tx = c.transaction()?;
             let revoked = tx.execute("UPDATE agent_certs SET revoked = 1 WHERE name = ?1 AND revoked = 0", params![name])?;
+            // Its message numbering goes with it: a new enrollment is a new process.
+            tx.execute("DELETE FROM deliveries WHERE agent = ?1", params![name])?;
             tx.execute(
                 "INSERT INTO forgotten_agents (name, at) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET at = excluded.at",
                 params![name, at],
@@ -568,5 +570,22 @@ impl Store {
             tx.commit()?;
             Ok(revoked as u32)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn forgetting_an_agent_drops_its_delivery_record_and_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("braid.db")).unwrap();
+        let d = Delivered { incarnation: "abc".into(), seq: 7 };
+        store.write(&[Write::Delivered("pi-01", &d), Write::Delivered("pi-02", &d)]).unwrap();
+        store.forget_agent("pi-01", 1).unwrap();
+        let left: Vec<String> = store.deliveries().unwrap().into_iter().map(|(name, _)| name).collect();
+        assert_eq!(left, ["pi-02"]);
     }
 }

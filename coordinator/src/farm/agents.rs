@@ -245,6 +245,7 @@ impl Farm {
         let Some(agent) = self.agents.remove(name) else {
             return ((false, 0), Vec::new());
         };
+        self.deliveries.remove(name);
         let disconnected = agent.connected;
         if disconnected {
             self.out.push(Effect::Disconnect {
