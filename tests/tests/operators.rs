@@ -156,6 +156,7 @@ fn operators_see_and_steer_the_farm() {
         String::from_utf8_lossy(&checked.stdout),
         String::from_utf8_lossy(&checked.stderr)
     );
+    check_monitoring_examples(&text);
 
     let prom_port = free_port();
     let prom_dir = dir.join("prometheus");
@@ -213,4 +214,35 @@ fn operators_see_and_steer_the_farm() {
     .unwrap();
     assert!(out.status.success() && shot.metadata().unwrap().len() > 10_000, "screenshot written");
     println!("dashboard screenshot: {}", shot.display());
+}
+
+/// examples/monitoring: the alert rules pass `promtool check rules` and their
+/// own `promtool test rules` cases, and every braid metric they and the
+/// Grafana dashboard name is one a real coordinator exports.
+fn check_monitoring_examples(scraped: &str) {
+    let dir = braid_tests::workspace().join("examples/monitoring");
+    for args in [vec!["check", "rules", "braid-alerts.yml"], vec!["test", "rules", "braid-alerts.test.yml"]] {
+        let out = Command::new("promtool").args(&args).current_dir(&dir).output().unwrap();
+        assert!(out.status.success(), "promtool {args:?}: {}", braid_tests::output_text(&out));
+    }
+    let mut named = std::collections::BTreeSet::new();
+    for file in ["braid-alerts.yml", "grafana-dashboard.json"] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("braid_") {
+            let tail = &rest[at..];
+            let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+            let name = &tail[..end];
+            let base = ["_bucket", "_count", "_sum"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+            named.insert(base.to_owned());
+            rest = &tail[end..];
+        }
+    }
+    assert!(named.len() >= 10, "{named:?}");
+    for name in &named {
+        assert!(scraped.contains(&format!("# HELP {name} ")), "{name} (named in examples/monitoring) is not exported");
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("grafana-dashboard.json")).unwrap()).unwrap();
+    assert!(dashboard["panels"].as_array().unwrap().len() >= 8);
 }
