@@ -147,11 +147,23 @@ impl Metrics {
     /// `limits::METRIC_PLATFORMS` of them.
     pub fn declare_platforms(&self, platforms: impl IntoIterator<Item = String>) {
         let mut declared = lock(&self.declared);
+        let mut labeled = lock(&self.labeled);
         for p in platforms {
             if declared.len() >= braid_shared::limits::METRIC_PLATFORMS {
                 break;
             }
-            declared.insert(p);
+            if declared.insert(p.clone()) {
+                // Each series exists from the first agent of its platform on:
+                // a counter with no samples cannot be alerted on (`increase`).
+                let platform = ("platform", p);
+                for result in ["succeeded", "failed", "cancelled"] {
+                    let labels = vec![platform.clone(), ("result", result.to_owned())];
+                    labeled.entry(("braid_jobs_total", label_text(&labels))).or_default();
+                }
+                for name in ["braid_job_retries_total", "braid_jobs_emulated_total"] {
+                    labeled.entry((name, label_text(&vec![platform.clone()]))).or_default();
+                }
+            }
         }
     }
 
@@ -180,7 +192,9 @@ impl Metrics {
         for ((platform, state), n) in &gauges.agents {
             *agents.entry((self.platform_label(platform), state.as_str())).or_default() += n;
         }
-        let mut queues: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+        // Every declared platform has a queue, empty or not.
+        let mut queues: BTreeMap<String, (u64, f64)> =
+            lock(&self.declared).iter().map(|p| (p.clone(), (0, 0.0))).collect();
         for (platform, (n, oldest)) in &gauges.queues {
             let entry = queues.entry(self.platform_label(platform)).or_default();
             entry.0 += n;
@@ -250,7 +264,7 @@ impl Metrics {
             u64::from(gauges.store_writable),
         );
         gauge(&mut out, "braid_agents_connected", "Agents with a live session.", gauges.agents_connected);
-        gauge(&mut out, "braid_jobs_queued", "Jobs waiting for an agent.", gauges.jobs_queued);
+        // Jobs queued in all: sum(braid_queue_depth), not a series of its own.
         gauge(&mut out, "braid_jobs_running", "Jobs leased to an agent.", gauges.jobs_running);
         gauge(
             &mut out,
@@ -339,5 +353,27 @@ mod tests {
         assert!(text.contains("braid_queue_depth{platform=\"other\"} 5"), "{text}");
         assert!(text.contains("braid_queue_oldest_seconds{platform=\"other\"} 5.000"), "{text}");
         assert!(!text.contains("evil"), "{text}");
+    }
+
+    #[test]
+    fn a_declared_platform_has_every_series_from_the_start_and_none_is_duplicated() {
+        let m = Metrics::default();
+        m.declare_platforms(["linux/arm64".to_owned()]);
+        let text = m.render(&Gauges::default());
+        for series in [
+            "braid_jobs_total{platform=\"linux/arm64\",result=\"succeeded\"} 0",
+            "braid_jobs_total{platform=\"linux/arm64\",result=\"failed\"} 0",
+            "braid_jobs_total{platform=\"linux/arm64\",result=\"cancelled\"} 0",
+            "braid_job_retries_total{platform=\"linux/arm64\"} 0",
+            "braid_jobs_emulated_total{platform=\"linux/arm64\"} 0",
+            "braid_queue_depth{platform=\"linux/arm64\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+        // Counting goes on from the seeded zero; declaring again resets nothing.
+        m.inc("braid_job_retries_total", vec![("platform", "linux/arm64".into())]);
+        m.declare_platforms(["linux/arm64".to_owned()]);
+        assert!(m.render(&Gauges::default()).contains("braid_job_retries_total{platform=\"linux/arm64\"} 1"));
+        assert!(!text.contains("braid_jobs_queued"), "the sum of braid_queue_depth is not a series of its own");
     }
 }
