@@ -10,6 +10,7 @@ mod join;
 mod leftovers;
 mod outbox;
 mod prune;
+mod renew;
 mod secrets;
 mod session;
 mod settings;
@@ -94,8 +95,10 @@ async fn main() -> anyhow::Result<()> {
     let grace = Duration::from_secs(valid.settings.stop_grace_seconds.into());
     let stop = CancellationToken::new();
     let secrets_dir = valid.secrets_dir.clone();
+    let renewing = valid.clone();
     let agent = session::Agent::new(valid);
     let run = tokio::spawn(agent.clone().run(stop.clone()));
+    tokio::spawn(renew::run(renewing, agent.clone(), stop.clone()));
     telemetry::shutdown_signal().await;
     stop_gracefully(&agent, grace).await;
     stop.cancel();

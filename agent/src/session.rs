@@ -47,6 +47,8 @@ pub struct Agent {
     draining: AtomicBool,
     /// Sends a heartbeat now (the drain state changed).
     beat_now: Notify,
+    /// Ends the session so the next one dials with a renewed certificate.
+    reconnect: Notify,
     /// Keeps docker-backend builds of different platforms apart; outlives
     /// sessions, as jobs do.
     engine_gate: Arc<crate::docker::PlatformGate>,
@@ -85,6 +87,7 @@ impl Agent {
             running: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             beat_now: Notify::new(),
+            reconnect: Notify::new(),
             engine_gate: Arc::default(),
             storage_locks: Arc::default(),
             pruning: tokio::sync::Mutex::new(()),
@@ -262,9 +265,18 @@ impl Agent {
                 }
                 _ = tick.tick() => out_tx.send(self.heartbeat())?,
                 () = self.beat_now.notified() => out_tx.send(self.heartbeat())?,
+                () = self.reconnect.notified() => {
+                    tracing::info!("reconnecting with the renewed certificate");
+                    return Ok(());
+                }
                 () = stop.cancelled() => return Ok(()),
             }
         }
+    }
+
+    /// Ends the live session; the next one dials with the current TLS files.
+    pub fn reconnect_now(&self) {
+        self.reconnect.notify_one();
     }
 
     fn start(self: Arc<Self>, env: Arc<JobEnv>, assignment: proto::Assignment) {

@@ -128,7 +128,8 @@ pub struct Valid {
     /// Platforms runnable only through binfmt emulation.
     pub emulates: Vec<Platform>,
     /// TLS material for an https:// coordinator.
-    pub tls: Option<TlsFiles>,
+    /// Shared with the renewal task, which swaps in a renewed certificate.
+    pub tls: Option<std::sync::Arc<std::sync::RwLock<TlsFiles>>>,
     /// The builder in use: buildah, podman or docker.
     pub backend: String,
     /// The Docker Engine to build with, for the docker backend.
@@ -157,6 +158,9 @@ pub struct TlsFiles {
     pub ca: Vec<u8>,
     pub cert: Vec<u8>,
     pub key: zeroize::Zeroizing<Vec<u8>>,
+    /// The certificate is the one `join` wrote (no --tls-cert/--tls-key):
+    /// the agent renews it itself.
+    pub renewable: bool,
 }
 
 impl std::fmt::Debug for TlsFiles {
@@ -173,6 +177,7 @@ impl Valid {
             .connect_timeout(std::time::Duration::from_secs(10))
             .http2_keep_alive_interval(std::time::Duration::from_secs(20));
         if let Some(tls) = &self.tls {
+            let tls = tls.read().unwrap_or_else(|p| p.into_inner()).clone();
             endpoint = endpoint.tls_config(
                 ClientTlsConfig::new()
                     .ca_certificate(Certificate::from_pem(&tls.ca))
@@ -202,6 +207,9 @@ impl Settings {
                 return Err(invalid("insecure", "--insecure is for http:// coordinators only".into()));
             }
             let enrolled = tls_dir(&self.work_dir);
+            // A renewal that stopped half-way is finished (or undone) first.
+            crate::renew::finish_pending(&enrolled).map_err(|e| invalid("tls_cert", e.to_string()))?;
+            let renewable = self.tls_cert.is_none() && self.tls_key.is_none();
             let ca = self.tls_ca.clone().unwrap_or_else(|| enrolled.join("ca.pem"));
             let cert = self.tls_cert.clone().unwrap_or_else(|| enrolled.join("agent.pem"));
             let key = self.tls_key.clone().unwrap_or_else(|| enrolled.join("agent-key.pem"));
@@ -221,6 +229,7 @@ impl Settings {
                 ca: read("tls_ca", &ca)?,
                 cert: read("tls_cert", &cert)?,
                 key: read("tls_key", &key)?.into(),
+                renewable,
             }));
         }
         let host = url
@@ -306,7 +315,7 @@ impl Settings {
             platforms,
             native,
             emulates,
-            tls,
+            tls: tls.map(|t| std::sync::Arc::new(std::sync::RwLock::new(t))),
             backend,
             docker_host,
             backend_detected,

@@ -57,7 +57,8 @@ fn accepted(info: &CertInfo, r: &CertRow, superseded: bool) -> Result<AgentCert>
 
 /// Checks an agent certificate (already verified against the cluster CA)
 /// on every call that presents one. A recorded serial is accepted unless
-/// revoked. An unrecorded one was issued offline (`braid certs issue`): it
+/// revoked. An unrecorded one was renewed (`Renew`) or issued offline
+/// (`braid certs issue`): it
 /// is recorded as the name's current certificate if its notBefore is later
 /// than the current one's and than the last `forget` of the name, and
 /// refused otherwise.
@@ -67,7 +68,7 @@ pub fn check_certificate(store: &Store, info: &CertInfo) -> Result<AgentCert> {
     }
     match store.record_offline_cert(&row(info, "offline"))? {
         OfflineOutcome::Recorded { row, revoked } => {
-            tracing::info!(agent = %row.name, serial = %row.serial, revoked, "recorded an offline-issued agent certificate");
+            tracing::info!(agent = %row.name, serial = %row.serial, revoked, "recorded a newer agent certificate (renewed, or issued offline)");
             accepted(info, &row, revoked > 0)
         }
         OfflineOutcome::Known(known) => accepted(info, &known, false),

@@ -100,6 +100,10 @@ pub struct Settings {
     /// queued and exits
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u32,
+    /// Seconds an agent certificate signed at join or renewal is valid (365
+    /// days); agents renew theirs at two thirds of its life (60 to 10 years)
+    #[arg(long, value_name = "SECONDS", default_value_t = 365 * 86400)]
+    pub agent_cert_seconds: u32,
 }
 
 /// The keys only the file and variables set (no flag), named in `--help`.
@@ -187,6 +191,9 @@ impl Settings {
         }
         if !(16..=1_000_000).contains(&self.max_connections) {
             return Err(invalid("max_connections", format!("{} is not 16 to 1000000", self.max_connections)));
+        }
+        if !(60..=10 * 366 * 86400).contains(&self.agent_cert_seconds) {
+            return Err(invalid("agent_cert_seconds", format!("{} is not 60 to 316224000", self.agent_cert_seconds)));
         }
         for (key, value) in [
             ("handshake_timeout_seconds", self.handshake_timeout_seconds),

@@ -44,9 +44,16 @@ pub struct Pem {
 }
 
 fn validity(params: &mut CertificateParams, days: i64) {
+    validity_for(params, Duration::days(days));
+}
+
+/// Valid for `lifetime`, from a little earlier (clocks differ): five
+/// minutes, or a tenth of a short lifetime, so "renew at two thirds of its
+/// life" still falls after the certificate was issued.
+fn validity_for(params: &mut CertificateParams, lifetime: Duration) {
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::minutes(5);
-    params.not_after = now + Duration::days(days);
+    params.not_before = now - Duration::minutes(5).min(lifetime / 10);
+    params.not_after = now + lifetime;
 }
 
 /// A new cluster CA.
@@ -123,11 +130,14 @@ pub fn new_agent_request(name: &str) -> Result<(String, zeroize::Zeroizing<Strin
     Ok((csr.pem()?, key.serialize_pem().into()))
 }
 
-/// Signs a joining agent's request as an agent certificate for `name`; only
-/// the request's public key is used, never its claimed extensions.
-pub fn sign_agent_request(ca: &Pem, csr_pem: &str, name: &str, days: i64) -> Result<String, PkiError> {
+/// Signs a joining or renewing agent's request as an agent certificate for
+/// `name`, valid `lifetime_seconds`; only the request's public key is used,
+/// never its claimed subject or extensions.
+pub fn sign_agent_request(ca: &Pem, csr_pem: &str, name: &str, lifetime_seconds: i64) -> Result<String, PkiError> {
     let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
-    let cert = client_params(Kind::Agent, name, days)?.signed_by(&csr.public_key, &issuer(ca)?)?;
+    let mut params = client_params(Kind::Agent, name, 1)?;
+    validity_for(&mut params, Duration::seconds(lifetime_seconds));
+    let cert = params.signed_by(&csr.public_key, &issuer(ca)?)?;
     Ok(cert.pem())
 }
 
@@ -208,7 +218,7 @@ mod tests {
 
         let (csr, _key) = new_agent_request("board-7").unwrap();
         // The name the coordinator signs is its own choice, not the request's.
-        let signed = sign_agent_request(&ca, &csr, "board-7", 10).unwrap();
+        let signed = sign_agent_request(&ca, &csr, "board-7", 86400).unwrap();
         assert_eq!(identity(&pem_to_der(&signed)).unwrap(), ("agent".into(), "board-7".into()));
         assert!(sign_agent_request(&ca, "not a csr", "x", 1).is_err());
     }
@@ -217,13 +227,17 @@ mod tests {
     fn serials_are_random_and_read_back() {
         let ca = new_ca("test", 10).unwrap();
         let (csr, _key) = new_agent_request("board-7").unwrap();
-        let a = inspect_pem(&sign_agent_request(&ca, &csr, "board-7", 10).unwrap()).unwrap();
-        let b = inspect_pem(&sign_agent_request(&ca, &csr, "board-7", 10).unwrap()).unwrap();
+        let a = inspect_pem(&sign_agent_request(&ca, &csr, "board-7", 10 * 86400).unwrap()).unwrap();
+        let b = inspect_pem(&sign_agent_request(&ca, &csr, "board-7", 10 * 86400).unwrap()).unwrap();
         // The same key and name signed twice still gives two serials.
         assert_ne!(a.serial, b.serial);
         assert_eq!(a.serial.len(), 32, "{}", a.serial);
         assert_eq!((a.unit.as_str(), a.name.as_str()), ("agent", "board-7"));
-        assert!(a.not_after - a.not_before > 9 * 86_400);
+        // Ten days, back-dated five minutes for clock skew.
+        assert_eq!(a.not_after - a.not_before, 10 * 86_400 + 300);
+        // A short life is back-dated a tenth of it, so two thirds falls after issue.
+        let short = inspect_pem(&sign_agent_request(&ca, &csr, "board-7", 60).unwrap()).unwrap();
+        assert_eq!(short.not_after - short.not_before, 66);
         let offline = inspect_pem(&issue_client(&ca, Kind::Agent, "board-7", 10).unwrap().cert).unwrap();
         assert_ne!(offline.serial, a.serial);
         assert!(inspect_pem("not a certificate").is_err());

@@ -37,6 +37,11 @@ fn stdout(out: &Output) -> String {
 impl TlsFarm {
     /// `before_start` runs once the CA exists, before the coordinator does.
     fn start(dir: &Path, before_start: impl FnOnce(&Path)) -> TlsFarm {
+        TlsFarm::start_with(dir, &[], before_start)
+    }
+
+    /// With more coordinator flags.
+    fn start_with(dir: &Path, flags: &[&str], before_start: impl FnOnce(&Path)) -> TlsFarm {
         let registry = Registry::start(&dir.join("registry")).unwrap();
         let pki = Pki::init(&dir.join("certs"));
         let certs = pki.dir.clone();
@@ -49,7 +54,7 @@ impl TlsFarm {
             .arg(&data)
             .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--insecure-registry", &registry.addr, "--agent-lost-seconds", "60"]);
-        cmd.args(pki.coordinator_flags(true));
+        cmd.args(pki.coordinator_flags(true)).args(flags);
         let coordinator = Proc::spawn("coordinator", &mut cmd, &dir.join("coordinator.log")).unwrap();
         eventually(Duration::from_secs(20), "the coordinator to listen", || {
             std::fs::read_to_string(dir.join("coordinator.log")).ok()?.contains("coordinator listening").then_some(())
@@ -282,4 +287,54 @@ fn join_tokens_never_take_over_an_enrolled_name() {
     let revoked = fetch("a2", &job_id, "not-the-lease");
     assert_eq!(revoked.code(), tonic::Code::Unauthenticated, "{revoked:?}");
     assert!(revoked.message().contains("of agent \"agent-a\" was revoked"), "{revoked:?}");
+}
+
+/// An agent renews its certificate at two thirds of its life over its own
+/// mutual-TLS session, reconnects with it (the coordinator then revokes the
+/// old one), and goes on building after the first certificate expired.
+#[test]
+fn agents_renew_their_certificates_and_build_past_the_first_expiry() {
+    require_environment();
+    let tmp = tempfile::tempdir().unwrap();
+    let farm = TlsFarm::start_with(tmp.path(), &["--agent-cert-seconds", "60"], |_| {});
+    let joined = std::time::Instant::now();
+    stdout(&farm.join("renewer", "w1", &farm.token(&["--single-use"])));
+    let tls = tmp.path().join("w1/tls");
+    let first = (std::fs::read(tls.join("agent.pem")).unwrap(), std::fs::read(tls.join("agent-key.pem")).unwrap());
+    let _agent = farm.spawn("r1", farm.agent("renewer", "w1"));
+    farm.wait_connected("renewer", 1);
+
+    // Due at two thirds of 66 s (60 s and 6 s of clock skew allowance).
+    eventually(Duration::from_secs(90), "the certificate to be renewed", || {
+        farm.log("r1").contains("agent certificate renewed").then_some(())
+    })
+    .unwrap();
+    farm.wait_connected("renewer", 2);
+    let renewed = std::fs::read(tls.join("agent.pem")).unwrap();
+    assert_ne!(renewed, first.0, "a new certificate on disk");
+    assert_ne!(std::fs::read(tls.join("agent-key.pem")).unwrap(), first.1, "with a new key");
+    assert!(!tls.join("renew.ready").exists() && !tls.join("agent.pem.new").exists());
+    eventually(Duration::from_secs(20), "the coordinator to record it", || {
+        farm.log("coordinator").contains("recorded a newer agent certificate").then_some(())
+    })
+    .unwrap();
+
+    // The first certificate is revoked now that the renewed one was presented.
+    let ca = std::fs::read(farm.certs.join("ca.pem")).unwrap();
+    let url = farm.url.clone();
+    let refused = tokio::runtime::Runtime::new().unwrap().block_on(async move {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(Identity::from_pem(first.0, first.1));
+        let channel = Endpoint::from_shared(url).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+        AgentsClient::new(channel).renew(proto::RenewRequest { csr_pem: String::new() }).await.unwrap_err()
+    });
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("was revoked"), "{refused:?}");
+
+    // Past the first certificate's expiry the agent still builds.
+    std::thread::sleep(Duration::from_secs(70).saturating_sub(joined.elapsed()));
+    let build = farm.build(1);
+    assert_eq!(build["jobs"][0]["agent"], "renewer", "{build}");
+    assert_eq!(jobs_done(&farm, "r1"), 1);
 }

@@ -85,9 +85,6 @@ impl AgentsService {
     }
 }
 
-/// Validity of certificates issued to joining agents.
-const AGENT_CERT_DAYS: i64 = 365;
-
 /// `Hello.incarnation`, at most.
 const INCARNATION_BYTES: usize = 64;
 
@@ -229,7 +226,8 @@ impl Agents for AgentsService {
         let token = self.coordinator.tokens.join_token(&r.token, &r.name)?;
         let in_farm = self.coordinator.farm().agents.contains_key(&r.name);
         enroll::check_not_enrolled(&self.coordinator.store, &token, &r.name, in_farm)?;
-        let cert_pem = pki::sign_agent_request(ca, &r.csr_pem, &r.name, AGENT_CERT_DAYS)
+        let lifetime = i64::from(self.coordinator.settings.agent_cert_seconds);
+        let cert_pem = pki::sign_agent_request(ca, &r.csr_pem, &r.name, lifetime)
             .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
         let info = pki::inspect_pem(&cert_pem)
             .map_err(|e| Status::internal(format!("reading the signed certificate: {e}")))?;
@@ -240,6 +238,30 @@ impl Agents for AgentsService {
             self.coordinator.change(|farm| ((), farm.close_superseded_session(&r.name, &info.serial)));
         }
         tracing::info!(token_id = %token.id, serial = %info.serial, replaced = revoked, "agent enrolled");
+        Ok(Response::new(proto::JoinResponse { cert_pem, ca_pem: ca.cert.clone() }))
+    }
+
+    #[instrument(skip_all, err, fields(agent))]
+    async fn renew(&self, req: Request<proto::RenewRequest>) -> Result<Response<proto::JoinResponse>, Status> {
+        // Who is renewing comes from the certificate the call presents
+        // (checked against the CA and the revocations), never from the request.
+        let cert = self
+            .agent_identity(&req)?
+            .ok_or_else(|| Status::failed_precondition("certificates are renewed over TLS only"))?;
+        tracing::Span::current().record("agent", cert.name.as_str());
+        let r = req.into_inner();
+        if r.csr_pem.len() > 16 << 10 {
+            return Err(Status::invalid_argument("csr_pem: larger than 16 KiB"));
+        }
+        let ca = self.coordinator.ca.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this coordinator signs no certificates (no tls_ca_key): renew with braid certs issue",
+            )
+        })?;
+        let lifetime = i64::from(self.coordinator.settings.agent_cert_seconds);
+        let cert_pem = pki::sign_agent_request(ca, &r.csr_pem, &cert.name, lifetime)
+            .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
+        tracing::info!(old_serial = %cert.stamp.serial, "agent certificate renewed");
         Ok(Response::new(proto::JoinResponse { cert_pem, ca_pem: ca.cert.clone() }))
     }
 
