@@ -230,6 +230,8 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
         return Err(invalid(format!("target: invalid stage name {:?}", braid_shared::shorten(&spec.target, 80))));
     }
     run_flags(&spec)?;
+    braid_shared::ssh::check_ids(spec.ssh_ids.iter().map(String::as_str))
+        .map_err(|e| invalid(format!("ssh_ids: {e}")))?;
     Ok(ValidSpec { spec, platforms, tags })
 }
 

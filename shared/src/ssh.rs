@@ -180,10 +180,7 @@ mod tests {
         let file = "FROM x\n# RUN --mount=type=ssh,required=true a\nRUN --mount=type=ssh ssh-add -l\n\
                     RUN --mount=type=cache,target=/c \\\n  --mount=type=ssh,id=gh,required \\\n  git clone\n";
         assert_eq!(unserved_required_mount(file, &["gh".into()]), None);
-        assert_eq!(
-            unserved_required_mount(file, &[]).as_deref(),
-            Some("no SSH key \"gh\" forwarded from the client")
-        );
+        assert_eq!(unserved_required_mount(file, &[]).as_deref(), Some("no SSH key \"gh\" forwarded from the client"));
         assert_eq!(unserved_required_mount(file, &["default".into()]).as_deref(), Some("unset ssh forward key gh"));
         assert_eq!(unserved_required_mount("RUN --mount=type=ssh,required=false true\n", &[]), None);
         assert_eq!(unserved_required_mount("run echo --mount=type=ssh,required=true\n", &[]), None);
