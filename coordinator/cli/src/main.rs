@@ -9,6 +9,7 @@ mod dockerconfig;
 mod ops;
 mod output;
 mod reconnect;
+mod ssh;
 mod tokens;
 mod upload;
 
