@@ -13,6 +13,7 @@ mod prune;
 mod secrets;
 mod session;
 mod settings;
+mod ssh;
 mod upload;
 
 use std::path::PathBuf;
