@@ -155,17 +155,10 @@ async fn tunnel(
                     Some(why) => tracing::info!(why, "ssh tunnel closed; reopening"),
                 }
             }
-            Err(e) if e.code() == tonic::Code::FailedPrecondition || e.code() == tonic::Code::PermissionDenied => {
-                tracing::warn!(error = %e.message(), "ssh tunnel refused; the job's ssh connections will be closed");
-                // The lease is gone: serve nothing until the job stops.
-                loop {
-                    tokio::select! {
-                        a = accepted.recv() => if a.is_none() { return },
-                        () = stop.cancelled() => return,
-                    }
-                }
-            }
-            Err(e) => tracing::info!(error = %e.message(), "ssh tunnel unavailable; retrying"),
+            // Refusals too: after a coordinator restart the lease may be
+            // known again only once this agent's session is back. The job's
+            // end stops the retries.
+            Err(e) => tracing::info!(code = ?e.code(), error = %e.message(), "ssh tunnel unavailable; retrying"),
         }
         // Meanwhile a step's connection finds no agent: closed at once.
         let wait = tokio::time::sleep(delay);

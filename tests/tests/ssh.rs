@@ -190,3 +190,43 @@ fn ssh_agents_are_forwarded_read_only_and_no_key_leaves_the_client() {
         assert!(!s.exists(), "{} outlived its job", s.display());
     }
 }
+
+/// `braid build` and the agent both reopen their `--ssh` streams after the
+/// coordinator restarts: a step that starts afterwards reaches the agent.
+#[test]
+fn ssh_forwarding_resumes_after_a_coordinator_restart() {
+    require_environment();
+    require("ssh-agent", "run `bash tests/env/setup.sh setup` as root (openssh-client)");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let client = tempfile::tempdir().unwrap();
+    let key = client.path().join("id_ed25519");
+    let fingerprint = keygen(&key, "braid-test-restart");
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    let base = registry.push_base_image("base/busybox:latest").unwrap();
+    let farm_dir = dir.join("farm");
+    let mut farm = Farm::start(&farm_dir, &registry, &[AgentSpec::new("buildah-amd64", &["linux/amd64"])]).unwrap();
+    farm.wait_for_agents(1).unwrap();
+    let ctx = context(
+        dir,
+        "restart",
+        &format!("FROM {base}\nCOPY root/ /\nRUN echo waiting; sleep 12\nRUN --mount=type=ssh ssh-add -l > /keys\n"),
+    );
+    let tag = format!("{}/ssh/restart:1", registry.addr);
+    let key_arg = format!("default={}", key.display());
+    let args =
+        ["build", "--platform", "linux/amd64", "--progress", "plain", "--ssh", &key_arg, "-t", &tag, "--push", &ctx];
+    let mut build = braid_tests::RunningBuild::start(&farm, &args);
+    build.wait_for("waiting", Duration::from_secs(120));
+    farm.crash_coordinator();
+    std::thread::sleep(Duration::from_millis(500));
+    farm.start_coordinator().unwrap();
+    let (code, out) = build.finish(Duration::from_secs(180));
+    assert_eq!(code, Some(0), "{out}");
+    let index = registry.manifest("ssh/restart:1").unwrap();
+    let seen = registry.per_platform("ssh/restart", &index, &["keys"], &dir.join("scratch")).unwrap();
+    assert!(seen[0].contains(&fingerprint), "{seen:?}");
+    let coordinator = farm.log("coordinator");
+    assert!(coordinator.matches("ssh client attached").count() >= 2, "the client reattached:\n{coordinator}");
+    assert!(coordinator.matches("ssh tunnel attached").count() >= 2, "the agent reattached:\n{coordinator}");
+}
