@@ -291,6 +291,19 @@ mod tests {
     }
 
     #[test]
+    fn ssh_ids_are_checked_by_name() {
+        let with =
+            |ids: &[&str]| spec(proto::BuildSpec { ssh_ids: ids.iter().map(|s| s.to_string()).collect(), ..base() });
+        assert!(with(&["default", "gh.deploy_key-1"]).is_ok());
+        let e = with(&["a=b"]).err().unwrap().to_string();
+        assert!(e.contains("ssh_ids: invalid id \"a=b\""), "{e}");
+        assert!(with(&["x", "x"]).err().unwrap().to_string().contains("ssh_ids: id \"x\" given twice"));
+        let many: Vec<String> = (0..=limits::SSH_IDS).map(|i| format!("k{i}")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(with(&refs).err().unwrap().to_string().contains("ssh_ids: more than the limit of 16 ids"));
+    }
+
+    #[test]
     fn normalizes_and_dedups() {
         let v = spec(base()).unwrap();
         assert_eq!(v.spec.platforms, ["linux/amd64", "linux/arm64"]);
