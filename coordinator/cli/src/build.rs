@@ -294,6 +294,9 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     if args.detach && args.ssh.iter().any(|s| !s.is_empty()) {
         bail!("--ssh needs braid build to stay and answer the build's SSH agent requests, so not with --detach");
     }
+    if !conn.may_carry_secrets() && args.ssh.iter().any(|s| !s.is_empty()) {
+        bail!("--ssh: agent requests travel only over TLS (https://) or to a coordinator on this host");
+    }
     // Resolved before the upload; private agents stop when this is dropped.
     let ssh_agents = crate::ssh::Agents::prepare(&args.ssh)?;
     // As buildx: a build that fails leaves no stale image id behind.
