@@ -102,8 +102,11 @@ fn ssh_agents_are_forwarded_read_only_and_no_key_leaves_the_client() {
     };
 
     // --ssh default: the client's SSH_AUTH_SOCK, listed inside the step.
-    let listing =
-        context(dir, "listing", &format!("FROM {base}\nCOPY root/ /\nRUN --mount=type=ssh ssh-add -l > /keys\n"));
+    let listing = context(
+        dir,
+        "listing",
+        &format!("FROM {base}\nCOPY root/ /\nRUN --mount=type=ssh ssh-add -l > /keys && (ssh-add -D || true)\n"),
+    );
     let tag = format!("{}/ssh/default:1", registry.addr);
     let out = farm
         .braid_env(
@@ -116,6 +119,9 @@ fn ssh_agents_are_forwarded_read_only_and_no_key_leaves_the_client() {
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert!(seen[0].starts_with("amd64 256 ") && seen[0].contains(&fingerprint), "{seen:?} lacks {fingerprint}");
     assert!(seen[0].contains("braid-test-default"), "{seen:?}");
+    // The step's `ssh-add -D` did not reach the client's agent: read-only.
+    let still = Command::new("ssh-add").arg("-l").env("SSH_AUTH_SOCK", &socket).output().unwrap();
+    assert!(text(&still.stdout).contains(&fingerprint), "the build removed the client's key");
 
     // --ssh ID=KEY: a private agent of the CLI's own holds the key file.
     let by_id = context(
