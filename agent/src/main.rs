@@ -14,6 +14,7 @@ mod renew;
 mod secrets;
 mod session;
 mod settings;
+mod ssh;
 mod upload;
 
 use std::path::PathBuf;

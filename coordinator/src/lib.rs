@@ -27,6 +27,7 @@ pub mod scheduler;
 pub mod server;
 pub mod settings;
 pub mod space;
+pub mod ssh;
 pub mod state;
 pub mod store;
 pub mod validate;

@@ -53,6 +53,8 @@ pub struct Coordinator {
     pub tokens: Tokens,
     /// The cluster CA and its key, when this coordinator signs joining agents.
     pub ca: Option<Pem>,
+    /// `--ssh` streams: agents' job tunnels and the clients serving them.
+    pub ssh: crate::ssh::SshRelay,
 }
 
 impl Coordinator {
@@ -103,6 +105,7 @@ impl Coordinator {
             metrics,
             tokens,
             ca,
+            ssh: crate::ssh::SshRelay::default(),
         }))
     }
 

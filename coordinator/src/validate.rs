@@ -230,6 +230,8 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
         return Err(invalid(format!("target: invalid stage name {:?}", braid_shared::shorten(&spec.target, 80))));
     }
     run_flags(&spec)?;
+    braid_shared::ssh::check_ids(spec.ssh_ids.iter().map(String::as_str))
+        .map_err(|e| invalid(format!("ssh_ids: {e}")))?;
     Ok(ValidSpec { spec, platforms, tags })
 }
 
@@ -286,6 +288,19 @@ mod tests {
         long.password = "p".repeat(8193);
         let e = credentials(&[long]).unwrap_err().to_string();
         assert!(e.contains("password at most 8 KiB") && !e.contains("ppp"), "{e}");
+    }
+
+    #[test]
+    fn ssh_ids_are_checked_by_name() {
+        let with =
+            |ids: &[&str]| spec(proto::BuildSpec { ssh_ids: ids.iter().map(|s| s.to_string()).collect(), ..base() });
+        assert!(with(&["default", "gh.deploy_key-1"]).is_ok());
+        let e = with(&["a=b"]).err().unwrap().to_string();
+        assert!(e.contains("ssh_ids: invalid id \"a=b\""), "{e}");
+        assert!(with(&["x", "x"]).err().unwrap().to_string().contains("ssh_ids: id \"x\" given twice"));
+        let many: Vec<String> = (0..=limits::SSH_IDS).map(|i| format!("k{i}")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(with(&refs).err().unwrap().to_string().contains("ssh_ids: more than the limit of 16 ids"));
     }
 
     #[test]

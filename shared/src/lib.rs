@@ -21,6 +21,7 @@ pub mod pki;
 pub mod platform;
 pub mod reference;
 pub mod settings;
+pub mod ssh;
 pub mod telemetry;
 
 pub use digest::Digest;

@@ -76,3 +76,15 @@ pub const PUSH_RETRY_SECONDS: u64 = 24 * 3600;
 pub const ADD_HOSTS: usize = 64;
 /// Largest `--shm-size`: 64 GiB.
 pub const SHM_SIZE_BYTES: u64 = 64 << 30;
+/// `--ssh` ids in one build.
+pub const SSH_IDS: usize = 16;
+/// Bytes of one `--ssh` id.
+pub const SSH_ID_BYTES: usize = 64;
+/// Bytes of one relayed SSH-agent frame; also the longest ssh-agent
+/// protocol message the client passes on (OpenSSH's own bound).
+pub const SSH_FRAME_BYTES: usize = 256 << 10;
+/// SSH-agent connections open at once per job; past that a new one is
+/// closed at once.
+pub const SSH_CONNECTIONS: usize = 32;
+/// Frames the coordinator buffers per direction of one SSH stream.
+pub const SSH_BUFFERED_FRAMES: usize = 16;

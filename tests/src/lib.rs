@@ -756,3 +756,19 @@ pub fn dockerfile_context(dir: &Path, name: &str, dockerfile: &str) -> String {
     std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
     ctx.display().to_string()
 }
+
+/// Copies a host binary and the shared libraries `ldd` says it loads into
+/// `root` at their own paths, so a context's `COPY root/ /` layer can run
+/// it in a busybox image (for host-native platforms).
+pub fn copy_host_binary(root: &Path, binary: &str) -> anyhow::Result<()> {
+    let out = Command::new("ldd").arg(binary).output().context("ldd")?;
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let libraries = listing.split_whitespace().filter(|w| w.starts_with('/')).map(str::to_owned);
+    for file in std::iter::once(binary.to_owned()).chain(libraries) {
+        let target = root.join(file.trim_start_matches('/'));
+        std::fs::create_dir_all(target.parent().context("a file has a parent")?)?;
+        // Through links: the layer holds the files themselves.
+        std::fs::copy(&file, &target).with_context(|| format!("copying {file}"))?;
+    }
+    Ok(())
+}

@@ -23,7 +23,7 @@ pub(super) async fn build_with_containers(
     credentials: &[Credential],
     cancel: &CancellationToken,
 ) -> Result<(), Outcome> {
-    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout } = *job;
+    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout, ssh } = *job;
     // Keeps the storage from being cleared under this job.
     let storage_lock = env.storage_locks.for_storage(&prune::storage_name(platform));
     let _using = storage_lock.read().await;
@@ -58,6 +58,10 @@ pub(super) async fn build_with_containers(
         bud.arg("--target").arg(&spec.target);
     }
     run_flags(&mut bud, spec);
+    // The job's own sockets (crate::ssh), relayed to the client's agents.
+    for (id, socket) in ssh {
+        bud.arg("--ssh").arg(format!("{id}={}", socket.display()));
+    }
     let mut args: Vec<(&String, &String)> = spec.build_args.iter().collect();
     args.sort();
     for (k, v) in args {

@@ -179,11 +179,30 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
             env.settings.settings.name
         ));
     }
+    if let Some(message) =
+        braid_shared::ssh::unserved_required_mount(&String::from_utf8_lossy(&dockerfile_text), &spec.ssh_ids)
+    {
+        return build_failure(message);
+    }
+    // Held until the job ends: the sockets and their tunnel stop with it.
+    let ssh = match crate::ssh::SshSockets::start(&env.settings, a, &job_dir) {
+        Ok(ssh) => ssh,
+        Err(e) => return infra(e),
+    };
+    let ssh_sockets = ssh.as_ref().map(|s| s.sockets()).unwrap_or_default();
     let insecure: Vec<String> = a.insecure_registries.clone();
     let credentials: Vec<Credential> = a.credentials.iter().map(Credential::from).collect();
     let layout = job_dir.path().join("layout");
-    let job =
-        BuildJob { env, a, spec, platform: &platform, job_dir: &job_dir, context_dir: &context_dir, layout: &layout };
+    let job = BuildJob {
+        env,
+        a,
+        spec,
+        platform: &platform,
+        job_dir: &job_dir,
+        context_dir: &context_dir,
+        layout: &layout,
+        ssh: ssh_sockets,
+    };
     let built = if env.settings.backend == "docker" {
         build_with_docker(&job, &dockerfile_text, &credentials).await
     } else {
@@ -251,6 +270,9 @@ struct BuildJob<'a> {
     job_dir: &'a JobDir,
     context_dir: &'a Path,
     layout: &'a Path,
+    /// Each `--ssh` id and the socket serving it (`crate::ssh`), for the
+    /// builder's `--ssh ID=PATH`.
+    ssh: &'a [(String, std::path::PathBuf)],
 }
 
 /// The `manifest`-level annotations that apply to `platform`.
@@ -265,7 +287,14 @@ fn manifest_annotations(spec: &proto::BuildSpec, platform: &Platform) -> std::co
 
 /// The Docker Engine: build through its API, then save and convert.
 async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &[Credential]) -> Result<(), Outcome> {
-    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout } = *job;
+    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout, .. } = *job;
+    // The classic builder has no SSH forwarding: fail rather than build
+    // without the agent the build asked for.
+    if !job.ssh.is_empty() {
+        return Err(build_failure(
+            "--ssh is not supported by this agent's Docker Engine backend (classic builder); use a buildah or podman agent",
+        ));
+    }
     let engine = docker::connect(&env.settings.docker_host).await.map_err(infra)?;
     let mut build_args = spec.build_args.clone();
     build_args

@@ -98,6 +98,11 @@ pub struct BuildArgs {
     /// Print only the index digest on success (the same as --progress quiet)
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// SSH agent or keys for RUN --mount=type=ssh: default|ID[=SOCKET|KEY[,KEY...]] (repeatable; default and
+    /// ID alone use $SSH_AUTH_SOCK; key files need OpenSSH's ssh-agent and ssh-add here). No key leaves this
+    /// machine: braid build stays to answer the build's agent requests, so not with --detach
+    #[arg(long = "ssh", value_name = "SPEC")]
+    ssh: Vec<String>,
     /// Build context directory, or "-" to read a tar from stdin
     #[arg(value_name = "PATH")]
     path: PathBuf,
@@ -286,6 +291,14 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         bail!("--detach returns before the build ends, so it cannot write --iidfile");
     }
     let run_flags = RunFlags::parse(&args)?;
+    if args.detach && args.ssh.iter().any(|s| !s.is_empty()) {
+        bail!("--ssh needs braid build to stay and answer the build's SSH agent requests, so not with --detach");
+    }
+    if !conn.may_carry_secrets() && args.ssh.iter().any(|s| !s.is_empty()) {
+        bail!("--ssh: agent requests travel only over TLS (https://) or to a coordinator on this host");
+    }
+    // Resolved before the upload; private agents stop when this is dropped.
+    let ssh_agents = crate::ssh::Agents::prepare(&args.ssh)?;
     // As buildx: a build that fails leaves no stale image id behind.
     if let Some(path) = &args.iidfile {
         match std::fs::remove_file(path) {
@@ -369,6 +382,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         add_hosts: run_flags.add_hosts,
         ulimits: run_flags.ulimits,
         shm_size_bytes: args.shm_size.unwrap_or(0),
+        ssh_ids: ssh_agents.as_ref().map(crate::ssh::Agents::ids).unwrap_or_default(),
         ..Default::default()
     };
     let credentials = if conn.may_carry_secrets() { forwarded_credentials(&tags)? } else { Vec::new() };
@@ -383,6 +397,11 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
 
+    let ssh_task = ssh_agents.as_ref().map(|agents| {
+        let limit = reconnect::limit(args.timeout);
+        tokio::spawn(crate::ssh::serve(conn.clone(), build_id.clone(), agents.sockets(), limit))
+    });
+    let _stop_ssh = AbortOnDrop(ssh_task);
     let outcome = tokio::select! {
         outcome = follow(&mut client, &build_id, progress, &mut patience) => outcome?,
         _ = tokio::signal::ctrl_c() => {
@@ -424,6 +443,17 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
             let why = if build.message.is_empty() { "no reason given".to_owned() } else { build.message.clone() };
             crate::diag::error(&format!("build {build_id} {}: {why}", state_word(state)));
             Ok(1)
+        }
+    }
+}
+
+/// Stops a background task when the command is done with it.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
         }
     }
 }

@@ -81,7 +81,7 @@ impl Patience {
 
     /// After a transient failure: says so (once per outage) and waits the
     /// next backoff delay; an error once the outage has lasted the limit.
-    pub async fn wait(&mut self, error: &dyn std::fmt::Display) -> anyhow::Result<()> {
+    pub async fn wait(&mut self, error: &(dyn std::fmt::Display + Sync)) -> anyhow::Result<()> {
         let (started, delays) = match &mut self.outage {
             Some(o) => o,
             None => {

@@ -135,6 +135,7 @@ fn check_hello(hello: &proto::Hello) -> Result<(Vec<Platform>, Vec<Platform>), S
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
 type ContextStream = Pin<Box<dyn Stream<Item = Result<proto::ContextChunk, Status>> + Send>>;
+type SshStream = tokio_stream::wrappers::ReceiverStream<Result<proto::SshAgentFrame, Status>>;
 
 #[tonic::async_trait]
 impl Agents for AgentsService {
@@ -332,6 +333,66 @@ impl Agents for AgentsService {
         disk.file_written();
         Metrics::add(&self.coordinator.metrics.blob_bytes_received, first.size);
         Ok(Response::new(proto::PutBlobResponse { digest: digest.to_string(), size: first.size }))
+    }
+
+    type SshTunnelStream = SshStream;
+
+    #[instrument(skip_all, err, fields(job_id))]
+    async fn ssh_tunnel(&self, req: Request<Streaming<proto::SshAgentFrame>>) -> Result<Response<SshStream>, Status> {
+        let identity = self.agent_identity(&req)?;
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("ssh_tunnel: empty stream; the first frame names the lease"))?;
+        let job_id = first.job_id;
+        tracing::Span::current().record("job_id", braid_shared::shorten(&job_id, 80).as_str());
+        let (holder, build_id, ssh_ids) =
+            self.coordinator.farm().ssh_lease(&job_id, first.attempt, &first.lease_id).ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "job {} attempt {}: no such lease (cancelled or re-queued?)",
+                    braid_shared::shorten(&job_id, 80),
+                    first.attempt
+                ))
+            })?;
+        if let Some(name) = identity.map(|c| c.name)
+            && name != holder
+        {
+            return Err(Status::permission_denied(format!("job {job_id} is leased to agent {holder:?}, not {name:?}")));
+        }
+        if ssh_ids.is_empty() {
+            return Err(Status::failed_precondition(format!("job {job_id}'s build was submitted without --ssh")));
+        }
+        let (tx, rx) = mpsc::channel(limits::SSH_BUFFERED_FRAMES);
+        let errors = tx.clone();
+        let (attached, replaced) = self.coordinator.ssh.attach_tunnel(&job_id, &build_id, ssh_ids, tx);
+        tracing::info!(build_id, "ssh tunnel attached");
+        let relay = self.coordinator.ssh.clone();
+        tokio::spawn(
+            async move {
+                for send in replaced {
+                    send.deliver().await;
+                }
+                let end = loop {
+                    match inbound.message().await {
+                        Ok(Some(m)) => match relay.from_agent(&job_id, m.frame) {
+                            Ok(Some(send)) => send.deliver().await,
+                            Ok(None) => {}
+                            Err(e) => {
+                                let _ = errors.send(Err(Status::invalid_argument(e.to_string()))).await;
+                                break Some(e.to_string());
+                            }
+                        },
+                        Ok(None) => break None,
+                        Err(e) => break Some(e.message().to_owned()),
+                    }
+                };
+                drop((attached, errors));
+                tracing::info!(error = end.as_deref().unwrap_or(""), "ssh tunnel detached");
+            }
+            .instrument(tracing::Span::current()),
+        );
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
     type FetchContextStream = ContextStream;

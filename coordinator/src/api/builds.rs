@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::instrument;
+use tracing::{Instrument as _, instrument};
 
 use braid_shared::oci::ImageDescriptor;
 use braid_shared::proto::{self, builds_server::Builds};
@@ -46,6 +46,7 @@ fn check_build_id(id: &str) -> Result<(), Status> {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::BuildEvent, Status>> + Send>>;
+type SshStream = tokio_stream::wrappers::ReceiverStream<Result<proto::SshServerFrame, Status>>;
 type ExportStream = Pin<Box<dyn Stream<Item = Result<proto::ExportChunk, Status>> + Send>>;
 
 /// Events replayed from the store per read.
@@ -306,6 +307,61 @@ impl Builds for BuildsService {
         builds.sort_by_key(|(b, _)| std::cmp::Reverse(b.record.order));
         let builds = builds.into_iter().take(limit).map(|(b, r)| convert::build_as(b, r)).collect();
         Ok(Response::new(proto::ListBuildsResponse { builds }))
+    }
+
+    type ForwardSshStream = SshStream;
+
+    #[instrument(skip_all, err, fields(build_id))]
+    async fn forward_ssh(&self, req: Request<Streaming<proto::SshClientFrame>>) -> Result<Response<SshStream>, Status> {
+        let caller = self.coordinator.tokens.authorize(&req, Role::Submit)?;
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("forward_ssh: empty stream; the first frame names the build"))?;
+        check_build_id(&first.build_id)?;
+        let build_id = first.build_id;
+        tracing::Span::current().record("build_id", build_id.as_str());
+        {
+            let farm = self.coordinator.farm();
+            let b = farm.build_for(&build_id, &caller)?;
+            if b.spec.ssh_ids.is_empty() {
+                return Err(Status::failed_precondition(format!("build {build_id} was submitted without --ssh")));
+            }
+            if b.record.status.is_terminal() {
+                return Err(Status::failed_precondition(format!("build {build_id} has ended")));
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(limits::SSH_BUFFERED_FRAMES);
+        let errors = tx.clone();
+        let (attached, replaced) = self.coordinator.ssh.attach_client(&build_id, tx);
+        tracing::info!("ssh client attached");
+        let relay = self.coordinator.ssh.clone();
+        tokio::spawn(
+            async move {
+                for send in replaced {
+                    send.deliver().await;
+                }
+                let end = loop {
+                    match inbound.message().await {
+                        Ok(Some(m)) => match relay.from_client(&build_id, &m.job_id, m.frame) {
+                            Ok(Some(send)) => send.deliver().await,
+                            Ok(None) => {}
+                            Err(e) => {
+                                let _ = errors.send(Err(Status::invalid_argument(e.to_string()))).await;
+                                break Some(e.to_string());
+                            }
+                        },
+                        Ok(None) => break None,
+                        Err(e) => break Some(e.message().to_owned()),
+                    }
+                };
+                drop((attached, errors));
+                tracing::info!(error = end.as_deref().unwrap_or(""), "ssh client detached");
+            }
+            .instrument(tracing::Span::current()),
+        );
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
     #[instrument(skip_all, err, fields(build_id = %req.get_ref().build_id))]

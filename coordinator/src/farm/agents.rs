@@ -361,6 +361,16 @@ impl Farm {
         Some((agent.to_owned(), b.spec.context_digest.clone()))
     }
 
+    /// The agent holding `lease` on a job's `attempt`, the job's build and
+    /// its `--ssh` ids (an SSH tunnel is opened only by that agent).
+    pub fn ssh_lease(&self, job_id: &str, attempt: u32, lease: &str) -> Option<(String, String, Vec<String>)> {
+        let build_id = self.job_index.get(job_id)?;
+        let b = self.builds.get(build_id)?;
+        let job = b.record.jobs.iter().find(|j| j.id == job_id && j.attempt == attempt)?;
+        let (agent, _) = job.status.leased().filter(|(_, l)| *l == lease)?;
+        Some((agent.to_owned(), build_id.clone(), b.spec.ssh_ids.clone()))
+    }
+
     /// A context is served only to the agent holding the current lease of a
     /// job whose build uses it (`caller` is None in plaintext mode, where the
     /// lease alone counts).
