@@ -76,3 +76,12 @@ pub const PUSH_RETRY_SECONDS: u64 = 24 * 3600;
 pub const ADD_HOSTS: usize = 64;
 /// Largest `--shm-size`: 64 GiB.
 pub const SHM_SIZE_BYTES: u64 = 64 << 30;
+/// `--secret` entries in one build.
+pub const SECRETS: usize = 64;
+/// Bytes of one secret's value: BuildKit's own limit (500 KiB).
+pub const SECRET_BYTES: usize = 500 << 10;
+/// Bytes of all of a build's secret values together, so a submit or an
+/// assignment stays well inside `GRPC_MESSAGE_BYTES`.
+pub const SECRETS_TOTAL_BYTES: usize = 4 << 20;
+/// Bytes of a secret's id.
+pub const SECRET_ID_BYTES: usize = 128;
