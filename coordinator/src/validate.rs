@@ -230,7 +230,21 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
         return Err(invalid(format!("target: invalid stage name {:?}", braid_shared::shorten(&spec.target, 80))));
     }
     run_flags(&spec)?;
+    if spec.secrets.len() > limits::SECRETS {
+        return Err(too_many("secrets", limits::SECRETS));
+    }
+    braid_shared::secrets::check_refs(&spec.secrets).map_err(|e| invalid(format!("secrets: {e}")))?;
     Ok(ValidSpec { spec, platforms, tags })
+}
+
+/// `--secret` values sent with a submit (or again after a restart): one for
+/// each id the spec lists as provided, within the limits. Errors name ids,
+/// never values.
+pub fn secret_values(spec: &proto::BuildSpec, values: &[proto::SecretValue]) -> Result<(), CoordinatorError> {
+    if values.len() > limits::SECRETS {
+        return Err(too_many("secrets", limits::SECRETS));
+    }
+    braid_shared::secrets::check_values(&spec.secrets, values).map_err(|e| invalid(e.to_string()))
 }
 
 /// `--network`, `--add-host`, `--ulimit`, `--shm-size`: checked as the CLI

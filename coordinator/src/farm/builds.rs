@@ -39,6 +39,7 @@ impl Farm {
         tags: Vec<ImageRef>,
         owner: Option<String>,
         credentials: Vec<Credential>,
+        secrets: Vec<proto::SecretValue>,
     ) -> NewBuild {
         let now = self.now();
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -65,7 +66,10 @@ impl Farm {
             kind: Some(Self::build_event_of(BuildStatus::Queued)),
         };
         let (events, _) = broadcast::channel(1024);
-        NewBuild { entry: BuildEntry { record, spec, tags, events, credentials }, first }
+        NewBuild {
+            entry: BuildEntry { record, spec, tags, events, credentials, secrets, secrets_lost_ms: None },
+            first,
+        }
     }
 
     /// Puts a stored build in the farm, to be scheduled. Returns its id.
@@ -115,7 +119,8 @@ impl Farm {
         // Whether any agent serves a platform, asked once per pass, not per job.
         let mut served_by: HashMap<(&Platform, bool), bool> = HashMap::new();
         for b in self.active.iter().filter_map(|id| self.builds.get(id)) {
-            if b.record.status.is_terminal() || b.record.status == BuildStatus::Merging {
+            // A build whose --secret values a restart lost waits for them.
+            if b.record.status.is_terminal() || b.record.status == BuildStatus::Merging || b.lacks_secrets() {
                 continue;
             }
             for j in b.record.jobs.iter().filter(|j| j.status == JobStatus::Pending) {
@@ -173,6 +178,8 @@ impl Farm {
         let Some(b) = self.builds.get_mut(build_id) else {
             return;
         };
+        // Every attempt, retries too, carries the values (memory only).
+        let secrets = b.secrets.clone();
         let push_repositories: Vec<String> =
             if b.spec.push { b.push_repositories().iter().map(ImageRef::name).collect() } else { Vec::new() };
         let spec = b.spec.clone();
@@ -213,8 +220,7 @@ impl Farm {
             insecure_registries: insecure,
             emulated,
             credentials,
-            // The build's --secret values (issue 16).
-            secrets: Vec::new(),
+            secrets,
         };
         let mut events = vec![Self::job_event(job)];
         if first_start {
@@ -247,6 +253,19 @@ impl Farm {
                 expired.push((b.record.id.clone(), String::new(), format!("timed out after {limit}s (--timeout)")));
                 continue;
             }
+            if let Some(lost) = b.secrets_lost_ms
+                && now - lost > self.config.secrets_grace_ms
+                && b.record.jobs.iter().any(|j| j.status == JobStatus::Pending)
+            {
+                let message = format!(
+                    "the --secret values ({}) were lost when the coordinator restarted and no client sent them \
+                     again within {}s; submit the build again",
+                    b.spec.secrets.iter().filter(|s| s.provided).map(|s| s.id.as_str()).collect::<Vec<_>>().join(", "),
+                    self.config.secrets_grace_ms / 1000
+                );
+                expired.push((b.record.id.clone(), String::new(), message));
+                continue;
+            }
             let Some(wait) = queue_timeout else { continue };
             for j in b.record.jobs.iter().filter(|j| j.status == JobStatus::Pending) {
                 let since = j.queued_ms.unwrap_or(b.record.created_ms);
@@ -264,6 +283,26 @@ impl Farm {
         for (build_id, job_id, message) in expired {
             self.fail_build(&build_id, &job_id, message);
         }
+    }
+
+    /// A client sends a build's `--secret` values again (after a restart
+    /// lost them). Values already held are kept. Returns whether the build
+    /// now holds its values.
+    pub fn provide_secrets(&mut self, build_id: &str, secrets: Vec<proto::SecretValue>) -> Result<bool> {
+        self.build(build_id)?;
+        let Some(b) = self.builds.get_mut(build_id) else {
+            return Ok(false);
+        };
+        if b.record.status.is_terminal() {
+            return Err(super::FarmError::FailedPrecondition(format!("build {build_id} has ended")));
+        }
+        if b.secrets_lost_ms.is_none() {
+            return Ok(true);
+        }
+        b.secrets = secrets;
+        b.secrets_lost_ms = None;
+        tracing::info!(build_id, count = b.secrets.len(), "build's secret values provided again");
+        Ok(true)
     }
 
     /// Puts a leased job back in the queue, or fails it after too many attempts.
