@@ -95,6 +95,11 @@ pub struct BuildArgs {
     /// Write the image index's digest to FILE (braid always makes an index, as buildx for several platforms)
     #[arg(long, value_name = "FILE")]
     iidfile: Option<PathBuf>,
+    /// Secret for RUN --mount=type=secret, as buildx: id=ID[,src=FILE|,env=VAR][,type=file|env]; id=ID alone
+    /// reads the variable ID if set, else the file ID (repeatable; up to 64, 500 KiB each). Sent only over TLS
+    /// or loopback, held in the coordinator's memory only
+    #[arg(long = "secret", value_name = "SPEC")]
+    secrets: Vec<String>,
     /// Print only the index digest on success (the same as --progress quiet)
     #[arg(short = 'q', long)]
     quiet: bool,
@@ -124,6 +129,34 @@ impl RunFlags {
         buildflags::check_ulimits(&ulimits)?;
         Ok(Self { network, add_hosts, ulimits })
     }
+}
+
+/// `--secret`: parsed and read before anything is uploaded. Errors name the
+/// id and the file or variable, never a value.
+fn read_secrets(raw: &[String], conn: &Conn) -> anyhow::Result<(Vec<proto::SecretRef>, Vec<proto::SecretValue>)> {
+    use braid_shared::{limits, secrets};
+    if raw.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    if raw.len() > limits::SECRETS {
+        bail!("--secret: more than the limit of {} secrets", limits::SECRETS);
+    }
+    if !conn.may_carry_secrets() {
+        bail!(
+            "--secret: the coordinator is reached over plain HTTP on a non-loopback address; secrets go only over TLS (https://) or to loopback"
+        );
+    }
+    let mut refs = Vec::new();
+    let mut values = Vec::new();
+    for r in raw {
+        let flag = secrets::parse(r)?;
+        let value = secrets::read(&flag, |k| std::env::var(k).ok())?;
+        refs.push(proto::SecretRef { id: flag.id.clone(), provided: true });
+        values.push(proto::SecretValue { id: flag.id, value });
+    }
+    secrets::check_refs(&refs)?;
+    secrets::check_values(&refs, &values)?;
+    Ok((refs, values))
 }
 
 /// `--iidfile`: the index digest, as buildx writes for a multi-platform build.
@@ -286,6 +319,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         bail!("--detach returns before the build ends, so it cannot write --iidfile");
     }
     let run_flags = RunFlags::parse(&args)?;
+    let (secret_refs, secrets) = read_secrets(&args.secrets, conn)?;
     // As buildx: a build that fails leaves no stale image id behind.
     if let Some(path) = &args.iidfile {
         match std::fs::remove_file(path) {
@@ -369,11 +403,12 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         add_hosts: run_flags.add_hosts,
         ulimits: run_flags.ulimits,
         shm_size_bytes: args.shm_size.unwrap_or(0),
+        secrets: secret_refs,
         ..Default::default()
     };
     let credentials = if conn.may_carry_secrets() { forwarded_credentials(&tags)? } else { Vec::new() };
     let build_id = client
-        .submit(proto::SubmitRequest { spec: Some(spec), credentials, secrets: Vec::new() })
+        .submit(proto::SubmitRequest { spec: Some(spec), credentials, secrets: secrets.clone() })
         .await?
         .into_inner()
         .build_id;
@@ -384,7 +419,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     }
 
     let outcome = tokio::select! {
-        outcome = follow(&mut client, &build_id, progress, &mut patience) => outcome?,
+        outcome = follow(&mut client, &build_id, &secrets, progress, &mut patience) => outcome?,
         _ = tokio::signal::ctrl_c() => {
             crate::diag::warn(&format!("interrupted: cancelling build {build_id}"));
             let mut patience = Patience::new(reconnect::limit(args.timeout));
@@ -430,15 +465,33 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
 
 /// Prints events until the build ends. A dropped stream is watched again
 /// after the last event printed (no gap, no line twice), for as long as
-/// `patience` allows.
+/// `patience` allows; the build's `--secret` values are sent again first,
+/// since a coordinator that restarted has lost them (they live only in its
+/// memory).
 async fn follow(
     client: &mut Builds,
     build_id: &str,
+    secrets: &[proto::SecretValue],
     progress: Progress,
     patience: &mut Patience,
 ) -> anyhow::Result<proto::BuildState> {
     let mut after = 0;
+    let mut reconnected = false;
     loop {
+        if reconnected && !secrets.is_empty() {
+            let request = proto::ProvideSecretsRequest { build_id: build_id.to_owned(), secrets: secrets.to_vec() };
+            let provided = patience
+                .retry(|| {
+                    let (mut c, r) = (client.clone(), request.clone());
+                    async move { c.provide_secrets(r).await }
+                })
+                .await;
+            // A build that ended meanwhile needs them no more; the watch says how it ended.
+            if let Err(e) = provided {
+                crate::diag::warn(&format!("sending the --secret values again: {e:#}"));
+            }
+        }
+        reconnected = true;
         let request = proto::WatchRequest { build_id: build_id.to_owned(), after_seq: after, history_only: false };
         let mut stream = patience
             .retry(|| {
