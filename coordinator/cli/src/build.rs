@@ -131,34 +131,6 @@ impl RunFlags {
     }
 }
 
-/// `--secret`: parsed and read before anything is uploaded. Errors name the
-/// id and the file or variable, never a value.
-fn read_secrets(raw: &[String], conn: &Conn) -> anyhow::Result<(Vec<proto::SecretRef>, Vec<proto::SecretValue>)> {
-    use braid_shared::{limits, secrets};
-    if raw.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
-    }
-    if raw.len() > limits::SECRETS {
-        bail!("--secret: more than the limit of {} secrets", limits::SECRETS);
-    }
-    if !conn.may_carry_secrets() {
-        bail!(
-            "--secret: the coordinator is reached over plain HTTP on a non-loopback address; secrets go only over TLS (https://) or to loopback"
-        );
-    }
-    let mut refs = Vec::new();
-    let mut values = Vec::new();
-    for r in raw {
-        let flag = secrets::parse(r)?;
-        let value = secrets::read(&flag, |k| std::env::var(k).ok())?;
-        refs.push(proto::SecretRef { id: flag.id.clone(), provided: true });
-        values.push(proto::SecretValue { id: flag.id, value });
-    }
-    secrets::check_refs(&refs)?;
-    secrets::check_values(&refs, &values)?;
-    Ok((refs, values))
-}
-
 /// `--iidfile`: the index digest, as buildx writes for a multi-platform build.
 fn write_iidfile(path: &std::path::Path, build: &proto::Build) -> anyhow::Result<()> {
     if build.index_digest.is_empty() {
@@ -319,7 +291,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         bail!("--detach returns before the build ends, so it cannot write --iidfile");
     }
     let run_flags = RunFlags::parse(&args)?;
-    let (secret_refs, secrets) = read_secrets(&args.secrets, conn)?;
+    let (secret_refs, secrets) = crate::secrets::read(&args.secrets, conn)?;
     // As buildx: a build that fails leaves no stale image id behind.
     if let Some(path) = &args.iidfile {
         match std::fs::remove_file(path) {

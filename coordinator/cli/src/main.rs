@@ -9,6 +9,7 @@ mod dockerconfig;
 mod ops;
 mod output;
 mod reconnect;
+mod secrets;
 mod tokens;
 mod upload;
 
