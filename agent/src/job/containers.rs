@@ -32,6 +32,7 @@ pub(super) async fn build_with_containers(
         Ok(c) => c,
         Err(e) => return Err(infra(format!("writing registries.conf: {e}"))),
     };
+    let secret_files = crate::secrets::write_build_secrets(job_dir.secrets(), &a.secrets).map_err(infra)?;
     if env.settings.settings.isolation == "chroot" {
         chroot_can_honour(spec, &env.settings.backend)?;
     }
@@ -58,6 +59,11 @@ pub(super) async fn build_with_containers(
         bud.arg("--target").arg(&spec.target);
     }
     run_flags(&mut bud, spec);
+    // RUN --mount=type=secret,id=ID sees them (paths without commas: the
+    // secrets directory is braid's own).
+    for (id, file) in &secret_files {
+        bud.arg("--secret").arg(format!("id={id},src={}", file.display()));
+    }
     let mut args: Vec<(&String, &String)> = spec.build_args.iter().collect();
     args.sort();
     for (k, v) in args {
