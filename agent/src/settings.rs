@@ -52,6 +52,12 @@ pub struct Settings {
     /// tcp://HOST:PORT [default: DOCKER_HOST, else unix:///var/run/docker.sock]
     #[arg(long, value_name = "HOST", default_value = "", hide_default_value = true)]
     pub docker_host: String,
+    /// The docker CLI the docker backend builds with through the Engine's
+    /// BuildKit (`DOCKER_BUILDKIT=1 docker build`: secrets, SSH, cache
+    /// mounts); checked at start, and when its `build` has no --secret and
+    /// --ssh or it cannot reach the Engine, the classic builder is used
+    #[arg(long, value_name = "PATH", default_value = "docker")]
+    pub docker_cli: PathBuf,
     /// buildah's --isolation: chroot works everywhere, including hosts with
     /// hybrid cgroups; oci isolates more where cgroup v2 is there; or rootless
     #[arg(long, value_name = "ISOLATION", default_value = "chroot")]
@@ -138,6 +144,11 @@ pub struct Valid {
     /// Where jobs keep secret files (registry logins): this agent's own
     /// directory on a tmpfs (see `leftovers`).
     pub secrets_dir: PathBuf,
+    /// The docker backend builds with the Engine's BuildKit through this
+    /// docker CLI; None: the classic builder (probed at start).
+    pub docker_buildkit: Option<PathBuf>,
+    /// The Engine has its default bridge network (probed with BuildKit).
+    pub docker_bridge: bool,
 }
 
 /// Whether `program` is an executable on PATH.
@@ -311,6 +322,8 @@ impl Settings {
             docker_host,
             backend_detected,
             secrets_dir,
+            docker_buildkit: None,
+            docker_bridge: true,
         })
     }
 }
