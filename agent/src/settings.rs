@@ -399,6 +399,8 @@ mod tests {
         };
         let v = docker.validate().unwrap();
         assert_eq!((v.backend.as_str(), v.docker_host.as_str()), ("docker", "unix:///run/d.sock"));
+        assert_eq!(v.settings.docker_cli, Path::new("docker"), "the docker CLI on PATH by default");
+        assert_eq!(v.docker_buildkit, None, "BuildKit only once the start-up probe found it");
         let bad =
             Settings { backend: "docker".into(), docker_host: "/run/d.sock".into(), ..with("http://127.0.0.1:1") };
         assert!(bad.validate().unwrap_err().to_string().contains("invalid setting docker_host"));

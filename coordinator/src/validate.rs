@@ -283,6 +283,32 @@ mod tests {
     }
 
     #[test]
+    fn secrets_are_bounded_and_match_the_spec() {
+        let r = |id: &str| proto::SecretRef { id: id.into(), provided: true };
+        let mut spec = base();
+        spec.secrets = (0..65).map(|i| r(&format!("s{i}"))).collect();
+        let e = self::spec(spec).unwrap_err();
+        assert!(
+            matches!(&e, CoordinatorError::ResourceExhausted(m) if m == "secrets: more than the limit of 64"),
+            "{e}"
+        );
+        let mut spec = base();
+        spec.secrets = vec![r("a b")];
+        assert!(self::spec(spec).unwrap_err().to_string().contains("secrets: --secret id \"a b\""));
+        let mut spec = base();
+        spec.secrets = vec![r("tok")];
+        let valid = self::spec(spec).unwrap().spec;
+        let v = |id: &str, n: usize| proto::SecretValue { id: id.into(), value: vec![b'x'; n] };
+        assert!(secret_values(&valid, &[v("tok", 3)]).is_ok());
+        let e = secret_values(&valid, &[]).unwrap_err().to_string();
+        assert!(e.contains("no value for id tok"), "{e}");
+        let e = secret_values(&valid, &[v("tok", 1), v("other", 1)]).unwrap_err().to_string();
+        assert!(e.contains("id other that the spec does not list"), "{e}");
+        let e = secret_values(&valid, &[v("tok", limits::SECRET_BYTES + 1)]).unwrap_err().to_string();
+        assert!(e.contains("id=tok: larger than the limit of 500 KiB") && !e.contains("xxx"), "{e}");
+    }
+
+    #[test]
     fn credentials_are_bounded() {
         let cred = |registry: &str| proto::RegistryCredential {
             registry: registry.into(),

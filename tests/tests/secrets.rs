@@ -154,8 +154,10 @@ fn a_secret_reaches_run_steps_on_buildah_and_the_engine_and_nothing_else() {
             assert!(!text.contains(value), "the value is in the {what}");
         }
         assert!(!dashboard.contains(value), "the value is on the dashboard");
-        let held = files_containing(&dir.join("coordinator"), value);
-        assert!(held.is_empty(), "the coordinator's data dir holds the value: {held:?}");
+        for place in ["coordinator", "buildah-amd64", "docker-arm64", "docker"] {
+            let held = files_containing(&dir.join(place), value);
+            assert!(held.is_empty(), "{place}'s directory holds the value: {held:?}");
+        }
         for log in ["coordinator.log", "buildah-amd64.log", "docker-arm64.log"] {
             assert!(!farm.log(log.trim_end_matches(".log")).contains(value), "the value is in {log}");
         }
