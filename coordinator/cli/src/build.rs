@@ -450,28 +450,22 @@ async fn follow(
     let mut after = 0;
     let mut reconnected = false;
     loop {
-        if reconnected && !secrets.is_empty() {
-            let request = proto::ProvideSecretsRequest { build_id: build_id.to_owned(), secrets: secrets.to_vec() };
-            let provided = patience
-                .retry(|| {
-                    let (mut c, r) = (client.clone(), request.clone());
-                    async move { c.provide_secrets(r).await }
-                })
-                .await;
-            // A build that ended meanwhile needs them no more; the watch says how it ended.
-            if let Err(e) = provided {
-                crate::diag::warn(&format!("sending the --secret values again: {e:#}"));
-            }
-        }
-        reconnected = true;
         let request = proto::WatchRequest { build_id: build_id.to_owned(), after_seq: after, history_only: false };
+        let attempts = std::cell::Cell::new(0u32);
         let mut stream = patience
             .retry(|| {
+                attempts.set(attempts.get() + 1);
                 let (mut c, r) = (client.clone(), request.clone());
                 async move { c.watch(r).await }
             })
             .await?
             .into_inner();
+        // Back after an outage (a dropped stream, or a first watch that had
+        // to wait): the coordinator may have restarted.
+        if (reconnected || attempts.get() > 1) && !secrets.is_empty() {
+            provide_secrets(client, build_id, secrets, patience).await;
+        }
+        reconnected = true;
         loop {
             match stream.message().await {
                 Ok(Some(event)) => {
@@ -495,6 +489,21 @@ async fn follow(
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// Sends the build's `--secret` values again; a failure is only a warning
+/// (a build that ended needs them no more, and the watch says how it ended).
+async fn provide_secrets(client: &Builds, build_id: &str, secrets: &[proto::SecretValue], patience: &mut Patience) {
+    let request = proto::ProvideSecretsRequest { build_id: build_id.to_owned(), secrets: secrets.to_vec() };
+    let provided = patience
+        .retry(|| {
+            let (mut c, r) = (client.clone(), request.clone());
+            async move { c.provide_secrets(r).await }
+        })
+        .await;
+    if let Err(e) = provided {
+        crate::diag::warn(&format!("sending the --secret values again: {e:#}"));
     }
 }
 
