@@ -253,16 +253,7 @@ impl Farm {
                 expired.push((b.record.id.clone(), String::new(), format!("timed out after {limit}s (--timeout)")));
                 continue;
             }
-            if let Some(lost) = b.secrets_lost_ms
-                && now - lost > self.config.secrets_grace_ms
-                && b.record.jobs.iter().any(|j| j.status == JobStatus::Pending)
-            {
-                let message = format!(
-                    "the --secret values ({}) were lost when the coordinator restarted and no client sent them \
-                     again within {}s; submit the build again",
-                    b.spec.secrets.iter().filter(|s| s.provided).map(|s| s.id.as_str()).collect::<Vec<_>>().join(", "),
-                    self.config.secrets_grace_ms / 1000
-                );
+            if let Some(message) = self.secrets_expired(b, now) {
                 expired.push((b.record.id.clone(), String::new(), message));
                 continue;
             }
@@ -283,26 +274,6 @@ impl Farm {
         for (build_id, job_id, message) in expired {
             self.fail_build(&build_id, &job_id, message);
         }
-    }
-
-    /// A client sends a build's `--secret` values again (after a restart
-    /// lost them). Values already held are kept. Returns whether the build
-    /// now holds its values.
-    pub fn provide_secrets(&mut self, build_id: &str, secrets: Vec<proto::SecretValue>) -> Result<bool> {
-        self.build(build_id)?;
-        let Some(b) = self.builds.get_mut(build_id) else {
-            return Ok(false);
-        };
-        if b.record.status.is_terminal() {
-            return Err(super::FarmError::FailedPrecondition(format!("build {build_id} has ended")));
-        }
-        if b.secrets_lost_ms.is_none() {
-            return Ok(true);
-        }
-        b.secrets = secrets;
-        b.secrets_lost_ms = None;
-        tracing::info!(build_id, count = b.secrets.len(), "build's secret values provided again");
-        Ok(true)
     }
 
     /// Puts a leased job back in the queue, or fails it after too many attempts.

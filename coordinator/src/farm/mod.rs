@@ -12,6 +12,7 @@ mod agents;
 pub use agents::Connected;
 mod builds;
 mod events;
+mod secrets;
 
 pub use builds::NewBuild;
 
