@@ -42,7 +42,7 @@ pub struct JobEnv {
     pub storage_locks: Arc<prune::StorageLocks>,
 }
 
-pub async fn run(env: Arc<JobEnv>, assignment: proto::Assignment, cancel: CancellationToken) -> proto::JobResult {
+pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: CancellationToken) -> proto::JobResult {
     let span = tracing::info_span!(
         "job",
         build_id = %assignment.build_id,
@@ -73,6 +73,10 @@ pub async fn run(env: Arc<JobEnv>, assignment: proto::Assignment, cancel: Cancel
     }
     .instrument(span)
     .await;
+    // The files went with the job directory; the values go now.
+    for s in &mut assignment.secrets {
+        zeroize::Zeroize::zeroize(&mut s.value);
+    }
     let outcome = match outcome {
         Outcome::Image(d) => proto::job_result::Outcome::Image(proto::ImageResult {
             digest: d.digest.to_string(),

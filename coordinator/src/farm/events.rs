@@ -38,6 +38,9 @@ impl Farm {
             .collect();
         if b.record.status.is_terminal() {
             // A build that ended needs its secret values no more.
+            for s in &mut b.secrets {
+                zeroize::Zeroize::zeroize(&mut s.value);
+            }
             b.secrets = Vec::new();
             b.secrets_lost_ms = None;
         }
