@@ -74,8 +74,14 @@ async fn main() -> anyhow::Result<()> {
     if let Err(e) = telemetry::raise_open_file_limit() {
         tracing::warn!(error = %e, "raising the open-file limit failed");
     }
-    let valid = loaded.validate()?;
+    let mut valid = loaded.validate()?;
     let builder = check_backend(&valid).await?;
+    if valid.backend == "docker"
+        && let Some(found) = probe_buildkit(&valid).await
+    {
+        valid.docker_buildkit = Some(found.cli);
+        valid.docker_bridge = found.bridge;
+    }
     std::fs::create_dir_all(&valid.settings.work_dir)?;
     // What a killed agent's jobs left: none of them runs any more.
     leftovers::sweep(&valid.settings.work_dir, &valid.secrets_dir);
@@ -159,6 +165,37 @@ async fn check_backend(valid: &settings::Valid) -> anyhow::Result<String> {
         Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned()),
         Ok(o) => anyhow::bail!("{backend} --version failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
         Err(e) => anyhow::bail!("{backend} not found ({e}); install it, e.g. apt-get install {backend}"),
+    }
+}
+
+/// Whether the docker backend builds with the Engine's BuildKit (through
+/// the docker CLI) or the classic builder; the log says which and why.
+async fn probe_buildkit(valid: &settings::Valid) -> Option<job::buildkit::Probed> {
+    let cli = &valid.settings.docker_cli;
+    match job::buildkit::probe(cli, &valid.docker_host).await {
+        Ok(found) => {
+            tracing::info!(
+                cli = %found.cli.display(),
+                engine = %found.engine_version,
+                "docker backend: building with the Engine's BuildKit through {} (its build offers --secret and --ssh)",
+                found.cli.display()
+            );
+            if !found.bridge {
+                tracing::warn!(
+                    "the Engine has no bridge network (dockerd --bridge=none): RUN steps of --network default \
+                     run with none, as its classic builder runs them"
+                );
+            }
+            Some(found)
+        }
+        Err(why) => {
+            tracing::warn!(
+                cli = %cli.display(),
+                "docker backend: the Engine's classic builder (no --secret, --ssh or RUN --mount): {why}; \
+                 set docker_cli to a docker CLI with BuildKit (Docker 20.10's own, or one with buildx)"
+            );
+            None
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Where a job's secrets live on the agent.
 //!
-//! Registry logins (`auth.json`) go to a per-job directory on a tmpfs
+//! Registry logins (`auth.json`) and the build's `--secret` values (each in
+//! a 0600 file of its own, `secret-N`) go to a per-job directory on a tmpfs
 //! (`$XDG_RUNTIME_DIR`, `/run` or `/dev/shm`, the first that is one), under a
 //! directory of this agent's own named after its work directory, so two
 //! agents on a host never sweep each other's. A crash leaves them in memory,
@@ -61,6 +62,25 @@ pub fn private_dir(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Writes a build's `--secret` values into the job's secrets directory,
+/// each new (`O_EXCL`, no link followed) and 0600 in a file named by its
+/// position, not its id. Returns each id with its file. Synchronous: no
+/// await between writing and using them.
+pub fn write_build_secrets(
+    dir: &Path,
+    secrets: &[braid_shared::proto::SecretValue],
+) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut files = Vec::with_capacity(secrets.len());
+    for (i, s) in secrets.iter().enumerate() {
+        braid_shared::secrets::check_id(&s.id).map_err(|e| e.to_string())?;
+        let file = dir.join(format!("secret-{i}"));
+        braid_shared::beneath::create_new_file(&file, &s.value, 0o600)
+            .map_err(|e| format!("writing --secret id={} into {}: {e}", s.id, dir.display()))?;
+        files.push((s.id.clone(), file));
+    }
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -78,6 +98,19 @@ mod tests {
         let link = tmp.path().join("l");
         std::os::unix::fs::symlink(&dir, &link).unwrap();
         assert!(private_dir(&link).is_err());
+    }
+
+    #[test]
+    fn build_secrets_are_written_0600_one_file_each() {
+        let tmp = tempfile::tempdir().unwrap();
+        let v = |id: &str, value: &[u8]| braid_shared::proto::SecretValue { id: id.into(), value: value.to_vec() };
+        let files = write_build_secrets(tmp.path(), &[v("tok", b"abc"), v("npmrc", b"")]).unwrap();
+        assert_eq!(files.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["tok", "npmrc"]);
+        assert_eq!(std::fs::read(&files[0].1).unwrap(), b"abc");
+        assert_eq!(std::fs::metadata(&files[1].1).unwrap().mode() & 0o777, 0o600);
+        let e = write_build_secrets(tmp.path(), &[v("tok", b"again")]).unwrap_err();
+        assert!(e.contains("id=tok") && !e.contains("again"), "{e}");
+        assert!(write_build_secrets(tmp.path(), &[v("../x", b"")]).is_err());
     }
 
     #[test]

@@ -52,6 +52,12 @@ pub struct Settings {
     /// tcp://HOST:PORT [default: DOCKER_HOST, else unix:///var/run/docker.sock]
     #[arg(long, value_name = "HOST", default_value = "", hide_default_value = true)]
     pub docker_host: String,
+    /// The docker CLI the docker backend builds with through the Engine's
+    /// BuildKit (`DOCKER_BUILDKIT=1 docker build`: secrets, SSH, cache
+    /// mounts); checked at start, and when its `build` has no --secret and
+    /// --ssh or it cannot reach the Engine, the classic builder is used
+    #[arg(long, value_name = "PATH", default_value = "docker")]
+    pub docker_cli: PathBuf,
     /// buildah's --isolation: chroot works everywhere, including hosts with
     /// hybrid cgroups; oci isolates more where cgroup v2 is there; or rootless
     #[arg(long, value_name = "ISOLATION", default_value = "chroot")]
@@ -139,6 +145,11 @@ pub struct Valid {
     /// Where jobs keep secret files (registry logins): this agent's own
     /// directory on a tmpfs (see `leftovers`).
     pub secrets_dir: PathBuf,
+    /// The docker backend builds with the Engine's BuildKit through this
+    /// docker CLI; None: the classic builder (probed at start).
+    pub docker_buildkit: Option<PathBuf>,
+    /// The Engine has its default bridge network (probed with BuildKit).
+    pub docker_bridge: bool,
 }
 
 /// Whether `program` is an executable on PATH.
@@ -320,6 +331,8 @@ impl Settings {
             docker_host,
             backend_detected,
             secrets_dir,
+            docker_buildkit: None,
+            docker_bridge: true,
         })
     }
 }
@@ -395,6 +408,8 @@ mod tests {
         };
         let v = docker.validate().unwrap();
         assert_eq!((v.backend.as_str(), v.docker_host.as_str()), ("docker", "unix:///run/d.sock"));
+        assert_eq!(v.settings.docker_cli, Path::new("docker"), "the docker CLI on PATH by default");
+        assert_eq!(v.docker_buildkit, None, "BuildKit only once the start-up probe found it");
         let bad =
             Settings { backend: "docker".into(), docker_host: "/run/d.sock".into(), ..with("http://127.0.0.1:1") };
         assert!(bad.validate().unwrap_err().to_string().contains("invalid setting docker_host"));

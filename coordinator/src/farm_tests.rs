@@ -127,8 +127,12 @@ fn farm(dir: &std::path::Path) -> (World, Arc<Store>) {
     let store = Arc::new(Store::open(&dir.join("braid.db")).unwrap());
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let clock = Arc::new(ManualClock::at(T0));
-    let config =
-        FarmConfig { max_attempts: 2, insecure_registries: vec!["127.0.0.1:5000".into()], configured: Vec::new() };
+    let config = FarmConfig {
+        max_attempts: 2,
+        insecure_registries: vec!["127.0.0.1:5000".into()],
+        configured: Vec::new(),
+        secrets_grace_ms: 60_000,
+    };
     let mut farm = Farm::new(config, clock.clone(), metrics);
     farm.restore(store.load_builds().unwrap(), store.cordons().unwrap());
     farm.restore_deliveries(store.deliveries().unwrap());
@@ -154,7 +158,12 @@ fn connect(w: &mut World, name: &str, platforms: &[&str]) -> (u64, Inbox) {
 }
 
 fn submit(w: &mut World, platforms: &[&str]) -> String {
+    submit_with_secrets(w, platforms, vec![])
+}
+
+fn submit_with_secrets(w: &mut World, platforms: &[&str], secrets: Vec<proto::SecretValue>) -> String {
     let spec = proto::BuildSpec {
+        secrets: secrets.iter().map(|s| proto::SecretRef { id: s.id.clone(), provided: true }).collect(),
         platforms: platforms.iter().map(|p| p.to_string()).collect(),
         tags: vec!["127.0.0.1:5000/app:1".into()],
         context_digest: format!("sha256:{}", "0".repeat(64)),
@@ -162,7 +171,7 @@ fn submit(w: &mut World, platforms: &[&str]) -> String {
         ..Default::default()
     };
     let v = validate::spec(spec).unwrap();
-    let new = w.farm.new_build(v.spec, v.platforms, v.tags, None, vec![]);
+    let new = w.farm.new_build(v.spec, v.platforms, v.tags, None, vec![], secrets);
     let (record, spec, first) = new.parts();
     w.store.write(&[Write::Insert(record, spec), Write::Events(std::slice::from_ref(first))]).unwrap();
     let (id, effects) = w.farm.admit(new);
@@ -669,4 +678,57 @@ fn an_agent_s_messages_are_applied_once_across_reconnects_and_restarts() {
     assert_eq!(farm.accept("amd", session, 1), Delivery::Apply);
     // Unnumbered messages (an older agent) are always applied.
     assert_eq!(farm.accept("amd", session, 0), Delivery::Apply);
+}
+
+#[test]
+fn secret_values_ride_every_attempt_and_a_restart_waits_for_them_then_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let value = || vec![proto::SecretValue { id: "tok".into(), value: b"hunter2-value".to_vec() }];
+    let (waits, fails) = {
+        let (mut farm, store) = farm(dir.path());
+        let (session, mut inbox) = connect(&mut farm, "amd", &["linux/amd64"]);
+        let first = submit_with_secrets(&mut farm, &["linux/amd64"], value());
+        farm.schedule();
+        let a = next_assignment(&mut inbox);
+        assert_eq!(a.build_id, first);
+        assert_eq!(a.secrets, value(), "the assignment carries the values");
+        assert_eq!(a.spec.unwrap().secrets, [proto::SecretRef { id: "tok".into(), provided: true }]);
+        // A lost agent's retry carries them too.
+        farm.agent_disconnected("amd", session);
+        farm.clock.advance(20);
+        farm.reap(Duration::from_millis(10));
+        let (_, mut inbox) = connect(&mut farm, "amd2", &["linux/amd64"]);
+        farm.schedule();
+        let retry = next_assignment(&mut inbox);
+        assert_eq!((retry.attempt, retry.secrets), (2, value()));
+        // amd2 is busy: these two wait in the queue.
+        let waits = submit_with_secrets(&mut farm, &["linux/amd64"], value());
+        let fails = submit_with_secrets(&mut farm, &["linux/arm64"], value());
+        let db = std::fs::read(dir.path().join("braid.db")).unwrap();
+        assert!(!db.windows(13).any(|w| w == b"hunter2-value"), "never in the database");
+        drop(store);
+        (waits, fails)
+    };
+    // A restart: the values are gone; the builds wait for them.
+    let (mut farm, _) = farm(dir.path());
+    assert!(farm.build(&waits).unwrap().lacks_secrets());
+    farm.clock.advance(40_000);
+    let (_, mut amd) = connect(&mut farm, "amd3", &["linux/amd64"]);
+    let (_, mut arm) = connect(&mut farm, "arm", &["linux/arm64"]);
+    farm.schedule();
+    assert!(amd.try_recv().is_err() && arm.try_recv().is_err(), "nothing placed without the values");
+    assert!(farm.farm.provide_secrets(&waits, value()).unwrap());
+    farm.schedule();
+    assert_eq!(next_assignment(&mut amd).secrets, value());
+    farm.clock.advance(30_000);
+    let e = farm.farm.check_timeouts(None);
+    farm.run(e);
+    let b = farm.build(&fails).unwrap();
+    assert_eq!(b.record.status, BuildStatus::Failed);
+    assert!(
+        b.record.message.contains("--secret values (tok) were lost when the coordinator restarted"),
+        "{}",
+        b.record.message
+    );
+    assert!(b.secrets.is_empty() && farm.farm.provide_secrets(&fails, value()).is_err(), "an ended build holds none");
 }

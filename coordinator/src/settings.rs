@@ -71,6 +71,11 @@ pub struct Settings {
     /// forever
     #[arg(long = "queue-timeout", value_name = "SECONDS", default_value_t = 1800)]
     pub queue_timeout_seconds: u32,
+    /// Seconds a build whose `--secret` values were lost in a restart (they
+    /// live only in memory) waits for its `braid build` to reconnect and send
+    /// them again; then it fails, saying it must be submitted again
+    #[arg(long = "secrets-grace", value_name = "SECONDS", default_value_t = 60)]
+    pub secrets_grace_seconds: u32,
     /// Credentials per registry (`[registry_credentials."ghcr.io"]` with
     /// `username` and `password`), used to verify and merge and handed to
     /// the agents whose jobs pull from or push to that registry. Only in the

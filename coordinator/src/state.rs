@@ -75,6 +75,7 @@ impl Coordinator {
             max_attempts: settings.max_attempts,
             insecure_registries: settings.insecure_registries.clone(),
             configured: settings.credentials(),
+            secrets_grace_ms: i64::from(settings.secrets_grace_seconds) * 1000,
         };
         let mut farm = Farm::new(config, Arc::new(SystemClock::default()), metrics.clone());
         let builds = store.load_builds()?;
@@ -362,7 +363,7 @@ mod tests {
             ..Default::default()
         };
         let v = crate::validate::spec(spec).unwrap();
-        c.farm().new_build(v.spec, v.platforms, v.tags, None, vec![])
+        c.farm().new_build(v.spec, v.platforms, v.tags, None, vec![], vec![])
     }
 
     #[tokio::test]

@@ -232,7 +232,21 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
     run_flags(&spec)?;
     braid_shared::ssh::check_ids(spec.ssh_ids.iter().map(String::as_str))
         .map_err(|e| invalid(format!("ssh_ids: {e}")))?;
+    if spec.secrets.len() > limits::SECRETS {
+        return Err(too_many("secrets", limits::SECRETS));
+    }
+    braid_shared::secrets::check_refs(&spec.secrets).map_err(|e| invalid(format!("secrets: {e}")))?;
     Ok(ValidSpec { spec, platforms, tags })
+}
+
+/// `--secret` values sent with a submit (or again after a restart): one for
+/// each id the spec lists as provided, within the limits. Errors name ids,
+/// never values.
+pub fn secret_values(spec: &proto::BuildSpec, values: &[proto::SecretValue]) -> Result<(), CoordinatorError> {
+    if values.len() > limits::SECRETS {
+        return Err(too_many("secrets", limits::SECRETS));
+    }
+    braid_shared::secrets::check_values(&spec.secrets, values).map_err(|e| invalid(e.to_string()))
 }
 
 /// `--network`, `--add-host`, `--ulimit`, `--shm-size`: checked as the CLI
@@ -268,6 +282,32 @@ mod tests {
             push: true,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn secrets_are_bounded_and_match_the_spec() {
+        let r = |id: &str| proto::SecretRef { id: id.into(), provided: true };
+        let mut spec = base();
+        spec.secrets = (0..65).map(|i| r(&format!("s{i}"))).collect();
+        let e = self::spec(spec).unwrap_err();
+        assert!(
+            matches!(&e, CoordinatorError::ResourceExhausted(m) if m == "secrets: more than the limit of 64"),
+            "{e}"
+        );
+        let mut spec = base();
+        spec.secrets = vec![r("a b")];
+        assert!(self::spec(spec).unwrap_err().to_string().contains("secrets: --secret id \"a b\""));
+        let mut spec = base();
+        spec.secrets = vec![r("tok")];
+        let valid = self::spec(spec).unwrap().spec;
+        let v = |id: &str, n: usize| proto::SecretValue { id: id.into(), value: vec![b'x'; n] };
+        assert!(secret_values(&valid, &[v("tok", 3)]).is_ok());
+        let e = secret_values(&valid, &[]).unwrap_err().to_string();
+        assert!(e.contains("no value for id tok"), "{e}");
+        let e = secret_values(&valid, &[v("tok", 1), v("other", 1)]).unwrap_err().to_string();
+        assert!(e.contains("id other that the spec does not list"), "{e}");
+        let e = secret_values(&valid, &[v("tok", limits::SECRET_BYTES + 1)]).unwrap_err().to_string();
+        assert!(e.contains("id=tok: larger than the limit of 500 KiB") && !e.contains("xxx"), "{e}");
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod oci;
 pub mod pki;
 pub mod platform;
 pub mod reference;
+pub mod secrets;
 pub mod settings;
 pub mod ssh;
 pub mod telemetry;

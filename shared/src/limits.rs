@@ -88,3 +88,12 @@ pub const SSH_FRAME_BYTES: usize = 256 << 10;
 pub const SSH_CONNECTIONS: usize = 32;
 /// Frames the coordinator buffers per direction of one SSH stream.
 pub const SSH_BUFFERED_FRAMES: usize = 16;
+/// `--secret` entries in one build.
+pub const SECRETS: usize = 64;
+/// Bytes of one secret's value: BuildKit's own limit (500 KiB).
+pub const SECRET_BYTES: usize = 500 << 10;
+/// Bytes of all of a build's secret values together, so a submit or an
+/// assignment stays well inside `GRPC_MESSAGE_BYTES`.
+pub const SECRETS_TOTAL_BYTES: usize = 4 << 20;
+/// Bytes of a secret's id.
+pub const SECRET_ID_BYTES: usize = 128;

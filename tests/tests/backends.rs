@@ -7,6 +7,10 @@ use std::path::Path;
 
 use braid_tests::{AgentSpec, DockerEngine, Farm, Registry, require, require_environment};
 
+/// The docker CLI with BuildKit built in (Docker 20.10): the Engine agents
+/// build with the Engine's BuildKit through it.
+const DOCKER_CLI: &str = "/usr/bin/docker";
+
 #[test]
 fn podman_agents_build_the_multiarch_image() {
     require_environment();
@@ -39,15 +43,33 @@ fn docker_engine_agents_build_the_multiarch_image() {
     let no_builders = dir.join("empty-bin");
     std::fs::create_dir_all(&no_builders).unwrap();
     let agents = [
-        AgentSpec::new("docker-amd64", &[]).backend("docker").flag("--docker-host", &x86.host),
-        AgentSpec::new("auto-amd64", &[]).env("PATH", no_builders.to_str().unwrap()).env("DOCKER_HOST", &x86.host),
+        AgentSpec::new("docker-amd64", &[])
+            .backend("docker")
+            .flag("--docker-host", &x86.host)
+            .flag("--docker-cli", DOCKER_CLI),
+        // A docker CLI without BuildKit (Docker 28 without buildx): the
+        // classic builder, and the log says why.
+        AgentSpec::new("auto-amd64", &[])
+            .env("PATH", no_builders.to_str().unwrap())
+            .env("DOCKER_HOST", &x86.host)
+            .flag("--docker-cli", "/usr/local/bin/docker"),
         AgentSpec::new("docker-arm", &["linux/arm64", "linux/arm/v7"])
             .slots(2)
             .backend("docker")
-            .flag("--docker-host", &arm.host),
+            .flag("--docker-host", &arm.host)
+            .flag("--docker-cli", DOCKER_CLI),
     ];
     let farm = Farm::start(dir, &registry, &agents).unwrap();
     let output = build_multiarch_and_check(dir, &registry, &base, &farm, "docker");
+    for agent in ["docker-amd64", "docker-arm"] {
+        let log = farm.log(agent);
+        assert!(log.contains("building with the Engine's BuildKit through /usr/bin/docker"), "{agent}: {log}");
+    }
+    let log = farm.log("auto-amd64");
+    assert!(
+        log.contains("the Engine's classic builder") && log.contains("/usr/local/bin/docker build --help` failed"),
+        "{log}"
+    );
     assert!(
         output.contains("waiting for this agent's builds of another platform"),
         "the arm agent ran its two platforms one at a time:\n{output}"

@@ -27,7 +27,10 @@ fn run_flags_reach_buildah_and_the_docker_engine() {
     let engine = DockerEngine::start(&dir.join("docker")).unwrap();
     let agents = [
         AgentSpec::new("buildah-amd64", &[]),
-        AgentSpec::new("docker-arm64", &["linux/arm64"]).backend("docker").flag("--docker-host", &engine.host),
+        AgentSpec::new("docker-arm64", &["linux/arm64"])
+            .backend("docker")
+            .flag("--docker-host", &engine.host)
+            .flag("--docker-cli", "/usr/bin/docker"),
         // An operator's refusal of --network host (BuildKit's network.host entitlement).
         AgentSpec::new("no-host-net", &["linux/386"]).env("BRAID_ALLOW_NETWORK_HOST", "false"),
     ];

@@ -133,7 +133,10 @@ fn hostile_contexts_never_reach_outside_the_job_directory() {
     let engine = DockerEngine::start(&dir.join("docker")).unwrap();
     let agents = [
         AgentSpec::new("buildah", &["linux/amd64"]),
-        AgentSpec::new("docker", &["linux/arm64"]).backend("docker").flag("--docker-host", &engine.host),
+        AgentSpec::new("docker", &["linux/arm64"])
+            .backend("docker")
+            .flag("--docker-host", &engine.host)
+            .flag("--docker-cli", "/usr/bin/docker"),
     ];
     let farm = Farm::start(dir, &registry, &agents).unwrap();
     farm.wait_for_agents(2).unwrap();

@@ -32,6 +32,7 @@ pub(super) async fn build_with_containers(
         Ok(c) => c,
         Err(e) => return Err(infra(format!("writing registries.conf: {e}"))),
     };
+    let secret_files = crate::secrets::write_build_secrets(job_dir.secrets(), &a.secrets).map_err(infra)?;
     if env.settings.settings.isolation == "chroot" {
         chroot_can_honour(spec, &env.settings.backend)?;
     }
@@ -61,6 +62,11 @@ pub(super) async fn build_with_containers(
     // The job's own sockets (crate::ssh), relayed to the client's agents.
     for (id, socket) in ssh {
         bud.arg("--ssh").arg(format!("{id}={}", socket.display()));
+    }
+    // RUN --mount=type=secret,id=ID sees them (paths without commas: the
+    // secrets directory is braid's own).
+    for (id, file) in &secret_files {
+        bud.arg("--secret").arg(format!("id={id},src={}", file.display()));
     }
     let mut args: Vec<(&String, &String)> = spec.build_args.iter().collect();
     args.sort();

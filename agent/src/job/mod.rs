@@ -1,6 +1,7 @@
 //! One job: fetch the context, unpack it, build (buildah, podman or a
 //! Docker Engine), export an OCI layout, push it by digest, report.
 
+pub mod buildkit;
 mod containers;
 mod process;
 mod push;
@@ -41,7 +42,7 @@ pub struct JobEnv {
     pub storage_locks: Arc<prune::StorageLocks>,
 }
 
-pub async fn run(env: Arc<JobEnv>, assignment: proto::Assignment, cancel: CancellationToken) -> proto::JobResult {
+pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: CancellationToken) -> proto::JobResult {
     let span = tracing::info_span!(
         "job",
         build_id = %assignment.build_id,
@@ -72,6 +73,10 @@ pub async fn run(env: Arc<JobEnv>, assignment: proto::Assignment, cancel: Cancel
     }
     .instrument(span)
     .await;
+    // The files went with the job directory; the values go now.
+    for s in &mut assignment.secrets {
+        zeroize::Zeroize::zeroize(&mut s.value);
+    }
     let outcome = match outcome {
         Outcome::Image(d) => proto::job_result::Outcome::Image(proto::ImageResult {
             digest: d.digest.to_string(),
@@ -204,7 +209,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         ssh: ssh_sockets,
     };
     let built = if env.settings.backend == "docker" {
-        build_with_docker(&job, &dockerfile_text, &credentials).await
+        build_with_docker(&job, &dockerfile_text, &dockerfile, &credentials, cancel).await
     } else {
         containers::build_with_containers(&job, &dockerfile, &insecure, &credentials, cancel).await
     };
@@ -285,15 +290,50 @@ fn manifest_annotations(spec: &proto::BuildSpec, platform: &Platform) -> std::co
         .collect()
 }
 
-/// The Docker Engine: build through its API, then save and convert.
-async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &[Credential]) -> Result<(), Outcome> {
+/// The Docker Engine: its BuildKit through the docker CLI where the agent
+/// found one at start, else (and for `--shm-size`, which the Engine's
+/// BuildKit ignores) its classic builder through the API; then save and
+/// convert.
+async fn build_with_docker(
+    job: &BuildJob<'_>,
+    dockerfile: &[u8],
+    dockerfile_path: &Path,
+    credentials: &[Credential],
+    cancel: &CancellationToken,
+) -> Result<(), Outcome> {
     let BuildJob { env, a, spec, platform, job_dir, context_dir, layout, .. } = *job;
-    // The classic builder has no SSH forwarding: fail rather than build
-    // without the agent the build asked for.
-    if !job.ssh.is_empty() {
+    // Neither builder applies ulimits (the API's classic builder gets none
+    // from bollard, the Engine's BuildKit ignores them): fail rather than
+    // build without them.
+    if !spec.ulimits.is_empty() {
         return Err(build_failure(
-            "--ssh is not supported by this agent's Docker Engine backend (classic builder); use a buildah or podman agent",
+            "--ulimit is not supported by this agent's Docker Engine backend; use a buildah or podman agent",
         ));
+    }
+    match &env.settings.docker_buildkit {
+        Some(cli) if spec.shm_size_bytes == 0 => {
+            return buildkit::build(job, cli, dockerfile_path, credentials, cancel).await;
+        }
+        Some(_) if !spec.secrets.is_empty() || !job.ssh.is_empty() => {
+            return Err(build_failure(
+                "--shm-size with --secret or --ssh: this agent's Docker Engine applies --shm-size only with its \
+                 classic builder, which has neither; use a buildah agent with isolation oci",
+            ));
+        }
+        Some(_) => log_lines(
+            env,
+            a,
+            vec!["--shm-size: building with the Engine's classic builder (its BuildKit ignores --shm-size)".into()],
+        ),
+        None if !spec.secrets.is_empty() || !job.ssh.is_empty() => {
+            let flag = if spec.secrets.is_empty() { "--ssh" } else { "--secret" };
+            return Err(build_failure(format!(
+                "{flag}: agent {} builds with the Docker Engine's classic builder, which has no secrets or SSH \
+                 forwarding (its docker_cli offers no BuildKit); use a buildah agent or set docker_cli",
+                env.settings.settings.name
+            )));
+        }
+        None => {}
     }
     let engine = docker::connect(&env.settings.docker_host).await.map_err(infra)?;
     let mut build_args = spec.build_args.clone();
@@ -312,13 +352,6 @@ async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &
         add_hosts: &spec.add_hosts,
         shm_size_bytes: spec.shm_size_bytes,
     };
-    // The classic builder's API has no ulimits (bollard sends none): fail
-    // rather than build without them.
-    if !spec.ulimits.is_empty() {
-        return Err(build_failure(
-            "--ulimit is not supported by this agent's Docker Engine backend (classic builder); use a buildah or podman agent",
-        ));
-    }
     if !env.engine_gate.is_open_for(platform) {
         log_lines(env, a, vec!["waiting for this agent's builds of another platform on the Docker Engine".into()]);
     }

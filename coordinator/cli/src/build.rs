@@ -95,6 +95,11 @@ pub struct BuildArgs {
     /// Write the image index's digest to FILE (braid always makes an index, as buildx for several platforms)
     #[arg(long, value_name = "FILE")]
     iidfile: Option<PathBuf>,
+    /// Secret for RUN --mount=type=secret, as buildx: id=ID[,src=FILE|,env=VAR][,type=file|env]; id=ID alone
+    /// reads the variable ID if set, else the file ID (repeatable; up to 64, 500 KiB each). Sent only over TLS
+    /// or loopback, held in the coordinator's memory only
+    #[arg(long = "secret", value_name = "SPEC")]
+    secrets: Vec<String>,
     /// Print only the index digest on success (the same as --progress quiet)
     #[arg(short = 'q', long)]
     quiet: bool,
@@ -299,6 +304,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     }
     // Resolved before the upload; private agents stop when this is dropped.
     let ssh_agents = crate::ssh::Agents::prepare(&args.ssh)?;
+    let (secret_refs, secrets) = crate::secrets::read(&args.secrets, conn)?;
     // As buildx: a build that fails leaves no stale image id behind.
     if let Some(path) = &args.iidfile {
         match std::fs::remove_file(path) {
@@ -383,11 +389,12 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         ulimits: run_flags.ulimits,
         shm_size_bytes: args.shm_size.unwrap_or(0),
         ssh_ids: ssh_agents.as_ref().map(crate::ssh::Agents::ids).unwrap_or_default(),
+        secrets: secret_refs,
         ..Default::default()
     };
     let credentials = if conn.may_carry_secrets() { forwarded_credentials(&tags)? } else { Vec::new() };
     let build_id = client
-        .submit(proto::SubmitRequest { spec: Some(spec), credentials, secrets: Vec::new() })
+        .submit(proto::SubmitRequest { spec: Some(spec), credentials, secrets: secrets.clone() })
         .await?
         .into_inner()
         .build_id;
@@ -403,7 +410,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     });
     let _stop_ssh = AbortOnDrop(ssh_task);
     let outcome = tokio::select! {
-        outcome = follow(&mut client, &build_id, progress, &mut patience) => outcome?,
+        outcome = follow(&mut client, &build_id, &secrets, progress, &mut patience) => outcome?,
         _ = tokio::signal::ctrl_c() => {
             crate::diag::warn(&format!("interrupted: cancelling build {build_id}"));
             let mut patience = Patience::new(reconnect::limit(args.timeout));
@@ -460,23 +467,35 @@ impl Drop for AbortOnDrop {
 
 /// Prints events until the build ends. A dropped stream is watched again
 /// after the last event printed (no gap, no line twice), for as long as
-/// `patience` allows.
+/// `patience` allows; the build's `--secret` values are sent again first,
+/// since a coordinator that restarted has lost them (they live only in its
+/// memory).
 async fn follow(
     client: &mut Builds,
     build_id: &str,
+    secrets: &[proto::SecretValue],
     progress: Progress,
     patience: &mut Patience,
 ) -> anyhow::Result<proto::BuildState> {
     let mut after = 0;
+    let mut reconnected = false;
     loop {
         let request = proto::WatchRequest { build_id: build_id.to_owned(), after_seq: after, history_only: false };
+        let attempts = std::cell::Cell::new(0u32);
         let mut stream = patience
             .retry(|| {
+                attempts.set(attempts.get() + 1);
                 let (mut c, r) = (client.clone(), request.clone());
                 async move { c.watch(r).await }
             })
             .await?
             .into_inner();
+        // Back after an outage (a dropped stream, or a first watch that had
+        // to wait): the coordinator may have restarted.
+        if (reconnected || attempts.get() > 1) && !secrets.is_empty() {
+            provide_secrets(client, build_id, secrets, patience).await;
+        }
+        reconnected = true;
         loop {
             match stream.message().await {
                 Ok(Some(event)) => {
@@ -500,6 +519,21 @@ async fn follow(
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// Sends the build's `--secret` values again; a failure is only a warning
+/// (a build that ended needs them no more, and the watch says how it ended).
+async fn provide_secrets(client: &Builds, build_id: &str, secrets: &[proto::SecretValue], patience: &mut Patience) {
+    let request = proto::ProvideSecretsRequest { build_id: build_id.to_owned(), secrets: secrets.to_vec() };
+    let provided = patience
+        .retry(|| {
+            let (mut c, r) = (client.clone(), request.clone());
+            async move { c.provide_secrets(r).await }
+        })
+        .await;
+    if let Err(e) = provided {
+        crate::diag::warn(&format!("sending the --secret values again: {e:#}"));
     }
 }
 

@@ -10,6 +10,7 @@ mod docs;
 mod ops;
 mod output;
 mod reconnect;
+mod secrets;
 mod ssh;
 mod tokens;
 mod upload;

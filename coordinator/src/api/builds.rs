@@ -116,6 +116,7 @@ impl Builds for BuildsService {
         let credentials = validate::credentials(&request.credentials)?;
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("spec: required"))?;
         let valid = validate::spec(spec)?;
+        validate::secret_values(&valid.spec, &request.secrets)?;
         let digest: Digest = valid.spec.context_digest.parse().map_err(|_| Status::internal("validated digest"))?;
         if self.coordinator.contexts.stat(&digest)?.is_none() {
             return Err(CoordinatorError::FailedPrecondition(format!(
@@ -124,8 +125,14 @@ impl Builds for BuildsService {
             .into());
         }
         self.coordinator.contexts.touch(&digest);
-        let new =
-            self.coordinator.farm().new_build(valid.spec, valid.platforms, valid.tags, caller.token_id, credentials);
+        let new = self.coordinator.farm().new_build(
+            valid.spec,
+            valid.platforms,
+            valid.tags,
+            caller.token_id,
+            credentials,
+            request.secrets,
+        );
         // Stored before its id is handed out: a restart keeps every build a
         // client knows of, and a full disk refuses the build.
         let build_id = self.coordinator.submit(new).await?;
@@ -134,6 +141,23 @@ impl Builds for BuildsService {
         tracing::info!(build_id, "build submitted");
         self.coordinator.wake.notify_one();
         Ok(Response::new(proto::SubmitResponse { build_id }))
+    }
+
+    #[instrument(skip_all, err, fields(build_id = %req.get_ref().build_id))]
+    async fn provide_secrets(
+        &self,
+        req: Request<proto::ProvideSecretsRequest>,
+    ) -> Result<Response<proto::ProvideSecretsResponse>, Status> {
+        let caller = self.coordinator.tokens.authorize(&req, Role::Submit)?;
+        let req = req.into_inner();
+        check_build_id(&req.build_id)?;
+        let mut farm = self.coordinator.farm();
+        let spec = farm.build_for(&req.build_id, &caller)?.spec.clone();
+        validate::secret_values(&spec, &req.secrets)?;
+        let held = farm.provide_secrets(&req.build_id, req.secrets)?;
+        drop(farm);
+        self.coordinator.wake.notify_one();
+        Ok(Response::new(proto::ProvideSecretsResponse { held }))
     }
 
     type WatchStream = EventStream;

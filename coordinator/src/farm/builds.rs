@@ -39,6 +39,7 @@ impl Farm {
         tags: Vec<ImageRef>,
         owner: Option<String>,
         credentials: Vec<Credential>,
+        secrets: Vec<proto::SecretValue>,
     ) -> NewBuild {
         let now = self.now();
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -65,7 +66,10 @@ impl Farm {
             kind: Some(Self::build_event_of(BuildStatus::Queued)),
         };
         let (events, _) = broadcast::channel(1024);
-        NewBuild { entry: BuildEntry { record, spec, tags, events, credentials }, first }
+        NewBuild {
+            entry: BuildEntry { record, spec, tags, events, credentials, secrets, secrets_lost_ms: None },
+            first,
+        }
     }
 
     /// Puts a stored build in the farm, to be scheduled. Returns its id.
@@ -115,7 +119,8 @@ impl Farm {
         // Whether any agent serves a platform, asked once per pass, not per job.
         let mut served_by: HashMap<(&Platform, bool), bool> = HashMap::new();
         for b in self.active.iter().filter_map(|id| self.builds.get(id)) {
-            if b.record.status.is_terminal() || b.record.status == BuildStatus::Merging {
+            // A build whose --secret values a restart lost waits for them.
+            if b.record.status.is_terminal() || b.record.status == BuildStatus::Merging || b.lacks_secrets() {
                 continue;
             }
             for j in b.record.jobs.iter().filter(|j| j.status == JobStatus::Pending) {
@@ -173,6 +178,8 @@ impl Farm {
         let Some(b) = self.builds.get_mut(build_id) else {
             return;
         };
+        // Every attempt, retries too, carries the values (memory only).
+        let secrets = b.secrets.clone();
         let push_repositories: Vec<String> =
             if b.spec.push { b.push_repositories().iter().map(ImageRef::name).collect() } else { Vec::new() };
         let spec = b.spec.clone();
@@ -213,8 +220,7 @@ impl Farm {
             insecure_registries: insecure,
             emulated,
             credentials,
-            // The build's --secret values (issue 16).
-            secrets: Vec::new(),
+            secrets,
         };
         let mut events = vec![Self::job_event(job)];
         if first_start {
@@ -245,6 +251,10 @@ impl Farm {
             let limit_ms = i64::try_from(limit.saturating_mul(1000)).unwrap_or(i64::MAX);
             if limit > 0 && now - b.record.created_ms > limit_ms {
                 expired.push((b.record.id.clone(), String::new(), format!("timed out after {limit}s (--timeout)")));
+                continue;
+            }
+            if let Some(message) = self.secrets_expired(b, now) {
+                expired.push((b.record.id.clone(), String::new(), message));
                 continue;
             }
             let Some(wait) = queue_timeout else { continue };

@@ -36,6 +36,14 @@ impl Farm {
                 }
             })
             .collect();
+        if b.record.status.is_terminal() {
+            // A build that ended needs its secret values no more.
+            for s in &mut b.secrets {
+                zeroize::Zeroize::zeroize(&mut s.value);
+            }
+            b.secrets = Vec::new();
+            b.secrets_lost_ms = None;
+        }
         if b.record.status.is_terminal() && self.active.remove(build_id) {
             Self::observe_end(&self.metrics, &b.record, self.clock.now_ms());
         }

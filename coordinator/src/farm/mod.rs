@@ -12,6 +12,7 @@ mod agents;
 pub use agents::Connected;
 mod builds;
 mod events;
+mod secrets;
 
 pub use builds::NewBuild;
 
@@ -51,12 +52,30 @@ pub struct BuildEntry {
     pub tags: Vec<ImageRef>,
     /// Credentials the client forwarded: memory only, lost on restart.
     pub credentials: Vec<Credential>,
+    /// Its `--secret` values: memory only, never stored, shown or logged;
+    /// dropped when the build ends. Empty after a restart until the client
+    /// sends them again (`ProvideSecrets`).
+    pub secrets: Vec<proto::SecretValue>,
+    /// Since when (farm clock, ms) the build lacks the values of secrets its
+    /// spec lists as provided (a restart lost them); None while it has them.
+    pub secrets_lost_ms: Option<i64>,
     /// Where stored events are shown to watchers (by the executor, after
     /// they are written).
     pub events: broadcast::Sender<proto::BuildEvent>,
 }
 
+/// The spec lists secrets whose values the client sent.
+pub fn needs_secrets(spec: &proto::BuildSpec) -> bool {
+    spec.secrets.iter().any(|s| s.provided)
+}
+
 impl BuildEntry {
+    /// It waits for its `--secret` values (lost in a restart): no job of it
+    /// is placed until they come back.
+    pub fn lacks_secrets(&self) -> bool {
+        self.secrets_lost_ms.is_some()
+    }
+
     /// Where a finished image is checked: in the first repository pushed
     /// to, in the blob store when the build exports; None when neither.
     fn verify_in(&self) -> Option<VerifyIn> {
@@ -198,6 +217,9 @@ pub struct FarmConfig {
     pub insecure_registries: Vec<String>,
     /// Credentials from the coordinator's settings.
     pub configured: Vec<Credential>,
+    /// How long a build whose `--secret` values a restart lost waits for its
+    /// client to send them again before it fails.
+    pub secrets_grace_ms: i64,
 }
 
 pub struct Farm {
@@ -269,7 +291,17 @@ impl Farm {
             }
             let tags = spec.tags.iter().filter_map(|t| t.parse::<ImageRef>().ok()).collect();
             let (events, _) = broadcast::channel(1024);
-            self.builds.insert(record.id.clone(), BuildEntry { record, spec, tags, events, credentials: Vec::new() });
+            let lost = (!record.status.is_terminal() && needs_secrets(&spec)).then(|| self.now());
+            let entry = BuildEntry {
+                record,
+                spec,
+                tags,
+                events,
+                credentials: Vec::new(),
+                secrets: Vec::new(),
+                secrets_lost_ms: lost,
+            };
+            self.builds.insert(entry.record.id.clone(), entry);
         }
         self.adopt_orphans();
     }
