@@ -10,6 +10,7 @@ pub mod codec;
 pub mod compression;
 pub mod context;
 pub mod digest;
+pub mod dockerfile;
 pub mod dockerignore;
 pub mod duration;
 #[cfg(feature = "engine")]

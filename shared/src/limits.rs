@@ -76,3 +76,12 @@ pub const PUSH_RETRY_SECONDS: u64 = 24 * 3600;
 pub const ADD_HOSTS: usize = 64;
 /// Largest `--shm-size`: 64 GiB.
 pub const SHM_SIZE_BYTES: u64 = 64 << 30;
+/// `--build-context` entries per build.
+pub const BUILD_CONTEXTS: usize = 16;
+/// `--no-cache-filter` stages per build.
+pub const NO_CACHE_FILTER: usize = 64;
+/// Bytes of a builder's name and of its version in an agent's hello.
+pub const BUILDER_NAME_BYTES: usize = 32;
+pub const BUILDER_VERSION_BYTES: usize = 128;
+/// Secret and SSH ids a Dockerfile's mounts may name (the scan keeps no more).
+pub const DOCKERFILE_MOUNT_IDS: usize = 256;
