@@ -138,6 +138,9 @@ pub struct Valid {
     /// Where jobs keep secret files (registry logins): this agent's own
     /// directory on a tmpfs (see `leftovers`).
     pub secrets_dir: PathBuf,
+    /// The builder's name, version and capabilities, probed at start
+    /// (`builder::probe`); empty until then.
+    pub builder: braid_shared::proto::BuilderInfo,
 }
 
 /// Whether `program` is an executable on PATH.
@@ -311,6 +314,7 @@ impl Settings {
             docker_host,
             backend_detected,
             secrets_dir,
+            builder: Default::default(),
         })
     }
 }

@@ -53,6 +53,7 @@ impl Farm {
                     draining: false,
                     lost: false,
                     cert: None,
+                    builder: None,
                 },
             );
         }
@@ -162,6 +163,8 @@ impl Farm {
                 draining: false,
                 lost: false,
                 cert,
+                // check_hello validated it; an invalid one never gets here.
+                builder: crate::model::Builder::from_hello(hello.builder.as_ref()).ok().flatten(),
             },
         );
         let readopted = self.agents.get(&hello.name).map_or(0, |a| a.running.len());

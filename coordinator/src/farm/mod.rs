@@ -106,6 +106,9 @@ pub struct AgentEntry {
     /// The certificate its session presented (None in plaintext mode and
     /// for agents re-adopted after a restart until they reconnect).
     pub cert: Option<CertStamp>,
+    /// Its builder and what it can do (None: not reported, so nothing a
+    /// build may need).
+    pub builder: Option<crate::model::Builder>,
 }
 
 impl AgentEntry {

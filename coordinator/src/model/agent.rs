@@ -64,3 +64,53 @@ pub enum Delivery {
     /// sends it again on its live session).
     Stale,
 }
+
+/// An agent's builder, as its hello reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Builder {
+    pub name: String,
+    pub version: String,
+    pub capabilities: braid_shared::capability::CapSet,
+}
+
+impl Builder {
+    /// Checks `Hello.builder`: a short name and version, known capability
+    /// names, a bounded list. Absent (an older agent): no capabilities.
+    pub fn from_hello(info: Option<&braid_shared::proto::BuilderInfo>) -> Result<Option<Builder>, String> {
+        let Some(info) = info else { return Ok(None) };
+        let printable = |s: &str| s.chars().all(|c| c.is_ascii_graphic() || c == ' ');
+        if info.name.is_empty() || info.name.len() > limits::BUILDER_NAME_BYTES || !printable(&info.name) {
+            return Err(format!(
+                "hello.builder.name: {:?} must be 1 to {} printable ASCII bytes",
+                braid_shared::shorten(&info.name, 40),
+                limits::BUILDER_NAME_BYTES
+            ));
+        }
+        if info.version.len() > limits::BUILDER_VERSION_BYTES || !printable(&info.version) {
+            return Err(format!(
+                "hello.builder.version: at most {} printable ASCII bytes",
+                limits::BUILDER_VERSION_BYTES
+            ));
+        }
+        let all = braid_shared::capability::Capability::ALL.len();
+        if info.capabilities.len() > all {
+            return Err(format!("hello.builder.capabilities: more than the {all} known"));
+        }
+        let capabilities = braid_shared::capability::CapSet::parse(&info.capabilities)
+            .map_err(|e| format!("hello.builder.capabilities: {e}"))?;
+        Ok(Some(Builder { name: info.name.clone(), version: info.version.clone(), capabilities }))
+    }
+
+    pub fn to_proto(&self) -> braid_shared::proto::BuilderInfo {
+        braid_shared::proto::BuilderInfo {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            capabilities: self.capabilities.names(),
+        }
+    }
+
+    /// "buildah 1.28.2", as messages name it.
+    pub fn label(&self) -> String {
+        if self.version.is_empty() { self.name.clone() } else { format!("{} {}", self.name, self.version) }
+    }
+}
