@@ -13,6 +13,8 @@ pub struct ValidSpec {
     pub spec: proto::BuildSpec,
     pub platforms: Vec<Platform>,
     pub tags: Vec<ImageRef>,
+    /// What it needs of an agent's builder (also in `spec.needs`).
+    pub needs: braid_shared::capability::CapSet,
 }
 
 fn invalid(message: String) -> CoordinatorError {
@@ -230,7 +232,8 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
         return Err(invalid(format!("target: invalid stage name {:?}", braid_shared::shorten(&spec.target, 80))));
     }
     run_flags(&spec)?;
-    Ok(ValidSpec { spec, platforms, tags })
+    let needs = crate::needs::complete(&mut spec)?;
+    Ok(ValidSpec { spec, platforms, tags, needs })
 }
 
 /// `--network`, `--add-host`, `--ulimit`, `--shm-size`: checked as the CLI

@@ -148,6 +148,38 @@ impl Capability {
     }
 }
 
+/// Why no agent of `platform` can build what needs `missing`: each
+/// feature with what would provide it, then the agents' builders, grouped
+/// (`agents`: name and builder, e.g. "buildah 1.28.2"). Like
+/// `linux/arm/v7: heredocs (<<EOF) need buildah >= 1.33 or podman >= 4.8;
+/// agents pi-01, pi-02 run buildah 1.28.2`.
+pub fn refusal(platform: &str, missing: CapSet, agents: &[(String, String)]) -> String {
+    let mut parts: Vec<String> = missing
+        .iter()
+        .map(|c| {
+            let verb = if matches!(c, Capability::Heredocs | Capability::Secrets) { "need" } else { "needs" };
+            format!("{} {verb} {}", c.feature(), c.provided_by())
+        })
+        .collect();
+    let mut builders: Vec<(&str, Vec<&str>)> = Vec::new();
+    for (name, builder) in agents {
+        match builders.iter_mut().find(|(b, _)| b == builder) {
+            Some((_, names)) => names.push(name),
+            None => builders.push((builder, vec![name])),
+        }
+    }
+    for (builder, names) in builders {
+        const SHOWN: usize = 8;
+        let mut list = names.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", ");
+        if names.len() > SHOWN {
+            list.push_str(&format!(" and {} more", names.len() - SHOWN));
+        }
+        let builder = if builder.is_empty() { "no reported builder" } else { builder };
+        parts.push(if names.len() == 1 { format!("agent {list} runs {builder}") } else { format!("agents {list} run {builder}") });
+    }
+    format!("{platform}: {}", parts.join("; "))
+}
+
 impl fmt::Display for Capability {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -256,6 +288,23 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), Capability::ALL.len());
         assert!("nope".parse::<Capability>().is_err());
+    }
+
+    #[test]
+    fn refusals_name_feature_provider_and_builders() {
+        let missing: CapSet = [Capability::Heredocs].into_iter().collect();
+        let agents = [("pi-01".to_owned(), "buildah 1.28.2".to_owned()), ("pi-02".to_owned(), "buildah 1.28.2".to_owned())];
+        assert_eq!(
+            refusal("linux/arm/v7", missing, &agents),
+            "linux/arm/v7: heredocs (<<EOF) need buildah >= 1.33 or podman >= 4.8; agents pi-01, pi-02 run buildah 1.28.2"
+        );
+        let missing: CapSet = [Capability::Ulimits, Capability::CopyLink].into_iter().collect();
+        let agents = [("d".to_owned(), "docker 20.10.24".to_owned()), ("b".to_owned(), "buildah 1.28.2".to_owned())];
+        assert_eq!(
+            refusal("linux/arm64", missing, &agents),
+            "linux/arm64: COPY --link needs buildah >= 1.31 or podman >= 4.6; --ulimit needs buildah or podman; \
+             agent d runs docker 20.10.24; agent b runs buildah 1.28.2"
+        );
     }
 
     #[test]

@@ -393,7 +393,13 @@ impl Farm {
                 "job {shown} is leased to agent {holder:?}, not {name:?}"
             )));
         }
-        if context != digest.to_string() {
+        let named = |d: &str| {
+            let Some(b) = self.job_index.get(job_id).and_then(|id| self.builds.get(id)) else { return false };
+            b.spec.build_contexts.iter().any(|c| c.value.strip_prefix(braid_shared::buildneeds::UPLOADED_SCHEME) == Some(d))
+        };
+        // The build's main context, or one of its --build-context directories.
+        let wanted = digest.to_string();
+        if context != wanted && !named(&wanted) {
             return Err(FarmError::PermissionDenied(format!(
                 "job {shown}'s build uses context {context}, not {digest}"
             )));

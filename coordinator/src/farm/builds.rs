@@ -227,6 +227,8 @@ impl Farm {
         if first_start {
             events.insert(0, Self::build_event(&b.record));
         }
+        let syntax = assignment.spec.as_ref().map(|s| s.syntax_directive.as_str()).unwrap_or_default();
+        events.extend(crate::needs::syntax_notice(syntax, &assignment.platform, self.agents.get(agent_name)));
         if let Some(agent) = self.agents.get_mut(agent_name) {
             agent.running.insert((build_id.to_owned(), job_id.to_owned()));
             if agent.connected {

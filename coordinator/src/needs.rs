@@ -1,0 +1,128 @@
+//! What a submitted build needs of a builder: the names the client sent,
+//! checked, completed with what its flags need (recomputed here, whatever
+//! the client said) and, for an inline Dockerfile, what a scan of it finds;
+//! and the refusal when no agent of a platform has it.
+
+use braid_shared::capability::{self, CapSet, Capability};
+use braid_shared::{Platform, buildneeds, dockerfile, proto};
+
+use crate::error::CoordinatorError;
+use crate::farm::AgentEntry;
+
+fn invalid(message: String) -> CoordinatorError {
+    CoordinatorError::InvalidArgument(message)
+}
+
+/// Checks the spec's `needs`, `build_contexts`, `no_cache_filter` and
+/// `syntax_directive`, and stores the union of everything the build needs.
+pub fn complete(spec: &mut proto::BuildSpec) -> Result<CapSet, CoordinatorError> {
+    buildneeds::check_build_contexts(&spec.build_contexts).map_err(|e| invalid(format!("build_contexts: {e}")))?;
+    buildneeds::check_no_cache_filter(&spec.no_cache_filter).map_err(|e| invalid(format!("no_cache_filter: {e}")))?;
+    if spec.needs.len() > Capability::ALL.len() {
+        return Err(invalid(format!("needs: more than the {} known capabilities", Capability::ALL.len())));
+    }
+    let mut needs = CapSet::parse(&spec.needs).map_err(|e| invalid(format!("needs: {e}")))?;
+    needs = needs.union(buildneeds::from_flags(spec));
+    if !spec.dockerfile_inline.is_empty() {
+        let scan = dockerfile::scan(&spec.dockerfile_inline).map_err(|e| invalid(format!("dockerfile_inline: {e}")))?;
+        needs = needs.union(scan.needs);
+        spec.syntax_directive = scan.syntax.unwrap_or_default();
+    }
+    if spec.syntax_directive.len() > 256 || spec.syntax_directive.chars().any(char::is_control) {
+        return Err(invalid("syntax_directive: at most 256 bytes, no control characters".into()));
+    }
+    // A frontend image is reported where it is not honoured, never needed.
+    needs.remove(Capability::SyntaxDirective);
+    spec.needs = needs.names();
+    Ok(needs)
+}
+
+/// For each platform: if agents are known that build it (natively, or by
+/// emulation where the build allows it) and none has everything the build
+/// needs, why not. A platform no agent builds is left to wait as before.
+pub fn unmet<'a>(
+    agents: impl Iterator<Item = &'a AgentEntry> + Clone,
+    platforms: &[Platform],
+    allow_emulation: bool,
+    needs: CapSet,
+) -> Option<String> {
+    if needs.is_empty() {
+        return None;
+    }
+    let caps = |a: &AgentEntry| a.builder.as_ref().map(|b| b.capabilities).unwrap_or_default();
+    let mut refusals = Vec::new();
+    for platform in platforms {
+        let candidates: Vec<&AgentEntry> = agents
+            .clone()
+            .filter(|a| {
+                a.platforms.iter().any(|p| p.matches(platform))
+                    || (allow_emulation && a.emulates.iter().any(|p| p.matches(platform)))
+            })
+            .collect();
+        if candidates.is_empty() || candidates.iter().any(|a| caps(a).has_all(needs)) {
+            continue;
+        }
+        // What none of them has; else (each has some) what the first lacks.
+        let had = candidates.iter().fold(CapSet::EMPTY, |acc, a| acc.union(caps(a)));
+        let mut missing = needs.missing_from(had);
+        if missing.is_empty() {
+            missing = needs.missing_from(caps(candidates[0]));
+        }
+        let named: Vec<(String, String)> = candidates
+            .iter()
+            .map(|a| (a.name.clone(), a.builder.as_ref().map(|b| b.label()).unwrap_or_default()))
+            .collect();
+        refusals.push(capability::refusal(&platform.to_string(), missing, &named));
+    }
+    (!refusals.is_empty()).then(|| refusals.join("\n"))
+}
+
+/// A `# syntax=` directive the agent's builder does not honour, as a
+/// notice on the build (not a refusal: the builder parses the Dockerfile
+/// with its own parser, which reads the same instructions).
+pub fn syntax_notice(
+    syntax: &str,
+    platform: &str,
+    agent: Option<&AgentEntry>,
+) -> Option<proto::build_event::Kind> {
+    if syntax.is_empty() {
+        return None;
+    }
+    let builder = agent.and_then(|a| a.builder.as_ref());
+    if builder.is_some_and(|b| b.capabilities.contains(Capability::SyntaxDirective)) {
+        return None;
+    }
+    let who = builder.map_or_else(|| "the agent's builder".to_owned(), |b| b.label());
+    Some(proto::build_event::Kind::Notice(proto::Notice {
+        platform: platform.to_owned(),
+        text: format!("# syntax={syntax} is not honoured on {platform}: {who} parses the Dockerfile itself"),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_and_inline_dockerfiles_are_recomputed() {
+        let mut spec = proto::BuildSpec {
+            needs: vec!["copy-link".into()],
+            ulimits: vec![proto::Ulimit { name: "nofile".into(), soft: 1, hard: 1 }],
+            dockerfile_inline: b"# syntax=docker/dockerfile:1\nFROM a\nRUN <<EOF\nx\nEOF\n".to_vec(),
+            ..Default::default()
+        };
+        complete(&mut spec).unwrap();
+        assert_eq!(spec.needs, ["heredocs", "copy-link", "ulimits"]);
+        assert_eq!(spec.syntax_directive, "docker/dockerfile:1");
+        let mut bad = proto::BuildSpec { needs: vec!["warp-drive".into()], ..Default::default() };
+        let e = complete(&mut bad).unwrap_err().to_string();
+        assert!(e.contains("needs: unknown builder capability \"warp-drive\""), "{e}");
+        let mut bad = proto::BuildSpec { no_cache_filter: vec!["a b".into()], ..Default::default() };
+        assert!(complete(&mut bad).unwrap_err().to_string().contains("no_cache_filter: --no-cache-filter"));
+        let mut bad = proto::BuildSpec {
+            build_contexts: vec![proto::NamedContext { name: "x".into(), value: "/etc".into() }],
+            ..Default::default()
+        };
+        assert!(complete(&mut bad).unwrap_err().to_string().contains("build_contexts: --build-context x="));
+    }
+}
