@@ -98,6 +98,8 @@ pub struct BuildArgs {
     /// Print only the index digest on success (the same as --progress quiet)
     #[arg(short = 'q', long)]
     quiet: bool,
+    #[command(flatten)]
+    needs: crate::needs::NeedsArgs,
     /// Build context directory, or "-" to read a tar from stdin
     #[arg(value_name = "PATH")]
     path: PathBuf,
@@ -286,6 +288,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         bail!("--detach returns before the build ends, so it cannot write --iidfile");
     }
     let run_flags = RunFlags::parse(&args)?;
+    let checked = crate::needs::check(&args.needs)?;
     // As buildx: a build that fails leaves no stale image id behind.
     if let Some(path) = &args.iidfile {
         match std::fs::remove_file(path) {
@@ -344,11 +347,13 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
                 .into(),
         );
     }
+    let build_contexts = checked.upload(&mut client, &say).await?;
+    let dockerfile = crate::needs::dockerfile_bytes(&prepared)?;
     let (dockerfile_path, dockerfile_inline) = match prepared.dockerfile {
         DockerfileSource::InContext(p) => (p, Vec::new()),
         DockerfileSource::Inline(c) => (String::new(), c),
     };
-    let spec = proto::BuildSpec {
+    let mut spec = proto::BuildSpec {
         platforms,
         tags: tags.clone(),
         context_digest: prepared.summary.digest.to_string(),
@@ -369,8 +374,11 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         add_hosts: run_flags.add_hosts,
         ulimits: run_flags.ulimits,
         shm_size_bytes: args.shm_size.unwrap_or(0),
+        build_contexts,
+        no_cache_filter: checked.no_cache_filter(),
         ..Default::default()
     };
+    (spec.needs, spec.syntax_directive) = crate::needs::of_build(&spec, &dockerfile)?;
     let credentials = if conn.may_carry_secrets() { forwarded_credentials(&tags)? } else { Vec::new() };
     let build_id = client
         .submit(proto::SubmitRequest { spec: Some(spec), credentials, secrets: Vec::new() })

@@ -6,6 +6,7 @@ mod conn;
 mod describe;
 mod diag;
 mod dockerconfig;
+mod needs;
 mod ops;
 mod output;
 mod reconnect;
@@ -75,7 +76,7 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
-    /// List agents: platforms (native, ~emulated), state, slots, last heartbeat
+    /// List agents: platforms (native, ~emulated), state, slots, last heartbeat, builder (--format json: its capabilities)
     Agents {
         #[command(subcommand)]
         command: Option<AgentsCommand>,
