@@ -2,6 +2,7 @@
 //! Docker Engine), export an OCI layout, push it by digest, report.
 
 mod containers;
+mod named;
 mod process;
 mod push;
 
@@ -173,6 +174,10 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         return infra(format!("writing {}: {e}", dockerfile.display()));
     }
 
+    if let Err(refused) = named::check_needs(env, spec, &platform, &dockerfile_text) {
+        return refused;
+    }
+    // Backstops of the coordinator's check (see builder.rs).
     if spec.network == "host" && !env.settings.settings.allow_network_host {
         return build_failure(format!(
             "--network host: agent {} does not let builds use its host's network (allow_network_host = false)",
@@ -182,8 +187,20 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     let insecure: Vec<String> = a.insecure_registries.clone();
     let credentials: Vec<Credential> = a.credentials.iter().map(Credential::from).collect();
     let layout = job_dir.path().join("layout");
-    let job =
-        BuildJob { env, a, spec, platform: &platform, job_dir: &job_dir, context_dir: &context_dir, layout: &layout };
+    let build_contexts = match named::fetch_build_contexts(env, a, spec, &job_dir).await {
+        Ok(c) => c,
+        Err(failed) => return failed,
+    };
+    let job = BuildJob {
+        env,
+        a,
+        spec,
+        platform: &platform,
+        job_dir: &job_dir,
+        context_dir: &context_dir,
+        layout: &layout,
+        build_contexts: &build_contexts,
+    };
     let built = if env.settings.backend == "docker" {
         build_with_docker(&job, &dockerfile_text, &credentials).await
     } else {
@@ -251,6 +268,8 @@ struct BuildJob<'a> {
     job_dir: &'a JobDir,
     context_dir: &'a Path,
     layout: &'a Path,
+    /// `--build-context` entries: name and what the builder is given.
+    build_contexts: &'a [(String, String)],
 }
 
 /// The `manifest`-level annotations that apply to `platform`.
@@ -265,7 +284,10 @@ fn manifest_annotations(spec: &proto::BuildSpec, platform: &Platform) -> std::co
 
 /// The Docker Engine: build through its API, then save and convert.
 async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &[Credential]) -> Result<(), Outcome> {
-    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout } = *job;
+    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout, .. } = *job;
+    if !job.build_contexts.is_empty() {
+        return Err(build_failure("--build-context is not supported by this agent's Docker Engine backend (classic builder)"));
+    }
     let engine = docker::connect(&env.settings.docker_host).await.map_err(infra)?;
     let mut build_args = spec.build_args.clone();
     build_args
