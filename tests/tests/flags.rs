@@ -1,6 +1,6 @@
 //! buildx's run-time flags through the real binaries, on one farm with a
 //! buildah agent (linux/amd64), a Docker Engine agent (linux/arm64) and an
-//! agent that refuses `--network host` (linux/386):
+//! agent that refuses `--network host` (linux/arm/v7, which it alone serves):
 //! `--pull`, `--network`, `--add-host`, `--shm-size`, `--ulimit`,
 //! `--iidfile`, `-q`, and the refusals before upload.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -29,7 +29,7 @@ fn run_flags_reach_buildah_and_the_docker_engine() {
         AgentSpec::new("buildah-amd64", &[]),
         AgentSpec::new("docker-arm64", &["linux/arm64"]).backend("docker").flag("--docker-host", &engine.host),
         // An operator's refusal of --network host (BuildKit's network.host entitlement).
-        AgentSpec::new("no-host-net", &["linux/386"]).env("BRAID_ALLOW_NETWORK_HOST", "false"),
+        AgentSpec::new("no-host-net", &["linux/arm/v7"]).env("BRAID_ALLOW_NETWORK_HOST", "false"),
     ];
     let farm = Farm::start(dir, &registry, &agents).unwrap();
     farm.wait_for_agents(3).unwrap();
@@ -84,12 +84,12 @@ fn run_flags_reach_buildah_and_the_docker_engine() {
         "add-host on buildah (amd64) and the Engine (arm64)"
     );
 
-    let out = farm.braid(&["build", "--platform", "linux/386", "--network", "host", &ctx]).unwrap();
+    let out = farm.braid(&["build", "--platform", "linux/arm/v7", "--network", "host", &ctx]).unwrap();
     assert!(!out.status.success());
     let err = text(&out.stderr);
     // Refused at submit: the agent's builder reports no network-host.
     assert!(
-        err.contains("linux/386: --network host needs an agent with allow_network_host = true; agent no-host-net runs"),
+        err.contains("linux/arm/v7: --network host needs an agent with allow_network_host = true; agent no-host-net runs"),
         "{err}"
     );
 
