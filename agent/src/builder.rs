@@ -35,16 +35,15 @@ pub fn parse_version(output: &str) -> Option<Version> {
 
 /// Whether `build --help` lists `flag` (`--secret`, not `--secret-x`).
 pub fn help_has(help: &str, flag: &str) -> bool {
-    help.lines().any(|line| {
-        line.split([' ', ',', '\t', '=']).any(|w| w == flag)
-    })
+    help.lines().any(|line| line.split([' ', ',', '\t', '=']).any(|w| w == flag))
 }
 
 /// What buildah or podman (`tool`) of `version` with this `build --help`
 /// can do.
 pub fn containers_capabilities(tool: &str, version: Version, help: &str) -> CapSet {
     // (buildah, podman) version that brought each Dockerfile feature.
-    let since = |buildah: Version, podman: Version| if tool == "podman" { version >= podman } else { version >= buildah };
+    let since =
+        |buildah: Version, podman: Version| if tool == "podman" { version >= podman } else { version >= buildah };
     let mut caps = CapSet::EMPTY;
     let mut have = |yes: bool, c: Capability| {
         if yes {
@@ -136,8 +135,7 @@ pub async fn probe(valid: &Valid) -> anyhow::Result<proto::BuilderInfo> {
         Ok(o) => anyhow::bail!("{backend} --version failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
         Err(e) => anyhow::bail!("{backend} not found ({e}); install it, e.g. apt-get install {backend}"),
     };
-    let version =
-        parse_version(&text).ok_or_else(|| anyhow::anyhow!("{backend} --version: no version in {text:?}"))?;
+    let version = parse_version(&text).ok_or_else(|| anyhow::anyhow!("{backend} --version: no version in {text:?}"))?;
     let help = tokio::process::Command::new(backend).args(["build", "--help"]).output().await;
     let help = match help {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -190,7 +188,8 @@ Flags:
     #[test]
     fn buildah_1_28_has_mounts_and_contexts_but_no_heredocs() {
         let caps = containers_capabilities("buildah", (1, 28, 2), BUILDAH_1_28_HELP);
-        for c in ["secrets", "ssh", "cache-mounts", "build-contexts", "registry-cache-import", "registry-cache-export"] {
+        for c in ["secrets", "ssh", "cache-mounts", "build-contexts", "registry-cache-import", "registry-cache-export"]
+        {
             assert!(caps.names().iter().any(|n| n == c), "{c}");
         }
         for c in [Capability::Heredocs, Capability::CopyLink, Capability::NoCacheFilter, Capability::SyntaxDirective] {

@@ -75,12 +75,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut valid = loaded.validate()?;
     valid.builder = builder::probe(&valid).await?;
-    let builder = format!(
-        "{} {} ({})",
-        valid.builder.name,
-        valid.builder.version,
-        valid.builder.capabilities.join(", ")
-    );
+    let builder =
+        format!("{} {} ({})", valid.builder.name, valid.builder.version, valid.builder.capabilities.join(", "));
     std::fs::create_dir_all(&valid.settings.work_dir)?;
     // What a killed agent's jobs left: none of them runs any more.
     leftovers::sweep(&valid.settings.work_dir, &valid.secrets_dir);

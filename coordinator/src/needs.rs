@@ -80,11 +80,7 @@ pub fn unmet<'a>(
 /// A `# syntax=` directive the agent's builder does not honour, as a
 /// notice on the build (not a refusal: the builder parses the Dockerfile
 /// with its own parser, which reads the same instructions).
-pub fn syntax_notice(
-    syntax: &str,
-    platform: &str,
-    agent: Option<&AgentEntry>,
-) -> Option<proto::build_event::Kind> {
+pub fn syntax_notice(syntax: &str, platform: &str, agent: Option<&AgentEntry>) -> Option<proto::build_event::Kind> {
     if syntax.is_empty() {
         return None;
     }

@@ -181,10 +181,7 @@ pub fn check_attest(value: &str) -> Result<(), FlagError> {
         }
     }
     if !matches!(kind, "provenance" | "sbom") {
-        return Err(refuse(format!(
-            "--attest {:?}: expected type=provenance or type=sbom",
-            crate::shorten(value, 80)
-        )));
+        return Err(refuse(format!("--attest {:?}: expected type=provenance or type=sbom", crate::shorten(value, 80))));
     }
     if disabled {
         return Ok(());
@@ -211,14 +208,10 @@ mod tests {
             no_cache_filter: vec!["build".into()],
             ..Default::default()
         };
-        assert_eq!(from_flags(&spec).names(), [
-            "secrets",
-            "registry-cache-import",
-            "inline-cache-export",
-            "no-cache-filter",
-            "network-host",
-            "ulimits"
-        ]);
+        assert_eq!(
+            from_flags(&spec).names(),
+            ["secrets", "registry-cache-import", "inline-cache-export", "no-cache-filter", "network-host", "ulimits"]
+        );
         assert!(from_flags(&proto::BuildSpec::default()).is_empty());
     }
 

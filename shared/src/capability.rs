@@ -175,7 +175,11 @@ pub fn refusal(platform: &str, missing: CapSet, agents: &[(String, String)]) -> 
             list.push_str(&format!(" and {} more", names.len() - SHOWN));
         }
         let builder = if builder.is_empty() { "no reported builder" } else { builder };
-        parts.push(if names.len() == 1 { format!("agent {list} runs {builder}") } else { format!("agents {list} run {builder}") });
+        parts.push(if names.len() == 1 {
+            format!("agent {list} runs {builder}")
+        } else {
+            format!("agents {list} run {builder}")
+        });
     }
     format!("{platform}: {}", parts.join("; "))
 }
@@ -293,7 +297,8 @@ mod tests {
     #[test]
     fn refusals_name_feature_provider_and_builders() {
         let missing: CapSet = [Capability::Heredocs].into_iter().collect();
-        let agents = [("pi-01".to_owned(), "buildah 1.28.2".to_owned()), ("pi-02".to_owned(), "buildah 1.28.2".to_owned())];
+        let agents =
+            [("pi-01".to_owned(), "buildah 1.28.2".to_owned()), ("pi-02".to_owned(), "buildah 1.28.2".to_owned())];
         assert_eq!(
             refusal("linux/arm/v7", missing, &agents),
             "linux/arm/v7: heredocs (<<EOF) need buildah >= 1.33 or podman >= 4.8; agents pi-01, pi-02 run buildah 1.28.2"

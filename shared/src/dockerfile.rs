@@ -83,7 +83,8 @@ fn directive(line: &str) -> Option<(String, String)> {
     let rest = line.trim_start().strip_prefix('#')?;
     let (key, value) = rest.split_once('=')?;
     let key = key.trim();
-    let ok = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) && key.chars().all(|c| c.is_ascii_alphanumeric());
+    let ok =
+        key.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) && key.chars().all(|c| c.is_ascii_alphanumeric());
     ok.then(|| (key.to_ascii_lowercase(), value.trim().to_owned()))
 }
 
@@ -158,10 +159,8 @@ fn instruction(scan: &mut Scan, logical: &str, lines: &[&str], mut i: usize) -> 
         };
         match (keyword.as_str(), name.as_str()) {
             ("RUN", "mount") => mount(scan, value.unwrap_or_default()),
-            ("COPY" | "ADD", "link") => {
-                if value.is_none_or(|v| !v.eq_ignore_ascii_case("false")) {
-                    scan.needs.insert(Capability::CopyLink);
-                }
+            ("COPY" | "ADD", "link") if value.is_none_or(|v| !v.eq_ignore_ascii_case("false")) => {
+                scan.needs.insert(Capability::CopyLink)
             }
             ("COPY" | "ADD", "chmod") => scan.needs.insert(Capability::CopyChmod),
             ("COPY" | "ADD", "from") => note_from(scan, value.unwrap_or_default()),
@@ -373,10 +372,10 @@ mod tests {
             ("FROM scratch\nCOPY a b\n", &[]),
             ("from alpine\nrun --mount=type=secret,id=tok cat /run/secrets/tok\n", &["secrets"]),
             ("FROM a\nRUN --mount=target=/src make\n", &["bind-mounts"]),
-            ("FROM a\nRUN --mount=type=cache,target=/root/.cache --mount=type=tmpfs,target=/t true\n", &[
-                "cache-mounts",
-                "tmpfs-mounts",
-            ]),
+            (
+                "FROM a\nRUN --mount=type=cache,target=/root/.cache --mount=type=tmpfs,target=/t true\n",
+                &["cache-mounts", "tmpfs-mounts"],
+            ),
             ("FROM a\nRUN <<EOF\necho hi\nEOF\n", &["heredocs"]),
             ("FROM a\nCOPY --link --chmod=755 a /b\n", &["copy-link", "copy-chmod"]),
             ("FROM a\nCOPY --link=false a /b\n", &[]),
@@ -384,16 +383,16 @@ mod tests {
             // A comment or a heredoc body is not an instruction.
             ("FROM a\n# RUN --mount=type=ssh true\n", &[]),
             ("FROM a\nRUN <<EOF\nRUN --mount=type=ssh true\nCOPY --link a b\nEOF\nCOPY x y\n", &["heredocs"]),
-            ("FROM a\nRUN <<-EOF\n\tRUN --mount=type=ssh x\n\tEOF\nRUN --mount=type=cache,target=/c x\n", &[
-                "cache-mounts",
-                "heredocs",
-            ]),
+            (
+                "FROM a\nRUN <<-EOF\n\tRUN --mount=type=ssh x\n\tEOF\nRUN --mount=type=cache,target=/c x\n",
+                &["cache-mounts", "heredocs"],
+            ),
             ("FROM a\nCOPY <<\"A\" <<'B' /dst/\nRUN --mount=type=ssh x\nA\nCOPY --link q r\nB\n", &["heredocs"]),
             // Several heredocs on one line: both bodies are skipped, in order.
-            ("FROM a\nRUN <<A cat /dev/stdin && cat <<B\nA-body\nA\nB-body --mount\nB\nRUN --mount=type=ssh x\n", &[
-                "ssh",
-                "heredocs",
-            ]),
+            (
+                "FROM a\nRUN <<A cat /dev/stdin && cat <<B\nA-body\nA\nB-body --mount\nB\nRUN --mount=type=ssh x\n",
+                &["ssh", "heredocs"],
+            ),
             // `<<` inside quotes, a here-string and `<<` on other instructions are not heredocs.
             ("FROM a\nRUN echo '<<EOF'\nRUN cat <<<word\nLABEL x=<<EOF\n", &[]),
             // Continuations, with a comment and a blank line inside.

@@ -70,7 +70,14 @@ fn builds_go_only_where_the_builder_can_and_are_refused_by_name_where_none_can()
     // The same inline (-f outside the context): the coordinator scans it itself.
     std::fs::write(dir.join("outside.Dockerfile"), format!("FROM {base}\nCOPY --link a /a\n")).unwrap();
     let out = farm
-        .braid(&["build", "--platform", "linux/amd64", "-f", dir.join("outside.Dockerfile").to_str().unwrap(), &heredoc])
+        .braid(&[
+            "build",
+            "--platform",
+            "linux/amd64",
+            "-f",
+            dir.join("outside.Dockerfile").to_str().unwrap(),
+            &heredoc,
+        ])
         .unwrap();
     let err = text(&out.stderr);
     assert!(!out.status.success() && err.contains("linux/amd64: COPY --link needs buildah >= 1.31"), "{err}");

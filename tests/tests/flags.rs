@@ -89,7 +89,9 @@ fn run_flags_reach_buildah_and_the_docker_engine() {
     let err = text(&out.stderr);
     // Refused at submit: the agent's builder reports no network-host.
     assert!(
-        err.contains("linux/arm/v7: --network host needs an agent with allow_network_host = true; agent no-host-net runs"),
+        err.contains(
+            "linux/arm/v7: --network host needs an agent with allow_network_host = true; agent no-host-net runs"
+        ),
         "{err}"
     );
 

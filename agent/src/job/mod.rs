@@ -286,7 +286,9 @@ fn manifest_annotations(spec: &proto::BuildSpec, platform: &Platform) -> std::co
 async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &[Credential]) -> Result<(), Outcome> {
     let BuildJob { env, a, spec, platform, job_dir, context_dir, layout, .. } = *job;
     if !job.build_contexts.is_empty() {
-        return Err(build_failure("--build-context is not supported by this agent's Docker Engine backend (classic builder)"));
+        return Err(build_failure(
+            "--build-context is not supported by this agent's Docker Engine backend (classic builder)",
+        ));
     }
     let engine = docker::connect(&env.settings.docker_host).await.map_err(infra)?;
     let mut build_args = spec.build_args.clone();

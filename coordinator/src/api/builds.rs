@@ -117,7 +117,12 @@ impl Builds for BuildsService {
         let valid = validate::spec(spec)?;
         let unmet = {
             let farm = self.coordinator.farm();
-            crate::needs::unmet(farm.agent_list().into_iter(), &valid.platforms, valid.spec.allow_emulation, valid.needs)
+            crate::needs::unmet(
+                farm.agent_list().into_iter(),
+                &valid.platforms,
+                valid.spec.allow_emulation,
+                valid.needs,
+            )
         };
         if let Some(why) = unmet {
             return Err(CoordinatorError::FailedPrecondition(why).into());

@@ -395,7 +395,10 @@ impl Farm {
         }
         let named = |d: &str| {
             let Some(b) = self.job_index.get(job_id).and_then(|id| self.builds.get(id)) else { return false };
-            b.spec.build_contexts.iter().any(|c| c.value.strip_prefix(braid_shared::buildneeds::UPLOADED_SCHEME) == Some(d))
+            b.spec
+                .build_contexts
+                .iter()
+                .any(|c| c.value.strip_prefix(braid_shared::buildneeds::UPLOADED_SCHEME) == Some(d))
         };
         // The build's main context, or one of its --build-context directories.
         let wanted = digest.to_string();
