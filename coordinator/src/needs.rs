@@ -99,6 +99,61 @@ pub fn syntax_notice(syntax: &str, platform: &str, agent: Option<&AgentEntry>) -
 mod tests {
     use super::*;
 
+    fn agent(name: &str, platforms: &[&str], builder: Option<(&str, &[Capability])>) -> AgentEntry {
+        AgentEntry {
+            name: name.into(),
+            platforms: platforms.iter().map(|p| p.parse().unwrap()).collect(),
+            slots: 1,
+            backend: String::new(),
+            version: String::new(),
+            running: Default::default(),
+            session: 0,
+            connected: true,
+            last_seen_ms: 0,
+            cordoned: false,
+            emulates: vec!["linux/arm64".parse().unwrap()],
+            draining: false,
+            lost: false,
+            cert: None,
+            builder: builder.map(|(label, caps)| {
+                let (name, version) = label.split_once(' ').unwrap();
+                crate::model::Builder {
+                    name: name.into(),
+                    version: version.into(),
+                    capabilities: caps.iter().copied().collect(),
+                }
+            }),
+        }
+    }
+
+    #[test]
+    fn a_platform_whose_known_agents_all_lack_a_need_is_refused() {
+        let old: &[Capability] = &[Capability::Secrets];
+        let new: &[Capability] = &[Capability::Secrets, Capability::Heredocs];
+        let agents = [
+            agent("pi-01", &["linux/arm/v7"], Some(("buildah 1.28.2", old))),
+            agent("pi-02", &["linux/arm/v7"], Some(("buildah 1.28.2", old))),
+            agent("amd", &["linux/amd64"], Some(("buildah 1.33.0", new))),
+            agent("bare", &["linux/riscv64"], None),
+        ];
+        let p = |s: &str| -> Platform { s.parse().unwrap() };
+        let heredocs: CapSet = [Capability::Heredocs].into_iter().collect();
+        let why = unmet(agents.iter(), &[p("linux/amd64"), p("linux/arm/v7")], false, heredocs).unwrap();
+        assert_eq!(
+            why,
+            "linux/arm/v7: heredocs (<<EOF) need buildah >= 1.33 or podman >= 4.8; agents pi-01, pi-02 run buildah 1.28.2"
+        );
+        // A platform no agent builds waits as before; nothing needed, nothing refused.
+        assert_eq!(unmet(agents.iter(), &[p("linux/s390x")], false, heredocs), None);
+        assert_eq!(unmet(agents.iter(), &[p("linux/arm/v7")], false, CapSet::EMPTY), None);
+        // An agent that reports no builder has nothing.
+        let why = unmet(agents.iter(), &[p("linux/riscv64")], false, heredocs).unwrap();
+        assert!(why.ends_with("agent bare runs no reported builder"), "{why}");
+        // With emulation, an agent that emulates the platform and can counts.
+        assert_eq!(unmet(agents.iter(), &[p("linux/arm64")], true, heredocs), None);
+        assert_eq!(unmet(agents.iter(), &[p("linux/arm64")], false, heredocs), None, "no native agent: waits");
+    }
+
     #[test]
     fn flags_and_inline_dockerfiles_are_recomputed() {
         let mut spec = proto::BuildSpec {
