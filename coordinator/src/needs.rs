@@ -154,6 +154,26 @@ mod tests {
         assert_eq!(unmet(agents.iter(), &[p("linux/arm64")], false, heredocs), None, "no native agent: waits");
     }
 
+    /// Agents' builders are stored, so agents known from before a restart
+    /// still show theirs until they reconnect; a forgotten agent's goes.
+    #[test]
+    fn builders_are_stored_and_forgotten() {
+        use crate::store::{Store, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("braid.db")).unwrap();
+        let b = crate::model::Builder {
+            name: "buildah".into(),
+            version: "1.28.2".into(),
+            capabilities: [Capability::Secrets, Capability::Ulimits].into_iter().collect(),
+        };
+        store.write(&[Write::Builder("pi-01", Some(&b)), Write::Builder("pi-02", Some(&b))]).unwrap();
+        let newer = crate::model::Builder { version: "1.33.0".into(), ..b.clone() };
+        store.write(&[Write::Builder("pi-01", Some(&newer)), Write::Builder("pi-02", None)]).unwrap();
+        drop(store);
+        let store = Store::open(&dir.path().join("braid.db")).unwrap();
+        assert_eq!(store.builders().unwrap(), [("pi-01".to_owned(), newer)]);
+    }
+
     #[test]
     fn flags_and_inline_dockerfiles_are_recomputed() {
         let mut spec = proto::BuildSpec {

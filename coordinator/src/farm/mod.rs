@@ -185,6 +185,8 @@ pub enum Effect {
     },
     /// Store an operator's cordon.
     Cordon { agent: String, cordoned: bool },
+    /// Store an agent's builder (None: forget it).
+    Builder { agent: String, builder: Option<crate::model::Builder> },
     /// Check a finished image where it was pushed or uploaded, then call
     /// `Farm::verified`.
     Verify { build_id: String, job_id: String, at: VerifyIn, digest: Digest, platform: Platform },
