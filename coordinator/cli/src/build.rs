@@ -86,7 +86,7 @@ pub struct BuildArgs {
     #[arg(long = "add-host", value_name = "HOST:IP")]
     add_hosts: Vec<String>,
     /// Resource limit of RUN steps, TYPE=SOFT[:HARD] with docker's names (nofile, nproc, ...; repeatable;
-    /// buildah and podman agents; the Docker Engine backend fails the job)
+    /// buildah and podman agents; refused at submit where only Docker Engine agents serve a platform)
     #[arg(long = "ulimit", value_name = "ULIMIT")]
     ulimits: Vec<String>,
     /// Size of /dev/shm of RUN steps, e.g. 64m or 1g (a Docker Engine agent or buildah with isolation oci)
