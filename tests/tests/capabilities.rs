@@ -49,6 +49,14 @@ fn builds_go_only_where_the_builder_can_and_are_refused_by_name_where_none_can()
     }
     assert!(!buildah.iter().any(|x| x == "heredocs" || x == "copy-link"), "{buildah:?}");
     assert_eq!(caps("docker-arm64"), ["network-none", "network-host", "add-hosts", "shm-size"]);
+    // The dashboard's agents carry their builders too.
+    let out = std::process::Command::new("curl")
+        .args(["-fsS", &format!("http://{}/api/overview", farm.http)])
+        .output()
+        .unwrap();
+    let overview: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let amd = &overview["platforms"]["linux/amd64"][0];
+    assert_eq!((amd["name"].as_str(), amd["builder"].as_str()), (Some("buildah-amd64"), Some("buildah 1.28.2")));
 
     // A heredoc: refused at once, naming the feature, the platform, what
     // provides it and the agents' builders; no build is made.
