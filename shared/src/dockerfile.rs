@@ -134,13 +134,9 @@ fn continued(line: &str, escape: char) -> Option<&str> {
 /// here-document bodies.
 fn instruction(scan: &mut Scan, logical: &str, lines: &[&str], mut i: usize) -> usize {
     let (word, rest) = split_word(logical);
-    let mut keyword = word.to_ascii_uppercase();
-    let mut rest = rest;
-    if keyword == "ONBUILD" {
-        let (inner, after) = split_word(rest);
-        keyword = inner.to_ascii_uppercase();
-        rest = after;
-    }
+    let keyword = word.to_ascii_uppercase();
+    // ONBUILD stores its instruction for images built FROM this one: this
+    // build does not run it, so it needs nothing of this builder.
     if !matches!(keyword.as_str(), "RUN" | "COPY" | "ADD") {
         return i;
     }
@@ -399,8 +395,8 @@ mod tests {
             ("FROM a\nRUN \\\n# note\n\n  --mount=type=secret,id=a \\\n  true\n", &["secrets"]),
             // Instructions are case-insensitive; so are flags.
             ("FROM a\nrUn --MOUNT=type=ssh true\ncopy --LINK a b\n", &["ssh", "copy-link"]),
-            // ONBUILD carries the inner instruction's flags.
-            ("FROM a\nONBUILD RUN --mount=type=cache,target=/x true\n", &["cache-mounts"]),
+            // ONBUILD's instruction runs in later builds, not this one.
+            ("FROM a\nONBUILD RUN --mount=type=cache,target=/x true\nONBUILD COPY --link a b\n", &[]),
             // Flags end at the first word that is not one.
             ("FROM a\nRUN echo --mount=type=secret,id=x\n", &[]),
             ("FROM a\nRUN [\"sh\", \"-c\", \"--mount=type=ssh\"]\n", &[]),

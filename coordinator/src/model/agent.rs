@@ -114,3 +114,35 @@ impl Builder {
         if self.version.is_empty() { self.name.clone() } else { format!("{} {}", self.name, self.version) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use braid_shared::proto::BuilderInfo;
+
+    #[test]
+    fn a_hello_builder_is_checked_by_field() {
+        let info = |name: &str, version: &str, caps: &[&str]| BuilderInfo {
+            name: name.into(),
+            version: version.into(),
+            capabilities: caps.iter().map(|c| (*c).to_owned()).collect(),
+        };
+        let b = Builder::from_hello(Some(&info("buildah", "1.28.2", &["secrets", "ssh"]))).unwrap().unwrap();
+        assert_eq!((b.label().as_str(), b.capabilities.names().len()), ("buildah 1.28.2", 2));
+        assert_eq!(Builder::from_hello(None).unwrap(), None, "an older agent reports none");
+        for (bad, says) in [
+            (info("", "1", &[]), "hello.builder.name"),
+            (info(&"b".repeat(33), "1", &[]), "hello.builder.name"),
+            (info("bu\nildah", "1", &[]), "hello.builder.name"),
+            (info("buildah", &"1".repeat(129), &[]), "hello.builder.version"),
+            (
+                info("buildah", "1", &["secrets", "teleport"]),
+                "hello.builder.capabilities: unknown builder capability \"teleport\"",
+            ),
+            (info("buildah", "1", &["ssh"; 20]), "hello.builder.capabilities: more than the 19 known"),
+        ] {
+            let e = Builder::from_hello(Some(&bad)).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+}
