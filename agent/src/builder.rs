@@ -137,10 +137,19 @@ pub async fn probe(valid: &Valid) -> anyhow::Result<proto::BuilderInfo> {
     };
     let version = parse_version(&text).ok_or_else(|| anyhow::anyhow!("{backend} --version: no version in {text:?}"))?;
     let help = tokio::process::Command::new(backend).args(["build", "--help"]).output().await;
+    // Without the help text the flags' capabilities are not claimed: builds
+    // that need them go elsewhere or are refused, never run without them.
     let help = match help {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
-        Ok(o) => anyhow::bail!("{backend} build --help failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
-        Err(e) => anyhow::bail!("{backend} build --help: {e}"),
+        Ok(o) => {
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            tracing::warn!(error = %stderr.trim(), "{backend} build --help failed: reporting no flag capabilities");
+            String::new()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "{backend} build --help failed: reporting no flag capabilities");
+            String::new()
+        }
     };
     let caps = containers_capabilities(backend, version, &help);
     let (a, b, c) = version;
