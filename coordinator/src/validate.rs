@@ -305,6 +305,13 @@ mod tests {
             ..base()
         };
         assert!(spec(flags).is_ok());
+        // An inline Dockerfile is scanned here: its needs are stored with the flags'.
+        let inline = proto::BuildSpec {
+            dockerfile_inline: b"FROM a\nRUN --mount=type=ssh x\n".to_vec(),
+            add_hosts: vec![proto::HostMapping { host: "db".into(), ip: "::1".into() }],
+            ..base()
+        };
+        assert_eq!(spec(inline).unwrap().spec.needs, ["ssh", "add-hosts"]);
     }
 
     #[test]
@@ -472,6 +479,16 @@ mod tests {
                 "ulimits: --ulimit: nofile given twice",
             ),
             (Box::new(|s| s.shm_size_bytes = (64 << 30) + 1), "shm_size_bytes: 68719476737: more than the limit"),
+            (
+                Box::new(|s| s.needs = vec!["heredocs".into(), "jetpack".into()]),
+                "needs: unknown builder capability \"jetpack\"",
+            ),
+            (Box::new(|s| s.needs = vec!["ssh".into(); 20]), "needs: more than the 19 known capabilities"),
+            (
+                Box::new(|s| s.build_contexts = vec![proto::NamedContext { name: "a b".into(), value: "x".into() }]),
+                "build_contexts: --build-context \"a b\": invalid name",
+            ),
+            (Box::new(|s| s.no_cache_filter = vec!["x;y".into()]), "no_cache_filter: --no-cache-filter \"x;y\""),
         ];
         for (mutate, want) in cases {
             let mut s = base();
