@@ -20,23 +20,35 @@ pub(super) fn check_needs(
     platform: &Platform,
     dockerfile_text: &[u8],
 ) -> Result<(), Outcome> {
-    let builder = &env.settings.builder;
-    if builder.name.is_empty() {
-        return Ok(());
+    match unmet(&env.settings.builder, &env.settings.settings.name, spec, platform, dockerfile_text) {
+        Some(why) => Err(build_failure(why)),
+        None => Ok(()),
     }
-    let scan = dockerfile::scan(dockerfile_text).map_err(build_failure)?;
+}
+
+/// Why `builder` (on agent `agent`) cannot build this, if it cannot.
+fn unmet(
+    builder: &proto::BuilderInfo,
+    agent: &str,
+    spec: &proto::BuildSpec,
+    platform: &Platform,
+    dockerfile_text: &[u8],
+) -> Option<String> {
+    if builder.name.is_empty() {
+        return None;
+    }
+    let scan = match dockerfile::scan(dockerfile_text) {
+        Ok(scan) => scan,
+        Err(e) => return Some(e.to_string()),
+    };
     let needs = buildneeds::from_flags(spec).union(scan.needs);
     let have = CapSet::parse(&builder.capabilities).unwrap_or_default();
     let missing = needs.missing_from(have);
     if missing.is_empty() {
-        return Ok(());
+        return None;
     }
     let label = format!("{} {}", builder.name, builder.version);
-    Err(build_failure(capability::refusal(
-        &platform.to_string(),
-        missing,
-        &[(env.settings.settings.name.clone(), label)],
-    )))
+    Some(capability::refusal(&platform.to_string(), missing, &[(agent.to_owned(), label)]))
 }
 
 /// Each `--build-context` as the builder takes it: `NAME=docker-image://REF`
@@ -80,4 +92,31 @@ pub(super) async fn fetch_build_contexts(
         out.push((named.name.clone(), value));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_dockerfile_built_is_checked_again() {
+        let buildah = proto::BuilderInfo {
+            name: "buildah".into(),
+            version: "1.28.2".into(),
+            capabilities: vec!["secrets".into(), "ulimits".into()],
+        };
+        let amd64: Platform = "linux/amd64".parse().unwrap();
+        let spec = proto::BuildSpec::default();
+        let heredoc = b"FROM a\nRUN <<EOF\ntrue\nEOF\n";
+        assert_eq!(
+            unmet(&buildah, "x86-01", &spec, &amd64, heredoc).unwrap(),
+            "linux/amd64: heredocs (<<EOF) need buildah >= 1.33 or podman >= 4.8; agent x86-01 runs buildah 1.28.2"
+        );
+        assert_eq!(unmet(&buildah, "x86-01", &spec, &amd64, b"FROM a\nRUN --mount=type=secret,id=s true\n"), None);
+        let network = proto::BuildSpec { network: "host".into(), ..Default::default() };
+        assert!(unmet(&buildah, "x86-01", &network, &amd64, b"FROM a\n").unwrap().contains("--network host needs"));
+        // An agent that did not probe (no name) leaves it to the builder.
+        assert_eq!(unmet(&proto::BuilderInfo::default(), "x", &network, &amd64, heredoc), None);
+    }
 }
