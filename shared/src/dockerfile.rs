@@ -460,6 +460,21 @@ mod tests {
             let _ = scan(&bytes);
         }
 
+        /// Whatever a here-document holds, it is never read as instructions.
+        #[test]
+        fn heredoc_bodies_need_nothing(body in proptest::collection::vec(
+            proptest::sample::select(vec![
+                "RUN --mount=type=ssh x", "COPY --link a b", "ADD --chmod=7 a b", "RUN <<INNER", "INNER", "\\",
+                "# syntax=x", "EOF ", " EOF", "\tEOF", "run --mount=type=secret,id=s x", "",
+            ]),
+            0..20,
+        ), dash in any::<bool>()) {
+            let open = if dash { "<<-\"EOF\"" } else { "<<EOF" };
+            let body: Vec<&str> = body.into_iter().filter(|l| !(dash && l.trim_start_matches('\t') == "EOF")).collect();
+            let text = format!("FROM a\nRUN {open}\n{}\nEOF\n", body.join("\n"));
+            prop_assert_eq!(scan(text.as_bytes()).unwrap().needs.names(), ["heredocs"]);
+        }
+
         #[test]
         fn never_panics_on_dockerfile_like_lines(lines in proptest::collection::vec(
             proptest::sample::select(vec![
