@@ -379,7 +379,9 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         ..Default::default()
     };
     (spec.needs, spec.syntax_directive) = crate::needs::of_build(&spec, &dockerfile)?;
-    let credentials = if conn.may_carry_secrets() { forwarded_credentials(&tags)? } else { Vec::new() };
+    // docker-image:// build contexts are pulled with the client's logins, as the tags are pushed.
+    let pulled_from = [tags.clone(), checked.image_refs()].concat();
+    let credentials = if conn.may_carry_secrets() { forwarded_credentials(&pulled_from)? } else { Vec::new() };
     let build_id = client
         .submit(proto::SubmitRequest { spec: Some(spec), credentials, secrets: Vec::new() })
         .await?

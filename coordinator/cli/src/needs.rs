@@ -103,6 +103,18 @@ impl Checked {
         Ok(out)
     }
 
+    /// The images of `docker-image://` contexts, whose registries' logins
+    /// are forwarded like the tags'.
+    pub fn image_refs(&self) -> Vec<String> {
+        self.contexts
+            .iter()
+            .filter_map(|(_, s)| match s {
+                ContextSource::Image(r) => Some(r.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn no_cache_filter(&self) -> Vec<String> {
         self.no_cache_filter.clone()
     }
