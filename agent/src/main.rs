@@ -1,6 +1,7 @@
 //! `braid-agent`: builds the platforms of this host for a braid coordinator.
 #![forbid(unsafe_code)]
 
+mod builder;
 mod cache;
 mod docker;
 mod job;
@@ -75,13 +76,15 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!(error = %e, "raising the open-file limit failed");
     }
     let mut valid = loaded.validate()?;
-    let builder = check_backend(&valid).await?;
     if valid.backend == "docker"
         && let Some(found) = probe_buildkit(&valid).await
     {
         valid.docker_buildkit = Some(found.cli);
         valid.docker_bridge = found.bridge;
     }
+    valid.builder = builder::probe(&valid).await?;
+    let builder =
+        format!("{} {} ({})", valid.builder.name, valid.builder.version, valid.builder.capabilities.join(", "));
     std::fs::create_dir_all(&valid.settings.work_dir)?;
     // What a killed agent's jobs left: none of them runs any more.
     leftovers::sweep(&valid.settings.work_dir, &valid.secrets_dir);
@@ -143,28 +146,6 @@ async fn stop_gracefully(agent: &Arc<session::Agent>, grace: Duration) {
 async fn wait_idle(agent: &session::Agent) {
     while !agent.idle() {
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Fails early, with how to fix it, when the builder is missing or broken;
-/// returns its name and version.
-async fn check_backend(valid: &settings::Valid) -> anyhow::Result<String> {
-    let backend = valid.backend.as_str();
-    if backend == "docker" {
-        return match docker::check(&valid.docker_host).await {
-            Ok(version) => Ok(format!("Docker Engine {version} at {}", valid.docker_host)),
-            Err(e) if valid.backend_detected => anyhow::bail!(
-                "no builder found: buildah and podman are not installed, and {e}; \
-                 install one (apt-get install buildah) or start a Docker Engine"
-            ),
-            Err(e) => anyhow::bail!("the docker backend cannot reach the Engine: {e}; is dockerd running?"),
-        };
-    }
-    let output = tokio::process::Command::new(backend).arg("--version").output().await;
-    match output {
-        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned()),
-        Ok(o) => anyhow::bail!("{backend} --version failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
-        Err(e) => anyhow::bail!("{backend} not found ({e}); install it, e.g. apt-get install {backend}"),
     }
 }
 

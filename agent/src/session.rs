@@ -123,8 +123,7 @@ impl Agent {
                 running: self.claimed(),
                 emulated_platforms: s.emulates.iter().map(ToString::to_string).collect(),
                 incarnation: self.incarnation.clone(),
-                // Probed at start (issue 16).
-                builder: None,
+                builder: Some(s.builder.clone()),
             })),
             seq: 0,
         }

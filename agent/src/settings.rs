@@ -150,6 +150,9 @@ pub struct Valid {
     pub docker_buildkit: Option<PathBuf>,
     /// The Engine has its default bridge network (probed with BuildKit).
     pub docker_bridge: bool,
+    /// The builder's name, version and capabilities, probed at start
+    /// (`builder::probe`); empty until then.
+    pub builder: braid_shared::proto::BuilderInfo,
 }
 
 /// Whether `program` is an executable on PATH.
@@ -333,6 +336,7 @@ impl Settings {
             secrets_dir,
             docker_buildkit: None,
             docker_bridge: true,
+            builder: Default::default(),
         })
     }
 }

@@ -56,6 +56,9 @@ impl World {
                     self.store.write(&writes).unwrap();
                 }
                 Effect::Cordon { agent, cordoned } => self.store.write(&[Write::Cordon(&agent, cordoned)]).unwrap(),
+                Effect::Builder { agent, builder } => {
+                    self.store.write(&[Write::Builder(&agent, builder.as_ref())]).unwrap()
+                }
                 Effect::Assign { session, assignment } => self.send(session, Ok(ToAgent::Assign(*assignment))),
                 Effect::Cancel { session, cancel } => self.send(session, Ok(ToAgent::Cancel(cancel))),
                 Effect::Disconnect { session, agent, why } => {
@@ -136,6 +139,7 @@ fn farm(dir: &std::path::Path) -> (World, Arc<Store>) {
     let mut farm = Farm::new(config, clock.clone(), metrics);
     farm.restore(store.load_builds().unwrap(), store.cordons().unwrap());
     farm.restore_deliveries(store.deliveries().unwrap());
+    farm.restore_builders(store.builders().unwrap());
     (World { farm, store: store.clone(), clock, sessions: HashMap::new() }, store)
 }
 

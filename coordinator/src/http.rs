@@ -59,7 +59,12 @@ async fn overview(State(c): State<Arc<Coordinator>>) -> Json<Value> {
     let gauges = farm.gauges();
     let mut platforms: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
     for a in farm.agent_list() {
-        let entry = |emulated: bool| json!({"name": a.name, "state": a.state().as_str(), "running": a.running.len(), "slots": a.slots, "emulated": emulated});
+        let builder = a.builder.as_ref().map(|b| b.label()).unwrap_or_default();
+        let capabilities = a.builder.as_ref().map(|b| b.capabilities.names()).unwrap_or_default();
+        let entry = |emulated: bool| {
+            json!({"name": a.name, "state": a.state().as_str(), "running": a.running.len(), "slots": a.slots,
+                "emulated": emulated, "builder": builder, "capabilities": capabilities})
+        };
         for p in &a.platforms {
             platforms.entry(p.to_string()).or_default().push(entry(false));
         }

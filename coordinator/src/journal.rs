@@ -42,6 +42,10 @@ pub enum Item {
         agent: String,
         cordoned: bool,
     },
+    Builder {
+        agent: String,
+        builder: Option<crate::model::Builder>,
+    },
 }
 
 /// One thing to write (and, for events, then to show).
@@ -79,6 +83,7 @@ impl Entry {
                     }
                 }
                 Item::Cordon { agent, cordoned } => writes.push(Write::Cordon(agent, *cordoned)),
+                Item::Builder { agent, builder } => writes.push(Write::Builder(agent, builder.as_ref())),
             }
         }
         writes

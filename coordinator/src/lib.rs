@@ -23,6 +23,7 @@ pub mod listener;
 pub mod merge;
 pub mod metrics;
 pub mod model;
+pub mod needs;
 pub mod scheduler;
 pub mod server;
 pub mod settings;

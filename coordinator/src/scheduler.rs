@@ -4,6 +4,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use braid_shared::Platform;
+use braid_shared::capability::CapSet;
 
 /// A job waiting for an agent.
 #[derive(Debug, Clone)]
@@ -19,6 +20,9 @@ pub struct QueuedJob {
     /// Who submitted the build (token id; empty without tokens): submitters
     /// take turns, then their builds do.
     pub submitter: String,
+    /// What its build needs of the agent's builder: only an agent whose
+    /// builder has all of it may take the job.
+    pub needs: CapSet,
 }
 
 /// One placement decision.
@@ -41,6 +45,8 @@ pub struct AgentView<'a> {
     pub slots: u32,
     pub running: u32,
     pub schedulable: bool,
+    /// What its builder can do.
+    pub capabilities: CapSet,
 }
 
 impl AgentView<'_> {
@@ -51,16 +57,23 @@ impl AgentView<'_> {
     pub fn emulates(&self, platform: &Platform) -> bool {
         self.emulates.iter().any(|p| p.matches(platform))
     }
+
+    /// Its builder has everything in `needs`.
+    pub fn can(&self, needs: CapSet) -> bool {
+        self.capabilities.has_all(needs)
+    }
 }
 
 /// Assigns queued jobs to agents: only to an agent that builds the platform
-/// natively, is schedulable and has a free slot; preferring the agent that
+/// natively, whose builder has what the job needs, is schedulable and has a
+/// free slot; preferring the agent that
 /// built the same affinity key last, then the least loaded, then the one
 /// warm for the fewest other keys (so repositories spread). Builds take turns
 /// (one job each per round), so one wide build cannot starve the others.
 ///
 /// A job whose build allows emulation may go to an agent that emulates its
-/// platform, but only while no schedulable agent builds it natively.
+/// platform (and has what it needs), but only while no schedulable agent
+/// that has what it needs builds it natively.
 pub fn assign(queue: &[QueuedJob], agents: &[AgentView<'_>], last_agent: &HashMap<String, String>) -> Vec<Placement> {
     let mut pool = Pool::new(queue, agents, last_agent);
     // submitter -> build order -> jobs; the oldest submitter's turn first.
@@ -115,6 +128,7 @@ type Preference = (u64, usize, usize);
 /// is dropped when it reaches the top.
 struct Group<'a> {
     platform: &'a Platform,
+    needs: CapSet,
     emulated: bool,
     members: usize,
     free: BinaryHeap<Reverse<Preference>>,
@@ -126,8 +140,8 @@ struct Pool<'a> {
     running: Vec<u32>,
     spread: Vec<usize>,
     last_agent: &'a HashMap<String, String>,
-    native: HashMap<&'a Platform, usize>,
-    emulated: HashMap<&'a Platform, usize>,
+    native: HashMap<(&'a Platform, CapSet), usize>,
+    emulated: HashMap<(&'a Platform, CapSet), usize>,
     groups: Vec<Group<'a>>,
 }
 
@@ -150,13 +164,14 @@ impl<'a> Pool<'a> {
             groups: Vec::new(),
         };
         for job in queue {
-            if !pool.native.contains_key(&job.platform) {
-                let g = pool.group(&job.platform, false);
-                pool.native.insert(&job.platform, g);
+            let key = (&job.platform, job.needs);
+            if !pool.native.contains_key(&key) {
+                let g = pool.group(&job.platform, job.needs, false);
+                pool.native.insert(key, g);
             }
-            if job.allow_emulation && !pool.emulated.contains_key(&job.platform) {
-                let g = pool.group(&job.platform, true);
-                pool.emulated.insert(&job.platform, g);
+            if job.allow_emulation && !pool.emulated.contains_key(&key) {
+                let g = pool.group(&job.platform, job.needs, true);
+                pool.emulated.insert(key, g);
             }
         }
         pool
@@ -172,9 +187,9 @@ impl<'a> Pool<'a> {
     }
 
     /// The group of the schedulable agents that build `platform`, or
-    /// emulate it.
-    fn group(&mut self, platform: &'a Platform, emulated: bool) -> usize {
-        let mut group = Group { platform, emulated, members: 0, free: BinaryHeap::new() };
+    /// emulate it, and have `needs`.
+    fn group(&mut self, platform: &'a Platform, needs: CapSet, emulated: bool) -> usize {
+        let mut group = Group { platform, needs, emulated, members: 0, free: BinaryHeap::new() };
         let mut free = Vec::new();
         for (i, agent) in self.agents.iter().enumerate() {
             if group.admits(agent) {
@@ -192,11 +207,12 @@ impl<'a> Pool<'a> {
     /// The agent for a job and whether it would emulate: the warm agent if
     /// it can take it, else the most preferred free one.
     fn pick(&mut self, job: &QueuedJob) -> Option<(usize, bool)> {
-        let native = *self.native.get(&job.platform)?;
+        let key = (&job.platform, job.needs);
+        let native = *self.native.get(&key)?;
         let (g, emulated) = if self.groups[native].members > 0 {
             (native, false)
         } else if job.allow_emulation {
-            (*self.emulated.get(&job.platform)?, true)
+            (*self.emulated.get(&key)?, true)
         } else {
             return None;
         };
@@ -233,7 +249,9 @@ impl<'a> Pool<'a> {
 
 impl Group<'_> {
     fn admits(&self, agent: &AgentView<'_>) -> bool {
-        agent.schedulable && if self.emulated { agent.emulates(self.platform) } else { agent.builds(self.platform) }
+        agent.schedulable
+            && agent.can(self.needs)
+            && if self.emulated { agent.emulates(self.platform) } else { agent.builds(self.platform) }
     }
 }
 
@@ -245,6 +263,7 @@ fn index_of(agents: &[AgentView<'_>], name: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use braid_shared::capability::Capability;
     use proptest::prelude::*;
 
     fn p(s: &str) -> Platform {
@@ -264,6 +283,7 @@ mod tests {
             slots,
             running,
             schedulable: true,
+            capabilities: CapSet::EMPTY,
         }
     }
 
@@ -275,6 +295,7 @@ mod tests {
             affinity_key: key.into(),
             allow_emulation: false,
             submitter: String::new(),
+            needs: CapSet::EMPTY,
         }
     }
 
@@ -360,6 +381,40 @@ mod tests {
         assert_eq!(ids, ["wide-1", "small-1"]);
     }
 
+    /// Two bits of a small number as a set of two capabilities.
+    fn caps_of(bits: u8) -> CapSet {
+        let mut set = CapSet::EMPTY;
+        if bits & 1 != 0 {
+            set.insert(Capability::Secrets);
+        }
+        if bits & 2 != 0 {
+            set.insert(Capability::Heredocs);
+        }
+        set
+    }
+
+    #[test]
+    fn a_job_goes_only_to_an_agent_with_what_it_needs() {
+        let mut plain = agent("a-plain", &["linux/amd64"], 4, 0);
+        plain.capabilities = caps_of(2);
+        let mut secrets = agent("b-secrets", &["linux/amd64"], 1, 1);
+        secrets.capabilities = caps_of(1);
+        let needs = QueuedJob { needs: caps_of(1), ..job("1", 1, "linux/amd64", "k") };
+        // The agent that can is busy: the job waits rather than go to the idle one that cannot.
+        assert!(assign(std::slice::from_ref(&needs), &[plain.clone(), secrets.clone()], &HashMap::new()).is_empty());
+        secrets.running = 0;
+        let out = assign(&[needs.clone(), job("2", 2, "linux/amd64", "k")], &[plain, secrets], &HashMap::new());
+        assert_eq!(pairs(&out), [("1", "b-secrets"), ("2", "a-plain")]);
+        // A native agent lacking what the job needs does not stop emulation on one that has it.
+        let mut emulator = agent("emu", &["linux/amd64"], 1, 0);
+        emulator.emulates = leak(vec![p("linux/arm64")]);
+        emulator.capabilities = caps_of(1);
+        let native = agent("native", &["linux/arm64"], 1, 0);
+        let arm = QueuedJob { needs: caps_of(1), allow_emulation: true, ..job("3", 1, "linux/arm64", "k") };
+        let out = assign(&[arm], &[emulator, native], &HashMap::new());
+        assert_eq!(out, [Placement { job_id: "3".into(), agent: "emu".into(), emulated: true }]);
+    }
+
     const PLATFORMS: &[&str] =
         &["linux/amd64", "linux/arm64", "linux/arm/v7", "linux/arm/v6", "linux/386", "linux/riscv64"];
 
@@ -423,9 +478,11 @@ mod tests {
         last_agent: &HashMap<String, String>,
         warm_keys: &HashMap<&str, usize>,
     ) -> Option<(usize, bool)> {
-        let native_exists = agents.iter().any(|a| a.schedulable && a.builds(&job.platform));
+        let native_exists = agents.iter().any(|a| a.schedulable && a.can(job.needs) && a.builds(&job.platform));
         let emulated = !native_exists && job.allow_emulation;
-        let fits = |a: &AgentView| if emulated { a.emulates(&job.platform) } else { a.builds(&job.platform) };
+        let fits = |a: &AgentView| {
+            a.can(job.needs) && if emulated { a.emulates(&job.platform) } else { a.builds(&job.platform) }
+        };
         let candidates = agents.iter().enumerate().filter(|(i, a)| a.schedulable && running[*i] < a.slots && fits(a));
         // Lower sorts first: warm, then least loaded, then fewest warm keys, then name.
         type Preference<'a> = (bool, u64, usize, &'a str);
@@ -445,22 +502,24 @@ mod tests {
     proptest! {
         #[test]
         fn the_indexed_scheduler_decides_as_the_scan_did(
-            agent_specs in proptest::collection::vec((proptest::sample::subsequence(PLATFORMS, 1..3), 1u32..4, 0u32..3, any::<bool>()), 0..8),
-            job_specs in proptest::collection::vec((0u64..4, proptest::sample::select(PLATFORMS), 0usize..3, any::<bool>()), 0..24),
+            agent_specs in proptest::collection::vec((proptest::sample::subsequence(PLATFORMS, 1..3), 1u32..4, 0u32..3, any::<bool>(), 0u8..4), 0..8),
+            job_specs in proptest::collection::vec((0u64..4, proptest::sample::select(PLATFORMS), 0usize..3, any::<bool>(), 0u8..4), 0..24),
             warm in proptest::collection::vec((0usize..6, 0usize..8), 0..6),
         ) {
-            let agents: Vec<AgentView> = agent_specs.iter().enumerate().map(|(i, (ps, slots, running, ok))| AgentView {
+            let agents: Vec<AgentView> = agent_specs.iter().enumerate().map(|(i, (ps, slots, running, ok, caps))| AgentView {
                 name: Box::leak(format!("a{i}").into_boxed_str()),
                 platforms: leak(ps.iter().map(|s| p(s)).collect()),
                 emulates: leak(vec![p("linux/riscv64"), p("linux/arm64")]),
                 slots: *slots,
                 running: (*running).min(*slots),
                 schedulable: *ok,
+                capabilities: caps_of(*caps),
             }).collect();
             let queue: Vec<QueuedJob> = job_specs.iter().enumerate()
-                .map(|(i, (b, pl, key, emulate))| QueuedJob {
+                .map(|(i, (b, pl, key, emulate, needs))| QueuedJob {
                     allow_emulation: *emulate,
                     submitter: format!("s{}", b % 2),
+                    needs: caps_of(*needs),
                     ..job(&i.to_string(), *b, pl, &format!("repo{key}|{pl}"))
                 })
                 .collect();
@@ -472,19 +531,25 @@ mod tests {
 
         #[test]
         fn assignments_respect_every_rule(
-            agent_specs in proptest::collection::vec((proptest::sample::subsequence(PLATFORMS, 1..3), 1u32..4, 0u32..3, any::<bool>()), 0..6),
-            job_specs in proptest::collection::vec((0u64..4, proptest::sample::select(PLATFORMS)), 0..20),
+            agent_specs in proptest::collection::vec((proptest::sample::subsequence(PLATFORMS, 1..3), 1u32..4, 0u32..3, any::<bool>(), 0u8..4), 0..6),
+            job_specs in proptest::collection::vec((0u64..4, proptest::sample::select(PLATFORMS), 0u8..4), 0..20),
         ) {
-            let agents: Vec<AgentView> = agent_specs.iter().enumerate().map(|(i, (ps, slots, running, ok))| AgentView {
+            let agents: Vec<AgentView> = agent_specs.iter().enumerate().map(|(i, (ps, slots, running, ok, caps))| AgentView {
                 name: Box::leak(format!("a{i}").into_boxed_str()),
                 platforms: leak(ps.iter().map(|s| p(s)).collect()),
                 emulates: leak(vec![p("linux/riscv64")]),
                 slots: *slots,
                 running: (*running).min(*slots),
                 schedulable: *ok,
+                capabilities: caps_of(*caps),
             }).collect();
             let queue: Vec<QueuedJob> = job_specs.iter().enumerate()
-                .map(|(i, (b, pl))| QueuedJob { allow_emulation: i % 2 == 0, ..job(&i.to_string(), *b, pl, pl) }).collect();
+                .map(|(i, (b, pl, needs))| QueuedJob {
+                    allow_emulation: i % 2 == 0,
+                    needs: caps_of(*needs),
+                    ..job(&i.to_string(), *b, pl, pl)
+                })
+                .collect();
             let out = assign(&queue, &agents, &HashMap::new());
 
             let mut load: HashMap<&str, u32> = agents.iter().map(|a| (a.name, a.running)).collect();
@@ -494,9 +559,13 @@ mod tests {
                 let j = queue.iter().find(|j| &j.job_id == job_id).unwrap();
                 let a = agents.iter().find(|a| a.name == agent_name).unwrap();
                 prop_assert!(a.schedulable);
+                prop_assert!(a.can(j.needs), "placed on an agent lacking what the job needs");
                 if *emulated {
                     prop_assert!(a.emulates(&j.platform));
-                    prop_assert!(!agents.iter().any(|x| x.schedulable && x.builds(&j.platform)), "emulated while a native agent exists");
+                    prop_assert!(
+                        !agents.iter().any(|x| x.schedulable && x.can(j.needs) && x.builds(&j.platform)),
+                        "emulated while a native agent that can exists"
+                    );
                 } else {
                     prop_assert!(a.builds(&j.platform));
                 }
@@ -505,9 +574,9 @@ mod tests {
             }
             // Maximal: no job left that some agent could still take.
             for j in queue.iter().filter(|j| !seen.contains(&j.job_id)) {
-                let native_exists = agents.iter().any(|a| a.schedulable && a.builds(&j.platform));
+                let native_exists = agents.iter().any(|a| a.schedulable && a.can(j.needs) && a.builds(&j.platform));
                 let fits = |a: &AgentView| if !native_exists && j.allow_emulation { a.emulates(&j.platform) } else { a.builds(&j.platform) };
-                let placeable = agents.iter().any(|a| a.schedulable && fits(a) && load[a.name] < a.slots);
+                let placeable = agents.iter().any(|a| a.schedulable && a.can(j.needs) && fits(a) && load[a.name] < a.slots);
                 prop_assert!(!placeable, "job {} left unassigned with a free agent", j.job_id);
             }
         }

@@ -83,6 +83,7 @@ impl Coordinator {
         builds.iter().for_each(|(record, _)| stored.note(record));
         farm.restore(builds, store.cordons()?);
         farm.restore_deliveries(store.deliveries()?);
+        farm.restore_builders(store.builders()?);
         let journal = Journal::start(store.clone(), disk.clone(), stored.clone())?;
         let tokens = Tokens::new(store.clone(), settings.tls());
         let ca = match (&settings.tls_ca, &settings.tls_ca_key) {
@@ -140,6 +141,7 @@ impl Coordinator {
                 Effect::Persist(record) => change.push(Item::Record(record)),
                 Effect::Append { events, live, delivered } => change.push(Item::Events { events, live, delivered }),
                 Effect::Cordon { agent, cordoned } => change.push(Item::Cordon { agent, cordoned }),
+                Effect::Builder { agent, builder } => change.push(Item::Builder { agent, builder }),
                 follow @ (Effect::Verify { .. } | Effect::Merge { .. }) => {
                     tokio::spawn(self.clone().follow(follow));
                 }

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use braid_shared::proto;
 
 use crate::error::{CoordinatorError, Result};
-use crate::model::{BuildRecord, Delivered, TokenRecord};
+use crate::model::{BuildRecord, Builder, Delivered, TokenRecord};
 
 /// One change of the farm to store (`Store::write`).
 #[derive(Debug)]
@@ -26,6 +26,8 @@ pub enum Write<'a> {
     /// The last message of an agent's incarnation applied (written with the
     /// events it made, so a restart neither loses nor repeats them).
     Delivered(&'a str, &'a Delivered),
+    /// An agent's builder as its hello reported it (None: forgotten).
+    Builder(&'a str, Option<&'a Builder>),
 }
 
 pub struct Store {
@@ -92,6 +94,12 @@ CREATE TABLE IF NOT EXISTS deliveries (
     agent       TEXT PRIMARY KEY,
     incarnation TEXT NOT NULL,
     seq         INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agent_builders (
+    agent        TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    version      TEXT NOT NULL,
+    capabilities TEXT NOT NULL
 );
 ";
 
@@ -182,6 +190,16 @@ impl Store {
                         }
                         (Write::Cordon(agent, false), _) => {
                             tx.execute("DELETE FROM cordons WHERE agent = ?1", params![agent])?;
+                        }
+                        (Write::Builder(agent, Some(b)), _) => {
+                            tx.execute(
+                                "INSERT INTO agent_builders (agent, name, version, capabilities) VALUES (?1, ?2, ?3, ?4) \
+                                 ON CONFLICT (agent) DO UPDATE SET name = ?2, version = ?3, capabilities = ?4",
+                                params![agent, b.name, b.version, b.capabilities.names().join(",")],
+                            )?;
+                        }
+                        (Write::Builder(agent, None), _) => {
+                            tx.execute("DELETE FROM agent_builders WHERE agent = ?1", params![agent])?;
                         }
                         (Write::Delivered(agent, d), _) => {
                             tx.prepare_cached(
@@ -285,6 +303,20 @@ impl Store {
             let rows = stmt.query_map([], |row| {
                 let seq: i64 = row.get(2)?;
                 Ok((row.get(0)?, Delivered { incarnation: row.get(1)?, seq: u64::try_from(seq).unwrap_or(0) }))
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// The builders agents last reported; names a newer coordinator no
+    /// longer knows are dropped.
+    pub fn builders(&self) -> Result<Vec<(String, Builder)>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT agent, name, version, capabilities FROM agent_builders ORDER BY agent")?;
+            let rows = stmt.query_map([], |r| {
+                let caps: String = r.get(3)?;
+                let capabilities = caps.split(',').filter_map(|n| n.parse().ok()).collect();
+                Ok((r.get(0)?, Builder { name: r.get(1)?, version: r.get(2)?, capabilities }))
             })?;
             rows.collect()
         })

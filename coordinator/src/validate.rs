@@ -13,6 +13,8 @@ pub struct ValidSpec {
     pub spec: proto::BuildSpec,
     pub platforms: Vec<Platform>,
     pub tags: Vec<ImageRef>,
+    /// What it needs of an agent's builder (also in `spec.needs`).
+    pub needs: braid_shared::capability::CapSet,
 }
 
 fn invalid(message: String) -> CoordinatorError {
@@ -236,7 +238,8 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
         return Err(too_many("secrets", limits::SECRETS));
     }
     braid_shared::secrets::check_refs(&spec.secrets).map_err(|e| invalid(format!("secrets: {e}")))?;
-    Ok(ValidSpec { spec, platforms, tags })
+    let needs = crate::needs::complete(&mut spec)?;
+    Ok(ValidSpec { spec, platforms, tags, needs })
 }
 
 /// `--secret` values sent with a submit (or again after a restart): one for
@@ -357,6 +360,13 @@ mod tests {
             ..base()
         };
         assert!(spec(flags).is_ok());
+        // An inline Dockerfile is scanned here: its needs are stored with the flags'.
+        let inline = proto::BuildSpec {
+            dockerfile_inline: b"FROM a\nRUN --mount=type=ssh x\n".to_vec(),
+            add_hosts: vec![proto::HostMapping { host: "db".into(), ip: "::1".into() }],
+            ..base()
+        };
+        assert_eq!(spec(inline).unwrap().spec.needs, ["ssh", "add-hosts"]);
     }
 
     #[test]
@@ -524,6 +534,16 @@ mod tests {
                 "ulimits: --ulimit: nofile given twice",
             ),
             (Box::new(|s| s.shm_size_bytes = (64 << 30) + 1), "shm_size_bytes: 68719476737: more than the limit"),
+            (
+                Box::new(|s| s.needs = vec!["heredocs".into(), "jetpack".into()]),
+                "needs: unknown builder capability \"jetpack\"",
+            ),
+            (Box::new(|s| s.needs = vec!["ssh".into(); 20]), "needs: more than the 19 known capabilities"),
+            (
+                Box::new(|s| s.build_contexts = vec![proto::NamedContext { name: "a b".into(), value: "x".into() }]),
+                "build_contexts: --build-context \"a b\": invalid name",
+            ),
+            (Box::new(|s| s.no_cache_filter = vec!["x;y".into()]), "no_cache_filter: --no-cache-filter \"x;y\""),
         ];
         for (mutate, want) in cases {
             let mut s = base();

@@ -11,6 +11,13 @@ use crate::{limits, proto};
 #[error("{0}")]
 pub struct FlagError(String);
 
+impl FlagError {
+    /// A refusal with this message (it names the flag).
+    pub fn new(message: String) -> FlagError {
+        FlagError(message)
+    }
+}
+
 fn refuse(message: String) -> FlagError {
     FlagError(message)
 }

@@ -5,11 +5,13 @@
 pub mod beneath;
 pub mod buildargs;
 pub mod buildflags;
+pub mod buildneeds;
 pub mod capability;
 pub mod codec;
 pub mod compression;
 pub mod context;
 pub mod digest;
+pub mod dockerfile;
 pub mod dockerignore;
 pub mod duration;
 #[cfg(feature = "engine")]

@@ -97,3 +97,12 @@ pub const SECRET_BYTES: usize = 500 << 10;
 pub const SECRETS_TOTAL_BYTES: usize = 4 << 20;
 /// Bytes of a secret's id.
 pub const SECRET_ID_BYTES: usize = 128;
+/// `--build-context` entries per build.
+pub const BUILD_CONTEXTS: usize = 16;
+/// `--no-cache-filter` stages per build.
+pub const NO_CACHE_FILTER: usize = 64;
+/// Bytes of a builder's name and of its version in an agent's hello.
+pub const BUILDER_NAME_BYTES: usize = 32;
+pub const BUILDER_VERSION_BYTES: usize = 128;
+/// Secret and SSH ids a Dockerfile's mounts may name (the scan keeps no more).
+pub const DOCKERFILE_MOUNT_IDS: usize = 256;

@@ -1,6 +1,6 @@
 //! buildx's run-time flags through the real binaries, on one farm with a
 //! buildah agent (linux/amd64), a Docker Engine agent (linux/arm64) and an
-//! agent that refuses `--network host` (linux/386):
+//! agent that refuses `--network host` (linux/arm/v7, which it alone serves):
 //! `--pull`, `--network`, `--add-host`, `--shm-size`, `--ulimit`,
 //! `--iidfile`, `-q`, and the refusals before upload.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -32,7 +32,7 @@ fn run_flags_reach_buildah_and_the_docker_engine() {
             .flag("--docker-host", &engine.host)
             .flag("--docker-cli", "/usr/bin/docker"),
         // An operator's refusal of --network host (BuildKit's network.host entitlement).
-        AgentSpec::new("no-host-net", &["linux/386"]).env("BRAID_ALLOW_NETWORK_HOST", "false"),
+        AgentSpec::new("no-host-net", &["linux/arm/v7"]).env("BRAID_ALLOW_NETWORK_HOST", "false"),
     ];
     let farm = Farm::start(dir, &registry, &agents).unwrap();
     farm.wait_for_agents(3).unwrap();
@@ -87,10 +87,16 @@ fn run_flags_reach_buildah_and_the_docker_engine() {
         "add-host on buildah (amd64) and the Engine (arm64)"
     );
 
-    let out = farm.braid(&["build", "--platform", "linux/386", "--network", "host", &ctx]).unwrap();
+    let out = farm.braid(&["build", "--platform", "linux/arm/v7", "--network", "host", &ctx]).unwrap();
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("--network host: agent no-host-net does not let builds use its host's network"), "{err}");
+    // Refused at submit: the agent's builder reports no network-host.
+    assert!(
+        err.contains(
+            "linux/arm/v7: --network host needs an agent with allow_network_host = true; agent no-host-net runs"
+        ),
+        "{err}"
+    );
 
     // --network none and --shm-size: the Engine's RUN steps see only the
     // loopback and a /dev/shm of that size; buildah with chroot isolation
@@ -129,7 +135,7 @@ fn run_flags_reach_buildah_and_the_docker_engine() {
     assert!(err.contains("--shm-size: this agent's buildah runs RUN steps with --isolation chroot"), "{err}");
 
     // --ulimit: buildah applies it; the Engine's classic builder cannot,
-    // and says so instead of building without it. (--no-cache: buildah's
+    // and the build is refused at submit instead of built without it. (--no-cache: buildah's
     // layer cache does not key on it.)
     let ulimit = ["--ulimit", "nofile=777:888", "--no-cache"];
     let tag = format!("{}/flags/ulimit:1", registry.addr);
@@ -147,7 +153,7 @@ fn run_flags_reach_buildah_and_the_docker_engine() {
     let out = farm.braid(&args).unwrap();
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("--ulimit is not supported by this agent's Docker Engine backend"), "{err}");
+    assert!(err.contains("linux/arm64: --ulimit needs buildah or podman; agent docker-arm64 runs docker"), "{err}");
     assert!(!iid.exists(), "a failed build leaves no stale --iidfile, as buildx");
 
     // --pull: the base tag moves to a new image while the agents hold the

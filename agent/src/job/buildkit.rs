@@ -100,7 +100,7 @@ pub(super) async fn build(
     credentials: &[Credential],
     cancel: &CancellationToken,
 ) -> Result<(), Outcome> {
-    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout, ssh } = *job;
+    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout, ssh, .. } = *job;
     let engine = docker::connect(&env.settings.docker_host).await.map_err(infra)?;
     let secrets = crate::secrets::write_build_secrets(job_dir.secrets(), &a.secrets).map_err(infra)?;
     let config_dir = write_docker_config(job_dir.secrets(), credentials)

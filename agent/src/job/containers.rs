@@ -23,7 +23,7 @@ pub(super) async fn build_with_containers(
     credentials: &[Credential],
     cancel: &CancellationToken,
 ) -> Result<(), Outcome> {
-    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout, ssh } = *job;
+    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout, ssh, build_contexts } = *job;
     // Keeps the storage from being cleared under this job.
     let storage_lock = env.storage_locks.for_storage(&prune::storage_name(platform));
     let _using = storage_lock.read().await;
@@ -67,6 +67,9 @@ pub(super) async fn build_with_containers(
     // secrets directory is braid's own).
     for (id, file) in &secret_files {
         bud.arg("--secret").arg(format!("id={id},src={}", file.display()));
+    }
+    for (name, value) in build_contexts {
+        bud.arg("--build-context").arg(format!("{name}={value}"));
     }
     let mut args: Vec<(&String, &String)> = spec.build_args.iter().collect();
     args.sort();

@@ -3,6 +3,7 @@
 
 pub mod buildkit;
 mod containers;
+mod named;
 mod process;
 mod push;
 
@@ -178,6 +179,10 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         return infra(format!("writing {}: {e}", dockerfile.display()));
     }
 
+    if let Err(refused) = named::check_needs(env, spec, &platform, &dockerfile_text) {
+        return refused;
+    }
+    // Backstops of the coordinator's check (see builder.rs).
     if spec.network == "host" && !env.settings.settings.allow_network_host {
         return build_failure(format!(
             "--network host: agent {} does not let builds use its host's network (allow_network_host = false)",
@@ -198,6 +203,10 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     let insecure: Vec<String> = a.insecure_registries.clone();
     let credentials: Vec<Credential> = a.credentials.iter().map(Credential::from).collect();
     let layout = job_dir.path().join("layout");
+    let build_contexts = match named::fetch_build_contexts(env, a, spec, &job_dir).await {
+        Ok(c) => c,
+        Err(failed) => return failed,
+    };
     let job = BuildJob {
         env,
         a,
@@ -207,6 +216,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         context_dir: &context_dir,
         layout: &layout,
         ssh: ssh_sockets,
+        build_contexts: &build_contexts,
     };
     let built = if env.settings.backend == "docker" {
         build_with_docker(&job, &dockerfile_text, &dockerfile, &credentials, cancel).await
@@ -278,6 +288,8 @@ struct BuildJob<'a> {
     /// Each `--ssh` id and the socket serving it (`crate::ssh`), for the
     /// builder's `--ssh ID=PATH`.
     ssh: &'a [(String, std::path::PathBuf)],
+    /// `--build-context` entries: name and what the builder is given.
+    build_contexts: &'a [(String, String)],
 }
 
 /// The `manifest`-level annotations that apply to `platform`.
@@ -302,6 +314,11 @@ async fn build_with_docker(
     cancel: &CancellationToken,
 ) -> Result<(), Outcome> {
     let BuildJob { env, a, spec, platform, job_dir, context_dir, layout, .. } = *job;
+    if !job.build_contexts.is_empty() {
+        return Err(build_failure(
+            "--build-context is not supported by this agent's Docker Engine backend (neither its classic builder nor Docker 20.10's BuildKit client)",
+        ));
+    }
     // Neither builder applies ulimits (the API's classic builder gets none
     // from bollard, the Engine's BuildKit ignores them): fail rather than
     // build without them.

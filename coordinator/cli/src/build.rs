@@ -86,7 +86,7 @@ pub struct BuildArgs {
     #[arg(long = "add-host", value_name = "HOST:IP")]
     add_hosts: Vec<String>,
     /// Resource limit of RUN steps, TYPE=SOFT[:HARD] with docker's names (nofile, nproc, ...; repeatable;
-    /// buildah and podman agents; the Docker Engine backend fails the job)
+    /// buildah and podman agents; refused at submit where only Docker Engine agents serve a platform)
     #[arg(long = "ulimit", value_name = "ULIMIT")]
     ulimits: Vec<String>,
     /// Size of /dev/shm of RUN steps, e.g. 64m or 1g (a Docker Engine agent or buildah with isolation oci)
@@ -108,6 +108,8 @@ pub struct BuildArgs {
     /// machine: braid build stays to answer the build's agent requests, so not with --detach
     #[arg(long = "ssh", value_name = "SPEC")]
     ssh: Vec<String>,
+    #[command(flatten)]
+    needs: crate::needs::NeedsArgs,
     /// Build context directory, or "-" to read a tar from stdin
     #[arg(value_name = "PATH")]
     path: PathBuf,
@@ -305,6 +307,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     // Resolved before the upload; private agents stop when this is dropped.
     let ssh_agents = crate::ssh::Agents::prepare(&args.ssh)?;
     let (secret_refs, secrets) = crate::secrets::read(&args.secrets, conn)?;
+    let checked = crate::needs::check(&args.needs)?;
     // As buildx: a build that fails leaves no stale image id behind.
     if let Some(path) = &args.iidfile {
         match std::fs::remove_file(path) {
@@ -363,11 +366,13 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
                 .into(),
         );
     }
+    let build_contexts = checked.upload(&mut client, &say).await?;
+    let dockerfile = crate::needs::dockerfile_bytes(&prepared)?;
     let (dockerfile_path, dockerfile_inline) = match prepared.dockerfile {
         DockerfileSource::InContext(p) => (p, Vec::new()),
         DockerfileSource::Inline(c) => (String::new(), c),
     };
-    let spec = proto::BuildSpec {
+    let mut spec = proto::BuildSpec {
         platforms,
         tags: tags.clone(),
         context_digest: prepared.summary.digest.to_string(),
@@ -390,9 +395,14 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         shm_size_bytes: args.shm_size.unwrap_or(0),
         ssh_ids: ssh_agents.as_ref().map(crate::ssh::Agents::ids).unwrap_or_default(),
         secrets: secret_refs,
+        build_contexts,
+        no_cache_filter: checked.no_cache_filter(),
         ..Default::default()
     };
-    let credentials = if conn.may_carry_secrets() { forwarded_credentials(&tags)? } else { Vec::new() };
+    (spec.needs, spec.syntax_directive) = crate::needs::of_build(&spec, &dockerfile)?;
+    // docker-image:// build contexts are pulled with the client's logins, as the tags are pushed.
+    let pulled_from = [tags.clone(), checked.image_refs()].concat();
+    let credentials = if conn.may_carry_secrets() { forwarded_credentials(&pulled_from)? } else { Vec::new() };
     let build_id = client
         .submit(proto::SubmitRequest { spec: Some(spec), credentials, secrets: secrets.clone() })
         .await?

@@ -7,6 +7,7 @@ mod describe;
 mod diag;
 mod dockerconfig;
 mod docs;
+mod needs;
 mod ops;
 mod output;
 mod reconnect;
@@ -78,7 +79,7 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
-    /// List agents: platforms (native, ~emulated), state, slots, last heartbeat
+    /// List agents: platforms (native, ~emulated), state, slots, last heartbeat, builder (--format json: its capabilities)
     Agents {
         #[command(subcommand)]
         command: Option<AgentsCommand>,

@@ -232,6 +232,9 @@ fn agent_json(a: &proto::AgentInfo) -> Value {
         "name": a.name, "state": a.state, "platforms": a.platforms, "emulated_platforms": a.emulated_platforms,
         "backend": a.backend, "version": a.version, "slots": a.slots, "running": a.running,
         "last_heartbeat": time(&a.last_heartbeat), "running_jobs": a.running_jobs,
+        "builder": a.builder.as_ref().map(|b| json!({
+            "name": b.name, "version": b.version, "capabilities": b.capabilities,
+        })),
     })
 }
 
@@ -256,24 +259,29 @@ pub async fn agents(conn: &Conn, format: Format) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(0);
     }
-    // 80 columns: emulated platforms carry a leading '~'.
-    println!("{:<14} {:<9} {:>5} {:>4} {:<8} PLATFORMS", "NAME", "STATE", "SLOTS", "SEEN", "BACKEND");
+    // 80 columns: emulated platforms carry a leading '~'. What each
+    // builder can do: `--format json` (builder.capabilities).
+    println!("{:<14} {:<9} {:>5} {:>4} {:<15} PLATFORMS", "NAME", "STATE", "SLOTS", "SEEN", "BUILDER");
     for a in &agents {
         let mut platforms: Vec<String> = a.platforms.clone();
         platforms.extend(a.emulated_platforms.iter().map(|p| format!("~{p}")));
         let mut platforms = platforms.join(",");
-        if platforms.len() > 33 {
-            platforms.truncate(32);
+        if platforms.len() > 26 {
+            platforms.truncate(25);
             platforms.push('…');
         }
+        let builder = match &a.builder {
+            Some(b) => braid_shared::shorten(&format!("{} {}", b.name, b.version), 15),
+            None => a.backend.clone(),
+        };
         let name = if a.name.len() > 14 { format!("{}…", &a.name[..13]) } else { a.name.clone() };
         println!(
-            "{:<14} {:<9} {:>5} {:>4} {:<8} {}",
+            "{:<14} {:<9} {:>5} {:>4} {:<15} {}",
             name,
             a.state,
             format!("{}/{}", a.running, a.slots),
             ago(&a.last_heartbeat),
-            a.backend,
+            builder,
             platforms
         );
     }

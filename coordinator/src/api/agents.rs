@@ -125,6 +125,7 @@ fn check_hello(hello: &proto::Hello) -> Result<(Vec<Platform>, Vec<Platform>), S
     if hello.emulated_platforms.len() > limits::PLATFORMS {
         return Err(Status::invalid_argument(format!("hello.emulated_platforms: at most {}", limits::PLATFORMS)));
     }
+    crate::model::Builder::from_hello(hello.builder.as_ref()).map_err(Status::invalid_argument)?;
     let emulates = hello
         .emulated_platforms
         .iter()

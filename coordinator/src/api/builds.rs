@@ -117,6 +117,18 @@ impl Builds for BuildsService {
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("spec: required"))?;
         let valid = validate::spec(spec)?;
         validate::secret_values(&valid.spec, &request.secrets)?;
+        let unmet = {
+            let farm = self.coordinator.farm();
+            crate::needs::unmet(
+                farm.agent_list().into_iter(),
+                &valid.platforms,
+                valid.spec.allow_emulation,
+                valid.needs,
+            )
+        };
+        if let Some(why) = unmet {
+            return Err(CoordinatorError::FailedPrecondition(why).into());
+        }
         let digest: Digest = valid.spec.context_digest.parse().map_err(|_| Status::internal("validated digest"))?;
         if self.coordinator.contexts.stat(&digest)?.is_none() {
             return Err(CoordinatorError::FailedPrecondition(format!(

@@ -54,8 +54,7 @@ pub fn agent_info(farm: &Farm, a: &AgentEntry) -> proto::AgentInfo {
         running: a.running.len() as u32,
         last_heartbeat: Some(timestamp(a.last_seen_ms)),
         running_jobs,
-        // Filled in with the builder's capabilities (issue 16).
-        builder: None,
+        builder: a.builder.as_ref().map(crate::model::Builder::to_proto),
     }
 }
 

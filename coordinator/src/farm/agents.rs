@@ -53,6 +53,7 @@ impl Farm {
                     draining: false,
                     lost: false,
                     cert: None,
+                    builder: None,
                 },
             );
         }
@@ -111,6 +112,11 @@ impl Farm {
         let claimed: HashSet<(String, u32, String)> =
             hello.running.iter().map(|r| (r.job_id.clone(), r.attempt, r.lease_id.clone())).collect();
         let previous = self.agents.remove(&hello.name);
+        // check_hello validated it; an invalid one never gets here.
+        let builder = crate::model::Builder::from_hello(hello.builder.as_ref()).ok().flatten();
+        if previous.as_ref().is_none_or(|p| p.builder != builder) {
+            self.out.push(Effect::Builder { agent: hello.name.clone(), builder: builder.clone() });
+        }
         let mut running = HashSet::new();
         let mut lost = Vec::new();
         if let Some(prev) = previous {
@@ -162,6 +168,7 @@ impl Farm {
                 draining: false,
                 lost: false,
                 cert,
+                builder,
             },
         );
         let readopted = self.agents.get(&hello.name).map_or(0, |a| a.running.len());
@@ -170,6 +177,16 @@ impl Farm {
         }
         self.new_incarnation(&hello.name, &hello.incarnation);
         Ok((Connected { session, claimed: hello.running.len(), readopted }, self.take()))
+    }
+
+    /// Takes back the builders agents last reported (from the store), for
+    /// the agents known before they reconnect.
+    pub fn restore_builders(&mut self, builders: Vec<(String, crate::model::Builder)>) {
+        for (name, builder) in builders {
+            if let Some(agent) = self.agents.get_mut(&name) {
+                agent.builder.get_or_insert(builder);
+            }
+        }
     }
 
     /// Takes back the last message applied per agent (from the store).
@@ -254,6 +271,7 @@ impl Farm {
                 why: Disconnect::Forgotten,
             });
         }
+        self.out.push(Effect::Builder { agent: name.to_owned(), builder: None });
         let requeued = agent.running.len() as u32;
         for (build_id, job_id) in agent.running {
             self.requeue(&build_id, &job_id, &format!("agent {name} was forgotten"));
@@ -401,7 +419,16 @@ impl Farm {
                 "job {shown} is leased to agent {holder:?}, not {name:?}"
             )));
         }
-        if context != digest.to_string() {
+        let named = |d: &str| {
+            let Some(b) = self.job_index.get(job_id).and_then(|id| self.builds.get(id)) else { return false };
+            b.spec
+                .build_contexts
+                .iter()
+                .any(|c| c.value.strip_prefix(braid_shared::buildneeds::UPLOADED_SCHEME) == Some(d))
+        };
+        // The build's main context, or one of its --build-context directories.
+        let wanted = digest.to_string();
+        if context != wanted && !named(&wanted) {
             return Err(FarmError::PermissionDenied(format!(
                 "job {shown}'s build uses context {context}, not {digest}"
             )));

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
+use braid_shared::capability::CapSet;
 use braid_shared::oci::{Credential, ImageDescriptor};
 use braid_shared::proto::{self, build_event::Kind as EventKind};
 use braid_shared::{ImageRef, Platform};
@@ -114,10 +115,11 @@ impl Farm {
                 slots: a.slots,
                 running: a.running.len() as u32,
                 schedulable: !a.cordoned && !a.draining,
+                capabilities: a.builder.as_ref().map(|b| b.capabilities).unwrap_or_default(),
             })
             .collect();
         // Whether any agent serves a platform, asked once per pass, not per job.
-        let mut served_by: HashMap<(&Platform, bool), bool> = HashMap::new();
+        let mut served_by: HashMap<(&Platform, bool, CapSet), bool> = HashMap::new();
         for b in self.active.iter().filter_map(|id| self.builds.get(id)) {
             // A build whose --secret values a restart lost waits for them.
             if b.record.status.is_terminal() || b.record.status == BuildStatus::Merging || b.lacks_secrets() {
@@ -131,14 +133,19 @@ impl Farm {
                     affinity_key: b.affinity_key(&j.platform),
                     allow_emulation: b.spec.allow_emulation,
                     submitter: b.record.owner.clone().unwrap_or_default(),
+                    // Validated at submit; a stored spec's names are ours.
+                    needs: CapSet::parse(&b.spec.needs).unwrap_or_default(),
                 });
+                let needs = queue.last().map(|q| q.needs).unwrap_or_default();
                 if j.waiting_noticed {
                     continue;
                 }
                 // Cordoned and stopping agents do not count: they take nothing new.
-                let served = *served_by.entry((&j.platform, b.spec.allow_emulation)).or_insert_with(|| {
+                let served = *served_by.entry((&j.platform, b.spec.allow_emulation, needs)).or_insert_with(|| {
                     views.iter().any(|a| {
-                        a.schedulable && (a.builds(&j.platform) || (b.spec.allow_emulation && a.emulates(&j.platform)))
+                        a.schedulable
+                            && a.can(needs)
+                            && (a.builds(&j.platform) || (b.spec.allow_emulation && a.emulates(&j.platform)))
                     })
                 });
                 if !served {
@@ -226,6 +233,8 @@ impl Farm {
         if first_start {
             events.insert(0, Self::build_event(&b.record));
         }
+        let syntax = assignment.spec.as_ref().map(|s| s.syntax_directive.as_str()).unwrap_or_default();
+        events.extend(crate::needs::syntax_notice(syntax, &assignment.platform, self.agents.get(agent_name)));
         if let Some(agent) = self.agents.get_mut(agent_name) {
             agent.running.insert((build_id.to_owned(), job_id.to_owned()));
             if agent.connected {

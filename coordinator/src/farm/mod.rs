@@ -125,6 +125,9 @@ pub struct AgentEntry {
     /// The certificate its session presented (None in plaintext mode and
     /// for agents re-adopted after a restart until they reconnect).
     pub cert: Option<CertStamp>,
+    /// Its builder and what it can do (None: not reported, so nothing a
+    /// build may need).
+    pub builder: Option<crate::model::Builder>,
 }
 
 impl AgentEntry {
@@ -201,6 +204,8 @@ pub enum Effect {
     },
     /// Store an operator's cordon.
     Cordon { agent: String, cordoned: bool },
+    /// Store an agent's builder (None: forget it).
+    Builder { agent: String, builder: Option<crate::model::Builder> },
     /// Check a finished image where it was pushed or uploaded, then call
     /// `Farm::verified`.
     Verify { build_id: String, job_id: String, at: VerifyIn, digest: Digest, platform: Platform },

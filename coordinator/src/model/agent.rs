@@ -64,3 +64,85 @@ pub enum Delivery {
     /// sends it again on its live session).
     Stale,
 }
+
+/// An agent's builder, as its hello reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Builder {
+    pub name: String,
+    pub version: String,
+    pub capabilities: braid_shared::capability::CapSet,
+}
+
+impl Builder {
+    /// Checks `Hello.builder`: a short name and version, known capability
+    /// names, a bounded list. Absent (an older agent): no capabilities.
+    pub fn from_hello(info: Option<&braid_shared::proto::BuilderInfo>) -> Result<Option<Builder>, String> {
+        let Some(info) = info else { return Ok(None) };
+        let printable = |s: &str| s.chars().all(|c| c.is_ascii_graphic() || c == ' ');
+        if info.name.is_empty() || info.name.len() > limits::BUILDER_NAME_BYTES || !printable(&info.name) {
+            return Err(format!(
+                "hello.builder.name: {:?} must be 1 to {} printable ASCII bytes",
+                braid_shared::shorten(&info.name, 40),
+                limits::BUILDER_NAME_BYTES
+            ));
+        }
+        if info.version.len() > limits::BUILDER_VERSION_BYTES || !printable(&info.version) {
+            return Err(format!(
+                "hello.builder.version: at most {} printable ASCII bytes",
+                limits::BUILDER_VERSION_BYTES
+            ));
+        }
+        let all = braid_shared::capability::Capability::ALL.len();
+        if info.capabilities.len() > all {
+            return Err(format!("hello.builder.capabilities: more than the {all} known"));
+        }
+        let capabilities = braid_shared::capability::CapSet::parse(&info.capabilities)
+            .map_err(|e| format!("hello.builder.capabilities: {e}"))?;
+        Ok(Some(Builder { name: info.name.clone(), version: info.version.clone(), capabilities }))
+    }
+
+    pub fn to_proto(&self) -> braid_shared::proto::BuilderInfo {
+        braid_shared::proto::BuilderInfo {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            capabilities: self.capabilities.names(),
+        }
+    }
+
+    /// "buildah 1.28.2", as messages name it.
+    pub fn label(&self) -> String {
+        if self.version.is_empty() { self.name.clone() } else { format!("{} {}", self.name, self.version) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use braid_shared::proto::BuilderInfo;
+
+    #[test]
+    fn a_hello_builder_is_checked_by_field() {
+        let info = |name: &str, version: &str, caps: &[&str]| BuilderInfo {
+            name: name.into(),
+            version: version.into(),
+            capabilities: caps.iter().map(|c| (*c).to_owned()).collect(),
+        };
+        let b = Builder::from_hello(Some(&info("buildah", "1.28.2", &["secrets", "ssh"]))).unwrap().unwrap();
+        assert_eq!((b.label().as_str(), b.capabilities.names().len()), ("buildah 1.28.2", 2));
+        assert_eq!(Builder::from_hello(None).unwrap(), None, "an older agent reports none");
+        for (bad, says) in [
+            (info("", "1", &[]), "hello.builder.name"),
+            (info(&"b".repeat(33), "1", &[]), "hello.builder.name"),
+            (info("bu\nildah", "1", &[]), "hello.builder.name"),
+            (info("buildah", &"1".repeat(129), &[]), "hello.builder.version"),
+            (
+                info("buildah", "1", &["secrets", "teleport"]),
+                "hello.builder.capabilities: unknown builder capability \"teleport\"",
+            ),
+            (info("buildah", "1", &["ssh"; 20]), "hello.builder.capabilities: more than the 19 known"),
+        ] {
+            let e = Builder::from_hello(Some(&bad)).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+}
