@@ -153,7 +153,12 @@ fn hello(name: &str, platforms: &[&str]) -> proto::Hello {
         running: vec![],
         emulated_platforms: vec![],
         incarnation: String::new(),
-        builder: None,
+        // A builder that can do everything: these tests are not about placement by capability.
+        builder: Some(proto::BuilderInfo {
+            name: "buildah".into(),
+            version: "1.99.0".into(),
+            capabilities: braid_shared::capability::Capability::ALL.iter().map(|c| c.name().to_owned()).collect(),
+        }),
     }
 }
 
