@@ -236,3 +236,51 @@ fn ssh_forwarding_resumes_after_a_coordinator_restart() {
     assert!(coordinator.matches("ssh client attached").count() >= 2, "the client reattached:\n{coordinator}");
     assert!(coordinator.matches("ssh tunnel attached").count() >= 2, "the agent reattached:\n{coordinator}");
 }
+
+/// The Docker backend: the Engine's BuildKit gets the job's socket through
+/// `docker build --ssh ID=SOCKET` and the step lists the client's key.
+#[test]
+fn ssh_reaches_the_docker_engines_buildkit() {
+    require_environment();
+    require("ssh-agent", "run `bash tests/env/setup.sh setup` as root (openssh-client)");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let client = tempfile::tempdir().unwrap();
+    let key = client.path().join("id_ed25519");
+    let fingerprint = keygen(&key, "braid-test-engine");
+    let socket = client.path().join("agent.sock");
+    let _agent = Proc::spawn(
+        "ssh-agent",
+        Command::new("ssh-agent").arg("-D").arg("-a").arg(&socket),
+        &client.path().join("ssh-agent.log"),
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "ssh-agent to listen", || socket.exists().then_some(())).unwrap();
+    let added = Command::new("ssh-add").arg("-q").arg(&key).env("SSH_AUTH_SOCK", &socket).output().unwrap();
+    assert!(added.status.success(), "ssh-add: {}", text(&added.stderr));
+
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    let base = registry.push_base_image("base/busybox:latest").unwrap();
+    let engine = braid_tests::DockerEngine::start(&dir.join("docker")).unwrap();
+    let docker = AgentSpec::new("docker-amd64", &["linux/amd64"])
+        .backend("docker")
+        .flag("--docker-host", &engine.host)
+        .flag("--docker-cli", "/usr/bin/docker");
+    let farm = Farm::start(dir, &registry, &[docker]).unwrap();
+    farm.wait_for_agents(1).unwrap();
+    let listing =
+        context(dir, "listing", &format!("FROM {base}\nCOPY root/ /\nRUN --mount=type=ssh ssh-add -l > /keys\n"));
+    let tag = format!("{}/ssh/engine:1", registry.addr);
+    let out = farm
+        .braid_env(
+            &["build", "--platform", "linux/amd64", "--ssh", "default", "-t", &tag, "--push", &listing],
+            &[("SSH_AUTH_SOCK", &socket)],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(farm.log("docker-amd64").contains("building with the Engine's BuildKit"), "not the BuildKit path");
+    let index = registry.manifest("ssh/engine:1").unwrap();
+    let seen = registry.per_platform("ssh/engine", &index, &["keys"], &dir.join("scratch")).unwrap();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].contains(&fingerprint) && seen[0].contains("braid-test-engine"), "{seen:?} lacks {fingerprint}");
+}
