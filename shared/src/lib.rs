@@ -5,6 +5,7 @@
 pub mod beneath;
 pub mod buildargs;
 pub mod buildflags;
+pub mod cache;
 pub mod capability;
 pub mod codec;
 pub mod compression;

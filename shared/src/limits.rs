@@ -76,3 +76,13 @@ pub const PUSH_RETRY_SECONDS: u64 = 24 * 3600;
 pub const ADD_HOSTS: usize = 64;
 /// Largest `--shm-size`: 64 GiB.
 pub const SHM_SIZE_BYTES: u64 = 64 << 30;
+/// `--cache-from` entries, and `--cache-to` entries, in one build.
+pub const CACHE_ENTRIES: usize = 16;
+/// Bytes of one `--cache-from`/`--cache-to` value as typed.
+pub const CACHE_FLAG_BYTES: usize = 4096;
+/// Attributes of one cache entry.
+pub const CACHE_ATTRS: usize = 16;
+/// Bytes of a cache entry attribute's key.
+pub const CACHE_ATTR_KEY_BYTES: usize = 64;
+/// Bytes of a cache entry attribute's value.
+pub const CACHE_ATTR_VALUE_BYTES: usize = 1024;
