@@ -1,6 +1,7 @@
 //! One job: fetch the context, unpack it, build (buildah, podman or a
 //! Docker Engine), export an OCI layout, push it by digest, report.
 
+pub mod cache;
 mod containers;
 mod process;
 mod push;
@@ -288,6 +289,14 @@ async fn build_with_docker(job: &BuildJob<'_>, dockerfile: &[u8], credentials: &
     if !spec.ulimits.is_empty() {
         return Err(build_failure(
             "--ulimit is not supported by this agent's Docker Engine backend (classic builder); use a buildah or podman agent",
+        ));
+    }
+    // The classic builder reads no registry cache and writes none; the
+    // BuildKit path takes them from `cache::docker_cache_args`.
+    if !spec.cache_from.is_empty() || !spec.cache_to.is_empty() {
+        return Err(build_failure(
+            "--cache-from/--cache-to are not supported by this agent's Docker Engine backend (classic builder); \
+             use a buildah or podman agent",
         ));
     }
     if !env.engine_gate.is_open_for(platform) {
