@@ -146,6 +146,23 @@ pub fn docker_cache_args(spec: &proto::BuildSpec, _platform: &Platform) -> Vec<S
     args
 }
 
+/// What the Docker Engine backend says, in braid's words, before the
+/// build: which caches this platform reads and what it writes.
+#[allow(dead_code)]
+pub fn docker_cache_lines(spec: &proto::BuildSpec, platform: &Platform) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in spec.cache_from.iter().filter(|e| e.r#type == "registry") {
+        if let Some(reference) = entry.attrs.get("ref") {
+            let no_cache = if spec.no_cache { " (not read: --no-cache)" } else { "" };
+            out.push(format!("cache: {platform} reads the inline cache of {reference}{no_cache}"));
+        }
+    }
+    if spec.cache_to.iter().any(|e| e.r#type == "inline") {
+        out.push(format!("cache: {platform} writes an inline cache into its image (--cache-to type=inline)"));
+    }
+    out
+}
+
 /// Why the Docker Engine backend cannot honour a build's cache entries, if
 /// it cannot: `docker build` has no `--cache-to` (buildx has).
 #[allow(dead_code)]
@@ -238,6 +255,14 @@ mod tests {
             ["--cache-from", "r.io/app:1", "--cache-from", "r.io/app:2", "--build-arg", "BUILDKIT_INLINE_CACHE=1"]
         );
         assert!(docker_cache_args(&spec(&[], &[]), &arm()).is_empty());
+        assert_eq!(
+            docker_cache_lines(&s, &arm()),
+            [
+                "cache: linux/arm/v7 reads the inline cache of r.io/app:1",
+                "cache: linux/arm/v7 reads the inline cache of r.io/app:2",
+                "cache: linux/arm/v7 writes an inline cache into its image (--cache-to type=inline)",
+            ]
+        );
         let e = docker_cache_refusal(&spec(&[], &["type=registry,ref=r.io/c"])).unwrap();
         assert!(e.starts_with("--cache-to \"type=registry,ref=r.io/c\": the Docker Engine backend"), "{e}");
     }
