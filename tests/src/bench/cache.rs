@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use braid_tests::{AgentSpec, Farm, Registry};
 
-/// Iterations of the RUN loop: about 20 s on the 2-core test VM.
+/// Iterations of the RUN loop: 13 to 20 s on the 2-core test VM, with its load.
 const WORK: u64 = 10_000_000;
 
 /// One build on a fresh one-agent farm in `dir`: seconds end to end, stderr.
