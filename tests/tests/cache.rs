@@ -189,3 +189,93 @@ fn registry_cache_moves_between_agents() {
         assert!(!log.contains("#1 context"), "refused before the upload: {log}");
     }
 }
+
+/// The cache registry's login comes from the user's Docker config, as a
+/// push registry's does; it reaches the agent's auth file and nowhere else.
+#[test]
+fn cache_registry_credentials_travel_like_the_tags() {
+    const PASSWORD: &str = "cache-S3cret-41c7";
+    require_environment();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let open = Registry::start(&dir.join("open")).unwrap();
+    let base = open.push_base_image("base/busybox:latest").unwrap();
+    let locked = Registry::start_with_auth(&dir.join("locked"), "dev", PASSWORD).unwrap();
+    let config = dir.join("coordinator.toml");
+    std::fs::write(&config, format!("insecure_registries = [\"{}\", \"{}\"]\n", open.addr, locked.addr)).unwrap();
+    let farm_dir = dir.join("farm");
+    let farm =
+        Farm::start_with(&farm_dir, None, &[AgentSpec::new("agent", &[])], &["--config", config.to_str().unwrap()])
+            .unwrap();
+    farm.wait_for_agents(1).unwrap();
+    let ctx = dockerfile_context(dir, "ctx", &dockerfile(&base, 1000));
+    let docker_config = dir.join("docker-config");
+    std::fs::create_dir_all(&docker_config).unwrap();
+    let auth = base64_encode(&format!("dev:{PASSWORD}"));
+    std::fs::write(
+        docker_config.join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, locked.addr),
+    )
+    .unwrap();
+    let tag = format!("{}/app/creds:1", open.addr);
+    let to = format!("type=registry,ref={}/cache/app,mode=max", locked.addr);
+    let args =
+        ["build", "--progress", "plain", "--platform", "linux/amd64", "-t", &tag, "--push", "--cache-to", &to, &ctx];
+    // Without the login, buildah cannot write the cache and the build fails.
+    let without = dir.join("no-docker-config");
+    std::fs::create_dir_all(&without).unwrap();
+    let out = farm.braid_env(&args, &[("DOCKER_CONFIG", &without)]).unwrap();
+    assert!(!out.status.success(), "the cache registry wants a login: {}", text(&out.stderr));
+    let out = farm
+        .braid_env(
+            &[
+                "build",
+                "--progress",
+                "plain",
+                "--platform",
+                "linux/amd64",
+                "-t",
+                &tag,
+                "--push",
+                "--cache-to",
+                &to,
+                &ctx,
+            ],
+            &[("DOCKER_CONFIG", &docker_config)],
+        )
+        .unwrap();
+    let log = text(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("exported 1 step to"), "{log}");
+    let listed = Command::new("curl")
+        .args(["-fsS", "-u", &format!("dev:{PASSWORD}")])
+        .arg(format!("http://{}/v2/cache/app-linux-amd64/tags/list", locked.addr))
+        .output()
+        .unwrap();
+    assert!(listed.status.success() && text(&listed.stdout).contains("\"tags\":[\""), "{}", text(&listed.stderr));
+    drop(farm);
+    let mut leaks = Vec::new();
+    scan(&farm_dir, PASSWORD, &mut leaks);
+    assert!(leaks.is_empty(), "the password found in: {leaks:?}");
+}
+
+fn base64_encode(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// Every file under `dir` holding `secret`.
+fn scan(dir: &Path, secret: &str, leaks: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            scan(&path, secret, leaks);
+        } else if meta.is_file() && meta.len() < 512 << 20 {
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            if bytes.windows(secret.len()).any(|w| w == secret.as_bytes()) {
+                leaks.push(path.display().to_string());
+            }
+        }
+    }
+}
