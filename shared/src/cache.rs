@@ -363,6 +363,19 @@ mod tests {
         assert!(csv_fields("\"a\"b").unwrap_err().contains("extraneous or missing"));
     }
 
+    proptest::proptest! {
+        /// Any fields, written as Go's csv.Writer writes them (quoted when
+        /// they hold `,` or `"`), read back unchanged.
+        #[test]
+        fn csv_reads_what_go_writes(fields in proptest::collection::vec("[a-z=,\" ]{0,8}", 1..6)) {
+            let record: Vec<String> = fields
+                .iter()
+                .map(|f| if f.contains([',', '"']) || f.starts_with(' ') { format!("\"{}\"", f.replace('"', "\"\"")) } else { f.clone() })
+                .collect();
+            proptest::prop_assert_eq!(csv_fields(&record.join(",")).unwrap(), fields);
+        }
+    }
+
     #[test]
     fn parses_like_buildx() {
         let e = one(Direction::From, "reg.io/cache/app").unwrap();
