@@ -279,3 +279,32 @@ fn scan(dir: &Path, secret: &str, leaks: &mut Vec<String>) {
         }
     }
 }
+
+/// podman agents take the same flags: a fresh podman agent reads what
+/// another podman agent wrote.
+#[test]
+fn podman_agents_share_the_cache_too() {
+    require_environment();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    let base = registry.push_base_image("base/busybox:latest").unwrap();
+    let ctx = dockerfile_context(dir, "ctx", &dockerfile(&base, 5000));
+    let cache = format!("{}/cache/pod", registry.addr);
+    let mut logs = Vec::new();
+    for (name, flag, value) in [
+        ("podman-a", "--cache-to", format!("type=registry,ref={cache},mode=max")),
+        ("podman-b", "--cache-from", cache.clone()),
+    ] {
+        let farm_dir = dir.join(name);
+        let farm = Farm::start(&farm_dir, &registry, &[AgentSpec::new(name, &[]).backend("podman")]).unwrap();
+        farm.wait_for_agents(1).unwrap();
+        let (ok, log) = build(&farm, &["--platform", "linux/amd64", flag, &value, &ctx]);
+        assert!(ok, "{log}");
+        logs.push(log);
+        drop(farm);
+        std::fs::remove_dir_all(&farm_dir).unwrap();
+    }
+    assert!(logs[0].contains(&format!("cache: linux/amd64 exported 1 step to {cache}-linux-amd64")), "{}", logs[0]);
+    assert!(logs[1].contains(&format!("cache: linux/amd64 took 1 step from {cache}-linux-amd64")), "{}", logs[1]);
+}
