@@ -308,3 +308,47 @@ fn podman_agents_share_the_cache_too() {
     assert!(logs[0].contains(&format!("cache: linux/amd64 exported 1 step to {cache}-linux-amd64")), "{}", logs[0]);
     assert!(logs[1].contains(&format!("cache: linux/amd64 took 1 step from {cache}-linux-amd64")), "{}", logs[1]);
 }
+
+/// A client that skips the CLI's checks meets the coordinator's: the same
+/// checker, InvalidArgument naming the field and the entry.
+#[test]
+fn the_coordinator_refuses_what_the_cli_would() {
+    use braid_shared::proto;
+    let tmp = tempfile::tempdir().unwrap();
+    let farm = Farm::start_with(tmp.path(), None, &[], &[]).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let option = |kind: &str, attrs: &[(&str, &str)]| proto::CacheOption {
+        r#type: kind.into(),
+        attrs: attrs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+    };
+    let cases = [
+        (
+            vec![],
+            vec![option("gha", &[("token", "ghs_T0KEN")])],
+            "cache_to: --cache-to \"type=gha,token=...\": type=gha",
+        ),
+        (
+            vec![option("local", &[("src", "/c")])],
+            vec![],
+            "cache_from: --cache-from \"type=local,src=...\": type=local",
+        ),
+        (vec![option("registry", &[])], vec![], "cache_from: --cache-from \"type=registry\": ref is required"),
+    ];
+    for (cache_from, cache_to, want) in cases {
+        let spec = proto::BuildSpec {
+            platforms: vec!["linux/amd64".into()],
+            context_digest: format!("sha256:{}", "0".repeat(64)),
+            cache_from,
+            cache_to,
+            ..Default::default()
+        };
+        let status = runtime
+            .block_on(async {
+                let mut client = proto::builds_client::BuildsClient::connect(farm.url.clone()).await.unwrap();
+                client.submit(proto::SubmitRequest { spec: Some(spec), ..Default::default() }).await
+            })
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(want) && !status.message().contains("T0KEN"), "{}", status.message());
+    }
+}
