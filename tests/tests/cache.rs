@@ -3,7 +3,9 @@
 //! storage removed; a fresh agent B (another farm, empty storage) builds
 //! the same with `--cache-from` and takes the RUN step from the cache.
 //! A two-platform build (arm64 by QEMU) writes one cache per platform and
-//! a fresh agent finds both. Every refused type says why, before upload.
+//! a fresh agent finds both. Every refused type says why, before upload,
+//! and the coordinator refuses the same on submit. The cache registry's
+//! login travels as a push registry's; podman agents share caches too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
