@@ -238,6 +238,7 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
         return Err(too_many("secrets", limits::SECRETS));
     }
     braid_shared::secrets::check_refs(&spec.secrets).map_err(|e| invalid(format!("secrets: {e}")))?;
+    cache_entries(&mut spec, &platforms)?;
     let needs = crate::needs::complete(&mut spec)?;
     Ok(ValidSpec { spec, platforms, tags, needs })
 }
@@ -273,6 +274,22 @@ fn run_flags(spec: &proto::BuildSpec) -> Result<(), CoordinatorError> {
     Ok(())
 }
 
+/// `--cache-from`, `--cache-to`: checked as the CLI checks them, the
+/// message naming the field and the entry; what they need of a builder is
+/// added to `needs`, for placement.
+fn cache_entries(spec: &mut proto::BuildSpec, platforms: &[Platform]) -> Result<(), CoordinatorError> {
+    use braid_shared::cache::{self, Direction};
+    for (direction, entries) in [(Direction::From, &spec.cache_from), (Direction::To, &spec.cache_to)] {
+        cache::check(direction, entries, platforms).map_err(|e| invalid(format!("{}: {e}", direction.field())))?;
+    }
+    for need in cache::needs(spec) {
+        if !spec.needs.iter().any(|n| n == need.name()) {
+            spec.needs.push(need.name().to_owned());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +302,25 @@ mod tests {
             push: true,
             ..Default::default()
         }
+    }
+
+    fn cache_option(kind: &str, attrs: &[(&str, &str)]) -> proto::CacheOption {
+        proto::CacheOption {
+            r#type: kind.into(),
+            attrs: attrs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        }
+    }
+
+    #[test]
+    fn cache_entries_add_what_they_need() {
+        let s = proto::BuildSpec {
+            cache_from: vec![cache_option("registry", &[("ref", "r.io/cache/app")])],
+            cache_to: vec![cache_option("registry", &[("ref", "r.io/cache/app"), ("mode", "max")])],
+            needs: vec!["registry-cache-import".into()],
+            ..base()
+        };
+        let v = spec(s).unwrap();
+        assert_eq!(v.spec.needs, ["registry-cache-import", "registry-cache-export"]);
     }
 
     #[test]
@@ -544,6 +580,28 @@ mod tests {
                 "build_contexts: --build-context \"a b\": invalid name",
             ),
             (Box::new(|s| s.no_cache_filter = vec!["x;y".into()]), "no_cache_filter: --no-cache-filter \"x;y\""),
+            (
+                Box::new(|s| s.cache_to = vec![cache_option("gha", &[("token", "t0ken")])]),
+                "cache_to: --cache-to \"type=gha,token=...\": type=gha: the GitHub Actions cache needs",
+            ),
+            (
+                Box::new(|s| s.cache_from = vec![cache_option("local", &[("src", "/c")])]),
+                "cache_from: --cache-from \"type=local,src=...\": type=local",
+            ),
+            (
+                Box::new(|s| s.cache_from = vec![cache_option("registry", &[("ref", "r.io/a:Up")])]),
+                "cache_from: --cache-from \"type=registry,ref=r.io/a:Up\": ref r.io/a:Up: braid keeps each platform's",
+            ),
+            (
+                Box::new(|s| s.cache_to = vec![cache_option("registry", &[("ref", "r.io/a"), ("mode", "all")])]),
+                "cache_to: --cache-to \"type=registry,mode=all,ref=r.io/a\": mode \"all\"",
+            ),
+            (
+                Box::new(|s| {
+                    s.cache_from = (0..17).map(|i| cache_option("registry", &[("ref", &format!("r.io/{i}"))])).collect()
+                }),
+                "cache_from: --cache-from: more than the limit of 16 entries",
+            ),
         ];
         for (mutate, want) in cases {
             let mut s = base();

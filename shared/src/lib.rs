@@ -6,6 +6,7 @@ pub mod beneath;
 pub mod buildargs;
 pub mod buildflags;
 pub mod buildneeds;
+pub mod cache;
 pub mod capability;
 pub mod codec;
 pub mod compression;

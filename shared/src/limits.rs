@@ -106,3 +106,13 @@ pub const BUILDER_NAME_BYTES: usize = 32;
 pub const BUILDER_VERSION_BYTES: usize = 128;
 /// Secret and SSH ids a Dockerfile's mounts may name (the scan keeps no more).
 pub const DOCKERFILE_MOUNT_IDS: usize = 256;
+/// `--cache-from` entries, and `--cache-to` entries, in one build.
+pub const CACHE_ENTRIES: usize = 16;
+/// Bytes of one `--cache-from`/`--cache-to` value as typed.
+pub const CACHE_FLAG_BYTES: usize = 4096;
+/// Attributes of one cache entry.
+pub const CACHE_ATTRS: usize = 16;
+/// Bytes of a cache entry attribute's key.
+pub const CACHE_ATTR_KEY_BYTES: usize = 64;
+/// Bytes of a cache entry attribute's value.
+pub const CACHE_ATTR_VALUE_BYTES: usize = 1024;

@@ -37,6 +37,9 @@ pub struct BuildkitArgs<'a> {
     pub secrets: &'a [(String, PathBuf)],
     /// `--ssh` ids and the job's sockets serving them (`crate::ssh`).
     pub ssh: &'a [(String, PathBuf)],
+    /// `--cache-from REF` and the inline cache build argument
+    /// (`cache::docker_cache_args`).
+    pub cache: &'a [String],
     /// The Engine has no bridge network (`dockerd --bridge=none`): its
     /// classic builder runs RUN steps of the default network with none, and
     /// its BuildKit would fail them ("network bridge not found"), so they
@@ -88,6 +91,7 @@ pub fn docker_build_args(b: &BuildkitArgs<'_>) -> Vec<OsString> {
     for (id, socket) in b.ssh {
         args.extend(["--ssh".into(), format!("{id}={}", socket.display()).into()]);
     }
+    args.extend(b.cache.iter().map(OsString::from));
     args.push(b.context.into());
     args
 }
@@ -101,6 +105,14 @@ pub(super) async fn build(
     cancel: &CancellationToken,
 ) -> Result<(), Outcome> {
     let BuildJob { env, a, spec, platform, job_dir, context_dir, layout, ssh, .. } = *job;
+    if let Some(why) = super::cache::docker_cache_refusal(spec) {
+        return Err(super::build_failure(why));
+    }
+    let cache = super::cache::docker_cache_args(spec, platform);
+    let cache_lines = super::cache::docker_cache_lines(spec, platform);
+    if !cache_lines.is_empty() {
+        super::log_lines(env, a, cache_lines);
+    }
     let engine = docker::connect(&env.settings.docker_host).await.map_err(infra)?;
     let secrets = crate::secrets::write_build_secrets(job_dir.secrets(), &a.secrets).map_err(infra)?;
     let config_dir = write_docker_config(job_dir.secrets(), credentials)
@@ -121,6 +133,7 @@ pub(super) async fn build(
         context: context_dir,
         secrets: &secrets,
         ssh,
+        cache: &cache,
         no_bridge: !env.settings.docker_bridge,
     });
     let mut cmd = Command::new(cli);
@@ -254,6 +267,7 @@ mod tests {
             context: Path::new("/j/context"),
             secrets: &secrets,
             ssh: &ssh,
+            cache: &["--cache-from".to_owned(), "r.io/app:1".to_owned()],
             no_bridge: false,
         });
         let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
@@ -263,7 +277,7 @@ mod tests {
             "--target final --network none --add-host db:10.0.0.1 --build-arg A=1 --build-arg B=2",
             "--build-arg TARGETPLATFORM=linux/arm64",
             "--build-arg BUILDPLATFORM=linux/amd64",
-            "--label l=v --secret id=tok,src=/run/s/secret-0 --ssh default=/run/s/ssh/0 /j/context",
+            "--label l=v --secret id=tok,src=/run/s/secret-0 --ssh default=/run/s/ssh/0 --cache-from r.io/app:1 /j/context",
         ] {
             assert!(joined.contains(part), "{part:?} in {joined}");
         }

@@ -10,8 +10,9 @@ use tokio_util::sync::CancellationToken;
 use braid_shared::oci::Credential;
 use braid_shared::{Platform, beneath, buildargs};
 
-use super::process::{RunError, run_logged};
-use super::{BuildJob, JobEnv, Outcome, build_failure, infra, manifest_annotations};
+use super::cache::{CacheTally, buildah_cache};
+use super::process::{RunError, run_logged, run_logged_watching};
+use super::{BuildJob, JobEnv, Outcome, build_failure, infra, log_lines, manifest_annotations};
 use crate::jobdir::JobDir;
 use crate::prune;
 
@@ -71,6 +72,8 @@ pub(super) async fn build_with_containers(
     for (name, value) in build_contexts {
         bud.arg("--build-context").arg(format!("{name}={value}"));
     }
+    let cache = buildah_cache(spec, platform, &env.settings.backend).map_err(build_failure)?;
+    bud.args(&cache.args);
     let mut args: Vec<(&String, &String)> = spec.build_args.iter().collect();
     args.sort();
     for (k, v) in args {
@@ -88,7 +91,16 @@ pub(super) async fn build_with_containers(
         bud.arg("--annotation").arg(format!("{key}={value}"));
     }
     bud.arg(context_dir);
-    match run_logged(env, a, bud, job_dir, cancel).await {
+    if !cache.lines.is_empty() {
+        log_lines(env, a, cache.lines.clone());
+    }
+    let mut tally = CacheTally::default();
+    let built = run_logged_watching(env, a, bud, job_dir, cancel, &mut |line| tally.observe(line)).await;
+    let said = tally.summary(&cache, platform);
+    if !said.is_empty() {
+        log_lines(env, a, said);
+    }
+    match built {
         Ok(()) => {}
         Err(RunError::Exit(tail)) => return Err(build_failure(tail)),
         Err(RunError::Spawn(e)) => return Err(infra(format!("starting {}: {e}", env.settings.backend))),

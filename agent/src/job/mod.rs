@@ -2,6 +2,7 @@
 //! Docker Engine), export an OCI layout, push it by digest, report.
 
 pub mod buildkit;
+pub mod cache;
 mod containers;
 mod named;
 mod process;
@@ -351,6 +352,13 @@ async fn build_with_docker(
             )));
         }
         None => {}
+    }
+    // The classic builder reads no registry cache and writes none.
+    if !spec.cache_from.is_empty() || !spec.cache_to.is_empty() {
+        return Err(build_failure(
+            "--cache-from/--cache-to: this agent's Docker Engine builds with its classic builder here (no BuildKit \
+             docker_cli, or --shm-size), which uses no cache; use a buildah or podman agent",
+        ));
     }
     let engine = docker::connect(&env.settings.docker_host).await.map_err(infra)?;
     let mut build_args = spec.build_args.clone();

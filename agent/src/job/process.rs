@@ -40,9 +40,21 @@ const TAIL_LINES: usize = 12;
 pub(super) async fn run_logged(
     env: &JobEnv,
     a: &proto::Assignment,
+    cmd: Command,
+    job_dir: &JobDir,
+    cancel: &CancellationToken,
+) -> Result<(), RunError> {
+    run_logged_watching(env, a, cmd, job_dir, cancel, &mut |_| {}).await
+}
+
+/// `run_logged`, with `watch` shown each line of output as it is logged.
+pub(super) async fn run_logged_watching(
+    env: &JobEnv,
+    a: &proto::Assignment,
     mut cmd: Command,
     job_dir: &JobDir,
     cancel: &CancellationToken,
+    watch: &mut (dyn FnMut(&str) + Send),
 ) -> Result<(), RunError> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
     let mut child = cmd.spawn().map_err(RunError::Spawn)?;
@@ -74,6 +86,7 @@ pub(super) async fn run_logged(
         tokio::select! {
             line = line_rx.recv() => match line {
                 Some(line) => {
+                    watch(&line);
                     let line = braid_shared::shorten(&line, limits::LOG_LINE_BYTES);
                     if tail.len() == TAIL_LINES { tail.pop_front(); }
                     tail.push_back(line.clone());

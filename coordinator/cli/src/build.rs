@@ -110,6 +110,14 @@ pub struct BuildArgs {
     ssh: Vec<String>,
     #[command(flatten)]
     needs: crate::needs::NeedsArgs,
+    /// Import a build cache, as buildx: REF or type=registry,ref=REF (each platform reads its own
+    /// repository REF-OS-ARCH[-VARIANT]; repeatable; gha, local, s3 and azblob are refused)
+    #[arg(long = "cache-from", value_name = "CACHE")]
+    cache_from: Vec<String>,
+    /// Export the build cache, as buildx: type=registry,ref=REF[,mode=min|max] (buildah agents; each platform
+    /// to its own repository REF-OS-ARCH[-VARIANT]) or type=inline (Docker Engine agents with BuildKit)
+    #[arg(long = "cache-to", value_name = "CACHE")]
+    cache_to: Vec<String>,
     /// Build context directory, or "-" to read a tar from stdin
     #[arg(value_name = "PATH")]
     path: PathBuf,
@@ -136,6 +144,20 @@ impl RunFlags {
         buildflags::check_ulimits(&ulimits)?;
         Ok(Self { network, add_hosts, ulimits })
     }
+}
+
+/// `--cache-from`, `--cache-to`: buildx's syntax, refused here by entry
+/// before the upload, as the coordinator would.
+fn cache_flags(
+    args: &BuildArgs,
+    platforms: &[String],
+) -> anyhow::Result<(Vec<proto::CacheOption>, Vec<proto::CacheOption>)> {
+    use braid_shared::cache::{self, Direction};
+    let platforms: Vec<Platform> = platforms.iter().filter_map(|p| p.parse().ok()).collect();
+    Ok((
+        cache::parse(Direction::From, &args.cache_from, &platforms)?,
+        cache::parse(Direction::To, &args.cache_to, &platforms)?,
+    ))
 }
 
 /// `--iidfile`: the index digest, as buildx writes for a multi-platform build.
@@ -308,6 +330,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     let ssh_agents = crate::ssh::Agents::prepare(&args.ssh)?;
     let (secret_refs, secrets) = crate::secrets::read(&args.secrets, conn)?;
     let checked = crate::needs::check(&args.needs)?;
+    let (cache_from, cache_to) = cache_flags(&args, &platforms)?;
     // As buildx: a build that fails leaves no stale image id behind.
     if let Some(path) = &args.iidfile {
         match std::fs::remove_file(path) {
@@ -397,12 +420,18 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         secrets: secret_refs,
         build_contexts,
         no_cache_filter: checked.no_cache_filter(),
+        cache_from,
+        cache_to,
         ..Default::default()
     };
     (spec.needs, spec.syntax_directive) = crate::needs::of_build(&spec, &dockerfile)?;
     // docker-image:// build contexts are pulled with the client's logins, as the tags are pushed.
     let pulled_from = [tags.clone(), checked.image_refs()].concat();
-    let credentials = if conn.may_carry_secrets() { forwarded_credentials(&pulled_from)? } else { Vec::new() };
+    let credentials = if conn.may_carry_secrets() {
+        forwarded_credentials(&pulled_from, &braid_shared::cache::registries(&spec))?
+    } else {
+        Vec::new()
+    };
     let build_id = client
         .submit(proto::SubmitRequest { spec: Some(spec), credentials, secrets: secrets.clone() })
         .await?
@@ -645,14 +674,23 @@ fn summarize(
 }
 
 /// `90`, `90s`, `20m`, `1h30m` as seconds.
-/// Docker-config credentials for the registries the tags push to.
-fn forwarded_credentials(tags: &[String]) -> anyhow::Result<Vec<proto::RegistryCredential>> {
+/// Docker-config credentials for the registries the tags push to, and
+/// those the cache entries read and write (`cache_registries`).
+fn forwarded_credentials(
+    tags: &[String],
+    cache_registries: &[String],
+) -> anyhow::Result<Vec<proto::RegistryCredential>> {
     let mut registries: Vec<String> = Vec::new();
     for tag in tags {
         if let Ok(r) = tag.parse::<braid_shared::ImageRef>()
             && !registries.iter().any(|x| x == r.registry())
         {
             registries.push(r.registry().to_owned());
+        }
+    }
+    for r in cache_registries {
+        if !registries.contains(r) {
+            registries.push(r.clone());
         }
     }
     crate::dockerconfig::credentials_for(&registries)

@@ -180,6 +180,8 @@ impl Farm {
         let lease = uuid::Uuid::new_v4().simple().to_string();
         let insecure = self.config.insecure_registries.clone();
         let now = self.now();
+        // Every credential the build forwarded (for its tags' registries and
+        // its --cache-from/--cache-to refs'), then the configured ones.
         let credentials: Vec<proto::RegistryCredential> =
             self.credentials_for(build_id).iter().map(proto::RegistryCredential::from).collect();
         let Some(b) = self.builds.get_mut(build_id) else {

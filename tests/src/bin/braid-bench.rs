@@ -20,9 +20,12 @@ mod scale;
 #[path = "../bench/events.rs"]
 mod events;
 
+#[path = "../bench/cache.rs"]
+mod cache;
+
 fn main() -> anyhow::Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
-    let known = ["all", "overhead", "scale", "events", "context", "footprint", "emulation"];
+    let known = ["all", "overhead", "scale", "events", "context", "footprint", "emulation", "cache"];
     if !known.contains(&which.as_str()) {
         anyhow::bail!("unknown benchmark {which:?}: one of {}", known.join(", "));
     }
@@ -44,6 +47,9 @@ fn main() -> anyhow::Result<()> {
     }
     if run("emulation") {
         emulation_bench()?;
+    }
+    if run("cache") {
+        cache::run(&machine())?;
     }
     Ok(())
 }
