@@ -354,3 +354,56 @@ fn the_coordinator_refuses_what_the_cli_would() {
         assert!(status.message().contains(want) && !status.message().contains("T0KEN"), "{}", status.message());
     }
 }
+
+/// The Docker backend's BuildKit path: one Engine writes an inline cache
+/// into the pushed image (`--cache-to type=inline`); an agent on a second,
+/// empty Engine reads it (`--cache-from REF`) and BuildKit reports the RUN
+/// step cached; `--cache-to type=registry`, which `docker build` cannot
+/// write, is refused at submit by capability.
+#[test]
+fn docker_engine_agents_write_and_read_an_inline_cache() {
+    require_environment();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    let base = registry.push_base_image("base/busybox:latest").unwrap();
+    let ctx = dockerfile_context(dir, "ctx", &dockerfile(&base, 5000));
+    let image = format!("{}/cache/engine:1", registry.addr);
+    let mut logs = Vec::new();
+    for (name, args) in [
+        ("docker-a", vec!["--cache-to", "type=inline", "-t", image.as_str(), "--push"]),
+        ("docker-b", vec!["--cache-from", image.as_str()]),
+    ] {
+        let farm_dir = dir.join(name);
+        let engine = braid_tests::DockerEngine::start(&farm_dir.join("docker")).unwrap();
+        let agent = AgentSpec::new(name, &["linux/amd64"])
+            .backend("docker")
+            .flag("--docker-host", &engine.host)
+            .flag("--docker-cli", "/usr/bin/docker");
+        let farm = Farm::start(&farm_dir, &registry, &[agent]).unwrap();
+        farm.wait_for_agents(1).unwrap();
+        let mut all = vec!["--platform", "linux/amd64"];
+        all.extend(args);
+        all.push(&ctx);
+        let (ok, log) = build(&farm, &all);
+        assert!(ok, "{log}");
+        if name == "docker-a" {
+            let (ok, refused) =
+                build(&farm, &["--platform", "linux/amd64", "--cache-to", &format!("type=registry,ref={image}"), &ctx]);
+            assert!(!ok && refused.contains("--cache-to type=registry needs buildah"), "{refused}");
+        }
+        logs.push(log);
+        drop(farm);
+        drop(engine);
+    }
+    assert!(logs[0].contains("writes an inline cache into its image"), "{}", logs[0]);
+    assert!(logs[1].contains(&format!("reads the inline cache of {image}")), "{}", logs[1]);
+    // BuildKit's plain progress: "#N [2/2] RUN ..." then "#N CACHED" for the same N.
+    let step = logs[1]
+        .lines()
+        .find_map(|l| l.split("] #").nth(1).filter(|rest| rest.contains("[2/2] RUN")))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_owned);
+    let cached = step.is_some_and(|n| logs[1].lines().any(|l| l.ends_with(&format!("#{n} CACHED"))));
+    assert!(cached, "the RUN step was not taken from the cache:\n{}", logs[1]);
+}

@@ -48,3 +48,34 @@ pub fn note(message: &str) {
         eprintln!("{message}");
     }
 }
+
+/// An error and its causes, `: `-separated as `{:#}` prints them, but a
+/// coordinator's refusal is its message alone, not tonic's "code: '...',
+/// message: ..." wrapping.
+pub fn describe(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|cause| match cause.downcast_ref::<tonic::Status>() {
+            Some(status) if !status.message().is_empty() => status.message().to_owned(),
+            Some(status) => status.code().description().to_owned(),
+            None => cause.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_reads_as_its_message() {
+        let refused = anyhow::Error::new(tonic::Status::failed_precondition("linux/arm/v7: heredocs need buildah"));
+        assert_eq!(describe(&refused), "linux/arm/v7: heredocs need buildah");
+        let wrapped = refused.context("submitting the build");
+        assert_eq!(describe(&wrapped), "submitting the build: linux/arm/v7: heredocs need buildah");
+        assert_eq!(
+            describe(&anyhow::Error::new(tonic::Status::unavailable(""))),
+            "The service is currently unavailable"
+        );
+    }
+}

@@ -233,7 +233,7 @@ async fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            diag::error(&format!("{e:#}"));
+            diag::error(&diag::describe(&e));
             std::process::exit(1);
         }
     }
