@@ -200,7 +200,7 @@ impl Agent {
                     tracing::error!(
                         error = %e,
                         retry_in = ?wait,
-                        "the coordinator refuses this agent's identity: enroll it again (braid-agent join with a new token)"
+                        "coordinator session ended: it refuses this agent's identity; enroll it again (braid-agent join with a new token)"
                     );
                 }
                 Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "coordinator session ended"),

@@ -47,6 +47,36 @@ impl Deliver {
     }
 }
 
+/// Reads one side's stream (an agent's tunnel or a client's) until it ends,
+/// first sending what attaching it decided (`replaced`), then routing each
+/// message with `route` and sending what that decides. A malformed frame
+/// ends the stream with InvalidArgument on `errors`. Returns why it ended
+/// (None: closed by the other side).
+pub async fn pump<M, T>(
+    inbound: &mut tonic::Streaming<M>,
+    replaced: Vec<Deliver>,
+    errors: &mpsc::Sender<Result<T, tonic::Status>>,
+    mut route: impl FnMut(M) -> Result<Option<Deliver>, FrameError>,
+) -> Option<String> {
+    for send in replaced {
+        send.deliver().await;
+    }
+    loop {
+        match inbound.message().await {
+            Ok(Some(m)) => match route(m) {
+                Ok(Some(send)) => send.deliver().await,
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = errors.send(Err(tonic::Status::invalid_argument(e.to_string()))).await;
+                    return Some(e.to_string());
+                }
+            },
+            Ok(None) => return None,
+            Err(e) => return Some(e.message().to_owned()),
+        }
+    }
+}
+
 /// A malformed frame: ends the stream that sent it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {

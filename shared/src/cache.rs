@@ -63,53 +63,6 @@ fn refused_type(kind: &str) -> Option<&'static str> {
     })
 }
 
-/// Splits one CSV record as Go's `encoding/csv` (buildx's parser) does:
-/// fields separated by `,`; a field that starts with `"` is quoted, `""`
-/// inside it is one `"`; a `"` elsewhere in an unquoted field is an error.
-pub fn csv_fields(record: &str) -> Result<Vec<String>, String> {
-    let mut fields = Vec::new();
-    let mut rest = record;
-    loop {
-        if let Some(quoted) = rest.strip_prefix('"') {
-            let mut field = String::new();
-            let mut chars = quoted.char_indices();
-            let after = loop {
-                match chars.next() {
-                    Some((i, '"')) => {
-                        if quoted[i + 1..].starts_with('"') {
-                            field.push('"');
-                            chars.next();
-                        } else {
-                            break &quoted[i + 1..];
-                        }
-                    }
-                    Some((_, c)) => field.push(c),
-                    None => return Err("extraneous or missing \" in quoted-field".into()),
-                }
-            };
-            fields.push(field);
-            match after.strip_prefix(',') {
-                Some(next) => rest = next,
-                None if after.is_empty() => return Ok(fields),
-                None => return Err("extraneous or missing \" in quoted-field".into()),
-            }
-        } else {
-            let (field, next) = match rest.split_once(',') {
-                Some((f, n)) => (f, Some(n)),
-                None => (rest, None),
-            };
-            if field.contains('"') {
-                return Err("bare \" in non-quoted-field".into());
-            }
-            fields.push(field.to_owned());
-            match next {
-                Some(n) => rest = n,
-                None => return Ok(fields),
-            }
-        }
-    }
-}
-
 /// Parses the values of one flag as buildx's `ParseCacheEntry`: a value
 /// without `=` is a list of image references, each a registry cache
 /// (`user/app` is `type=registry,ref=user/app`); otherwise one entry of
@@ -132,7 +85,7 @@ pub fn parse(
                 limits::CACHE_FLAG_BYTES
             )));
         }
-        let fields = csv_fields(value).map_err(|e| CacheError(format!("{flag} {:?}: {e}", shown())))?;
+        let fields = crate::csv::fields(value).map_err(|e| CacheError(format!("{flag} {:?}: {e}", shown())))?;
         let mut entries = Vec::new();
         if !value.contains('=') {
             for field in fields {
@@ -349,31 +302,6 @@ mod tests {
         let mut v: Vec<_> = e.attrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         v.sort();
         v
-    }
-
-    #[test]
-    fn csv_splits_like_go() {
-        assert_eq!(csv_fields("a,b").unwrap(), ["a", "b"]);
-        assert_eq!(csv_fields("\"a,b\",c").unwrap(), ["a,b", "c"]);
-        assert_eq!(csv_fields("\"say \"\"hi\"\"\"").unwrap(), ["say \"hi\""]);
-        assert_eq!(csv_fields("a,,").unwrap(), ["a", "", ""]);
-        assert_eq!(csv_fields("\"type=registry\",\"ref=r/a\"").unwrap(), ["type=registry", "ref=r/a"]);
-        assert!(csv_fields("a\"b").unwrap_err().contains("bare \""));
-        assert!(csv_fields("\"ab").unwrap_err().contains("extraneous or missing"));
-        assert!(csv_fields("\"a\"b").unwrap_err().contains("extraneous or missing"));
-    }
-
-    proptest::proptest! {
-        /// Any fields, written as Go's csv.Writer writes them (quoted when
-        /// they hold `,` or `"`), read back unchanged.
-        #[test]
-        fn csv_reads_what_go_writes(fields in proptest::collection::vec("[a-z=,\" ]{0,8}", 1..6)) {
-            let record: Vec<String> = fields
-                .iter()
-                .map(|f| if f.contains([',', '"']) || f.starts_with(' ') { format!("\"{}\"", f.replace('"', "\"\"")) } else { f.clone() })
-                .collect();
-            proptest::prop_assert_eq!(csv_fields(&record.join(",")).unwrap(), fields);
-        }
     }
 
     #[test]

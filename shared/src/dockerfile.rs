@@ -330,26 +330,11 @@ fn note_from(scan: &mut Scan, name: &str) {
     }
 }
 
-/// Comma-separated fields, a double-quoted field keeping its commas
-/// (Go's encoding/csv, which BuildKit reads mounts with).
+/// A mount's comma-separated options as BuildKit reads them (Go's
+/// encoding/csv); a malformed record, which BuildKit would refuse, is
+/// still scanned field by field rather than dropped.
 fn csv_fields(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut field = String::new();
-    let mut quoted = false;
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if quoted && chars.peek() == Some(&'"') => {
-                field.push('"');
-                chars.next();
-            }
-            '"' => quoted = !quoted,
-            ',' if !quoted => out.push(std::mem::take(&mut field)),
-            _ => field.push(c),
-        }
-    }
-    out.push(field);
-    out
+    crate::csv::fields(s).unwrap_or_else(|_| s.split(',').map(str::to_owned).collect())
 }
 
 #[cfg(test)]

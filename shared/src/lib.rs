@@ -11,6 +11,7 @@ pub mod capability;
 pub mod codec;
 pub mod compression;
 pub mod context;
+pub mod csv;
 pub mod digest;
 pub mod dockerfile;
 pub mod dockerignore;

@@ -59,36 +59,13 @@ pub fn check_id(id: &str) -> Result<(), SecretError> {
     )))
 }
 
-/// Splits a CSV record as buildx's csvvalue does: `"a,b"` is one field, `""`
-/// inside quotes is a quote.
-fn csv_fields(raw: &str) -> Result<Vec<String>, SecretError> {
-    let mut fields = Vec::new();
-    let mut field = String::new();
-    let mut quoted = false;
-    let mut chars = raw.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if quoted && chars.peek() == Some(&'"') => {
-                chars.next();
-                field.push('"');
-            }
-            '"' => quoted = !quoted,
-            ',' if !quoted => fields.push(std::mem::take(&mut field)),
-            c => field.push(c),
-        }
-    }
-    if quoted {
-        return Err(refuse(format!("--secret {:?}: a quote is not closed", crate::shorten(raw, 120))));
-    }
-    fields.push(field);
-    Ok(fields)
-}
-
 /// Parses one `--secret` value as buildx does (see the module's comment).
 pub fn parse(raw: &str) -> Result<SecretFlag, SecretError> {
     let shown = crate::shorten(raw, 120);
     let (mut id, mut file, mut env, mut typ) = (None, None, None, None);
-    for field in csv_fields(raw)? {
+    let fields =
+        crate::csv::fields(raw).map_err(|e| refuse(format!("--secret {:?}: {e}", crate::shorten(raw, 120))))?;
+    for field in fields {
         let (key, value) = field
             .split_once('=')
             .ok_or_else(|| refuse(format!("--secret {shown:?}: invalid field {field:?}: must be a key=value pair")))?;

@@ -29,6 +29,22 @@ fn keygen(path: &Path, comment: &str) -> String {
     line.split_whitespace().nth(1).expect("a fingerprint").to_owned()
 }
 
+/// A real `ssh-agent` of the test's (the client's side) in `dir`, holding
+/// `key`; its socket.
+fn client_agent(dir: &Path, key: &Path) -> (Proc, PathBuf) {
+    let socket = dir.join("agent.sock");
+    let agent = Proc::spawn(
+        "ssh-agent",
+        Command::new("ssh-agent").arg("-D").arg("-a").arg(&socket),
+        &dir.join("ssh-agent.log"),
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "ssh-agent to listen", || socket.exists().then_some(())).unwrap();
+    let added = Command::new("ssh-add").arg("-q").arg(key).env("SSH_AUTH_SOCK", &socket).output().unwrap();
+    assert!(added.status.success(), "ssh-add: {}", text(&added.stderr));
+    (agent, socket)
+}
+
 /// A context whose layer `root/` holds the host's ssh-add and its libraries.
 fn context(dir: &Path, name: &str, dockerfile: &str) -> String {
     let ctx = dir.join(name);
@@ -80,16 +96,7 @@ fn ssh_agents_are_forwarded_read_only_and_no_key_leaves_the_client() {
     let fingerprint = keygen(&key, "braid-test-default");
     let file_key = client.path().join("deploy_key");
     let file_fingerprint = keygen(&file_key, "braid-test-file");
-    let socket = client.path().join("agent.sock");
-    let _agent = Proc::spawn(
-        "ssh-agent",
-        Command::new("ssh-agent").arg("-D").arg("-a").arg(&socket),
-        &client.path().join("ssh-agent.log"),
-    )
-    .unwrap();
-    eventually(Duration::from_secs(10), "ssh-agent to listen", || socket.exists().then_some(())).unwrap();
-    let added = Command::new("ssh-add").arg("-q").arg(&key).env("SSH_AUTH_SOCK", &socket).output().unwrap();
-    assert!(added.status.success(), "ssh-add: {}", text(&added.stderr));
+    let (_agent, socket) = client_agent(client.path(), &key);
 
     let registry = Registry::start(&dir.join("registry")).unwrap();
     let base = registry.push_base_image("base/busybox:latest").unwrap();
@@ -248,16 +255,7 @@ fn ssh_reaches_the_docker_engines_buildkit() {
     let client = tempfile::tempdir().unwrap();
     let key = client.path().join("id_ed25519");
     let fingerprint = keygen(&key, "braid-test-engine");
-    let socket = client.path().join("agent.sock");
-    let _agent = Proc::spawn(
-        "ssh-agent",
-        Command::new("ssh-agent").arg("-D").arg("-a").arg(&socket),
-        &client.path().join("ssh-agent.log"),
-    )
-    .unwrap();
-    eventually(Duration::from_secs(10), "ssh-agent to listen", || socket.exists().then_some(())).unwrap();
-    let added = Command::new("ssh-add").arg("-q").arg(&key).env("SSH_AUTH_SOCK", &socket).output().unwrap();
-    assert!(added.status.success(), "ssh-add: {}", text(&added.stderr));
+    let (_agent, socket) = client_agent(client.path(), &key);
 
     let registry = Registry::start(&dir.join("registry")).unwrap();
     let base = registry.push_base_image("base/busybox:latest").unwrap();

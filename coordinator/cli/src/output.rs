@@ -155,26 +155,7 @@ pub fn parse(
 /// An `--output` value's comma-separated fields, as buildx reads them (CSV:
 /// `"name=a,b"` in double quotes is one field).
 fn csv_fields(spec: &str) -> anyhow::Result<Vec<String>> {
-    let mut fields = Vec::new();
-    let mut field = String::new();
-    let mut quoted = false;
-    let mut chars = spec.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if quoted && chars.peek() == Some(&'"') => {
-                chars.next();
-                field.push('"');
-            }
-            '"' => quoted = !quoted,
-            ',' if !quoted => fields.push(std::mem::take(&mut field)),
-            c => field.push(c),
-        }
-    }
-    if quoted {
-        bail!("invalid --output {spec:?}: a quote is not closed");
-    }
-    fields.push(field);
-    Ok(fields)
+    braid_shared::csv::fields(spec).map_err(|e| anyhow::anyhow!("invalid --output {spec:?}: {e}"))
 }
 
 /// The platform `--load` loads: a one-platform build's, else this host's,
@@ -464,7 +445,7 @@ mod tests {
             (p(&["type=oci,dest=a,tar=maybe"], false, false, None, &all), "tar=maybe"),
             (p(&[], false, false, Some("v2s1"), &all), "invalid --format"),
             (p(&["type=registry,oci-mediatypes=false"], false, false, Some("oci"), &all), "conflicting formats"),
-            (p(&["type=image,\"name=x"], false, false, None, &all), "a quote is not closed"),
+            (p(&["type=image,\"name=x"], false, false, None, &all), "extraneous or missing \" in quoted-field"),
             (
                 p(&["type=oci,dest=a,compression=zstd"], false, false, None, &all),
                 "compression= attribute is not supported",

@@ -371,23 +371,8 @@ impl Agents for AgentsService {
         let relay = self.coordinator.ssh.clone();
         tokio::spawn(
             async move {
-                for send in replaced {
-                    send.deliver().await;
-                }
-                let end = loop {
-                    match inbound.message().await {
-                        Ok(Some(m)) => match relay.from_agent(&job_id, m.frame) {
-                            Ok(Some(send)) => send.deliver().await,
-                            Ok(None) => {}
-                            Err(e) => {
-                                let _ = errors.send(Err(Status::invalid_argument(e.to_string()))).await;
-                                break Some(e.to_string());
-                            }
-                        },
-                        Ok(None) => break None,
-                        Err(e) => break Some(e.message().to_owned()),
-                    }
-                };
+                let end =
+                    crate::ssh::pump(&mut inbound, replaced, &errors, |m| relay.from_agent(&job_id, m.frame)).await;
                 drop((attached, errors));
                 tracing::info!(error = end.as_deref().unwrap_or(""), "ssh tunnel detached");
             }
