@@ -119,6 +119,10 @@ impl Builds for BuildsService {
         validate::secret_values(&valid.spec, &request.secrets)?;
         let unmet = {
             let farm = self.coordinator.farm();
+            // A platform no agent ever declared would wait for nothing.
+            if let Some(why) = farm.undeclared(&valid.platforms, valid.spec.allow_emulation) {
+                return Err(CoordinatorError::FailedPrecondition(why).into());
+            }
             crate::needs::unmet(
                 farm.agent_list().into_iter(),
                 &valid.platforms,
