@@ -371,3 +371,25 @@ impl Agent {
         }
     }
 }
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    fn error(status: tonic::Status) -> SessionError {
+        Box::new(status)
+    }
+
+    #[test]
+    fn a_refused_version_is_told_apart_from_other_refusals() {
+        let version = tonic::Status::failed_precondition(
+            "agent version \"0.2.0\" is not supported by coordinator version 0.1.0: this coordinator accepts agents \
+             >=0.1.0, <0.2.0",
+        );
+        assert!(is_refused_version(&error(version)));
+        assert!(!is_refused_identity(&error(tonic::Status::failed_precondition("agent version \"x\""))));
+        assert!(!is_refused_version(&error(tonic::Status::failed_precondition("something else"))));
+        assert!(!is_refused_version(&error(tonic::Status::permission_denied("agent version"))));
+        assert!(!is_refused_version(&"agent version".into()));
+    }
+}
