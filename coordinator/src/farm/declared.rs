@@ -12,8 +12,12 @@ use crate::model::Declared;
 const NAMED: usize = 8;
 
 impl Farm {
-    /// Takes back what agents declared (from the store).
+    /// Takes back what agents declared (from the store); their platforms
+    /// are metric labels again, as before the restart.
     pub fn restore_declared(&mut self, declared: Vec<(String, Declared)>) {
+        for d in declared.iter().map(|(_, d)| d) {
+            self.metrics.declare_platforms(d.platforms.iter().chain(&d.emulates).map(ToString::to_string));
+        }
         self.declared.extend(declared);
     }
 
