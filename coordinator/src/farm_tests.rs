@@ -798,3 +798,14 @@ fn platforms_agents_declared_outlast_a_restart_and_name_who_is_known() {
     let (again, _) = self::farm(dir.path());
     assert!(again.undeclared(&[p("linux/amd64")], false).unwrap().contains("no agent has ever connected"));
 }
+
+#[test]
+fn a_refusal_names_a_bounded_number_of_the_farm_s_platforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut farm, _) = farm(dir.path());
+    let platforms: Vec<String> = (0..40).map(|i| format!("linux/arch{i:02}")).collect();
+    let names: Vec<&str> = platforms.iter().map(String::as_str).collect();
+    connect(&mut farm, "many", &names);
+    let why = farm.undeclared(&["linux/riscv64".parse().unwrap()], false).unwrap();
+    assert!(why.contains("linux/arch31 and 8 more") && !why.contains("arch32"), "{why}");
+}

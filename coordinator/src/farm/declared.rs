@@ -101,9 +101,9 @@ impl Farm {
         emulated.sort();
         emulated.dedup();
         emulated.retain(|p| !native.contains(p));
-        let mut s = format!("the farm has {}", if native.is_empty() { "none".into() } else { native.join(", ") });
+        let mut s = format!("the farm has {}", if native.is_empty() { "none".into() } else { listed(&native) });
         if !emulated.is_empty() {
-            s.push_str(&format!(" (by emulation: {})", emulated.join(", ")));
+            s.push_str(&format!(" (by emulation: {})", listed(&emulated)));
         }
         s
     }
@@ -137,6 +137,17 @@ impl Farm {
         }
         text
     }
+}
+
+/// Platforms named in one refusal; the rest are counted.
+const PLATFORMS_NAMED: usize = 32;
+
+fn listed(platforms: &[String]) -> String {
+    let mut s = platforms.iter().take(PLATFORMS_NAMED).cloned().collect::<Vec<_>>().join(", ");
+    if platforms.len() > PLATFORMS_NAMED {
+        s.push_str(&format!(" and {} more", platforms.len() - PLATFORMS_NAMED));
+    }
+    s
 }
 
 fn names(agents: &[&str]) -> String {
