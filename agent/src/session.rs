@@ -77,6 +77,13 @@ fn is_refused_identity(e: &SessionError) -> bool {
         .is_some_and(|s| matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied))
 }
 
+/// Whether the coordinator refused this agent's version (see
+/// `braid_shared::compat`).
+fn is_refused_version(e: &SessionError) -> bool {
+    e.downcast_ref::<tonic::Status>()
+        .is_some_and(|s| s.code() == tonic::Code::FailedPrecondition && s.message().starts_with("agent version "))
+}
+
 impl Agent {
     pub fn new(settings: Valid) -> Arc<Agent> {
         Arc::new(Agent {
@@ -203,6 +210,17 @@ impl Agent {
                         "coordinator session ended: it refuses this agent's identity; enroll it again (braid-agent join with a new token)"
                     );
                 }
+                // A version the coordinator does not support heals only by an
+                // upgrade of one side: the same slow retries.
+                Err(e) if is_refused_version(&e) => {
+                    wait = refused_backoff;
+                    refused_backoff = (refused_backoff * 2).min(REFUSED_RETRY_MAX);
+                    tracing::error!(
+                        error = %e,
+                        retry_in = ?wait,
+                        "the coordinator does not support this agent's version: install a version in the range it names"
+                    );
+                }
                 Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "coordinator session ended"),
             }
             tokio::select! {
@@ -225,7 +243,16 @@ impl Agent {
         let mut inbound = client.session(UnboundedReceiverStream::new(out_rx)).await?.into_inner();
         let first = inbound.message().await?;
         let heartbeat = match first.and_then(|m| m.kind) {
-            Some(FromCoordinator::Welcome(w)) => Duration::from_secs(w.heartbeat_seconds.clamp(1, 3600).into()),
+            Some(FromCoordinator::Welcome(w)) => {
+                if !w.coordinator_version.is_empty() && w.coordinator_version != braid_shared::VERSION {
+                    tracing::info!(
+                        coordinator = %braid_shared::shorten(&w.coordinator_version, 64),
+                        agent = braid_shared::VERSION,
+                        "the coordinator runs another version of braid"
+                    );
+                }
+                Duration::from_secs(w.heartbeat_seconds.clamp(1, 3600).into())
+            }
             _ => return Err("the coordinator did not welcome this agent".into()),
         };
         tracing::info!(coordinator = %self.settings.settings.coordinator, "connected");
@@ -342,5 +369,27 @@ impl Agent {
             tracing::info!(job_id = %c.job_id, reason = %c.reason, "cancelling job");
             r.cancel.cancel();
         }
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    fn error(status: tonic::Status) -> SessionError {
+        Box::new(status)
+    }
+
+    #[test]
+    fn a_refused_version_is_told_apart_from_other_refusals() {
+        let version = tonic::Status::failed_precondition(
+            "agent version \"0.2.0\" is not supported by coordinator version 0.1.0: this coordinator accepts agents \
+             >=0.1.0, <0.2.0",
+        );
+        assert!(is_refused_version(&error(version)));
+        assert!(!is_refused_identity(&error(tonic::Status::failed_precondition("agent version \"x\""))));
+        assert!(!is_refused_version(&error(tonic::Status::failed_precondition("something else"))));
+        assert!(!is_refused_version(&error(tonic::Status::permission_denied("agent version"))));
+        assert!(!is_refused_version(&"agent version".into()));
     }
 }

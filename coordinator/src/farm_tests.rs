@@ -59,6 +59,9 @@ impl World {
                 Effect::Builder { agent, builder } => {
                     self.store.write(&[Write::Builder(&agent, builder.as_ref())]).unwrap()
                 }
+                Effect::Declared { agent, declared } => {
+                    self.store.write(&[Write::Declared(&agent, declared.as_ref())]).unwrap()
+                }
                 Effect::Assign { session, assignment } => self.send(session, Ok(ToAgent::Assign(*assignment))),
                 Effect::Cancel { session, cancel } => self.send(session, Ok(ToAgent::Cancel(cancel))),
                 Effect::Disconnect { session, agent, why } => {
@@ -116,7 +119,8 @@ impl World {
     ) -> Result<(u64, Inbox), crate::farm::FarmError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let platforms = hello.platforms.iter().map(|p| p.parse().unwrap()).collect();
-        let (connected, effects) = self.farm.agent_connected(hello, platforms, vec![], cert)?;
+        let emulates = hello.emulated_platforms.iter().map(|p| p.parse().unwrap()).collect();
+        let (connected, effects) = self.farm.agent_connected(hello, platforms, emulates, cert)?;
         self.sessions.insert(connected.session, tx);
         self.run(effects);
         Ok((connected.session, rx))
@@ -140,6 +144,7 @@ fn farm(dir: &std::path::Path) -> (World, Arc<Store>) {
     farm.restore(store.load_builds().unwrap(), store.cordons().unwrap());
     farm.restore_deliveries(store.deliveries().unwrap());
     farm.restore_builders(store.builders().unwrap());
+    farm.restore_declared(store.declared().unwrap());
     (World { farm, store: store.clone(), clock, sessions: HashMap::new() }, store)
 }
 
@@ -740,4 +745,67 @@ fn secret_values_ride_every_attempt_and_a_restart_waits_for_them_then_fails() {
         b.record.message
     );
     assert!(b.secrets.is_empty() && farm.farm.provide_secrets(&fails, value()).is_err(), "an ended build holds none");
+}
+
+#[test]
+fn platforms_agents_declared_outlast_a_restart_and_name_who_is_known() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| -> braid_shared::Platform { s.parse().unwrap() };
+    {
+        let (mut farm, _) = farm(dir.path());
+        let no_agents = farm.undeclared(&[p("linux/amd64")], false).unwrap();
+        assert!(no_agents.contains("no agent has ever connected"), "{no_agents}");
+        let mut h = hello("amd-a", &["linux/amd64"]);
+        h.emulated_platforms = vec!["linux/arm64".into(), "linux/riscv64".into()];
+        let (session, _inbox) = farm.connect_with(&h, None).unwrap();
+        assert_eq!(farm.undeclared(&[p("linux/amd64")], false), None);
+        assert_eq!(farm.undeclared(&[p("linux/riscv64")], true), None, "emulation allowed");
+        let why = farm.undeclared(&[p("linux/riscv64")], false).unwrap();
+        assert!(why.starts_with("platform linux/riscv64: no agent has ever declared it"), "{why}");
+        assert!(why.contains("the farm has linux/amd64 (by emulation: linux/arm64, linux/riscv64)"), "{why}");
+        assert!(why.contains("agent amd-a emulates it: --allow-emulation would use it"), "{why}");
+        let why = farm.undeclared(&[p("linux/s390x")], true).unwrap();
+        assert!(why.contains("platform linux/s390x") && !why.contains("--allow-emulation"), "{why}");
+        farm.clock.advance(5_000);
+        farm.heartbeat("amd-a", session);
+        let e = farm.agent_disconnected("amd-a", session);
+        farm.run(e);
+    }
+    // A restart: the agent has not come back, its platforms are still known.
+    let (mut farm, store) = farm(dir.path());
+    assert_eq!(farm.undeclared(&[p("linux/amd64")], false), None);
+    assert!(farm.undeclared(&[p("linux/riscv64")], false).unwrap().contains("--allow-emulation"));
+    let id = submit(&mut farm, &["linux/amd64"]);
+    farm.schedule();
+    let waiting = store
+        .events_after(&id, 0, 100)
+        .unwrap()
+        .iter()
+        .find_map(|e| match &e.kind {
+            Some(proto::build_event::Kind::Notice(n)) if n.text.starts_with("waiting") => Some(n.text.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let seen = crate::farm::utc(T0 + 5_000);
+    assert_eq!(
+        waiting,
+        format!("waiting for an agent for linux/amd64: 1 agent is known for it: amd-a (last seen {seen})")
+    );
+    assert_eq!(seen, "2023-11-14T22:13:25Z");
+    // Forgetting the agent forgets its platforms.
+    assert_eq!(farm.forget_agent("amd-a"), (false, 0));
+    drop(farm);
+    let (again, _) = self::farm(dir.path());
+    assert!(again.undeclared(&[p("linux/amd64")], false).unwrap().contains("no agent has ever connected"));
+}
+
+#[test]
+fn a_refusal_names_a_bounded_number_of_the_farm_s_platforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut farm, _) = farm(dir.path());
+    let platforms: Vec<String> = (0..40).map(|i| format!("linux/arch{i:02}")).collect();
+    let names: Vec<&str> = platforms.iter().map(String::as_str).collect();
+    connect(&mut farm, "many", &names);
+    let why = farm.undeclared(&["linux/riscv64".parse().unwrap()], false).unwrap();
+    assert!(why.contains("linux/arch31 and 8 more") && !why.contains("arch32"), "{why}");
 }

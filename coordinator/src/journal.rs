@@ -46,6 +46,10 @@ pub enum Item {
         agent: String,
         builder: Option<crate::model::Builder>,
     },
+    Declared {
+        agent: String,
+        declared: Option<crate::model::Declared>,
+    },
 }
 
 /// One thing to write (and, for events, then to show).
@@ -84,6 +88,7 @@ impl Entry {
                 }
                 Item::Cordon { agent, cordoned } => writes.push(Write::Cordon(agent, *cordoned)),
                 Item::Builder { agent, builder } => writes.push(Write::Builder(agent, builder.as_ref())),
+                Item::Declared { agent, declared } => writes.push(Write::Declared(agent, declared.as_ref())),
             }
         }
         writes

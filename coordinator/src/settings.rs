@@ -68,7 +68,8 @@ pub struct Settings {
     #[arg(long, value_name = "BYTES", default_value_t = 20 << 30)]
     pub blob_store_bytes: u64,
     /// Seconds a job may wait for an agent before its build fails; 0 waits
-    /// forever
+    /// forever (a platform no agent ever declared is refused at submit
+    /// instead)
     #[arg(long = "queue-timeout", value_name = "SECONDS", default_value_t = 1800)]
     pub queue_timeout_seconds: u32,
     /// Seconds a build whose `--secret` values were lost in a restart (they

@@ -84,6 +84,7 @@ impl Coordinator {
         farm.restore(builds, store.cordons()?);
         farm.restore_deliveries(store.deliveries()?);
         farm.restore_builders(store.builders()?);
+        farm.restore_declared(store.declared()?);
         let journal = Journal::start(store.clone(), disk.clone(), stored.clone())?;
         let tokens = Tokens::new(store.clone(), settings.tls());
         let ca = match (&settings.tls_ca, &settings.tls_ca_key) {
@@ -142,6 +143,7 @@ impl Coordinator {
                 Effect::Append { events, live, delivered } => change.push(Item::Events { events, live, delivered }),
                 Effect::Cordon { agent, cordoned } => change.push(Item::Cordon { agent, cordoned }),
                 Effect::Builder { agent, builder } => change.push(Item::Builder { agent, builder }),
+                Effect::Declared { agent, declared } => change.push(Item::Declared { agent, declared }),
                 follow @ (Effect::Verify { .. } | Effect::Merge { .. }) => {
                     tokio::spawn(self.clone().follow(follow));
                 }

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use braid_shared::proto;
 
 use crate::error::{CoordinatorError, Result};
-use crate::model::{BuildRecord, Builder, Delivered, TokenRecord};
+use crate::model::{BuildRecord, Builder, Declared, Delivered, TokenRecord};
 
 /// One change of the farm to store (`Store::write`).
 #[derive(Debug)]
@@ -28,6 +28,9 @@ pub enum Write<'a> {
     Delivered(&'a str, &'a Delivered),
     /// An agent's builder as its hello reported it (None: forgotten).
     Builder(&'a str, Option<&'a Builder>),
+    /// The platforms an agent declared and when it was last seen (None:
+    /// forgotten).
+    Declared(&'a str, Option<&'a Declared>),
 }
 
 pub struct Store {
@@ -100,6 +103,12 @@ CREATE TABLE IF NOT EXISTS agent_builders (
     name         TEXT NOT NULL,
     version      TEXT NOT NULL,
     capabilities TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agent_platforms (
+    agent     TEXT PRIMARY KEY,
+    platforms TEXT NOT NULL,
+    emulates  TEXT NOT NULL,
+    last_seen INTEGER NOT NULL
 );
 ";
 
@@ -200,6 +209,20 @@ impl Store {
                         }
                         (Write::Builder(agent, None), _) => {
                             tx.execute("DELETE FROM agent_builders WHERE agent = ?1", params![agent])?;
+                        }
+                        (Write::Declared(agent, Some(d)), _) => {
+                            let join = |ps: &[braid_shared::Platform]| {
+                                ps.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                            };
+                            tx.execute(
+                                "INSERT INTO agent_platforms (agent, platforms, emulates, last_seen) \
+                                 VALUES (?1, ?2, ?3, ?4) \
+                                 ON CONFLICT (agent) DO UPDATE SET platforms = ?2, emulates = ?3, last_seen = ?4",
+                                params![agent, join(&d.platforms), join(&d.emulates), d.last_seen_ms],
+                            )?;
+                        }
+                        (Write::Declared(agent, None), _) => {
+                            tx.execute("DELETE FROM agent_platforms WHERE agent = ?1", params![agent])?;
                         }
                         (Write::Delivered(agent, d), _) => {
                             tx.prepare_cached(
@@ -317,6 +340,22 @@ impl Store {
                 let caps: String = r.get(3)?;
                 let capabilities = caps.split(',').filter_map(|n| n.parse().ok()).collect();
                 Ok((r.get(0)?, Builder { name: r.get(1)?, version: r.get(2)?, capabilities }))
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// The platforms every agent known declared; a platform this version
+    /// no longer parses is dropped.
+    pub fn declared(&self) -> Result<Vec<(String, Declared)>> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare("SELECT agent, platforms, emulates, last_seen FROM agent_platforms ORDER BY agent")?;
+            let rows = stmt.query_map([], |r| {
+                let split = |s: String| s.split(',').filter_map(|p| p.parse().ok()).collect();
+                let declared =
+                    Declared { platforms: split(r.get(1)?), emulates: split(r.get(2)?), last_seen_ms: r.get(3)? };
+                Ok((r.get(0)?, declared))
             })?;
             rows.collect()
         })

@@ -9,6 +9,7 @@ pub mod buildneeds;
 pub mod cache;
 pub mod capability;
 pub mod codec;
+pub mod compat;
 pub mod compression;
 pub mod context;
 pub mod csv;

@@ -39,12 +39,20 @@ fn timeouts_and_cancellation_reach_the_builder() {
         Farm::start_with(tmp.path(), Some(&registry.addr), &[AgentSpec::new("amd64-agent", &[])], &flags).unwrap();
     farm.wait_for_agents(1).unwrap();
 
-    // A platform nobody serves fails after the queue timeout, naming it.
+    // A platform no agent ever declared is refused at submit, naming it;
+    // one whose agents take nothing (cordoned) fails after the queue
+    // timeout, naming it.
     let ctx = dockerfile_context(tmp.path(), "quick", "FROM scratch\nCOPY Dockerfile /\n");
     let out = farm.braid(&["build", "--platform", "linux/s390x", &ctx]).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("linux/s390x: no agent took the job within 3s"), "{err}");
+    assert!(err.contains("platform linux/s390x: no agent has ever declared it"), "{err}");
+    assert!(farm.braid(&["cordon", "amd64-agent"]).unwrap().status.success());
+    let out = farm.braid(&["build", "--platform", "linux/amd64", &ctx]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("linux/amd64: no agent took the job within 3s"), "{err}");
+    assert!(farm.braid(&["uncordon", "amd64-agent"]).unwrap().status.success());
 
     // --timeout fails the build and kills the builder's processes.
     let slow = dockerfile_context(tmp.path(), "slow", &format!("FROM {base}\nRUN sleep 1234\n"));
@@ -107,7 +115,9 @@ fn emulation_only_when_asked() {
 
     let out = farm.braid(&["build", "--platform", "linux/arm64", "-t", &tag, "--push", &ctx]).unwrap();
     assert!(!out.status.success(), "no emulation unless asked");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("linux/arm64: no agent took the job"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("platform linux/arm64: no agent has ever declared it"), "{err}");
+    assert!(err.contains("agent amd64-agent emulates it: --allow-emulation would use it"), "{err}");
 
     let meta = tmp.path().join("meta.json");
     let out = farm

@@ -204,12 +204,21 @@ fn one_build_three_native_agents_one_index() {
     assert!(err.contains("exit status 3"), "the error carries the builder's message: {err}");
     assert!(registry.manifest("demo/failing:1").is_none(), "no tag is written for a failed build");
 
-    // --- A platform no agent serves: the build waits, says so, and can be cancelled.
+    // --- A platform no agent ever declared is refused at once, naming it.
+    let out = farm.braid(&["build", "--platform", "linux/riscv64", ctx.to_str().unwrap()]).unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("platform linux/riscv64: no agent has ever declared it"), "{err}");
+    assert!(err.contains("the farm has linux/amd64") && err.contains("linux/arm64"), "{err}");
+
+    // --- A platform whose agents take nothing (cordoned): the build waits,
+    // says so, and can be cancelled.
+    assert!(farm.braid(&["cordon", "armv7-agent"]).unwrap().status.success());
     let (mut child, lines) = farm
         .braid_spawn(&[
             "build",
             "--platform",
-            "linux/riscv64",
+            "linux/arm/v7",
             "-t",
             &format!("{}/demo/riscv:1", registry.addr),
             "--push",
@@ -224,10 +233,11 @@ fn one_build_three_native_agents_one_index() {
             if let Some(rest) = line.strip_prefix("#2 build ") {
                 build_id = rest.split_whitespace().next().map(str::to_owned);
             }
-            waiting |= line.contains("waiting for an agent for linux/riscv64");
+            waiting |= line
+                .contains("waiting for an agent for linux/arm/v7: 1 agent is known for it: armv7-agent (connected)");
         }
     }
-    assert!(waiting, "the build says it waits for an agent for linux/riscv64");
+    assert!(waiting, "the build says it waits for an agent for linux/arm/v7");
     let build_id = build_id.expect("the CLI printed the build id");
     let cancel = farm.braid(&["cancel", &build_id]).unwrap();
     assert!(cancel.status.success(), "{}", stderr(&cancel));
@@ -239,4 +249,5 @@ fn one_build_three_native_agents_one_index() {
     let rest: Vec<String> = lines.try_iter().collect();
     assert!(rest.iter().any(|l| l.contains("was cancelled")), "{rest:?}");
     assert!(registry.manifest("demo/riscv:1").is_none());
+    assert!(farm.braid(&["uncordon", "armv7-agent"]).unwrap().status.success());
 }

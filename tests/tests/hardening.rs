@@ -145,7 +145,7 @@ fn hostile_inputs_are_refused_with_the_field_and_value_named() {
                 platforms,
                 slots,
                 backend: "buildah".into(),
-                version: "0".into(),
+                version: "99.0.0".into(),
                 ..Default::default()
             })),
             seq: 0,
@@ -154,6 +154,18 @@ fn hostile_inputs_are_refused_with_the_field_and_value_named() {
         assert_refused(session.map(drop), &["hello.platforms: invalid platform \"../../etc\""]);
         let session = agents.session(tokio_stream::iter(vec![hello(vec!["linux/amd64".into()], (1 << 32) + 1)])).await;
         assert_refused(session.map(drop), &["hello.slots: 4294967297"]);
+        // A well-formed hello from a version this coordinator does not support.
+        let session = agents.session(tokio_stream::iter(vec![hello(vec!["linux/amd64".into()], 1)])).await;
+        let status = session.map(drop).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        let want = format!(
+            "agent version \"99.0.0\" is not supported by coordinator version {v}: this coordinator accepts agents \
+             >=0.{minor}.0, <0.{next}.0",
+            v = braid_shared::VERSION,
+            minor = braid_shared::compat::Version::parse(braid_shared::VERSION).unwrap().minor,
+            next = braid_shared::compat::Version::parse(braid_shared::VERSION).unwrap().minor + 1,
+        );
+        assert!(status.message().starts_with(&want), "{}", status.message());
     });
 
     // Malformed protobuf (a string field claiming 5 bytes, 1 present) is the
@@ -197,17 +209,18 @@ fn hostile_inputs_are_refused_with_the_field_and_value_named() {
     let out = farm.braid(&["build", "--platform", "linux/amd64", "--label", "a\rb=v", ctx]).unwrap();
     assert!(!out.status.success() && output_text(&out).contains("labels: invalid name"), "{}", output_text(&out));
 
-    // A well-formed platform no agent declares is accepted (as buildx does)
-    // but gets no metric series of its own.
+    // A well-formed platform no agent declares is refused at once (no agent
+    // ever connected here), and gets no metric series.
     let out = farm.braid(&["build", "--platform", "linux/evilarch_1", "--detach", ctx]).unwrap();
-    assert!(out.status.success(), "{}", output_text(&out));
-    let metrics = eventually(Duration::from_secs(20), "the job to be counted", || {
-        let out = Command::new("curl").args(["-fsS", &format!("http://{}/metrics", farm.http)]).output().ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.contains("platform=\"other\"").then_some(text)
-    })
-    .unwrap();
-    assert!(!metrics.contains("evilarch"), "{metrics}");
+    assert!(
+        !out.status.success()
+            && output_text(&out).contains("platform linux/evilarch_1: no agent has ever connected to this coordinator"),
+        "{}",
+        output_text(&out)
+    );
+    let out = Command::new("curl").args(["-fsS", &format!("http://{}/metrics", farm.http)]).output().unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    assert!(metrics.contains("braid_") && !metrics.contains("evilarch"), "{metrics}");
 
     // --log-format json: the CLI's own error is one JSON object.
     let out = farm.braid(&["--log-format", "json", "inspect", "0123456789abcdef0123456789abcdef"]).unwrap();

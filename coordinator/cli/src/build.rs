@@ -19,7 +19,8 @@ use crate::upload::{self, DockerfileSource};
 
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
-    /// Target platforms, comma-separated or repeated [default: this host's]
+    /// Target platforms, comma-separated or repeated [default: this host's]; one no agent has ever declared
+    /// (natively, or by emulation with --allow-emulation) is refused at once, naming the farm's platforms
     #[arg(long = "platform", value_name = "PLATFORMS")]
     platforms: Vec<String>,
     /// Image name and tag, e.g. registry:5000/app:1 (repeatable)

@@ -7,6 +7,7 @@ mod describe;
 mod diag;
 mod dockerconfig;
 mod docs;
+mod listing;
 mod needs;
 mod ops;
 mod output;
@@ -102,6 +103,10 @@ enum Command {
         limit: u32,
         #[arg(long, value_enum, default_value = "table")]
         format: ops::Format,
+        /// Every platform and every tag, whole (the table otherwise counts
+        /// the platforms and shortens the first tag)
+        #[arg(long)]
+        wide: bool,
     },
     /// Print a shell completion script: `braid completion bash >
     /// /etc/bash_completion.d/braid` (or zsh, fish, elvish, powershell)
@@ -226,7 +231,9 @@ async fn main() {
         Command::Cordon { agent } => ops::steer(&conn, &agent, "cordon").await,
         Command::Uncordon { agent } => ops::steer(&conn, &agent, "uncordon").await,
         Command::Drain { agent } => ops::steer(&conn, &agent, "drain").await,
-        Command::Builds { state, limit, format } => ops::builds(&conn, state.as_deref(), limit, format).await,
+        Command::Builds { state, limit, format, wide } => {
+            ops::builds(&conn, state.as_deref(), limit, format, wide).await
+        }
         Command::Completion { shell } => docs::completion(shell),
         Command::Man { dir } => docs::man(&dir),
     };

@@ -201,7 +201,7 @@ pub async fn inspect(conn: &Conn, build_id: &str, format: Format) -> anyhow::Res
 }
 
 /// `braid builds`: recent builds, newest first.
-pub async fn builds(conn: &Conn, state: Option<&str>, limit: u32, format: Format) -> anyhow::Result<i32> {
+pub async fn builds(conn: &Conn, state: Option<&str>, limit: u32, format: Format, wide: bool) -> anyhow::Result<i32> {
     let state = match state {
         None => proto::BuildState::Unspecified,
         Some(s) => {
@@ -217,13 +217,7 @@ pub async fn builds(conn: &Conn, state: Option<&str>, limit: u32, format: Format
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(0);
     }
-    println!("{:<32} {:<10} {:<9} TAG", "BUILD", "STATE", "PLATFORMS");
-    for b in &list.builds {
-        let spec = b.spec.clone().unwrap_or_default();
-        let tag = spec.tags.first().cloned().unwrap_or_else(|| "-".into());
-        let tag = if tag.len() > 26 { format!("…{}", &tag[tag.len() - 25..]) } else { tag };
-        println!("{:<32} {:<10} {:<9} {}", b.build_id, build_state_name(b.state), spec.platforms.len(), tag);
-    }
+    print!("{}", crate::listing::builds_table(&list.builds, wide));
     Ok(0)
 }
 

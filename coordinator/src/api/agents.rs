@@ -152,6 +152,10 @@ impl Agents for AgentsService {
             return Err(Status::invalid_argument("the first message of a session must be a hello"));
         };
         let (platforms, emulates) = check_hello(&hello)?;
+        braid_shared::compat::check_agent(&hello.version, braid_shared::VERSION).map_err(|why| {
+            tracing::warn!(agent = %braid_shared::shorten(&hello.name, 80), "{why}");
+            Status::failed_precondition(why)
+        })?;
         if let Some(certified) = &identity
             && certified.name != hello.name
         {
@@ -164,6 +168,7 @@ impl Agents for AgentsService {
         let _ = tx.send(Ok(proto::CoordinatorMessage {
             kind: Some(proto::coordinator_message::Kind::Welcome(proto::Welcome {
                 heartbeat_seconds: self.coordinator.settings.heartbeat_seconds,
+                coordinator_version: braid_shared::VERSION.to_owned(),
             })),
         }));
         let name = hello.name.clone();
@@ -199,7 +204,11 @@ impl Agents for AgentsService {
                     Ok(()) => tracing::info!("agent disconnected"),
                     Err(e) => tracing::warn!(error = %e, "agent session ended"),
                 }
-                coordinator.farm().agent_disconnected(&name, session);
+                {
+                    let mut farm = coordinator.farm();
+                    let effects = farm.agent_disconnected(&name, session);
+                    coordinator.perform(&farm, effects);
+                }
                 coordinator.close_session(session);
             }
             .instrument(span),

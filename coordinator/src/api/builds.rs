@@ -117,8 +117,19 @@ impl Builds for BuildsService {
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("spec: required"))?;
         let valid = validate::spec(spec)?;
         validate::secret_values(&valid.spec, &request.secrets)?;
+        let digest: Digest = valid.spec.context_digest.parse().map_err(|_| Status::internal("validated digest"))?;
+        if self.coordinator.contexts.stat(&digest)?.is_none() {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "context_digest: context {digest} has not been uploaded (PutContext first)"
+            ))
+            .into());
+        }
         let unmet = {
             let farm = self.coordinator.farm();
+            // A platform no agent ever declared would wait for nothing.
+            if let Some(why) = farm.undeclared(&valid.platforms, valid.spec.allow_emulation) {
+                return Err(CoordinatorError::FailedPrecondition(why).into());
+            }
             crate::needs::unmet(
                 farm.agent_list().into_iter(),
                 &valid.platforms,
@@ -128,13 +139,6 @@ impl Builds for BuildsService {
         };
         if let Some(why) = unmet {
             return Err(CoordinatorError::FailedPrecondition(why).into());
-        }
-        let digest: Digest = valid.spec.context_digest.parse().map_err(|_| Status::internal("validated digest"))?;
-        if self.coordinator.contexts.stat(&digest)?.is_none() {
-            return Err(CoordinatorError::FailedPrecondition(format!(
-                "context_digest: context {digest} has not been uploaded (PutContext first)"
-            ))
-            .into());
         }
         self.coordinator.contexts.touch(&digest);
         let new = self.coordinator.farm().new_build(

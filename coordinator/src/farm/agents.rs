@@ -107,6 +107,12 @@ impl Farm {
             )));
         }
         self.metrics.declare_platforms(platforms.iter().chain(&emulates).map(ToString::to_string));
+        let declared = crate::model::Declared {
+            platforms: platforms.clone(),
+            emulates: emulates.clone(),
+            last_seen_ms: self.clock.now_ms(),
+        };
+        self.note_declared(&hello.name, Some(declared));
         let session = self.next_session;
         self.next_session += 1;
         let claimed: HashSet<(String, u32, String)> =
@@ -259,8 +265,13 @@ impl Farm {
     /// running jobs as for a lost agent and drops it from the farm.
     /// Returns (a live session was closed, jobs re-queued).
     pub fn forget_agent(&mut self, name: &str) -> ((bool, u32), Effects) {
+        // Known from the store only (not seen since a restart): its
+        // platforms go all the same.
+        if self.declared.contains_key(name) {
+            self.note_declared(name, None);
+        }
         let Some(agent) = self.agents.remove(name) else {
-            return ((false, 0), Vec::new());
+            return ((false, 0), self.take());
         };
         self.deliveries.remove(name);
         let disconnected = agent.connected;
@@ -281,12 +292,17 @@ impl Farm {
     }
 
     /// The session ended; the agent keeps its jobs until it is lost.
-    pub fn agent_disconnected(&mut self, name: &str, session: u64) {
+    /// Stores when it was last seen, for the notices of builds waiting
+    /// for it after a restart.
+    pub fn agent_disconnected(&mut self, name: &str, session: u64) -> Effects {
         if let Some(agent) = self.agents.get_mut(name)
             && agent.session == session
         {
             agent.connected = false;
+            let seen = agent.last_seen_ms;
+            self.store_last_seen(name, seen);
         }
+        self.take()
     }
 
     pub fn heartbeat(&mut self, name: &str, session: u64) {
@@ -333,6 +349,8 @@ impl Farm {
                 self.out.push(Effect::Disconnect { session, agent: name.clone(), why: Disconnect::Lost });
             }
             let running = std::mem::take(&mut agent.running);
+            let seen = agent.last_seen_ms;
+            self.store_last_seen(&name, seen);
             for (build_id, job_id) in running {
                 self.requeue(&build_id, &job_id, &format!("agent {name} was lost"));
             }

@@ -103,7 +103,7 @@ impl Farm {
             return Vec::new();
         }
         let mut queue = Vec::new();
-        let mut waiting: Vec<(String, String, Platform)> = Vec::new();
+        let mut waiting: Vec<(String, String, Platform, bool)> = Vec::new();
         let views: Vec<AgentView> = self
             .agents
             .values()
@@ -149,24 +149,19 @@ impl Farm {
                     })
                 });
                 if !served {
-                    waiting.push((b.record.id.clone(), j.id.clone(), j.platform.clone()));
+                    waiting.push((b.record.id.clone(), j.id.clone(), j.platform.clone(), b.spec.allow_emulation));
                 }
             }
         }
         let placements =
             if queue.is_empty() { Vec::new() } else { scheduler::assign(&queue, &views, &self.last_agent) };
         drop(views);
-        for (build_id, job_id, platform) in waiting {
+        for (build_id, job_id, platform, allow_emulation) in waiting {
+            let text = self.waiting_text(&platform, allow_emulation);
             if let Some(j) = self.job_mut(&build_id, &job_id) {
                 j.waiting_noticed = true;
             }
-            self.emit(
-                &build_id,
-                vec![EventKind::Notice(proto::Notice {
-                    platform: platform.to_string(),
-                    text: format!("waiting for an agent for {platform}"),
-                })],
-            );
+            self.emit(&build_id, vec![EventKind::Notice(proto::Notice { platform: platform.to_string(), text })]);
         }
         for placement in placements {
             if let Some(build_id) = self.build_of_job(&placement.job_id) {

@@ -11,10 +11,12 @@
 mod agents;
 pub use agents::Connected;
 mod builds;
+mod declared;
 mod events;
 mod secrets;
 
 pub use builds::NewBuild;
+pub use declared::utc;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -206,6 +208,8 @@ pub enum Effect {
     Cordon { agent: String, cordoned: bool },
     /// Store an agent's builder (None: forget it).
     Builder { agent: String, builder: Option<crate::model::Builder> },
+    /// Store the platforms an agent declared (None: forget them).
+    Declared { agent: String, declared: Option<crate::model::Declared> },
     /// Check a finished image where it was pushed or uploaded, then call
     /// `Farm::verified`.
     Verify { build_id: String, job_id: String, at: VerifyIn, digest: Digest, platform: Platform },
@@ -252,6 +256,9 @@ pub struct Farm {
     out: Effects,
     /// Per agent, the last numbered message applied (see `accept`).
     deliveries: HashMap<String, Delivered>,
+    /// Every agent known, connected or not, by the platforms it declared
+    /// (kept in the store; see `declared`).
+    declared: BTreeMap<String, crate::model::Declared>,
 }
 
 /// Replay and live events for one Watch.
@@ -278,6 +285,7 @@ impl Farm {
             cordons: HashSet::new(),
             out: Vec::new(),
             deliveries: HashMap::new(),
+            declared: BTreeMap::new(),
         }
     }
 

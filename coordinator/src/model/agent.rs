@@ -65,6 +65,16 @@ pub enum Delivery {
     Stale,
 }
 
+/// The platforms an agent declared at its last hello and when it was last
+/// heard of; kept in the store so that a platform some agent once built
+/// is still known after a restart (a build for it waits rather than fails).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declared {
+    pub platforms: Vec<braid_shared::Platform>,
+    pub emulates: Vec<braid_shared::Platform>,
+    pub last_seen_ms: i64,
+}
+
 /// An agent's builder, as its hello reported it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Builder {

@@ -8,7 +8,7 @@ mod build;
 mod time;
 
 pub use access::{Caller, Role, TokenRecord};
-pub use agent::{AgentState, Builder, CertStamp, Delivered, Delivery, valid_agent_name};
+pub use agent::{AgentState, Builder, CertStamp, Declared, Delivered, Delivery, valid_agent_name};
 pub use build::{
     AnnotationLevel, BuildRecord, BuildStatus, Image, IndexFormat, JobRecord, JobStatus, Phase, PhaseRecord,
 };

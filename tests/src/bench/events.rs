@@ -114,7 +114,7 @@ async fn fake_agent(
             platforms: vec![platform.into()],
             slots: 1,
             backend: "fake".into(),
-            version: "bench".into(),
+            version: braid_shared::VERSION.into(),
             running: vec![],
             emulated_platforms: vec![],
             incarnation: String::new(),

@@ -41,7 +41,7 @@ async fn fake_agent(channel: tonic::transport::Channel, name: String, clock: Clo
             platforms: vec!["linux/riscv64".into()],
             slots: 1,
             backend: "fake".into(),
-            version: "bench".into(),
+            version: braid_shared::VERSION.into(),
             running: vec![],
             emulated_platforms: vec![],
             incarnation: String::new(),
