@@ -3,6 +3,7 @@
 use serde_json::{Value, json};
 
 use braid_shared::Platform;
+use braid_shared::health::now_seconds;
 use braid_shared::proto::{self, build_event::Kind};
 
 use crate::conn::Conn;
@@ -235,14 +236,38 @@ fn agent_json(a: &proto::AgentInfo) -> Value {
         "builder": a.builder.as_ref().map(|b| json!({
             "name": b.name, "version": b.version, "capabilities": b.capabilities,
         })),
+        "health": a.health.as_ref().map(health_json),
     })
+}
+
+fn health_json(h: &proto::AgentHealth) -> Value {
+    use braid_shared::health::{certificate_days_left, certificate_expiring};
+    let known = h.certificate_not_after != 0;
+    let now = now_seconds();
+    json!({
+        "disk_free_bytes": h.disk_free_bytes,
+        "builder_cache_bytes": (!h.builder_cache_unknown).then_some(h.builder_cache_bytes),
+        "context_cache_bytes": h.context_cache_bytes, "running_jobs": h.running_jobs, "load1": h.load1,
+        "memory_total_bytes": h.memory_total_bytes, "memory_available_bytes": h.memory_available_bytes,
+        "certificate_not_before": known.then_some(h.certificate_not_before),
+        "certificate_not_after": known.then_some(h.certificate_not_after),
+        "certificate_days_left": known.then(|| certificate_days_left(h.certificate_not_after, now)),
+        "certificate_expiring": certificate_expiring(h.certificate_not_before, h.certificate_not_after, now),
+    })
+}
+
+/// The CERT column: days left, `!` when close to expiry; `-` unknown.
+fn cert_cell(h: Option<&proto::AgentHealth>) -> String {
+    use braid_shared::health::{certificate_days_left, certificate_expiring};
+    let Some(h) = h.filter(|h| h.certificate_not_after != 0) else { return "-".into() };
+    let now = now_seconds();
+    let flag = if certificate_expiring(h.certificate_not_before, h.certificate_not_after, now) { "!" } else { "" };
+    format!("{}d{flag}", certificate_days_left(h.certificate_not_after, now))
 }
 
 fn ago(t: &Option<prost_types::Timestamp>) -> String {
     let Some(t) = t else { return "-".into() };
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    let s = (now - t.seconds).max(0);
+    let s = (now_seconds() - t.seconds).max(0);
     match s {
         0..=99 => format!("{s}s"),
         100..=5999 => format!("{}m", s / 60),
@@ -259,29 +284,35 @@ pub async fn agents(conn: &Conn, format: Format) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(0);
     }
-    // 80 columns: emulated platforms carry a leading '~'. What each
-    // builder can do: `--format json` (builder.capabilities).
-    println!("{:<14} {:<9} {:>5} {:>4} {:<15} PLATFORMS", "NAME", "STATE", "SLOTS", "SEEN", "BUILDER");
+    // 80 columns: emulated platforms carry a leading '~'. The builder's
+    // version, what it can do and the rest of the health report: `--format
+    // json` (builder, health). DISK: free in the work dir; CERT: days left,
+    // `!` under a third of its life or a week.
+    println!(
+        "{:<14} {:<8} {:>5} {:>4} {:>5} {:>5} {:<7} PLATFORMS",
+        "NAME", "STATE", "SLOTS", "SEEN", "DISK", "CERT", "BUILDER"
+    );
     for a in &agents {
         let mut platforms: Vec<String> = a.platforms.clone();
         platforms.extend(a.emulated_platforms.iter().map(|p| format!("~{p}")));
         let mut platforms = platforms.join(",");
-        if platforms.len() > 26 {
-            platforms.truncate(25);
+        if platforms.len() > 24 {
+            platforms.truncate(23);
             platforms.push('…');
         }
-        let builder = match &a.builder {
-            Some(b) => braid_shared::shorten(&format!("{} {}", b.name, b.version), 15),
-            None => a.backend.clone(),
-        };
+        let builder = a.builder.as_ref().map_or(a.backend.as_str(), |b| b.name.as_str());
         let name = if a.name.len() > 14 { format!("{}…", &a.name[..13]) } else { a.name.clone() };
+        let disk =
+            a.health.as_ref().map_or_else(|| "-".into(), |h| braid_shared::health::human_bytes(h.disk_free_bytes));
         println!(
-            "{:<14} {:<9} {:>5} {:>4} {:<15} {}",
+            "{:<14} {:<8} {:>5} {:>4} {:>5} {:>5} {:<7} {}",
             name,
             a.state,
             format!("{}/{}", a.running, a.slots),
             ago(&a.last_heartbeat),
-            builder,
+            disk,
+            cert_cell(a.health.as_ref()),
+            braid_shared::shorten(builder, 7),
             platforms
         );
     }

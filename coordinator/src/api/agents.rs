@@ -433,6 +433,21 @@ impl Agents for AgentsService {
     }
 }
 
+/// A heartbeat's health report if it is within bounds. A bad one is
+/// dropped with a warning naming the field (the agent shows no health
+/// until a good one comes): it says nothing about the agent's jobs, so it
+/// does not end the session.
+fn checked_health(agent: &str, health: Option<proto::AgentHealth>) -> Option<proto::AgentHealth> {
+    let health = health?;
+    match braid_shared::health::check(&health) {
+        Ok(()) => Some(health),
+        Err(e) => {
+            tracing::warn!(agent, error = %e, "health report refused");
+            None
+        }
+    }
+}
+
 async fn read_session(
     coordinator: &Arc<Coordinator>,
     name: &str,
@@ -454,6 +469,7 @@ async fn read_session(
                 (FromAgent::Heartbeat(beat), _) => {
                     farm.heartbeat(name, session);
                     farm.set_draining(name, session, beat.draining);
+                    farm.set_health(name, session, checked_health(name, beat.health));
                     Vec::new()
                 }
                 (_, Delivery::Duplicate | Delivery::Stale) => Vec::new(),
