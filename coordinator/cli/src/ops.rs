@@ -289,15 +289,15 @@ pub async fn agents(conn: &Conn, format: Format) -> anyhow::Result<i32> {
     // json` (builder, health). DISK: free in the work dir; CERT: days left,
     // `!` under a third of its life or a week.
     println!(
-        "{:<14} {:<8} {:>5} {:>4} {:>5} {:>5} {:<7} PLATFORMS",
+        "{:<14} {:<8} {:>5} {:>4} {:>4} {:>5} {:<7} PLATFORMS",
         "NAME", "STATE", "SLOTS", "SEEN", "DISK", "CERT", "BUILDER"
     );
     for a in &agents {
         let mut platforms: Vec<String> = a.platforms.clone();
         platforms.extend(a.emulated_platforms.iter().map(|p| format!("~{p}")));
         let mut platforms = platforms.join(",");
-        if platforms.len() > 24 {
-            platforms.truncate(23);
+        if platforms.len() > 26 {
+            platforms.truncate(25);
             platforms.push('…');
         }
         let builder = a.builder.as_ref().map_or(a.backend.as_str(), |b| b.name.as_str());
@@ -305,7 +305,7 @@ pub async fn agents(conn: &Conn, format: Format) -> anyhow::Result<i32> {
         let disk =
             a.health.as_ref().map_or_else(|| "-".into(), |h| braid_shared::health::human_bytes(h.disk_free_bytes));
         println!(
-            "{:<14} {:<8} {:>5} {:>4} {:>5} {:>5} {:<7} {}",
+            "{:<14} {:<8} {:>5} {:>4} {:>4} {:>5} {:<7} {}",
             name,
             a.state,
             format!("{}/{}", a.running, a.slots),

@@ -494,3 +494,23 @@ async fn read_session(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hostile_health_report_is_dropped_and_a_good_one_kept() {
+        let good = proto::AgentHealth { disk_free_bytes: 1 << 30, load1: 0.5, ..Default::default() };
+        assert_eq!(checked_health("a", Some(good)), Some(good));
+        assert_eq!(checked_health("a", None), None);
+        for bad in [
+            proto::AgentHealth { load1: f64::NAN, ..good },
+            proto::AgentHealth { disk_free_bytes: u64::MAX, ..good },
+            proto::AgentHealth { memory_available_bytes: 1, ..good },
+            proto::AgentHealth { certificate_not_after: i64::MIN, ..good },
+        ] {
+            assert_eq!(checked_health("a", Some(bad)), None, "{bad:?}");
+        }
+    }
+}
