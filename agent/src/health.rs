@@ -1,8 +1,9 @@
 //! The health report each heartbeat carries: free disk in the work
 //! directory, the caches' sizes, running jobs, load, memory and the
-//! certificate's validity. Reading /proc and statvfs is cheap and done at
-//! each heartbeat; walking the caches and parsing the certificate is not,
-//! and is done at most once a minute, off the async threads.
+//! certificate's validity. Reading /proc and statvfs and parsing the one
+//! certificate are cheap and done at each heartbeat (so a renewed
+//! certificate shows at once); walking the caches is not, and is done at
+//! most once a minute, off the async threads.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -12,16 +13,14 @@ use braid_shared::proto;
 
 use crate::settings::Valid;
 
-/// How long a measurement of the caches and the certificate is reused.
+/// How long a measurement of the caches is reused.
 pub const SLOW_EVERY: Duration = Duration::from_secs(60);
 
-/// What takes a walk or a parse to know.
+/// What takes a walk to know.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Slow {
     builder_cache_bytes: u64,
     context_cache_bytes: u64,
-    not_before: i64,
-    not_after: i64,
 }
 
 /// The agent's health, with the slow part cached.
@@ -63,15 +62,20 @@ fn measure_slow(settings: &Valid) -> Slow {
     // A Docker Engine's storage is its own: not measured (see `report`).
     let builder_cache_bytes = if settings.backend == "docker" { 0 } else { crate::prune::storage_bytes(work_dir) };
     let context_cache_bytes = crate::prune::disk_usage(&work_dir.join("contexts"));
-    let (not_before, not_after) = settings
+    Slow { builder_cache_bytes, context_cache_bytes }
+}
+
+/// notBefore and notAfter of the certificate the agent uses now (renewal
+/// replaces it in `Valid.tls`); (0, 0) without TLS.
+fn certificate_validity(settings: &Valid) -> (i64, i64) {
+    settings
         .tls
         .as_ref()
         .and_then(|tls| {
-            let cert = tls.read().unwrap_or_else(|p| p.into_inner()).cert.clone();
-            braid_shared::pki::inspect_pem(&String::from_utf8_lossy(&cert)).ok()
+            let tls = tls.read().unwrap_or_else(|p| p.into_inner());
+            braid_shared::pki::inspect_pem(&String::from_utf8_lossy(&tls.cert)).ok()
         })
-        .map_or((0, 0), |info| (info.not_before, info.not_after));
-    Slow { builder_cache_bytes, context_cache_bytes, not_before, not_after }
+        .map_or((0, 0), |info| (info.not_before, info.not_after))
 }
 
 impl Health {
@@ -99,6 +103,7 @@ impl Health {
         let (memory_total_bytes, memory_available_bytes) =
             std::fs::read_to_string("/proc/meminfo").ok().as_deref().and_then(parse_meminfo).unwrap_or((0, 0));
         let load1 = std::fs::read_to_string("/proc/loadavg").ok().as_deref().and_then(parse_loadavg).unwrap_or(0.0);
+        let (certificate_not_before, certificate_not_after) = certificate_validity(settings);
         proto::AgentHealth {
             disk_free_bytes: free_bytes(&settings.settings.work_dir),
             builder_cache_bytes: slow.builder_cache_bytes,
@@ -108,8 +113,8 @@ impl Health {
             load1,
             memory_total_bytes,
             memory_available_bytes,
-            certificate_not_before: slow.not_before,
-            certificate_not_after: slow.not_after,
+            certificate_not_before,
+            certificate_not_after,
         }
     }
 }
