@@ -316,9 +316,12 @@ fn agents_renew_their_certificates_and_build_past_the_first_expiry() {
     assert!((joined_at - 30..=joined_at + 80).contains(&first_expiry), "{renewer}");
     assert_eq!(renewer["health"]["certificate_expiring"], true, "{renewer}");
     assert_eq!(renewer["health"]["certificate_days_left"], 0, "{renewer}");
-    let table = stdout(&farm.braid(&["agents"]));
+    let listed = farm.braid(&["agents"]);
+    let table = stdout(&listed);
     let row = table.lines().find(|l| l.starts_with("renewer ")).unwrap();
     assert_eq!(row.split_whitespace().nth(5), Some("0d!"), "CERT column:\n{table}");
+    let warning = String::from_utf8_lossy(&listed.stderr);
+    assert!(warning.contains("warning: agent renewer's certificate expires in 0 day(s)"), "{warning}");
 
     // Due at two thirds of 66 s (60 s and 6 s of clock skew allowance).
     eventually(Duration::from_secs(90), "the certificate to be renewed", || {

@@ -316,6 +316,19 @@ pub async fn agents(conn: &Conn, format: Format) -> anyhow::Result<i32> {
             platforms
         );
     }
+    // Said in words too, on stderr: the table stays parseable.
+    for a in &agents {
+        if let Some(h) = a.health.as_ref().filter(|h| {
+            braid_shared::health::certificate_expiring(h.certificate_not_before, h.certificate_not_after, now_seconds())
+        }) {
+            let days = braid_shared::health::certificate_days_left(h.certificate_not_after, now_seconds());
+            eprintln!(
+                "warning: agent {}'s certificate expires in {days} day(s) (at two thirds of its life it renews \
+                 itself: see the agent's log; one given with --tls-cert needs `braid certs issue`)",
+                a.name
+            );
+        }
+    }
     Ok(0)
 }
 
