@@ -256,6 +256,20 @@ fn health_json(h: &proto::AgentHealth) -> Value {
     })
 }
 
+/// `items` joined by commas, in lines of at most `width` characters (an
+/// item longer than that alone on its line); none for no items.
+fn wrap_list(items: &[String], width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let piece = if i + 1 < items.len() { format!("{item},") } else { item.clone() };
+        match lines.last_mut() {
+            Some(line) if line.chars().count() + piece.chars().count() <= width => line.push_str(&piece),
+            _ => lines.push(piece),
+        }
+    }
+    lines
+}
+
 /// The CERT column: days left, `!` when close to expiry; `-` unknown.
 fn cert_cell(h: Option<&proto::AgentHealth>) -> String {
     use braid_shared::health::{certificate_days_left, certificate_expiring};
@@ -284,37 +298,39 @@ pub async fn agents(conn: &Conn, format: Format) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(0);
     }
-    // 80 columns: emulated platforms carry a leading '~'. The builder's
-    // version, what it can do and the rest of the health report: `--format
-    // json` (builder, health). DISK: free in the work dir; CERT: days left,
-    // `!` under a third of its life or a week.
+    // 80 columns: emulated platforms carry a leading '~' and wrap in their
+    // column, never cut. What each builder can do and the rest of the health
+    // report: `--format json` (builder, health). DISK: free in the work dir;
+    // CERT: days left, `!` under a third of its life or a week.
     println!(
-        "{:<14} {:<8} {:>5} {:>4} {:>4} {:>5} {:<7} PLATFORMS",
+        "{:<14} {:<8} {:>5} {:>4} {:>4} {:>4} {:<15} PLATFORMS",
         "NAME", "STATE", "SLOTS", "SEEN", "DISK", "CERT", "BUILDER"
     );
     for a in &agents {
         let mut platforms: Vec<String> = a.platforms.clone();
         platforms.extend(a.emulated_platforms.iter().map(|p| format!("~{p}")));
-        let mut platforms = platforms.join(",");
-        if platforms.len() > 26 {
-            platforms.truncate(25);
-            platforms.push('…');
-        }
-        let builder = a.builder.as_ref().map_or(a.backend.as_str(), |b| b.name.as_str());
+        let builder = match &a.builder {
+            Some(b) => braid_shared::shorten(&format!("{} {}", b.name, b.version), 15),
+            None => a.backend.clone(),
+        };
         let name = if a.name.len() > 14 { format!("{}…", &a.name[..13]) } else { a.name.clone() };
         let disk =
             a.health.as_ref().map_or_else(|| "-".into(), |h| braid_shared::health::human_bytes(h.disk_free_bytes));
-        println!(
-            "{:<14} {:<8} {:>5} {:>4} {:>4} {:>5} {:<7} {}",
+        let row = format!(
+            "{:<14} {:<8} {:>5} {:>4} {:>4} {:>4} {:<15} ",
             name,
             a.state,
             format!("{}/{}", a.running, a.slots),
             ago(&a.last_heartbeat),
             disk,
             cert_cell(a.health.as_ref()),
-            braid_shared::shorten(builder, 7),
-            platforms
+            builder,
         );
+        let lines = wrap_list(&platforms, 80usize.saturating_sub(row.chars().count()));
+        println!("{row}{}", lines.first().map_or("-", String::as_str));
+        for line in lines.iter().skip(1) {
+            println!("{:width$}{line}", "", width = row.chars().count());
+        }
     }
     // Said in words too, on stderr: the table stays parseable.
     for a in &agents {
@@ -369,4 +385,16 @@ pub async fn forget(conn: &Conn, name: &str) -> anyhow::Result<i32> {
         r.requeued_jobs
     );
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn platforms_wrap_at_commas_within_their_column() {
+        let items: Vec<String> =
+            ["linux/amd64", "~linux/arm64", "~linux/arm/v7", "~linux/riscv64"].map(String::from).to_vec();
+        assert_eq!(super::wrap_list(&items, 26), ["linux/amd64,~linux/arm64,", "~linux/arm/v7,", "~linux/riscv64"]);
+        assert_eq!(super::wrap_list(&items, 5), ["linux/amd64,", "~linux/arm64,", "~linux/arm/v7,", "~linux/riscv64"]);
+        assert!(super::wrap_list(&[], 10).is_empty());
+    }
 }
