@@ -92,7 +92,7 @@ async fn overview(State(c): State<Arc<Coordinator>>) -> Json<Value> {
 /// `braid agents` shows them, `null` where not known.
 fn agent_health_json(a: &crate::farm::AgentEntry) -> Value {
     use braid_shared::health::{certificate_days_left, certificate_expiring, human_bytes};
-    let Some((h, _)) = a.health.as_ref().filter(|_| a.connected && !a.lost) else {
+    let Some(h) = a.health.as_ref().filter(|_| a.connected && !a.lost) else {
         return json!({"name": a.name, "state": a.state().as_str()});
     };
     let now = braid_shared::health::now_seconds();

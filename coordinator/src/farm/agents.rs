@@ -302,11 +302,10 @@ impl Farm {
 
     /// Keeps an agent's latest health report (checked by the caller).
     pub fn set_health(&mut self, name: &str, session: u64, health: Option<proto::AgentHealth>) {
-        let now = self.now();
         if let Some(agent) = self.agents.get_mut(name)
             && agent.session == session
         {
-            agent.health = health.map(|h| (h, now));
+            agent.health = health;
         }
     }
 

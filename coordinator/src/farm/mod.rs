@@ -128,10 +128,9 @@ pub struct AgentEntry {
     /// Its builder and what it can do (None: not reported, so nothing a
     /// build may need).
     pub builder: Option<crate::model::Builder>,
-    /// Its latest health report (checked) and when it came, by the farm's
-    /// clock (ms); memory only, None until a heartbeat of this session
-    /// brings one.
-    pub health: Option<(proto::AgentHealth, i64)>,
+    /// Its latest health report (checked); memory only, None until a
+    /// heartbeat of this session brings one.
+    pub health: Option<proto::AgentHealth>,
 }
 
 impl AgentEntry {
@@ -399,7 +398,7 @@ impl Farm {
                 name: a.name.clone(),
                 last_seen_seconds: a.last_seen_ms as f64 / 1000.0,
                 // A lost or disconnected agent's last report is stale: no series.
-                health: a.health.as_ref().filter(|_| a.connected && !a.lost).map(|(h, _)| *h),
+                health: a.health.filter(|_| a.connected && !a.lost),
             })
             .collect();
         g
