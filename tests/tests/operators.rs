@@ -213,7 +213,12 @@ fn operators_see_and_steer_the_farm() {
     let index = String::from_utf8_lossy(&dom.stdout);
     assert!(index.contains("data-agent=\"amd64-agent\"") && index.contains("data-platform=\"linux/arm64\""), "{index}");
     assert!(index.contains(&build_id[..12]), "recent builds listed");
-    assert!(index.contains("data-health=\"arm64-agent\""), "agents' health table:\n{index}");
+    let row = index.split("data-health=\"arm64-agent\">").nth(1).expect("agents' health table").split("</tr>").next();
+    let cells: Vec<&str> = row.unwrap().split("<td").skip(1).map(|c| c.split_once('>').unwrap().1).collect();
+    // Agent, state, disk free, builder cache, context cache, running, load, memory, certificate.
+    assert!(cells[2].ends_with("G</td>") || cells[2].ends_with("M</td>"), "disk free: {cells:?}");
+    assert!(cells[7].contains(" / "), "memory available / total: {cells:?}");
+    assert_eq!(cells[8], "-</td>", "no certificate in plaintext: {cells:?}");
     let page = format!("{base}/builds/{build_id}");
     let dom = run_with_timeout(chromium(&profile).arg("--dump-dom").arg(&page), Duration::from_secs(90)).unwrap();
     let html = String::from_utf8_lossy(&dom.stdout);
