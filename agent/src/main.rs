@@ -4,6 +4,7 @@
 mod builder;
 mod cache;
 mod docker;
+mod health;
 mod job;
 mod jobdir;
 mod joblog;

@@ -56,7 +56,7 @@ pub fn touch(storage: &Path) {
 }
 
 /// Bytes on disk under `dir` (links not followed, blocks actually used).
-fn disk_usage(dir: &Path) -> u64 {
+pub fn disk_usage(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
@@ -70,6 +70,12 @@ fn disk_usage(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+/// Bytes of every platform storage under `work_dir` (walks them all: call
+/// it seldom, off the async threads).
+pub fn storage_bytes(work_dir: &Path) -> u64 {
+    disk_usage(&work_dir.join("storage"))
 }
 
 struct Stored {

@@ -55,6 +55,8 @@ pub struct Agent {
     storage_locks: Arc<crate::prune::StorageLocks>,
     /// One cache clearing at a time.
     pruning: tokio::sync::Mutex<()>,
+    /// What each heartbeat reports of the host.
+    health: Arc<crate::health::Health>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -98,6 +100,7 @@ impl Agent {
             engine_gate: Arc::default(),
             storage_locks: Arc::default(),
             pruning: tokio::sync::Mutex::new(()),
+            health: Arc::default(),
         })
     }
 
@@ -137,7 +140,7 @@ impl Agent {
     }
 
     fn heartbeat(&self) -> proto::AgentMessage {
-        let running = lock(&self.running)
+        let running: Vec<proto::RunningJob> = lock(&self.running)
             .iter()
             .map(|(job_id, r)| proto::RunningJob {
                 job_id: job_id.clone(),
@@ -145,10 +148,12 @@ impl Agent {
                 lease_id: r.lease_id.clone(),
             })
             .collect();
+        let health = self.health.report(&self.settings, running.len());
         proto::AgentMessage {
             kind: Some(ToCoordinator::Heartbeat(proto::Heartbeat {
                 running,
                 draining: self.draining.load(Ordering::Relaxed),
+                health: Some(health),
             })),
             seq: 0,
         }
@@ -179,6 +184,8 @@ impl Agent {
 
     /// Keeps a session up until `stop` is cancelled.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        // Measured before the first heartbeat needs it.
+        self.health.refresh(&self.settings);
         let cache = match ContextCache::new(
             self.settings.settings.work_dir.join("contexts"),
             self.settings.clone(),

@@ -809,3 +809,27 @@ fn a_refusal_names_a_bounded_number_of_the_farm_s_platforms() {
     let why = farm.undeclared(&["linux/riscv64".parse().unwrap()], false).unwrap();
     assert!(why.contains("linux/arch31 and 8 more") && !why.contains("arch32"), "{why}");
 }
+
+#[test]
+fn an_agent_s_latest_health_is_shown_while_its_session_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut farm, _) = farm(dir.path());
+    let (first, _inbox) = connect(&mut farm, "arm-a", &["linux/arm64"]);
+    let report = proto::AgentHealth { disk_free_bytes: 7 << 30, memory_total_bytes: 8 << 30, ..Default::default() };
+    farm.set_health("arm-a", first, Some(report));
+    let info = crate::api::convert::agent_info(&farm, farm.agent_list()[0]);
+    assert_eq!(info.health, Some(report));
+    let gauges = farm.gauges();
+    assert_eq!((gauges.agent_health[0].name.as_str(), gauges.agent_health[0].health), ("arm-a", Some(report)));
+
+    // A new session starts without one; a report of the old one is ignored.
+    let (second, _inbox2) = connect(&mut farm, "arm-a", &["linux/arm64"]);
+    farm.set_health("arm-a", first, Some(report));
+    assert_eq!(farm.agent_list()[0].health, None);
+    farm.set_health("arm-a", second, Some(report));
+    assert!(farm.agent_list()[0].health.is_some());
+    // Disconnected: its last report is stale, no series for it (its last heartbeat stays).
+    farm.agent_disconnected("arm-a", second);
+    let gauges = farm.gauges();
+    assert_eq!((gauges.agent_health.len(), gauges.agent_health[0].health), (1, None));
+}

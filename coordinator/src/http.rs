@@ -77,13 +77,36 @@ async fn overview(State(c): State<Arc<Coordinator>>) -> Json<Value> {
         .iter()
         .map(|(p, (depth, oldest))| (p.clone(), json!({"depth": depth, "oldest_seconds": oldest})))
         .collect();
+    let agents: Vec<Value> = farm.agent_list().into_iter().map(agent_health_json).collect();
     let mut builds: Vec<&BuildEntry> = farm.builds.values().collect();
     builds.sort_by_key(|b| std::cmp::Reverse(b.record.order));
     let builds: Vec<Value> = builds.into_iter().take(25).map(build_json).collect();
     Json(json!({
         "agents_connected": gauges.agents_connected, "jobs_queued": gauges.jobs_queued,
         "jobs_running": gauges.jobs_running, "platforms": platforms, "queue": queue, "builds": builds,
+        "agents": agents,
     }))
+}
+
+/// An agent's row in the dashboard's health table: sizes shown as
+/// `braid agents` shows them, `null` where not known.
+fn agent_health_json(a: &crate::farm::AgentEntry) -> Value {
+    use braid_shared::health::{certificate_days_left, certificate_expiring, human_bytes};
+    let Some(h) = a.health.as_ref().filter(|_| a.connected && !a.lost) else {
+        return json!({"name": a.name, "state": a.state().as_str()});
+    };
+    let now = braid_shared::health::now_seconds();
+    let cert = (h.certificate_not_after != 0).then(|| {
+        json!({"days_left": certificate_days_left(h.certificate_not_after, now),
+            "expiring": certificate_expiring(h.certificate_not_before, h.certificate_not_after, now)})
+    });
+    json!({
+        "name": a.name, "state": a.state().as_str(), "disk_free": human_bytes(h.disk_free_bytes),
+        "builder_cache": (!h.builder_cache_unknown).then(|| human_bytes(h.builder_cache_bytes)),
+        "context_cache": human_bytes(h.context_cache_bytes), "load1": h.load1, "running": h.running_jobs,
+        "memory": format!("{} / {}", human_bytes(h.memory_available_bytes), human_bytes(h.memory_total_bytes)),
+        "certificate": cert,
+    })
 }
 
 async fn build(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> impl IntoResponse {

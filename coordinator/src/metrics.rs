@@ -99,7 +99,45 @@ pub struct Gauges {
     pub blob_store_bytes: u64,
     /// The data directory takes writes (`DataDir::writable`).
     pub store_writable: bool,
+    /// Per agent, by name, at most `limits::METRIC_AGENTS`.
+    pub agent_health: Vec<AgentGauge>,
 }
+
+/// One agent's series: when it was last heard of, and its latest health
+/// report while it is connected.
+#[derive(Debug, Default)]
+pub struct AgentGauge {
+    pub name: String,
+    pub last_seen_seconds: f64,
+    pub health: Option<braid_shared::proto::AgentHealth>,
+}
+
+/// Per-agent gauges: name, help, and the value of a report (None: not
+/// known, no sample).
+type AgentSeries = (&'static str, &'static str, fn(&braid_shared::proto::AgentHealth) -> Option<f64>);
+
+const AGENT_SERIES: &[AgentSeries] = &[
+    ("braid_agent_disk_free_bytes", "Free bytes on the filesystem of the agent's work directory.", |h| {
+        Some(h.disk_free_bytes as f64)
+    }),
+    (
+        "braid_agent_builder_cache_bytes",
+        "Bytes of the builder storage the agent manages (none for a Docker Engine's own).",
+        |h| (!h.builder_cache_unknown).then_some(h.builder_cache_bytes as f64),
+    ),
+    ("braid_agent_context_cache_bytes", "Bytes of the agent's context cache.", |h| Some(h.context_cache_bytes as f64)),
+    ("braid_agent_load1", "The agent host's 1-minute load average.", |h| Some(h.load1)),
+    ("braid_agent_memory_total_bytes", "The agent host's memory (MemTotal).", |h| Some(h.memory_total_bytes as f64)),
+    ("braid_agent_memory_available_bytes", "The agent host's available memory (MemAvailable).", |h| {
+        Some(h.memory_available_bytes as f64)
+    }),
+    ("braid_agent_running_jobs", "Jobs the agent reports running.", |h| Some(f64::from(h.running_jobs))),
+    (
+        "braid_agent_certificate_expiry_timestamp_seconds",
+        "When the agent's certificate expires (notAfter), Unix seconds; none without TLS.",
+        |h| (h.certificate_not_after != 0).then_some(h.certificate_not_after as f64),
+    ),
+];
 
 /// Labeled counters, with their help text.
 const LABELED: &[(&str, &str)] = &[
@@ -292,6 +330,8 @@ impl Metrics {
             let _ = writeln!(out, "braid_queue_oldest_seconds{{platform=\"{platform}\"}} {oldest:.3}");
         }
 
+        render_agents(&mut out, &gauges.agent_health);
+
         let labeled = lock(&self.labeled);
         for (name, help) in LABELED {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -315,6 +355,25 @@ impl Metrics {
             }
         }
         out
+    }
+}
+
+/// Each per-agent gauge, HELP and TYPE always (so rules naming them check
+/// against any coordinator), a sample per agent that has the value.
+fn render_agents(out: &mut String, agents: &[AgentGauge]) {
+    let label = |a: &AgentGauge| label_text(&vec![("agent", a.name.clone())]);
+    let name = "braid_agent_last_heartbeat_timestamp_seconds";
+    let _ = writeln!(out, "# HELP {name} When the agent was last heard of, Unix seconds.\n# TYPE {name} gauge");
+    for a in agents {
+        let _ = writeln!(out, "{name}{{{}}} {:.3}", label(a), a.last_seen_seconds);
+    }
+    for (name, help, value) in AGENT_SERIES {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for a in agents {
+            if let Some(v) = a.health.as_ref().and_then(value) {
+                let _ = writeln!(out, "{name}{{{}}} {v}", label(a));
+            }
+        }
     }
 }
 
@@ -375,5 +434,42 @@ mod tests {
         m.declare_platforms(["linux/arm64".to_owned()]);
         assert!(m.render(&Gauges::default()).contains("braid_job_retries_total{platform=\"linux/arm64\"} 1"));
         assert!(!text.contains("braid_jobs_queued"), "the sum of braid_queue_depth is not a series of its own");
+    }
+
+    #[test]
+    fn agents_have_health_series_where_known() {
+        let health = braid_shared::proto::AgentHealth {
+            disk_free_bytes: 5 << 30,
+            builder_cache_unknown: true,
+            load1: 0.25,
+            memory_total_bytes: 100,
+            memory_available_bytes: 40,
+            running_jobs: 1,
+            ..Default::default()
+        };
+        let gauges = Gauges {
+            agent_health: vec![
+                AgentGauge { name: "board-1".into(), last_seen_seconds: 1_700_000_000.5, health: Some(health) },
+                AgentGauge { name: "gone".into(), last_seen_seconds: 1_600_000_000.0, health: None },
+            ],
+            ..Default::default()
+        };
+        let text = Metrics::default().render(&gauges);
+        for series in [
+            "braid_agent_last_heartbeat_timestamp_seconds{agent=\"board-1\"} 1700000000.500",
+            "braid_agent_last_heartbeat_timestamp_seconds{agent=\"gone\"} 1600000000.000",
+            "braid_agent_disk_free_bytes{agent=\"board-1\"} 5368709120",
+            "braid_agent_load1{agent=\"board-1\"} 0.25",
+            "braid_agent_memory_available_bytes{agent=\"board-1\"} 40",
+            "braid_agent_running_jobs{agent=\"board-1\"} 1",
+            "# HELP braid_agent_certificate_expiry_timestamp_seconds ",
+            "# HELP braid_agent_builder_cache_bytes ",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+        // Unknown values have no sample; an agent without a report has only its last heartbeat.
+        assert!(!text.contains("braid_agent_builder_cache_bytes{"), "{text}");
+        assert!(!text.contains("braid_agent_certificate_expiry_timestamp_seconds{"), "{text}");
+        assert!(!text.contains("braid_agent_disk_free_bytes{agent=\"gone\"}"), "{text}");
     }
 }

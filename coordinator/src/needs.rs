@@ -123,6 +123,7 @@ mod tests {
                     capabilities: caps.iter().copied().collect(),
                 }
             }),
+            health: None,
         }
     }
 

@@ -19,6 +19,7 @@ pub mod dockerignore;
 pub mod duration;
 #[cfg(feature = "engine")]
 pub mod engine;
+pub mod health;
 pub mod limits;
 pub mod oci;
 #[cfg(feature = "pki")]

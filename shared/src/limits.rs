@@ -63,6 +63,9 @@ pub const TOKEN_TTL_SECONDS: u64 = 10 * 365 * 24 * 3600;
 /// Distinct platforms that get their own metric label; past that (and for
 /// any platform neither well known nor declared by an agent) `other`.
 pub const METRIC_PLATFORMS: usize = 256;
+/// Agents that get per-agent health series in `/metrics`, by name; past
+/// that, the rest have none (their health is still in `braid agents`).
+pub const METRIC_AGENTS: usize = 1024;
 /// Dashboard login sessions held at once; the oldest goes first.
 pub const HTTP_SESSIONS: usize = 1024;
 /// Lifetime of a dashboard login session: 12 hours.

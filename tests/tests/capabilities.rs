@@ -49,6 +49,17 @@ fn builds_go_only_where_the_builder_can_and_are_refused_by_name_where_none_can()
     }
     assert!(!buildah.iter().any(|x| x == "heredocs" || x == "copy-link"), "{buildah:?}");
     assert_eq!(caps("docker-arm64"), ["network-none", "network-host", "add-hosts", "shm-size"]);
+    // Health: buildah's storage is measured; a Docker Engine's own is unknown, not 0.
+    let health = braid_tests::eventually(std::time::Duration::from_secs(30), "both agents' health reports", || {
+        let out = farm.braid(&["agents", "--format", "json"]).ok()?;
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let of = |name: &str| listed.as_array()?.iter().find(|a| a["name"] == name).map(|a| a["health"].clone());
+        let (buildah, docker) = (of("buildah-amd64")?, of("docker-arm64")?);
+        (buildah.is_object() && docker.is_object()).then_some((buildah, docker))
+    })
+    .unwrap();
+    assert!(health.0["builder_cache_bytes"].is_u64(), "{health:?}");
+    assert!(health.1["builder_cache_bytes"].is_null() && health.1["disk_free_bytes"].as_u64() > Some(0), "{health:?}");
     // The dashboard's agents carry their builders too.
     let out = std::process::Command::new("curl")
         .args(["-fsS", &format!("http://{}/api/overview", farm.http)])

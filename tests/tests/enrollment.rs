@@ -303,6 +303,25 @@ fn agents_renew_their_certificates_and_build_past_the_first_expiry() {
     let first = (std::fs::read(tls.join("agent.pem")).unwrap(), std::fs::read(tls.join("agent-key.pem")).unwrap());
     let _agent = farm.spawn("r1", farm.agent("renewer", "w1"));
     farm.wait_connected("renewer", 1);
+    // Its heartbeats report the certificate's expiry: 66 s after the join,
+    // under a week left, so `braid agents` flags it.
+    let unix = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let joined_at = unix();
+    let not_after = |farm: &TlsFarm| {
+        let agents = farm.agents();
+        let renewer = agents.as_array().unwrap().iter().find(|a| a["name"] == "renewer").unwrap().clone();
+        renewer["health"]["certificate_not_after"].as_i64().map(|t| (t, renewer))
+    };
+    let (first_expiry, renewer) = eventually(Duration::from_secs(30), "a health report", || not_after(&farm)).unwrap();
+    assert!((joined_at - 30..=joined_at + 80).contains(&first_expiry), "{renewer}");
+    assert_eq!(renewer["health"]["certificate_expiring"], true, "{renewer}");
+    assert_eq!(renewer["health"]["certificate_days_left"], 0, "{renewer}");
+    let listed = farm.braid(&["agents"]);
+    let table = stdout(&listed);
+    let row = table.lines().find(|l| l.starts_with("renewer ")).unwrap();
+    assert_eq!(row.split_whitespace().nth(5), Some("0d!"), "CERT column:\n{table}");
+    let warning = String::from_utf8_lossy(&listed.stderr);
+    assert!(warning.contains("warning: agent renewer's certificate expires in 0 day(s)"), "{warning}");
 
     // Due at two thirds of 66 s (60 s and 6 s of clock skew allowance).
     eventually(Duration::from_secs(90), "the certificate to be renewed", || {
@@ -316,6 +335,11 @@ fn agents_renew_their_certificates_and_build_past_the_first_expiry() {
     assert!(!tls.join("renew.ready").exists() && !tls.join("agent.pem.new").exists());
     eventually(Duration::from_secs(20), "the coordinator to record it", || {
         farm.log("coordinator").contains("recorded a newer agent certificate").then_some(())
+    })
+    .unwrap();
+    // The renewed certificate's expiry reaches the report at once.
+    eventually(Duration::from_secs(30), "the renewed certificate's expiry in the health report", || {
+        not_after(&farm).filter(|(t, _)| *t > first_expiry).map(|_| ())
     })
     .unwrap();
 

@@ -97,6 +97,7 @@ fn operators_see_and_steer_the_farm() {
     assert_eq!(arm["platforms"], serde_json::json!(["linux/arm64"]));
     assert_eq!(arm["state"], "idle");
     assert_eq!(arm["backend"], "buildah");
+    check_agents_health(&farm, &table);
     for args in [vec!["builds"], vec!["inspect", build_id.as_str()], vec!["token", "list"]] {
         assert_fits_80(&stdout(&farm.braid(&args).unwrap()));
     }
@@ -157,6 +158,24 @@ fn operators_see_and_steer_the_farm() {
         String::from_utf8_lossy(&checked.stderr)
     );
     check_monitoring_examples(&text);
+    for agent in ["amd64-agent", "arm64-agent"] {
+        let sample = |name: &str| -> f64 {
+            let series = format!("{name}{{agent=\"{agent}\"}} ");
+            let line = text.lines().find(|l| l.starts_with(&series)).unwrap_or_else(|| panic!("{series}in:\n{text}"));
+            line[series.len()..].parse().unwrap()
+        };
+        assert!(sample("braid_agent_disk_free_bytes") > 0.0);
+        let total = sample("braid_agent_memory_total_bytes");
+        assert!(total > 0.0 && sample("braid_agent_memory_available_bytes") <= total);
+        assert!(sample("braid_agent_load1") >= 0.0);
+        assert!(sample("braid_agent_builder_cache_bytes") >= 0.0, "buildah's storage is measured");
+        assert!(sample("braid_agent_running_jobs") <= 2.0);
+        let seen = sample("braid_agent_last_heartbeat_timestamp_seconds");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        assert!((now - seen).abs() < 60.0, "last heartbeat {seen}, now {now}");
+    }
+    // Plaintext agents have no certificate: the series is declared, with no sample.
+    assert!(!text.contains("braid_agent_certificate_expiry_timestamp_seconds{"), "{text}");
 
     let prom_port = free_port();
     let prom_dir = dir.join("prometheus");
@@ -194,6 +213,12 @@ fn operators_see_and_steer_the_farm() {
     let index = String::from_utf8_lossy(&dom.stdout);
     assert!(index.contains("data-agent=\"amd64-agent\"") && index.contains("data-platform=\"linux/arm64\""), "{index}");
     assert!(index.contains(&build_id[..12]), "recent builds listed");
+    let row = index.split("data-health=\"arm64-agent\">").nth(1).expect("agents' health table").split("</tr>").next();
+    let cells: Vec<&str> = row.unwrap().split("<td").skip(1).map(|c| c.split_once('>').unwrap().1).collect();
+    // Agent, state, disk free, builder cache, context cache, running, load, memory, certificate.
+    assert!(cells[2].ends_with("G</td>") || cells[2].ends_with("M</td>"), "disk free: {cells:?}");
+    assert!(cells[7].contains(" / "), "memory available / total: {cells:?}");
+    assert_eq!(cells[8], "-</td>", "no certificate in plaintext: {cells:?}");
     let page = format!("{base}/builds/{build_id}");
     let dom = run_with_timeout(chromium(&profile).arg("--dump-dom").arg(&page), Duration::from_secs(90)).unwrap();
     let html = String::from_utf8_lossy(&dom.stdout);
@@ -214,6 +239,31 @@ fn operators_see_and_steer_the_farm() {
     .unwrap();
     assert!(out.status.success() && shot.metadata().unwrap().len() > 10_000, "screenshot written");
     println!("dashboard screenshot: {}", shot.display());
+}
+
+/// Each agent's health report reaches `braid agents`: DISK and CERT in the
+/// table, every field in JSON, with values this host can have.
+fn check_agents_health(farm: &Farm, table: &str) {
+    let header = table.lines().next().unwrap();
+    assert!(header.contains(" DISK ") && header.contains(" CERT "), "{header}");
+    let row = table.lines().find(|l| l.starts_with("arm64-agent ")).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // NAME STATE SLOTS SEEN DISK CERT BUILDER PLATFORMS
+    assert!(cells[4].ends_with(['K', 'M', 'G', 'T', 'P']), "disk free in binary units: {row}");
+    assert_eq!(cells[5], "-", "a plaintext agent has no certificate: {row}");
+    let agents: serde_json::Value =
+        serde_json::from_str(&stdout(&farm.braid(&["agents", "--format", "json"]).unwrap())).unwrap();
+    for a in agents.as_array().unwrap() {
+        let h = &a["health"];
+        assert!(h["disk_free_bytes"].as_u64().unwrap() > 0, "{a}");
+        let total = h["memory_total_bytes"].as_u64().unwrap();
+        assert!(total > 0 && h["memory_available_bytes"].as_u64().unwrap() <= total, "{a}");
+        assert!(h["load1"].as_f64().unwrap() >= 0.0, "{a}");
+        assert!(h["builder_cache_bytes"].is_u64() && h["context_cache_bytes"].is_u64(), "buildah measured: {a}");
+        assert!(h["running_jobs"].as_u64().unwrap() <= a["slots"].as_u64().unwrap(), "{a}");
+        assert!(h["certificate_not_after"].is_null() && h["certificate_days_left"].is_null(), "{a}");
+        assert_eq!(h["certificate_expiring"], false, "{a}");
+    }
 }
 
 /// examples/monitoring: the alert rules pass `promtool check rules` and their

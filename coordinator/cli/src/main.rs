@@ -80,7 +80,8 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
-    /// List agents: platforms (native, ~emulated), state, slots, last heartbeat, builder (--format json: its capabilities)
+    /// List agents: platforms (native, ~emulated), state, slots, last heartbeat, disk free, certificate days left (! close
+    /// to expiry), builder (--format json: its version and capabilities, and every health field)
     Agents {
         #[command(subcommand)]
         command: Option<AgentsCommand>,

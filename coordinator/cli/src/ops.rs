@@ -3,6 +3,7 @@
 use serde_json::{Value, json};
 
 use braid_shared::Platform;
+use braid_shared::health::now_seconds;
 use braid_shared::proto::{self, build_event::Kind};
 
 use crate::conn::Conn;
@@ -229,14 +230,52 @@ fn agent_json(a: &proto::AgentInfo) -> Value {
         "builder": a.builder.as_ref().map(|b| json!({
             "name": b.name, "version": b.version, "capabilities": b.capabilities,
         })),
+        "health": a.health.as_ref().map(health_json),
     })
+}
+
+fn health_json(h: &proto::AgentHealth) -> Value {
+    use braid_shared::health::{certificate_days_left, certificate_expiring};
+    let known = h.certificate_not_after != 0;
+    let now = now_seconds();
+    json!({
+        "disk_free_bytes": h.disk_free_bytes,
+        "builder_cache_bytes": (!h.builder_cache_unknown).then_some(h.builder_cache_bytes),
+        "context_cache_bytes": h.context_cache_bytes, "running_jobs": h.running_jobs, "load1": h.load1,
+        "memory_total_bytes": h.memory_total_bytes, "memory_available_bytes": h.memory_available_bytes,
+        "certificate_not_before": known.then_some(h.certificate_not_before),
+        "certificate_not_after": known.then_some(h.certificate_not_after),
+        "certificate_days_left": known.then(|| certificate_days_left(h.certificate_not_after, now)),
+        "certificate_expiring": certificate_expiring(h.certificate_not_before, h.certificate_not_after, now),
+    })
+}
+
+/// `items` joined by commas, in lines of at most `width` characters (an
+/// item longer than that alone on its line); none for no items.
+fn wrap_list(items: &[String], width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let piece = if i + 1 < items.len() { format!("{item},") } else { item.clone() };
+        match lines.last_mut() {
+            Some(line) if line.chars().count() + piece.chars().count() <= width => line.push_str(&piece),
+            _ => lines.push(piece),
+        }
+    }
+    lines
+}
+
+/// The CERT column: days left, `!` when close to expiry; `-` unknown.
+fn cert_cell(h: Option<&proto::AgentHealth>) -> String {
+    use braid_shared::health::{certificate_days_left, certificate_expiring};
+    let Some(h) = h.filter(|h| h.certificate_not_after != 0) else { return "-".into() };
+    let now = now_seconds();
+    let flag = if certificate_expiring(h.certificate_not_before, h.certificate_not_after, now) { "!" } else { "" };
+    format!("{}d{flag}", certificate_days_left(h.certificate_not_after, now))
 }
 
 fn ago(t: &Option<prost_types::Timestamp>) -> String {
     let Some(t) = t else { return "-".into() };
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    let s = (now - t.seconds).max(0);
+    let s = (now_seconds() - t.seconds).max(0);
     match s {
         0..=99 => format!("{s}s"),
         100..=5999 => format!("{}m", s / 60),
@@ -253,31 +292,52 @@ pub async fn agents(conn: &Conn, format: Format) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(0);
     }
-    // 80 columns: emulated platforms carry a leading '~'. What each
-    // builder can do: `--format json` (builder.capabilities).
-    println!("{:<14} {:<9} {:>5} {:>4} {:<15} PLATFORMS", "NAME", "STATE", "SLOTS", "SEEN", "BUILDER");
+    // 80 columns: emulated platforms carry a leading '~' and wrap in their
+    // column, never cut. What each builder can do and the rest of the health
+    // report: `--format json` (builder, health). DISK: free in the work dir;
+    // CERT: days left, `!` under a third of its life or a week.
+    println!(
+        "{:<14} {:<8} {:>5} {:>4} {:>4} {:>4} {:<15} PLATFORMS",
+        "NAME", "STATE", "SLOTS", "SEEN", "DISK", "CERT", "BUILDER"
+    );
     for a in &agents {
         let mut platforms: Vec<String> = a.platforms.clone();
         platforms.extend(a.emulated_platforms.iter().map(|p| format!("~{p}")));
-        let mut platforms = platforms.join(",");
-        if platforms.len() > 26 {
-            platforms.truncate(25);
-            platforms.push('…');
-        }
         let builder = match &a.builder {
             Some(b) => braid_shared::shorten(&format!("{} {}", b.name, b.version), 15),
             None => a.backend.clone(),
         };
         let name = if a.name.len() > 14 { format!("{}…", &a.name[..13]) } else { a.name.clone() };
-        println!(
-            "{:<14} {:<9} {:>5} {:>4} {:<15} {}",
+        let disk =
+            a.health.as_ref().map_or_else(|| "-".into(), |h| braid_shared::health::human_bytes(h.disk_free_bytes));
+        let row = format!(
+            "{:<14} {:<8} {:>5} {:>4} {:>4} {:>4} {:<15} ",
             name,
             a.state,
             format!("{}/{}", a.running, a.slots),
             ago(&a.last_heartbeat),
+            disk,
+            cert_cell(a.health.as_ref()),
             builder,
-            platforms
         );
+        let lines = wrap_list(&platforms, 80usize.saturating_sub(row.chars().count()));
+        println!("{row}{}", lines.first().map_or("-", String::as_str));
+        for line in lines.iter().skip(1) {
+            println!("{:width$}{line}", "", width = row.chars().count());
+        }
+    }
+    // Said in words too, on stderr: the table stays parseable.
+    for a in &agents {
+        if let Some(h) = a.health.as_ref().filter(|h| {
+            braid_shared::health::certificate_expiring(h.certificate_not_before, h.certificate_not_after, now_seconds())
+        }) {
+            let days = braid_shared::health::certificate_days_left(h.certificate_not_after, now_seconds());
+            eprintln!(
+                "warning: agent {}'s certificate expires in {days} day(s) (at two thirds of its life it renews \
+                 itself: see the agent's log; one given with --tls-cert needs `braid certs issue`)",
+                a.name
+            );
+        }
     }
     Ok(0)
 }
@@ -319,4 +379,16 @@ pub async fn forget(conn: &Conn, name: &str) -> anyhow::Result<i32> {
         r.requeued_jobs
     );
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn platforms_wrap_at_commas_within_their_column() {
+        let items: Vec<String> =
+            ["linux/amd64", "~linux/arm64", "~linux/arm/v7", "~linux/riscv64"].map(String::from).to_vec();
+        assert_eq!(super::wrap_list(&items, 26), ["linux/amd64,~linux/arm64,", "~linux/arm/v7,", "~linux/riscv64"]);
+        assert_eq!(super::wrap_list(&items, 5), ["linux/amd64,", "~linux/arm64,", "~linux/arm/v7,", "~linux/riscv64"]);
+        assert!(super::wrap_list(&[], 10).is_empty());
+    }
 }

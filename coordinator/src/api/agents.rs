@@ -427,6 +427,21 @@ impl Agents for AgentsService {
     }
 }
 
+/// A heartbeat's health report if it is within bounds. A bad one is
+/// dropped with a warning naming the field (the agent shows no health
+/// until a good one comes): it says nothing about the agent's jobs, so it
+/// does not end the session.
+fn checked_health(agent: &str, health: Option<proto::AgentHealth>) -> Option<proto::AgentHealth> {
+    let health = health?;
+    match braid_shared::health::check(&health) {
+        Ok(()) => Some(health),
+        Err(e) => {
+            tracing::warn!(agent, error = %e, "health report refused");
+            None
+        }
+    }
+}
+
 async fn read_session(
     coordinator: &Arc<Coordinator>,
     name: &str,
@@ -448,6 +463,7 @@ async fn read_session(
                 (FromAgent::Heartbeat(beat), _) => {
                     farm.heartbeat(name, session);
                     farm.set_draining(name, session, beat.draining);
+                    farm.set_health(name, session, checked_health(name, beat.health));
                     Vec::new()
                 }
                 (_, Delivery::Duplicate | Delivery::Stale) => Vec::new(),
@@ -471,4 +487,24 @@ async fn read_session(
         coordinator.wake.notify_one();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hostile_health_report_is_dropped_and_a_good_one_kept() {
+        let good = proto::AgentHealth { disk_free_bytes: 1 << 30, load1: 0.5, ..Default::default() };
+        assert_eq!(checked_health("a", Some(good)), Some(good));
+        assert_eq!(checked_health("a", None), None);
+        for bad in [
+            proto::AgentHealth { load1: f64::NAN, ..good },
+            proto::AgentHealth { disk_free_bytes: u64::MAX, ..good },
+            proto::AgentHealth { memory_available_bytes: 1, ..good },
+            proto::AgentHealth { certificate_not_after: i64::MIN, ..good },
+        ] {
+            assert_eq!(checked_health("a", Some(bad)), None, "{bad:?}");
+        }
+    }
 }

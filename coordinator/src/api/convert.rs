@@ -55,6 +55,7 @@ pub fn agent_info(farm: &Farm, a: &AgentEntry) -> proto::AgentInfo {
         last_heartbeat: Some(timestamp(a.last_seen_ms)),
         running_jobs,
         builder: a.builder.as_ref().map(crate::model::Builder::to_proto),
+        health: a.health,
     }
 }
 

@@ -54,6 +54,7 @@ impl Farm {
                     lost: false,
                     cert: None,
                     builder: None,
+                    health: None,
                 },
             );
         }
@@ -175,6 +176,7 @@ impl Farm {
                 lost: false,
                 cert,
                 builder,
+                health: None,
             },
         );
         let readopted = self.agents.get(&hello.name).map_or(0, |a| a.running.len());
@@ -311,6 +313,15 @@ impl Farm {
             && agent.session == session
         {
             agent.last_seen_ms = now;
+        }
+    }
+
+    /// Keeps an agent's latest health report (checked by the caller).
+    pub fn set_health(&mut self, name: &str, session: u64, health: Option<proto::AgentHealth>) {
+        if let Some(agent) = self.agents.get_mut(name)
+            && agent.session == session
+        {
+            agent.health = health;
         }
     }
 

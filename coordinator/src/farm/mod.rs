@@ -130,6 +130,9 @@ pub struct AgentEntry {
     /// Its builder and what it can do (None: not reported, so nothing a
     /// build may need).
     pub builder: Option<crate::model::Builder>,
+    /// Its latest health report (checked); memory only, None until a
+    /// heartbeat of this session brings one.
+    pub health: Option<proto::AgentHealth>,
 }
 
 impl AgentEntry {
@@ -394,6 +397,18 @@ impl Farm {
                 *g.agents.entry((p.to_string(), a.state().as_str().to_owned())).or_default() += 1;
             }
         }
+        // Enrolled names, so bounded already; capped all the same.
+        g.agent_health = self
+            .agent_list()
+            .into_iter()
+            .take(braid_shared::limits::METRIC_AGENTS)
+            .map(|a| crate::metrics::AgentGauge {
+                name: a.name.clone(),
+                last_seen_seconds: a.last_seen_ms as f64 / 1000.0,
+                // A lost or disconnected agent's last report is stale: no series.
+                health: a.health.filter(|_| a.connected && !a.lost),
+            })
+            .collect();
         g
     }
 
