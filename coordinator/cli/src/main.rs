@@ -1,6 +1,7 @@
 //! `braid`: submit multi-platform builds to a braid farm and follow them.
 
 mod build;
+mod buildspec;
 mod certs;
 mod conn;
 mod describe;

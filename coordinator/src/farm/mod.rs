@@ -13,6 +13,7 @@ pub use agents::Connected;
 mod builds;
 mod declared;
 mod events;
+mod jobs;
 mod secrets;
 
 pub use builds::NewBuild;
