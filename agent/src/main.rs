@@ -17,6 +17,7 @@ mod secrets;
 mod session;
 mod settings;
 mod ssh;
+mod tlsfiles;
 mod upload;
 
 use std::path::PathBuf;

@@ -6,15 +6,8 @@
 //! so an answer lost on the way locks nobody out: the old one still works
 //! and the next attempt asks again.
 //!
-//! On disk the key and certificate are replaced together: both are written
-//! beside the old ones (`*.new`), a marker says they are complete, then each
-//! is renamed over its old file. A crash in between is finished at the next
-//! start (`finish_pending`): with the marker both are installed, without it
-//! the half-written files are dropped.
+//! On disk the key and certificate are replaced together (`tlsfiles`).
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,14 +19,10 @@ use braid_shared::proto::{self, agents_client::AgentsClient};
 use crate::session::Agent;
 use crate::settings::{TlsFiles, Valid, tls_dir};
 
-const CERT: &str = "agent.pem";
-const KEY: &str = "agent-key.pem";
-const READY: &str = "renew.ready";
-
 #[derive(Debug, thiserror::Error)]
 pub enum RenewError {
-    #[error("{0}: {1}")]
-    Io(String, std::io::Error),
+    #[error(transparent)]
+    Files(#[from] crate::tlsfiles::FilesError),
     #[error("the certificate: {0}")]
     Pki(#[from] pki::PkiError),
     #[error("connecting to the coordinator: {0}")]
@@ -42,55 +31,6 @@ pub enum RenewError {
     Refused(#[from] tonic::Status),
     #[error("the renewed certificate {0}")]
     Unexpected(String),
-}
-
-fn io(what: &Path) -> impl FnOnce(std::io::Error) -> RenewError + '_ {
-    move |e| RenewError::Io(what.display().to_string(), e)
-}
-
-fn new_name(file: &str) -> String {
-    format!("{file}.new")
-}
-
-/// Completes or undoes a replacement of the key and certificate in `dir`
-/// that a crash interrupted.
-pub fn finish_pending(dir: &Path) -> Result<(), RenewError> {
-    let ready = dir.join(READY);
-    if ready.exists() {
-        for file in [KEY, CERT] {
-            let pending = dir.join(new_name(file));
-            if pending.exists() {
-                std::fs::rename(&pending, dir.join(file)).map_err(io(&pending))?;
-            }
-        }
-        std::fs::remove_file(&ready).map_err(io(&ready))?;
-    } else {
-        for file in [KEY, CERT] {
-            let _ = std::fs::remove_file(dir.join(new_name(file)));
-        }
-    }
-    Ok(())
-}
-
-fn write_synced(path: &Path, contents: &[u8], mode: u32) -> Result<(), RenewError> {
-    let _ = std::fs::remove_file(path);
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io(path))?;
-    file.write_all(contents).map_err(io(path))?;
-    file.sync_all().map_err(io(path))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), RenewError> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
-}
-
-/// Replaces the key and certificate in `dir` as one step (see the module).
-pub fn install(dir: &Path, cert_pem: &str, key_pem: &str) -> Result<(), RenewError> {
-    write_synced(&dir.join(new_name(KEY)), key_pem.as_bytes(), 0o600)?;
-    write_synced(&dir.join(new_name(CERT)), cert_pem.as_bytes(), 0o644)?;
-    write_synced(&dir.join(READY), b"", 0o600)?;
-    sync_dir(dir)?;
-    finish_pending(dir)?;
-    sync_dir(dir)
 }
 
 fn now_seconds() -> i64 {
@@ -176,7 +116,7 @@ async fn renew_once(
     if info.not_after <= old_not_after {
         return Err(RenewError::Unexpected("does not outlive the current one".into()));
     }
-    install(&tls_dir(&settings.settings.work_dir), &answer.cert_pem, &key_pem)?;
+    crate::tlsfiles::install(&tls_dir(&settings.settings.work_dir), &answer.cert_pem, &key_pem)?;
     let files = TlsFiles {
         ca: current.ca.clone(),
         cert: answer.cert_pem.into_bytes(),
@@ -196,35 +136,5 @@ mod tests {
         assert_eq!(renewal_due(0, 300), 200);
         assert_eq!(renewal_due(1000, 1000), 1000);
         assert_eq!(renewal_due(1000, 10), 1000, "an inverted validity is due at once");
-    }
-
-    #[test]
-    fn an_interrupted_install_is_finished_with_the_marker_and_undone_without() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        std::fs::write(d.join(CERT), "old cert").unwrap();
-        std::fs::write(d.join(KEY), "old key").unwrap();
-
-        // Crashed while writing the new files: no marker, the old pair stays.
-        std::fs::write(d.join(new_name(KEY)), "half").unwrap();
-        finish_pending(d).unwrap();
-        assert_eq!(std::fs::read_to_string(d.join(KEY)).unwrap(), "old key");
-        assert!(!d.join(new_name(KEY)).exists());
-
-        // Crashed after the key was renamed: the marker finishes the cert too.
-        std::fs::write(d.join(KEY), "new key").unwrap();
-        std::fs::write(d.join(new_name(CERT)), "new cert").unwrap();
-        std::fs::write(d.join(READY), "").unwrap();
-        finish_pending(d).unwrap();
-        assert_eq!(std::fs::read_to_string(d.join(CERT)).unwrap(), "new cert");
-        assert!(!d.join(READY).exists());
-
-        install(d, "third cert", "third key").unwrap();
-        assert_eq!(std::fs::read_to_string(d.join(CERT)).unwrap(), "third cert");
-        assert_eq!(std::fs::read_to_string(d.join(KEY)).unwrap(), "third key");
-        use std::os::unix::fs::PermissionsExt as _;
-        assert_eq!(std::fs::metadata(d.join(KEY)).unwrap().permissions().mode() & 0o777, 0o600);
-        let left: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(left.len(), 2, "{left:?}");
     }
 }

@@ -222,7 +222,7 @@ impl Settings {
             }
             let enrolled = tls_dir(&self.work_dir);
             // A renewal that stopped half-way is finished (or undone) first.
-            crate::renew::finish_pending(&enrolled).map_err(|e| invalid("tls_cert", e.to_string()))?;
+            crate::tlsfiles::finish_pending(&enrolled).map_err(|e| invalid("tls_cert", e.to_string()))?;
             let renewable = self.tls_cert.is_none() && self.tls_key.is_none();
             let ca = self.tls_ca.clone().unwrap_or_else(|| enrolled.join("ca.pem"));
             let cert = self.tls_cert.clone().unwrap_or_else(|| enrolled.join("agent.pem"));
