@@ -149,18 +149,8 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         Ok(path) => path,
         Err(e) => return infra(format!("fetching context {digest}: {e}")),
     };
-    let unpack_dir = context_dir.clone();
-    let unpacked = job_dir
-        .blocking(move || -> Result<_, String> {
-            let file = std::fs::File::open(&compressed).map_err(|e| e.to_string())?;
-            let decoder = braid_shared::compression::zstd_reader(file).map_err(|e| e.to_string())?;
-            context::unpack(decoder, &unpack_dir, ContextLimits::default()).map_err(|e| e.to_string())
-        })
-        .await;
-    match unpacked {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return build_failure(format!("unpacking the context: {e}")),
-        Err(e) => return infra(format!("unpacking the context: {e}")),
+    if let Err(failed) = unpack_context(&job_dir, compressed, context_dir.clone(), "the context").await {
+        return failed;
     }
 
     phases.done("fetch", fetch_start);
@@ -254,6 +244,31 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         phases.done("push", push_start);
     }
     outcome
+}
+
+/// Unpacks a fetched context (the zstd tar at `compressed`) into `dir`
+/// beneath the job directory; `what` names it in the failure. A context
+/// that does not unpack fails the build; a task that could not run, the
+/// agent.
+async fn unpack_context(
+    job_dir: &JobDir,
+    compressed: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    what: &str,
+) -> Result<(), Outcome> {
+    let unpacked = job_dir
+        .blocking(move || -> Result<_, String> {
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let file = std::fs::File::open(&compressed).map_err(|e| e.to_string())?;
+            let decoder = braid_shared::compression::zstd_reader(file).map_err(|e| e.to_string())?;
+            context::unpack(decoder, &dir, ContextLimits::default()).map_err(|e| e.to_string())
+        })
+        .await;
+    match unpacked {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(build_failure(format!("unpacking {what}: {e}"))),
+        Err(e) => Err(infra(format!("unpacking {what}: {e}"))),
+    }
 }
 
 /// The context's Dockerfile, read beneath the context directory: a path

@@ -5,7 +5,6 @@
 
 use braid_shared::buildneeds::{self, ContextSource};
 use braid_shared::capability::{self, CapSet};
-use braid_shared::context::{self, ContextLimits};
 use braid_shared::{Platform, dockerfile, proto};
 
 use super::{JobEnv, Outcome, build_failure, infra};
@@ -72,20 +71,8 @@ pub(super) async fn fetch_build_contexts(
                     .await
                     .map_err(|e| infra(format!("fetching build context {} ({digest}): {e}", named.name)))?;
                 let dir = job_dir.path().join("contexts").join(i.to_string());
-                let unpack_dir = dir.clone();
-                let unpacked = job_dir
-                    .blocking(move || -> Result<_, String> {
-                        std::fs::create_dir_all(&unpack_dir).map_err(|e| e.to_string())?;
-                        let file = std::fs::File::open(&compressed).map_err(|e| e.to_string())?;
-                        let decoder = braid_shared::compression::zstd_reader(file).map_err(|e| e.to_string())?;
-                        context::unpack(decoder, &unpack_dir, ContextLimits::default()).map_err(|e| e.to_string())
-                    })
-                    .await;
-                match unpacked {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(build_failure(format!("unpacking build context {}: {e}", named.name))),
-                    Err(e) => return Err(infra(format!("unpacking build context {}: {e}", named.name))),
-                }
+                let what = format!("build context {}", named.name);
+                super::unpack_context(job_dir, compressed, dir.clone(), &what).await?;
                 dir.display().to_string()
             }
         };
