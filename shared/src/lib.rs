@@ -25,6 +25,7 @@ pub mod oci;
 #[cfg(feature = "pki")]
 pub mod pki;
 pub mod platform;
+pub mod provenance;
 pub mod reference;
 pub mod secrets;
 pub mod settings;
