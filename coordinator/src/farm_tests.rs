@@ -211,6 +211,7 @@ fn image(result: &proto::Assignment, digest_char: char) -> proto::JobResult {
             digest: format!("sha256:{}", digest_char.to_string().repeat(64)),
             size: 100,
             media_type: braid_shared::oci::OCI_MANIFEST.into(),
+            ..Default::default()
         })),
         phases: vec![],
     }

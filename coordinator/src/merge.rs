@@ -74,9 +74,8 @@ pub async fn push(
         if source.repository() != tag.repository() {
             for (_, image) in images {
                 let digest = &image.digest;
-                let (bytes, _) = registry.fetch_manifest(&source.at_digest(digest)).await.map_err(|e| e.to_string())?;
                 registry
-                    .copy_manifest(source, tag, &bytes, &image.media_type)
+                    .copy_by_digest(source, tag, digest, &image.media_type)
                     .await
                     .map_err(|e| format!("copying {digest} to {}: {e}", tag.name()))?;
             }

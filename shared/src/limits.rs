@@ -48,6 +48,10 @@ pub const AGENT_SLOTS: u32 = 256;
 pub const LIST_BUILDS: u32 = 500;
 /// Blobs (manifest, config, layers) of one image an agent uploads.
 pub const BLOBS_PER_IMAGE: usize = 1000;
+/// Manifests one index may list (`braid imagetools` reads and writes them).
+pub const INDEX_MANIFESTS: usize = 1000;
+/// Sources (arguments and `-f` files) of one `braid imagetools create`.
+pub const IMAGETOOLS_SOURCES: usize = 256;
 /// Largest zstd window braid decodes, as a power of two (16 MiB). A decoder
 /// holds a buffer the size of its frame's window, so this bounds what one
 /// upload can make the coordinator allocate; `zstd -19` needs at most 2^23

@@ -29,7 +29,8 @@ use crate::{docker, prune, upload};
 /// How a job ended, in the coordinator's terms.
 #[derive(Debug)]
 pub enum Outcome {
-    Image(ImageDescriptor),
+    /// The image, and its config's digest when the layout was read.
+    Image(ImageDescriptor, Option<Digest>),
     Failed(proto::FailureKind, String),
 }
 
@@ -68,7 +69,7 @@ pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: Ca
             other => other,
         };
         match &outcome {
-            Outcome::Image(d) => tracing::info!(digest = %d.digest, "job done"),
+            Outcome::Image(d, _) => tracing::info!(digest = %d.digest, "job done"),
             Outcome::Failed(kind, message) => tracing::warn!(?kind, %message, "job failed"),
         }
         outcome
@@ -80,10 +81,11 @@ pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: Ca
         zeroize::Zeroize::zeroize(&mut s.value);
     }
     let outcome = match outcome {
-        Outcome::Image(d) => proto::job_result::Outcome::Image(proto::ImageResult {
+        Outcome::Image(d, config) => proto::job_result::Outcome::Image(proto::ImageResult {
             digest: d.digest.to_string(),
             size: d.size,
             media_type: d.media_type,
+            config_digest: config.map(|c| c.to_string()).unwrap_or_default(),
         }),
         Outcome::Failed(kind, message) => {
             proto::job_result::Outcome::Failure(proto::JobFailure { kind: kind as i32, message })
@@ -227,14 +229,23 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     }
     phases.done("build", build_start);
     let push_start = now_timestamp();
+    // Reported for the metadata file's containerimage.config.digest; the
+    // layout was just written, so a failure here is the agent's.
+    let config_digest = match oci::layout_config_digest(&layout).await {
+        Ok(c) => c,
+        Err(e) => return infra(e),
+    };
     let mut outcome = match oci::layout_descriptor(&layout).await {
-        Ok(d) => Outcome::Image(d),
+        Ok(d) => Outcome::Image(d, None),
         Err(e) => infra(e),
     };
     if !a.push_repositories.is_empty() {
         outcome = push::push_everywhere(env, a, &layout, Registry::with_credentials(&insecure, credentials)).await;
     }
-    if spec.export && matches!(outcome, Outcome::Image(_)) {
+    if let Outcome::Image(_, config) = &mut outcome {
+        *config = Some(config_digest);
+    }
+    if spec.export && matches!(outcome, Outcome::Image(..)) {
         match upload::upload_layout(&env.settings, a, &layout).await {
             Ok(bytes) => log_lines(env, a, vec![format!("uploaded {bytes} bytes of image blobs to the coordinator")]),
             Err(e) => outcome = infra(format!("uploading the image to the coordinator: {e}")),

@@ -29,7 +29,7 @@ pub(super) async fn push_everywhere(env: &JobEnv, a: &proto::Assignment, layout:
         }
     }
     match descriptor {
-        Some(d) => Outcome::Image(d),
+        Some(d) => Outcome::Image(d, None),
         None => infra("no repository to push to"),
     }
 }

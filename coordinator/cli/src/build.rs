@@ -359,7 +359,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         .into_inner();
     // `-o type=oci,dest=-` writes the layout to stdout: the summary then goes to stderr.
     let stdout_taken = matches!(&outputs.local, Some(output::Local::OciTar(dest)) if dest.as_os_str() == "-");
-    summarize(&build, progress, args.metadata_file.as_deref(), stdout_taken)?;
+    summarize(&build, progress, args.metadata_file.as_deref(), stdout_taken, &build_ref(conn, &build.build_id))?;
     match outcome {
         proto::BuildState::Succeeded => {
             if let Some(path) = &args.iidfile {
@@ -487,12 +487,22 @@ fn print_event(event: &proto::BuildEvent, progress: Progress) -> Option<proto::B
     None
 }
 
+/// The metadata file's `buildx.build.ref`: the coordinator (its URL
+/// without scheme or trailing slash) and the build id, as buildx's
+/// `BUILDER/NODE/REF` names where a build ran.
+fn build_ref(conn: &Conn, build_id: &str) -> String {
+    let url = conn.url.trim_end_matches('/');
+    let host = url.split_once("://").map_or(url, |(_, rest)| rest);
+    format!("{host}/{build_id}")
+}
+
 /// One line per platform and the index; the metadata file like buildx's.
 fn summarize(
     build: &proto::Build,
     progress: Progress,
     metadata_file: Option<&std::path::Path>,
     stdout_taken: bool,
+    build_ref: &str,
 ) -> anyhow::Result<()> {
     if progress != Progress::Quiet {
         for job in &build.jobs {
@@ -536,6 +546,13 @@ fn summarize(
         let mut meta = serde_json::Map::new();
         meta.insert("braid.build.id".into(), build.build_id.clone().into());
         meta.insert("braid.platforms".into(), serde_json::to_value(platforms)?);
+        meta.insert("buildx.build.ref".into(), build_ref.into());
+        // As buildx: the config digest of a one-platform build's image.
+        if let [job] = build.jobs.as_slice()
+            && let Some(config) = job.result.as_ref().map(|r| &r.config_digest).filter(|c| !c.is_empty())
+        {
+            meta.insert("containerimage.config.digest".into(), config.clone().into());
+        }
         if !build.index_digest.is_empty() {
             meta.insert(
                 "containerimage.descriptor".into(),

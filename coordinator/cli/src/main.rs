@@ -8,6 +8,7 @@ mod describe;
 mod diag;
 mod dockerconfig;
 mod docs;
+mod imagetools;
 mod listing;
 mod needs;
 mod ops;
@@ -109,6 +110,13 @@ enum Command {
         /// the platforms and shortens the first tag)
         #[arg(long)]
         wide: bool,
+    },
+    /// Inspect and combine images in a registry, like `docker buildx
+    /// imagetools` (talks to the registry directly, with the Docker
+    /// config's logins)
+    Imagetools {
+        #[command(subcommand)]
+        command: imagetools::Command,
     },
     /// Print a shell completion script: `braid completion bash >
     /// /etc/bash_completion.d/braid` (or zsh, fish, elvish, powershell)
@@ -236,6 +244,7 @@ async fn main() {
         Command::Builds { state, limit, format, wide } => {
             ops::builds(&conn, state.as_deref(), limit, format, wide).await
         }
+        Command::Imagetools { command } => imagetools::run(command).await,
         Command::Completion { shell } => docs::completion(shell),
         Command::Man { dir } => docs::man(&dir),
     };

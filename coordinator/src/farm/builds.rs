@@ -366,7 +366,9 @@ impl Farm {
         };
         match outcome {
             Ok(descriptor) => {
-                job.result = Some(Image::from(descriptor));
+                // The registry's descriptor, with the config digest the agent reported.
+                let config_digest = job.result.as_ref().and_then(|r| r.config_digest.clone());
+                job.result = Some(Image { config_digest, ..Image::from(descriptor) });
                 job.status = JobStatus::Verified { agent };
                 job.finished_ms = Some(now);
                 let verify = PhaseRecord { phase: Phase::Verify, start_ms: job.result_ms.unwrap_or(now), end_ms: now };

@@ -138,11 +138,15 @@ pub struct Image {
     pub digest: Digest,
     pub size: u64,
     pub media_type: String,
+    /// The image config's digest, as the agent reported it (none for an
+    /// index, or from an agent that does not report it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<Digest>,
 }
 
 impl From<ImageDescriptor> for Image {
     fn from(d: ImageDescriptor) -> Self {
-        Image { digest: d.digest, size: d.size, media_type: d.media_type }
+        Image { digest: d.digest, size: d.size, media_type: d.media_type, config_digest: None }
     }
 }
 
@@ -155,11 +159,20 @@ impl From<&Image> for ImageDescriptor {
 impl Image {
     /// The image an agent reported; its digest must parse.
     pub fn from_proto(r: proto::ImageResult) -> Result<Image, braid_shared::digest::DigestError> {
-        Ok(Image { digest: r.digest.parse()?, size: r.size, media_type: r.media_type })
+        let config_digest = match r.config_digest.as_str() {
+            "" => None,
+            c => Some(c.parse()?),
+        };
+        Ok(Image { digest: r.digest.parse()?, size: r.size, media_type: r.media_type, config_digest })
     }
 
     pub fn to_proto(&self) -> proto::ImageResult {
-        proto::ImageResult { digest: self.digest.to_string(), size: self.size, media_type: self.media_type.clone() }
+        proto::ImageResult {
+            digest: self.digest.to_string(),
+            size: self.size,
+            media_type: self.media_type.clone(),
+            config_digest: self.config_digest.as_ref().map(ToString::to_string).unwrap_or_default(),
+        }
     }
 }
 

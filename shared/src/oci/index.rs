@@ -64,8 +64,28 @@ pub fn build_index(manifests: &[IndexEntry], annotations: HashMap<String, String
         }
         descriptors.push(descriptor);
     }
-    let mut builder =
-        ImageIndexBuilder::default().schema_version(2u32).media_type(MediaType::ImageIndex).manifests(descriptors);
+    index_of(descriptors, annotations, super::OCI_INDEX)
+}
+
+/// An index of `media_type` (an OCI index, or a Docker manifest list, which
+/// takes no annotations) over `descriptors` as given, as its JSON bytes.
+pub fn index_of(
+    descriptors: Vec<Descriptor>,
+    annotations: HashMap<String, String>,
+    media_type: &str,
+) -> Result<Vec<u8>, OciError> {
+    let err = |e: &dyn std::fmt::Display| OciError::Manifest {
+        repository: String::new(),
+        digest: String::new(),
+        message: format!("building the index: {e}"),
+    };
+    if media_type == DOCKER_MANIFEST_LIST && !annotations.is_empty() {
+        return Err(err(&"a Docker manifest list has no annotations"));
+    }
+    let mut builder = ImageIndexBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::from(media_type))
+        .manifests(descriptors);
     if !annotations.is_empty() {
         builder = builder.annotations(annotations);
     }
@@ -97,6 +117,26 @@ pub fn build_manifest_list(manifests: &[IndexEntry]) -> Result<Vec<u8>, OciError
         digest: String::new(),
         message: format!("building the manifest list: {e}"),
     })
+}
+
+/// [`index_of`] over descriptors as JSON objects (`mediaType`, `digest`,
+/// `size`, optional `platform` and `annotations`), as an index lists them.
+pub fn index_from_json(
+    descriptors: &[serde_json::Value],
+    annotations: HashMap<String, String>,
+    media_type: &str,
+) -> Result<Vec<u8>, OciError> {
+    let parsed = descriptors
+        .iter()
+        .map(|d| {
+            serde_json::from_value::<Descriptor>(d.clone()).map_err(|e| OciError::Manifest {
+                repository: String::new(),
+                digest: d["digest"].as_str().unwrap_or_default().to_owned(),
+                message: format!("not a descriptor: {e}"),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    index_of(parsed, annotations, media_type)
 }
 
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";

@@ -15,6 +15,16 @@ pub async fn layout_descriptor(layout: &Path) -> Result<ImageDescriptor, OciErro
     read_layout(layout).await.map(|image| image.descriptor)
 }
 
+/// The digest of the config of the single image in an OCI layout directory
+/// (buildx's `containerimage.config.digest`).
+pub async fn layout_config_digest(layout: &Path) -> Result<Digest, OciError> {
+    let image = read_layout(layout).await?;
+    match image.blobs.first() {
+        Some(config) => Ok(config.digest.clone()),
+        None => Err(OciError::Layout { path: layout.to_owned(), message: "a manifest without a config".into() }),
+    }
+}
+
 /// The `oci-layout` file of an OCI image layout.
 pub const LAYOUT_VERSION_FILE: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 

@@ -10,10 +10,13 @@ mod registry;
 
 pub use archive::{ArchiveError, archive_to_layout, docker_archive};
 pub use index::{
-    DOCKER_CONFIG, DOCKER_LAYER_GZIP, IndexEntry, build_index, build_manifest_list, config_platform, to_docker_manifest,
+    DOCKER_CONFIG, DOCKER_LAYER_GZIP, IndexEntry, build_index, build_manifest_list, config_platform, index_from_json,
+    index_of, to_docker_manifest,
 };
-pub use layout::{LAYOUT_VERSION_FILE, layout_blobs, layout_descriptor, layout_index, layout_to_docker};
-pub use registry::Registry;
+pub use layout::{
+    LAYOUT_VERSION_FILE, layout_blobs, layout_config_digest, layout_descriptor, layout_index, layout_to_docker,
+};
+pub use registry::{ImageConfig, Registry};
 
 use std::path::PathBuf;
 

@@ -147,6 +147,26 @@ impl Registry {
         digest: &Digest,
         platform: &Platform,
     ) -> Result<(ImageDescriptor, Vec<u8>), OciError> {
+        let image = self.image_config(repository, digest).await?;
+        let found = image.platform.map_err(|message| OciError::Manifest {
+            repository: repository.name(),
+            digest: digest.to_string(),
+            message,
+        })?;
+        if found != *platform {
+            return Err(OciError::WrongPlatform {
+                digest: digest.to_string(),
+                found: found.to_string(),
+                wanted: platform.to_string(),
+            });
+        }
+        Ok((image.descriptor, image.manifest))
+    }
+
+    /// Reads an image manifest by digest (checking its bytes hash to it)
+    /// and its config: the descriptor, both documents and the platform the
+    /// config declares (or why it declares none).
+    pub async fn image_config(&self, repository: &ImageRef, digest: &Digest) -> Result<ImageConfig, OciError> {
         self.login(repository, RegistryOperation::Pull).await?;
         let at = repository.at_digest(digest);
         let manifest_err =
@@ -175,16 +195,12 @@ impl Registry {
             .fetch_blob(repository, &config_digest, limits::MANIFEST_BYTES)
             .await
             .map_err(|e| manifest_err(format!("reading its config: {e}")))?;
-        let found = config_platform(&config_bytes).map_err(manifest_err)?;
-        if found != *platform {
-            return Err(OciError::WrongPlatform {
-                digest: digest.to_string(),
-                found: found.to_string(),
-                wanted: platform.to_string(),
-            });
+        if Digest::of(&config_bytes) != config_digest {
+            return Err(manifest_err(format!("config {config_digest} does not match its digest")));
         }
+        let platform = config_platform(&config_bytes);
         let descriptor = ImageDescriptor { digest: digest.clone(), size: bytes.len() as u64, media_type };
-        Ok((descriptor, bytes.to_vec()))
+        Ok(ImageConfig { descriptor, manifest: bytes.to_vec(), config_digest, config: config_bytes, platform })
     }
 
     /// Makes the manifest `bytes` (already in `from`) available in `to` too,
@@ -214,6 +230,19 @@ impl Registry {
         self.push_manifest_bytes(to, bytes, media_type, &target).await
     }
 
+    /// Makes the manifest `digest` of `from` available in `to`: reads it
+    /// from `from`, then [`Registry::copy_manifest`].
+    pub async fn copy_by_digest(
+        &self,
+        from: &ImageRef,
+        to: &ImageRef,
+        digest: &Digest,
+        media_type: &str,
+    ) -> Result<(), OciError> {
+        let (bytes, _) = self.fetch_manifest(&from.at_digest(digest)).await?;
+        self.copy_manifest(from, to, &bytes, media_type).await
+    }
+
     /// Pushes an index under `tag`.
     pub async fn push_index(&self, tag: &ImageRef, index: &[u8], media_type: &str) -> Result<(), OciError> {
         self.login(tag, RegistryOperation::Push).await?;
@@ -232,7 +261,17 @@ impl Registry {
             )
             .await
             .map_err(|e| Self::failed(reference, e))?;
-        Ok((bytes.to_vec(), digest))
+        if bytes.len() > limits::MANIFEST_BYTES {
+            return Err(Self::err(
+                reference,
+                format!("manifest {digest} is larger than {} bytes", limits::MANIFEST_BYTES),
+            ));
+        }
+        let actual = Digest::of(&bytes);
+        if reference.digest().is_some_and(|wanted| *wanted != actual) {
+            return Err(Self::err(reference, format!("the manifest of {reference} does not match its digest")));
+        }
+        Ok((bytes.to_vec(), actual.to_string()))
     }
 
     /// Reads one blob fully (bounded by `limit` bytes).
@@ -247,6 +286,18 @@ impl Registry {
         }
         Ok(out)
     }
+}
+
+/// An image manifest and its config, as [`Registry::image_config`] read
+/// them.
+#[derive(Debug, Clone)]
+pub struct ImageConfig {
+    pub descriptor: ImageDescriptor,
+    pub manifest: Vec<u8>,
+    pub config_digest: Digest,
+    pub config: Vec<u8>,
+    /// The platform the config declares, or why it declares none.
+    pub platform: Result<Platform, String>,
 }
 
 /// What a client error says about the registry's answer.

@@ -156,6 +156,7 @@ async fn fake_agent(
             digest: format!("sha256:{}", "0".repeat(64)),
             size: 1,
             media_type: braid_shared::oci::OCI_MANIFEST.into(),
+            ..Default::default()
         })),
         phases: vec![],
     };
