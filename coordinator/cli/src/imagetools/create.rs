@@ -145,7 +145,6 @@ fn platform_json(p: &Platform) -> Value {
 
 fn is_not_found(e: &OciError) -> bool {
     matches!(e, OciError::Registry { failure: RegistryFailure::Status(404), .. })
-        || matches!(e, OciError::Registry { message, .. } if message.contains("MANIFEST_UNKNOWN") || message.contains("manifest unknown"))
 }
 
 pub async fn run(args: CreateArgs) -> anyhow::Result<i32> {
@@ -392,4 +391,45 @@ async fn push(
         eprintln!("{tag}: index {digest} ({} manifests)", manifests.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(raw: &[&str]) -> Vec<String> {
+        raw.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn annotations_take_buildx_imagetools_levels() {
+        let a = parse_annotations(&strings(&[
+            "index:org.example.a=1",
+            "manifest-descriptor:org.example.b=2",
+            "manifest-descriptor[linux/arm64]:org.example.c=3",
+        ]))
+        .unwrap();
+        assert_eq!(a.index.get("org.example.a").map(String::as_str), Some("1"));
+        assert_eq!(a.descriptor.len(), 2);
+        assert_eq!(a.descriptor[1].0, Some("linux/arm64".parse().unwrap()));
+        for (raw, says) in [
+            ("org.example.x=1", "takes no manifest annotations"),
+            ("manifest:org.example.x=1", "takes no manifest annotations"),
+            ("index-descriptor:org.example.x=1", "invalid while creating an image"),
+            ("index[linux/amd64]:org.example.x=1", "names no platform"),
+            ("manifest-descriptor[linux/nope/x/y]:k=v", "manifest-descriptor[linux/nope/x/y]:k=v"),
+            ("index:=1", "an empty key"),
+        ] {
+            let e = parse_annotations(&strings(&[raw])).err().map(|e| format!("{e:#}")).unwrap_or_default();
+            assert!(e.contains(says), "{raw}: {e}");
+        }
+    }
+
+    #[test]
+    fn descriptor_platforms_print_as_buildx() {
+        let d = json!({ "platform": { "os": "linux", "architecture": "arm", "variant": "v7" } });
+        assert_eq!(platform_of(&d).as_deref(), Some("linux/arm/v7"));
+        assert_eq!(platform_of(&json!({})), None);
+        assert_eq!(platform_json(&"linux/arm64".parse().unwrap()), json!({ "architecture": "arm64", "os": "linux" }));
+    }
 }
