@@ -310,16 +310,16 @@ pub async fn run(args: CreateArgs) -> anyhow::Result<i32> {
             }
             continue;
         }
+        let platform = platform_of(&c.descriptor).and_then(|p| p.parse::<Platform>().ok());
         if !c.is_attestation()
+            && platform.is_some()
             && let Some(other) = merged.iter().find(|m| {
-                !m.is_attestation()
-                    && platform_of(&m.descriptor).is_some()
-                    && platform_of(&m.descriptor) == platform_of(&c.descriptor)
+                !m.is_attestation() && platform_of(&m.descriptor).and_then(|p| p.parse::<Platform>().ok()) == platform
             })
         {
             bail!(
                 "platform {} twice: {} from {} and {} from {}; an index holds one image per platform",
-                platform_of(&c.descriptor).unwrap_or_default(),
+                platform.map(|p| p.to_string()).unwrap_or_default(),
                 other.digest(),
                 other.from,
                 c.digest(),
