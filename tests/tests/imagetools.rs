@@ -285,6 +285,12 @@ fn imagetools_combines_checks_and_inspects_images() {
     assert_eq!(platforms(&appended), ["linux/amd64", "linux/arm/v7", "linux/arm64"]);
     assert_eq!(entry(&appended, "arm64")["annotations"]["org.example.note"], "arm", "kept from the old index");
 
+    // --append to a tag that does not exist yet appends nothing.
+    let out = imagetools(&docker_config, &["create", "--append", "-t", &format!("{reg}/fresh/app:1"), &arm_source]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("nothing to append"), "{}", text(&out.stderr));
+    assert_eq!(platforms(&registry.manifest("fresh/app:1").unwrap()), ["linux/arm/v7"]);
+
     // A descriptor whose platform contradicts the image's config is refused, naming it.
     let liar = dir.join("liar.json");
     let amd64_manifest = skopeo_raw(&registry, &format!("base/busybox@{base_amd64}")).unwrap();
