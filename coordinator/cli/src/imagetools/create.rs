@@ -303,8 +303,7 @@ pub async fn run(args: CreateArgs) -> anyhow::Result<i32> {
     for c in candidates {
         if let Some(old) = merged.iter_mut().find(|m| m.digest() == c.digest()) {
             if let Some(new) = c.descriptor["annotations"].as_object() {
-                let target = old.descriptor["annotations"].as_object().cloned().unwrap_or_default();
-                let mut target = target;
+                let mut target = old.descriptor["annotations"].as_object().cloned().unwrap_or_default();
                 target.extend(new.clone());
                 old.descriptor["annotations"] = Value::Object(target);
             }
