@@ -68,7 +68,7 @@ pub struct BuildArgs {
     /// braid keeps reconnecting to a coordinator that went away while following (10m without --timeout)
     #[arg(long, value_name = "DURATION", value_parser = braid_shared::duration::build_timeout)]
     timeout: Option<u32>,
-    /// Submit and print the build id without following it (Ctrl-C then does not cancel)
+    /// Submit and print the build id without following it (Ctrl-C or SIGTERM then does not cancel)
     #[arg(long)]
     detach: bool,
     /// Write the build result metadata (buildx's keys) to FILE
@@ -335,7 +335,8 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     let _stop_ssh = AbortOnDrop(ssh_task);
     let outcome = tokio::select! {
         outcome = follow(&mut client, &build_id, &secrets, progress, &mut patience) => outcome?,
-        _ = tokio::signal::ctrl_c() => {
+        code = stop_signal() => {
+            let code = code?;
             crate::diag::warn(&format!("interrupted: cancelling build {build_id}"));
             let mut patience = Patience::new(reconnect::limit(args.timeout));
             let c = patience.connect(|| conn.builds()).await?;
@@ -346,7 +347,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
                     async move { c.cancel(r).await }
                 })
                 .await?;
-            return Ok(130);
+            return Ok(code);
         }
     };
     let request = proto::GetBuildRequest { build_id: build_id.clone() };
@@ -375,6 +376,18 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
             crate::diag::error(&format!("build {build_id} {}: {why}", state_word(state)));
             Ok(1)
         }
+    }
+}
+
+/// Waits for Ctrl-C (SIGINT) or SIGTERM, which a CI runner sends when a
+/// job is cancelled (GitHub Actions: SIGINT, then SIGTERM); either cancels
+/// the build on the farm. The exit code is the shell's for that signal.
+async fn stop_signal() -> anyhow::Result<i32> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.map(|()| 130).context("listening for Ctrl-C"),
+        _ = term.recv() => Ok(143),
     }
 }
 
