@@ -16,6 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine as _;
 use braid_tests::{
     AgentSpec, Farm, Registry, RunningBuild, bin, dockerfile_context, eventually, require, require_environment,
     run_with_timeout, send_signal, workspace,
@@ -293,6 +294,37 @@ fn release_tarball(dir: &Path, version: &str, target: &str) -> (Vec<u8>, String)
     (bytes, sum)
 }
 
+const LOGIN_PASSWORD: &str = "login-action-password";
+
+/// A bare repository at `dir/git/owner/app.git` (file:// as a
+/// GITHUB_SERVER_URL) with two commits of docker/Dockerfile; the server URL
+/// and the first commit.
+fn git_server(dir: &Path, base: &str) -> (String, String) {
+    let work = dir.join("git-work");
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args(["-c", "user.name=ci", "-c", "user.email=ci@localhost", "-C"])
+            .arg(&work)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", text(&out.stderr));
+        text(&out.stdout).trim().to_owned()
+    };
+    std::fs::create_dir_all(work.join("docker")).unwrap();
+    git(&["init", "-q"]);
+    std::fs::write(work.join("docker/Dockerfile"), format!("FROM {base}\nRUN echo one > /rev\n")).unwrap();
+    git(&["add", "."]);
+    git(&["commit", "-qm", "one"]);
+    let first = git(&["rev-parse", "HEAD"]);
+    std::fs::write(work.join("docker/Dockerfile"), "FROM scratch-the-tip-is-not-built\n").unwrap();
+    git(&["commit", "-qam", "two"]);
+    let bare = dir.join("git/owner/app.git");
+    std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
+    git(&["clone", "-q", "--bare", ".", bare.to_str().unwrap()]);
+    (format!("file://{}", dir.join("git").display()), first)
+}
+
 #[test]
 fn the_action_installs_braid_from_release_assets() {
     require_environment();
@@ -315,7 +347,14 @@ fn the_action_installs_braid_from_release_assets() {
 
     let registry = Registry::start(&dir.join("registry")).unwrap();
     let base = registry.push_base_image("base/busybox:latest").unwrap();
-    let farm = Farm::start(dir, &registry, &[AgentSpec::new("amd64-agent", &[])]).unwrap();
+    let private = Registry::start_with_auth(&dir.join("private"), "ci", LOGIN_PASSWORD).unwrap();
+    let farm = Farm::start_with(
+        dir,
+        Some(&registry.addr),
+        &[AgentSpec::new("amd64-agent", &[])],
+        &["--insecure-registry", &private.addr],
+    )
+    .unwrap();
     farm.wait_for_agents(1).unwrap();
     let ctx = dockerfile_context(dir, "app", &format!("FROM {base}\nRUN echo hi > /hi\n"));
     let tag = format!("{}/action/dl:1", registry.addr);
@@ -357,6 +396,43 @@ fn the_action_installs_braid_from_release_assets() {
     );
     assert!(log.contains("does not match") && log.contains("not installed"), "{log}");
     assert!(!cache.join("braid/9.9.8").exists(), "a mismatched binary was cached");
+
+    // As build-push-action's Git context: no context input, the workflow's
+    // commit (not the branch tip) fetched from GITHUB_SERVER_URL; pushed
+    // with the login docker/login-action left in $DOCKER_CONFIG.
+    let (server, first) = git_server(dir, &base);
+    let docker_config = dir.join("docker-config");
+    std::fs::create_dir_all(&docker_config).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("ci:{LOGIN_PASSWORD}"));
+    let config = format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, private.addr);
+    std::fs::write(docker_config.join("config.json"), config).unwrap();
+    let private_tag = format!("{}/action/git:1", private.addr);
+    let git_inputs: Vec<(&str, String)> = given
+        .iter()
+        .filter(|(k, _)| *k != "context" && *k != "tags")
+        .cloned()
+        .chain([("tags", private_tag.clone()), ("file", "docker/Dockerfile".to_owned())])
+        .collect();
+    let docker_config_s = docker_config.display().to_string();
+    let github = [
+        ("GITHUB_SERVER_URL", server.as_str()),
+        ("GITHUB_REPOSITORY", "owner/app"),
+        ("GITHUB_SHA", first.as_str()),
+        ("DOCKER_CONFIG", docker_config_s.as_str()),
+    ];
+    let run = run_action(dir, &borrow(&git_inputs), &[&runner[..], &github[..]].concat(), false);
+    assert!(run.out.status.success(), "{}", run.log());
+    assert!(run.log().contains(&format!("context: {server}/owner/app.git at {first}")), "{}", run.log());
+    let pushed = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false", "--creds", &format!("ci:{LOGIN_PASSWORD}")])
+        .arg(format!("docker://{private_tag}"))
+        .output()
+        .unwrap();
+    assert!(pushed.status.success(), "pushed with the forwarded login: {}", text(&pushed.stderr));
+    std::fs::write(dir.join("pushed-index"), &pushed.stdout).unwrap();
+    let sum = text(&Command::new("sha256sum").arg(dir.join("pushed-index")).output().unwrap().stdout);
+    assert_eq!(run.outputs["digest"], format!("sha256:{}", sum.split_whitespace().next().unwrap()));
+    assert!(!run.log().contains(LOGIN_PASSWORD) && !run.log().contains(&auth), "{}", run.log());
 
     // No such release, and no asset for the runner's architecture.
     let run = run_action(dir, &borrow(&inputs("9.9.7")), &runner, false);
@@ -536,6 +612,42 @@ fn action_and_workflows_pass_the_linters() {
     let names: Vec<String> = workflows.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
     for expected in ["release.yml", "app.yml", "elabftw.yml"] {
         assert!(names.iter().any(|n| n == expected), "{expected} missing: {names:?}");
+    }
+    // Each example's diff from its QEMU version is current, and is only
+    // this: the QEMU and buildx setup steps gone, `uses:` changed, and the
+    // farm's address and credentials added.
+    let examples = root.join("examples/github-actions");
+    for name in ["app", "elabftw"] {
+        let (before, after) = (format!("qemu/{name}.yml"), format!("{name}.yml"));
+        let out = Command::new("diff")
+            .args(["-u", "--label", &before, "--label", &after, &before, &after])
+            .current_dir(&examples)
+            .output()
+            .unwrap();
+        let diff = text(&out.stdout);
+        let recorded = std::fs::read_to_string(examples.join(format!("{name}.diff"))).unwrap();
+        assert_eq!(diff, recorded, "examples/github-actions/{name}.diff is stale");
+        let changed: Vec<&str> = diff
+            .lines()
+            .filter(|l| (l.starts_with('-') || l.starts_with('+')) && !l.starts_with("---") && !l.starts_with("+++"))
+            .map(str::trim)
+            .collect();
+        assert_eq!(
+            changed,
+            [
+                "-      - name: Set up QEMU",
+                "-        uses: docker/setup-qemu-action@v3",
+                "-      - name: Set up Docker Buildx",
+                "-        uses: docker/setup-buildx-action@v3",
+                "-        uses: docker/build-push-action@v6",
+                "+        uses: braid-build/braid@v1",
+                "+          coordinator: ${{ vars.BRAID_COORDINATOR }}",
+                "+          token: ${{ secrets.BRAID_TOKEN }}",
+                "+          ca: ${{ vars.BRAID_CA }}",
+            ]
+            .map(str::trim),
+            "{name}: {diff}"
+        );
     }
     let check = |schema: &str, files: &[PathBuf]| {
         let out = Command::new("check-jsonschema").args(["--builtin-schema", schema]).args(files).output().unwrap();
