@@ -240,9 +240,7 @@ fn bad_inputs_fail_the_step_naming_the_input() {
 }
 
 /// Serves `files` (URL path -> bytes) on loopback, counting requests.
-fn serve(files: BTreeMap<String, Vec<u8>>) -> (String, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+fn serve(listener: TcpListener, files: BTreeMap<String, Vec<u8>>) -> Arc<Mutex<Vec<String>>> {
     let requests = Arc::new(Mutex::new(Vec::new()));
     let seen = requests.clone();
     std::thread::spawn(move || {
@@ -259,15 +257,19 @@ fn serve(files: BTreeMap<String, Vec<u8>>) -> (String, Arc<Mutex<Vec<String>>>) 
             }
             let path = request.split_whitespace().nth(1).unwrap_or("").to_owned();
             seen.lock().unwrap().push(path.clone());
-            let (status, body) = match files.get(&path) {
-                Some(body) => ("200 OK", body.clone()),
-                None => ("404 Not Found", b"not found".to_vec()),
+            // As GitHub: releases/latest redirects to the newest release's tag.
+            let (status, body, location) = match files.get(&path) {
+                Some(body) if path == "/latest" => ("302 Found", Vec::new(), text(body)),
+                Some(body) => ("200 OK", body.clone(), String::new()),
+                None => ("404 Not Found", b"not found".to_vec(), String::new()),
             };
-            let head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let location = if location.is_empty() { location } else { format!("Location: {location}\r\n") };
+            let head =
+                format!("HTTP/1.1 {status}\r\n{location}Content-Length: {}\r\nConnection: close\r\n\r\n", body.len());
             let _ = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(&body));
         }
     });
-    (url, requests)
+    requests
 }
 
 fn borrow<'a>(inputs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
@@ -334,13 +336,17 @@ fn the_action_installs_braid_from_release_assets() {
     let (good, good_sum) = release_tarball(dir, "9.9.9", target);
     let (bad, _) = release_tarball(dir, "9.9.8", target);
     let wrong_sum = format!("{}  braid-9.9.8-{target}.tar.gz\n", "0".repeat(64));
-    let files = BTreeMap::from([
+    let mut files = BTreeMap::from([
         (format!("/download/v9.9.9/braid-9.9.9-{target}.tar.gz"), good),
         (format!("/download/v9.9.9/braid-9.9.9-{target}.tar.gz.sha256"), good_sum.into_bytes()),
         (format!("/download/v9.9.8/braid-9.9.8-{target}.tar.gz"), bad),
         (format!("/download/v9.9.8/braid-9.9.8-{target}.tar.gz.sha256"), wrong_sum.into_bytes()),
     ]);
-    let (url, requests) = serve(files);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    files.insert("/latest".to_owned(), format!("{url}/tag/v9.9.9").into_bytes());
+    files.insert("/tag/v9.9.9".to_owned(), b"the release page".to_vec());
+    let requests = serve(listener, files);
     let cache = dir.join("toolcache");
     let cache_s = cache.display().to_string();
     let runner = [("RUNNER_OS", "Linux"), ("RUNNER_ARCH", "X64"), ("RUNNER_TOOL_CACHE", cache_s.as_str())];
@@ -385,6 +391,13 @@ fn the_action_installs_braid_from_release_assets() {
     assert!(run.out.status.success(), "{}", run.log());
     assert!(run.log().contains("braid 9.9.9 from the tool cache"), "{}", run.log());
     assert_eq!(requests.lock().unwrap().len(), fetched);
+
+    // version: latest (the default) follows releases/latest to v9.9.9, cached.
+    let latest: Vec<(&str, String)> = given.iter().filter(|(k, _)| *k != "version").cloned().collect();
+    let run = run_action(dir, &borrow(&latest), &runner, false);
+    assert!(run.out.status.success(), "{}", run.log());
+    assert!(run.log().contains("braid 9.9.9 from the tool cache"), "{}", run.log());
+    assert_eq!(requests.lock().unwrap()[fetched..], ["/latest", "/tag/v9.9.9"]);
 
     // A tarball that does not match its sha256 is not installed.
     let run = run_action(dir, &borrow(&inputs("9.9.8")), &runner, false);

@@ -317,6 +317,8 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     } else {
         Vec::new()
     };
+    // Listening from before the submit: a signal during it still cancels.
+    let mut stop = if args.detach { None } else { Some(StopSignals::listen()?) };
     let build_id = client
         .submit(proto::SubmitRequest { spec: Some(spec), credentials, secrets: secrets.clone() })
         .await?
@@ -335,8 +337,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     let _stop_ssh = AbortOnDrop(ssh_task);
     let outcome = tokio::select! {
         outcome = follow(&mut client, &build_id, &secrets, progress, &mut patience) => outcome?,
-        code = stop_signal() => {
-            let code = code?;
+        code = StopSignals::recv(&mut stop) => {
             crate::diag::warn(&format!("interrupted: cancelling build {build_id}"));
             let mut patience = Patience::new(reconnect::limit(args.timeout));
             let c = patience.connect(|| conn.builds()).await?;
@@ -379,15 +380,31 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     }
 }
 
-/// Waits for Ctrl-C (SIGINT) or SIGTERM, which a CI runner sends when a
-/// job is cancelled (GitHub Actions: SIGINT, then SIGTERM); either cancels
-/// the build on the farm. The exit code is the shell's for that signal.
-async fn stop_signal() -> anyhow::Result<i32> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.map(|()| 130).context("listening for Ctrl-C"),
-        _ = term.recv() => Ok(143),
+/// Ctrl-C (SIGINT) or SIGTERM, which a CI runner sends when a job is
+/// cancelled (GitHub Actions: SIGINT, then SIGTERM); either cancels the build
+/// on the farm. Once listened for, neither ends the process by itself.
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+        })
+    }
+
+    /// The shell's exit code for the signal that came (130, 143); never
+    /// returns without one (`None`: --detach, nothing listened for).
+    async fn recv(stop: &mut Option<Self>) -> i32 {
+        let Some(s) = stop else { return std::future::pending().await };
+        tokio::select! {
+            _ = s.interrupt.recv() => 130,
+            _ = s.terminate.recv() => 143,
+        }
     }
 }
 
