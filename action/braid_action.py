@@ -415,7 +415,6 @@ def explain_refusal(tail):
         if flag and flag.startswith("--"):
             flags.setdefault(flag, []).append(name)
     flags["--allow-emulation"], flags["--timeout"] = ["allow-emulation"], ["timeout"]
-    flags["--platform"].append("platforms")
     named = []
     for flag, names in flags.items():
         if flag in message:

