@@ -14,6 +14,7 @@ mod ops;
 mod output;
 mod reconnect;
 mod secrets;
+mod source;
 mod ssh;
 mod tokens;
 mod upload;
