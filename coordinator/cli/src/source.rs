@@ -374,8 +374,12 @@ async fn fetch_git(git: &GitSource, keep_git_dir: bool) -> anyhow::Result<Fetche
 async fn fetch_git_inner(git: &GitSource, keep_git_dir: bool) -> anyhow::Result<Fetched> {
     let dir = tempfile::Builder::new().prefix("braid-git-").tempdir()?;
     let repo = dir.path().join("repo");
-    let runner =
-        Git { repo: repo.clone(), credentials: git.credentials.clone(), scrub: Scrub::new(git.credentials.as_ref()) };
+    let runner = Git {
+        repo: repo.clone(),
+        remote: git.remote.clone(),
+        credentials: git.credentials.clone(),
+        scrub: Scrub::new(git.credentials.as_ref()),
+    };
     runner.run_in(dir.path(), &["init", "-q", "repo"]).await?;
     let want = if git.git_ref.is_empty() { "HEAD" } else { git.git_ref.as_str() };
     let remote = git.remote.as_str();
@@ -395,7 +399,7 @@ async fn fetch_git_inner(git: &GitSource, keep_git_dir: bool) -> anyhow::Result<
                         "+refs/tags/*:refs/tags/*",
                     ])
                     .await
-                    .map_err(|e| e.context(format!("{shallow:#}")))?;
+                    .map_err(|e| after(e, &shallow))?;
                 let spec = format!("{want}^{{commit}}");
                 runner
                     .run(&["rev-parse", "--verify", "-q", &spec])
@@ -403,10 +407,7 @@ async fn fetch_git_inner(git: &GitSource, keep_git_dir: bool) -> anyhow::Result<
                     .map_err(|_| anyhow::anyhow!("fetching {remote}: no commit {want} in the repository"))?
             } else {
                 // A server that refuses shallow fetches.
-                runner
-                    .run(&["fetch", "-q", "--no-tags", "--", remote, want])
-                    .await
-                    .map_err(|e| e.context(format!("{shallow:#}")))?;
+                runner.run(&["fetch", "-q", "--no-tags", "--", remote, want]).await.map_err(|e| after(e, &shallow))?;
                 runner.run(&["rev-parse", "--verify", "FETCH_HEAD^{commit}"]).await?
             }
         }
@@ -419,6 +420,7 @@ async fn fetch_git_inner(git: &GitSource, keep_git_dir: bool) -> anyhow::Result<
     if git.submodules != Some(false) && repo.join(".gitmodules").is_file() {
         runner.run(&["submodule", "update", "-q", "--init", "--recursive", "--depth", "1"]).await?;
     }
+    let time = runner.run(&["show", "-s", "--format=%ct", &commit]).await?.trim().parse::<i64>().unwrap_or(0);
     let sub = git.subdir.trim_start_matches('/');
     let root = if sub.is_empty() { repo.clone() } else { repo.join(sub) };
     let canonical_repo = repo.canonicalize()?;
@@ -429,7 +431,45 @@ async fn fetch_git_inner(git: &GitSource, keep_git_dir: bool) -> anyhow::Result<
     if !keep_git_dir {
         std::fs::remove_dir_all(repo.join(".git")).context("removing the clone's .git")?;
     }
+    // A checkout's times are the clock's: the commit's time instead, so the
+    // same commit packs to the same context and is uploaded once.
+    let walk_root = repo.clone();
+    tokio::task::spawn_blocking(move || set_times(&walk_root, time)).await??;
     Ok(Fetched { dir, root, commit })
+}
+
+/// The error of a second attempt, with the first's when it said something else.
+fn after(second: anyhow::Error, first: &anyhow::Error) -> anyhow::Error {
+    let (a, b) = (format!("{first:#}"), format!("{second:#}"));
+    if a == b { second } else { anyhow::anyhow!("{b} (a shallow fetch first: {a})") }
+}
+
+/// Sets the modification (and access) time of everything under `dir`,
+/// links themselves included, to `seconds` since the epoch.
+fn set_times(dir: &Path, seconds: i64) -> anyhow::Result<()> {
+    use rustix::fs::{AtFlags, CWD, Timespec, Timestamps, utimensat};
+    let at = Timespec { tv_sec: seconds, tv_nsec: 0 };
+    let times = Timestamps { last_access: at, last_modification: at };
+    let mut stack = vec![dir.to_owned()];
+    let mut dirs = Vec::new();
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("reading {d:?}"))? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                stack.push(path.clone());
+                dirs.push(path);
+            } else {
+                utimensat(CWD, &path, &times, AtFlags::SYMLINK_NOFOLLOW)
+                    .with_context(|| format!("setting the time of {path:?}"))?;
+            }
+        }
+    }
+    // Directories last (deepest first), since writing in one changes its time.
+    for d in dirs.iter().rev().chain(std::iter::once(&dir.to_owned())) {
+        utimensat(CWD, d, &times, AtFlags::SYMLINK_NOFOLLOW).with_context(|| format!("setting the time of {d:?}"))?;
+    }
+    Ok(())
 }
 
 /// Runs the user's git (their configuration, ssh agent and credential
@@ -437,6 +477,8 @@ async fn fetch_git_inner(git: &GitSource, keep_git_dir: bool) -> anyhow::Result<
 /// through the environment, never the command line.
 struct Git {
     repo: PathBuf,
+    /// The remote (no credentials), for messages.
+    remote: String,
     credentials: Option<Credentials>,
     scrub: Scrub,
 }
@@ -474,7 +516,7 @@ impl Git {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let stderr = braid_shared::shorten(stderr.trim(), 2000);
             let what = args.iter().find(|a| !a.starts_with('-') && !a.contains('=')).unwrap_or(&"");
-            bail!("git {what} failed ({}): {}", out.status, self.scrub.apply(&stderr));
+            bail!("fetching {}: git {what} failed ({}): {}", self.remote, out.status, self.scrub.apply(&stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
