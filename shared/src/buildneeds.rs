@@ -89,10 +89,13 @@ fn source(name: &str, value: &str, local_allowed: bool) -> Result<ContextSource,
         let d = digest.parse().map_err(|e| refuse(format!("--build-context {name}: {e}")))?;
         return Ok(ContextSource::Uploaded(d));
     }
-    let remote = matches!(
-        crate::source::classify(value, |d| local_allowed && std::path::Path::new(d).is_dir()),
-        Ok(crate::source::Source::Git(_) | crate::source::Source::Http(_))
-    );
+    let remote = match crate::source::classify(value, |d| local_allowed && std::path::Path::new(d).is_dir()) {
+        Ok(crate::source::Source::Git(_) | crate::source::Source::Http(_)) => true,
+        Err(e) if local_allowed && crate::source::looks_remote(value) => {
+            return Err(refuse(format!("--build-context {name}: {e}")));
+        }
+        _ => false,
+    };
     if remote && local_allowed {
         return Ok(ContextSource::Remote(value.to_owned()));
     }
@@ -252,6 +255,7 @@ mod tests {
             ("-x=dir", "invalid name"),
             ("x=", "expected a local directory"),
             ("x=ftp://u:hidden@h/a/b.git", "ftp:// contexts are not supported"),
+            ("x=https://h/r.git?tag=a&branch=b", "branch conflicts with tag"),
             ("x=oci-layout:///tmp/l", "oci-layout:// contexts are not supported"),
             ("x=docker-image://Bad", "invalid image reference"),
         ] {

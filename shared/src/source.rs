@@ -121,6 +121,16 @@ pub fn classify(arg: &str, is_dir: impl Fn(&str) -> bool) -> Result<Source, Sour
     Ok(Source::Local(arg.to_owned()))
 }
 
+/// Whether `arg` is written as a git or http(s) source (its scheme, or
+/// buildx's `github.com/` and `user@host:` forms), valid or not: what is
+/// wrong with it is then `classify`'s error, not "not a directory".
+pub fn looks_remote(arg: &str) -> bool {
+    match scheme_of(arg) {
+        Some((scheme, _)) => matches!(scheme.as_str(), "http" | "https" | "ssh" | "git"),
+        None => arg.starts_with("github.com/") || matches!(scp_like(arg), Ok(Some(_)) | Err(_)),
+    }
+}
+
 /// `scheme://` at the start (RFC 3986's characters, so `docker-image://` is
 /// refused by name rather than taken for a path), lowercased.
 fn scheme_of(arg: &str) -> Option<(String, &str)> {
@@ -371,7 +381,8 @@ fn check_git(arg: &str, git: &GitSource) -> Result<(), SourceError> {
     {
         return Err(bad(arg, format!("invalid git ref {:?}", crate::shorten(r, 100))));
     }
-    if !git.checksum.is_empty() && !(git.checksum.len() <= 64 && git.checksum.chars().all(|c| c.is_ascii_hexdigit())) {
+    let hex = git.checksum.len() <= 64 && git.checksum.chars().all(|c| c.is_ascii_hexdigit());
+    if !hex {
         return Err(bad(arg, "checksum: expected a commit id (hexadecimal)"));
     }
     if git.subdir.contains('\0') || git.subdir.split('/').any(|c| c == "..") {
@@ -580,6 +591,8 @@ mod tests {
         }
         assert_eq!(kind("https://host/repo.git#:../../etc"), "error");
         assert_eq!(kind("https://host/repo.git#-upload-pack=x"), "error");
+        assert!(looks_remote("https://h/x.git?bad=1") && looks_remote("git@h:r") && !looks_remote("./dir"));
+        assert!(!looks_remote("oci-layout:///x") && !looks_remote("dir"));
         // A local directory named like buildx's path-looking git forms wins.
         assert!(matches!(classify("github.com/o/r", |_| true).unwrap(), Source::Local(_)));
     }

@@ -293,6 +293,14 @@ fn git_http_and_stdin_contexts_build_like_buildx() {
     let out = case.build("anonymous", &[&format!("{http_git}#main")], None);
     assert!(!out.status.success() && text(&out).contains(&http_git), "{}", text(&out));
 
+    // --- No git on this machine: refused before anything is sent, naming the package.
+    let no_git = dir.join("no-git-bin");
+    std::fs::create_dir_all(&no_git).unwrap();
+    let out = farm
+        .braid_env(&["build", "--platform", "linux/amd64", &format!("{daemon}#main")], &[("PATH", &no_git)])
+        .unwrap();
+    assert!(!out.status.success() && text(&out).contains("install the git package"), "{}", text(&out));
+
     // --- A gzip tarball over http(s): unpacked as the context.
     let tarball = dir.join("tarball");
     write(&tarball, "Dockerfile", "FROM scratch\nCOPY . /tar/\n");
