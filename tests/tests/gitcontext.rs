@@ -282,7 +282,9 @@ fn git_http_and_stdin_contexts_build_like_buildx() {
         assert!(out.status.success(), "{what:?}: {}", text(&out));
         assert!(!text(&out).contains(PASSWORD), "{what:?} shows the password: {}", text(&out));
     }
-    assert!(!farm.log("coordinator").contains(PASSWORD), "the coordinator logged the password");
+    for log in ["coordinator", "amd64-agent", "git-daemon", "http"] {
+        assert!(!farm.log(log).contains(PASSWORD), "{log} logged the password");
+    }
 
     // --- A wrong password fails before anything is submitted, and is not shown either.
     let wrong = format!("http://braid:wrongpass9@127.0.0.1:{http_port}/git/repo.git#main");

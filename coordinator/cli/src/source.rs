@@ -381,23 +381,18 @@ async fn fetch_git_inner(git: &GitSource, keep_git_dir: bool) -> anyhow::Result<
         scrub: Scrub::new(git.credentials.as_ref()),
     };
     runner.run_in(dir.path(), &["init", "-q", "repo"]).await?;
-    let want = if git.git_ref.is_empty() { "HEAD" } else { git.git_ref.as_str() };
+    // An origin (without credentials), so that relative submodule URLs resolve against it.
     let remote = git.remote.as_str();
-    let commit = match runner.run(&["fetch", "-q", "--depth", "1", "--no-tags", "--", remote, want]).await {
+    runner.run(&["remote", "add", "origin", remote]).await?;
+    let want = if git.git_ref.is_empty() { "HEAD" } else { git.git_ref.as_str() };
+    let commit = match runner.run(&["fetch", "-q", "--depth", "1", "--no-tags", "origin", want]).await {
         Ok(_) => runner.run(&["rev-parse", "--verify", "FETCH_HEAD^{commit}"]).await?,
         Err(shallow) => {
             let hex = want.len() >= 4 && want.chars().all(|c| c.is_ascii_hexdigit());
             if hex {
                 // A commit the server would not send alone: everything, then that commit.
                 runner
-                    .run(&[
-                        "fetch",
-                        "-q",
-                        "--",
-                        remote,
-                        "+refs/heads/*:refs/remotes/origin/*",
-                        "+refs/tags/*:refs/tags/*",
-                    ])
+                    .run(&["fetch", "-q", "origin", "+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"])
                     .await
                     .map_err(|e| after(e, &shallow))?;
                 let spec = format!("{want}^{{commit}}");
@@ -407,7 +402,7 @@ async fn fetch_git_inner(git: &GitSource, keep_git_dir: bool) -> anyhow::Result<
                     .map_err(|_| anyhow::anyhow!("fetching {remote}: no commit {want} in the repository"))?
             } else {
                 // A server that refuses shallow fetches.
-                runner.run(&["fetch", "-q", "--no-tags", "--", remote, want]).await.map_err(|e| after(e, &shallow))?;
+                runner.run(&["fetch", "-q", "--no-tags", "origin", want]).await.map_err(|e| after(e, &shallow))?;
                 runner.run(&["rev-parse", "--verify", "FETCH_HEAD^{commit}"]).await?
             }
         }
@@ -436,6 +431,13 @@ async fn fetch_git_inner(git: &GitSource, keep_git_dir: bool) -> anyhow::Result<
     let walk_root = repo.clone();
     tokio::task::spawn_blocking(move || set_times(&walk_root, time)).await??;
     Ok(Fetched { dir, root, commit })
+}
+
+/// `host[:port]` of a `scheme://host[:port]/path` remote, as git's credential
+/// protocol names it.
+fn host_of(remote: &str) -> &str {
+    let rest = remote.split_once("://").map_or(remote, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest)
 }
 
 /// The error of a second attempt, with the first's when it said something else.
@@ -483,7 +485,10 @@ struct Git {
     scrub: Scrub,
 }
 
-const CREDENTIAL_HELPER: &str = "!f() { test \"$1\" = get && printf 'username=%s\\npassword=%s\\n' \"$BRAID_GIT_USERNAME\" \"$BRAID_GIT_PASSWORD\"; }; f";
+/// Answers `get` for the URL's own host only (never a submodule's elsewhere).
+const CREDENTIAL_HELPER: &str = "!f() { test \"$1\" = get || exit 0; h=; while IFS= read -r l; do case \"$l\" in \
+     host=*) h=\"${l#host=}\";; esac; done; test \"$h\" = \"$BRAID_GIT_HOST\" && printf 'username=%s\\npassword=%s\\n' \
+     \"$BRAID_GIT_USERNAME\" \"$BRAID_GIT_PASSWORD\"; }; f";
 
 impl Git {
     async fn run(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -496,6 +501,7 @@ impl Git {
         if let Some(c) = &self.credentials {
             cmd.args(["-c", "credential.helper=", "-c"])
                 .arg(format!("credential.helper={CREDENTIAL_HELPER}"))
+                .env("BRAID_GIT_HOST", host_of(&self.remote))
                 .env("BRAID_GIT_USERNAME", &c.username)
                 .env("BRAID_GIT_PASSWORD", &c.password);
         }
@@ -533,6 +539,29 @@ mod tests {
         let s = Scrub::new(Some(&c));
         let out = s.apply("fatal: https://alice:s3cr3t%21@h/r.git said s3cr3t! to alice");
         assert_eq!(out, "fatal: https://h/r.git said *** to ***");
+    }
+
+    #[test]
+    fn the_credential_helper_answers_for_the_urls_host() {
+        assert_eq!(host_of("https://h.example:8443/o/r.git"), "h.example:8443");
+        assert_eq!(host_of("http://[::1]:9/r.git"), "[::1]:9");
+        let helper = CREDENTIAL_HELPER.trim_start_matches('!');
+        let ask = |host: &str| {
+            let mut child = std::process::Command::new("sh")
+                .args(["-c", &format!("{helper} get"), "sh"])
+                .env("BRAID_GIT_HOST", "h.example:8443")
+                .env("BRAID_GIT_USERNAME", "u")
+                .env("BRAID_GIT_PASSWORD", "p w")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let input = format!("protocol=https\nhost={host}\n\n");
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+            String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+        };
+        assert_eq!(ask("h.example:8443"), "username=u\npassword=p w\n");
+        assert_eq!(ask("elsewhere.example"), "");
     }
 
     #[test]
