@@ -217,6 +217,9 @@ fn empty_with_dockerfile(contents: Vec<u8>) -> anyhow::Result<PreparedContext> {
     if contents.len() > limits::DOCKERFILE_BYTES {
         bail!("Dockerfile larger than {} bytes", limits::DOCKERFILE_BYTES);
     }
+    if contents.iter().all(u8::is_ascii_whitespace) {
+        bail!("the Dockerfile is empty (expected a Dockerfile or a tar)");
+    }
     let empty = tempfile::tempdir()?;
     let mut tar = tempfile::NamedTempFile::new()?;
     let summary = {
@@ -599,6 +602,10 @@ mod tests {
             unpack_archive(want, &bytes[..], dir.path()).unwrap();
             assert_eq!(std::fs::read(dir.path().join("hello.txt")).unwrap(), b"hello", "{want:?}");
         }
+        assert!(empty_with_dockerfile(b" \n".to_vec()).err().unwrap().to_string().contains("empty"));
+        let p = empty_with_dockerfile(b"FROM scratch\n".to_vec()).unwrap();
+        assert!(matches!(p.dockerfile, DockerfileSource::Inline(ref d) if d == b"FROM scratch\n"));
+        assert_eq!(p.summary.entries, 0);
         let mut bounded = Bounded { inner: &[0u8; 100][..], left: 10 };
         assert!(std::io::copy(&mut bounded, &mut std::io::sink()).is_err());
     }
