@@ -259,10 +259,20 @@ fn git_http_and_stdin_contexts_build_like_buildx() {
     assert_eq!(annotation(&index, "org.opencontainers.image.revision"), v2);
     assert_eq!(annotation(&index, "org.opencontainers.image.source"), "mine");
 
-    // --- An older commit by its id (not a ref the server advertises).
-    let (index, _) = case.built("commit", &[&format!("{daemon}#{first}")], None);
+    // --- An older commit by a short id (no server sends that alone: a full fetch, then the commit).
+    let (index, _) = case.built("commit", &[&format!("{daemon}#{}", &first[..10])], None);
     assert_eq!(case.file("commit", &index, "ctx/version.txt"), "one");
     assert_eq!(annotation(&index, "org.opencontainers.image.revision"), first);
+
+    // --- By full id in the query form, over http, keeping the .git directory.
+    let (index, _) = case.built("keep-git-dir", &[&format!("{with_password}?commit={first}&keep-git-dir=true")], None);
+    let listed = case.files("keep-git-dir", &index);
+    assert!(
+        listed.contains(&"ctx/.git/HEAD".to_owned()) && listed.contains(&"ctx/version.txt".to_owned()),
+        "{listed:?}"
+    );
+    let config = case.file("keep-git-dir", &index, "ctx/.git/config");
+    assert!(config.contains(&http_git) && !config.contains(PASSWORD), "{config}");
 
     // --- Over http with a password in the URL: a subdirectory is the context, its
     // .dockerignore applies and -f is relative to it. The password reaches git only.
