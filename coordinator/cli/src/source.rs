@@ -81,6 +81,13 @@ pub async fn main_context(
                 if let Some(f) = &file {
                     bail!("-f {f}: {} is a Dockerfile, not a tarball, so -f has nothing to name (drop it)", http.shown);
                 }
+                if bytes > limits::DOCKERFILE_BYTES as u64 {
+                    bail!(
+                        "{}: neither a tar (plain, gzip, bzip2, xz or zstd) nor a Dockerfile (over {} bytes)",
+                        http.shown,
+                        limits::DOCKERFILE_BYTES
+                    );
+                }
                 let dockerfile = std::fs::read(&download)?;
                 tokio::task::spawn_blocking(move || empty_with_dockerfile(dockerfile)).await??
             } else {
