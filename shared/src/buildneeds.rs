@@ -44,6 +44,9 @@ pub enum ContextSource {
     Uploaded(crate::Digest),
     /// A local directory (the CLI's side only: it uploads it).
     Local(String),
+    /// A git URL or an `http(s)://` URL (the CLI's side only: it fetches
+    /// and uploads it, see `crate::source`).
+    Remote(String),
 }
 
 /// The scheme of an uploaded named context.
@@ -86,17 +89,33 @@ fn source(name: &str, value: &str, local_allowed: bool) -> Result<ContextSource,
         let d = digest.parse().map_err(|e| refuse(format!("--build-context {name}: {e}")))?;
         return Ok(ContextSource::Uploaded(d));
     }
+    let remote = match crate::source::classify(value, |d| local_allowed && std::path::Path::new(d).is_dir()) {
+        Ok(crate::source::Source::Git(_) | crate::source::Source::Http(_)) => true,
+        Err(e) if local_allowed && crate::source::looks_remote(value) => {
+            return Err(refuse(format!("--build-context {name}: {e}")));
+        }
+        _ => false,
+    };
+    if remote && local_allowed {
+        return Ok(ContextSource::Remote(value.to_owned()));
+    }
+    if remote {
+        return Err(refuse(format!(
+            "--build-context {name}={}: git and http(s) contexts are fetched by the CLI, not sent",
+            crate::shorten(&crate::source::redact(value), 80)
+        )));
+    }
     if let Some((scheme, _)) = value.split_once("://") {
         return Err(refuse(format!(
-            "--build-context {name}={}: {scheme}:// contexts are not supported; give a local directory or \
-             docker-image://REF",
-            crate::shorten(value, 80)
+            "--build-context {name}={}: {scheme}:// contexts are not supported; give a local directory, a git URL, \
+             an http(s):// URL or docker-image://REF",
+            crate::shorten(&crate::source::redact(value), 80)
         )));
     }
     if value.is_empty() || value.contains('\0') || value.len() > limits::CONTEXT_PATH_BYTES || !local_allowed {
         return Err(refuse(format!(
             "--build-context {name}={:?}: expected a local directory or docker-image://REF",
-            crate::shorten(value, 80)
+            crate::shorten(&crate::source::redact(value), 80)
         )));
     }
     Ok(ContextSource::Local(value.to_owned()))
@@ -222,11 +241,21 @@ mod tests {
         assert!(matches!(src, ContextSource::Image(_)));
         assert_eq!(parse_build_context("src=./lib").unwrap().1, ContextSource::Local("./lib".into()));
         assert_eq!(parse_build_context("a=b=c").unwrap().1, ContextSource::Local("b=c".into()));
+        for remote in ["https://github.com/a/b.git#main", "git@h:o/r.git", "https://h/ctx.tar.gz", "git://h/r"] {
+            let value = format!("x={remote}");
+            assert_eq!(parse_build_context(&value).unwrap().1, ContextSource::Remote(remote.into()));
+        }
+        // The coordinator and the agent never take one: the CLI sends it as an upload.
+        let e = check_build_contexts(&[proto::NamedContext { name: "x".into(), value: "https://u:pw@h/r.git".into() }])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fetched by the CLI") && !e.contains("pw"), "{e}");
         for (bad, want) in [
             ("noequals", "expected NAME=VALUE"),
             ("-x=dir", "invalid name"),
             ("x=", "expected a local directory"),
-            ("x=https://github.com/a/b.git", "https:// contexts are not supported"),
+            ("x=ftp://u:hidden@h/a/b.git", "ftp:// contexts are not supported"),
+            ("x=https://h/r.git?tag=a&branch=b", "branch conflicts with tag"),
             ("x=oci-layout:///tmp/l", "oci-layout:// contexts are not supported"),
             ("x=docker-image://Bad", "invalid image reference"),
         ] {

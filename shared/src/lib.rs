@@ -29,6 +29,7 @@ pub mod provenance;
 pub mod reference;
 pub mod secrets;
 pub mod settings;
+pub mod source;
 pub mod ssh;
 pub mod telemetry;
 

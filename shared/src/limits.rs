@@ -8,6 +8,8 @@ pub const CONTEXT_CHUNK_BYTES: usize = 1 << 20;
 pub const CONTEXT_BYTES: u64 = 4 << 30;
 /// Bound on a context's entries.
 pub const CONTEXT_ENTRIES: u64 = 1_000_000;
+/// Longest fetch of a remote context (a git clone, an http(s) download), in seconds.
+pub const REMOTE_CONTEXT_SECONDS: u64 = 600;
 /// Longest path inside a context.
 pub const CONTEXT_PATH_BYTES: usize = 4096;
 /// Platforms in one build.

@@ -63,7 +63,7 @@ pub(super) async fn fetch_build_contexts(
     let mut out = Vec::new();
     for (i, (named, source)) in spec.build_contexts.iter().zip(sources).enumerate() {
         let value = match source {
-            ContextSource::Image(_) | ContextSource::Local(_) => named.value.clone(),
+            ContextSource::Image(_) | ContextSource::Local(_) | ContextSource::Remote(_) => named.value.clone(),
             ContextSource::Uploaded(digest) => {
                 let compressed = env
                     .cache

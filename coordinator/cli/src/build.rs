@@ -27,7 +27,8 @@ pub struct BuildArgs {
     /// Image name and tag, e.g. registry:5000/app:1 (repeatable)
     #[arg(short = 't', long = "tag", value_name = "NAME")]
     tags: Vec<String>,
-    /// Dockerfile, relative to the working directory; "-" reads stdin [default: PATH/Dockerfile]
+    /// Dockerfile, relative to the working directory (to the context's root for a git or http(s) context); "-"
+    /// reads stdin [default: PATH/Dockerfile]
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     file: Option<String>,
     /// Build-time variable KEY=VALUE, or KEY to take its value from the environment (repeatable)
@@ -120,8 +121,13 @@ pub struct BuildArgs {
     /// to its own repository REF-OS-ARCH[-VARIANT]) or type=inline (Docker Engine agents with BuildKit)
     #[arg(long = "cache-to", value_name = "CACHE")]
     cache_to: Vec<String>,
-    /// Build context directory, or "-" to read a tar from stdin
-    #[arg(value_name = "PATH")]
+    /// Build context, as buildx takes it: a directory; a git URL (https://host/org/repo.git#REF:SUBDIR,
+    /// git@host:org/repo.git#REF, ssh://..., git://..., github.com/org/repo; BuildKit's ?ref=, ?tag=, ?branch=,
+    /// ?subdir=, ?checksum=, ?keep-git-dir=, ?submodules= too) cloned here by your git with its own
+    /// authentication, -f then relative to SUBDIR; an http(s):// URL of a tarball (tar, gzip, bzip2, xz, zstd) or
+    /// of a Dockerfile (an empty context); or "-": a tar, or a Dockerfile, on stdin. Credentials in a URL
+    /// (https://user:token@...) are used but never shown or stored
+    #[arg(value_name = "PATH|URL|-")]
     path: PathBuf,
 }
 
@@ -235,16 +241,8 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     let mut patience = Patience::new(reconnect::limit(args.timeout));
     let mut client = patience.connect(|| conn.builds()).await?;
 
-    let context_dir = args.path.clone();
-    let file = args.file.clone();
-    let prepared = tokio::task::spawn_blocking(move || {
-        if context_dir.as_os_str() == "-" {
-            upload::prepare_stdin(file.as_deref())
-        } else {
-            upload::prepare(&context_dir, file.as_deref())
-        }
-    })
-    .await??;
+    let resolved = crate::source::main_context(&args.path, args.file.as_deref(), &build_args, &say).await?;
+    let prepared = resolved.prepared;
     say(format!(
         "#1 context {} ({} bytes, {} entries)",
         prepared.summary.digest, prepared.summary.size, prepared.summary.entries
@@ -265,8 +263,12 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         let secs = started.elapsed().as_secs_f64().max(1e-3);
         say(format!("#1 context uploaded ({sent} bytes compressed, {:.1}s, {})", secs, rate(sent as f64 / secs)));
     }
-    if args.path.as_os_str() != "-" && outputs.format == "oci" {
-        annotations.extend(default_annotations(&args.path, &annotations.clone()));
+    if outputs.format == "oci" {
+        if let Some((remote, commit)) = &resolved.git {
+            annotations.extend(crate::source::git_annotations(remote, commit, &annotations.clone()));
+        } else if resolved.local {
+            annotations.extend(default_annotations(&args.path, &annotations.clone()));
+        }
     }
     if !outputs.push && !outputs.exports() {
         say(

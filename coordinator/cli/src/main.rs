@@ -15,6 +15,7 @@ mod ops;
 mod output;
 mod reconnect;
 mod secrets;
+mod source;
 mod ssh;
 mod tokens;
 mod upload;

@@ -19,7 +19,8 @@ use crate::upload::{self, DockerfileSource, PreparedContext};
 
 #[derive(Debug, clap::Args)]
 pub struct NeedsArgs {
-    /// Additional build context NAME=VALUE (repeatable): a local directory (uploaded as its own context) or
+    /// Additional build context NAME=VALUE (repeatable): a local directory (uploaded as its own context), a git
+    /// URL (fetched here like the main context), an http(s):// URL (its file, named "context", as BuildKit) or
     /// docker-image://REF; the Dockerfile uses it as `COPY --from=NAME` or `FROM NAME` (buildah >= 1.27, podman
     /// >= 4.2)
     #[arg(long = "build-context", value_name = "NAME=VALUE")]
@@ -90,12 +91,11 @@ impl Checked {
                 ContextSource::Local(dir) => {
                     let dir = std::path::PathBuf::from(dir);
                     let prepared = tokio::task::spawn_blocking(move || prepare_dir(&dir)).await??;
-                    let sent = upload::ensure_uploaded(client, &prepared, Arc::new(AtomicU64::new(0))).await?;
-                    say(format!(
-                        "#1 build context {name}: {} ({} bytes, {} entries, {sent} bytes uploaded)",
-                        prepared.summary.digest, prepared.summary.size, prepared.summary.entries
-                    ));
-                    format!("{}{}", buildneeds::UPLOADED_SCHEME, prepared.summary.digest)
+                    send_named(client, name, &prepared, say).await?
+                }
+                ContextSource::Remote(url) => {
+                    let prepared = crate::source::named_context(name, url, say).await?;
+                    send_named(client, name, &prepared, say).await?
                 }
             };
             out.push(proto::NamedContext { name: name.clone(), value });
@@ -120,9 +120,24 @@ impl Checked {
     }
 }
 
+/// Uploads a named context (unless the coordinator has it); its spec value.
+async fn send_named(
+    client: &mut Builds,
+    name: &str,
+    prepared: &PreparedContext,
+    say: &impl Fn(String),
+) -> anyhow::Result<String> {
+    let sent = upload::ensure_uploaded(client, prepared, Arc::new(AtomicU64::new(0))).await?;
+    say(format!(
+        "#1 build context {name}: {} ({} bytes, {} entries, {sent} bytes uploaded)",
+        prepared.summary.digest, prepared.summary.size, prepared.summary.entries
+    ));
+    Ok(format!("{}{}", buildneeds::UPLOADED_SCHEME, prepared.summary.digest))
+}
+
 /// A named context directory as a context tar, filtered by its own
 /// `.dockerignore` as buildx does.
-fn prepare_dir(dir: &std::path::Path) -> anyhow::Result<PreparedContext> {
+pub(crate) fn prepare_dir(dir: &std::path::Path) -> anyhow::Result<PreparedContext> {
     let root = dir.canonicalize().with_context(|| format!("reading --build-context {dir:?}"))?;
     let ignore_file = root.join(".dockerignore");
     let ignore = match std::fs::read_to_string(&ignore_file) {

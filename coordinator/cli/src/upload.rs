@@ -32,21 +32,6 @@ pub struct PreparedContext {
     pub dockerfile: DockerfileSource,
 }
 
-/// `-` as the context: a tar on stdin, unpacked (safely, bounded) so that its
-/// `.dockerignore` and Dockerfile are handled like a directory's. `-f` then
-/// names a path inside the tar, as with `docker build - < ctx.tar`.
-pub fn prepare_stdin(dockerfile: Option<&str>) -> anyhow::Result<PreparedContext> {
-    if dockerfile == Some("-") {
-        bail!("the context and the Dockerfile cannot both come from stdin");
-    }
-    let dir = tempfile::tempdir()?;
-    context::unpack(std::io::stdin().lock(), dir.path(), ContextLimits::default())
-        .context("reading the context tar from stdin")?;
-    let inside = dir.path().join(dockerfile.unwrap_or("Dockerfile"));
-    let inside = inside.to_str().context("Dockerfile path is not UTF-8")?.to_owned();
-    prepare(dir.path(), Some(&inside))
-}
-
 /// Writes the context tar for `context_dir` with `dockerfile` (as given to
 /// `-f`, relative to the working directory; `-` for stdin).
 pub fn prepare(context_dir: &Path, dockerfile: Option<&str>) -> anyhow::Result<PreparedContext> {
