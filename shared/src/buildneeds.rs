@@ -286,7 +286,9 @@ fn provenance_attrs<'a>(flag: &str, fields: impl Iterator<Item = &'a str>) -> Re
 /// An SBOM is refused unless off: no agent's builder can make one.
 fn check_sbom(flag: &str, value: &str) -> Result<(), FlagError> {
     let off = parse_bool(value) == Some(false)
-        || value.split(',').any(|f| f.split_once('=').is_some_and(|(k, v)| k == "disabled" && parse_bool(v) == Some(true)));
+        || value
+            .split(',')
+            .any(|f| f.split_once('=').is_some_and(|(k, v)| k == "disabled" && parse_bool(v) == Some(true)));
     if off {
         return Ok(());
     }
@@ -301,11 +303,13 @@ impl Asked {
     /// The provenance a build makes: buildx's default is `mode=min` when
     /// pushing and none for `--load`/exports; `--format docker` cannot
     /// carry attestations, so its default is none and asking is refused.
-    pub fn resolve(&self, push: bool, format: &str) -> Result<Option<Provenance>, FlagError> {
+    /// A build that both pushes and exports makes none by default (the
+    /// exported index would lack what the pushed one lists).
+    pub fn resolve(&self, push: bool, exports: bool, format: &str) -> Result<Option<Provenance>, FlagError> {
         let docker = format == "docker";
         match self {
             Asked::Off => Ok(None),
-            Asked::Default => Ok((push && !docker).then_some(Provenance::DEFAULT)),
+            Asked::Default => Ok((push && !exports && !docker).then_some(Provenance::DEFAULT)),
             Asked::On(p, flag) => {
                 if docker {
                     return Err(refuse(format!(
@@ -317,6 +321,12 @@ impl Asked {
                     return Err(refuse(format!(
                         "{flag} needs --push: attestations are attached to the index in the registry, and an \
                          exported or loaded image carries none"
+                    )));
+                }
+                if exports {
+                    return Err(refuse(format!(
+                        "{flag} with --load or --output type=oci|docker: attestations go only to the registry's \
+                         index; push and export in two builds, or pass --provenance=false"
                     )));
                 }
                 Ok(Some(*p))
@@ -347,7 +357,7 @@ pub fn check_provenance_spec(spec: &proto::BuildSpec) -> Result<(), FlagError> {
         None => Ok(()),
         Some(p) => {
             let asked = Asked::On(p, format!("--provenance=mode={}", spec.provenance_mode));
-            asked.resolve(spec.push, &spec.format).map(drop)
+            asked.resolve(spec.push, spec.export, &spec.format).map(drop)
         }
     }
 }
@@ -444,14 +454,16 @@ mod tests {
 
     #[test]
     fn provenance_defaults_like_buildx_and_refuses_where_it_cannot_go() {
-        assert_eq!(Asked::Default.resolve(true, "oci").unwrap(), Some(Provenance::DEFAULT));
-        assert_eq!(Asked::Default.resolve(false, "oci").unwrap(), None, "--load and exports: none");
-        assert_eq!(Asked::Default.resolve(true, "docker").unwrap(), None, "--format docker: none");
-        assert_eq!(Asked::Off.resolve(true, "oci").unwrap(), None);
+        assert_eq!(Asked::Default.resolve(true, false, "oci").unwrap(), Some(Provenance::DEFAULT));
+        assert_eq!(Asked::Default.resolve(false, true, "oci").unwrap(), None, "--load and exports: none");
+        assert_eq!(Asked::Default.resolve(true, true, "oci").unwrap(), None, "push and export: none");
+        assert_eq!(Asked::Default.resolve(true, false, "docker").unwrap(), None, "--format docker: none");
+        assert_eq!(Asked::Off.resolve(true, false, "oci").unwrap(), None);
         let asked = parse_attestations(Some("true"), None, &[]).unwrap();
-        let e = asked.resolve(true, "docker").unwrap_err().to_string();
+        let e = asked.resolve(true, false, "docker").unwrap_err().to_string();
         assert!(e.contains("--provenance=true with --format docker"), "{e}");
-        assert!(asked.resolve(false, "oci").unwrap_err().to_string().contains("needs --push"));
+        assert!(asked.resolve(false, true, "oci").unwrap_err().to_string().contains("needs --push"));
+        assert!(asked.resolve(true, true, "oci").unwrap_err().to_string().contains("with --load or --output"));
         let mut spec = proto::BuildSpec { push: true, ..Default::default() };
         assert!(check_provenance_spec(&spec).is_ok());
         (spec.provenance_mode, spec.provenance_version) = Provenance::DEFAULT.to_spec();

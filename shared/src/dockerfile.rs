@@ -149,7 +149,10 @@ fn from(scan: &mut Scan, rest: &str) {
     }
     let stage = scan.stages.iter().rev().skip(usize::from(words.len() > 2)).any(|s| s.eq_ignore_ascii_case(image));
     let known = scan.base_images.iter().any(|b| b == image);
-    if stage || known || image.eq_ignore_ascii_case("scratch") || scan.base_images.len() >= limits::PROVENANCE_BASE_IMAGES
+    if stage
+        || known
+        || image.eq_ignore_ascii_case("scratch")
+        || scan.base_images.len() >= limits::PROVENANCE_BASE_IMAGES
     {
         return;
     }

@@ -125,8 +125,13 @@ pub fn verify(envelope: &[u8], ca_pem: &str) -> Result<Verified, String> {
     Err(why)
 }
 
-fn check_signature(s: &Signature, ca: &x509_parser::certificate::X509Certificate<'_>, signed: &[u8]) -> Result<String, String> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(s.cert.as_bytes()).map_err(|e| format!("signer certificate: {e}"))?;
+fn check_signature(
+    s: &Signature,
+    ca: &x509_parser::certificate::X509Certificate<'_>,
+    signed: &[u8],
+) -> Result<String, String> {
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(s.cert.as_bytes()).map_err(|e| format!("signer certificate: {e}"))?;
     let cert = pem.parse_x509().map_err(|e| format!("signer certificate: {e}"))?;
     cert.verify_signature(Some(ca.public_key()))
         .map_err(|_| "the signer's certificate was not issued by the cluster CA".to_owned())?;

@@ -15,8 +15,8 @@ use crate::buildneeds::{Provenance, ProvenanceMode, SlsaVersion};
 use crate::digest::Digest;
 use crate::oci::OCI_MANIFEST;
 use crate::provenance::{
-    BraidMetadata, METADATA_KEY, PREDICATE_TYPE_ANNOTATION, REFERENCE_DIGEST_ANNOTATION,
-    REFERENCE_TYPE_ANNOTATION, REFERENCE_TYPE_ATTESTATION, SLSA_V02, SLSA_V1, STATEMENT_TYPE,
+    BraidMetadata, METADATA_KEY, PREDICATE_TYPE_ANNOTATION, REFERENCE_DIGEST_ANNOTATION, REFERENCE_TYPE_ANNOTATION,
+    REFERENCE_TYPE_ATTESTATION, SLSA_V1, SLSA_V02, STATEMENT_TYPE,
 };
 
 /// BuildKit's build type for v0.2 predicates (braid builds what a

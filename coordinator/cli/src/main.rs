@@ -8,6 +8,7 @@ mod describe;
 mod diag;
 mod dockerconfig;
 mod docs;
+mod imagetools;
 mod listing;
 mod needs;
 mod ops;
@@ -70,6 +71,11 @@ enum Command {
         build_id: String,
         #[arg(long, value_enum, default_value = "table")]
         format: ops::Format,
+    },
+    /// Read and check images in a registry (provenance: `imagetools verify`)
+    Imagetools {
+        #[command(subcommand)]
+        command: imagetools::ImagetoolsCommand,
     },
     /// Make the cluster CA and certificates
     Certs {
@@ -155,7 +161,8 @@ enum CertsCommand {
         /// The agent's (or client's) name, carried in the certificate
         #[arg(long)]
         name: String,
-        /// agent or client
+        /// agent, client, or provenance (the coordinator's key that signs provenance statements:
+        /// its provenance_key and provenance_cert settings)
         #[arg(long, default_value = "agent")]
         kind: String,
         /// Days the certificate is valid
@@ -211,6 +218,7 @@ async fn main() {
             ops::logs(&conn, &build_id, platform.as_deref(), follow, format).await
         }
         Command::Inspect { build_id, format } => ops::inspect(&conn, &build_id, format).await,
+        Command::Imagetools { command } => imagetools::run(&conn, command).await,
         Command::Certs { command: CertsCommand::Init { dir, hosts, days } } => certs::init(&dir, &hosts, days),
         Command::Certs { command: CertsCommand::Issue { dir, name, kind, days } } => {
             certs::issue(&dir, &name, &kind, days)
