@@ -158,6 +158,7 @@ async fn fake_agent(
             media_type: braid_shared::oci::OCI_MANIFEST.into(),
         })),
         phases: vec![],
+        provenance: None,
     };
     tx.send(proto::AgentMessage { kind: Some(Up::Result(result)), seq: 0 }).await?;
     // Keep the session open until the coordinator or the benchmark ends it.

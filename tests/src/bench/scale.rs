@@ -73,6 +73,7 @@ async fn fake_agent(channel: tonic::transport::Channel, name: String, clock: Clo
                     media_type: braid_shared::oci::OCI_MANIFEST.into(),
                 })),
                 phases: vec![],
+                provenance: None,
             };
             tx.send(proto::AgentMessage { kind: Some(Up::Result(result)), seq: 0 }).await?;
         }
