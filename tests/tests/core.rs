@@ -111,7 +111,7 @@ fn one_build_three_native_agents_one_index() {
 
     let index = registry.manifest("demo/app:1").expect("the index is in the registry under the first tag");
     assert_eq!(index["mediaType"], "application/vnd.oci.image.index.v1+json");
-    let manifests = index["manifests"].as_array().unwrap();
+    let manifests = braid_tests::platform_manifests(&index);
     let mut platforms: Vec<String> = manifests
         .iter()
         .map(|m| {
