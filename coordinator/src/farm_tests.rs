@@ -849,7 +849,8 @@ fn an_agent_s_latest_health_is_shown_while_its_session_lives() {
 fn provenance_inputs_come_from_the_spec_the_agent_s_report_and_what_the_farm_knows_and_are_stored() {
     let dir = tempfile::tempdir().unwrap();
     let (mut w, store) = farm(dir.path());
-    let (session, mut amd) = connect(&mut w, "amd", &["linux/amd64"]);
+    let stamp = CertStamp { serial: "4a01".into(), issued_ms: T0 };
+    let (session, mut amd) = w.connect_with(&hello("amd", &["linux/amd64"]), Some(stamp)).unwrap();
     let spec = proto::BuildSpec {
         platforms: vec!["linux/amd64".into()],
         tags: vec!["127.0.0.1:5000/app:1".into()],
@@ -880,6 +881,7 @@ fn provenance_inputs_come_from_the_spec_the_agent_s_report_and_what_the_farm_kno
     let m = &input.metadata;
     assert_eq!((m.agent.as_str(), m.builder_name.as_str(), m.builder_version.as_str()), ("amd", "buildah", "1.99.0"));
     assert!(m.native);
+    assert_eq!(m.agent_identity, "OU=agent,CN=amd serial 4a01", "the certificate the agent's session presented");
     assert_eq!((m.build_id.as_str(), m.job_id.as_str()), (build_id.as_str(), a.job_id.as_str()));
     // Stored with the job: a restarted coordinator makes the same statement.
     let stored = store.load_builds().unwrap();
