@@ -324,6 +324,7 @@ impl Agent {
                     message: "the agent is stopping".into(),
                 })),
                 phases: Vec::new(),
+                provenance: None,
             };
             self.deliver(refusal);
             return;

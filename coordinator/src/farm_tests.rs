@@ -214,6 +214,16 @@ fn image(result: &proto::Assignment, digest_char: char) -> proto::JobResult {
             ..Default::default()
         })),
         phases: vec![],
+        provenance: Some(proto::JobProvenance {
+            dockerfile_digest: format!("sha256:{}", "d".repeat(64)),
+            base_images: vec![
+                proto::BaseImage {
+                    reference: "127.0.0.1:5000/base:1".into(),
+                    digest: format!("sha256:{}", "b".repeat(64)),
+                },
+                proto::BaseImage { reference: "elsewhere/x".into(), digest: "not a digest".into() },
+            ],
+        }),
     }
 }
 
@@ -282,6 +292,7 @@ fn a_build_error_fails_the_build_and_cancels_the_other_platforms() {
             message: "exit status 3".into(),
         })),
         phases: vec![],
+        provenance: None,
     };
     farm.job_result("amd", amd_session, failure);
     let b = farm.build(&build_id).unwrap();
@@ -833,4 +844,48 @@ fn an_agent_s_latest_health_is_shown_while_its_session_lives() {
     farm.agent_disconnected("arm-a", second);
     let gauges = farm.gauges();
     assert_eq!((gauges.agent_health.len(), gauges.agent_health[0].health), (1, None));
+}
+
+#[test]
+fn provenance_inputs_come_from_the_spec_the_agent_s_report_and_what_the_farm_knows_and_are_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, store) = farm(dir.path());
+    let stamp = CertStamp { serial: "4a01".into(), issued_ms: T0 };
+    let (session, mut amd) = w.connect_with(&hello("amd", &["linux/amd64"]), Some(stamp)).unwrap();
+    let spec = proto::BuildSpec {
+        platforms: vec!["linux/amd64".into()],
+        tags: vec!["127.0.0.1:5000/app:1".into()],
+        context_digest: format!("sha256:{}", "0".repeat(64)),
+        push: true,
+        provenance_mode: "max".into(),
+        provenance_version: "v1".into(),
+        build_args: [("V".to_owned(), "2".to_owned())].into_iter().collect(),
+        ..Default::default()
+    };
+    let v = validate::spec(spec).unwrap();
+    let new = w.farm.new_build(v.spec, v.platforms, v.tags, None, vec![], vec![]);
+    let (record, spec, first) = new.parts();
+    store.write(&[Write::Insert(record, spec), Write::Events(std::slice::from_ref(first))]).unwrap();
+    let (build_id, effects) = w.farm.admit(new);
+    w.run(effects);
+    w.schedule();
+    let a = next_assignment(&mut amd);
+    let effects = w.farm.job_result("amd", session, image(&a, 'a'));
+    w.run(effects);
+    let inputs = w.farm.merge_inputs(&build_id).unwrap().provenance;
+    let [input] = inputs.as_slice() else { panic!("one statement per platform: {inputs:?}") };
+    assert_eq!(input.digest.as_str(), format!("sha256:{}", "a".repeat(64)));
+    assert_eq!(input.names, ["127.0.0.1:5000/app:1"]);
+    assert_eq!(input.base_images[0], ("127.0.0.1:5000/base:1".to_owned(), format!("sha256:{}", "b".repeat(64))));
+    assert_eq!(input.base_images[1], ("elsewhere/x".to_owned(), String::new()), "a bad digest is dropped");
+    assert_eq!(input.build_args["V"], "2");
+    let m = &input.metadata;
+    assert_eq!((m.agent.as_str(), m.builder_name.as_str(), m.builder_version.as_str()), ("amd", "buildah", "1.99.0"));
+    assert!(m.native);
+    assert_eq!(m.agent_identity, "OU=agent,CN=amd serial 4a01", "the certificate the agent's session presented");
+    assert_eq!((m.build_id.as_str(), m.job_id.as_str()), (build_id.as_str(), a.job_id.as_str()));
+    // Stored with the job: a restarted coordinator makes the same statement.
+    let stored = store.load_builds().unwrap();
+    let (record, _) = stored.iter().find(|(r, _)| r.id == build_id).unwrap();
+    assert_eq!(record.jobs[0].provenance.as_ref().unwrap().builder_version, "1.99.0");
 }

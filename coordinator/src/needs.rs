@@ -18,6 +18,7 @@ fn invalid(message: String) -> CoordinatorError {
 pub fn complete(spec: &mut proto::BuildSpec) -> Result<CapSet, CoordinatorError> {
     buildneeds::check_build_contexts(&spec.build_contexts).map_err(|e| invalid(format!("build_contexts: {e}")))?;
     buildneeds::check_no_cache_filter(&spec.no_cache_filter).map_err(|e| invalid(format!("no_cache_filter: {e}")))?;
+    buildneeds::check_provenance_spec(spec).map_err(|e| invalid(format!("provenance_mode: {e}")))?;
     if spec.needs.len() > Capability::ALL.len() {
         return Err(invalid(format!("needs: more than the {} known capabilities", Capability::ALL.len())));
     }

@@ -110,6 +110,15 @@ pub struct Settings {
     /// days); agents renew theirs at two thirds of its life (60 to 10 years)
     #[arg(long, value_name = "SECONDS", default_value_t = 365 * 86400)]
     pub agent_cert_seconds: u32,
+    /// Private key (PEM) that signs provenance statements: each is also
+    /// attached as a DSSE envelope verifiable against the cluster CA
+    /// (`braid imagetools verify`) [default: none: statements are unsigned]
+    #[arg(long, value_name = "FILE")]
+    pub provenance_key: Option<PathBuf>,
+    /// Its certificate (PEM), issued by the cluster CA with `braid certs
+    /// issue --kind provenance` [default: none]
+    #[arg(long, value_name = "FILE")]
+    pub provenance_cert: Option<PathBuf>,
 }
 
 /// The keys only the file and variables set (no flag), named in `--help`.
@@ -149,6 +158,10 @@ impl Settings {
             .http_listen
             .parse()
             .map_err(|_| invalid("http_listen", format!("{:?} is not an ip:port address", self.http_listen)))?;
+        if self.provenance_key.is_some() != self.provenance_cert.is_some() {
+            let key = if self.provenance_key.is_some() { "provenance_cert" } else { "provenance_key" };
+            return Err(invalid(key, "give both provenance_key and provenance_cert, or neither".into()));
+        }
         let tls = [&self.tls_cert, &self.tls_key, &self.tls_ca];
         let tls_given = tls.iter().filter(|t| t.is_some()).count();
         match (self.insecure, tls_given) {

@@ -55,6 +55,8 @@ pub struct Coordinator {
     pub ca: Option<Pem>,
     /// `--ssh` streams: agents' job tunnels and the clients serving them.
     pub ssh: crate::ssh::SshRelay,
+    /// The key that signs provenance statements, when configured.
+    pub provenance_signer: Option<Arc<braid_shared::dsse::Signer>>,
 }
 
 impl Coordinator {
@@ -94,6 +96,13 @@ impl Coordinator {
             }),
             _ => None,
         };
+        let provenance_signer = match (&settings.provenance_key, &settings.provenance_cert) {
+            (Some(key), Some(cert)) => Some(Arc::new(
+                braid_shared::dsse::Signer::load(key, cert)
+                    .map_err(|e| CoordinatorError::Internal(format!("provenance_key/provenance_cert: {e}")))?,
+            )),
+            _ => None,
+        };
         Ok(Arc::new(Coordinator {
             farm: Mutex::new(farm),
             sessions: Mutex::new(HashMap::new()),
@@ -109,6 +118,7 @@ impl Coordinator {
             tokens,
             ca,
             ssh: crate::ssh::SshRelay::default(),
+            provenance_signer,
         }))
     }
 
@@ -308,7 +318,21 @@ impl Coordinator {
         build_id: &str,
         m: &crate::farm::MergeInputs,
     ) -> std::result::Result<ImageDescriptor, String> {
-        let (index, descriptor) = merge::index(&m.images, &m.annotations, m.format)?;
+        let (mut index, mut descriptor) = merge::index(&m.images, &m.annotations, m.format)?;
+        if !m.provenance.is_empty() && m.push {
+            let mut inputs = m.provenance.clone();
+            for input in &mut inputs {
+                input.metadata.coordinator = self.name();
+            }
+            let registry = self.registry_for(build_id);
+            index =
+                crate::attest::attach(&registry, self.provenance_signer.as_deref(), &m.tags, &inputs, &index).await?;
+            descriptor = ImageDescriptor {
+                digest: braid_shared::Digest::of(&index),
+                size: index.len() as u64,
+                media_type: descriptor.media_type,
+            };
+        }
         if m.export {
             let (this, bytes) = (self.clone(), index.clone());
             crate::blocking::run(move || {
@@ -322,6 +346,14 @@ impl Coordinator {
             merge::push(&self.registry_for(build_id), &m.tags, &m.pushed_to, &m.images, &index, &descriptor).await?;
         }
         Ok(descriptor)
+    }
+
+    /// The name provenance gives this coordinator: its host name and
+    /// gRPC address.
+    fn name(&self) -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host = host.trim();
+        format!("{host} ({})", self.settings.listen)
     }
 
     /// A registry client with the build's credentials.

@@ -370,6 +370,34 @@ mod tests {
     }
 
     #[test]
+    fn provenance_is_refused_where_the_index_cannot_carry_it() {
+        let with = |mode: &str, version: &str, format: &str, push: bool| {
+            let (mode, version) = (mode.into(), version.into());
+            spec(proto::BuildSpec {
+                provenance_mode: mode,
+                provenance_version: version,
+                format: format.into(),
+                push,
+                ..base()
+            })
+        };
+        assert!(with("min", "", "", true).is_ok());
+        assert!(with("max", "v1", "oci", true).is_ok());
+        for (mode, version, format, push, says) in [
+            ("min", "", "docker", true, "with --format docker"),
+            ("min", "", "", false, "needs --push"),
+            ("all", "", "", true, "expected min or max"),
+            ("min", "v3", "", true, "expected v0.2 or v1"),
+            ("", "v1", "", true, "a version without a mode"),
+        ] {
+            let Err(CoordinatorError::InvalidArgument(m)) = with(mode, version, format, push) else {
+                panic!("{mode} {version} {format} accepted")
+            };
+            assert!(m.starts_with("provenance_mode: ") && m.contains(says), "{m}");
+        }
+    }
+
+    #[test]
     fn ssh_ids_are_checked_by_name() {
         let with =
             |ids: &[&str]| spec(proto::BuildSpec { ssh_ids: ids.iter().map(|s| s.to_string()).collect(), ..base() });

@@ -1,8 +1,8 @@
 //! What a build needs of a builder, from its flags (the Dockerfile's part
 //! comes from `dockerfile::scan`), and the flags that only this feature
 //! reads: `--build-context`, `--no-cache-filter`, and buildx's attestation
-//! flags (`--provenance`, `--sbom`, `--attest`). The CLI and the
-//! coordinator check them with the same functions.
+//! flags (`--provenance`, `--sbom`, `--attest`), parsed once here. The
+//! CLI and the coordinator check them with the same functions.
 
 use crate::buildflags::FlagError;
 use crate::capability::{CapSet, Capability};
@@ -163,52 +163,222 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-fn not_produced(flag: &str, given: &str, off: &str) -> FlagError {
-    refuse(format!(
-        "attestations are not produced yet: {flag}{given} asks for one (drop it or pass {off})",
-        given = if given.is_empty() { String::new() } else { format!("={}", crate::shorten(given, 80)) }
-    ))
+/// How much a provenance statement records (buildx's `mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProvenanceMode {
+    /// The builder, the sources and the platform; no build args.
+    Min,
+    /// Also the build args, target and labels.
+    Max,
 }
 
-/// `--provenance[=VALUE]` (`--provenance` alone is `true`, as in buildx):
-/// only a false value is accepted, and it changes nothing.
-pub fn check_provenance(value: &str) -> Result<(), FlagError> {
-    match parse_bool(value) {
-        Some(false) => Ok(()),
-        _ => Err(not_produced("--provenance", value, "--provenance=false")),
+/// The SLSA predicate version (buildx's `version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlsaVersion {
+    V02,
+    V1,
+}
+
+/// Provenance a build makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Provenance {
+    pub mode: ProvenanceMode,
+    pub version: SlsaVersion,
+}
+
+impl Provenance {
+    /// buildx's default: `mode=min`, version v0.2.
+    pub const DEFAULT: Provenance = Provenance { mode: ProvenanceMode::Min, version: SlsaVersion::V02 };
+
+    /// The spec's fields.
+    pub fn to_spec(self) -> (String, String) {
+        let mode = match self.mode {
+            ProvenanceMode::Min => "min",
+            ProvenanceMode::Max => "max",
+        };
+        let version = match self.version {
+            SlsaVersion::V02 => "v0.2",
+            SlsaVersion::V1 => "v1",
+        };
+        (mode.to_owned(), version.to_owned())
+    }
+
+    /// The spec's fields read back (None: no provenance); `validate_spec`
+    /// refuses what this cannot read.
+    pub fn of_spec(spec: &proto::BuildSpec) -> Option<Provenance> {
+        let mode = match spec.provenance_mode.as_str() {
+            "min" => ProvenanceMode::Min,
+            "max" => ProvenanceMode::Max,
+            _ => return None,
+        };
+        let version = match spec.provenance_version.as_str() {
+            "v1" => SlsaVersion::V1,
+            _ => SlsaVersion::V02,
+        };
+        Some(Provenance { mode, version })
     }
 }
 
-/// `--sbom[=VALUE]`, as `--provenance`.
-pub fn check_sbom(value: &str) -> Result<(), FlagError> {
-    match parse_bool(value) {
-        Some(false) => Ok(()),
-        _ => Err(not_produced("--sbom", value, "--sbom=false")),
-    }
+/// What the attestation flags asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Asked {
+    /// Nothing said: buildx's default applies.
+    Default,
+    /// Turned off (`--provenance=false`, `disabled=true`).
+    Off,
+    /// Asked for, by this flag (as given, for messages).
+    On(Provenance, String),
 }
 
-/// `--attest type=provenance|sbom[,disabled=true][,...]`: only a
-/// disabled attestation is accepted.
-pub fn check_attest(value: &str) -> Result<(), FlagError> {
-    let mut kind = "";
-    let mut disabled = false;
-    for field in value.split(',') {
-        match field.split_once('=') {
-            Some(("type", t)) => kind = t,
-            Some(("disabled", d)) => disabled = parse_bool(d) == Some(true),
-            _ => {}
+/// `--provenance`, `--sbom` and `--attest` as buildx spells them, parsed
+/// once: the CLI resolves the result, the coordinator checks the spec.
+pub fn parse_attestations(provenance: Option<&str>, sbom: Option<&str>, attest: &[String]) -> Result<Asked, FlagError> {
+    if let Some(v) = sbom {
+        check_sbom("--sbom", v)?;
+    }
+    let mut asked = None;
+    if let Some(v) = provenance {
+        let flag = format!("--provenance={}", crate::shorten(v, 80));
+        let got = match parse_bool(v) {
+            Some(true) => Asked::On(Provenance::DEFAULT, flag),
+            Some(false) => Asked::Off,
+            None => provenance_attrs(&flag, v.split(','))?,
+        };
+        asked = Some(got);
+    }
+    for a in attest {
+        let flag = format!("--attest {}", crate::shorten(a, 80));
+        let mut kind = None;
+        let rest: Vec<&str> = a
+            .split(',')
+            .filter(|f| match f.split_once('=') {
+                Some(("type", t)) => {
+                    kind = Some(t);
+                    false
+                }
+                _ => true,
+            })
+            .collect();
+        match kind {
+            Some("provenance") => {
+                if asked.is_some() {
+                    return Err(refuse(format!("{flag}: provenance is already set by an earlier flag")));
+                }
+                asked = Some(provenance_attrs(&flag, rest.into_iter())?);
+            }
+            Some("sbom") => check_sbom(&flag, &rest.join(","))?,
+            _ => return Err(refuse(format!("{flag}: expected type=provenance or type=sbom"))),
         }
     }
-    if !matches!(kind, "provenance" | "sbom") {
-        return Err(refuse(format!("--attest {:?}: expected type=provenance or type=sbom", crate::shorten(value, 80))));
+    Ok(asked.unwrap_or(Asked::Default))
+}
+
+/// `mode=`, `version=`, `disabled=` of a provenance attestation.
+fn provenance_attrs<'a>(flag: &str, fields: impl Iterator<Item = &'a str>) -> Result<Asked, FlagError> {
+    let mut p = Provenance::DEFAULT;
+    for field in fields.filter(|f| !f.is_empty()) {
+        match field.split_once('=') {
+            Some(("mode", "min")) => p.mode = ProvenanceMode::Min,
+            Some(("mode", "max")) => p.mode = ProvenanceMode::Max,
+            Some(("version", "v0.2")) => p.version = SlsaVersion::V02,
+            Some(("version", "v1")) => p.version = SlsaVersion::V1,
+            Some(("disabled", d)) => match parse_bool(d) {
+                Some(true) => return Ok(Asked::Off),
+                Some(false) => {}
+                None => return Err(refuse(format!("{flag}: disabled={d:?}: expected true or false"))),
+            },
+            Some((key @ ("mode" | "version"), value)) => {
+                let want = if key == "mode" { "min or max" } else { "v0.2 or v1" };
+                return Err(refuse(format!("{flag}: {key}={:?}: expected {want}", crate::shorten(value, 40))));
+            }
+            _ => {
+                return Err(refuse(format!(
+                    "{flag}: {:?} is not supported (mode=min|max, version=v0.2|v1, disabled=true)",
+                    crate::shorten(field, 40)
+                )));
+            }
+        }
     }
-    if disabled {
+    Ok(Asked::On(p, flag.to_owned()))
+}
+
+/// An SBOM is refused unless off: no agent's builder can make one.
+fn check_sbom(flag: &str, value: &str) -> Result<(), FlagError> {
+    let off = parse_bool(value) == Some(false)
+        || value
+            .split(',')
+            .any(|f| f.split_once('=').is_some_and(|(k, v)| k == "disabled" && parse_bool(v) == Some(true)));
+    if off {
         return Ok(());
     }
+    let shown = if flag == "--sbom" { format!("--sbom={}", crate::shorten(value, 80)) } else { flag.to_owned() };
     Err(refuse(format!(
-        "attestations are not produced yet: --attest {} asks for one (drop it or pass --attest type={kind},disabled=true)",
-        crate::shorten(value, 80)
+        "{shown}: no SBOM generator on the agents (buildah, podman and the Docker Engine builders make none); drop it \
+         or pass --sbom=false"
     )))
+}
+
+impl Asked {
+    /// The provenance a build makes: buildx's default is `mode=min` when
+    /// pushing and none for `--load`/exports; `--format docker` cannot
+    /// carry attestations, so its default is none and asking is refused.
+    /// A build that both pushes and exports makes none by default (the
+    /// exported index would lack what the pushed one lists).
+    pub fn resolve(&self, push: bool, exports: bool, format: &str) -> Result<Option<Provenance>, FlagError> {
+        let docker = format == "docker";
+        match self {
+            Asked::Off => Ok(None),
+            Asked::Default => Ok((push && !exports && !docker).then_some(Provenance::DEFAULT)),
+            Asked::On(p, flag) => {
+                if docker {
+                    return Err(refuse(format!(
+                        "{flag} with --format docker: Docker manifest lists cannot carry attestations (use --format \
+                         oci, or --provenance=false)"
+                    )));
+                }
+                if !push {
+                    return Err(refuse(format!(
+                        "{flag} needs --push: attestations are attached to the index in the registry, and an \
+                         exported or loaded image carries none"
+                    )));
+                }
+                if exports {
+                    return Err(refuse(format!(
+                        "{flag} with --load or --output type=oci|docker: attestations go only to the registry's \
+                         index; push and export in two builds, or pass --provenance=false"
+                    )));
+                }
+                Ok(Some(*p))
+            }
+        }
+    }
+}
+
+/// The coordinator's check of the spec's provenance fields: known values,
+/// and only where the index can carry attestations.
+pub fn check_provenance_spec(spec: &proto::BuildSpec) -> Result<(), FlagError> {
+    if !matches!(spec.provenance_mode.as_str(), "" | "min" | "max") {
+        return Err(refuse(format!(
+            "--provenance mode={:?}: expected min or max",
+            crate::shorten(&spec.provenance_mode, 40)
+        )));
+    }
+    if !matches!(spec.provenance_version.as_str(), "" | "v0.2" | "v1") {
+        return Err(refuse(format!(
+            "--provenance version={:?}: expected v0.2 or v1",
+            crate::shorten(&spec.provenance_version, 40)
+        )));
+    }
+    match Provenance::of_spec(spec) {
+        None if !spec.provenance_version.is_empty() => {
+            Err(refuse("--provenance: a version without a mode (provenance_version without provenance_mode)".into()))
+        }
+        None => Ok(()),
+        Some(p) => {
+            let asked = Asked::On(p, format!("--provenance=mode={}", spec.provenance_mode));
+            asked.resolve(spec.push, spec.export, &spec.format).map(drop)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -274,22 +444,68 @@ mod tests {
     }
 
     #[test]
-    fn attestations_are_refused_unless_off() {
+    fn attestation_flags_parse_like_buildx() {
+        let p = |v: Option<&str>, a: &[&str]| {
+            parse_attestations(v, None, &a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        let on = |mode, version| Provenance { mode, version };
+        assert_eq!(p(None, &[]).unwrap(), Asked::Default);
         for off in ["false", "0", "False"] {
-            assert!(check_provenance(off).is_ok() && check_sbom(off).is_ok());
+            assert_eq!(p(Some(off), &[]).unwrap(), Asked::Off);
+            assert!(parse_attestations(None, Some(off), &[]).is_ok());
         }
-        for on in ["true", "mode=max", "1", "builder-id=x"] {
-            let e = check_provenance(on).unwrap_err().to_string();
-            assert!(e.starts_with("attestations are not produced yet: --provenance"), "{e}");
-            assert!(e.contains("pass --provenance=false"), "{e}");
-            assert!(check_sbom(on).unwrap_err().to_string().contains("--sbom=false"));
+        assert!(matches!(p(Some("true"), &[]).unwrap(), Asked::On(x, _) if x == Provenance::DEFAULT));
+        assert!(matches!(p(Some("mode=max"), &[]).unwrap(),
+            Asked::On(x, _) if x == on(ProvenanceMode::Max, SlsaVersion::V02)));
+        assert!(matches!(p(Some("mode=min,version=v1"), &[]).unwrap(),
+            Asked::On(x, _) if x == on(ProvenanceMode::Min, SlsaVersion::V1)));
+        assert!(matches!(p(None, &["type=provenance,mode=max,version=v1"]).unwrap(),
+            Asked::On(x, f) if x == on(ProvenanceMode::Max, SlsaVersion::V1) && f.starts_with("--attest")));
+        assert_eq!(p(None, &["type=provenance,disabled=true"]).unwrap(), Asked::Off);
+        assert_eq!(p(None, &["type=sbom,disabled=true"]).unwrap(), Asked::Default);
+        for (v, a, want) in [
+            (Some("mode=full"), vec![], "--provenance=mode=full: mode=\"full\": expected min or max"),
+            (Some("version=v2"), vec![], "expected v0.2 or v1"),
+            (Some("builder-id=x"), vec![], "\"builder-id=x\" is not supported"),
+            (Some("true"), vec!["type=provenance"], "already set by an earlier flag"),
+            (None, vec!["type=vex"], "expected type=provenance or type=sbom"),
+            (None, vec!["type=sbom"], "--attest type=sbom: no SBOM generator on the agents"),
+            (None, vec!["type=sbom,generator=docker/scout"], "no SBOM generator"),
+        ] {
+            let e = p(v, &a).unwrap_err().to_string();
+            assert!(e.contains(want), "{v:?} {a:?}: {e}");
         }
-        assert!(check_attest("type=provenance,disabled=true").is_ok());
-        assert!(check_attest("type=sbom,disabled=true").is_ok());
-        let e = check_attest("type=sbom").unwrap_err().to_string();
-        assert!(e.contains("--attest type=sbom asks for one") && e.contains("type=sbom,disabled=true"), "{e}");
-        assert!(check_attest("type=provenance,mode=max").is_err());
-        assert!(check_attest("type=vex").unwrap_err().to_string().contains("expected type=provenance or type=sbom"));
+        for sbom in ["true", "generator=x"] {
+            let e = parse_attestations(None, Some(sbom), &[]).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--sbom={sbom}: no SBOM generator on the agents")), "{e}");
+        }
+    }
+
+    #[test]
+    fn provenance_defaults_like_buildx_and_refuses_where_it_cannot_go() {
+        assert_eq!(Asked::Default.resolve(true, false, "oci").unwrap(), Some(Provenance::DEFAULT));
+        assert_eq!(Asked::Default.resolve(false, true, "oci").unwrap(), None, "--load and exports: none");
+        assert_eq!(Asked::Default.resolve(true, true, "oci").unwrap(), None, "push and export: none");
+        assert_eq!(Asked::Default.resolve(true, false, "docker").unwrap(), None, "--format docker: none");
+        assert_eq!(Asked::Off.resolve(true, false, "oci").unwrap(), None);
+        let asked = parse_attestations(Some("true"), None, &[]).unwrap();
+        let e = asked.resolve(true, false, "docker").unwrap_err().to_string();
+        assert!(e.contains("--provenance=true with --format docker"), "{e}");
+        assert!(asked.resolve(false, true, "oci").unwrap_err().to_string().contains("needs --push"));
+        assert!(asked.resolve(true, true, "oci").unwrap_err().to_string().contains("with --load or --output"));
+        let mut spec = proto::BuildSpec { push: true, ..Default::default() };
+        assert!(check_provenance_spec(&spec).is_ok());
+        (spec.provenance_mode, spec.provenance_version) = Provenance::DEFAULT.to_spec();
+        assert!(check_provenance_spec(&spec).is_ok());
+        assert_eq!(Provenance::of_spec(&spec), Some(Provenance::DEFAULT));
+        spec.format = "docker".into();
+        assert!(check_provenance_spec(&spec).unwrap_err().to_string().contains("--format docker"));
+        spec.format = String::new();
+        spec.provenance_version = "v9".into();
+        assert!(check_provenance_spec(&spec).unwrap_err().to_string().contains("expected v0.2 or v1"));
+        spec.provenance_mode = String::new();
+        spec.provenance_version = "v1".into();
+        assert!(check_provenance_spec(&spec).is_err());
     }
 
     #[test]

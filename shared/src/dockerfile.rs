@@ -35,6 +35,12 @@ pub struct Scan {
     pub syntax: Option<String>,
     /// Names given to `--from=` (COPY, ADD) and `--mount=...,from=`.
     pub from_names: Vec<String>,
+    /// The images FROM names, as written (not an earlier stage, not
+    /// `scratch`), first use first, deduplicated; at most
+    /// `limits::PROVENANCE_BASE_IMAGES`.
+    pub base_images: Vec<String>,
+    /// Stage names (`FROM ... AS name`), lowercased.
+    pub stages: Vec<String>,
 }
 
 /// A Dockerfile larger than `limits::DOCKERFILE_BYTES`.
@@ -130,11 +136,38 @@ fn continued(line: &str, escape: char) -> Option<&str> {
     trimmed.strip_suffix(escape)
 }
 
+/// `FROM [--platform=...] IMAGE [AS NAME]`: the image unless it names an
+/// earlier stage or is `scratch`, and the stage name.
+fn from(scan: &mut Scan, rest: &str) {
+    let words: Vec<String> = shell_words(rest).iter().map(|w| unquote(w)).filter(|w| !w.starts_with("--")).collect();
+    let Some(image) = words.first() else { return };
+    if let (Some(kw), Some(name)) = (words.get(1), words.get(2))
+        && kw.eq_ignore_ascii_case("as")
+        && scan.stages.len() < limits::PROVENANCE_BASE_IMAGES
+    {
+        scan.stages.push(name.to_ascii_lowercase());
+    }
+    let stage = scan.stages.iter().rev().skip(usize::from(words.len() > 2)).any(|s| s.eq_ignore_ascii_case(image));
+    let known = scan.base_images.iter().any(|b| b == image);
+    if stage
+        || known
+        || image.eq_ignore_ascii_case("scratch")
+        || scan.base_images.len() >= limits::PROVENANCE_BASE_IMAGES
+    {
+        return;
+    }
+    scan.base_images.push(crate::shorten(image, limits::PROVENANCE_REF_BYTES));
+}
+
 /// Reads one instruction; returns the index of the line after it and its
 /// here-document bodies.
 fn instruction(scan: &mut Scan, logical: &str, lines: &[&str], mut i: usize) -> usize {
     let (word, rest) = split_word(logical);
     let keyword = word.to_ascii_uppercase();
+    if keyword == "FROM" {
+        from(scan, rest);
+        return i;
+    }
     // ONBUILD stores its instruction for images built FROM this one: this
     // build does not run it, so it needs nothing of this builder.
     if !matches!(keyword.as_str(), "RUN" | "COPY" | "ADD") {
@@ -345,6 +378,17 @@ mod tests {
 
     fn needs(text: &str) -> Vec<String> {
         scan(text.as_bytes()).unwrap().needs.names()
+    }
+
+    #[test]
+    fn base_images_are_the_froms_that_are_not_stages() {
+        let s = scan(
+            b"FROM --platform=$BUILDPLATFORM reg/base:1 AS build\nFROM build AS test\nfrom scratch\n\
+              FROM reg/base:1\nFROM \"reg/run@sha256:ab\" as final\n",
+        )
+        .unwrap();
+        assert_eq!(s.base_images, ["reg/base:1", "reg/run@sha256:ab"]);
+        assert_eq!(s.stages, ["build", "test", "final"]);
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub mod csv;
 pub mod digest;
 pub mod dockerfile;
 pub mod dockerignore;
+#[cfg(feature = "pki")]
+pub mod dsse;
 pub mod duration;
 #[cfg(feature = "engine")]
 pub mod engine;
@@ -29,6 +31,7 @@ pub mod provenance;
 pub mod reference;
 pub mod secrets;
 pub mod settings;
+pub mod slsa;
 pub mod source;
 pub mod ssh;
 pub mod telemetry;

@@ -125,3 +125,9 @@ pub const CACHE_ATTRS: usize = 16;
 pub const CACHE_ATTR_KEY_BYTES: usize = 64;
 /// Bytes of a cache entry attribute's value.
 pub const CACHE_ATTR_VALUE_BYTES: usize = 1024;
+/// Base images an agent reports for one platform's provenance.
+pub const PROVENANCE_BASE_IMAGES: usize = 64;
+/// Bytes of one base image reference or digest in a provenance report.
+pub const PROVENANCE_REF_BYTES: usize = 512;
+/// Bytes of a provenance statement or DSSE envelope read back.
+pub const ATTESTATION_BYTES: usize = 4 << 20;

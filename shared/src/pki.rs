@@ -120,6 +120,25 @@ pub fn issue_client(ca: &Pem, kind: Kind, name: &str, days: i64) -> Result<Pem, 
     Ok(Pem { cert: cert.pem(), key: key.serialize_pem().into() })
 }
 
+/// The subject unit of a provenance signing certificate: a verifier takes
+/// a signature only from a certificate of this unit (an agent's or a
+/// client's certificate, signed by the same CA, cannot sign provenance).
+pub const PROVENANCE_UNIT: &str = "provenance";
+
+/// A coordinator's provenance signing certificate (`OU=provenance`,
+/// digital signature, code signing), for DSSE envelopes.
+pub fn issue_provenance(ca: &Pem, name: &str, days: i64) -> Result<Pem, PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = client_params(Kind::Client, name, days)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationalUnitName, PROVENANCE_UNIT);
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+    let cert = params.signed_by(&key, &issuer(ca)?)?;
+    Ok(Pem { cert: cert.pem(), key: key.serialize_pem().into() })
+}
+
 /// A key and a signing request for an agent that joins with a token.
 pub fn new_agent_request(name: &str) -> Result<(String, zeroize::Zeroizing<String>), PkiError> {
     let key = KeyPair::generate()?;

@@ -363,7 +363,8 @@ impl Registry {
         scratch: &Path,
     ) -> anyhow::Result<Vec<String>> {
         let mut seen = Vec::new();
-        for m in index["manifests"].as_array().context("an index without manifests")? {
+        index["manifests"].as_array().context("an index without manifests")?;
+        for m in &platform_manifests(index) {
             let digest = m["digest"].as_str().context("a descriptor without a digest")?;
             let mut line = format!(
                 "{}{}",
@@ -445,6 +446,21 @@ fn braid_sha256(bytes: &[u8]) -> String {
         })
         .unwrap();
     format!("sha256:{}", String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default())
+}
+
+/// The platform images an index lists: its descriptors less the
+/// attestation manifests (`vnd.docker.reference.type:
+/// attestation-manifest`, as BuildKit and braid add for provenance).
+pub fn platform_manifests(index: &serde_json::Value) -> Vec<serde_json::Value> {
+    index["manifests"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .filter(|m| m["annotations"]["vnd.docker.reference.type"] != "attestation-manifest")
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// One agent to start: its name, declared platforms (empty: detected) and slots.

@@ -6,6 +6,7 @@ pub mod cache;
 mod containers;
 mod named;
 mod process;
+mod provenance;
 mod push;
 
 use std::path::Path;
@@ -55,10 +56,11 @@ pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: Ca
         agent = %env.settings.settings.name,
     );
     let mut phases = Phases::default();
+    let mut report = None;
     let outcome = async {
         tracing::info!("job started");
         let outcome = tokio::select! {
-            outcome = execute(&env, &assignment, &cancel, &mut phases) => outcome,
+            outcome = execute(&env, &assignment, &cancel, &mut phases, &mut report) => outcome,
             () = cancel.cancelled() => Outcome::Failed(proto::FailureKind::Cancelled, "cancelled".into()),
         };
         // A builder killed by the cancel fails too: it was the cancel.
@@ -97,6 +99,7 @@ pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: Ca
         lease_id: assignment.lease_id,
         outcome: Some(outcome),
         phases: phases.0,
+        provenance: report,
     }
 }
 
@@ -123,7 +126,13 @@ impl Phases {
     }
 }
 
-async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken, phases: &mut Phases) -> Outcome {
+async fn execute(
+    env: &JobEnv,
+    a: &proto::Assignment,
+    cancel: &CancellationToken,
+    phases: &mut Phases,
+    report: &mut Option<proto::JobProvenance>,
+) -> Outcome {
     let Some(spec) = &a.spec else {
         return build_failure("assignment without a build spec");
     };
@@ -228,6 +237,10 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         }
     }
     phases.done("build", build_start);
+    if !spec.provenance_mode.is_empty() {
+        let registry = Registry::with_credentials(&insecure, credentials.clone());
+        *report = Some(provenance::report(spec, &dockerfile_text, &registry).await);
+    }
     let push_start = now_timestamp();
     // Reported for the metadata file's containerimage.config.digest; the
     // layout was just written, so a failure here is the agent's.

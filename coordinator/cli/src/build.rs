@@ -221,6 +221,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     let ssh_agents = crate::ssh::Agents::prepare(&args.ssh)?;
     let (secret_refs, secrets) = crate::secrets::read(&args.secrets, conn)?;
     let checked = crate::needs::check(&args.needs)?;
+    let (provenance_mode, provenance_version) = checked.provenance(outputs.push, outputs.exports(), &outputs.format)?;
     let (cache_from, cache_to) = cache_flags(&args, &platforms)?;
     // As buildx: a build that fails leaves no stale image id behind.
     if let Some(path) = &args.iidfile {
@@ -309,6 +310,8 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         no_cache_filter: checked.no_cache_filter(),
         cache_from,
         cache_to,
+        provenance_mode,
+        provenance_version,
         ..Default::default()
     };
     (spec.needs, spec.syntax_directive) = crate::needs::of_build(&spec, &dockerfile)?;
@@ -363,7 +366,18 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         .into_inner();
     // `-o type=oci,dest=-` writes the layout to stdout: the summary then goes to stderr.
     let stdout_taken = matches!(&outputs.local, Some(output::Local::OciTar(dest)) if dest.as_os_str() == "-");
-    summarize(&build, progress, args.metadata_file.as_deref(), stdout_taken, &build_ref(conn, &build.build_id))?;
+    let provenance = match &args.metadata_file {
+        Some(_) => provenance_metadata(&build).await,
+        None => Vec::new(),
+    };
+    summarize(
+        &build,
+        progress,
+        args.metadata_file.as_deref(),
+        stdout_taken,
+        &build_ref(conn, &build.build_id),
+        provenance,
+    )?;
     match outcome {
         proto::BuildState::Succeeded => {
             if let Some(path) = &args.iidfile {
@@ -528,6 +542,23 @@ fn build_ref(conn: &Conn, build_id: &str) -> String {
     format!("{host}/{build_id}")
 }
 
+/// `buildx.build.provenance` keys of the metadata file, read back from the
+/// registry when the build made provenance (a warning if they cannot be).
+async fn provenance_metadata(build: &proto::Build) -> Vec<(String, serde_json::Value)> {
+    let Some(spec) = build.spec.as_ref().filter(|s| !s.provenance_mode.is_empty()) else { return Vec::new() };
+    let (Some(tag), Ok(digest)) = (spec.tags.first(), build.index_digest.parse::<braid_shared::Digest>()) else {
+        return Vec::new();
+    };
+    let Ok(tag) = tag.parse::<braid_shared::ImageRef>() else { return Vec::new() };
+    match crate::imagetools::verify::metadata(&tag.at_digest(&digest)).await {
+        Ok(keys) => keys,
+        Err(e) => {
+            crate::diag::warn(&format!("--metadata-file: buildx.build.provenance not written: {e:#}"));
+            Vec::new()
+        }
+    }
+}
+
 /// One line per platform and the index; the metadata file like buildx's.
 fn summarize(
     build: &proto::Build,
@@ -535,6 +566,7 @@ fn summarize(
     metadata_file: Option<&std::path::Path>,
     stdout_taken: bool,
     build_ref: &str,
+    provenance: Vec<(String, serde_json::Value)>,
 ) -> anyhow::Result<()> {
     if progress != Progress::Quiet {
         for job in &build.jobs {
@@ -601,6 +633,7 @@ fn summarize(
         {
             meta.insert("image.name".into(), spec.tags.join(",").into());
         }
+        meta.extend(provenance);
         std::fs::write(path, serde_json::to_vec_pretty(&meta)?)
             .with_context(|| format!("writing the metadata file {path:?}"))?;
     }

@@ -35,9 +35,10 @@ pub fn init(dir: &Path, hosts: &[String], days: i64) -> anyhow::Result<i32> {
 
 pub fn issue(dir: &Path, name: &str, kind: &str, days: i64) -> anyhow::Result<i32> {
     let kind = match kind {
-        "agent" => Kind::Agent,
-        "client" => Kind::Client,
-        other => bail!("invalid kind {other:?}: agent or client"),
+        "agent" => Some(Kind::Agent),
+        "client" => Some(Kind::Client),
+        "provenance" => None,
+        other => bail!("invalid kind {other:?}: agent, client or provenance"),
     };
     if name.is_empty() || name.len() > 128 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
         bail!("invalid name {name:?}: 1 to 128 letters, digits, '.', '_' or '-'");
@@ -46,7 +47,10 @@ pub fn issue(dir: &Path, name: &str, kind: &str, days: i64) -> anyhow::Result<i3
         cert: pki::read(&dir.join("ca.pem")).context("the cluster CA (run braid certs init first)")?,
         key: pki::read(&dir.join("ca-key.pem"))?.into(),
     };
-    let issued = pki::issue_client(&ca, kind, name, days)?;
+    let issued = match kind {
+        Some(kind) => pki::issue_client(&ca, kind, name, days)?,
+        None => pki::issue_provenance(&ca, name, days)?,
+    };
     pki::write_public(&dir.join(format!("{name}.pem")), &issued.cert)?;
     pki::write_private(&dir.join(format!("{name}-key.pem")), &issued.key)?;
     println!("wrote {0}/{name}.pem and {0}/{name}-key.pem", dir.display());

@@ -73,6 +73,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: ops::Format,
     },
+    /// Read and check images in a registry (provenance: `imagetools verify`)
     /// Make the cluster CA and certificates
     Certs {
         #[command(subcommand)]
@@ -164,7 +165,8 @@ enum CertsCommand {
         /// The agent's (or client's) name, carried in the certificate
         #[arg(long)]
         name: String,
-        /// agent or client
+        /// agent, client, or provenance (the coordinator's key that signs provenance statements:
+        /// its provenance_key and provenance_cert settings)
         #[arg(long, default_value = "agent")]
         kind: String,
         /// Days the certificate is valid
@@ -220,6 +222,7 @@ async fn main() {
             ops::logs(&conn, &build_id, platform.as_deref(), follow, format).await
         }
         Command::Inspect { build_id, format } => ops::inspect(&conn, &build_id, format).await,
+        Command::Imagetools { command } => imagetools::run(&conn, command).await,
         Command::Certs { command: CertsCommand::Init { dir, hosts, days } } => certs::init(&dir, &hosts, days),
         Command::Certs { command: CertsCommand::Issue { dir, name, kind, days } } => {
             certs::issue(&dir, &name, &kind, days)
@@ -245,7 +248,6 @@ async fn main() {
         Command::Builds { state, limit, format, wide } => {
             ops::builds(&conn, state.as_deref(), limit, format, wide).await
         }
-        Command::Imagetools { command } => imagetools::run(command).await,
         Command::Completion { shell } => docs::completion(shell),
         Command::Man { dir } => docs::man(&dir),
     };

@@ -29,14 +29,18 @@ pub struct NeedsArgs {
     /// refused by name)
     #[arg(long = "no-cache-filter", value_name = "STAGE", value_delimiter = ',')]
     pub no_cache_filter: Vec<String>,
-    /// Accepted as buildx takes it so command lines keep working: only --provenance=false (attestations are not
-    /// produced yet; asking for one is refused)
+    /// SLSA provenance, as buildx: true (= mode=min), false, or mode=min|max[,version=v0.2|v1]. Default: mode=min
+    /// when pushing with --format oci; none with --load, --output type=oci|docker or --format docker (Docker
+    /// manifest lists cannot carry attestations, so asking for it there is refused). max adds build args, target and
+    /// labels; never secrets or credentials
     #[arg(long, value_name = "VALUE", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub provenance: Option<String>,
-    /// As --provenance: only --sbom=false is accepted
+    /// As buildx takes it, but no agent's builder makes an SBOM: only --sbom=false is accepted (anything else is
+    /// refused, saying so)
     #[arg(long, value_name = "VALUE", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub sbom: Option<String>,
-    /// As buildx: only a disabled attestation, e.g. type=provenance,disabled=true, is accepted (repeatable)
+    /// Attestation as buildx takes it (repeatable): type=provenance[,mode=min|max][,version=v0.2|v1][,disabled=true],
+    /// or type=sbom,disabled=true
     #[arg(long = "attest", value_name = "SPEC")]
     pub attest: Vec<String>,
 }
@@ -45,19 +49,12 @@ pub struct NeedsArgs {
 pub struct Checked {
     contexts: Vec<(String, ContextSource)>,
     no_cache_filter: Vec<String>,
+    attestations: buildneeds::Asked,
 }
 
 /// Refuses, before the upload, what the coordinator would refuse.
 pub fn check(args: &NeedsArgs) -> anyhow::Result<Checked> {
-    if let Some(v) = &args.provenance {
-        buildneeds::check_provenance(v)?;
-    }
-    if let Some(v) = &args.sbom {
-        buildneeds::check_sbom(v)?;
-    }
-    for a in &args.attest {
-        buildneeds::check_attest(a)?;
-    }
+    let attestations = buildneeds::parse_attestations(args.provenance.as_deref(), args.sbom.as_deref(), &args.attest)?;
     if args.build_contexts.len() > limits::BUILD_CONTEXTS {
         anyhow::bail!("--build-context: more than the limit of {}", limits::BUILD_CONTEXTS);
     }
@@ -76,7 +73,7 @@ pub fn check(args: &NeedsArgs) -> anyhow::Result<Checked> {
     }
     let no_cache_filter: Vec<String> = args.no_cache_filter.iter().filter(|s| !s.is_empty()).cloned().collect();
     buildneeds::check_no_cache_filter(&no_cache_filter)?;
-    Ok(Checked { contexts, no_cache_filter })
+    Ok(Checked { contexts, no_cache_filter, attestations })
 }
 
 impl Checked {
@@ -113,6 +110,13 @@ impl Checked {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The spec's provenance fields, buildx's default applied; refused
+    /// where the outputs cannot carry attestations.
+    pub fn provenance(&self, push: bool, exports: bool, format: &str) -> anyhow::Result<(String, String)> {
+        let resolved = self.attestations.resolve(push, exports, format)?;
+        Ok(resolved.map(buildneeds::Provenance::to_spec).unwrap_or_default())
     }
 
     pub fn no_cache_filter(&self) -> Vec<String> {

@@ -426,6 +426,7 @@ impl Farm {
             push: b.spec.push,
             export: b.spec.export,
             format: IndexFormat::parse(&b.spec.format)?,
+            provenance: crate::attest::statements(b),
         })
     }
 

@@ -4,7 +4,7 @@
 use braid_shared::proto::{self, build_event::Kind as EventKind};
 
 use super::{Effect, Effects, Farm};
-use crate::model::{JobStatus, Phase, PhaseRecord, from_timestamp};
+use crate::model::{JobProvenance, JobStatus, Phase, PhaseRecord, from_timestamp};
 
 impl Farm {
     pub fn job_log(&mut self, name: &str, session: u64, log: proto::JobLog) -> Effects {
@@ -127,7 +127,10 @@ impl Farm {
         self.say_dropped_lines(&build_id, &job_id);
         self.record_agent_phases(&build_id, &job_id, &result.phases);
         match result.outcome {
-            Some(proto::job_result::Outcome::Image(image)) => self.image_built(&build_id, &job_id, name, image),
+            Some(proto::job_result::Outcome::Image(image)) => {
+                self.record_provenance(&build_id, &job_id, name, result.provenance);
+                self.image_built(&build_id, &job_id, name, image)
+            }
             Some(proto::job_result::Outcome::Failure(f)) => {
                 let kind = proto::FailureKind::try_from(f.kind).unwrap_or(proto::FailureKind::Infra);
                 match kind {
@@ -142,6 +145,27 @@ impl Farm {
             }
             None => self.requeue(&build_id, &job_id, &format!("agent {name} sent an empty result")),
         }
+    }
+
+    /// Keeps what the agent reported of the attempt's inputs, with what
+    /// the farm knows of the agent (its certificate and builder).
+    fn record_provenance(&mut self, build_id: &str, job_id: &str, agent: &str, report: Option<proto::JobProvenance>) {
+        let about = self.agents.get(agent).map(|a| {
+            let identity = a.cert.as_ref().map(|c| format!("OU=agent,CN={agent} serial {}", c.serial));
+            let (builder, version) = match &a.builder {
+                Some(b) => (b.name.clone(), b.version.clone()),
+                None => (a.backend.clone(), String::new()),
+            };
+            (identity.unwrap_or_default(), builder, version)
+        });
+        let Some(job) = self.job_mut(build_id, job_id) else { return };
+        job.provenance = report.map(|r| {
+            let mut p = JobProvenance::from_report(r);
+            if let Some((identity, builder, version)) = about {
+                (p.agent_identity, p.builder_name, p.builder_version) = (identity, builder, version);
+            }
+            p
+        });
     }
 
     /// Keeps the agent's phase times (bounded, known phases only) and

@@ -163,6 +163,8 @@ pub struct MergeInputs {
     pub push: bool,
     pub export: bool,
     pub format: IndexFormat,
+    /// Each platform's provenance statement (empty: none asked for).
+    pub provenance: Vec<braid_shared::slsa::StatementInput>,
 }
 
 /// Where a finished image is checked; at least one place.

@@ -266,6 +266,42 @@ pub struct JobRecord {
     /// When the agent's result arrived (verification starts then).
     #[serde(default)]
     pub result_ms: Option<i64>,
+    /// What the provenance statement says of the attempt that made
+    /// `result` (None without provenance).
+    #[serde(default)]
+    pub provenance: Option<JobProvenance>,
+}
+
+/// One platform's build inputs and builder, for its provenance statement:
+/// the agent's report, checked, with what the coordinator knew of the agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobProvenance {
+    pub dockerfile_digest: String,
+    /// (reference as written, digest or "").
+    pub base_images: Vec<(String, String)>,
+    /// The agent's certificate subject and serial ("" in plaintext mode).
+    pub agent_identity: String,
+    pub builder_name: String,
+    pub builder_version: String,
+}
+
+impl JobProvenance {
+    /// An agent's report, bounded; digests that do not parse are dropped
+    /// (the base image stays, unresolved).
+    pub fn from_report(report: proto::JobProvenance) -> JobProvenance {
+        use braid_shared::limits::{PROVENANCE_BASE_IMAGES, PROVENANCE_REF_BYTES};
+        let digest = |d: &str| d.parse::<Digest>().map(|d| d.to_string()).unwrap_or_default();
+        JobProvenance {
+            dockerfile_digest: digest(&report.dockerfile_digest),
+            base_images: report
+                .base_images
+                .iter()
+                .take(PROVENANCE_BASE_IMAGES)
+                .map(|b| (braid_shared::shorten(&b.reference, PROVENANCE_REF_BYTES), digest(&b.digest)))
+                .collect(),
+            ..JobProvenance::default()
+        }
+    }
 }
 
 impl JobRecord {
@@ -289,6 +325,7 @@ impl JobRecord {
             log_dropped: 0,
             phases: Vec::new(),
             result_ms: None,
+            provenance: None,
         }
     }
 

@@ -243,6 +243,28 @@ impl Registry {
         self.copy_manifest(from, to, &bytes, media_type).await
     }
 
+    /// Pushes one blob into `repository` unless it is there already.
+    pub async fn push_blob(&self, repository: &ImageRef, bytes: &[u8]) -> Result<(), OciError> {
+        self.login(repository, RegistryOperation::Push).await?;
+        let digest = Digest::of(bytes);
+        let target = repository.at_digest(&digest).to_oci();
+        if self.client.blob_exists(&target, digest.as_str()).await.map_err(|e| Self::failed(repository, e))? {
+            return Ok(());
+        }
+        self.client
+            .push_blob(&target, bytes.to_vec(), digest.as_str())
+            .await
+            .map(drop)
+            .map_err(|e| Self::failed(repository, e))
+    }
+
+    /// Pushes manifest bytes into `repository` by their digest (no tag).
+    pub async fn push_manifest(&self, repository: &ImageRef, bytes: &[u8], media_type: &str) -> Result<(), OciError> {
+        self.login(repository, RegistryOperation::Push).await?;
+        let target = repository.at_digest(&Digest::of(bytes)).to_oci();
+        self.push_manifest_bytes(repository, bytes, media_type, &target).await
+    }
+
     /// Pushes an index under `tag`.
     pub async fn push_index(&self, tag: &ImageRef, index: &[u8], media_type: &str) -> Result<(), OciError> {
         self.login(tag, RegistryOperation::Push).await?;

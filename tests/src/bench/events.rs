@@ -159,6 +159,7 @@ async fn fake_agent(
             ..Default::default()
         })),
         phases: vec![],
+        provenance: None,
     };
     tx.send(proto::AgentMessage { kind: Some(Up::Result(result)), seq: 0 }).await?;
     // Keep the session open until the coordinator or the benchmark ends it.

@@ -74,6 +74,7 @@ async fn fake_agent(channel: tonic::transport::Channel, name: String, clock: Clo
                     ..Default::default()
                 })),
                 phases: vec![],
+                provenance: None,
             };
             tx.send(proto::AgentMessage { kind: Some(Up::Result(result)), seq: 0 }).await?;
         }

@@ -4,6 +4,7 @@
 
 mod create;
 mod inspect;
+pub mod verify;
 
 use clap::{Args, Subcommand};
 
@@ -20,12 +21,17 @@ pub enum Command {
     /// Combine images and indexes of one registry into a new index under one
     /// or more tags, like `docker buildx imagetools create`
     Create(create::CreateArgs),
+    /// Check every platform's provenance in an index: an attestation manifest refers to it, its statement's subject
+    /// is the platform's digest, and its DSSE signature verifies with a certificate the cluster CA (--ca) issued for
+    /// provenance. One line per platform; exits non-zero naming each platform that fails
+    Verify(verify::VerifyArgs),
 }
 
-pub async fn run(command: Command) -> anyhow::Result<i32> {
+pub async fn run(conn: &crate::conn::Conn, command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Inspect(args) => inspect::run(args).await,
         Command::Create(args) => create::run(args).await,
+        Command::Verify(args) => verify::run(conn, args).await,
     }
 }
 
