@@ -20,6 +20,7 @@ pub mod duration;
 #[cfg(feature = "engine")]
 pub mod engine;
 pub mod health;
+pub mod instructions;
 pub mod limits;
 pub mod oci;
 #[cfg(feature = "pki")]
@@ -30,6 +31,7 @@ pub mod reference;
 pub mod secrets;
 pub mod settings;
 pub mod ssh;
+pub mod steps;
 pub mod telemetry;
 
 pub use digest::Digest;

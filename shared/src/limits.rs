@@ -119,3 +119,8 @@ pub const CACHE_ATTRS: usize = 16;
 pub const CACHE_ATTR_KEY_BYTES: usize = 64;
 /// Bytes of a cache entry attribute's value.
 pub const CACHE_ATTR_VALUE_BYTES: usize = 1024;
+/// Lines of a failed step's Dockerfile excerpt, and bytes of each line and
+/// of the step's text (`FailedStep`).
+pub const EXCERPT_LINES: usize = 40;
+pub const EXCERPT_LINE_BYTES: usize = 512;
+pub const FAILED_STEP_BYTES: usize = 1024;
