@@ -163,6 +163,7 @@ impl Listing {
                 let stage = usize::try_from(*n).ok()?.checked_sub(1)?;
                 fits(self.in_stage(stage).collect(), index, total, &keyword)
             }
+            (_, StageRef::Single) => fits(self.in_stage(0).collect(), index, total, &keyword),
             (_, StageRef::Name(name)) => {
                 let stages: Vec<usize> = match name {
                     Some(name) => {

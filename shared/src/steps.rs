@@ -31,8 +31,10 @@ pub enum Flavor {
 /// Which stage a step belongs to, as the builder names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StageRef {
-    /// buildah's 1-based stage number (1 for a one-stage build).
+    /// buildah's 1-based stage number in a multi-stage build.
     Number(u32),
+    /// buildah's one-stage build.
+    Single,
     /// BuildKit's stage name: the `AS` name or `stage-N`; none for a
     /// one-stage build.
     Name(Option<String>),
@@ -57,7 +59,7 @@ impl Step {
     /// `[stage-1 4/5] RUN make` in a multi-stage build.
     pub fn label(&self) -> String {
         let stage = match &self.stage {
-            StageRef::Number(n) if *n > 1 => format!("stage-{} ", n - 1),
+            StageRef::Number(n) => format!("stage-{} ", n.saturating_sub(1)),
             StageRef::Name(Some(name)) => format!("{name} "),
             _ => String::new(),
         };
@@ -108,20 +110,14 @@ fn buildah_step(line: &str) -> Option<Step> {
     let (stage, rest) = match line.strip_prefix('[') {
         Some(r) => {
             let (inside, rest) = r.split_once("] ")?;
-            (fraction(inside)?.0, rest)
+            (StageRef::Number(fraction(inside)?.0), rest)
         }
-        None => (1, line),
+        None => (StageRef::Single, line),
     };
     let rest = rest.strip_prefix("STEP ")?;
     let (numbers, instruction) = rest.split_once(": ")?;
     let (index, total) = fraction(numbers)?;
-    Some(Step {
-        flavor: Flavor::Buildah,
-        stage: StageRef::Number(stage),
-        index,
-        total,
-        instruction: instruction.trim().to_owned(),
-    })
+    Some(Step { flavor: Flavor::Buildah, stage, index, total, instruction: instruction.trim().to_owned() })
 }
 
 /// `Step 4/10 : RUN make`.
@@ -212,14 +208,22 @@ const HELD_LINES: usize = 64;
 impl Epilogue {
     /// Takes a line; returns the lines to log now.
     pub fn offer(&mut self, line: String) -> Vec<String> {
-        if matches!(parse(&line), StepLine::Error { .. }) {
-            self.buildkit_failed = true;
+        let error = matches!(parse(&line), StepLine::Error { .. });
+        self.buildkit_failed |= error;
+        if self.held.len() >= HELD_LINES {
             let mut out = std::mem::take(&mut self.held);
             out.push(line);
             return out;
         }
-        let closing = if self.buildkit_failed { !line.starts_with('#') } else { line.starts_with("Error: ") };
-        if closing && self.held.len() < HELD_LINES {
+        if self.buildkit_failed {
+            // Other steps' own lines (`#9 CANCELED`) go on; the report waits.
+            if error || !line.starts_with('#') {
+                self.held.push(line);
+                return Vec::new();
+            }
+            return vec![line];
+        }
+        if line.starts_with("Error: ") {
             self.held.push(line);
             return Vec::new();
         }
@@ -299,7 +303,7 @@ mod tests {
     #[test]
     fn each_builders_step_lines() {
         let s = start("STEP 2/5: RUN make");
-        assert_eq!((s.flavor, s.stage.clone(), s.index, s.total), (Flavor::Buildah, StageRef::Number(1), 2, 5));
+        assert_eq!((s.flavor, s.stage.clone(), s.index, s.total), (Flavor::Buildah, StageRef::Single, 2, 5));
         assert_eq!(s.label(), "[2/5] RUN make");
         let s = start("[2/3] STEP 4/5: RUN echo failing; exit 2");
         assert_eq!((s.stage.clone(), s.index), (StageRef::Number(2), 4));
@@ -342,6 +346,7 @@ mod tests {
             t.observe(line);
         }
         assert_eq!(t.failed_step().unwrap().index, 2);
+        assert_eq!(start("[1/2] STEP 3/4: RUN x").label(), "[stage-0 3/4] RUN x");
         assert!(Tracker::default().failed_step().is_none());
     }
 
@@ -359,12 +364,17 @@ mod tests {
         assert_eq!(e.offer("more".into()), ["Error: not the last", "more"], "a line after it releases it");
         let mut e = Epilogue::default();
         let mut logged = Vec::new();
-        for line in
-            ["#8 [2/2] RUN false", "#8 ERROR: exit code: 1", "------", " > [2/2] RUN false:", "------", "exit code: 1"]
-        {
+        for line in [
+            "#8 [2/2] RUN false",
+            "#8 ERROR: exit code: 1",
+            "#9 CANCELED",
+            "------",
+            " > [2/2] RUN false:",
+            "exit code: 1",
+        ] {
             logged.extend(e.offer(line.into()));
         }
-        assert_eq!(logged, ["#8 [2/2] RUN false", "#8 ERROR: exit code: 1"]);
+        assert_eq!(logged, ["#8 [2/2] RUN false", "#9 CANCELED"]);
         assert_eq!(e.finish(false).len(), 4, "kept when the builder did not fail after all");
     }
 

@@ -123,8 +123,9 @@ impl Printer {
             return;
         }
         self.last_frame = Some(Instant::now());
-        let width = terminal_size::terminal_size_of(std::io::stderr()).map_or(80, |(w, _)| usize::from(w.0));
-        let frame = self.board.render(now_seconds(), width.max(20));
+        // A terminal that says no size (0 columns) is taken as 80 wide.
+        let width = terminal_size::terminal_size_of(std::io::stderr()).map_or(0, |(w, _)| usize::from(w.0));
+        let frame = self.board.render(now_seconds(), if width < 20 { 80 } else { width });
         let mut text = String::new();
         if self.drawn > 0 {
             // To the start of the frame on screen, and clear from there.

@@ -193,15 +193,10 @@ impl Board {
             if b.agent.is_empty() { "waiting for an agent".to_owned() } else { format!("on {} ({how})", b.agent) };
         let elapsed = b.started.map(|s| b.ended.unwrap_or(now) - s).unwrap_or(0.0).max(0.0);
         let mut lines = vec![format!(" => {} {agent}  {}  {elapsed:.1}s", b.platform, job_word(b.state))];
+        // Finished: its last steps, one line each, no output.
         let finished = b.done() && !b.steps.iter().any(|s| s.failed);
-        if finished {
-            if !b.steps.is_empty() {
-                lines.push(format!("    {} steps", b.steps.len() + b.dropped));
-            }
-            return lines;
-        }
-        let running = b.steps.iter().rposition(|s| s.ended.is_none() || s.failed);
-        let shown_from = running.unwrap_or(b.steps.len()).saturating_sub(SHOWN_STEPS);
+        let running = if finished { None } else { b.steps.iter().rposition(|s| s.ended.is_none() || s.failed) };
+        let shown_from = running.map_or(b.steps.len(), |r| r + 1).saturating_sub(SHOWN_STEPS + 1);
         let hidden = shown_from + b.dropped;
         if hidden > 0 {
             lines.push(format!("    ... {hidden} earlier steps"));
@@ -316,7 +311,9 @@ mod tests {
             [
                 "[+] Failed 8.0s (2/2 platforms)",
                 " => linux/amd64 on a1 (native)  pushed  7.0s",
-                "    3 steps",
+                "    [1/3] FROM base  1.0s",
+                "    [2/3] RUN make  4.0s",
+                "    [3/3] COPY app /  1.0s",
                 " => linux/arm64 on a2 (emulated)  failed  8.0s",
                 "    [1/2] FROM base  0.0s",
                 "    ERROR [2/2] RUN make  6.0s",
