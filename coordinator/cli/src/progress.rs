@@ -98,11 +98,14 @@ impl Printer {
         match &e.kind {
             Some(Kind::Log(l)) => {
                 if let StepLine::Start { vertex: None, step } = steps::parse(&l.line) {
-                    self.close_step(&l.platform, at);
+                    self.close_step(&l.platform, at, "DONE");
                     self.open.insert(l.platform.clone(), (step.label(), at));
                 }
             }
-            Some(Kind::Job(j)) if j.state != proto::JobState::Building as i32 => self.close_step(&j.platform, at),
+            Some(Kind::Job(j)) if j.state != proto::JobState::Building as i32 => {
+                let word = if j.state == proto::JobState::Failed as i32 { "ERROR" } else { "DONE" };
+                self.close_step(&j.platform, at, word);
+            }
             _ => {}
         }
         if let Some(line) = describe::event_line(e, false) {
@@ -110,10 +113,11 @@ impl Printer {
         }
     }
 
-    /// `[platform] STEP  DONE 3.2s` for the step that was running.
-    fn close_step(&mut self, platform: &str, at: f64) {
+    /// `[platform] STEP  DONE 3.2s` (`ERROR` when its job failed) for the
+    /// step that was running.
+    fn close_step(&mut self, platform: &str, at: f64, word: &str) {
         if let Some((label, started)) = self.open.remove(platform) {
-            errln!("[{platform}] {label}  DONE {:.1}s", (at - started).max(0.0));
+            errln!("[{platform}] {label}  {word} {:.1}s", (at - started).max(0.0));
         }
     }
 

@@ -73,8 +73,10 @@ impl Block {
                 self.steps.push(StepRow { label, vertex, started: at, ended: None, cached: false, failed: false });
                 self.tail.clear();
             }
+            // BuildKit shares a vertex between stages that do the same
+            // (two FROM lines of one image): every row of it ends.
             StepLine::Done { vertex, cached, .. } => {
-                if let Some(s) = self.steps.iter_mut().rev().find(|s| s.vertex == Some(vertex)) {
+                for s in self.steps.iter_mut().filter(|s| s.vertex == Some(vertex) && s.ended.is_none()) {
                     s.ended = Some(at);
                     s.cached = cached;
                 }
@@ -177,7 +179,7 @@ impl Board {
         let word = self.ended.as_ref().map_or("Building", |(_, w)| w.as_str());
         let mut lines = vec![format!("[+] {} {total:.1}s ({done}/{} platforms)", capitalized(word), self.blocks.len())];
         for b in &self.blocks {
-            lines.extend(self.render_block(b, now));
+            lines.extend(self.render_block(b, now, width));
         }
         if self.ended.is_none()
             && let Some(notice) = &self.notice
@@ -187,7 +189,7 @@ impl Board {
         lines.into_iter().map(|l| fit(&l, width)).collect()
     }
 
-    fn render_block(&self, b: &Block, now: f64) -> Vec<String> {
+    fn render_block(&self, b: &Block, now: f64, width: usize) -> Vec<String> {
         let how = if b.emulated { "emulated" } else { "native" };
         let agent =
             if b.agent.is_empty() { "waiting for an agent".to_owned() } else { format!("on {} ({how})", b.agent) };
@@ -208,7 +210,10 @@ impl Board {
                 (true, _, _) => "CACHED ",
                 _ => "",
             };
-            lines.push(format!("    {mark}{}  {:.1}s", s.label, time.max(0.0)));
+            // The time stays whole at the end; a long step is cut before it.
+            let time = format!("  {:.1}s", time.max(0.0));
+            let room = width.saturating_sub(time.len()).max(8);
+            lines.push(format!("{}{time}", fit(&format!("    {mark}{}", s.label), room)));
         }
         if running.is_some() {
             lines.extend(b.tail.iter().map(|l| format!("      {l}")));
@@ -292,6 +297,7 @@ mod tests {
         assert!(frame.iter().all(|l| l.chars().count() <= 80));
         let narrow = board().render(105.0, 20);
         assert_eq!(narrow[1], " => linux/amd64 on …");
+        assert_eq!(narrow[3], "    [2/3] RUN…  3.0s", "a step is cut before its time");
     }
 
     #[test]
