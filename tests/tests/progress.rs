@@ -96,11 +96,12 @@ fn a_failed_step_shows_its_dockerfile_lines_once_and_pipes_close_quietly() {
     assert_eq!(err.matches("building at STEP").count(), 1, "the message once, in the error:\n{err}");
     assert!(!err.contains("linux/amd64: linux/amd64"), "{err}");
     assert!(err.contains("#  linux/amd64 failed on buildah-amd64\n"), "{err}");
+    assert!(err.contains("[linux/amd64] [stage-1 4/5] RUN echo failing; exit 2  ERROR "), "{err}");
     let excerpt_at = err.find(EXCERPT).unwrap();
     let error_at = err.find("error: build ").unwrap();
     assert!(excerpt_at < error_at, "the excerpt comes right before the error:\n{err}");
     assert!(
-        err.contains("[linux/amd64] [stage-0 3/4] RUN echo one $TARGETARCH > /one  DONE "),
+        err.contains("[linux/amd64] [stage-0 3/3] RUN echo one $TARGETARCH > /one  DONE "),
         "plain says a step's time when it ends:\n{err}"
     );
     let id = err.lines().find_map(|l| l.strip_prefix("#2 build ")).unwrap().split_whitespace().next().unwrap();
