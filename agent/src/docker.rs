@@ -191,6 +191,7 @@ pub async fn build(
     spec: BuildSpec<'_>,
     scratch: &JobDir,
     log: &mut crate::joblog::JobLog,
+    tracker: &mut braid_shared::steps::Tracker,
 ) -> Result<String, DockerError> {
     // bollard takes shmsize as an i32.
     let shmsize = match spec.shm_size_bytes {
@@ -256,6 +257,7 @@ pub async fn build(
                     last_lines.remove(0);
                 }
                 last_lines.push(line.clone());
+                tracker.observe(&line);
                 log.push(braid_shared::shorten(&line, braid_shared::limits::LOG_LINE_BYTES));
             }
             log.flush();

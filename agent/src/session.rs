@@ -322,6 +322,7 @@ impl Agent {
                 outcome: Some(proto::job_result::Outcome::Failure(proto::JobFailure {
                     kind: proto::FailureKind::Infra as i32,
                     message: "the agent is stopping".into(),
+                    ..Default::default()
                 })),
                 phases: Vec::new(),
                 provenance: None,
@@ -353,6 +354,7 @@ impl Agent {
                 result.outcome = Some(proto::job_result::Outcome::Failure(proto::JobFailure {
                     kind: proto::FailureKind::Infra as i32,
                     message: "the agent stopped before finishing; handed back".into(),
+                    ..Default::default()
                 }));
             }
             // Queue the result before forgetting the job, so a reconnect in

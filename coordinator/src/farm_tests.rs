@@ -290,6 +290,14 @@ fn a_build_error_fails_the_build_and_cancels_the_other_platforms() {
         outcome: Some(proto::job_result::Outcome::Failure(proto::JobFailure {
             kind: proto::FailureKind::Build as i32,
             message: "exit status 3".into(),
+            failed_step: Some(proto::FailedStep {
+                step: "[2/2] RUN make".into(),
+                dockerfile: "Dockerfile".into(),
+                line: 2,
+                end_line: 2,
+                first_line: 1,
+                lines: vec!["FROM a".into(); 1000],
+            }),
         })),
         phases: vec![],
         provenance: None,
@@ -298,6 +306,11 @@ fn a_build_error_fails_the_build_and_cancels_the_other_platforms() {
     let b = farm.build(&build_id).unwrap();
     assert_eq!(b.record.status, BuildStatus::Failed);
     assert_eq!(b.record.message, "linux/amd64: exit status 3");
+    let failed = b.record.jobs.iter().find(|j| j.id == a.job_id).unwrap();
+    assert_eq!(failed.message, "exit status 3", "the job's message does not repeat its platform");
+    let step = failed.to_proto().failed_step.unwrap();
+    assert_eq!((step.step.as_str(), step.line), ("[2/2] RUN make", 2));
+    assert_eq!(step.lines.len(), braid_shared::limits::EXCERPT_LINES, "an agent's excerpt is cut to the limit");
     let other = b.record.jobs.iter().find(|j| j.id == arm_job.job_id).unwrap();
     assert_eq!(other.status, JobStatus::Cancelled);
     let cancel = arm.try_recv().unwrap().unwrap();

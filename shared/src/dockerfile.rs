@@ -85,7 +85,7 @@ pub fn scan(bytes: &[u8]) -> Result<Scan, TooLarge> {
 }
 
 /// `# key=value` with a directive-shaped key, lowercased.
-fn directive(line: &str) -> Option<(String, String)> {
+pub(crate) fn directive(line: &str) -> Option<(String, String)> {
     let rest = line.trim_start().strip_prefix('#')?;
     let (key, value) = rest.split_once('=')?;
     let key = key.trim();
@@ -97,7 +97,7 @@ fn directive(line: &str) -> Option<(String, String)> {
 /// The instruction starting at `lines[i]` with its continuations joined;
 /// comment lines and blank lines inside it are dropped, as BuildKit does.
 /// Returns it (None for a blank or comment line) and the next line's index.
-fn logical_line(lines: &[&str], mut i: usize, escape: char) -> (Option<String>, usize) {
+pub(crate) fn logical_line(lines: &[&str], mut i: usize, escape: char) -> (Option<String>, usize) {
     let first = lines[i].trim_start();
     i += 1;
     if first.is_empty() || first.starts_with('#') {
@@ -220,7 +220,7 @@ fn instruction(scan: &mut Scan, logical: &str, lines: &[&str], mut i: usize) -> 
 }
 
 /// The first blank-separated word and the rest.
-fn split_word(s: &str) -> (&str, &str) {
+pub(crate) fn split_word(s: &str) -> (&str, &str) {
     let s = s.trim_start();
     match s.find([' ', '\t']) {
         Some(at) => (&s[..at], s[at..].trim_start()),
@@ -230,7 +230,7 @@ fn split_word(s: &str) -> (&str, &str) {
 
 /// Words as a shell splits them: quotes and backslashes keep blanks inside
 /// a word; the quotes stay in the word (the heredoc reader needs them).
-fn shell_words(s: &str) -> Vec<String> {
+pub(crate) fn shell_words(s: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut word = String::new();
     let mut quote: Option<char> = None;
@@ -284,7 +284,7 @@ fn unquote(word: &str) -> String {
 
 /// `<<EOF`, `<<-EOF`, `<<"EOF"`, `<<'EOF'` (also `<<` then the word):
 /// whether tabs are stripped, and the terminator.
-fn heredoc(word: &str, next: Option<&String>) -> Option<(bool, String)> {
+pub(crate) fn heredoc(word: &str, next: Option<&String>) -> Option<(bool, String)> {
     let rest = word.strip_prefix("<<")?;
     if rest.starts_with('<') {
         return None; // a here-string

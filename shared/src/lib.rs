@@ -22,6 +22,7 @@ pub mod duration;
 #[cfg(feature = "engine")]
 pub mod engine;
 pub mod health;
+pub mod instructions;
 pub mod limits;
 pub mod oci;
 #[cfg(feature = "pki")]
@@ -34,6 +35,7 @@ pub mod settings;
 pub mod slsa;
 pub mod source;
 pub mod ssh;
+pub mod steps;
 pub mod telemetry;
 
 pub use digest::Digest;

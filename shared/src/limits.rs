@@ -131,3 +131,8 @@ pub const PROVENANCE_BASE_IMAGES: usize = 64;
 pub const PROVENANCE_REF_BYTES: usize = 512;
 /// Bytes of a provenance statement or DSSE envelope read back.
 pub const ATTESTATION_BYTES: usize = 4 << 20;
+/// Lines of a failed step's Dockerfile excerpt, and bytes of each line and
+/// of the step's text (`FailedStep`).
+pub const EXCERPT_LINES: usize = 40;
+pub const EXCERPT_LINE_BYTES: usize = 512;
+pub const FAILED_STEP_BYTES: usize = 1024;

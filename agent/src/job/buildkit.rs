@@ -20,7 +20,7 @@ use braid_shared::oci::Credential;
 use braid_shared::{Platform, beneath, buildargs, proto};
 
 use super::process::{RunError, run_logged};
-use super::{BuildJob, Outcome, build_failure, infra, manifest_annotations};
+use super::{BuildJob, Outcome, infra, manifest_annotations};
 use crate::docker;
 
 /// What a BuildKit `docker build` is given besides the spec.
@@ -153,7 +153,7 @@ pub(super) async fn build(
     let pass = env.engine_gate.enter(platform).await;
     match run_logged(env, a, cmd, job_dir, cancel).await {
         Ok(()) => {}
-        Err(RunError::Exit(tail)) => return Err(build_failure(tail)),
+        Err(RunError::Exit(message, step)) => return Err(super::step_failure(job, message, step.as_ref())),
         Err(RunError::Spawn(e)) => return Err(infra(format!("starting {}: {e}", cli.display()))),
     }
     drop(pass);

@@ -8,7 +8,7 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use braid_shared::oci::Credential;
-use braid_shared::{Platform, beneath, buildargs};
+use braid_shared::{Platform, beneath};
 
 use super::cache::{CacheTally, buildah_cache};
 use super::process::{RunError, run_logged, run_logged_watching};
@@ -24,7 +24,7 @@ pub(super) async fn build_with_containers(
     credentials: &[Credential],
     cancel: &CancellationToken,
 ) -> Result<(), Outcome> {
-    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout, ssh, build_contexts } = *job;
+    let BuildJob { env, a, spec, platform, job_dir, context_dir, layout, ssh, build_contexts, .. } = *job;
     // Keeps the storage from being cleared under this job.
     let storage_lock = env.storage_locks.for_storage(&prune::storage_name(platform));
     let _using = storage_lock.read().await;
@@ -79,7 +79,7 @@ pub(super) async fn build_with_containers(
     for (k, v) in args {
         bud.arg("--build-arg").arg(format!("{k}={v}"));
     }
-    for (k, v) in buildargs::platform_args(platform, &env.settings.native) {
+    for (k, v) in super::declared_platform_args(job, &env.settings.native) {
         bud.arg("--build-arg").arg(format!("{k}={v}"));
     }
     let mut labels: Vec<(&String, &String)> = spec.labels.iter().collect();
@@ -102,7 +102,7 @@ pub(super) async fn build_with_containers(
     }
     match built {
         Ok(()) => {}
-        Err(RunError::Exit(tail)) => return Err(build_failure(tail)),
+        Err(RunError::Exit(message, step)) => return Err(super::step_failure(job, message, step.as_ref())),
         Err(RunError::Spawn(e)) => return Err(infra(format!("starting {}: {e}", env.settings.backend))),
     }
     let image_id = match tokio::fs::read_to_string(&iidfile).await {

@@ -33,6 +33,8 @@ pub enum Outcome {
     /// The image, and its config's digest when the layout was read.
     Image(ImageDescriptor, Option<Digest>),
     Failed(proto::FailureKind, String),
+    /// A build step failed: why, and where in the Dockerfile.
+    StepFailed(String, Box<proto::FailedStep>),
 }
 
 /// What a job needs from the agent around it.
@@ -65,7 +67,7 @@ pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: Ca
         };
         // A builder killed by the cancel fails too: it was the cancel.
         let outcome = match outcome {
-            Outcome::Failed(..) if cancel.is_cancelled() => {
+            Outcome::Failed(..) | Outcome::StepFailed(..) if cancel.is_cancelled() => {
                 Outcome::Failed(proto::FailureKind::Cancelled, "cancelled".into())
             }
             other => other,
@@ -73,6 +75,7 @@ pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: Ca
         match &outcome {
             Outcome::Image(d, _) => tracing::info!(digest = %d.digest, "job done"),
             Outcome::Failed(kind, message) => tracing::warn!(?kind, %message, "job failed"),
+            Outcome::StepFailed(message, step) => tracing::warn!(%message, step = %step.step, "job failed"),
         }
         outcome
     }
@@ -90,8 +93,13 @@ pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: Ca
             config_digest: config.map(|c| c.to_string()).unwrap_or_default(),
         }),
         Outcome::Failed(kind, message) => {
-            proto::job_result::Outcome::Failure(proto::JobFailure { kind: kind as i32, message })
+            proto::job_result::Outcome::Failure(proto::JobFailure { kind: kind as i32, message, failed_step: None })
         }
+        Outcome::StepFailed(message, step) => proto::job_result::Outcome::Failure(proto::JobFailure {
+            kind: proto::FailureKind::Build as i32,
+            message,
+            failed_step: Some(*step),
+        }),
     };
     proto::JobResult {
         job_id: assignment.job_id,
@@ -109,6 +117,39 @@ fn infra(message: impl std::fmt::Display) -> Outcome {
 
 fn build_failure(message: impl std::fmt::Display) -> Outcome {
     Outcome::Failed(proto::FailureKind::Build, message.to_string())
+}
+
+/// A builder that ran and failed: its message, and the Dockerfile lines of
+/// the step it failed at when the step's numbering fits the Dockerfile.
+fn step_failure(job: &BuildJob<'_>, message: String, step: Option<&braid_shared::steps::Step>) -> Outcome {
+    let Some(step) = step else { return build_failure(message) };
+    let mut failed = proto::FailedStep {
+        step: braid_shared::shorten(&step.label(), limits::FAILED_STEP_BYTES),
+        dockerfile: if job.spec.dockerfile_path.is_empty() {
+            "Dockerfile".to_owned()
+        } else {
+            braid_shared::shorten(&job.spec.dockerfile_path, limits::FAILED_STEP_BYTES)
+        },
+        ..Default::default()
+    };
+    if let Ok(listing) = braid_shared::instructions::list(job.dockerfile_text)
+        && let Some(found) = listing.locate(step)
+    {
+        let excerpt = listing.excerpt(found);
+        failed.line = excerpt.line;
+        failed.end_line = excerpt.end_line;
+        failed.first_line = excerpt.first_line;
+        failed.lines = excerpt.lines;
+    }
+    Outcome::StepFailed(message, Box::new(failed))
+}
+
+/// The automatic platform ARGs (BuildKit's values) the Dockerfile declares
+/// or names on a FROM line: given undeclared, buildah and the classic
+/// builder warn that they were not consumed.
+fn declared_platform_args(job: &BuildJob<'_>, native: &Platform) -> Vec<(String, String)> {
+    let declared = braid_shared::instructions::list(job.dockerfile_text).map(|l| l.arg_names()).unwrap_or_default();
+    buildargs::platform_args(job.platform, native).into_iter().filter(|(k, _)| declared.contains(k)).collect()
 }
 
 /// When each phase ran, reported with the result for timelines and metrics.
@@ -219,6 +260,7 @@ async fn execute(
         layout: &layout,
         ssh: ssh_sockets,
         build_contexts: &build_contexts,
+        dockerfile_text: &dockerfile_text,
     };
     let built = if env.settings.backend == "docker" {
         build_with_docker(&job, &dockerfile_text, &dockerfile, &credentials, cancel).await
@@ -330,6 +372,8 @@ struct BuildJob<'a> {
     ssh: &'a [(String, std::path::PathBuf)],
     /// `--build-context` entries: name and what the builder is given.
     build_contexts: &'a [(String, String)],
+    /// The Dockerfile's bytes (what its copy at `Dockerfile` holds).
+    dockerfile_text: &'a [u8],
 }
 
 /// The `manifest`-level annotations that apply to `platform`.
@@ -401,8 +445,7 @@ async fn build_with_docker(
     }
     let engine = docker::connect(&env.settings.docker_host).await.map_err(infra)?;
     let mut build_args = spec.build_args.clone();
-    build_args
-        .extend(buildargs::platform_args(platform, &env.settings.native).into_iter().map(|(k, v)| (k.to_owned(), v)));
+    build_args.extend(declared_platform_args(job, &env.settings.native));
     let build = docker::BuildSpec {
         context_dir,
         dockerfile,
@@ -421,10 +464,11 @@ async fn build_with_docker(
     }
     let pass = env.engine_gate.enter(platform).await;
     let mut log = JobLog::new(a, env.outbox.clone(), env.log_budget.clone());
-    let built = docker::build(&engine, build, job_dir, &mut log).await;
+    let mut tracker = braid_shared::steps::Tracker::default();
+    let built = docker::build(&engine, build, job_dir, &mut log, &mut tracker).await;
     log.finish();
     let image_id = built.map_err(|e| match e {
-        docker::DockerError::Build(message) => build_failure(message),
+        docker::DockerError::Build(message) => step_failure(job, message, tracker.failed_step()),
         other => infra(other),
     })?;
     drop(pass);

@@ -9,6 +9,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use braid_shared::steps::{self, Epilogue, Step, Tracker};
 use braid_shared::{limits, proto};
 
 use super::JobEnv;
@@ -16,15 +17,16 @@ use crate::jobdir::JobDir;
 use crate::joblog::{self, JobLog};
 
 pub(super) enum RunError {
-    /// It ran and failed: the last lines of its output.
-    Exit(String),
+    /// It ran and failed: its error message (or its last lines), and the
+    /// step it was at, if it printed steps.
+    Exit(String, Option<Step>),
     Spawn(std::io::Error),
 }
 
 impl std::fmt::Display for RunError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RunError::Exit(tail) => f.write_str(tail),
+            RunError::Exit(tail, _) => f.write_str(tail),
             RunError::Spawn(e) => write!(f, "{e}"),
         }
     }
@@ -81,16 +83,28 @@ pub(super) async fn run_logged_watching(
     }
     drop(line_tx);
     let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::with_capacity(TAIL_LINES);
+    let mut tracker = Tracker::default();
+    let mut epilogue = Epilogue::default();
+    let mut logged: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
             line = line_rx.recv() => match line {
                 Some(line) => {
                     watch(&line);
+                    tracker.observe(&line);
                     let line = braid_shared::shorten(&line, limits::LOG_LINE_BYTES);
                     if tail.len() == TAIL_LINES { tail.pop_front(); }
                     tail.push_back(line.clone());
-                    log.push(line);
+                    // buildah's noise: a warning about the automatic ARGs
+                    // it sets itself, a line it prints twice.
+                    let Some(line) = steps::without_automatic_args(&line) else { continue };
+                    if steps::is_repeated_exit_line(&line, &logged) { continue; }
+                    for line in epilogue.offer(line) {
+                        if logged.len() == 3 { logged.remove(0); }
+                        logged.push(line.clone());
+                        log.push(line);
+                    }
                 }
                 None => break,
             },
@@ -98,25 +112,44 @@ pub(super) async fn run_logged_watching(
             () = cancel.cancelled() => break,
         }
     }
-    log.finish();
     let status = tokio::select! {
-        status = child.wait() => status.map_err(RunError::Spawn)?,
+        status = child.wait() => status,
         () = cancel.cancelled() => {
+            log.finish();
             drop(guard);
-            return Err(RunError::Exit("cancelled".into()));
+            return Err(RunError::Exit("cancelled".into(), None));
         }
     };
+    let status = match status {
+        Ok(status) => status,
+        Err(e) => {
+            log.finish();
+            return Err(RunError::Spawn(e));
+        }
+    };
+    for line in epilogue.finish(!status.success()) {
+        log.push(line);
+    }
+    log.finish();
     std::mem::forget(guard);
     if status.success() {
         return Ok(());
     }
-    Err(RunError::Exit(failure_summary(&tail, status)))
+    Err(RunError::Exit(failure_summary(&tail, status, &tracker), tracker.failed_step().cloned()))
 }
 
-/// The builder's own error line if it printed one, else its last lines.
-fn failure_summary(tail: &std::collections::VecDeque<String>, status: std::process::ExitStatus) -> String {
+/// The builder's own error line if it printed one (buildah's `Error: `,
+/// BuildKit's `#N ERROR: `), else its last lines.
+fn failure_summary(
+    tail: &std::collections::VecDeque<String>,
+    status: std::process::ExitStatus,
+    tracker: &Tracker,
+) -> String {
     if let Some(err) = tail.iter().rev().find(|l| l.starts_with("Error: ")) {
         return err.trim_start_matches("Error: ").to_owned();
+    }
+    if let Some(err) = tracker.error_message() {
+        return err.to_owned();
     }
     let lines: Vec<&str> = tail.iter().map(String::as_str).collect();
     format!("builder exited with {status}: {}", lines.join(" | "))

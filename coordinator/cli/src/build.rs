@@ -15,6 +15,7 @@ use crate::buildspec::{default_annotations, parse_annotations, parse_build_args,
 use crate::conn::{Builds, Conn};
 use crate::describe::{self, seconds};
 use crate::output;
+use crate::progress::{Mode, Printer};
 use crate::reconnect::{self, Patience};
 use crate::upload::{self, DockerfileSource};
 
@@ -75,8 +76,10 @@ pub struct BuildArgs {
     /// Write the build result metadata (buildx's keys) to FILE
     #[arg(long, value_name = "FILE")]
     metadata_file: Option<PathBuf>,
-    /// Progress output: auto, plain (log lines prefixed by platform) or quiet
-    #[arg(long, value_name = "TYPE", default_value = "auto", value_parser = ["auto", "plain", "quiet"])]
+    /// Progress output: auto (tty on a terminal, else plain), tty (a live view per platform), plain (log
+    /// lines prefixed by platform, each step's time), rawjson (one JSON event per line) or quiet
+    #[arg(long, value_name = "TYPE", default_value = "auto",
+        value_parser = ["auto", "tty", "plain", "rawjson", "quiet"])]
     progress: String,
     /// Always fetch the base images, even when the agent's builder has a copy
     #[arg(long)]
@@ -179,12 +182,6 @@ fn write_iidfile(path: &std::path::Path, build: &proto::Build) -> anyhow::Result
     std::fs::write(path, &build.index_digest).with_context(|| format!("writing --iidfile {path:?}"))
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Progress {
-    Plain,
-    Quiet,
-}
-
 pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     let platforms = platforms(&args.platforms)?;
     let outputs = output::parse(&args.outputs, args.push, args.load, args.format.as_deref(), &platforms)?;
@@ -202,11 +199,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         Some(output::Local::Load { .. }) => Some(output::find_store().await?),
         _ => None,
     };
-    let progress = match args.progress.as_str() {
-        _ if args.quiet => Progress::Quiet,
-        "quiet" => Progress::Quiet,
-        _ => Progress::Plain,
-    };
+    let progress = Mode::choose(&args.progress, args.quiet, std::io::stderr().is_terminal());
     if args.detach && args.iidfile.is_some() {
         bail!("--detach returns before the build ends, so it cannot write --iidfile");
     }
@@ -232,11 +225,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
             _ => {}
         }
     }
-    let say = |line: String| {
-        if progress != Progress::Quiet {
-            eprintln!("{line}");
-        }
-    };
+    let say = |line: String| crate::progress::say(progress, &line);
     let build_args = parse_build_args(&args.build_args)?;
     let labels = parse_labels(&args.labels)?;
     let mut patience = Patience::new(reconnect::limit(args.timeout));
@@ -250,12 +239,12 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
     ));
     let counter = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let ticker = (args.progress == "auto" && std::io::stderr().is_terminal())
+    let ticker = (progress == Mode::Tty && std::io::stderr().is_terminal())
         .then(|| tokio::spawn(show_upload_progress(counter.clone(), started)));
     let sent = upload::ensure_uploaded(&mut client, &prepared, counter).await;
     if let Some(t) = ticker {
         t.abort();
-        eprint!("\r\x1b[K");
+        err!("\r\x1b[K");
     }
     let sent = sent?;
     if sent == 0 {
@@ -331,7 +320,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         .build_id;
     say(format!("#2 build {build_id} submitted"));
     if args.detach {
-        println!("{build_id}");
+        outln!("{build_id}");
         return Ok(0);
     }
 
@@ -340,10 +329,23 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         tokio::spawn(crate::ssh::serve(conn.clone(), build_id.clone(), agents.sockets(), limit))
     });
     let _stop_ssh = AbortOnDrop(ssh_task);
-    let outcome = tokio::select! {
-        outcome = follow(&mut client, &build_id, &secrets, progress, &mut patience) => outcome?,
-        code = StopSignals::recv(&mut stop) => {
-            crate::diag::warn(&format!("interrupted: cancelling build {build_id}"));
+    let mut printer = Printer::new(progress);
+    let followed = tokio::select! {
+        outcome = follow(&mut client, &build_id, &secrets, &mut printer, &mut patience) => Ok(outcome?),
+        code = StopSignals::recv(&mut stop) => Err(code),
+    };
+    // Interrupted (Ctrl-C, or SIGTERM from a CI runner's cancel), or no one
+    // reads the progress any more (a closed pipe): the build is cancelled,
+    // as buildx's ends with its client.
+    let outcome = match followed {
+        Ok(Followed::Ended(state)) => state,
+        interrupted => {
+            printer.finish();
+            let (why, code) = match interrupted {
+                Ok(_) => ("the progress output was closed", 141),
+                Err(code) => ("interrupted", code),
+            };
+            crate::diag::warn(&format!("{why}: cancelling build {build_id}"));
             let mut patience = Patience::new(reconnect::limit(args.timeout));
             let c = patience.connect(|| conn.builds()).await?;
             let request = proto::CancelBuildRequest { build_id: build_id.clone() };
@@ -356,6 +358,7 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
             return Ok(code);
         }
     };
+    printer.finish();
     let request = proto::GetBuildRequest { build_id: build_id.clone() };
     let build = patience
         .retry(|| {
@@ -378,6 +381,13 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         &build_ref(conn, &build.build_id),
         provenance,
     )?;
+    if progress != Mode::RawJson {
+        for step in build.jobs.iter().filter_map(|j| j.failed_step.as_ref()) {
+            for line in describe::excerpt(step) {
+                errln!("{line}");
+            }
+        }
+    }
     match outcome {
         proto::BuildState::Succeeded => {
             if let Some(path) = &args.iidfile {
@@ -444,9 +454,9 @@ async fn follow(
     client: &mut Builds,
     build_id: &str,
     secrets: &[proto::SecretValue],
-    progress: Progress,
+    printer: &mut Printer,
     patience: &mut Patience,
-) -> anyhow::Result<proto::BuildState> {
+) -> anyhow::Result<Followed> {
     let mut after = 0;
     let mut reconnected = false;
     loop {
@@ -466,16 +476,30 @@ async fn follow(
             provide_secrets(client, build_id, secrets, patience).await;
         }
         reconnected = true;
+        let mut frames = tokio::time::interval(crate::progress::FRAME);
         loop {
-            match stream.message().await {
+            let message = tokio::select! {
+                message = stream.message() => message,
+                _ = frames.tick() => {
+                    printer.tick();
+                    if crate::out::stderr_gone() {
+                        return Ok(Followed::Gone);
+                    }
+                    continue;
+                }
+            };
+            match message {
                 Ok(Some(event)) => {
                     // Only later events: a resumed stream never repeats one.
                     if event.seq <= after {
                         continue;
                     }
                     after = event.seq;
-                    if let Some(state) = print_event(&event, progress) {
-                        return Ok(state);
+                    if let Some(state) = print_event(&event, printer) {
+                        return Ok(Followed::Ended(state));
+                    }
+                    if crate::out::stderr_gone() {
+                        return Ok(Followed::Gone);
                     }
                 }
                 Ok(None) => {
@@ -516,20 +540,28 @@ pub fn state_word(state: proto::BuildState) -> &'static str {
     }
 }
 
+/// How following a build ended.
+enum Followed {
+    Ended(proto::BuildState),
+    /// Standard error's reader went away.
+    Gone,
+}
+
 /// Prints one event; returns the final state when the build has ended.
-fn print_event(event: &proto::BuildEvent, progress: Progress) -> Option<proto::BuildState> {
+fn print_event(event: &proto::BuildEvent, printer: &mut Printer) -> Option<proto::BuildState> {
     if let Some(Kind::Build(b)) = &event.kind {
         let state = proto::BuildState::try_from(b.state).unwrap_or_default();
-        if matches!(state, proto::BuildState::Succeeded | proto::BuildState::Failed | proto::BuildState::Cancelled) {
+        let ended =
+            matches!(state, proto::BuildState::Succeeded | proto::BuildState::Failed | proto::BuildState::Cancelled);
+        // rawjson and the live view show every event; plain, the build's
+        // end in its summary.
+        if ended && printer.mode == Mode::Plain {
             return Some(state);
         }
-        return None;
+        printer.event(event);
+        return ended.then_some(state);
     }
-    if progress != Progress::Quiet
-        && let Some(line) = describe::event_line(event)
-    {
-        eprintln!("{line}");
-    }
+    printer.event(event);
     None
 }
 
@@ -562,17 +594,17 @@ async fn provenance_metadata(build: &proto::Build) -> Vec<(String, serde_json::V
 /// One line per platform and the index; the metadata file like buildx's.
 fn summarize(
     build: &proto::Build,
-    progress: Progress,
+    progress: Mode,
     metadata_file: Option<&std::path::Path>,
     stdout_taken: bool,
     build_ref: &str,
     provenance: Vec<(String, serde_json::Value)>,
 ) -> anyhow::Result<()> {
-    if progress != Progress::Quiet {
+    if matches!(progress, Mode::Plain | Mode::Tty) {
         for job in &build.jobs {
             let digest = job.result.as_ref().map(|r| r.digest.as_str()).unwrap_or("-");
             let how = if job.emulated { "emulated" } else { "native" };
-            eprintln!(
+            errln!(
                 "{:<16} {:<20} {:<8} {:>7.1}s  {}",
                 job.platform,
                 if job.agent.is_empty() { "-" } else { &job.agent },
@@ -583,15 +615,14 @@ fn summarize(
         }
     }
     if !build.index_digest.is_empty() {
-        let line = if progress == Progress::Quiet {
-            build.index_digest.clone()
-        } else {
-            format!("index {}", build.index_digest)
-        };
+        let line =
+            if progress == Mode::Quiet { build.index_digest.clone() } else { format!("index {}", build.index_digest) };
+        // Printed whatever became of standard output: the build's files
+        // (metadata, --iidfile, a local output) are still written.
         if stdout_taken {
-            eprintln!("{line}");
+            errln!("{line}");
         } else {
-            println!("{line}");
+            crate::out::try_stdout(format_args!("{line}\n"));
         }
     }
     if let Some(path) = metadata_file {
@@ -674,7 +705,7 @@ async fn show_upload_progress(sent: Arc<AtomicU64>, started: Instant) {
         tick.tick().await;
         let bytes = sent.load(Ordering::Relaxed);
         let secs = started.elapsed().as_secs_f64().max(1e-3);
-        eprint!(
+        err!(
             "\r\x1b[K#1 uploading context: {:.1} MiB ({})",
             bytes as f64 / f64::from(1 << 20),
             rate(bytes as f64 / secs)
@@ -687,6 +718,6 @@ pub async fn cancel(conn: &Conn, build_id: &str) -> anyhow::Result<i32> {
     let mut client = conn.builds().await?;
     let build = client.cancel(proto::CancelBuildRequest { build_id: build_id.to_owned() }).await?.into_inner();
     let state = proto::BuildState::try_from(build.state).unwrap_or_default();
-    println!("build {} {}", build.build_id, state_word(state));
+    outln!("build {} {}", build.build_id, state_word(state));
     Ok(0)
 }

@@ -28,8 +28,8 @@ pub fn init(dir: &Path, hosts: &[String], days: i64) -> anyhow::Result<i32> {
     let server = pki::issue_server(&ca, &hosts, days)?;
     pki::write_public(&dir.join("coordinator.pem"), &server.cert)?;
     pki::write_private(&dir.join("coordinator-key.pem"), &server.key)?;
-    println!("wrote {0}/ca.pem, {0}/ca-key.pem, {0}/coordinator.pem, {0}/coordinator-key.pem", dir.display());
-    println!("coordinator certificate valid for: {}", hosts.join(", "));
+    outln!("wrote {0}/ca.pem, {0}/ca-key.pem, {0}/coordinator.pem, {0}/coordinator-key.pem", dir.display());
+    outln!("coordinator certificate valid for: {}", hosts.join(", "));
     Ok(0)
 }
 
@@ -53,6 +53,6 @@ pub fn issue(dir: &Path, name: &str, kind: &str, days: i64) -> anyhow::Result<i3
     };
     pki::write_public(&dir.join(format!("{name}.pem")), &issued.cert)?;
     pki::write_private(&dir.join(format!("{name}-key.pem")), &issued.key)?;
-    println!("wrote {0}/{name}.pem and {0}/{name}-key.pem", dir.display());
+    outln!("wrote {0}/{name}.pem and {0}/{name}-key.pem", dir.display());
     Ok(0)
 }

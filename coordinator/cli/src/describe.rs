@@ -39,8 +39,10 @@ pub fn seconds(job: &proto::Job) -> f64 {
 }
 
 /// One event as a line of `braid build`'s and `braid logs`' output; none
-/// for an event of an unknown kind.
-pub fn event_line(e: &proto::BuildEvent) -> Option<String> {
+/// for an event of an unknown kind. `detail`: a failed job's message and
+/// Dockerfile excerpt too (`braid logs`); `braid build` says them once, at
+/// the end, with the build's error.
+pub fn event_line(e: &proto::BuildEvent, detail: bool) -> Option<String> {
     Some(match &e.kind {
         Some(Kind::Log(l)) => format!("[{}] {}", l.platform, l.line),
         Some(Kind::Notice(n)) => format!("#  {}", n.text),
@@ -52,12 +54,35 @@ pub fn event_line(e: &proto::BuildEvent) -> Option<String> {
             if j.attempt > 1 {
                 line.push_str(&format!(" (attempt {})", j.attempt));
             }
-            if !j.message.is_empty() {
+            let failed = j.state == proto::JobState::Failed as i32;
+            if !j.message.is_empty() && (detail || !failed) {
                 line.push_str(&format!(": {}", j.message));
+            }
+            if detail && let Some(step) = &j.failed_step {
+                for l in excerpt(step) {
+                    line.push('\n');
+                    line.push_str(&l);
+                }
             }
             line
         }
         Some(Kind::Build(b)) => format!("#  build {}", build_state_name(b.state)),
         None => return None,
     })
+}
+
+/// A failed step's Dockerfile lines as BuildKit prints them
+/// (`Dockerfile:7`, the lines, `>>>` at the step's); none when the agent
+/// could not place the step.
+pub fn excerpt(f: &proto::FailedStep) -> Vec<String> {
+    if f.line == 0 || f.lines.is_empty() {
+        return Vec::new();
+    }
+    let excerpt = braid_shared::instructions::Excerpt {
+        line: f.line,
+        end_line: f.end_line,
+        first_line: f.first_line,
+        lines: f.lines.clone(),
+    };
+    excerpt.render(&f.dockerfile)
 }

@@ -27,7 +27,7 @@ pub fn error(message: &str) {
     if json() {
         tracing::error!("{message}");
     } else {
-        eprintln!("error: {message}");
+        errln!("error: {message}");
     }
 }
 
@@ -36,7 +36,7 @@ pub fn warn(message: &str) {
     if json() {
         tracing::warn!("{message}");
     } else {
-        eprintln!("{message}");
+        errln!("{message}");
     }
 }
 
@@ -45,7 +45,7 @@ pub fn note(message: &str) {
     if json() {
         tracing::info!("{message}");
     } else {
-        eprintln!("{message}");
+        errln!("{message}");
     }
 }
 

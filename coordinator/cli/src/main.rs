@@ -1,5 +1,7 @@
 //! `braid`: submit multi-platform builds to a braid farm and follow them.
 
+#[macro_use]
+mod out;
 mod build;
 mod buildspec;
 mod certs;
@@ -13,11 +15,13 @@ mod listing;
 mod needs;
 mod ops;
 mod output;
+mod progress;
 mod reconnect;
 mod secrets;
 mod source;
 mod ssh;
 mod tokens;
+mod tty;
 mod upload;
 
 use std::path::PathBuf;

@@ -34,6 +34,7 @@ pub fn event_json(e: &proto::BuildEvent) -> Value {
         Some(Kind::Job(j)) => json!({
             "type": "job", "job_id": j.job_id, "platform": j.platform, "state": job_word(j.state), "agent": j.agent,
             "attempt": j.attempt, "message": j.message, "result": image_json(&j.result), "emulated": j.emulated,
+            "failed_step": j.failed_step.as_ref().map(failed_step_json),
         }),
         Some(Kind::Log(l)) => json!({"type": "log", "platform": l.platform, "line": l.line}),
         Some(Kind::Notice(n)) => json!({"type": "notice", "platform": n.platform, "text": n.text}),
@@ -43,6 +44,14 @@ pub fn event_json(e: &proto::BuildEvent) -> Value {
         m.extend(x);
     }
     v
+}
+
+/// Where a job failed: the step and its Dockerfile excerpt.
+fn failed_step_json(f: &proto::FailedStep) -> Value {
+    json!({
+        "step": f.step, "dockerfile": f.dockerfile, "line": f.line, "end_line": f.end_line,
+        "first_line": f.first_line, "lines": f.lines,
+    })
 }
 
 fn event_platform(e: &proto::BuildEvent) -> Option<&str> {
@@ -128,10 +137,10 @@ fn print_log_event(event: &proto::BuildEvent, only: Option<&Platform>, format: F
         return;
     }
     match format {
-        Format::Json => println!("{}", event_json(event)),
+        Format::Json => outln!("{}", event_json(event)),
         Format::Table => {
-            if let Some(line) = event_line(event) {
-                println!("{line}");
+            if let Some(line) = event_line(event, true) {
+                outln!("{line}");
             }
         }
     }
@@ -146,6 +155,7 @@ pub fn build_json(b: &proto::Build) -> Value {
                 "job_id": j.job_id, "platform": j.platform, "state": job_word(j.state), "agent": j.agent,
                 "attempt": j.attempt, "emulated": j.emulated, "message": j.message, "result": image_json(&j.result),
                 "started": time(&j.started), "finished": time(&j.finished), "seconds": seconds(j),
+                "failed_step": j.failed_step.as_ref().map(failed_step_json),
             })
         })
         .collect();
@@ -165,27 +175,27 @@ pub async fn inspect(conn: &Conn, build_id: &str, format: Format) -> anyhow::Res
     let mut client = conn.builds().await?;
     let b = client.get(proto::GetBuildRequest { build_id: build_id.to_owned() }).await?.into_inner();
     if format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(&build_json(&b))?);
+        outln!("{}", serde_json::to_string_pretty(&build_json(&b))?);
         return Ok(0);
     }
-    println!("build    {}", b.build_id);
-    println!("state    {}", build_state_name(b.state));
+    outln!("build    {}", b.build_id);
+    outln!("state    {}", build_state_name(b.state));
     if !b.message.is_empty() {
-        println!("message  {}", b.message);
+        outln!("message  {}", b.message);
     }
     if let Some(spec) = &b.spec {
-        println!("tags     {}", spec.tags.join(", "));
+        outln!("tags     {}", spec.tags.join(", "));
     }
     if !b.index_digest.is_empty() {
-        println!("index    {}", b.index_digest);
+        outln!("index    {}", b.index_digest);
     }
-    println!();
-    println!("{:<14} {:<10} {:<16} {:>3} {:>7}  DIGEST", "PLATFORM", "STATE", "AGENT", "TRY", "SECONDS");
+    outln!();
+    outln!("{:<14} {:<10} {:<16} {:>3} {:>7}  DIGEST", "PLATFORM", "STATE", "AGENT", "TRY", "SECONDS");
     for j in &b.jobs {
         let digest = j.result.as_ref().map_or("-", |r| r.digest.as_str());
         let short = digest.strip_prefix("sha256:").map_or(digest, |h| &h[..h.len().min(12)]);
         let agent = if j.emulated { format!("{}*", j.agent) } else { j.agent.clone() };
-        println!(
+        outln!(
             "{:<14} {:<10} {:<16} {:>3} {:>7.1}  {}",
             j.platform,
             job_word(j.state),
@@ -196,7 +206,15 @@ pub async fn inspect(conn: &Conn, build_id: &str, format: Format) -> anyhow::Res
         );
     }
     if b.jobs.iter().any(|j| j.emulated) {
-        println!("\n* emulated");
+        outln!("\n* emulated");
+    }
+    for j in &b.jobs {
+        if let Some(step) = &j.failed_step {
+            outln!("\n{} failed at {}", j.platform, step.step);
+            for line in crate::describe::excerpt(step) {
+                outln!("{line}");
+            }
+        }
     }
     Ok(0)
 }
@@ -215,10 +233,10 @@ pub async fn builds(conn: &Conn, state: Option<&str>, limit: u32, format: Format
     let list = client.list(proto::ListBuildsRequest { limit: limit.into(), state: state as i32 }).await?.into_inner();
     if format == Format::Json {
         let all: Vec<Value> = list.builds.iter().map(build_json).collect();
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        outln!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(0);
     }
-    print!("{}", crate::listing::builds_table(&list.builds, wide));
+    out!("{}", crate::listing::builds_table(&list.builds, wide));
     Ok(0)
 }
 
@@ -289,16 +307,22 @@ pub async fn agents(conn: &Conn, format: Format) -> anyhow::Result<i32> {
     let agents = admin.list_agents(proto::ListAgentsRequest {}).await?.into_inner().agents;
     if format == Format::Json {
         let all: Vec<Value> = agents.iter().map(agent_json).collect();
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        outln!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(0);
     }
     // 80 columns: emulated platforms carry a leading '~' and wrap in their
     // column, never cut. What each builder can do and the rest of the health
     // report: `--format json` (builder, health). DISK: free in the work dir;
     // CERT: days left, `!` under a third of its life or a week.
-    println!(
+    outln!(
         "{:<14} {:<8} {:>5} {:>4} {:>4} {:>4} {:<15} PLATFORMS",
-        "NAME", "STATE", "SLOTS", "SEEN", "DISK", "CERT", "BUILDER"
+        "NAME",
+        "STATE",
+        "SLOTS",
+        "SEEN",
+        "DISK",
+        "CERT",
+        "BUILDER"
     );
     for a in &agents {
         let mut platforms: Vec<String> = a.platforms.clone();
@@ -321,9 +345,9 @@ pub async fn agents(conn: &Conn, format: Format) -> anyhow::Result<i32> {
             builder,
         );
         let lines = wrap_list(&platforms, 80usize.saturating_sub(row.chars().count()));
-        println!("{row}{}", lines.first().map_or("-", String::as_str));
+        outln!("{row}{}", lines.first().map_or("-", String::as_str));
         for line in lines.iter().skip(1) {
-            println!("{:width$}{line}", "", width = row.chars().count());
+            outln!("{:width$}{line}", "", width = row.chars().count());
         }
     }
     // Said in words too, on stderr: the table stays parseable.
@@ -332,7 +356,7 @@ pub async fn agents(conn: &Conn, format: Format) -> anyhow::Result<i32> {
             braid_shared::health::certificate_expiring(h.certificate_not_before, h.certificate_not_after, now_seconds())
         }) {
             let days = braid_shared::health::certificate_days_left(h.certificate_not_after, now_seconds());
-            eprintln!(
+            errln!(
                 "warning: agent {}'s certificate expires in {days} day(s) (at two thirds of its life it renews \
                  itself: see the agent's log; one given with --tls-cert needs `braid certs issue`)",
                 a.name
@@ -353,7 +377,7 @@ pub async fn steer(conn: &Conn, name: &str, action: &str) -> anyhow::Result<i32>
         _ => admin.drain(request).await?.into_inner(),
     };
     if action != "drain" {
-        println!("agent {} {}", info.name, info.state);
+        outln!("agent {} {}", info.name, info.state);
         return Ok(0);
     }
     let mut running = info.running;
@@ -363,7 +387,7 @@ pub async fn steer(conn: &Conn, name: &str, action: &str) -> anyhow::Result<i32>
         let agents = admin.list_agents(proto::ListAgentsRequest {}).await?.into_inner().agents;
         running = agents.iter().find(|a| a.name == name).map_or(0, |a| a.running);
     }
-    println!("agent {name} drained: no job running, no new job will be placed (uncordon to resume)");
+    outln!("agent {name} drained: no job running, no new job will be placed (uncordon to resume)");
     Ok(0)
 }
 
@@ -372,7 +396,7 @@ pub async fn steer(conn: &Conn, name: &str, action: &str) -> anyhow::Result<i32>
 pub async fn forget(conn: &Conn, name: &str) -> anyhow::Result<i32> {
     let mut admin = conn.admin().await?;
     let r = admin.forget_agent(proto::AgentRequest { name: name.to_owned() }).await?.into_inner();
-    println!(
+    outln!(
         "agent {name} forgotten: {} certificate(s) revoked, {}, {} running job(s) re-queued",
         r.revoked_serials,
         if r.disconnected { "its session closed" } else { "no live session" },

@@ -39,14 +39,14 @@ pub async fn create(conn: &Conn, new: NewToken<'_>) -> anyhow::Result<i32> {
     };
     let created = admin.create_token(request).await?.into_inner();
     crate::diag::note(&format!("token {} created (shown once; stored only hashed)", created.token_id));
-    println!("{}", created.token);
+    outln!("{}", created.token);
     Ok(0)
 }
 
 pub async fn revoke(conn: &Conn, id: &str) -> anyhow::Result<i32> {
     let mut admin = conn.admin().await?;
     let r = admin.revoke_token(proto::RevokeTokenRequest { token_id: id.to_owned() }).await?.into_inner();
-    println!("token {id} {}", if r.revoked { "revoked" } else { "was already revoked or does not exist" });
+    outln!("token {id} {}", if r.revoked { "revoked" } else { "was already revoked or does not exist" });
     Ok(0)
 }
 
@@ -74,10 +74,10 @@ pub async fn list(conn: &Conn, format: Format) -> anyhow::Result<i32> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        outln!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(0);
     }
-    println!("{:<14} {:<8} {:<10} {:<24} DESCRIPTION", "TOKEN", "ROLE", "STATUS", "AGENT");
+    outln!("{:<14} {:<8} {:<10} {:<24} DESCRIPTION", "TOKEN", "ROLE", "STATUS", "AGENT");
     for t in tokens {
         let status = if t.revoked {
             "revoked"
@@ -92,7 +92,7 @@ pub async fn list(conn: &Conn, format: Format) -> anyhow::Result<i32> {
             (name, true) => format!("{name} +replace"),
             (name, false) => name.to_owned(),
         };
-        println!("{:<14} {:<8} {:<10} {:<24} {}", t.token_id, role_name(t.role), status, agent, t.description);
+        outln!("{:<14} {:<8} {:<10} {:<24} {}", t.token_id, role_name(t.role), status, agent, t.description);
     }
     Ok(0)
 }

@@ -265,11 +265,7 @@ impl Farm {
             for j in b.record.jobs.iter().filter(|j| j.status == JobStatus::Pending) {
                 let since = j.queued_ms.unwrap_or(b.record.created_ms);
                 if now - since > wait.as_millis() as i64 {
-                    let message = format!(
-                        "{}: no agent took the job within {}s (queue_timeout_seconds)",
-                        j.platform,
-                        wait.as_secs()
-                    );
+                    let message = format!("no agent took the job within {}s (queue_timeout_seconds)", wait.as_secs());
                     expired.push((b.record.id.clone(), j.id.clone(), message));
                     break;
                 }
@@ -317,7 +313,7 @@ impl Farm {
         let image = match Image::from_proto(image) {
             Ok(image) => image,
             Err(e) => {
-                let message = format!("{}: pushed image refused: {e}", job.platform);
+                let message = format!("pushed image refused: {e}");
                 return self.fail_build(build_id, job_id, message);
             }
         };
@@ -383,8 +379,7 @@ impl Farm {
                 self.maybe_merge(build_id)
             }
             Err(message) => {
-                let platform = job.platform.to_string();
-                self.fail_build(build_id, job_id, format!("{platform}: pushed image refused: {message}"));
+                self.fail_build(build_id, job_id, format!("pushed image refused: {message}"));
             }
         }
     }
@@ -463,8 +458,9 @@ impl Farm {
         self.emit(build_id, vec![event]);
     }
 
-    /// Fails a build because of one job: the job fails, the others are
-    /// cancelled, and no index is pushed.
+    /// Fails a build because of one job: the job fails (`message` says
+    /// why, without its platform: the build's message adds it), the others
+    /// are cancelled, and no index is pushed.
     pub(super) fn fail_build(&mut self, build_id: &str, job_id: &str, message: String) {
         let now = self.now();
         let Some(b) = self.builds.get_mut(build_id) else {
@@ -474,11 +470,14 @@ impl Farm {
             return;
         }
         let mut events = Vec::new();
+        // The job says why; the build, which platform and why.
+        let mut message = message;
         if let Some(job) = b.record.jobs.iter_mut().find(|j| j.id == job_id) {
             job.status = JobStatus::Failed;
             job.message = message.clone();
             job.finished_ms = Some(now);
             events.push(Self::job_event(job));
+            message = format!("{}: {message}", job.platform);
         }
         let pushed: Vec<String> = b
             .record

@@ -70,6 +70,7 @@ impl Farm {
             message: job.message.clone(),
             result: job.result.as_ref().map(Image::to_proto),
             emulated: job.emulated,
+            failed_step: job.failed_step.as_ref().map(crate::model::FailedStep::to_proto),
         })
     }
 

@@ -4,7 +4,7 @@
 use braid_shared::proto::{self, build_event::Kind as EventKind};
 
 use super::{Effect, Effects, Farm};
-use crate::model::{JobProvenance, JobStatus, Phase, PhaseRecord, from_timestamp};
+use crate::model::{FailedStep, JobProvenance, JobStatus, Phase, PhaseRecord, from_timestamp};
 
 impl Farm {
     pub fn job_log(&mut self, name: &str, session: u64, log: proto::JobLog) -> Effects {
@@ -135,9 +135,10 @@ impl Farm {
                 let kind = proto::FailureKind::try_from(f.kind).unwrap_or(proto::FailureKind::Infra);
                 match kind {
                     proto::FailureKind::Build => {
-                        let platform = self.job_mut(&build_id, &job_id).map(|j| j.platform.to_string());
-                        let message = format!("{}: {}", platform.unwrap_or_default(), f.message);
-                        self.fail_build(&build_id, &job_id, message);
+                        if let Some(job) = self.job_mut(&build_id, &job_id) {
+                            job.failed_step = f.failed_step.as_ref().and_then(FailedStep::from_proto);
+                        }
+                        self.fail_build(&build_id, &job_id, f.message);
                     }
                     proto::FailureKind::Cancelled => {}
                     _ => self.requeue(&build_id, &job_id, &format!("agent {name}: {}", f.message)),

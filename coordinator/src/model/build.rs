@@ -270,6 +270,9 @@ pub struct JobRecord {
     /// `result` (None without provenance).
     #[serde(default)]
     pub provenance: Option<JobProvenance>,
+    /// Where the step that failed it is in the Dockerfile.
+    #[serde(default)]
+    pub failed_step: Option<FailedStep>,
 }
 
 /// One platform's build inputs and builder, for its provenance statement:
@@ -304,6 +307,47 @@ impl JobProvenance {
     }
 }
 
+/// A failed step and its Dockerfile excerpt (`proto::FailedStep`), as an
+/// agent reported it, cut to the limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedStep {
+    pub step: String,
+    pub dockerfile: String,
+    pub line: u32,
+    pub end_line: u32,
+    pub first_line: u32,
+    pub lines: Vec<String>,
+}
+
+impl FailedStep {
+    /// An agent's report, bounded (`limits::EXCERPT_*`); None when empty.
+    pub fn from_proto(f: &proto::FailedStep) -> Option<FailedStep> {
+        use braid_shared::{limits, shorten};
+        if f.step.is_empty() && f.lines.is_empty() {
+            return None;
+        }
+        Some(FailedStep {
+            step: shorten(&f.step, limits::FAILED_STEP_BYTES),
+            dockerfile: shorten(&f.dockerfile, limits::FAILED_STEP_BYTES),
+            line: f.line,
+            end_line: f.end_line.max(f.line),
+            first_line: f.first_line,
+            lines: f.lines.iter().take(limits::EXCERPT_LINES).map(|l| shorten(l, limits::EXCERPT_LINE_BYTES)).collect(),
+        })
+    }
+
+    pub fn to_proto(&self) -> proto::FailedStep {
+        proto::FailedStep {
+            step: self.step.clone(),
+            dockerfile: self.dockerfile.clone(),
+            line: self.line,
+            end_line: self.end_line,
+            first_line: self.first_line,
+            lines: self.lines.clone(),
+        }
+    }
+}
+
 impl JobRecord {
     /// A job just submitted, queued since `now`.
     pub fn new(id: String, platform: Platform, now: i64) -> JobRecord {
@@ -326,6 +370,7 @@ impl JobRecord {
             phases: Vec::new(),
             result_ms: None,
             provenance: None,
+            failed_step: None,
         }
     }
 
@@ -347,6 +392,7 @@ impl JobRecord {
             finished: self.finished_ms.map(timestamp),
             emulated: self.emulated,
             phases: self.phases.iter().map(PhaseRecord::to_proto).collect(),
+            failed_step: self.failed_step.as_ref().map(FailedStep::to_proto),
         }
     }
 }

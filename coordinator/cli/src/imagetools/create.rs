@@ -220,7 +220,7 @@ pub async fn run(args: CreateArgs) -> anyhow::Result<i32> {
         let (bytes, digest) = match registry.fetch_manifest(&source.reference).await {
             Ok(found) => found,
             Err(e) if args.append && source.label.ends_with("(--append)") && is_not_found(&e) => {
-                eprintln!("{}: nothing to append (the tag does not exist yet)", source.reference);
+                errln!("{}: nothing to append (the tag does not exist yet)", source.reference);
                 continue;
             }
             Err(e) => return Err(anyhow::anyhow!("source {}: {e}", source.label)),
@@ -356,11 +356,11 @@ pub async fn run(args: CreateArgs) -> anyhow::Result<i32> {
     };
     let digest = Digest::of(&index);
     if args.dry_run {
-        println!("{}", String::from_utf8_lossy(&index));
+        outln!("{}", String::from_utf8_lossy(&index));
         return Ok(0);
     }
     push(&registry, &tags, &merged, &index, &media_type, &digest).await?;
-    println!("{digest}");
+    outln!("{digest}");
     Ok(0)
 }
 
@@ -387,7 +387,7 @@ async fn push(
         if now != digest.as_str() {
             bail!("{tag} points at {now} after the push, not the index {digest}");
         }
-        eprintln!("{tag}: index {digest} ({} manifests)", manifests.len());
+        errln!("{tag}: index {digest} ({} manifests)", manifests.len());
     }
     Ok(())
 }

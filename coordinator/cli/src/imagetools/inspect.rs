@@ -94,7 +94,7 @@ pub async fn run(args: InspectArgs) -> anyhow::Result<i32> {
                 "annotations": annotations,
                 "manifests": manifests,
             });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            outln!("{}", serde_json::to_string_pretty(&out)?);
         }
         Format::Text => print_text(&reference, &media_type, &digest, &doc, &entries),
     }
@@ -293,7 +293,7 @@ impl Entry {
 /// Key/value lines with the values aligned, as buildx's tabwriter does.
 fn print_block(prefix: &str, lines: &[(&str, String)], width: usize) {
     for (key, value) in lines {
-        println!("{prefix}{key:<width$}{value}");
+        outln!("{prefix}{key:<width$}{value}");
     }
 }
 
@@ -301,7 +301,7 @@ fn print_annotations(prefix: &str, annotations: &BTreeMap<String, String>) {
     let width = annotations.keys().map(|k| k.len() + 2).max().unwrap_or_default();
     for (k, v) in annotations {
         let key = format!("{k}:");
-        println!("{prefix}{key:<width$}{v}");
+        outln!("{prefix}{key:<width$}{v}");
     }
 }
 
@@ -321,20 +321,20 @@ fn print_text(reference: &ImageRef, media_type: &str, digest: &Digest, doc: &Val
     }
     let annotations = string_map(&doc["annotations"]);
     if !annotations.is_empty() {
-        println!("Annotations:");
+        outln!("Annotations:");
         print_annotations("  ", &annotations);
     }
-    println!();
-    println!("Manifests:");
+    outln!();
+    outln!("Manifests:");
     let blocks: Vec<Vec<(&str, String)>> = entries.iter().map(Entry::lines).collect();
     let width = blocks.iter().flatten().map(|(k, _)| k.len() + 1).chain([13]).max().unwrap_or_default();
     for (i, (e, lines)) in entries.iter().zip(&blocks).enumerate() {
         if i > 0 {
-            println!();
+            outln!();
         }
         print_block("  ", lines, width);
         if !e.annotations.is_empty() {
-            println!("  Annotations:");
+            outln!("  Annotations:");
             print_annotations("    ", &e.annotations);
         }
     }

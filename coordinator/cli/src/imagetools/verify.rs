@@ -149,9 +149,9 @@ pub async fn run(conn: &crate::conn::Conn, args: VerifyArgs) -> anyhow::Result<i
     let mut failed = Vec::new();
     for a in &attestations {
         match check(a, &ca) {
-            Ok(line) => println!("{line}"),
+            Ok(line) => outln!("{line}"),
             Err(why) => {
-                eprintln!("{:<16} {}  FAILED: {why}", a.platform, a.digest);
+                errln!("{:<16} {}  FAILED: {why}", a.platform, a.digest);
                 failed.push(a.platform.clone());
             }
         }
