@@ -258,7 +258,11 @@ fn imagetools_combines_checks_and_inspects_images() {
     assert_eq!(text(&out.stdout).trim(), Digest::of(&raw).to_string(), "stdout is the index digest");
     let index: Value = serde_json::from_slice(&raw).unwrap();
     assert_eq!(index["mediaType"], "application/vnd.oci.image.index.v1+json");
-    assert_eq!(platforms(&index), ["linux/amd64", "linux/arm64"]);
+    // braid's build pushed provenance (buildx's default): its attestation
+    // manifest comes along with the image it is about.
+    assert_eq!(platforms(&index), ["linux/amd64", "linux/arm64", "unknown/unknown"]);
+    let attestation = index["manifests"].as_array().unwrap().iter().find(|m| m["platform"]["os"] == "unknown").unwrap();
+    assert_eq!(attestation["annotations"]["vnd.docker.reference.digest"], built_amd64.as_str());
     assert_eq!(entry(&index, "amd64")["digest"], built_amd64.as_str());
     assert_eq!(entry(&index, "arm64")["digest"], base_arm64.as_str());
     assert_eq!(index["annotations"]["org.example.team"], "braid");
@@ -273,7 +277,7 @@ fn imagetools_combines_checks_and_inspects_images() {
         imagetools(&docker_config, &["create", "--dry-run", "-t", &format!("{reg}/dry/app:1"), &built, &arm64_source]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(platforms(&printed), ["linux/amd64", "linux/arm64"]);
+    assert_eq!(platforms(&printed), ["linux/amd64", "linux/arm64", "unknown/unknown"]);
     assert!(skopeo_raw(&registry, "dry/app:1").is_none(), "--dry-run pushed");
     assert!(skopeo_raw(&registry, &format!("dry/app@{base_arm64}")).is_none(), "--dry-run copied");
 
@@ -282,7 +286,7 @@ fn imagetools_combines_checks_and_inspects_images() {
     let out = imagetools(&docker_config, &["create", "--append", "-t", &combined, &arm_source]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let appended = registry.manifest("combined/app:1").unwrap();
-    assert_eq!(platforms(&appended), ["linux/amd64", "linux/arm/v7", "linux/arm64"]);
+    assert_eq!(platforms(&appended), ["linux/amd64", "linux/arm/v7", "linux/arm64", "unknown/unknown"]);
     assert_eq!(entry(&appended, "arm64")["annotations"]["org.example.note"], "arm", "kept from the old index");
 
     // --append to a tag that does not exist yet appends nothing.
