@@ -76,6 +76,8 @@ pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: Ca
     }
     .instrument(span)
     .await;
+    // A failed or cancelled attempt keeps the phase it stopped in, up to now.
+    phases.finish();
     // The files went with the job directory; the values go now.
     for s in &mut assignment.secrets {
         zeroize::Zeroize::zeroize(&mut s.value);
@@ -108,9 +110,11 @@ fn build_failure(message: impl std::fmt::Display) -> Outcome {
     Outcome::Failed(proto::FailureKind::Build, message.to_string())
 }
 
-/// When each phase ran, reported with the result for timelines and metrics.
+/// When each phase ran, reported with the result for timelines and metrics;
+/// the phase under way is closed by the next one, or by `finish` when the
+/// attempt ends (a failure or a cancel keeps it, up to the end).
 #[derive(Default)]
-struct Phases(Vec<proto::PhaseTiming>);
+struct Phases(Vec<proto::PhaseTiming>, Option<(&'static str, prost_types::Timestamp)>);
 
 fn now_timestamp() -> prost_types::Timestamp {
     let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -118,8 +122,15 @@ fn now_timestamp() -> prost_types::Timestamp {
 }
 
 impl Phases {
-    fn done(&mut self, phase: &str, start: prost_types::Timestamp) {
-        self.0.push(proto::PhaseTiming { phase: phase.to_owned(), start: Some(start), end: Some(now_timestamp()) });
+    fn begin(&mut self, phase: &'static str) {
+        self.finish();
+        self.1 = Some((phase, now_timestamp()));
+    }
+
+    fn finish(&mut self) {
+        if let Some((phase, start)) = self.1.take() {
+            self.0.push(proto::PhaseTiming { phase: phase.to_owned(), start: Some(start), end: Some(now_timestamp()) });
+        }
     }
 }
 
@@ -146,7 +157,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
     let context_dir = job_dir.path().join("context");
     send_progress(env, a, proto::JobState::Building);
 
-    let fetch_start = now_timestamp();
+    phases.begin("fetch");
     let compressed = match env.cache.get(&digest, a).await {
         Ok(path) => path,
         Err(e) => return infra(format!("fetching context {digest}: {e}")),
@@ -155,8 +166,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         return failed;
     }
 
-    phases.done("fetch", fetch_start);
-    let build_start = now_timestamp();
+    phases.begin("build");
     let dockerfile_text = if spec.dockerfile_inline.is_empty() {
         match read_context_dockerfile(&context_dir, &spec.dockerfile_path) {
             Ok(text) => text,
@@ -227,8 +237,10 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
             Err(e) => return infra(format!("--format docker: {e}")),
         }
     }
-    phases.done("build", build_start);
-    let push_start = now_timestamp();
+    phases.finish();
+    if !a.push_repositories.is_empty() || spec.export {
+        phases.begin("push");
+    }
     // Reported for the metadata file's containerimage.config.digest; the
     // layout was just written, so a failure here is the agent's.
     let config_digest = match oci::layout_config_digest(&layout).await {
@@ -251,9 +263,7 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
             Err(e) => outcome = infra(format!("uploading the image to the coordinator: {e}")),
         }
     }
-    if !a.push_repositories.is_empty() || spec.export {
-        phases.done("push", push_start);
-    }
+    phases.finish();
     outcome
 }
 
