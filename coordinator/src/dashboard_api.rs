@@ -110,10 +110,7 @@ impl BuildFilter {
                     );
                 }
                 _ => {
-                    return Err(bad(
-                        &shown,
-                        "unknown parameter (state, platform, tag, submitter, q, limit, cursor)",
-                    ));
+                    return Err(bad(&shown, "unknown parameter (state, platform, tag, submitter, q, limit, cursor)"));
                 }
             }
         }
@@ -236,7 +233,11 @@ async fn cancel_inner(c: &Arc<Coordinator>, viewer: &Viewer, id: &str) -> Result
         c.perform(&farm, effects);
         farm.build(id)?.record.status
     };
-    tracing::info!(build_id = id, token_id = viewer.caller.token_id.as_deref().unwrap_or("-"), "cancel from the dashboard");
+    tracing::info!(
+        build_id = id,
+        token_id = viewer.caller.token_id.as_deref().unwrap_or("-"),
+        "cancel from the dashboard"
+    );
     c.wake.notify_one();
     c.stored().await?;
     Ok(json!({"build_id": id, "state": state.as_str()}))
@@ -270,7 +271,12 @@ async fn agent_action_inner(c: &Arc<Coordinator>, viewer: &Viewer, name: &str, a
         c.perform(&farm, effects);
         farm.agent_list().into_iter().find(|a| a.name == name).map(|a| a.state().as_str())
     };
-    tracing::info!(agent = name, action, token_id = viewer.caller.token_id.as_deref().unwrap_or("-"), "agent {action} from the dashboard");
+    tracing::info!(
+        agent = name,
+        action,
+        token_id = viewer.caller.token_id.as_deref().unwrap_or("-"),
+        "agent {action} from the dashboard"
+    );
     if !cordoned {
         c.wake.notify_one();
     }

@@ -11,7 +11,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use braid_tests::browser::{Browser, Tab};
+use braid_tests::browser::{Browser, Rect, Tab};
 use braid_tests::{
     AgentSpec, Farm, Registry, RunningBuild, dockerfile_context, eventually, offline_token, require,
     require_environment,
@@ -75,9 +75,7 @@ fn filter(browser: &mut Browser, tab: &Tab, fields: &[(&str, &str)]) {
     for (name, value) in fields {
         script.push_str(&format!("f.elements[{:?}].value = {:?};", name, value));
     }
-    script.push_str(
-        "document.querySelector('#builds tbody').replaceChildren(); f.requestSubmit(); return true; })()",
-    );
+    script.push_str("document.querySelector('#builds tbody').replaceChildren(); f.requestSubmit(); return true; })()");
     browser.eval(tab, &script).unwrap();
     browser.wait_for(tab, "document.querySelectorAll('#builds tbody tr').length > 0", WAIT).unwrap();
 }
@@ -106,7 +104,8 @@ fn the_dashboard_in_a_real_browser() {
     let out = farm.braid(&["build", "--platform", "linux/arm64", "-t", &tag, "--push", &quick]).unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let failing = dockerfile_context(dir, "failing", &format!("FROM {base}\nRUN sleep 2 && exit 3\n"));
-    let mut failed = RunningBuild::start(&farm, &["build", "--platform", "linux/amd64", "--progress", "plain", &failing]);
+    let mut failed =
+        RunningBuild::start(&farm, &["build", "--platform", "linux/amd64", "--progress", "plain", &failing]);
     let failed_id = failed.build_id();
     let (code, text) = failed.finish(Duration::from_secs(60));
     assert_ne!(code, Some(0), "{text}");
@@ -161,18 +160,23 @@ fn the_dashboard_in_a_real_browser() {
     let durations = texts(&mut browser, &tab, "#jobs tbody td.num");
     assert!(durations[0].ends_with('s'), "a job's duration: {durations:?}");
     assert_eq!(count(&mut browser, &tab, "#cancel"), 1, "an operator may cancel the running build");
+    let page = Rect { x: 0.0, y: 0.0, width: 1280.0, height: 1000.0 };
+    std::fs::write(artifacts.join("dashboard-build-running.png"), browser.screenshot(&tab, page).unwrap()).unwrap();
 
     // The failed build shows its building phase; the queued one its wait.
     browser.open(&tab, &format!("{base_url}/builds/{failed_id}"), loaded, WAIT).unwrap();
     assert_eq!(count(&mut browser, &tab, "[data-platform='linux/amd64'] .bar.build"), 1, "failed job's build phase");
     assert_eq!(count(&mut browser, &tab, "#cancel"), 0, "nothing to cancel in a failed build");
+    std::fs::write(artifacts.join("dashboard-build-failed.png"), browser.screenshot(&tab, page).unwrap()).unwrap();
     browser.open(&tab, &format!("{base_url}/builds/{queued_id}"), loaded, WAIT).unwrap();
     let wait = browser.rect(&tab, "[data-platform='linux/amd64'] .bar.queued.live").unwrap();
+    std::fs::write(artifacts.join("dashboard-build-queued.png"), browser.screenshot(&tab, page).unwrap()).unwrap();
     assert!(wait.width > 1.0, "a queued job's bar: {wait:?}");
 
     // The farm: one card per agent with its platforms, plurals, ISO times.
     browser.open(&tab, &format!("{base_url}/"), loaded, WAIT).unwrap();
     assert_eq!(count(&mut browser, &tab, "article.card"), 2, "one card per agent");
+    std::fs::write(artifacts.join("dashboard-index.png"), browser.screenshot(&tab, page).unwrap()).unwrap();
     let native = texts(&mut browser, &tab, "article[data-agent='amd64-agent'] .chip:not(.emulated)");
     assert!(native.contains(&"linux/amd64".to_owned()), "{native:?}");
     let emulated = texts(&mut browser, &tab, "article[data-agent='amd64-agent'] .chip.emulated");
@@ -204,9 +208,7 @@ fn the_dashboard_in_a_real_browser() {
     let page_1 = texts(&mut browser, &tab, "#builds tbody tr th");
     assert_eq!(page_1.len(), 3, "{page_1:?}");
     browser.eval(&tab, "document.getElementById('older').click(), true").unwrap();
-    browser
-        .wait_for(&tab, "document.getElementById('page').textContent.startsWith('page 2 · 1 build')", WAIT)
-        .unwrap();
+    browser.wait_for(&tab, "document.getElementById('page').textContent.startsWith('page 2 · 1 build')", WAIT).unwrap();
     let page_2 = texts(&mut browser, &tab, "#builds tbody tr th");
     assert_eq!(page_2.len(), 1);
     assert!(!page_1.contains(&page_2[0]), "{page_1:?} then {page_2:?}");
@@ -221,15 +223,29 @@ fn the_dashboard_in_a_real_browser() {
     // Operate from the page: cancel the queued build, cordon arm64-agent.
     filter(&mut browser, &tab, &[("state", "queued")]);
     browser
-        .eval(&tab, &format!("document.querySelector(\"tr[data-build='{queued_id}'] button[data-action=cancel]\").click(), true"))
+        .eval(
+            &tab,
+            &format!(
+                "document.querySelector(\"tr[data-build='{queued_id}'] button[data-action=cancel]\").click(), true"
+            ),
+        )
         .unwrap();
     eventually(WAIT, "the cancel from the page", || (inspect(&farm, &queued_id)["state"] == "cancelled").then_some(()))
         .unwrap();
-    browser.eval(&tab, "document.querySelector(\"article[data-agent='arm64-agent'] button[data-action=cordon]\").click(), true").unwrap();
+    browser
+        .eval(
+            &tab,
+            "document.querySelector(\"article[data-agent='arm64-agent'] button[data-action=cordon]\").click(), true",
+        )
+        .unwrap();
     eventually(WAIT, "the cordon from the page", || (agent_state(&farm, "arm64-agent") == "cordoned").then_some(()))
         .unwrap();
     browser
-        .wait_for(&tab, "document.querySelector(\"article[data-agent='arm64-agent']\").dataset.state === 'cordoned'", WAIT)
+        .wait_for(
+            &tab,
+            "document.querySelector(\"article[data-agent='arm64-agent']\").dataset.state === 'cordoned'",
+            WAIT,
+        )
         .unwrap();
     assert!(farm.log("coordinator").contains("agent cordon from the dashboard"), "audited in the log");
     let (_, text) = queued.finish(Duration::from_secs(30));
@@ -258,5 +274,18 @@ fn the_dashboard_in_a_real_browser() {
     assert_eq!(inspect(&farm, &running_id)["state"], "running");
     drop(browser);
     assert!(farm.braid(&["cancel", &running_id]).unwrap().status.success());
-    drop(running);
+    let (_, text) = running.finish(Duration::from_secs(30));
+    assert!(text.contains("cancel"), "{text}");
+    eventually(Duration::from_secs(15), "the cancelled builder to stop", || {
+        let out = Command::new("pgrep").args(["-f", "sleep 1239"]).output().ok()?;
+        out.stdout.is_empty().then_some(())
+    })
+    .unwrap();
+    // The cancelled attempt kept the phases it ran, up to the cancel.
+    let (_, body) = curl(&farm, &[], &format!("/api/builds/{running_id}"));
+    let cancelled: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(cancelled["state"], "cancelled");
+    let phases: Vec<&str> =
+        cancelled["jobs"][0]["phases"].as_array().unwrap().iter().map(|p| p["phase"].as_str().unwrap()).collect();
+    assert_eq!(phases, ["queued", "fetch", "build"], "{cancelled}");
 }
