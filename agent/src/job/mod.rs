@@ -456,6 +456,19 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    #[test]
+    fn a_phase_under_way_is_kept_when_the_attempt_stops() {
+        let mut phases = Phases::default();
+        phases.begin("fetch");
+        phases.begin("build");
+        // The build fails here: run() closes what is open.
+        phases.finish();
+        phases.finish();
+        let names: Vec<&str> = phases.0.iter().map(|p| p.phase.as_str()).collect();
+        assert_eq!(names, ["fetch", "build"]);
+        assert!(phases.0.iter().all(|p| p.start.is_some() && p.end.is_some()));
+    }
+
     fn failure_of(result: Result<Vec<u8>, Outcome>) -> String {
         match result {
             Err(Outcome::Failed(proto::FailureKind::Build, message)) => message,
