@@ -101,7 +101,9 @@ fn the_dashboard_in_a_real_browser() {
     // A finished build, and one whose RUN fails after a while.
     let quick = dockerfile_context(dir, "quick", "FROM scratch\nCOPY Dockerfile /\n");
     let tag = format!("{}/dash/quick:1", registry.addr);
-    let out = farm.braid(&["build", "--platform", "linux/arm64", "-t", &tag, "--push", &quick]).unwrap();
+    // Submitted with a token: its id is the build's submitter.
+    let out =
+        farm.braid(&["--token", &submit, "build", "--platform", "linux/arm64", "-t", &tag, "--push", &quick]).unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let failing = dockerfile_context(dir, "failing", &format!("FROM {base}\nRUN sleep 2 && exit 3\n"));
     let mut failed =
@@ -196,6 +198,9 @@ fn the_dashboard_in_a_real_browser() {
     filter(&mut browser, &tab, &[("platform", "linux/arm64")]);
     assert_eq!(count(&mut browser, &tab, "#builds tbody tr[data-state='succeeded']"), 1);
     assert_eq!(count(&mut browser, &tab, "#builds tbody tr"), 1);
+    let submitter = &submit[6..18];
+    filter(&mut browser, &tab, &[("submitter", submitter)]);
+    assert_eq!(texts(&mut browser, &tab, "#builds tbody tr td:nth-child(5)"), vec![submitter.to_owned()]);
     filter(&mut browser, &tab, &[("tag", "dash/queued")]);
     assert_eq!(texts(&mut browser, &tab, "#builds tbody tr th"), vec![queued_id[..12].to_owned()]);
     filter(&mut browser, &tab, &[("q", &running_id[..8])]);
