@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Json};
 use serde_json::{Value, json};
 
-use axum::routing::get;
+use axum::routing::{get, post};
 use braid_shared::proto::build_event::Kind;
 
 use crate::farm::BuildEntry;
@@ -23,23 +23,43 @@ use crate::state::Coordinator;
 const INDEX_HTML: &str = include_str!("dashboard/index.html");
 const BUILD_HTML: &str = include_str!("dashboard/build.html");
 const STYLE_CSS: &str = include_str!("dashboard/style.css");
+const COMMON_JS: &str = include_str!("dashboard/common.js");
 
 fn secs(ms: i64) -> f64 {
     ms as f64 / 1000.0
 }
 
-fn build_json(b: &BuildEntry) -> Value {
+/// The phase a job is in now, drawn growing to the clock (`end: null`):
+/// waiting in the queue, running on its agent (the agent reports its own
+/// phases with its result), or being verified.
+fn live_phase(j: &crate::model::JobRecord, created_ms: i64) -> Option<Value> {
+    use crate::model::JobStatus;
+    let last_end = j.phases.last().map(|p| p.end_ms);
+    let (phase, start) = match &j.status {
+        JobStatus::Pending => ("queued", j.queued_ms.unwrap_or(created_ms)),
+        JobStatus::Assigned { .. } | JobStatus::Building { .. } => ("running", last_end?),
+        JobStatus::Pushed { .. } => ("verify", j.result_ms.or(last_end)?),
+        _ => return None,
+    };
+    Some(json!({"phase": phase, "start": secs(start), "end": null, "live": true}))
+}
+
+/// A build as the dashboard shows it; `now` (ms) dates the running phases.
+pub(crate) fn build_json(b: &BuildEntry, now: i64) -> Value {
     let r = &b.record;
     let jobs: Vec<Value> = r
         .jobs
         .iter()
         .map(|j| {
-            let phases: Vec<Value> = j
+            let mut phases: Vec<Value> = j
                 .phases
                 .iter()
                 .map(|p| json!({"phase": p.phase.as_str(), "start": secs(p.start_ms), "end": secs(p.end_ms)}))
                 .collect();
+            phases.extend(live_phase(j, r.created_ms));
+            let took = j.started_ms.map(|s| secs(j.finished_ms.unwrap_or(now).max(s) - s));
             json!({
+                "duration": took, "started": j.started_ms.map(secs), "finished": j.finished_ms.map(secs),
                 "platform": j.platform.to_string(), "state": j.status.as_str(), "agent": j.last_agent,
                 "attempt": j.attempt, "emulated": j.emulated, "message": j.message, "phases": phases,
                 "result": j.result.as_ref().map(|i| json!({"digest": i.digest, "size": i.size})),
@@ -49,7 +69,8 @@ fn build_json(b: &BuildEntry) -> Value {
     json!({
         "build_id": r.id, "state": r.status.as_str(), "message": r.message, "tags": b.spec.tags,
         "platforms": b.spec.platforms, "created": secs(r.created_ms), "finished": r.finished_ms.map(secs),
-        "merge_started": r.merge_started_ms.map(secs),
+        "merge_started": r.merge_started_ms.map(secs), "submitter": r.owner,
+        "duration": secs(r.finished_ms.unwrap_or(now).max(r.created_ms) - r.created_ms), "now": secs(now),
         "index": r.index.as_ref().map(|i| json!({"digest": i.digest, "size": i.size})), "jobs": jobs,
     })
 }
@@ -80,17 +101,18 @@ async fn overview(State(c): State<Arc<Coordinator>>) -> Json<Value> {
     let agents: Vec<Value> = farm.agent_list().into_iter().map(agent_health_json).collect();
     let mut builds: Vec<&BuildEntry> = farm.builds.values().collect();
     builds.sort_by_key(|b| std::cmp::Reverse(b.record.order));
-    let builds: Vec<Value> = builds.into_iter().take(25).map(build_json).collect();
+    let now = farm.now();
+    let builds: Vec<Value> = builds.into_iter().take(25).map(|b| build_json(b, now)).collect();
     Json(json!({
         "agents_connected": gauges.agents_connected, "jobs_queued": gauges.jobs_queued,
         "jobs_running": gauges.jobs_running, "platforms": platforms, "queue": queue, "builds": builds,
-        "agents": agents,
+        "agents": agents, "agent_cards": crate::dashboard_api::agent_cards(&farm), "now": secs(now),
     }))
 }
 
 /// An agent's row in the dashboard's health table: sizes shown as
 /// `braid agents` shows them, `null` where not known.
-fn agent_health_json(a: &crate::farm::AgentEntry) -> Value {
+pub(crate) fn agent_health_json(a: &crate::farm::AgentEntry) -> Value {
     use braid_shared::health::{certificate_days_left, certificate_expiring, human_bytes};
     let Some(h) = a.health.as_ref().filter(|_| a.connected && !a.lost) else {
         return json!({"name": a.name, "state": a.state().as_str()});
@@ -110,8 +132,9 @@ fn agent_health_json(a: &crate::farm::AgentEntry) -> Value {
 }
 
 async fn build(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> impl IntoResponse {
-    match c.farm().build(&id) {
-        Ok(b) => (StatusCode::OK, Json(build_json(b))),
+    let farm = c.farm();
+    match farm.build(&id) {
+        Ok(b) => (StatusCode::OK, Json(build_json(b, farm.now()))),
         Err(e) => (StatusCode::NOT_FOUND, Json(json!({"error": e.to_string()}))),
     }
 }
@@ -152,8 +175,13 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/", get(|| async { Html(INDEX_HTML) }))
         .route("/builds/{id}", get(|| async { Html(BUILD_HTML) }))
         .route("/static/style.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], STYLE_CSS) }))
+        .route("/static/common.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript")], COMMON_JS) }))
         .route("/api/overview", get(overview))
+        .route("/api/session", get(crate::dashboard_api::session))
+        .route("/api/builds", get(crate::dashboard_api::builds))
         .route("/api/builds/{id}", get(build))
+        .route("/api/builds/{id}/cancel", post(crate::dashboard_api::cancel))
+        .route("/api/agents/{name}/{action}", post(crate::dashboard_api::agent_action))
         .route("/api/builds/{id}/events", get(events))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))

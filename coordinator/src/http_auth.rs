@@ -6,7 +6,15 @@
 //! Secure, SameSite=Strict cookie); the coordinator keeps, in memory, the
 //! id's hash and the token's hash, so a revoked or expired token ends its
 //! sessions and a leaked cookie never reveals the token. In the plaintext
-//! loopback development mode everything stays open.
+//! loopback development mode everything stays open, except that a request
+//! carrying a `submit` bearer token reads without operating (the
+//! dashboard's read-only view).
+//!
+//! The dashboard's actions (cancel, cordon, drain) are POSTs that need the
+//! operate role and, unless they come with a bearer header, the caller's
+//! CSRF token in `X-Braid-CSRF` (from `GET /api/session`, same-origin only):
+//! a cross-site page can neither read it nor send a custom header without a
+//! preflight this server never answers; the cookie is SameSite=Strict too.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,9 +41,33 @@ const COOKIE: &str = "braid_session";
 /// Paths anyone may read: probes, and what logging in needs.
 const OPEN_PATHS: &[&str] = &["/healthz", "/readyz", "/login", "/logout", "/static/style.css"];
 
+/// The header that carries the CSRF token of a cookie or open-mode caller.
+pub const CSRF_HEADER: &str = "x-braid-csrf";
+
 struct Session {
     token_hash: String,
+    csrf: String,
     expires: Instant,
+}
+
+/// Who is asking, put in the request's extensions by `guard`: the caller,
+/// and the CSRF token its writes must carry (None with a bearer header).
+#[derive(Clone, Debug)]
+pub struct Viewer {
+    pub caller: crate::model::Caller,
+    pub csrf: Option<String>,
+}
+
+impl Viewer {
+    pub fn operates(&self) -> bool {
+        self.caller.role == Role::Operate
+    }
+}
+
+fn random_hex() -> String {
+    let mut id = [0u8; 32];
+    rand::rng().fill_bytes(&mut id);
+    hex::encode(id)
 }
 
 /// Dashboard sessions, keyed by the sha256 of their id; bounded in number
@@ -43,6 +75,8 @@ struct Session {
 pub struct HttpAuth {
     coordinator: Arc<Coordinator>,
     sessions: Mutex<HashMap<String, Session>>,
+    /// The CSRF token of callers without credentials (development mode).
+    open_csrf: String,
 }
 
 fn id_hash(id: &str) -> String {
@@ -51,7 +85,7 @@ fn id_hash(id: &str) -> String {
 
 impl HttpAuth {
     pub fn new(coordinator: Arc<Coordinator>) -> HttpAuth {
-        HttpAuth { coordinator, sessions: Mutex::new(HashMap::new()) }
+        HttpAuth { coordinator, sessions: Mutex::new(HashMap::new()), open_csrf: random_hex() }
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
@@ -61,9 +95,7 @@ impl HttpAuth {
 
     /// Opens a session for the token with this hash; returns the cookie value.
     fn open(&self, token_hash: String) -> String {
-        let mut id = [0u8; 32];
-        rand::rng().fill_bytes(&mut id);
-        let id = hex::encode(id);
+        let id = random_hex();
         let now = Instant::now();
         let mut sessions = self.sessions();
         sessions.retain(|_, s| s.expires > now);
@@ -73,16 +105,16 @@ impl HttpAuth {
             sessions.remove(&oldest);
         }
         let expires = now + Duration::from_secs(limits::HTTP_SESSION_SECONDS);
-        sessions.insert(id_hash(&id), Session { token_hash, expires });
+        sessions.insert(id_hash(&id), Session { token_hash, csrf: random_hex(), expires });
         id
     }
 
-    /// The token hash of a live session.
-    fn session(&self, id: &str) -> Option<String> {
+    /// The token hash and CSRF token of a live session.
+    fn session(&self, id: &str) -> Option<(String, String)> {
         let key = id_hash(id);
         let mut sessions = self.sessions();
         match sessions.get(&key) {
-            Some(s) if s.expires > Instant::now() => Some(s.token_hash.clone()),
+            Some(s) if s.expires > Instant::now() => Some((s.token_hash.clone(), s.csrf.clone())),
             Some(_) => {
                 sessions.remove(&key);
                 None
@@ -95,16 +127,24 @@ impl HttpAuth {
         self.sessions().remove(&id_hash(id));
     }
 
-    /// An operator's bearer header or session, or why not.
-    fn check(&self, headers: &HeaderMap) -> Result<(), Status> {
+    /// An operator's bearer header or session (or, in the open development
+    /// mode, anyone; a submit bearer there reads only), or why not.
+    fn check(&self, headers: &HeaderMap) -> Result<Viewer, Status> {
         let tokens = &self.coordinator.tokens;
-        if headers.contains_key(header::AUTHORIZATION) || !tokens.required() {
-            return tokens.authorize_http(headers, Role::Operate).map(|_| ());
+        if headers.contains_key(header::AUTHORIZATION) {
+            let needed = if tokens.required() { Role::Operate } else { Role::Submit };
+            let caller = tokens.authorize_http(headers, needed)?;
+            return Ok(Viewer { caller, csrf: None });
         }
-        let token_hash = session_cookie(headers).and_then(|id| self.session(id)).ok_or_else(|| {
+        if !tokens.required() {
+            let caller = crate::model::Caller { token_id: None, role: Role::Operate };
+            return Ok(Viewer { caller, csrf: Some(self.open_csrf.clone()) });
+        }
+        let (token_hash, csrf) = session_cookie(headers).and_then(|id| self.session(id)).ok_or_else(|| {
             Status::unauthenticated("log in at /login, or send 'Authorization: Bearer <operate token>'")
         })?;
-        tokens.authorize_hash(&token_hash, Role::Operate).map(|_| ())
+        let caller = tokens.authorize_hash(&token_hash, Role::Operate)?;
+        Ok(Viewer { caller, csrf: Some(csrf) })
     }
 }
 
@@ -119,13 +159,27 @@ fn session_cookie(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Lets a request through only if its path is open or its caller operates
-/// the farm; a browser asking for a page is sent to the login form.
-pub async fn guard(State(auth): State<Arc<HttpAuth>>, request: Request, next: Next) -> Response {
+/// the farm; a browser asking for a page is sent to the login form. A
+/// write (any method but GET and HEAD) must carry the caller's CSRF token.
+pub async fn guard(State(auth): State<Arc<HttpAuth>>, mut request: Request, next: Next) -> Response {
     if OPEN_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;
     }
     match auth.check(request.headers()) {
-        Ok(()) => next.run(request).await,
+        Ok(viewer) => {
+            let write = !matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+            if write && let Some(expected) = &viewer.csrf {
+                let sent = request.headers().get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+                if !constant_time_eq(sent.as_bytes(), expected.as_bytes()) {
+                    let status = Status::permission_denied(format!(
+                        "missing or wrong {CSRF_HEADER} header (the dashboard sends the one GET /api/session gives)"
+                    ));
+                    return refusal(&status);
+                }
+            }
+            request.extensions_mut().insert(viewer);
+            next.run(request).await
+        }
         Err(status) => {
             let is_page = !request.uri().path().starts_with("/api/") && request.uri().path() != "/metrics";
             if is_page && status.code() == Code::Unauthenticated {
@@ -134,6 +188,10 @@ pub async fn guard(State(auth): State<Arc<HttpAuth>>, request: Request, next: Ne
             refusal(&status)
         }
     }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn refusal(status: &Status) -> Response {

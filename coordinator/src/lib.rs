@@ -9,6 +9,7 @@ pub mod auth;
 pub mod blobs;
 pub mod blocking;
 pub mod contexts;
+pub mod dashboard_api;
 pub mod decode_status;
 pub mod disk;
 pub mod enroll;

@@ -331,6 +331,29 @@ fn with_tls_the_dashboard_api_and_metrics_need_an_operate_token() {
     let (code, page) = https.curl(&args, "/");
     assert_eq!(code, 200);
     assert!(page.contains("action=\"/logout\""), "{page}");
+    // The dashboard's actions: a session's POST needs its CSRF token (from
+    // /api/session), which then lets it through to the farm.
+    let (code, all) = https.curl(&args, "/api/session");
+    assert_eq!(code, 200, "{all}");
+    assert!(all.contains("\"operate\":true"), "{all}");
+    let csrf = all.split("\"csrf\":\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let mut post = args.clone();
+    post.extend(["-X", "POST"]);
+    let (code, all) = https.curl(&post, "/api/agents/no-such-agent/cordon");
+    assert_eq!(code, 403, "{all}");
+    assert!(all.contains("x-braid-csrf"), "{all}");
+    let wrong = "X-Braid-CSRF: 00";
+    let (code, _) = https.curl(&[post.as_slice(), &["-H", wrong]].concat(), "/api/agents/no-such-agent/cordon");
+    assert_eq!(code, 403);
+    let header = format!("X-Braid-CSRF: {csrf}");
+    let (code, all) = https.curl(&[post.as_slice(), &["-H", &header]].concat(), "/api/agents/no-such-agent/cordon");
+    assert_eq!(code, 404, "{all}");
+    assert!(all.contains("agent \\\"no-such-agent\\\" not found"), "{all}");
+    // A bearer header needs no CSRF token; a submit bearer is refused.
+    let (code, all) = https.curl(&["-X", "POST", "-H", &bearer(&submit)], "/api/builds/abc/cancel");
+    assert_eq!(code, 403, "{all}");
+    let (code, all) = https.curl(&["-X", "POST", "-H", &bearer(&operate)], "/api/builds/abc/cancel");
+    assert_eq!(code, 404, "{all}");
     assert_eq!(
         https.curl(&with("braid_session=forged").iter().map(String::as_str).collect::<Vec<_>>(), "/api/overview").0,
         401

@@ -81,6 +81,8 @@ pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: Ca
     }
     .instrument(span)
     .await;
+    // A failed or cancelled attempt keeps the phase it stopped in, up to now.
+    phases.finish();
     // The files went with the job directory; the values go now.
     for s in &mut assignment.secrets {
         zeroize::Zeroize::zeroize(&mut s.value);
@@ -152,9 +154,11 @@ fn declared_platform_args(job: &BuildJob<'_>, native: &Platform) -> Vec<(String,
     buildargs::platform_args(job.platform, native).into_iter().filter(|(k, _)| declared.contains(k)).collect()
 }
 
-/// When each phase ran, reported with the result for timelines and metrics.
+/// When each phase ran, reported with the result for timelines and metrics;
+/// the phase under way is closed by the next one, or by `finish` when the
+/// attempt ends (a failure or a cancel keeps it, up to the end).
 #[derive(Default)]
-struct Phases(Vec<proto::PhaseTiming>);
+struct Phases(Vec<proto::PhaseTiming>, Option<(&'static str, prost_types::Timestamp)>);
 
 fn now_timestamp() -> prost_types::Timestamp {
     let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -162,8 +166,15 @@ fn now_timestamp() -> prost_types::Timestamp {
 }
 
 impl Phases {
-    fn done(&mut self, phase: &str, start: prost_types::Timestamp) {
-        self.0.push(proto::PhaseTiming { phase: phase.to_owned(), start: Some(start), end: Some(now_timestamp()) });
+    fn begin(&mut self, phase: &'static str) {
+        self.finish();
+        self.1 = Some((phase, now_timestamp()));
+    }
+
+    fn finish(&mut self) {
+        if let Some((phase, start)) = self.1.take() {
+            self.0.push(proto::PhaseTiming { phase: phase.to_owned(), start: Some(start), end: Some(now_timestamp()) });
+        }
     }
 }
 
@@ -196,7 +207,7 @@ async fn execute(
     let context_dir = job_dir.path().join("context");
     send_progress(env, a, proto::JobState::Building);
 
-    let fetch_start = now_timestamp();
+    phases.begin("fetch");
     let compressed = match env.cache.get(&digest, a).await {
         Ok(path) => path,
         Err(e) => return infra(format!("fetching context {digest}: {e}")),
@@ -205,8 +216,7 @@ async fn execute(
         return failed;
     }
 
-    phases.done("fetch", fetch_start);
-    let build_start = now_timestamp();
+    phases.begin("build");
     let dockerfile_text = if spec.dockerfile_inline.is_empty() {
         match read_context_dockerfile(&context_dir, &spec.dockerfile_path) {
             Ok(text) => text,
@@ -278,12 +288,14 @@ async fn execute(
             Err(e) => return infra(format!("--format docker: {e}")),
         }
     }
-    phases.done("build", build_start);
+    phases.finish();
     if !spec.provenance_mode.is_empty() {
         let registry = Registry::with_credentials(&insecure, credentials.clone());
         *report = Some(provenance::report(spec, &dockerfile_text, &registry).await);
     }
-    let push_start = now_timestamp();
+    if !a.push_repositories.is_empty() || spec.export {
+        phases.begin("push");
+    }
     // Reported for the metadata file's containerimage.config.digest; the
     // layout was just written, so a failure here is the agent's.
     let config_digest = match oci::layout_config_digest(&layout).await {
@@ -306,9 +318,7 @@ async fn execute(
             Err(e) => outcome = infra(format!("uploading the image to the coordinator: {e}")),
         }
     }
-    if !a.push_repositories.is_empty() || spec.export {
-        phases.done("push", push_start);
-    }
+    phases.finish();
     outcome
 }
 
@@ -502,6 +512,19 @@ fn send_progress(env: &JobEnv, a: &proto::Assignment, state: proto::JobState) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_phase_under_way_is_kept_when_the_attempt_stops() {
+        let mut phases = Phases::default();
+        phases.begin("fetch");
+        phases.begin("build");
+        // The build fails here: run() closes what is open.
+        phases.finish();
+        phases.finish();
+        let names: Vec<&str> = phases.0.iter().map(|p| p.phase.as_str()).collect();
+        assert_eq!(names, ["fetch", "build"]);
+        assert!(phases.0.iter().all(|p| p.start.is_some() && p.end.is_some()));
+    }
 
     fn failure_of(result: Result<Vec<u8>, Outcome>) -> String {
         match result {

@@ -120,6 +120,7 @@ impl Farm {
             agent.running.remove(&(build_id.clone(), result.job_id.clone()));
         }
         if !self.leased_to(name, session, &build_id, &result.job_id, result.attempt, Some(&result.lease_id)) {
+            self.keep_stopped_phases(&build_id, name, &result);
             tracing::info!(build_id, job_id = result.job_id, agent = name, "ignoring a result for a stale lease");
             return;
         }
@@ -167,6 +168,22 @@ impl Farm {
             }
             p
         });
+    }
+
+    /// A job stopped under its agent (cancelled, or failed with its build)
+    /// keeps the phases that attempt ran, up to the stop, once: the
+    /// timeline shows where it was.
+    fn keep_stopped_phases(&mut self, build_id: &str, name: &str, result: &proto::JobResult) {
+        let Some(job) = self.job_mut(build_id, &result.job_id) else { return };
+        let stopped = matches!(job.status, JobStatus::Cancelled | JobStatus::Failed);
+        let agent_phases = job.phases.iter().any(|p| Phase::of_agent(p.phase.as_str()).is_some());
+        if !stopped || agent_phases || job.attempt != result.attempt || job.last_agent != name {
+            return;
+        }
+        self.record_agent_phases(build_id, &result.job_id, &result.phases);
+        if let Some(b) = self.builds.get(build_id) {
+            self.out.push(Effect::Persist(Box::new(b.record.clone())));
+        }
     }
 
     /// Keeps the agent's phase times (bounded, known phases only) and

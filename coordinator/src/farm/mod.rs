@@ -325,7 +325,7 @@ impl Farm {
         self.adopt_orphans();
     }
 
-    fn now(&self) -> i64 {
+    pub fn now(&self) -> i64 {
         self.clock.now_ms()
     }
 
