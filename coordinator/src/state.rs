@@ -55,6 +55,8 @@ pub struct Coordinator {
     pub ca: Option<Pem>,
     /// `--ssh` streams: agents' job tunnels and the clients serving them.
     pub ssh: crate::ssh::SshRelay,
+    /// `braid cache du/prune` requests waiting for agents' answers.
+    pub cache_requests: crate::cachecmd::Pending,
 }
 
 impl Coordinator {
@@ -109,6 +111,7 @@ impl Coordinator {
             tokens,
             ca,
             ssh: crate::ssh::SshRelay::default(),
+            cache_requests: crate::cachecmd::Pending::default(),
         }))
     }
 
@@ -182,7 +185,7 @@ impl Coordinator {
         value
     }
 
-    fn send(&self, session: u64, kind: ToAgent) {
+    pub(crate) fn send(&self, session: u64, kind: ToAgent) {
         if let Some(tx) = self.sessions().get(&session) {
             let _ = tx.send(Ok(proto::CoordinatorMessage { kind: Some(kind) }));
         }

@@ -123,3 +123,9 @@ pub const CACHE_ATTRS: usize = 16;
 pub const CACHE_ATTR_KEY_BYTES: usize = 64;
 /// Bytes of a cache entry attribute's value.
 pub const CACHE_ATTR_VALUE_BYTES: usize = 1024;
+/// Storages one agent may list in a cache report (`braid cache du`).
+pub const CACHE_STORAGES: usize = 256;
+/// How long `braid cache du` waits for an agent to measure its storages.
+pub const CACHE_DU_SECONDS: u64 = 120;
+/// How long `braid cache prune` waits for an agent to clear its storages.
+pub const CACHE_PRUNE_SECONDS: u64 = 600;
