@@ -139,7 +139,10 @@ impl TlsFarm {
 
     /// The sample of `series` (name and labels) in /metrics, if any.
     fn metric(&self, series: &str) -> Option<f64> {
-        let out = run(Command::new("curl").args(["-fsS", &format!("http://{}/metrics", self.http)]));
+        let out = run(Command::new("curl")
+            .args(["-fsS", "-H", &format!("Authorization: Bearer {}", self.operate), "--cacert"])
+            .arg(self.certs.join("ca.pem"))
+            .arg(format!("https://{}/metrics", self.http)));
         let text = stdout(&out);
         let line = text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))?;
         line[series.len()..].trim().parse().ok()
