@@ -2,8 +2,9 @@
 //! its builder storages (one per platform for buildah and podman) and
 //! clears them as asked, never one a running job holds (its storage lock,
 //! see `prune::StorageLocks`): that storage is reported with the jobs using
-//! it and left alone. The docker backend's images are the Engine's: not
-//! measured, and pruned only while no job of this agent runs there.
+//! it and left alone. The docker backend's images and BuildKit cache are
+//! the Engine's: not measured, and pruned (`/build/prune`, `/images/prune`)
+//! only while no job of this agent runs there.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
@@ -157,14 +158,34 @@ async fn docker(
         }
     };
     let mut filters = HashMap::new();
-    filters.insert("dangling".to_owned(), vec![(!command.all).to_string()]);
     if command.until_seconds > 0 {
         filters.insert("until".to_owned(), vec![format!("{}s", command.until_seconds)]);
     }
+    // BuildKit's cache (what the Engine's BuildKit builds keep), then images.
+    let build = bollard::query_parameters::PruneBuildOptions {
+        all: Some(command.all),
+        filters: Some(filters.clone()),
+        ..Default::default()
+    };
+    match docker.prune_build(Some(build)).await {
+        Ok(r) => {
+            report.reclaimed_bytes += r.space_reclaimed.unwrap_or(0).max(0) as u64;
+            report.entries.push(proto::CacheEntry {
+                name: "docker build cache".into(),
+                pruned: true,
+                ..Default::default()
+            });
+        }
+        Err(e) => {
+            report.error = format!("Docker Engine build cache prune: {e}");
+            return report;
+        }
+    }
+    filters.insert("dangling".to_owned(), vec![(!command.all).to_string()]);
     let options = bollard::query_parameters::PruneImagesOptions { filters: Some(filters) };
     match docker.prune_images(Some(options)).await {
         Ok(r) => {
-            report.reclaimed_bytes = r.space_reclaimed.unwrap_or(0).max(0) as u64;
+            report.reclaimed_bytes += r.space_reclaimed.unwrap_or(0).max(0) as u64;
             report.entries.push(proto::CacheEntry { name: "docker images".into(), pruned: true, ..Default::default() });
         }
         Err(e) => report.error = format!("Docker Engine image prune: {e}"),

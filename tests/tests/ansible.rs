@@ -405,6 +405,27 @@ echo $! > "$pidfile"
     .unwrap();
     assert!(out.status.success(), "the re-imaged agent builds: {}", text(&out));
     steer("uncordon");
+
+    // `braid cache du` over TLS: for the operate role only.
+    let du = |token: &str| {
+        run_with_timeout(
+            Command::new(&cli)
+                .args(["--coordinator", &format!("https://localhost:{port}"), "--ca"])
+                .arg(&ca)
+                .args(["--token", token, "cache", "du", "--format", "json"]),
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    };
+    let out = du(&submit);
+    assert!(!out.status.success() && text(&out).contains("operate"), "{}", text(&out));
+    let out = du(&operate);
+    assert!(out.status.success(), "{}", text(&out));
+    let listed: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let b = listed.iter().find(|a| a["agent"] == "agent-b").unwrap();
+    assert_eq!(b["status"], "ok", "{b}");
+    assert!(b["storages"].as_array().unwrap().iter().any(|s| s["name"] == "linux-amd64"), "{b}");
 }
 
 /// The binary follows the userland, not `uname -m`: an armhf userland on an

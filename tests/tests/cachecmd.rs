@@ -122,3 +122,56 @@ fn operators_measure_and_prune_agents_builder_caches() {
     assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
     assert!(output_text(&out).contains("cache-arm64: offline"), "{}", output_text(&out));
 }
+
+/// A docker-backend agent: its Engine's storage is not measured (`du` says
+/// unknown), `prune` clears the Engine's BuildKit cache and images and says
+/// how much it freed, refuses while one of the agent's jobs builds there,
+/// and refuses `--keep-storage`, which the Engine's prune cannot honour.
+#[test]
+fn docker_backend_agents_prune_the_engines_cache() {
+    require_environment();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    let base = registry.push_base_image("base/busybox:latest").unwrap();
+    let engine = braid_tests::DockerEngine::start(&dir.join("docker")).unwrap();
+    let agents = [AgentSpec::new("cache-docker", &[])
+        .backend("docker")
+        .flag("--docker-host", &engine.host)
+        .flag("--docker-cli", "/usr/bin/docker")];
+    let farm = Farm::start(dir, &registry, &agents).unwrap();
+    farm.wait_for_agents(1).unwrap();
+    let ctx = dockerfile_context(dir, "warm", &format!("FROM {base}\nRUN head -c 3000000 /dev/urandom > /blob\n"));
+    let out = farm.braid(&["build", "--platform", "linux/amd64", &ctx]).unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+
+    let out = farm.braid(&["cache", "du", "--format", "json"]).unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let answer = json_lines(&out).remove(0);
+    assert_eq!((answer["backend"].as_str(), answer["unknown"].as_bool()), (Some("docker"), Some(true)), "{answer}");
+
+    let out = farm.braid(&["cache", "prune", "--force", "--keep-storage", "1g"]).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert!(output_text(&out).contains("keep_storage_bytes: the docker backend"), "{}", output_text(&out));
+
+    // While its job builds on the Engine, nothing is pruned and the job is named.
+    let slow = dockerfile_context(dir, "slow", &format!("FROM {base}\nRUN echo started-slow && sleep 15\n"));
+    let mut running = RunningBuild::start(&farm, &["build", "--platform", "linux/amd64", "--progress", "plain", &slow]);
+    let build_id = running.build_id();
+    running.wait_for("started-slow", Duration::from_secs(120));
+    let out = farm.braid(&["cache", "prune", "--force", "--all"]).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    let inspect: Value =
+        serde_json::from_slice(&farm.braid(&["inspect", &build_id, "--format", "json"]).unwrap().stdout).unwrap();
+    let job_id = inspect["jobs"][0]["job_id"].as_str().unwrap().to_owned();
+    assert!(output_text(&out).contains(&format!("building this agent's jobs {job_id}")), "{}", output_text(&out));
+    let (code, lines) = running.finish(Duration::from_secs(180));
+    assert_eq!(code, Some(0), "{lines}");
+
+    let out = farm.braid(&["cache", "prune", "--force", "--all", "--format", "json"]).unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let answer = json_lines(&out).remove(0);
+    assert!(answer["reclaimed_bytes"].as_u64().unwrap() > 1_000_000, "the build's layers freed: {answer}");
+    let names: Vec<&str> = answer["storages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["docker build cache", "docker images"], "{answer}");
+}
