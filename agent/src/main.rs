@@ -3,6 +3,7 @@
 
 mod builder;
 mod cache;
+mod cachecmd;
 mod docker;
 mod health;
 mod job;

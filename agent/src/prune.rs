@@ -78,15 +78,15 @@ pub fn storage_bytes(work_dir: &Path) -> u64 {
     disk_usage(&work_dir.join("storage"))
 }
 
-struct Stored {
-    name: String,
-    dir: PathBuf,
-    bytes: u64,
-    last_used: SystemTime,
+pub struct Stored {
+    pub name: String,
+    pub dir: PathBuf,
+    pub bytes: u64,
+    pub last_used: SystemTime,
 }
 
 /// The platform storages under `root`, least recently used first.
-fn storages(root: &Path) -> Vec<Stored> {
+pub fn storages(root: &Path) -> Vec<Stored> {
     let Ok(entries) = std::fs::read_dir(root) else { return Vec::new() };
     let mut out: Vec<Stored> = entries
         .flatten()
@@ -124,24 +124,7 @@ pub async fn enforce(settings: &Valid, locks: &StorageLocks) -> Vec<String> {
         }
         let lock = locks.for_storage(&stored.name);
         let Ok(_alone) = lock.try_write() else { continue };
-        // Unmounts and forgets what the builder holds there, then the files.
-        let rmi = tokio::process::Command::new(&settings.backend)
-            .arg("--root")
-            .arg(stored.dir.join("root"))
-            .arg("--runroot")
-            .arg(runroot(&stored.dir))
-            .arg("--storage-driver")
-            .arg(&settings.settings.storage_driver)
-            .args(["rmi", "--all", "--force"])
-            .output()
-            .await;
-        if let Ok(out) = &rmi
-            && !out.status.success()
-        {
-            tracing::debug!(storage = %stored.name, stderr = %String::from_utf8_lossy(&out.stderr).trim(), "rmi");
-        }
-        let removed = tokio::fs::remove_dir_all(&stored.dir).await;
-        let _ = tokio::fs::remove_dir_all(runroot(&stored.dir)).await;
+        let removed = clear(settings, &stored.dir).await;
         match removed {
             Ok(()) => {
                 total = total.saturating_sub(stored.bytes);
@@ -152,6 +135,33 @@ pub async fn enforce(settings: &Valid, locks: &StorageLocks) -> Vec<String> {
         }
     }
     cleared
+}
+
+/// The builder's command on one platform storage: `backend --root ...
+/// --runroot ... --storage-driver ... ARGS`.
+pub fn storage_command(settings: &Valid, dir: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(&settings.backend);
+    cmd.arg("--root")
+        .arg(dir.join("root"))
+        .arg("--runroot")
+        .arg(runroot(dir))
+        .arg("--storage-driver")
+        .arg(&settings.settings.storage_driver);
+    cmd
+}
+
+/// Clears one platform storage: unmounts and forgets what the builder
+/// holds there, then removes the files. The caller holds its lock alone.
+pub async fn clear(settings: &Valid, dir: &Path) -> std::io::Result<()> {
+    let rmi = storage_command(settings, dir).args(["rmi", "--all", "--force"]).output().await;
+    if let Ok(out) = &rmi
+        && !out.status.success()
+    {
+        tracing::debug!(storage = %dir.display(), stderr = %String::from_utf8_lossy(&out.stderr).trim(), "rmi");
+    }
+    let removed = tokio::fs::remove_dir_all(dir).await;
+    let _ = tokio::fs::remove_dir_all(runroot(dir)).await;
+    removed
 }
 
 #[cfg(test)]

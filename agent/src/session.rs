@@ -28,6 +28,8 @@ struct Running {
     /// Cancelled because the agent is stopping: report it as an
     /// infrastructure failure so the coordinator runs it elsewhere.
     hand_back: Arc<AtomicBool>,
+    /// The job's platform storage (`prune::storage_name`).
+    storage: String,
 }
 
 /// State that outlives one connection.
@@ -290,6 +292,7 @@ impl Agent {
                     match message.kind {
                         Some(FromCoordinator::Assign(a)) => self.clone().start(env.clone(), a),
                         Some(FromCoordinator::Cancel(c)) => self.cancel(&c),
+                        Some(FromCoordinator::Cache(c)) => self.clone().cache_command(c, out_tx.clone()),
                         Some(FromCoordinator::Ack(a)) => {
                             self.outbox.ack(a.up_to.min(sent));
                         }
@@ -308,6 +311,21 @@ impl Agent {
     }
 
     /// Ends the live session; the next one dials with the current TLS files.
+    /// Measures or prunes the builder storages off the session's loop and
+    /// answers on it; one prune at a time (with `prune::enforce`).
+    fn cache_command(self: Arc<Self>, command: proto::CacheCommand, out: mpsc::UnboundedSender<proto::AgentMessage>) {
+        tokio::spawn(async move {
+            let _one = if command.prune { Some(self.pruning.lock().await) } else { None };
+            let mut users: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+            for (job_id, r) in lock(&self.running).iter() {
+                users.entry(r.storage.clone()).or_default().push(job_id.clone());
+            }
+            let report = crate::cachecmd::answer(&self.settings, &self.storage_locks, command, users).await;
+            // A closed session: the coordinator reports the agent timed out.
+            let _ = out.send(proto::AgentMessage { kind: Some(ToCoordinator::CacheReport(report)), seq: 0 });
+        });
+    }
+
     pub fn reconnect_now(&self) {
         self.reconnect.notify_one();
     }
@@ -344,6 +362,10 @@ impl Agent {
                     lease_id: assignment.lease_id.clone(),
                     cancel: cancel.clone(),
                     hand_back: hand_back.clone(),
+                    storage: assignment
+                        .platform
+                        .parse()
+                        .map_or_else(|_| assignment.platform.clone(), |p| crate::prune::storage_name(&p)),
                 },
             );
         }

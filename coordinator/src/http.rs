@@ -195,7 +195,9 @@ async fn metrics(State(c): State<Arc<Coordinator>>) -> impl IntoResponse {
     let mut gauges = c.farm().gauges();
     gauges.blob_store_bytes = c.blobs.stored_bytes();
     gauges.store_writable = writable(&c).await;
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], c.metrics.render(&gauges))
+    let mut text = c.metrics.render(&gauges);
+    text.push_str(&crate::process::render());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 
 async fn healthz() -> &'static str {

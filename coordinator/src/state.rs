@@ -57,6 +57,8 @@ pub struct Coordinator {
     pub ssh: crate::ssh::SshRelay,
     /// The key that signs provenance statements, when configured.
     pub provenance_signer: Option<Arc<braid_shared::dsse::Signer>>,
+    /// `braid cache du/prune` requests waiting for agents' answers.
+    pub cache_requests: crate::cachecmd::Pending,
 }
 
 impl Coordinator {
@@ -119,6 +121,7 @@ impl Coordinator {
             ca,
             ssh: crate::ssh::SshRelay::default(),
             provenance_signer,
+            cache_requests: crate::cachecmd::Pending::default(),
         }))
     }
 
@@ -192,7 +195,7 @@ impl Coordinator {
         value
     }
 
-    fn send(&self, session: u64, kind: ToAgent) {
+    pub(crate) fn send(&self, session: u64, kind: ToAgent) {
         if let Some(tx) = self.sessions().get(&session) {
             let _ = tx.send(Ok(proto::CoordinatorMessage { kind: Some(kind) }));
         }

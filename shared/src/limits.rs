@@ -136,3 +136,9 @@ pub const ATTESTATION_BYTES: usize = 4 << 20;
 pub const EXCERPT_LINES: usize = 40;
 pub const EXCERPT_LINE_BYTES: usize = 512;
 pub const FAILED_STEP_BYTES: usize = 1024;
+/// Storages one agent may list in a cache report (`braid cache du`).
+pub const CACHE_STORAGES: usize = 256;
+/// How long `braid cache du` waits for an agent to measure its storages.
+pub const CACHE_DU_SECONDS: u64 = 120;
+/// How long `braid cache prune` waits for an agent to clear its storages.
+pub const CACHE_PRUNE_SECONDS: u64 = 600;

@@ -20,6 +20,8 @@ struct TlsFarm {
     dir: PathBuf,
     certs: PathBuf,
     url: String,
+    /// The coordinator's HTTP address (/metrics).
+    http: String,
     operate: String,
     registry: Registry,
     _coordinator: Proc,
@@ -49,10 +51,11 @@ impl TlsFarm {
         let data = dir.join("data");
         let operate = offline_token(&data, "operate");
         let port = free_port();
+        let http = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(bin("braid-coordinator"));
         cmd.arg("--data-dir")
             .arg(&data)
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", &http])
             .args(["--insecure-registry", &registry.addr, "--agent-lost-seconds", "60"]);
         cmd.args(pki.coordinator_flags(true)).args(flags);
         let coordinator = Proc::spawn("coordinator", &mut cmd, &dir.join("coordinator.log")).unwrap();
@@ -64,6 +67,7 @@ impl TlsFarm {
             dir: dir.to_owned(),
             certs,
             url: format!("https://127.0.0.1:{port}"),
+            http,
             operate,
             registry,
             _coordinator: coordinator,
@@ -131,6 +135,17 @@ impl TlsFarm {
         let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
         let id = meta["braid.build.id"].as_str().unwrap();
         serde_json::from_str(&stdout(&self.braid(&["inspect", id, "--format", "json"]))).unwrap()
+    }
+
+    /// The sample of `series` (name and labels) in /metrics, if any.
+    fn metric(&self, series: &str) -> Option<f64> {
+        let out = run(Command::new("curl")
+            .args(["-fsS", "-H", &format!("Authorization: Bearer {}", self.operate), "--cacert"])
+            .arg(self.certs.join("ca.pem"))
+            .arg(format!("https://{}/metrics", self.http)));
+        let text = stdout(&out);
+        let line = text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))?;
+        line[series.len()..].trim().parse().ok()
     }
 
     fn wait_connected(&self, name: &str, sessions: usize) {
@@ -322,6 +337,11 @@ fn agents_renew_their_certificates_and_build_past_the_first_expiry() {
     assert_eq!(row.split_whitespace().nth(5), Some("0d!"), "CERT column:\n{table}");
     let warning = String::from_utf8_lossy(&listed.stderr);
     assert!(warning.contains("warning: agent renewer's certificate expires in 0 day(s)"), "{warning}");
+    // And /metrics, for the certificate-expiry alert (examples/monitoring).
+    let expiry_series = "braid_agent_certificate_expiry_timestamp_seconds{agent=\"renewer\"}";
+    let exported = farm.metric(expiry_series).unwrap_or_else(|| panic!("{expiry_series} missing"));
+    assert_eq!(exported, first_expiry as f64);
+    assert!(exported - (unix() as f64) < 80.0, "seconds left {}", exported - unix() as f64);
 
     // Due at two thirds of 66 s (60 s and 6 s of clock skew allowance).
     eventually(Duration::from_secs(90), "the certificate to be renewed", || {
@@ -338,10 +358,13 @@ fn agents_renew_their_certificates_and_build_past_the_first_expiry() {
     })
     .unwrap();
     // The renewed certificate's expiry reaches the report at once.
-    eventually(Duration::from_secs(30), "the renewed certificate's expiry in the health report", || {
-        not_after(&farm).filter(|(t, _)| *t > first_expiry).map(|_| ())
-    })
-    .unwrap();
+    let (renewed_expiry, _) =
+        eventually(Duration::from_secs(30), "the renewed certificate's expiry in the health report", || {
+            not_after(&farm).filter(|(t, _)| *t > first_expiry)
+        })
+        .unwrap();
+    let exported = farm.metric(expiry_series).unwrap();
+    assert!(exported >= renewed_expiry as f64 && exported > first_expiry as f64, "{exported} after renewal");
 
     // The first certificate is revoked now that the renewed one was presented.
     let ca = std::fs::read(farm.certs.join("ca.pem")).unwrap();

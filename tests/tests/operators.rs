@@ -158,6 +158,7 @@ fn operators_see_and_steer_the_farm() {
         String::from_utf8_lossy(&checked.stderr)
     );
     check_monitoring_examples(&text);
+    check_process_metrics(&farm, &text);
     for agent in ["amd64-agent", "arm64-agent"] {
         let sample = |name: &str| -> f64 {
             let series = format!("{name}{{agent=\"{agent}\"}} ");
@@ -239,6 +240,28 @@ fn operators_see_and_steer_the_farm() {
     .unwrap();
     assert!(out.status.success() && shot.metadata().unwrap().len() > 10_000, "screenshot written");
     println!("dashboard screenshot: {}", shot.display());
+}
+
+/// The process collector's series, as Prometheus' client libraries name
+/// them, describe the coordinator process itself.
+fn check_process_metrics(farm: &Farm, text: &str) {
+    let sample = |name: &str| -> f64 {
+        let line =
+            text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}:\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(text.contains("# TYPE process_cpu_seconds_total counter"), "{text}");
+    assert!(sample("process_cpu_seconds_total") > 0.0, "the coordinator has run a build");
+    let rss = sample("process_resident_memory_bytes");
+    assert!(rss > 1e6 && sample("process_virtual_memory_bytes") >= rss, "{text}");
+    assert!(sample("process_open_fds") >= 3.0 && sample("process_max_fds") >= sample("process_open_fds"));
+    // The coordinator's own start, not the test's: within the farm's life.
+    let pid = farm.coordinator.as_ref().unwrap().pid();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as f64;
+    assert!((sample("process_open_fds") - fds).abs() < 20.0, "{fds} fds in /proc/{pid}/fd");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let started = sample("process_start_time_seconds");
+    assert!(started <= now && now - started < 600.0, "started {started}, now {now}");
 }
 
 /// Each agent's health report reaches `braid agents`: DISK and CERT in the

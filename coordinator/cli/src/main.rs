@@ -4,6 +4,7 @@
 mod out;
 mod build;
 mod buildspec;
+mod cache;
 mod certs;
 mod conn;
 mod describe;
@@ -123,6 +124,12 @@ enum Command {
     Imagetools {
         #[command(subcommand)]
         command: imagetools::Command,
+    },
+    /// Show and clear agents' builder caches, like `docker buildx du` and
+    /// `docker buildx prune` (operate role)
+    Cache {
+        #[command(subcommand)]
+        command: cache::Command,
     },
     /// Print a shell completion script: `braid completion bash >
     /// /etc/bash_completion.d/braid` (or zsh, fish, elvish, powershell)
@@ -252,6 +259,7 @@ async fn main() {
         Command::Builds { state, limit, format, wide } => {
             ops::builds(&conn, state.as_deref(), limit, format, wide).await
         }
+        Command::Cache { command } => cache::run(&conn, command).await,
         Command::Completion { shell } => docs::completion(shell),
         Command::Man { dir } => docs::man(&dir),
     };

@@ -249,6 +249,7 @@ fn agent_json(a: &proto::AgentInfo) -> Value {
             "name": b.name, "version": b.version, "capabilities": b.capabilities,
         })),
         "health": a.health.as_ref().map(health_json),
+        "connected": a.connected, "session": a.session,
     })
 }
 

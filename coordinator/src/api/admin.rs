@@ -142,4 +142,14 @@ impl Admin for AdminService {
         let tokens = self.coordinator.tokens.list()?.iter().map(convert::token_info).collect();
         Ok(Response::new(proto::ListTokensResponse { tokens }))
     }
+
+    #[instrument(skip_all, err, fields(agent = %braid_shared::shorten(&req.get_ref().agent, 80)))]
+    async fn cache_usage(&self, req: Request<proto::CacheRequest>) -> Result<Response<proto::CacheResponse>, Status> {
+        crate::cachecmd::run(&self.coordinator, req, false).await
+    }
+
+    #[instrument(skip_all, err, fields(agent = %braid_shared::shorten(&req.get_ref().agent, 80)))]
+    async fn prune_cache(&self, req: Request<proto::CacheRequest>) -> Result<Response<proto::CacheResponse>, Status> {
+        crate::cachecmd::run(&self.coordinator, req, true).await
+    }
 }

@@ -454,7 +454,7 @@ async fn read_session(
         {
             let mut farm = coordinator.farm();
             // Logs, progress and results are numbered; hellos and heartbeats not.
-            let numbered = !matches!(kind, FromAgent::Hello(_) | FromAgent::Heartbeat(_));
+            let numbered = !matches!(kind, FromAgent::Hello(_) | FromAgent::Heartbeat(_) | FromAgent::CacheReport(_));
             let delivery = if numbered { farm.accept(name, session, seq) } else { Delivery::Apply };
             let effects = match (kind, delivery) {
                 (FromAgent::Hello(_), _) => {
@@ -464,6 +464,10 @@ async fn read_session(
                     farm.heartbeat(name, session);
                     farm.set_draining(name, session, beat.draining);
                     farm.set_health(name, session, checked_health(name, beat.health));
+                    Vec::new()
+                }
+                (FromAgent::CacheReport(report), _) => {
+                    coordinator.cache_requests.answer(name, report);
                     Vec::new()
                 }
                 (_, Delivery::Duplicate | Delivery::Stale) => Vec::new(),

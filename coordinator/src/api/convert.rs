@@ -56,6 +56,8 @@ pub fn agent_info(farm: &Farm, a: &AgentEntry) -> proto::AgentInfo {
         running_jobs,
         builder: a.builder.as_ref().map(crate::model::Builder::to_proto),
         health: a.health,
+        connected: a.connected,
+        session: a.session,
     }
 }
 
