@@ -9,6 +9,7 @@ mod job;
 mod jobdir;
 mod joblog;
 mod join;
+mod labels;
 mod leftovers;
 mod outbox;
 mod prune;

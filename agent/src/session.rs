@@ -134,6 +134,7 @@ impl Agent {
                 emulated_platforms: s.emulates.iter().map(ToString::to_string).collect(),
                 incarnation: self.incarnation.clone(),
                 builder: Some(s.builder.clone()),
+                labels: s.labels.clone().into_iter().collect(),
             })),
             seq: 0,
         }
@@ -324,6 +325,7 @@ impl Agent {
                     message: "the agent is stopping".into(),
                 })),
                 phases: Vec::new(),
+                footprint: None,
             };
             self.deliver(refusal);
             return;

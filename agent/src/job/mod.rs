@@ -4,6 +4,7 @@
 pub mod buildkit;
 pub mod cache;
 mod containers;
+mod joblimits;
 mod named;
 mod process;
 mod push;
@@ -55,10 +56,11 @@ pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: Ca
         agent = %env.settings.settings.name,
     );
     let mut phases = Phases::default();
+    let mut footprint = None;
     let outcome = async {
         tracing::info!("job started");
         let outcome = tokio::select! {
-            outcome = execute(&env, &assignment, &cancel, &mut phases) => outcome,
+            outcome = execute(&env, &assignment, &cancel, &mut phases, &mut footprint) => outcome,
             () = cancel.cancelled() => Outcome::Failed(proto::FailureKind::Cancelled, "cancelled".into()),
         };
         // A builder killed by the cancel fails too: it was the cancel.
@@ -97,6 +99,7 @@ pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: Ca
         lease_id: assignment.lease_id,
         outcome: Some(outcome),
         phases: phases.0,
+        footprint,
     }
 }
 
@@ -123,7 +126,13 @@ impl Phases {
     }
 }
 
-async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken, phases: &mut Phases) -> Outcome {
+async fn execute(
+    env: &JobEnv,
+    a: &proto::Assignment,
+    cancel: &CancellationToken,
+    phases: &mut Phases,
+    footprint: &mut Option<proto::JobFootprint>,
+) -> Outcome {
     let Some(spec) = &a.spec else {
         return build_failure("assignment without a build spec");
     };
@@ -211,11 +220,21 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         ssh: ssh_sockets,
         build_contexts: &build_contexts,
     };
-    let built = if env.settings.backend == "docker" {
-        build_with_docker(&job, &dockerfile_text, &dockerfile, &credentials, cancel).await
-    } else {
-        containers::build_with_containers(&job, &dockerfile, &insecure, &credentials, cancel).await
-    };
+    let (cgroup, said) = job_cgroup(env, spec, &name);
+    if !said.is_empty() {
+        log_lines(env, a, said);
+    }
+    let cgroup = cgroup.map(Arc::new);
+    let built = joblimits::CGROUP
+        .scope(cgroup.clone(), async {
+            if env.settings.backend == "docker" {
+                build_with_docker(&job, &dockerfile_text, &dockerfile, &credentials, cancel).await
+            } else {
+                containers::build_with_containers(&job, &dockerfile, &insecure, &credentials, cancel).await
+            }
+        })
+        .await;
+    *footprint = cgroup.as_ref().map(|c| c.footprint());
     if let Err(failed) = built {
         return failed;
     }
@@ -255,6 +274,19 @@ async fn execute(env: &JobEnv, a: &proto::Assignment, cancel: &CancellationToken
         phases.done("push", push_start);
     }
     outcome
+}
+
+/// The job's cgroup and what to say of its limits; the docker backend's
+/// builds run in the Engine, out of the agent's reach.
+fn job_cgroup(env: &JobEnv, spec: &proto::BuildSpec, name: &str) -> (Option<joblimits::JobCgroup>, Vec<String>) {
+    let agent = &env.settings.settings.name;
+    let limits = joblimits::Limits::of(spec, env.settings.memory_cap);
+    if env.settings.backend == "docker" {
+        let wanted = limits.memory != 0 || limits.cpus != 0;
+        let why = format!("braid: limits not enforced on agent {agent}: the docker backend builds in the Engine");
+        return (None, if wanted { vec![why] } else { Vec::new() });
+    }
+    joblimits::start(name, limits, &env.settings.settings.isolation, agent)
 }
 
 /// Unpacks a fetched context (the zstd tar at `compressed`) into `dir`

@@ -126,6 +126,8 @@ fn check_hello(hello: &proto::Hello) -> Result<(Vec<Platform>, Vec<Platform>), S
         return Err(Status::invalid_argument(format!("hello.emulated_platforms: at most {}", limits::PLATFORMS)));
     }
     crate::model::Builder::from_hello(hello.builder.as_ref()).map_err(Status::invalid_argument)?;
+    braid_shared::placement::check_labels(&hello.labels)
+        .map_err(|e| Status::invalid_argument(format!("hello.labels: {e}")))?;
     let emulates = hello
         .emulated_platforms
         .iter()

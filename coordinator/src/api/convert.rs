@@ -56,6 +56,7 @@ pub fn agent_info(farm: &Farm, a: &AgentEntry) -> proto::AgentInfo {
         running_jobs,
         builder: a.builder.as_ref().map(crate::model::Builder::to_proto),
         health: a.health,
+        labels: farm.labels_of(&a.name).into_iter().collect(),
     }
 }
 

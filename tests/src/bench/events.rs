@@ -119,6 +119,7 @@ async fn fake_agent(
             emulated_platforms: vec![],
             incarnation: String::new(),
             builder: None,
+            labels: Default::default(),
         })),
         seq: 0,
     })
@@ -159,6 +160,7 @@ async fn fake_agent(
             ..Default::default()
         })),
         phases: vec![],
+        footprint: None,
     };
     tx.send(proto::AgentMessage { kind: Some(Up::Result(result)), seq: 0 }).await?;
     // Keep the session open until the coordinator or the benchmark ends it.

@@ -46,6 +46,7 @@ async fn fake_agent(channel: tonic::transport::Channel, name: String, clock: Clo
             emulated_platforms: vec![],
             incarnation: String::new(),
             builder: None,
+            labels: Default::default(),
         })),
         seq: 0,
     })
@@ -74,6 +75,7 @@ async fn fake_agent(channel: tonic::transport::Channel, name: String, clock: Clo
                     ..Default::default()
                 })),
                 phases: vec![],
+                footprint: None,
             };
             tx.send(proto::AgentMessage { kind: Some(Up::Result(result)), seq: 0 }).await?;
         }
