@@ -56,9 +56,8 @@ fn unmet_requirements_name_the_requirement_and_each_agents_value() {
     };
     w.farm.restore_declared(vec![("pi-01".into(), declare("1GiB")), ("pi-02".into(), declare("2048MiB"))]);
     let p: Vec<Platform> = vec!["linux/arm/v7".parse().unwrap(), "linux/amd64".parse().unwrap()];
-    let reqs = |r: &[&str]| {
-        placement::check_requirements(&r.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &p).unwrap()
-    };
+    let reqs =
+        |r: &[&str]| placement::check_requirements(&r.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &p).unwrap();
     assert_eq!(
         w.farm.unmet_requirements(&p, false, &reqs(&["memory>=4GiB"])).unwrap(),
         "linux/arm/v7: memory>=4GiB: agents pi-01 has 1.0 GiB, pi-02 has 2.0 GiB"
@@ -81,7 +80,10 @@ fn out_of_memory_retries_on_a_larger_agent_and_the_footprint_steers_the_next_bui
     let a = next_assignment(&mut small);
     w.job_result("a-small", small_session, oom(&a, 1_052_266_987));
     let job = &w.build(&first).unwrap().record.jobs[0];
-    assert_eq!(job.message, "linux/arm/v7: out of memory on a-small (1.0 GiB, peak 0.98 GiB); a larger agent may take it; re-queued");
+    assert_eq!(
+        job.message,
+        "linux/arm/v7: out of memory on a-small (1.0 GiB, peak 0.98 GiB); a larger agent may take it; re-queued"
+    );
     w.schedule();
     let b = next_assignment(&mut big);
     assert_eq!(b.attempt, 2);

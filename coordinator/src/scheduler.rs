@@ -564,14 +564,11 @@ mod tests {
         last_agent: &HashMap<String, String>,
         warm_keys: &HashMap<&str, usize>,
     ) -> Option<(usize, bool)> {
-        let meets = |a: &AgentView| {
-            a.can(job.needs) && job.requires.iter().all(|r| r.satisfied_by(a.labels))
-        };
+        let meets = |a: &AgentView| a.can(job.needs) && job.requires.iter().all(|r| r.satisfied_by(a.labels));
         let native_exists = agents.iter().any(|a| a.schedulable && meets(a) && a.builds(&job.platform));
         let emulated = !native_exists && job.allow_emulation;
-        let fits = |a: &AgentView| {
-            meets(a) && if emulated { a.emulates(&job.platform) } else { a.builds(&job.platform) }
-        };
+        let fits =
+            |a: &AgentView| meets(a) && if emulated { a.emulates(&job.platform) } else { a.builds(&job.platform) };
         let candidates = agents.iter().enumerate().filter(|(i, a)| a.schedulable && running[*i] < a.slots && fits(a));
         // Lower sorts first: memory enough for the footprint, then warm,
         // then least loaded, then fewest warm keys, then name.
@@ -582,7 +579,7 @@ mod tests {
             let warm = last_agent.get(&job.affinity_key).map(String::as_str) == Some(agent.name);
             let load = u64::from(running[i]) * 1_000_000 / u64::from(agent.slots.max(1));
             let spread = warm_keys.get(agent.name).copied().unwrap_or(0);
-            let key = (short, !(warm && !short), load, spread, agent.name);
+            let key = (short, !warm || short, load, spread, agent.name);
             if best.as_ref().is_none_or(|(_, b)| key < *b) {
                 best = Some((i, key));
             }

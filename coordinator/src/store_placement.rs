@@ -82,12 +82,8 @@ mod tests {
         let path = dir.path().join("braid.db");
         let store = Store::open(&path).unwrap();
         let labels = [("memory".to_owned(), "1GiB".to_owned())].into_iter().collect();
-        let d = Declared {
-            platforms: vec!["linux/arm/v7".parse().unwrap()],
-            emulates: vec![],
-            last_seen_ms: 5,
-            labels,
-        };
+        let d =
+            Declared { platforms: vec!["linux/arm/v7".parse().unwrap()], emulates: vec![], last_seen_ms: 5, labels };
         let f = Footprint {
             peak_memory_bytes: 1 << 29,
             cpu_millis: 1500,

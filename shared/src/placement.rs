@@ -299,7 +299,10 @@ pub fn check_requirements(raw: &[String], platforms: &[Platform]) -> Result<Vec<
     for r in raw {
         let req = parse_requirement(r)?;
         if !platforms.is_empty() && !platforms.iter().any(|p| req.applies_to(p)) {
-            return Err(refuse(format!("--require {r:?}: the build has no platform {}", req.platform.unwrap_or_default())));
+            return Err(refuse(format!(
+                "--require {r:?}: the build has no platform {}",
+                req.platform.unwrap_or_default()
+            )));
         }
         out.push(req);
     }
@@ -312,14 +315,14 @@ pub fn check_requirements(raw: &[String], platforms: &[Platform]) -> Result<Vec<
 pub fn parse_memory_limit(raw: &str) -> Result<u64, FlagError> {
     let bytes = parse_bytes(raw)
         .ok_or_else(|| refuse(format!("--memory {:?}: expected a size like 2GiB or 512m", crate::shorten(raw, 40))))?;
-    check_memory_limit(bytes)
+    check_memory_limit(bytes).map_err(|e| refuse(format!("--memory {:?}: {e}", crate::shorten(raw, 40))))
 }
 
 /// `memory_limit_bytes`: 0 (none) or within the bounds.
 pub fn check_memory_limit(bytes: u64) -> Result<u64, FlagError> {
     if bytes != 0 && !(limits::JOB_MEMORY_MIN_BYTES..=limits::JOB_MEMORY_BYTES).contains(&bytes) {
         return Err(refuse(format!(
-            "--memory {bytes} bytes: expected from {} to {}",
+            "{bytes} bytes: expected from {} to {}",
             format_bytes(limits::JOB_MEMORY_MIN_BYTES),
             format_bytes(limits::JOB_MEMORY_BYTES)
         )));
@@ -388,7 +391,9 @@ mod tests {
         let cpus = parse_requirement("cpus>2").unwrap();
         assert!(cpus.satisfied_by(&labels(&[("cpus", "4")])));
         assert!(!cpus.satisfied_by(&labels(&[("cpus", "2")])));
-        for bad in ["memory", "Memory>=1G", "memory>=lots", "disk>ssd", "linux/arm/v9:memory>=1G", "x=\u{7}", "k=", ":k=v"] {
+        for bad in
+            ["memory", "Memory>=1G", "memory>=lots", "disk>ssd", "linux/arm/v9:memory>=1G", "x=\u{7}", "k=", ":k=v"]
+        {
             assert!(parse_requirement(bad).unwrap_err().to_string().starts_with("--require"), "{bad}");
         }
         let p: Vec<Platform> = vec!["linux/amd64".parse().unwrap()];

@@ -52,8 +52,7 @@ fn requirements_route_out_of_memory_is_named_and_retried_and_footprints_steer() 
     assert!(wide.lines().next().unwrap().ends_with("LABELS"), "{wide}");
     let small_row = wide.lines().find(|l| l.starts_with("a-small")).unwrap_or_else(|| panic!("{wide}"));
     assert!(small_row.contains("memory=256MiB") && small_row.contains("zone=rack-1"), "{wide}");
-    let json: Value =
-        serde_json::from_slice(&farm.braid(&["agents", "--format", "json"]).unwrap().stdout).unwrap();
+    let json: Value = serde_json::from_slice(&farm.braid(&["agents", "--format", "json"]).unwrap().stdout).unwrap();
     let big = json.as_array().unwrap().iter().find(|a| a["name"] == "b-big").unwrap();
     assert_eq!(big["labels"]["memory"], "2GiB");
     assert!(big["labels"]["kernel"].as_str().is_some_and(|k| !k.is_empty()), "detected: {big}");
@@ -141,12 +140,18 @@ fn a_jobs_memory_limit_is_enforced_and_named() {
     let base = registry.push_base_image("base/busybox:latest").unwrap();
     let farm = Farm::start(dir, &registry, &[AgentSpec::new("solo", &["linux/amd64"])]).unwrap();
     farm.wait_for_agents(1).unwrap();
-    let hungry = dockerfile_context(dir, "hungry", &format!("FROM {base}\nRUN dd if=/dev/zero of=/dev/null bs=300M count=1\n"));
-    let out = farm.braid(&["build", "--platform", "linux/amd64", "--memory", "128MiB", "--progress", "plain", &hungry]).unwrap();
+    let hungry =
+        dockerfile_context(dir, "hungry", &format!("FROM {base}\nRUN dd if=/dev/zero of=/dev/null bs=300M count=1\n"));
+    let out = farm
+        .braid(&["build", "--platform", "linux/amd64", "--memory", "128MiB", "--progress", "plain", &hungry])
+        .unwrap();
     let err = output_text(&out);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("limits --memory 128.0 MiB on agent solo, enforced by a cgroup"), "{err}");
-    assert!(err.contains("linux/amd64: out of memory on solo (128.0 MiB, peak ") && err.contains("raise --memory"), "{err}");
+    assert!(
+        err.contains("linux/amd64: out of memory on solo (128.0 MiB, peak ") && err.contains("raise --memory"),
+        "{err}"
+    );
     let out = farm.braid(&["build", "--platform", "linux/amd64", "--memory", "1k", &hungry]).unwrap();
     assert!(output_text(&out).contains("--memory \"1k\""), "{}", output_text(&out));
 }

@@ -116,7 +116,11 @@ fn own_cgroup() -> Result<(PathBuf, bool), String> {
     let (mount, wanted) = if v2 { (V2_ROOT, "") } else { (V1_MEMORY, "memory") };
     let path = text
         .lines()
-        .filter_map(|l| l.splitn(3, ':').nth(1).zip(l.splitn(3, ':').nth(2)))
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            parts.next();
+            parts.next().zip(parts.next())
+        })
         .find(|(ctl, _)| if v2 { ctl.is_empty() } else { ctl.split(',').any(|c| c == wanted) })
         .map(|(_, p)| p.trim_start_matches('/').to_owned())
         .ok_or_else(|| "no memory cgroup".to_owned())?;
@@ -199,7 +203,11 @@ impl JobCgroup {
     pub(super) fn footprint(&self) -> proto::JobFootprint {
         let number = |file: &str| self.read(file).trim().parse::<u64>().unwrap_or(0);
         let (peak, cpu_millis, oom) = if self.v2 {
-            (number("memory.peak"), self.field("cpu.stat", "usage_usec") / 1000, self.field("memory.events", "oom_kill"))
+            (
+                number("memory.peak"),
+                self.field("cpu.stat", "usage_usec") / 1000,
+                self.field("memory.events", "oom_kill"),
+            )
         } else {
             (number("memory.max_usage_in_bytes"), 0, self.field("memory.oom_control", "oom_kill"))
         };

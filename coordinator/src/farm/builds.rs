@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use braid_shared::capability::CapSet;
-use braid_shared::placement::{self, Requirement};
 use braid_shared::oci::{Credential, ImageDescriptor};
+use braid_shared::placement::{self, Requirement};
 use braid_shared::proto::{self, build_event::Kind as EventKind};
 use braid_shared::{ImageRef, Platform};
 
