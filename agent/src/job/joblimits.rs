@@ -153,6 +153,18 @@ fn delegate_v2(own: &Path) -> Result<(), String> {
         .map_err(|e| format!("enabling memory and cpu controllers in {}: {e}", own.display()))
 }
 
+/// Removes the empty `braid-job-*` cgroups under the agent's own (an
+/// earlier run that stopped mid-job); a busy one is left alone.
+pub(super) fn sweep() {
+    let Ok((own, _)) = own_cgroup() else { return };
+    let Ok(entries) = std::fs::read_dir(&own) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with("braid-job-") && std::fs::remove_dir(e.path()).is_ok() {
+            tracing::info!(cgroup = %e.path().display(), "removed a job cgroup an earlier run left");
+        }
+    }
+}
+
 impl JobCgroup {
     fn create(name: &str, memory: u64, cpus: u32) -> Result<JobCgroup, String> {
         let (own, v2) = own_cgroup()?;
@@ -225,7 +237,7 @@ impl Drop for JobCgroup {
     fn drop(&mut self) {
         // Anything left in it (a builder that outlived its job) is killed
         // with the job's process group; a busy cgroup is left to the next
-        // start's leftovers sweep rather than waited for here.
+        // start's sweep rather than waited for here.
         if let Err(e) = std::fs::remove_dir(&self.dir) {
             tracing::debug!(error = %e, dir = %self.dir.display(), "job cgroup not removed");
         }

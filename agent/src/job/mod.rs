@@ -276,6 +276,11 @@ async fn execute(
     outcome
 }
 
+/// Removes the empty job cgroups an earlier run of the agent left.
+pub fn sweep_cgroups() {
+    joblimits::sweep();
+}
+
 /// The job's cgroup and what to say of its limits; the docker backend's
 /// builds run in the Engine, out of the agent's reach.
 fn job_cgroup(env: &JobEnv, spec: &proto::BuildSpec, name: &str) -> (Option<joblimits::JobCgroup>, Vec<String>) {

@@ -118,7 +118,7 @@ impl Farm {
                     schedulable: !a.cordoned && !a.draining,
                     capabilities: a.builder.as_ref().map(|b| b.capabilities).unwrap_or_default(),
                     labels,
-                    memory: super::placement::memory_of(labels).unwrap_or(0),
+                    memory: super::placement::free_memory(labels, a.health.as_ref()),
                 }
             })
             .collect();

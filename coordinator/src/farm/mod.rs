@@ -13,7 +13,7 @@ pub use agents::Connected;
 mod builds;
 mod declared;
 mod placement;
-pub use placement::{NO_LABELS, requirements as placement_requirements};
+pub use placement::{NO_LABELS, free_memory as placement_free_memory, requirements as placement_requirements};
 mod events;
 mod jobs;
 mod secrets;

@@ -35,6 +35,17 @@ pub fn memory_of(labels: &Labels) -> Option<u64> {
     labels.get(placement::MEMORY).and_then(|m| parse_bytes(m))
 }
 
+/// The memory an agent has for a job, for the footprint preference: its
+/// `memory` label, or its host's available memory as its last heartbeat
+/// reported it when that is less (0: unknown).
+pub fn free_memory(labels: &Labels, health: Option<&proto::AgentHealth>) -> u64 {
+    let available = health.map(|h| h.memory_available_bytes).filter(|&m| m != 0);
+    match (memory_of(labels), available) {
+        (Some(l), Some(a)) => l.min(a),
+        (l, a) => l.or(a).unwrap_or(0),
+    }
+}
+
 impl Farm {
     /// An agent's labels as its last hello reported them.
     pub fn labels_of(&self, name: &str) -> Labels {
