@@ -116,7 +116,9 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// A label KEY=VALUE builds may require (`braid build --require`),
     /// repeatable (variable: comma-separated); it overrides a detected label
-    /// of the same key (memory, cpus, disk, kernel, os-release, model)
+    /// of the same key (memory, cpus, disk, kernel, os-release, model); an
+    /// operator's memory is also each job's memory limit [default: none,
+    /// the detected labels only]
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
 }
