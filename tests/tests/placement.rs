@@ -154,6 +154,18 @@ fn a_jobs_memory_limit_is_enforced_and_named() {
         err.contains("linux/amd64: out of memory on solo (128.0 MiB, peak ") && err.contains("raise --memory"),
         "{err}"
     );
+    // --cpus: enforced on a cgroup v2 host, said not to be on a v1 host.
+    let light = dockerfile_context(dir, "light", &format!("FROM {base}\nRUN echo light > /light\n"));
+    let out =
+        farm.braid(&["build", "--platform", "linux/amd64", "--cpus", "1.5", "--progress", "plain", &light]).unwrap();
+    let log = output_text(&out);
+    assert!(out.status.success(), "{log}");
+    if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        assert!(log.contains("limits --cpus 1.5 on agent solo, enforced by a cgroup v2"), "{log}");
+    } else {
+        assert!(log.contains("--cpus not enforced on agent solo: cgroup v1 hosts limit memory only"), "{log}");
+        assert!(!log.contains("limits --cpus"), "not said to be enforced too: {log}");
+    }
     let out = farm.braid(&["build", "--platform", "linux/amd64", "--memory", "1k", &hungry]).unwrap();
     assert!(output_text(&out).contains("--memory \"1k\""), "{}", output_text(&out));
 }

@@ -51,24 +51,28 @@ pub(super) fn start(name: &str, limits: Limits, isolation: &str, agent: &str) ->
     if !wanted {
         return (cgroup, say);
     }
+    let oci = isolation == "oci";
+    let v1 = cgroup.as_ref().is_some_and(|c| !c.v2);
     let mut by = Vec::new();
-    if isolation == "oci" {
+    if oci {
         by.push("the builder's own --memory/--cpus (isolation oci)".to_owned());
     }
     if let Some(c) = &cgroup {
         by.push(if c.v2 { "a cgroup v2".to_owned() } else { "a cgroup v1 (memory only)".to_owned() });
-        if !c.v2 && cpus != 0 && isolation != "oci" {
-            say.push(format!("braid: --cpus not enforced on agent {agent}: cgroup v1 hosts limit memory only"));
-        }
     }
-    if !by.is_empty() {
-        let mut what = Vec::new();
-        if memory != 0 {
-            what.push(format!("{memory_from} {}", format_bytes(memory)));
-        }
-        if cpus != 0 {
-            what.push(format!("--cpus {}", f64::from(cpus) / 1000.0));
-        }
+    // What is enforced: on a v1 host without oci, memory only.
+    let cpus_enforced = cpus != 0 && (oci || (cgroup.is_some() && !v1));
+    if cpus != 0 && !cpus_enforced && cgroup.is_some() {
+        say.push(format!("braid: --cpus not enforced on agent {agent}: cgroup v1 hosts limit memory only"));
+    }
+    let mut what = Vec::new();
+    if memory != 0 {
+        what.push(format!("{memory_from} {}", format_bytes(memory)));
+    }
+    if cpus_enforced {
+        what.push(format!("--cpus {}", f64::from(cpus) / 1000.0));
+    }
+    if !by.is_empty() && !what.is_empty() {
         say.push(format!("braid: limits {} on agent {agent}, enforced by {}", what.join(" "), by.join(" and ")));
     }
     (cgroup, say)
