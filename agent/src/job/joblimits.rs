@@ -225,7 +225,17 @@ impl JobCgroup {
                 self.field("memory.events", "oom_kill"),
             )
         } else {
-            (number("memory.max_usage_in_bytes"), 0, self.field("memory.oom_control", "oom_kill"))
+            let peak = number("memory.max_usage_in_bytes");
+            // Kernels before 4.13 count no OOM kills: the limit was hit
+            // and the peak reached it.
+            let oom = if self.read("memory.oom_control").contains("oom_kill ") {
+                self.field("memory.oom_control", "oom_kill")
+            } else {
+                u64::from(
+                    self.memory_limit != 0 && number("memory.failcnt") > 0 && peak >= self.memory_limit / 100 * 95,
+                )
+            };
+            (peak, 0, oom)
         };
         proto::JobFootprint {
             peak_memory_bytes: peak,

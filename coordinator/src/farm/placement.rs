@@ -131,6 +131,12 @@ impl Farm {
             job.footprint = Some(footprint.clone());
         }
         if tagged && footprint.peak_memory_bytes > 0 {
+            // Bounded as the store is (which keeps the most recent): past
+            // the limit one other entry goes from memory.
+            if self.footprints.len() >= braid_shared::limits::FOOTPRINTS && !self.footprints.contains_key(&key) {
+                let other = self.footprints.keys().next().cloned();
+                other.map(|k| self.footprints.remove(&k));
+            }
             self.footprints.insert(key.clone(), footprint.clone());
             self.out.push(Effect::Footprint { key, footprint, now_ms });
         }
