@@ -10,6 +10,7 @@ mod job;
 mod jobdir;
 mod joblog;
 mod join;
+mod labels;
 mod leftovers;
 mod outbox;
 mod prune;
@@ -91,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&valid.settings.work_dir)?;
     // What a killed agent's jobs left: none of them runs any more.
     leftovers::sweep(&valid.settings.work_dir, &valid.secrets_dir);
+    job::sweep_cgroups();
     if !secrets::in_memory(&valid.secrets_dir) {
         tracing::warn!(
             path = %valid.secrets_dir.display(),

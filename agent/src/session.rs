@@ -136,6 +136,7 @@ impl Agent {
                 emulated_platforms: s.emulates.iter().map(ToString::to_string).collect(),
                 incarnation: self.incarnation.clone(),
                 builder: Some(s.builder.clone()),
+                labels: s.labels.clone().into_iter().collect(),
             })),
             seq: 0,
         }
@@ -344,6 +345,7 @@ impl Agent {
                 })),
                 phases: Vec::new(),
                 provenance: None,
+                footprint: None,
             };
             self.deliver(refusal);
             return;

@@ -114,6 +114,13 @@ pub struct Settings {
     /// Log format: pretty or json
     #[arg(long, value_name = "FORMAT", default_value = "pretty")]
     pub log_format: LogFormat,
+    /// A label KEY=VALUE builds may require (`braid build --require`),
+    /// repeatable (variable: comma-separated); it overrides a detected label
+    /// of the same key (memory, cpus, disk, kernel, os-release, model); an
+    /// operator's memory is also each job's memory limit [default: none,
+    /// the detected labels only]
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
 }
 
 impl Default for Settings {
@@ -153,6 +160,12 @@ pub struct Valid {
     /// The builder's name, version and capabilities, probed at start
     /// (`builder::probe`); empty until then.
     pub builder: braid_shared::proto::BuilderInfo,
+    /// Its labels: detected, then the operator's over them (`labels`).
+    pub labels: braid_shared::placement::Labels,
+    /// The operator's `memory` label in bytes (0: none): also each job's
+    /// memory limit here when its build sets no --memory, so a declared
+    /// size is what a job gets.
+    pub memory_cap: u64,
 }
 
 /// Whether `program` is an executable on PATH.
@@ -324,6 +337,19 @@ impl Settings {
             Vec::new()
         };
         let secrets_dir = crate::secrets::secrets_root(&self.work_dir);
+        let mut labels = crate::labels::detect(&self.work_dir);
+        for raw in &self.labels {
+            let (k, v) = braid_shared::placement::parse_label(raw).map_err(|e| invalid("labels", e.to_string()))?;
+            labels.insert(k, v);
+        }
+        braid_shared::placement::check_labels(&labels).map_err(|e| invalid("labels", e))?;
+        let memory_cap = self
+            .labels
+            .iter()
+            .filter_map(|l| l.strip_prefix("memory="))
+            .next_back()
+            .and_then(braid_shared::placement::parse_bytes)
+            .unwrap_or(0);
         Ok(Valid {
             settings: self,
             platforms,
@@ -337,6 +363,8 @@ impl Settings {
             docker_buildkit: None,
             docker_bridge: true,
             builder: Default::default(),
+            labels,
+            memory_cap,
         })
     }
 }

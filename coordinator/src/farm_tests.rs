@@ -17,6 +17,9 @@ use crate::model::{CertStamp, ManualClock};
 use crate::store::{Store, Write};
 use crate::validate;
 
+#[path = "farm_tests_placement.rs"]
+mod placement;
+
 type Inbox = mpsc::UnboundedReceiver<Result<proto::CoordinatorMessage, tonic::Status>>;
 
 /// A farm, its store, its clock and the sessions its effects reach.
@@ -61,6 +64,9 @@ impl World {
                 }
                 Effect::Declared { agent, declared } => {
                     self.store.write(&[Write::Declared(&agent, declared.as_ref())]).unwrap()
+                }
+                Effect::Footprint { key, footprint, now_ms } => {
+                    self.store.write(&[Write::Footprint(&key, &footprint, now_ms)]).unwrap()
                 }
                 Effect::Assign { session, assignment } => self.send(session, Ok(ToAgent::Assign(*assignment))),
                 Effect::Cancel { session, cancel } => self.send(session, Ok(ToAgent::Cancel(cancel))),
@@ -164,6 +170,7 @@ fn hello(name: &str, platforms: &[&str]) -> proto::Hello {
             version: "1.99.0".into(),
             capabilities: braid_shared::capability::Capability::ALL.iter().map(|c| c.name().to_owned()).collect(),
         }),
+        labels: Default::default(),
     }
 }
 
@@ -224,6 +231,7 @@ fn image(result: &proto::Assignment, digest_char: char) -> proto::JobResult {
                 proto::BaseImage { reference: "elsewhere/x".into(), digest: "not a digest".into() },
             ],
         }),
+        footprint: None,
     }
 }
 
@@ -301,6 +309,7 @@ fn a_build_error_fails_the_build_and_cancels_the_other_platforms() {
         })),
         phases: vec![],
         provenance: None,
+        footprint: None,
     };
     farm.job_result("amd", amd_session, failure);
     let b = farm.build(&build_id).unwrap();

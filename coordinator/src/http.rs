@@ -82,9 +82,10 @@ async fn overview(State(c): State<Arc<Coordinator>>) -> Json<Value> {
     for a in farm.agent_list() {
         let builder = a.builder.as_ref().map(|b| b.label()).unwrap_or_default();
         let capabilities = a.builder.as_ref().map(|b| b.capabilities.names()).unwrap_or_default();
+        let labels = farm.labels_of(&a.name);
         let entry = |emulated: bool| {
             json!({"name": a.name, "state": a.state().as_str(), "running": a.running.len(), "slots": a.slots,
-                "emulated": emulated, "builder": builder, "capabilities": capabilities})
+                "emulated": emulated, "builder": builder, "capabilities": capabilities, "labels": labels})
         };
         for p in &a.platforms {
             platforms.entry(p.to_string()).or_default().push(entry(false));

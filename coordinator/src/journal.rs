@@ -50,6 +50,11 @@ pub enum Item {
         agent: String,
         declared: Option<crate::model::Declared>,
     },
+    Footprint {
+        key: String,
+        footprint: crate::model::Footprint,
+        now_ms: i64,
+    },
 }
 
 /// One thing to write (and, for events, then to show).
@@ -89,6 +94,7 @@ impl Entry {
                 Item::Cordon { agent, cordoned } => writes.push(Write::Cordon(agent, *cordoned)),
                 Item::Builder { agent, builder } => writes.push(Write::Builder(agent, builder.as_ref())),
                 Item::Declared { agent, declared } => writes.push(Write::Declared(agent, declared.as_ref())),
+                Item::Footprint { key, footprint, now_ms } => writes.push(Write::Footprint(key, footprint, *now_ms)),
             }
         }
         writes

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use braid_shared::Platform;
 use braid_shared::capability::CapSet;
+use braid_shared::placement::{Labels, Requirement};
 
 /// A job waiting for an agent.
 #[derive(Debug, Clone)]
@@ -23,6 +24,12 @@ pub struct QueuedJob {
     /// What its build needs of the agent's builder: only an agent whose
     /// builder has all of it may take the job.
     pub needs: CapSet,
+    /// What an agent's labels must satisfy (the build's `--require` for
+    /// this platform, sorted; after an out-of-memory failure, more memory).
+    pub requires: Vec<Requirement>,
+    /// Memory an agent should have (its `memory` label) for this job: the
+    /// repository's learned peak plus a margin; a preference only (0: none).
+    pub prefer_memory: u64,
 }
 
 /// One placement decision.
@@ -47,6 +54,10 @@ pub struct AgentView<'a> {
     pub schedulable: bool,
     /// What its builder can do.
     pub capabilities: CapSet,
+    /// Its labels (see `braid_shared::placement`).
+    pub labels: &'a Labels,
+    /// Its `memory` label in bytes (0: unknown).
+    pub memory: u64,
 }
 
 impl AgentView<'_> {
@@ -62,11 +73,23 @@ impl AgentView<'_> {
     pub fn can(&self, needs: CapSet) -> bool {
         self.capabilities.has_all(needs)
     }
+
+    /// Its builder has what the job needs and its labels satisfy the
+    /// job's requirements.
+    pub fn meets(&self, needs: CapSet, requires: &[Requirement]) -> bool {
+        self.can(needs) && requires.iter().all(|r| r.satisfied_by(self.labels))
+    }
+
+    /// It has less memory than `prefer` (never when nothing is preferred).
+    pub fn short_of(&self, prefer: u64) -> bool {
+        prefer != 0 && self.memory < prefer
+    }
 }
 
 /// Assigns queued jobs to agents: only to an agent that builds the platform
-/// natively, whose builder has what the job needs, is schedulable and has a
-/// free slot; preferring the agent that
+/// natively, whose builder has what the job needs, whose labels satisfy its
+/// requirements, is schedulable and has a free slot; preferring an agent
+/// whose memory covers the job's learned footprint, then the agent that
 /// built the same affinity key last, then the least loaded, then the one
 /// warm for the fewest other keys (so repositories spread). Builds take turns
 /// (one job each per round), so one wide build cannot starve the others.
@@ -117,10 +140,13 @@ struct Lane<'a> {
     next: usize,
 }
 
-/// Lower sorts first: least loaded, then warm for the fewest other keys,
-/// then by name, which is the agent's index (the warm agent is looked up
-/// directly).
-type Preference = (u64, usize, usize);
+/// Lower sorts first: memory enough for the footprint, least loaded, then
+/// warm for the fewest other keys, then by name, which is the agent's
+/// index (the warm agent is looked up directly).
+type Preference = (bool, u64, usize, usize);
+
+/// What a group's jobs ask of an agent: platform, builder, labels, memory.
+type Demand<'a> = (&'a Platform, CapSet, &'a [Requirement], u64);
 
 /// The agents that could take a job of one platform, the free ones in a
 /// min-heap by preference, so a placement costs a lookup, not a scan of
@@ -129,6 +155,8 @@ type Preference = (u64, usize, usize);
 struct Group<'a> {
     platform: &'a Platform,
     needs: CapSet,
+    requires: &'a [Requirement],
+    prefer_memory: u64,
     emulated: bool,
     members: usize,
     free: BinaryHeap<Reverse<Preference>>,
@@ -140,8 +168,8 @@ struct Pool<'a> {
     running: Vec<u32>,
     spread: Vec<usize>,
     last_agent: &'a HashMap<String, String>,
-    native: HashMap<(&'a Platform, CapSet), usize>,
-    emulated: HashMap<(&'a Platform, CapSet), usize>,
+    native: HashMap<Demand<'a>, usize>,
+    emulated: HashMap<Demand<'a>, usize>,
     groups: Vec<Group<'a>>,
 }
 
@@ -164,38 +192,40 @@ impl<'a> Pool<'a> {
             groups: Vec::new(),
         };
         for job in queue {
-            let key = (&job.platform, job.needs);
+            let key = demand(job);
             if !pool.native.contains_key(&key) {
-                let g = pool.group(&job.platform, job.needs, false);
+                let g = pool.group(key, false);
                 pool.native.insert(key, g);
             }
             if job.allow_emulation && !pool.emulated.contains_key(&key) {
-                let g = pool.group(&job.platform, job.needs, true);
+                let g = pool.group(key, true);
                 pool.emulated.insert(key, g);
             }
         }
         pool
     }
 
-    fn preference(&self, i: usize) -> Preference {
+    fn preference(&self, i: usize, prefer_memory: u64) -> Preference {
         let load = u64::from(self.running[i]) * 1_000_000 / u64::from(self.agents[i].slots.max(1));
-        (load, self.spread[i], i)
+        (self.agents[i].short_of(prefer_memory), load, self.spread[i], i)
     }
 
     fn is_free(&self, i: usize) -> bool {
         self.running[i] < self.agents[i].slots
     }
 
-    /// The group of the schedulable agents that build `platform`, or
-    /// emulate it, and have `needs`.
-    fn group(&mut self, platform: &'a Platform, needs: CapSet, emulated: bool) -> usize {
-        let mut group = Group { platform, needs, emulated, members: 0, free: BinaryHeap::new() };
+    /// The group of the schedulable agents that build the platform, or
+    /// emulate it, and meet the demand.
+    fn group(&mut self, demand: Demand<'a>, emulated: bool) -> usize {
+        let (platform, needs, requires, prefer_memory) = demand;
+        let mut group =
+            Group { platform, needs, requires, prefer_memory, emulated, members: 0, free: BinaryHeap::new() };
         let mut free = Vec::new();
         for (i, agent) in self.agents.iter().enumerate() {
             if group.admits(agent) {
                 group.members += 1;
                 if self.is_free(i) {
-                    free.push(Reverse(self.preference(i)));
+                    free.push(Reverse(self.preference(i, prefer_memory)));
                 }
             }
         }
@@ -207,7 +237,7 @@ impl<'a> Pool<'a> {
     /// The agent for a job and whether it would emulate: the warm agent if
     /// it can take it, else the most preferred free one.
     fn pick(&mut self, job: &QueuedJob) -> Option<(usize, bool)> {
-        let key = (&job.platform, job.needs);
+        let key = demand(job);
         let native = *self.native.get(&key)?;
         let (g, emulated) = if self.groups[native].members > 0 {
             (native, false)
@@ -220,12 +250,13 @@ impl<'a> Pool<'a> {
         if let Some(w) = warm
             && self.groups[g].admits(&self.agents[w])
             && self.is_free(w)
+            && !self.agents[w].short_of(job.prefer_memory)
         {
             return Some((w, emulated));
         }
         while let Some(&Reverse(top)) = self.groups[g].free.peek() {
-            let i = top.2;
-            if self.is_free(i) && top == self.preference(i) {
+            let i = top.3;
+            if self.is_free(i) && top == self.preference(i, job.prefer_memory) {
                 return Some((i, emulated));
             }
             self.groups[g].free.pop();
@@ -239,10 +270,10 @@ impl<'a> Pool<'a> {
         if !self.is_free(i) {
             return;
         }
-        let now = Reverse(self.preference(i));
+        let (_, load, spread, _) = self.preference(i, 0);
         let agent = &self.agents[i];
         for group in self.groups.iter_mut().filter(|g| g.admits(agent)) {
-            group.free.push(now);
+            group.free.push(Reverse((agent.short_of(group.prefer_memory), load, spread, i)));
         }
     }
 }
@@ -250,9 +281,13 @@ impl<'a> Pool<'a> {
 impl Group<'_> {
     fn admits(&self, agent: &AgentView<'_>) -> bool {
         agent.schedulable
-            && agent.can(self.needs)
+            && agent.meets(self.needs, self.requires)
             && if self.emulated { agent.emulates(self.platform) } else { agent.builds(self.platform) }
     }
+}
+
+fn demand(job: &QueuedJob) -> Demand<'_> {
+    (&job.platform, job.needs, &job.requires, job.prefer_memory)
 }
 
 /// An agent's index by name, in agents sorted by name.
@@ -265,6 +300,8 @@ mod tests {
     use super::*;
     use braid_shared::capability::Capability;
     use proptest::prelude::*;
+
+    static NO_LABELS: Labels = Labels::new();
 
     fn p(s: &str) -> Platform {
         s.parse().unwrap()
@@ -284,6 +321,8 @@ mod tests {
             running,
             schedulable: true,
             capabilities: CapSet::EMPTY,
+            labels: &NO_LABELS,
+            memory: 0,
         }
     }
 
@@ -296,6 +335,8 @@ mod tests {
             allow_emulation: false,
             submitter: String::new(),
             needs: CapSet::EMPTY,
+            requires: Vec::new(),
+            prefer_memory: 0,
         }
     }
 
@@ -415,6 +456,51 @@ mod tests {
         assert_eq!(out, [Placement { job_id: "3".into(), agent: "emu".into(), emulated: true }]);
     }
 
+    /// Labels from three bits: memory 1, 2 or 4 GiB (or none), and an ssd.
+    fn labelled(bits: u8) -> AgentView<'static> {
+        let mut labels = Labels::new();
+        let memory = match bits & 3 {
+            0 => 0,
+            n => 1u64 << (29 + n),
+        };
+        if memory != 0 {
+            labels.insert("memory".into(), format!("{}MiB", memory >> 20));
+        }
+        if bits & 4 != 0 {
+            labels.insert("disk".into(), "ssd".into());
+        }
+        AgentView { labels: Box::leak(Box::new(labels)), memory, ..agent("x", &[], 1, 0) }
+    }
+
+    /// One of four requirement sets.
+    fn requirements_of(n: u8) -> Vec<Requirement> {
+        let raw: &[&str] = match n {
+            0 => &[],
+            1 => &["memory>=2GiB"],
+            2 => &["disk=ssd"],
+            _ => &["memory>2GiB", "disk!=ssd"],
+        };
+        raw.iter().map(|r| braid_shared::placement::parse_requirement(r).unwrap()).collect()
+    }
+
+    #[test]
+    fn requirements_route_and_footprints_steer() {
+        let small = AgentView { name: "a-small", platforms: leak(vec![p("linux/arm/v7")]), ..labelled(1) };
+        let big = AgentView { name: "b-big", platforms: leak(vec![p("linux/arm/v7")]), ..labelled(3 | 4) };
+        let agents = [small, big];
+        let need = QueuedJob { requires: requirements_of(1), ..job("1", 1, "linux/arm/v7", "k") };
+        assert_eq!(pairs(&assign(&[need], &agents, &HashMap::new())), [("1", "b-big")]);
+        // Without a footprint the small one (first by name) takes it; with
+        // one over its memory the big one does, even when the small is warm.
+        let warm = HashMap::from([("k".to_owned(), "a-small".to_owned())]);
+        assert_eq!(pairs(&assign(&[job("2", 1, "linux/arm/v7", "k")], &agents, &warm)), [("2", "a-small")]);
+        let steered = QueuedJob { prefer_memory: 3 << 30, ..job("3", 1, "linux/arm/v7", "k") };
+        assert_eq!(pairs(&assign(std::slice::from_ref(&steered), &agents, &warm)), [("3", "b-big")]);
+        // A preference only: with the big one full the small one takes it.
+        let full = [agents[0].clone(), AgentView { running: 1, ..agents[1].clone() }];
+        assert_eq!(pairs(&assign(&[steered], &full, &warm)), [("3", "a-small")]);
+    }
+
     const PLATFORMS: &[&str] =
         &["linux/amd64", "linux/arm64", "linux/arm/v7", "linux/arm/v6", "linux/386", "linux/riscv64"];
 
@@ -478,20 +564,22 @@ mod tests {
         last_agent: &HashMap<String, String>,
         warm_keys: &HashMap<&str, usize>,
     ) -> Option<(usize, bool)> {
-        let native_exists = agents.iter().any(|a| a.schedulable && a.can(job.needs) && a.builds(&job.platform));
+        let meets = |a: &AgentView| a.can(job.needs) && job.requires.iter().all(|r| r.satisfied_by(a.labels));
+        let native_exists = agents.iter().any(|a| a.schedulable && meets(a) && a.builds(&job.platform));
         let emulated = !native_exists && job.allow_emulation;
-        let fits = |a: &AgentView| {
-            a.can(job.needs) && if emulated { a.emulates(&job.platform) } else { a.builds(&job.platform) }
-        };
+        let fits =
+            |a: &AgentView| meets(a) && if emulated { a.emulates(&job.platform) } else { a.builds(&job.platform) };
         let candidates = agents.iter().enumerate().filter(|(i, a)| a.schedulable && running[*i] < a.slots && fits(a));
-        // Lower sorts first: warm, then least loaded, then fewest warm keys, then name.
-        type Preference<'a> = (bool, u64, usize, &'a str);
+        // Lower sorts first: memory enough for the footprint, then warm,
+        // then least loaded, then fewest warm keys, then name.
+        type Preference<'a> = (bool, bool, u64, usize, &'a str);
         let mut best: Option<(usize, Preference)> = None;
         for (i, agent) in candidates {
+            let short = job.prefer_memory != 0 && agent.memory < job.prefer_memory;
             let warm = last_agent.get(&job.affinity_key).map(String::as_str) == Some(agent.name);
             let load = u64::from(running[i]) * 1_000_000 / u64::from(agent.slots.max(1));
             let spread = warm_keys.get(agent.name).copied().unwrap_or(0);
-            let key = (!warm, load, spread, agent.name);
+            let key = (short, !warm || short, load, spread, agent.name);
             if best.as_ref().is_none_or(|(_, b)| key < *b) {
                 best = Some((i, key));
             }
@@ -502,11 +590,11 @@ mod tests {
     proptest! {
         #[test]
         fn the_indexed_scheduler_decides_as_the_scan_did(
-            agent_specs in proptest::collection::vec((proptest::sample::subsequence(PLATFORMS, 1..3), 1u32..4, 0u32..3, any::<bool>(), 0u8..4), 0..8),
-            job_specs in proptest::collection::vec((0u64..4, proptest::sample::select(PLATFORMS), 0usize..3, any::<bool>(), 0u8..4), 0..24),
+            agent_specs in proptest::collection::vec((proptest::sample::subsequence(PLATFORMS, 1..3), 1u32..4, 0u32..3, any::<bool>(), 0u8..4, 0u8..8), 0..8),
+            job_specs in proptest::collection::vec((0u64..4, proptest::sample::select(PLATFORMS), 0usize..3, any::<bool>(), 0u8..4, (0u8..4, 0u8..3)), 0..24),
             warm in proptest::collection::vec((0usize..6, 0usize..8), 0..6),
         ) {
-            let agents: Vec<AgentView> = agent_specs.iter().enumerate().map(|(i, (ps, slots, running, ok, caps))| AgentView {
+            let agents: Vec<AgentView> = agent_specs.iter().enumerate().map(|(i, (ps, slots, running, ok, caps, labels))| AgentView {
                 name: Box::leak(format!("a{i}").into_boxed_str()),
                 platforms: leak(ps.iter().map(|s| p(s)).collect()),
                 emulates: leak(vec![p("linux/riscv64"), p("linux/arm64")]),
@@ -514,12 +602,15 @@ mod tests {
                 running: (*running).min(*slots),
                 schedulable: *ok,
                 capabilities: caps_of(*caps),
+                ..labelled(*labels)
             }).collect();
             let queue: Vec<QueuedJob> = job_specs.iter().enumerate()
-                .map(|(i, (b, pl, key, emulate, needs))| QueuedJob {
+                .map(|(i, (b, pl, key, emulate, needs, (requires, prefer)))| QueuedJob {
                     allow_emulation: *emulate,
                     submitter: format!("s{}", b % 2),
                     needs: caps_of(*needs),
+                    requires: requirements_of(*requires),
+                    prefer_memory: u64::from(*prefer) << 31,
                     ..job(&i.to_string(), *b, pl, &format!("repo{key}|{pl}"))
                 })
                 .collect();
@@ -531,10 +622,10 @@ mod tests {
 
         #[test]
         fn assignments_respect_every_rule(
-            agent_specs in proptest::collection::vec((proptest::sample::subsequence(PLATFORMS, 1..3), 1u32..4, 0u32..3, any::<bool>(), 0u8..4), 0..6),
-            job_specs in proptest::collection::vec((0u64..4, proptest::sample::select(PLATFORMS), 0u8..4), 0..20),
+            agent_specs in proptest::collection::vec((proptest::sample::subsequence(PLATFORMS, 1..3), 1u32..4, 0u32..3, any::<bool>(), 0u8..4, 0u8..8), 0..6),
+            job_specs in proptest::collection::vec((0u64..4, proptest::sample::select(PLATFORMS), 0u8..4, 0u8..4), 0..20),
         ) {
-            let agents: Vec<AgentView> = agent_specs.iter().enumerate().map(|(i, (ps, slots, running, ok, caps))| AgentView {
+            let agents: Vec<AgentView> = agent_specs.iter().enumerate().map(|(i, (ps, slots, running, ok, caps, labels))| AgentView {
                 name: Box::leak(format!("a{i}").into_boxed_str()),
                 platforms: leak(ps.iter().map(|s| p(s)).collect()),
                 emulates: leak(vec![p("linux/riscv64")]),
@@ -542,11 +633,13 @@ mod tests {
                 running: (*running).min(*slots),
                 schedulable: *ok,
                 capabilities: caps_of(*caps),
+                ..labelled(*labels)
             }).collect();
             let queue: Vec<QueuedJob> = job_specs.iter().enumerate()
-                .map(|(i, (b, pl, needs))| QueuedJob {
+                .map(|(i, (b, pl, needs, requires))| QueuedJob {
                     allow_emulation: i % 2 == 0,
                     needs: caps_of(*needs),
+                    requires: requirements_of(*requires),
                     ..job(&i.to_string(), *b, pl, pl)
                 })
                 .collect();
@@ -559,11 +652,11 @@ mod tests {
                 let j = queue.iter().find(|j| &j.job_id == job_id).unwrap();
                 let a = agents.iter().find(|a| a.name == agent_name).unwrap();
                 prop_assert!(a.schedulable);
-                prop_assert!(a.can(j.needs), "placed on an agent lacking what the job needs");
+                prop_assert!(a.meets(j.needs, &j.requires), "placed on an agent lacking what the job needs");
                 if *emulated {
                     prop_assert!(a.emulates(&j.platform));
                     prop_assert!(
-                        !agents.iter().any(|x| x.schedulable && x.can(j.needs) && x.builds(&j.platform)),
+                        !agents.iter().any(|x| x.schedulable && x.meets(j.needs, &j.requires) && x.builds(&j.platform)),
                         "emulated while a native agent that can exists"
                     );
                 } else {
@@ -574,9 +667,9 @@ mod tests {
             }
             // Maximal: no job left that some agent could still take.
             for j in queue.iter().filter(|j| !seen.contains(&j.job_id)) {
-                let native_exists = agents.iter().any(|a| a.schedulable && a.can(j.needs) && a.builds(&j.platform));
+                let native_exists = agents.iter().any(|a| a.schedulable && a.meets(j.needs, &j.requires) && a.builds(&j.platform));
                 let fits = |a: &AgentView| if !native_exists && j.allow_emulation { a.emulates(&j.platform) } else { a.builds(&j.platform) };
-                let placeable = agents.iter().any(|a| a.schedulable && a.can(j.needs) && fits(a) && load[a.name] < a.slots);
+                let placeable = agents.iter().any(|a| a.schedulable && a.meets(j.needs, &j.requires) && fits(a) && load[a.name] < a.slots);
                 prop_assert!(!placeable, "job {} left unassigned with a free agent", j.job_id);
             }
         }

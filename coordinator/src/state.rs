@@ -89,6 +89,7 @@ impl Coordinator {
         farm.restore_deliveries(store.deliveries()?);
         farm.restore_builders(store.builders()?);
         farm.restore_declared(store.declared()?);
+        farm.restore_footprints(store.footprints()?);
         let journal = Journal::start(store.clone(), disk.clone(), stored.clone())?;
         let tokens = Tokens::new(store.clone(), settings.tls());
         let ca = match (&settings.tls_ca, &settings.tls_ca_key) {
@@ -157,6 +158,7 @@ impl Coordinator {
                 Effect::Cordon { agent, cordoned } => change.push(Item::Cordon { agent, cordoned }),
                 Effect::Builder { agent, builder } => change.push(Item::Builder { agent, builder }),
                 Effect::Declared { agent, declared } => change.push(Item::Declared { agent, declared }),
+                Effect::Footprint { key, footprint, now_ms } => change.push(Item::Footprint { key, footprint, now_ms }),
                 follow @ (Effect::Verify { .. } | Effect::Merge { .. }) => {
                     tokio::spawn(self.clone().follow(follow));
                 }

@@ -13,6 +13,9 @@ use braid_shared::proto;
 use crate::error::{CoordinatorError, Result};
 use crate::model::{BuildRecord, Builder, Declared, Delivered, TokenRecord};
 
+#[path = "store_placement.rs"]
+mod placement;
+
 /// One change of the farm to store (`Store::write`).
 #[derive(Debug)]
 pub enum Write<'a> {
@@ -31,6 +34,9 @@ pub enum Write<'a> {
     /// The platforms an agent declared and when it was last seen (None:
     /// forgotten).
     Declared(&'a str, Option<&'a Declared>),
+    /// What the last job of a repository and platform used (see
+    /// `store_placement`).
+    Footprint(&'a str, &'a crate::model::Footprint, i64),
 }
 
 pub struct Store {
@@ -139,6 +145,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(ENROLLMENT_SCHEMA)?;
+        conn.execute_batch(placement::SCHEMA)?;
         Self::add_token_binding_columns(&conn)?;
         Ok(Store { conn: Mutex::new(conn) })
     }
@@ -220,10 +227,13 @@ impl Store {
                                  ON CONFLICT (agent) DO UPDATE SET platforms = ?2, emulates = ?3, last_seen = ?4",
                                 params![agent, join(&d.platforms), join(&d.emulates), d.last_seen_ms],
                             )?;
+                            placement::write_labels(&tx, agent, Some(&d.labels))?;
                         }
                         (Write::Declared(agent, None), _) => {
                             tx.execute("DELETE FROM agent_platforms WHERE agent = ?1", params![agent])?;
+                            placement::write_labels(&tx, agent, None)?;
                         }
+                        (Write::Footprint(key, f, now), _) => placement::write_footprint(&tx, key, f, *now)?,
                         (Write::Delivered(agent, d), _) => {
                             tx.prepare_cached(
                                 "INSERT INTO deliveries (agent, incarnation, seq) VALUES (?1, ?2, ?3) \
@@ -349,12 +359,18 @@ impl Store {
     /// no longer parses is dropped.
     pub fn declared(&self) -> Result<Vec<(String, Declared)>> {
         self.with(|c| {
-            let mut stmt =
-                c.prepare("SELECT agent, platforms, emulates, last_seen FROM agent_platforms ORDER BY agent")?;
+            let mut stmt = c.prepare(
+                "SELECT p.agent, p.platforms, p.emulates, p.last_seen, l.labels FROM agent_platforms p \
+                 LEFT JOIN agent_labels l ON l.agent = p.agent ORDER BY p.agent",
+            )?;
             let rows = stmt.query_map([], |r| {
                 let split = |s: String| s.split(',').filter_map(|p| p.parse().ok()).collect();
-                let declared =
-                    Declared { platforms: split(r.get(1)?), emulates: split(r.get(2)?), last_seen_ms: r.get(3)? };
+                let declared = Declared {
+                    platforms: split(r.get(1)?),
+                    emulates: split(r.get(2)?),
+                    last_seen_ms: r.get(3)?,
+                    labels: placement::read_labels(r.get(4)?),
+                };
                 Ok((r.get(0)?, declared))
             })?;
             rows.collect()

@@ -118,6 +118,12 @@ pub fn spec(mut spec: proto::BuildSpec) -> Result<ValidSpec, CoordinatorError> {
         }
     }
     spec.platforms = platforms.iter().map(ToString::to_string).collect();
+    let flag = |field: &str, e: braid_shared::buildflags::FlagError| invalid(format!("{field}: {e}"));
+    let requirements = braid_shared::placement::check_requirements(&spec.requirements, &platforms)
+        .map_err(|e| flag("requirements", e))?;
+    spec.requirements = requirements.iter().map(ToString::to_string).collect();
+    braid_shared::placement::check_memory_limit(spec.memory_limit_bytes).map_err(|e| flag("memory_limit_bytes", e))?;
+    braid_shared::placement::check_cpus(spec.cpu_millis).map_err(|e| flag("cpu_millis", e))?;
 
     if spec.tags.len() > limits::TAGS {
         return Err(too_many("tags", limits::TAGS));

@@ -27,6 +27,7 @@ pub mod limits;
 pub mod oci;
 #[cfg(feature = "pki")]
 pub mod pki;
+pub mod placement;
 pub mod platform;
 pub mod provenance;
 pub mod reference;

@@ -142,3 +142,22 @@ pub const CACHE_STORAGES: usize = 256;
 pub const CACHE_DU_SECONDS: u64 = 120;
 /// How long `braid cache prune` waits for an agent to clear its storages.
 pub const CACHE_PRUNE_SECONDS: u64 = 600;
+/// Labels one agent may carry (operator-set and detected together).
+pub const AGENT_LABELS: usize = 64;
+/// Bytes of an agent label's key.
+pub const LABEL_KEY_BYTES: usize = 63;
+/// Bytes of an agent label's value.
+pub const LABEL_VALUE_BYTES: usize = 256;
+/// `--require` entries in one build.
+pub const REQUIREMENTS: usize = 32;
+/// Bytes of one `--require` as typed.
+pub const REQUIREMENT_BYTES: usize = 512;
+/// Largest `--memory` of a job: 16 TiB.
+pub const JOB_MEMORY_BYTES: u64 = 16 << 40;
+/// Smallest `--memory` of a job: 6 MiB (docker's own floor).
+pub const JOB_MEMORY_MIN_BYTES: u64 = 6 << 20;
+/// Largest `--cpus` of a job, in thousandths of a CPU.
+pub const JOB_CPU_MILLIS: u32 = 1024 * 1000;
+/// Footprints (repository and platform) the coordinator keeps; past that
+/// the least recently updated go.
+pub const FOOTPRINTS: usize = 100_000;

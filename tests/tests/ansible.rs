@@ -67,6 +67,7 @@ fn roles_lint_apply_enroll_build_and_stay_idempotent() {
     braid_coordinator_tokens: [{{name: ci, role: submit}}]
     braid_agent_coordinator_url: "https://localhost:{port}"
     braid_agent_packages: []
+    braid_agent_labels: {{zone: rack-2}}
   children:
     braid_coordinator: {{hosts: {{localhost: {{}}}}}}
     braid_agents: {{hosts: {{localhost: {{}}}}}}
@@ -119,7 +120,9 @@ fn roles_lint_apply_enroll_build_and_stay_idempotent() {
         Command::new(bin("braid"))
             .args(["--coordinator", &format!("https://localhost:{port}"), "--ca"])
             .arg(installed("/etc/braid/certs/ca.pem"))
-            .args(["--token", token.trim(), "build", "--platform", "linux/amd64", "-t", &tag, "--push"])
+            // The label the role set reaches the scheduler.
+            .args(["--token", token.trim(), "build", "--platform", "linux/amd64", "--require", "zone=rack-2"])
+            .args(["-t", &tag, "--push"])
             .arg(&ctx),
         Duration::from_secs(300),
     )

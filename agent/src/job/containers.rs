@@ -60,6 +60,8 @@ pub(super) async fn build_with_containers(
         bud.arg("--target").arg(&spec.target);
     }
     run_flags(&mut bud, spec);
+    let limits = super::joblimits::Limits::of(spec, env.settings.memory_cap);
+    super::joblimits::builder_flags(&mut bud, limits, &env.settings.settings.isolation);
     // The job's own sockets (crate::ssh), relayed to the client's agents.
     for (id, socket) in ssh {
         bud.arg("--ssh").arg(format!("{id}={}", socket.display()));

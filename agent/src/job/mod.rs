@@ -4,6 +4,7 @@
 pub mod buildkit;
 pub mod cache;
 mod containers;
+mod joblimits;
 mod named;
 mod process;
 mod provenance;
@@ -59,10 +60,11 @@ pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: Ca
     );
     let mut phases = Phases::default();
     let mut report = None;
+    let mut footprint = None;
     let outcome = async {
         tracing::info!("job started");
         let outcome = tokio::select! {
-            outcome = execute(&env, &assignment, &cancel, &mut phases, &mut report) => outcome,
+            outcome = execute(&env, &assignment, &cancel, &mut phases, &mut report, &mut footprint) => outcome,
             () = cancel.cancelled() => Outcome::Failed(proto::FailureKind::Cancelled, "cancelled".into()),
         };
         // A builder killed by the cancel fails too: it was the cancel.
@@ -110,6 +112,7 @@ pub async fn run(env: Arc<JobEnv>, mut assignment: proto::Assignment, cancel: Ca
         outcome: Some(outcome),
         phases: phases.0,
         provenance: report,
+        footprint,
     }
 }
 
@@ -184,6 +187,7 @@ async fn execute(
     cancel: &CancellationToken,
     phases: &mut Phases,
     report: &mut Option<proto::JobProvenance>,
+    footprint: &mut Option<proto::JobFootprint>,
 ) -> Outcome {
     let Some(spec) = &a.spec else {
         return build_failure("assignment without a build spec");
@@ -272,11 +276,21 @@ async fn execute(
         build_contexts: &build_contexts,
         dockerfile_text: &dockerfile_text,
     };
-    let built = if env.settings.backend == "docker" {
-        build_with_docker(&job, &dockerfile_text, &dockerfile, &credentials, cancel).await
-    } else {
-        containers::build_with_containers(&job, &dockerfile, &insecure, &credentials, cancel).await
-    };
+    let (cgroup, said) = job_cgroup(env, spec, &name);
+    if !said.is_empty() {
+        log_lines(env, a, said);
+    }
+    let cgroup = cgroup.map(Arc::new);
+    let built = joblimits::CGROUP
+        .scope(cgroup.clone(), async {
+            if env.settings.backend == "docker" {
+                build_with_docker(&job, &dockerfile_text, &dockerfile, &credentials, cancel).await
+            } else {
+                containers::build_with_containers(&job, &dockerfile, &insecure, &credentials, cancel).await
+            }
+        })
+        .await;
+    *footprint = cgroup.as_ref().map(|c| c.footprint());
     if let Err(failed) = built {
         return failed;
     }
@@ -320,6 +334,24 @@ async fn execute(
     }
     phases.finish();
     outcome
+}
+
+/// Removes the empty job cgroups an earlier run of the agent left.
+pub fn sweep_cgroups() {
+    joblimits::sweep();
+}
+
+/// The job's cgroup and what to say of its limits; the docker backend's
+/// builds run in the Engine, out of the agent's reach.
+fn job_cgroup(env: &JobEnv, spec: &proto::BuildSpec, name: &str) -> (Option<joblimits::JobCgroup>, Vec<String>) {
+    let agent = &env.settings.settings.name;
+    let limits = joblimits::Limits::of(spec, env.settings.memory_cap);
+    if env.settings.backend == "docker" {
+        let wanted = limits.memory != 0 || limits.cpus != 0;
+        let why = format!("braid: limits not enforced on agent {agent}: the docker backend builds in the Engine");
+        return (None, if wanted { vec![why] } else { Vec::new() });
+    }
+    joblimits::start(name, limits, &env.settings.settings.isolation, agent)
 }
 
 /// Unpacks a fetched context (the zstd tar at `compressed`) into `dir`

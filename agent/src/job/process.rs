@@ -61,6 +61,12 @@ pub(super) async fn run_logged_watching(
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
     let mut child = cmd.spawn().map_err(RunError::Spawn)?;
     let pgid = child.id();
+    // Into the job's cgroup before it starts RUN steps (they inherit it).
+    let _ = super::joblimits::CGROUP.try_with(|c| {
+        if let (Some(c), Some(pid)) = (c, pgid) {
+            c.add(pid);
+        }
+    });
     let guard = KillGroupOnDrop(pgid);
     let mut log = JobLog::new(a, env.outbox.clone(), env.log_budget.clone());
     let (line_tx, mut line_rx) = mpsc::channel::<String>(joblog::CHANNEL_LINES);

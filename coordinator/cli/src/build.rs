@@ -98,6 +98,20 @@ pub struct BuildArgs {
     /// Size of /dev/shm of RUN steps, e.g. 64m or 1g (a Docker Engine agent or buildah with isolation oci)
     #[arg(long, value_name = "BYTES", value_parser = |s: &str| braid_shared::buildflags::parse_size(s).map_err(|e| e.to_string()))]
     shm_size: Option<u64>,
+    /// Place jobs only on agents whose labels satisfy [PLATFORM:]KEY OP VALUE, OP one of = != >= <= > <
+    /// (memory>=4GiB, disk=ssd, cpus>=4, linux/arm/v7:memory>=2GiB; see `braid agents --wide`; repeatable);
+    /// refused at submit when no known agent of a platform satisfies it
+    #[arg(long = "require", value_name = "REQUIREMENT", value_parser = |s: &str| braid_shared::placement::parse_requirement(s).map(|_| s.to_owned()).map_err(|e| e.to_string()))]
+    requires: Vec<String>,
+    /// Memory limit of each job's builder and its RUN steps, e.g. 2GiB or 512m (docker build's --memory);
+    /// enforced by a cgroup where the agent can make one, or buildah/podman's own with isolation oci;
+    /// otherwise the job's log says it is not
+    #[arg(long, value_name = "BYTES", value_parser = |s: &str| braid_shared::placement::parse_memory_limit(s).map_err(|e| e.to_string()))]
+    memory: Option<u64>,
+    /// CPU limit of each job, e.g. 2 or 0.5 (docker's --cpus); enforced with cgroup v2, or buildah/podman's own
+    /// with isolation oci; otherwise the job's log says it is not
+    #[arg(long, value_name = "CPUS", value_parser = |s: &str| braid_shared::placement::parse_cpus(s).map_err(|e| e.to_string()))]
+    cpus: Option<u32>,
     /// Write the image index's digest to FILE (braid always makes an index, as buildx for several platforms)
     #[arg(long, value_name = "FILE")]
     iidfile: Option<PathBuf>,
@@ -293,6 +307,9 @@ pub async fn run(conn: &Conn, args: BuildArgs) -> anyhow::Result<i32> {
         add_hosts: run_flags.add_hosts,
         ulimits: run_flags.ulimits,
         shm_size_bytes: args.shm_size.unwrap_or(0),
+        requirements: args.requires.clone(),
+        memory_limit_bytes: args.memory.unwrap_or(0),
+        cpu_millis: args.cpus.unwrap_or(0),
         ssh_ids: ssh_agents.as_ref().map(crate::ssh::Agents::ids).unwrap_or_default(),
         secrets: secret_refs,
         build_contexts,

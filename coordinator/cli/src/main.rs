@@ -96,6 +96,10 @@ enum Command {
         command: Option<AgentsCommand>,
         #[arg(long, value_enum, default_value = "table")]
         format: ops::Format,
+        /// Add a LABELS column: the labels builds may --require (memory, cpus, disk, kernel, os-release, model
+        /// and the operator's own)
+        #[arg(long)]
+        wide: bool,
     },
     /// Place no new job on an agent
     Cordon { agent: String },
@@ -252,7 +256,7 @@ async fn main() {
         Command::Token { command: TokenCommand::Revoke { token_id } } => tokens::revoke(&conn, &token_id).await,
         Command::Token { command: TokenCommand::List { format } } => tokens::list(&conn, format).await,
         Command::Agents { command: Some(AgentsCommand::Forget { name }), .. } => ops::forget(&conn, &name).await,
-        Command::Agents { command: None, format } => ops::agents(&conn, format).await,
+        Command::Agents { command: None, format, wide } => ops::agents(&conn, format, wide).await,
         Command::Cordon { agent } => ops::steer(&conn, &agent, "cordon").await,
         Command::Uncordon { agent } => ops::steer(&conn, &agent, "uncordon").await,
         Command::Drain { agent } => ops::steer(&conn, &agent, "drain").await,

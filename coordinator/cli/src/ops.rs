@@ -156,6 +156,10 @@ pub fn build_json(b: &proto::Build) -> Value {
                 "attempt": j.attempt, "emulated": j.emulated, "message": j.message, "result": image_json(&j.result),
                 "started": time(&j.started), "finished": time(&j.finished), "seconds": seconds(j),
                 "failed_step": j.failed_step.as_ref().map(failed_step_json),
+                "footprint": j.footprint.as_ref().map(|f| json!({
+                    "peak_memory_bytes": f.peak_memory_bytes, "cpu_millis": f.cpu_millis,
+                    "out_of_memory": f.out_of_memory, "memory_limit_bytes": f.memory_limit_bytes, "agent": f.agent,
+                })),
             })
         })
         .collect();
@@ -167,6 +171,7 @@ pub fn build_json(b: &proto::Build) -> Value {
             json!({"digest": b.index_digest, "size": b.index_size, "mediaType": b.index_media_type})
         },
         "created": time(&b.created), "finished": time(&b.finished), "jobs": jobs,
+        "requirements": spec.requirements,
     })
 }
 
@@ -216,7 +221,35 @@ pub async fn inspect(conn: &Conn, build_id: &str, format: Format) -> anyhow::Res
             }
         }
     }
+    print_footprints(&b);
     Ok(0)
+}
+
+/// What each job used, as its agent measured it, and the build's
+/// requirements: what `--require` and `--memory` are chosen from.
+fn print_footprints(b: &proto::Build) {
+    use braid_shared::placement::format_bytes;
+    let spec = b.spec.clone().unwrap_or_default();
+    if !spec.requirements.is_empty() {
+        outln!("\nrequires {}", spec.requirements.join(" "));
+    }
+    if !b.jobs.iter().any(|j| j.footprint.is_some()) {
+        return;
+    }
+    outln!("\n{:<14} {:>12} {:>9} {:<16} NOTE", "PLATFORM", "PEAK MEMORY", "CPU", "MEASURED ON");
+    for j in &b.jobs {
+        let Some(f) = &j.footprint else { continue };
+        let cpu = if f.cpu_millis == 0 { "-".to_owned() } else { format!("{:.1}s", f.cpu_millis as f64 / 1000.0) };
+        let mut note = Vec::new();
+        if f.memory_limit_bytes != 0 {
+            note.push(format!("limit {}", format_bytes(f.memory_limit_bytes)));
+        }
+        if f.out_of_memory {
+            note.push("out of memory".to_owned());
+        }
+        let note = if note.is_empty() { "-".to_owned() } else { note.join(", ") };
+        outln!("{:<14} {:>12} {:>9} {:<16} {note}", j.platform, format_bytes(f.peak_memory_bytes), cpu, f.agent);
+    }
 }
 
 /// `braid builds`: recent builds, newest first.
@@ -249,7 +282,8 @@ fn agent_json(a: &proto::AgentInfo) -> Value {
             "name": b.name, "version": b.version, "capabilities": b.capabilities,
         })),
         "health": a.health.as_ref().map(health_json),
-        "connected": a.connected, "session": a.session,
+    outln!(
+        "{:<14} {:<8} {:>5} {:>4} {:>4} {:>4} {:<15} PLATFORMS{}",
     })
 }
 
@@ -303,7 +337,7 @@ fn ago(t: &Option<prost_types::Timestamp>) -> String {
 }
 
 /// `braid agents`: every agent, its platforms, state and load.
-pub async fn agents(conn: &Conn, format: Format) -> anyhow::Result<i32> {
+pub async fn agents(conn: &Conn, format: Format, wide: bool) -> anyhow::Result<i32> {
     let mut admin = conn.admin().await?;
     let agents = admin.list_agents(proto::ListAgentsRequest {}).await?.into_inner().agents;
     if format == Format::Json {
@@ -317,13 +351,16 @@ pub async fn agents(conn: &Conn, format: Format) -> anyhow::Result<i32> {
     // CERT: days left, `!` under a third of its life or a week.
     outln!(
         "{:<14} {:<8} {:>5} {:>4} {:>4} {:>4} {:<15} PLATFORMS",
+    outln!(
+        "{:<14} {:<8} {:>5} {:>4} {:>4} {:>4} {:<15} PLATFORMS{}",
         "NAME",
         "STATE",
         "SLOTS",
         "SEEN",
         "DISK",
         "CERT",
-        "BUILDER"
+        "BUILDER",
+        if wide { "  LABELS" } else { "" }
     );
     for a in &agents {
         let mut platforms: Vec<String> = a.platforms.clone();
@@ -345,6 +382,13 @@ pub async fn agents(conn: &Conn, format: Format) -> anyhow::Result<i32> {
             cert_cell(a.health.as_ref()),
             builder,
         );
+        if wide {
+            // One line per agent, whatever its width: platforms, then labels.
+            let labels: std::collections::BTreeMap<_, _> = a.labels.iter().collect();
+            let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            outln!("{row}{}  {}", platforms.join(","), if labels.is_empty() { "-".into() } else { labels.join(",") });
+            continue;
+        }
         let lines = wrap_list(&platforms, 80usize.saturating_sub(row.chars().count()));
         outln!("{row}{}", lines.first().map_or("-", String::as_str));
         for line in lines.iter().skip(1) {

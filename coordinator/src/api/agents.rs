@@ -126,6 +126,8 @@ fn check_hello(hello: &proto::Hello) -> Result<(Vec<Platform>, Vec<Platform>), S
         return Err(Status::invalid_argument(format!("hello.emulated_platforms: at most {}", limits::PLATFORMS)));
     }
     crate::model::Builder::from_hello(hello.builder.as_ref()).map_err(Status::invalid_argument)?;
+    braid_shared::placement::check_labels(&hello.labels)
+        .map_err(|e| Status::invalid_argument(format!("hello.labels: {e}")))?;
     let emulates = hello
         .emulated_platforms
         .iter()
@@ -510,5 +512,29 @@ mod tests {
         ] {
             assert_eq!(checked_health("a", Some(bad)), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_hellos_labels_are_checked() {
+        let hello = |k: &str, v: &str| proto::Hello {
+            name: "pi-01".into(),
+            platforms: vec!["linux/arm/v7".into()],
+            slots: 1,
+            labels: [(k.to_owned(), v.to_owned())].into_iter().collect(),
+            ..Default::default()
+        };
+        assert!(check_hello(&hello("memory", "1GiB")).is_ok());
+        for (k, v, why) in [
+            ("Memory", "1GiB", "invalid key"),
+            ("memory", "lots", "is not a size"),
+            ("zone", "a\nb", "no control characters"),
+        ] {
+            let e = check_hello(&hello(k, v)).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().starts_with("hello.labels: ") && e.message().contains(why), "{e:?}");
+        }
+        let mut many = hello("memory", "1GiB");
+        many.labels.extend((0..limits::AGENT_LABELS).map(|i| (format!("k{i}"), "v".to_owned())));
+        assert!(check_hello(&many).unwrap_err().message().contains("more than the limit of 64"));
     }
 }

@@ -58,6 +58,7 @@ pub fn agent_info(farm: &Farm, a: &AgentEntry) -> proto::AgentInfo {
         health: a.health,
         connected: a.connected,
         session: a.session,
+        labels: farm.labels_of(&a.name).into_iter().collect(),
     }
 }
 

@@ -112,6 +112,8 @@ impl Farm {
             platforms: platforms.clone(),
             emulates: emulates.clone(),
             last_seen_ms: self.clock.now_ms(),
+            // check_hello validated them.
+            labels: hello.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         };
         self.note_declared(&hello.name, Some(declared));
         let session = self.next_session;

@@ -8,6 +8,7 @@ use tokio::sync::broadcast;
 
 use braid_shared::capability::CapSet;
 use braid_shared::oci::{Credential, ImageDescriptor};
+use braid_shared::placement::{self, Requirement};
 use braid_shared::proto::{self, build_event::Kind as EventKind};
 use braid_shared::{ImageRef, Platform};
 
@@ -106,24 +107,37 @@ impl Farm {
             .agents
             .values()
             .filter(|a| a.connected)
-            .map(|a| AgentView {
-                name: &a.name,
-                platforms: &a.platforms,
-                emulates: &a.emulates,
-                slots: a.slots,
-                running: a.running.len() as u32,
-                schedulable: !a.cordoned && !a.draining,
-                capabilities: a.builder.as_ref().map(|b| b.capabilities).unwrap_or_default(),
+            .map(|a| {
+                let labels = self.labels_ref(&a.name);
+                AgentView {
+                    name: &a.name,
+                    platforms: &a.platforms,
+                    emulates: &a.emulates,
+                    slots: a.slots,
+                    running: a.running.len() as u32,
+                    schedulable: !a.cordoned && !a.draining,
+                    capabilities: a.builder.as_ref().map(|b| b.capabilities).unwrap_or_default(),
+                    labels,
+                    memory: super::placement::free_memory(labels, a.health.as_ref()),
+                }
             })
             .collect();
         // Whether any agent serves a platform, asked once per pass, not per job.
-        let mut served_by: HashMap<(&Platform, bool, CapSet), bool> = HashMap::new();
+        let mut served_by: HashMap<(&Platform, bool, CapSet, Vec<Requirement>), bool> = HashMap::new();
         for b in self.active.iter().filter_map(|id| self.builds.get(id)) {
             // A build whose --secret values a restart lost waits for them.
             if b.record.status.is_terminal() || b.record.status == BuildStatus::Merging || b.lacks_secrets() {
                 continue;
             }
+            let requirements = super::placement::requirements(&b.spec);
             for j in b.record.jobs.iter().filter(|j| j.status == JobStatus::Pending) {
+                let mut requires: Vec<Requirement> =
+                    requirements.iter().filter(|r| r.applies_to(&j.platform)).cloned().collect();
+                if j.memory_floor != 0 {
+                    // After running out of memory: only a larger agent.
+                    requires.extend(placement::parse_requirement(&format!("memory>{}", j.memory_floor)).ok());
+                }
+                let key = b.affinity_key(&j.platform);
                 queue.push(QueuedJob {
                     job_id: j.id.clone(),
                     build_order: b.record.order,
@@ -133,16 +147,19 @@ impl Farm {
                     submitter: b.record.owner.clone().unwrap_or_default(),
                     // Validated at submit; a stored spec's names are ours.
                     needs: CapSet::parse(&b.spec.needs).unwrap_or_default(),
+                    requires: requires.clone(),
+                    prefer_memory: self.preferred_memory(&key),
                 });
                 let needs = queue.last().map(|q| q.needs).unwrap_or_default();
                 if j.waiting_noticed {
                     continue;
                 }
                 // Cordoned and stopping agents do not count: they take nothing new.
-                let served = *served_by.entry((&j.platform, b.spec.allow_emulation, needs)).or_insert_with(|| {
+                let served_key = (&j.platform, b.spec.allow_emulation, needs, requires);
+                let served = *served_by.entry(served_key.clone()).or_insert_with(|| {
                     views.iter().any(|a| {
                         a.schedulable
-                            && a.can(needs)
+                            && a.meets(needs, &served_key.3)
                             && (a.builds(&j.platform) || (b.spec.allow_emulation && a.emulates(&j.platform)))
                     })
                 });

@@ -127,6 +127,14 @@ impl Farm {
         let job_id = result.job_id.clone();
         self.say_dropped_lines(&build_id, &job_id);
         self.record_agent_phases(&build_id, &job_id, &result.phases);
+        if let Some(f) = &result.footprint {
+            self.record_footprint(&build_id, &job_id, name, f);
+            let cancelled = matches!(&result.outcome, Some(proto::job_result::Outcome::Failure(f))
+                if f.kind == proto::FailureKind::Cancelled as i32);
+            if f.out_of_memory && !cancelled && !matches!(result.outcome, Some(proto::job_result::Outcome::Image(_))) {
+                return self.out_of_memory(&build_id, &job_id, name, f);
+            }
+        }
         match result.outcome {
             Some(proto::job_result::Outcome::Image(image)) => {
                 self.record_provenance(&build_id, &job_id, name, result.provenance);

@@ -12,6 +12,8 @@ mod agents;
 pub use agents::Connected;
 mod builds;
 mod declared;
+mod placement;
+pub use placement::{NO_LABELS, free_memory as placement_free_memory, requirements as placement_requirements};
 mod events;
 mod jobs;
 mod secrets;
@@ -216,6 +218,8 @@ pub enum Effect {
     Builder { agent: String, builder: Option<crate::model::Builder> },
     /// Store the platforms an agent declared (None: forget them).
     Declared { agent: String, declared: Option<crate::model::Declared> },
+    /// Store what the last job of a repository and platform used.
+    Footprint { key: String, footprint: crate::model::Footprint, now_ms: i64 },
     /// Check a finished image where it was pushed or uploaded, then call
     /// `Farm::verified`.
     Verify { build_id: String, job_id: String, at: VerifyIn, digest: Digest, platform: Platform },
@@ -265,6 +269,9 @@ pub struct Farm {
     /// Every agent known, connected or not, by the platforms it declared
     /// (kept in the store; see `declared`).
     declared: BTreeMap<String, crate::model::Declared>,
+    /// What the last measured job of each "repository|platform" used
+    /// (kept in the store; see `placement`).
+    footprints: HashMap<String, crate::model::Footprint>,
 }
 
 /// Replay and live events for one Watch.
@@ -292,6 +299,7 @@ impl Farm {
             out: Vec::new(),
             deliveries: HashMap::new(),
             declared: BTreeMap::new(),
+            footprints: HashMap::new(),
         }
     }
 

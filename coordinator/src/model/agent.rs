@@ -73,6 +73,8 @@ pub struct Declared {
     pub platforms: Vec<braid_shared::Platform>,
     pub emulates: Vec<braid_shared::Platform>,
     pub last_seen_ms: i64,
+    /// Its labels as its last hello reported them (checked).
+    pub labels: braid_shared::placement::Labels,
 }
 
 /// An agent's builder, as its hello reported it.

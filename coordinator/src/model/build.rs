@@ -273,6 +273,13 @@ pub struct JobRecord {
     /// Where the step that failed it is in the Dockerfile.
     #[serde(default)]
     pub failed_step: Option<FailedStep>,
+    /// What its last measured attempt used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub footprint: Option<Footprint>,
+    /// After it ran out of memory: only an agent with more memory than
+    /// this may take it again (0: any).
+    #[serde(default)]
+    pub memory_floor: u64,
 }
 
 /// One platform's build inputs and builder, for its provenance statement:
@@ -348,6 +355,38 @@ impl FailedStep {
     }
 }
 
+/// What one job used, as its agent measured it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Footprint {
+    pub peak_memory_bytes: u64,
+    pub cpu_millis: u64,
+    pub out_of_memory: bool,
+    pub memory_limit_bytes: u64,
+    pub agent: String,
+}
+
+impl Footprint {
+    pub fn from_proto(f: &braid_shared::proto::JobFootprint, agent: &str) -> Footprint {
+        Footprint {
+            peak_memory_bytes: f.peak_memory_bytes,
+            cpu_millis: f.cpu_millis,
+            out_of_memory: f.out_of_memory,
+            memory_limit_bytes: f.memory_limit_bytes,
+            agent: agent.to_owned(),
+        }
+    }
+
+    pub fn to_proto(&self) -> braid_shared::proto::JobFootprint {
+        braid_shared::proto::JobFootprint {
+            peak_memory_bytes: self.peak_memory_bytes,
+            cpu_millis: self.cpu_millis,
+            out_of_memory: self.out_of_memory,
+            memory_limit_bytes: self.memory_limit_bytes,
+            agent: self.agent.clone(),
+        }
+    }
+}
+
 impl JobRecord {
     /// A job just submitted, queued since `now`.
     pub fn new(id: String, platform: Platform, now: i64) -> JobRecord {
@@ -371,6 +410,8 @@ impl JobRecord {
             result_ms: None,
             provenance: None,
             failed_step: None,
+            footprint: None,
+            memory_floor: 0,
         }
     }
 
@@ -393,6 +434,7 @@ impl JobRecord {
             emulated: self.emulated,
             phases: self.phases.iter().map(PhaseRecord::to_proto).collect(),
             failed_step: self.failed_step.as_ref().map(FailedStep::to_proto),
+            footprint: self.footprint.as_ref().map(Footprint::to_proto),
         }
     }
 }

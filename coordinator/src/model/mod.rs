@@ -10,7 +10,7 @@ mod time;
 pub use access::{Caller, Role, TokenRecord};
 pub use agent::{AgentState, Builder, CertStamp, Declared, Delivered, Delivery, valid_agent_name};
 pub use build::{
-    AnnotationLevel, BuildRecord, BuildStatus, FailedStep, Image, IndexFormat, JobProvenance, JobRecord, JobStatus,
-    Phase, PhaseRecord,
+    AnnotationLevel, BuildRecord, BuildStatus, FailedStep, Footprint, Image, IndexFormat, JobProvenance, JobRecord,
+    JobStatus, Phase, PhaseRecord,
 };
 pub use time::{Clock, ManualClock, SystemClock, from_timestamp, now_ms, timestamp};

@@ -119,6 +119,7 @@ async fn fake_agent(
             emulated_platforms: vec![],
             incarnation: String::new(),
             builder: None,
+            labels: Default::default(),
         })),
         seq: 0,
     })
@@ -160,6 +161,7 @@ async fn fake_agent(
         })),
         phases: vec![],
         provenance: None,
+        footprint: None,
     };
     tx.send(proto::AgentMessage { kind: Some(Up::Result(result)), seq: 0 }).await?;
     // Keep the session open until the coordinator or the benchmark ends it.

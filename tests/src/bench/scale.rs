@@ -46,6 +46,7 @@ async fn fake_agent(channel: tonic::transport::Channel, name: String, clock: Clo
             emulated_platforms: vec![],
             incarnation: String::new(),
             builder: None,
+            labels: Default::default(),
         })),
         seq: 0,
     })
@@ -75,6 +76,7 @@ async fn fake_agent(channel: tonic::transport::Channel, name: String, clock: Clo
                 })),
                 phases: vec![],
                 provenance: None,
+                footprint: None,
             };
             tx.send(proto::AgentMessage { kind: Some(Up::Result(result)), seq: 0 }).await?;
         }
