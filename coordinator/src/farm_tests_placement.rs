@@ -38,6 +38,7 @@ fn oom(a: &proto::Assignment, peak: u64) -> proto::JobResult {
         outcome: Some(proto::job_result::Outcome::Failure(proto::JobFailure {
             kind: proto::FailureKind::Build as i32,
             message: "builder exited with signal 9".into(),
+            ..Default::default()
         })),
         footprint: Some(proto::JobFootprint { peak_memory_bytes: peak, out_of_memory: true, ..Default::default() }),
         ..image(a, 'a')

@@ -282,8 +282,8 @@ fn agent_json(a: &proto::AgentInfo) -> Value {
             "name": b.name, "version": b.version, "capabilities": b.capabilities,
         })),
         "health": a.health.as_ref().map(health_json),
-    outln!(
-        "{:<14} {:<8} {:>5} {:>4} {:>4} {:>4} {:<15} PLATFORMS{}",
+        "connected": a.connected, "session": a.session,
+        "labels": a.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
     })
 }
 
@@ -349,8 +349,6 @@ pub async fn agents(conn: &Conn, format: Format, wide: bool) -> anyhow::Result<i
     // column, never cut. What each builder can do and the rest of the health
     // report: `--format json` (builder, health). DISK: free in the work dir;
     // CERT: days left, `!` under a third of its life or a week.
-    outln!(
-        "{:<14} {:<8} {:>5} {:>4} {:>4} {:>4} {:<15} PLATFORMS",
     outln!(
         "{:<14} {:<8} {:>5} {:>4} {:>4} {:>4} {:<15} PLATFORMS{}",
         "NAME",
