@@ -21,6 +21,7 @@ mod reconnect;
 mod secrets;
 mod source;
 mod ssh;
+mod summary;
 mod tokens;
 mod tty;
 mod upload;
