@@ -83,7 +83,7 @@ mod tests {
     #[test]
     fn detects_what_the_host_has_and_parses_os_release() {
         let labels = detect(Path::new("."));
-        assert!(placement::parse_bytes(&labels["memory"]).is_some_and(|b| b > 0), "{labels:?}");
+        assert!(braid_shared::size::parse_ram(&labels["memory"]).is_some_and(|b| b > 0), "{labels:?}");
         assert!(labels["cpus"].parse::<u32>().is_ok_and(|n| n > 0));
         assert!(!labels["kernel"].is_empty());
         assert_eq!(os_release("NAME=\"Debian\"\nID=debian\nVERSION_ID=\"12\"\n").as_deref(), Some("debian 12"));

@@ -348,7 +348,7 @@ impl Settings {
             .iter()
             .filter_map(|l| l.strip_prefix("memory="))
             .next_back()
-            .and_then(braid_shared::placement::parse_bytes)
+            .and_then(braid_shared::size::parse_ram)
             .unwrap_or(0);
         Ok(Valid {
             settings: self,

@@ -140,24 +140,8 @@ pub fn check_ulimits(list: &[proto::Ulimit]) -> Result<(), FlagError> {
 /// optional `i`/`b`, any case); more than 0 and at most the limit.
 pub fn parse_size(raw: &str) -> Result<u64, FlagError> {
     let bad = |why: &str| refuse(format!("--shm-size {:?}: {why}", crate::shorten(raw, 40)));
-    let s = raw.trim();
-    let digits_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (number, unit) = s.split_at(digits_end);
-    let number: f64 = number.parse().map_err(|_| bad("expected a size like 64m or 1g"))?;
-    let unit = unit.trim_start().to_ascii_lowercase();
-    let unit = unit.strip_suffix('b').unwrap_or(&unit);
-    let unit = unit.strip_suffix('i').unwrap_or(unit);
-    let shift = match unit {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        "p" => 50,
-        _ => return Err(bad("unknown unit: expected b, k, m, g, t or p")),
-    };
-    let bytes = number * 2f64.powi(shift);
-    check_shm_size(if bytes.is_finite() && bytes < 1e19 { bytes as u64 } else { u64::MAX }).map_err(|e| bad(&e.0))
+    let bytes = crate::size::parse_ram(raw).ok_or_else(|| bad("expected a size like 64m or 1g"))?;
+    check_shm_size(bytes).map_err(|e| bad(&e.0))
 }
 
 /// More than 0 bytes and at most `limits::SHM_SIZE_BYTES`.

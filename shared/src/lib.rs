@@ -33,6 +33,7 @@ pub mod provenance;
 pub mod reference;
 pub mod secrets;
 pub mod settings;
+pub mod size;
 pub mod slsa;
 pub mod source;
 pub mod ssh;

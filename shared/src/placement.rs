@@ -58,7 +58,7 @@ pub fn check_value(key: &str, value: &str) -> Result<(), String> {
             limits::LABEL_VALUE_BYTES
         ));
     }
-    if key == MEMORY && parse_bytes(value).is_none() {
+    if key == MEMORY && crate::size::parse_ram(value).is_none() {
         return Err(format!("{key}: {value:?} is not a size (e.g. 4GiB, 512MiB)"));
     }
     if key == CPUS && parse_number(value).is_none() {
@@ -95,37 +95,6 @@ pub fn parse_number(s: &str) -> Option<f64> {
     let ok = !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '.');
     let n: f64 = if ok { s.parse().ok()? } else { return None };
     (n.is_finite() && n >= 0.0).then_some(n)
-}
-
-/// A size: a number then an optional unit. `K`, `M`, `G`, `T` alone or
-/// with `i`/`iB` are powers of 1024 (docker's `1g`, IEC's `1GiB`); with a
-/// bare `B` (`1GB`) powers of 1000 (SI). Any case. None if not a size.
-pub fn parse_bytes(raw: &str) -> Option<u64> {
-    let s = raw.trim();
-    let end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (number, unit) = s.split_at(end);
-    let number = parse_number(number)?;
-    let unit = unit.trim_start().to_ascii_lowercase();
-    let (letter, rest) = match unit.chars().next() {
-        None => return Some(number as u64),
-        Some(c) => (c, &unit[1..]),
-    };
-    let power = match letter {
-        'b' if rest.is_empty() => return Some(number as u64),
-        'k' => 1,
-        'm' => 2,
-        'g' => 3,
-        't' => 4,
-        'p' => 5,
-        _ => return None,
-    };
-    let base: f64 = match rest {
-        "" | "i" | "ib" => 1024.0,
-        "b" => 1000.0,
-        _ => return None,
-    };
-    let bytes = number * base.powi(power);
-    (bytes < 1.8e19).then_some(bytes as u64)
 }
 
 /// Bytes in binary units with one decimal: `1.0 GiB`, `512.0 MiB`.
@@ -228,14 +197,17 @@ impl Requirement {
     pub fn what_has(&self, labels: &Labels) -> String {
         match labels.get(&self.key) {
             None => format!("has no {} label", self.key),
-            Some(v) if self.key == MEMORY => format!("has {}", parse_bytes(v).map_or_else(|| v.clone(), format_bytes)),
+            Some(v) if self.key == MEMORY => {
+                format!("has {}", crate::size::parse_ram(v).map_or_else(|| v.clone(), format_bytes))
+            }
             Some(v) => format!("has {} {v}", self.key),
         }
     }
 
     /// The memory it asks for at least (`memory>=`, `>`, `=`), if any.
     pub fn memory_floor(&self) -> Option<u64> {
-        (self.key == MEMORY && matches!(self.op(), Op::Ge | Op::Gt | Op::Eq)).then(|| parse_bytes(&self.value))?
+        (self.key == MEMORY && matches!(self.op(), Op::Ge | Op::Gt | Op::Eq))
+            .then(|| crate::size::parse_ram(&self.value))?
     }
 }
 
@@ -250,7 +222,7 @@ impl fmt::Display for Requirement {
 
 /// A value as a quantity: a number, or a size with a unit.
 fn quantity(s: &str) -> Option<f64> {
-    parse_number(s).or_else(|| parse_bytes(s).map(|b| b as f64))
+    parse_number(s).or_else(|| crate::size::parse_ram(s).map(|b| b as f64))
 }
 
 /// `--require [PLATFORM:]KEY OP VALUE`, OP one of `=`, `!=`, `>=`, `<=`,
@@ -313,7 +285,7 @@ pub fn check_requirements(raw: &[String], platforms: &[Platform]) -> Result<Vec<
 
 /// `--memory` of a job: a size from `JOB_MEMORY_MIN_BYTES` to `JOB_MEMORY_BYTES`.
 pub fn parse_memory_limit(raw: &str) -> Result<u64, FlagError> {
-    let bytes = parse_bytes(raw)
+    let bytes = crate::size::parse_ram(raw)
         .ok_or_else(|| refuse(format!("--memory {:?}: expected a size like 2GiB or 512m", crate::shorten(raw, 40))))?;
     check_memory_limit(bytes).map_err(|e| refuse(format!("--memory {:?}: {e}", crate::shorten(raw, 40))))
 }
@@ -358,14 +330,14 @@ mod tests {
     }
 
     #[test]
-    fn sizes_parse_in_binary_and_si_units_and_print_in_binary() {
-        assert_eq!(parse_bytes("4GiB"), Some(4 << 30));
-        assert_eq!(parse_bytes("4g"), Some(4 << 30));
-        assert_eq!(parse_bytes("4GB"), Some(4_000_000_000));
-        assert_eq!(parse_bytes("1.5 MiB"), Some(3 << 19));
-        assert_eq!(parse_bytes("512"), Some(512));
+    fn sizes_parse_as_docker_reads_them_and_print_in_binary() {
+        assert_eq!(crate::size::parse_ram("4GiB"), Some(4 << 30));
+        assert_eq!(crate::size::parse_ram("4g"), Some(4 << 30));
+        assert_eq!(crate::size::parse_ram("4GB"), Some(4 << 30), "docker's reading: binary");
+        assert_eq!(crate::size::parse_ram("1.5 MiB"), Some(3 << 19));
+        assert_eq!(crate::size::parse_ram("512"), Some(512));
         for bad in ["", "GiB", "4XB", "-1G", "4GiBs", "1e3"] {
-            assert_eq!(parse_bytes(bad), None, "{bad}");
+            assert_eq!(crate::size::parse_ram(bad), None, "{bad}");
         }
         assert_eq!(format_bytes(1 << 30), "1.0 GiB");
         assert_eq!(format_bytes(2 << 29), "1.0 GiB");

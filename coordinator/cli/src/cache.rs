@@ -46,29 +46,13 @@ pub enum Command {
     },
 }
 
-/// A size as docker's `--keep-storage` reads it: a number and an optional
-/// unit b, k, m, g, t (powers of 1024, optional `i`/`b`, any case).
+/// A size as docker's `--keep-storage` reads it (`braid_shared::size`).
 pub fn parse_size(raw: &str) -> Result<u64, String> {
-    let bad = || format!("{raw:?}: expected a size like 512m, 10g or 1.5t");
-    let s = raw.trim();
-    let end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let number: f64 = s[..end].parse().map_err(|_| bad())?;
-    let unit = s[end..].trim().to_ascii_lowercase();
-    let unit = unit.strip_suffix('b').unwrap_or(&unit);
-    let unit = unit.strip_suffix('i').unwrap_or(unit);
-    let shift = match unit {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        _ => return Err(bad()),
-    };
-    let bytes = number * 2f64.powi(shift);
-    if !(bytes.is_finite() && (1.0..1.8e19).contains(&bytes)) {
-        return Err(format!("{raw:?}: must be at least 1 byte and at most 16 EiB"));
+    match braid_shared::size::parse_ram(raw) {
+        None => Err(format!("{raw:?}: expected a size like 512m, 10g or 1.5t")),
+        Some(0) => Err(format!("{raw:?}: must be at least 1 byte")),
+        Some(bytes) => Ok(bytes),
     }
-    Ok(bytes as u64)
 }
 
 /// `--filter` values: only `until=DURATION`, once.

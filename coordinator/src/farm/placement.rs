@@ -6,7 +6,7 @@
 //! agent, else failed with a hint).
 
 use braid_shared::Platform;
-use braid_shared::placement::{self, Labels, Requirement, format_bytes, format_bytes_like, parse_bytes};
+use braid_shared::placement::{self, Labels, Requirement, format_bytes, format_bytes_like};
 use braid_shared::proto;
 
 use super::{Effect, Farm};
@@ -32,7 +32,7 @@ pub fn requirements(spec: &proto::BuildSpec) -> Vec<Requirement> {
 
 /// An agent's memory, from its `memory` label.
 pub fn memory_of(labels: &Labels) -> Option<u64> {
-    labels.get(placement::MEMORY).and_then(|m| parse_bytes(m))
+    labels.get(placement::MEMORY).and_then(|m| braid_shared::size::parse_ram(m))
 }
 
 /// The memory an agent has for a job, for the footprint preference: its
