@@ -178,11 +178,7 @@ pub fn agent_cards(farm: &Farm) -> Vec<Value> {
                 .running
                 .iter()
                 .map(|(build_id, job_id)| {
-                    let platform = farm
-                        .builds
-                        .get(build_id)
-                        .and_then(|b| b.record.jobs.iter().find(|j| &j.id == job_id))
-                        .map(|j| j.platform.to_string());
+                    let platform = farm.job_platform(build_id, job_id);
                     json!({"build_id": build_id, "platform": platform})
                 })
                 .collect();

@@ -33,12 +33,7 @@ pub fn agent_info(farm: &Farm, a: &AgentEntry) -> proto::AgentInfo {
         .running
         .iter()
         .map(|(build_id, job_id)| {
-            let platform = farm
-                .builds
-                .get(build_id)
-                .and_then(|b| b.record.jobs.iter().find(|j| &j.id == job_id))
-                .map(|j| j.platform.to_string())
-                .unwrap_or_default();
+            let platform = farm.job_platform(build_id, job_id).unwrap_or_default();
             format!("{build_id} {platform}")
         })
         .collect();

@@ -450,6 +450,11 @@ impl Farm {
         out
     }
 
+    /// The platform of one build's job, as agents' running lists name it.
+    pub fn job_platform(&self, build_id: &str, job_id: &str) -> Option<String> {
+        self.builds.get(build_id)?.record.jobs.iter().find(|j| j.id == job_id).map(|j| j.platform.to_string())
+    }
+
     fn job_mut(&mut self, build_id: &str, job_id: &str) -> Option<&mut JobRecord> {
         self.builds.get_mut(build_id)?.record.jobs.iter_mut().find(|j| j.id == job_id)
     }
