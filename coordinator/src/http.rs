@@ -84,7 +84,7 @@ async fn overview(State(c): State<Arc<Coordinator>>) -> Json<Value> {
     Json(json!({
         "agents_connected": gauges.agents_connected, "jobs_queued": gauges.jobs_queued,
         "jobs_running": gauges.jobs_running, "platforms": platforms, "queue": queue, "builds": builds,
-        "agents": agents,
+        "agents": agents, "leadership": c.leadership.json(),
     }))
 }
 
@@ -167,7 +167,12 @@ async fn metrics(State(c): State<Arc<Coordinator>>) -> impl IntoResponse {
     let mut gauges = c.farm().gauges();
     gauges.blob_store_bytes = c.blobs.stored_bytes();
     gauges.store_writable = writable(&c).await;
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], c.metrics.render(&gauges))
+    let mut text = c.metrics.render(&gauges);
+    let (errors, latency) = c.store.postgres().map_or((0, 0), |p| {
+        (p.errors.load(std::sync::atomic::Ordering::Relaxed), p.latency_us.load(std::sync::atomic::Ordering::Relaxed))
+    });
+    c.leadership.render(&mut text, errors, latency);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 
 async fn healthz() -> &'static str {
@@ -190,7 +195,14 @@ async fn readyz(State(c): State<Arc<Coordinator>>) -> impl IntoResponse {
         let free = c.disk.free_bytes();
         return (StatusCode::SERVICE_UNAVAILABLE, format!("coordinator data dir full ({free} bytes free)\n"));
     }
-    (StatusCode::OK, "ready\n".to_owned())
+    (
+        StatusCode::OK,
+        format!(
+            "ready: leader (store {}, term {})\n",
+            c.leadership.store_kind,
+            c.store.postgres().map_or(0, |p| p.term())
+        ),
+    )
 }
 
 /// Serves the connections `listener::listen` hands over: HTTP/2 when they

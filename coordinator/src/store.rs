@@ -33,7 +33,7 @@ pub enum Write<'a> {
     Declared(&'a str, Option<&'a Declared>),
 }
 
-pub struct Store {
+pub struct Sqlite {
     conn: Mutex<Connection>,
 }
 
@@ -131,8 +131,8 @@ CREATE TABLE IF NOT EXISTS forgotten_agents (
 );
 ";
 
-impl Store {
-    pub fn open(path: &Path) -> Result<Store> {
+impl Sqlite {
+    pub fn open(path: &Path) -> Result<Sqlite> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -140,7 +140,7 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(ENROLLMENT_SCHEMA)?;
         Self::add_token_binding_columns(&conn)?;
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(Sqlite { conn: Mutex::new(conn) })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
@@ -380,7 +380,7 @@ impl Store {
     }
 }
 
-impl Store {
+impl Sqlite {
     /// Databases made before join tokens could be bound to a name lack
     /// these columns.
     fn add_token_binding_columns(conn: &Connection) -> rusqlite::Result<()> {
@@ -553,7 +553,7 @@ fn revoke_others(c: &Connection, name: &str, keep: &str) -> rusqlite::Result<u32
     .map(|n| n as u32)
 }
 
-impl Store {
+impl Sqlite {
     pub fn cert_by_serial(&self, serial: &str) -> Result<Option<CertRow>> {
         self.with(|c| cert_by_serial(c, serial))
     }
@@ -652,7 +652,7 @@ mod tests {
     #[test]
     fn forgetting_an_agent_drops_its_delivery_record_and_no_other() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("braid.db")).unwrap();
+        let store = Sqlite::open(&dir.path().join("braid.db")).unwrap();
         let d = Delivered { incarnation: "abc".into(), seq: 7 };
         store.write(&[Write::Delivered("pi-01", &d), Write::Delivered("pi-02", &d)]).unwrap();
         store.forget_agent("pi-01", 1).unwrap();

@@ -28,7 +28,8 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "braid", version = braid_build_info::LONG_VERSION)]
 pub(crate) struct Cli {
-    /// Coordinator URL (plaintext http:// only to a loopback address in this version)
+    /// Coordinator URL (plaintext http:// only to a loopback address in this version); several
+    /// coordinators on one database: comma-separated, the one that leads is found in turn
     #[arg(long, global = true, env = "BRAID_COORDINATOR", default_value = "http://127.0.0.1:7700")]
     coordinator: String,
     /// Bearer token (from `braid token create` or `braid-coordinator token create`)
