@@ -84,7 +84,7 @@ CREATE TABLE forgotten_agents (name TEXT PRIMARY KEY, at BIGINT NOT NULL);
 ];
 
 /// Serializes migrations between coordinators starting together.
-const MIGRATION_LOCK: i64 = 0x6272_6169_64;
+const MIGRATION_LOCK: i64 = 0x0062_7261_6964;
 
 /// Idle connections kept for reuse.
 const IDLE: usize = 8;
@@ -164,12 +164,15 @@ impl Postgres {
                 _ => self.connect()?,
             };
             let out = f(&mut client);
-            if !client.is_closed() {
-                let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if idle.len() < IDLE {
-                    idle.push(client);
-                }
+            let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if client.is_closed() {
+                // The server went away (a restart, a failover): the idle
+                // connections are as dead as this one.
+                idle.clear();
+            } else if idle.len() < IDLE {
+                idle.push(client);
             }
+            drop(idle);
             self.latency_us.store(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
             out
         };
@@ -220,7 +223,8 @@ impl Postgres {
     }
 
     pub fn load_builds(&self) -> Result<Vec<(BuildRecord, proto::BuildSpec)>> {
-        let (rows, last): (Vec<(String, String, Vec<u8>)>, HashMap<String, i64>) = self.with(|c| {
+        type Rows = Vec<(String, String, Vec<u8>)>;
+        let (rows, last): (Rows, HashMap<String, i64>) = self.with(|c| {
             let rows = c
                 .query("SELECT id, record, spec FROM builds ORDER BY created, id", &[])
                 .map_err(pg_error)?

@@ -15,7 +15,7 @@ use crate::store::{CertRow, JoinOutcome, OfflineOutcome, Sqlite, Write};
 
 pub enum Store {
     Sqlite(Sqlite),
-    Postgres(Postgres),
+    Postgres(Box<Postgres>),
 }
 
 /// Whether a failed write may succeed later as it is (a full disk, a
@@ -84,7 +84,7 @@ impl Store {
                 std::fs::create_dir_all(&settings.data_dir)?;
                 Store::open(&settings.data_dir.join("braid.db"))
             }
-            Some(config) => Ok(Store::Postgres(Postgres::open(config)?)),
+            Some(config) => Ok(Store::Postgres(Box::new(Postgres::open(config)?))),
         }
     }
 

@@ -51,8 +51,6 @@ fn wait_agents(farm: &Farm, names: &[&str]) {
 fn leader_killed_mid_three_platform_build_a_new_one_finishes_it() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().unwrap();
-    eprintln!("DEBUGDIR {}", tmp.path().display());
-    let tmp = Box::leak(Box::new(tmp));
     let (registry, base, pg) = setup(tmp.path());
     let agents = [
         AgentSpec::new("amd64-agent", &[]),
@@ -114,8 +112,6 @@ fn leader_killed_mid_three_platform_build_a_new_one_finishes_it() {
 fn a_leader_stopped_past_its_lease_wakes_deposed_and_writes_nothing() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().unwrap();
-    eprintln!("DEBUGDIR {}", tmp.path().display());
-    let tmp = Box::leak(Box::new(tmp));
     let (registry, base, pg) = setup(tmp.path());
     let (farm, mut coordinators) =
         ha::start_farm(tmp.path(), &pg, &registry.addr, 3, &[AgentSpec::new("amd64-agent", &[])]).unwrap();
@@ -164,8 +160,6 @@ fn a_leader_stopped_past_its_lease_wakes_deposed_and_writes_nothing() {
 fn postgres_restarted_during_a_build_loses_nothing() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().unwrap();
-    eprintln!("DEBUGDIR {}", tmp.path().display());
-    let tmp = Box::leak(Box::new(tmp));
     let (registry, base, mut pg) = setup(tmp.path());
     let (farm, coordinators) =
         ha::start_farm(tmp.path(), &pg, &registry.addr, 2, &[AgentSpec::new("amd64-agent", &[])]).unwrap();
