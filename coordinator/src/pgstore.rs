@@ -509,6 +509,17 @@ impl Postgres {
     }
 }
 
+impl Drop for Postgres {
+    /// A client closes by blocking on its own runtime, which may not happen
+    /// on a tokio thread: the idle ones close on a thread of their own.
+    fn drop(&mut self) {
+        let idle = std::mem::take(self.idle.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner));
+        if !idle.is_empty() {
+            let _ = std::thread::spawn(move || drop(idle)).join();
+        }
+    }
+}
+
 /// Brings the schema to the last of `MIGRATIONS`, one transaction per
 /// version, under an advisory lock so coordinators starting together take
 /// turns.

@@ -68,6 +68,14 @@ fn leader_killed_mid_three_platform_build_a_new_one_finishes_it() {
         assert_eq!(c.metric("braid_leader"), Some(0.0));
     }
     let term = coordinators[leader].metric("braid_leader_term").unwrap();
+    let status = farm.braid(&["status", "--format", "json"]).unwrap();
+    assert!(status.status.success(), "{}", braid_tests::output_text(&status));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["leader"], true, "{status}");
+    assert_eq!(status["store"], "postgres", "{status}");
+    assert_eq!(status["store_healthy"], true, "{status}");
+    assert_eq!(status["leader_address"], coordinators[leader].url.as_str(), "{status}");
+    assert_eq!(status["term"].as_f64(), Some(term), "{status}");
 
     let dockerfile = format!("FROM {base}\nRUN for i in $(seq 1 40); do echo tick-$i; sleep 0.25; done\n");
     let ctx = dockerfile_context(tmp.path(), "ctx", &dockerfile);
@@ -184,4 +192,35 @@ fn postgres_restarted_during_a_build_loses_nothing() {
     let saw: usize =
         coordinators.iter().map(|c| c.log_text().matches("the lease could not be read or renewed").count()).sum();
     assert!(saw >= 1, "the outage was seen (and ridden out)");
+}
+
+#[test]
+fn a_schema_newer_than_known_is_refused_naming_both_versions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(tmp.path()).unwrap();
+    let run = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(braid_tests::bin("braid-coordinator"));
+        cmd.args(["--insecure", "--listen", &format!("127.0.0.1:{}", braid_tests::free_port()), "--http-listen"])
+            .arg(format!("127.0.0.1:{}", braid_tests::free_port()))
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .args(extra)
+            .args(["token", "create", "--role", "submit"]);
+        braid_tests::run_with_timeout(&mut cmd, Duration::from_secs(60)).unwrap()
+    };
+    // A password in the URL is refused before anything connects, and not echoed.
+    let out = run(&["--store", &pg.url().replace("braid@", "braid:hunter2@")]);
+    let text = braid_tests::output_text(&out);
+    assert!(!out.status.success() && text.contains("store_password_file") && !text.contains("hunter2"), "{text}");
+    // The first start migrates (a token made offline goes into PostgreSQL).
+    let out = run(&["--store", &pg.url()]);
+    assert!(out.status.success(), "{}", braid_tests::output_text(&out));
+    assert_eq!(pg.number("SELECT max(version) FROM schema_version"), 1);
+    assert_eq!(pg.number("SELECT count(*) FROM tokens"), 1);
+    // A newer coordinator moved the schema on: this one refuses to start.
+    pg.psql("braid", "INSERT INTO schema_version (version) VALUES (7)").unwrap();
+    let out = run(&["--store", &pg.url()]);
+    let text = braid_tests::output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("schema is version 7, newer than this coordinator's 1"), "{text}");
 }

@@ -16,6 +16,7 @@ mod output;
 mod reconnect;
 mod secrets;
 mod ssh;
+mod status;
 mod tokens;
 mod upload;
 
@@ -85,6 +86,11 @@ enum Command {
     },
     /// List agents: platforms (native, ~emulated), state, slots, last heartbeat, disk free, certificate days left (! close
     /// to expiry), builder (--format json: its version and capabilities, and every health field)
+    /// Which coordinator leads, its term, and the store's kind and health
+    Status {
+        #[arg(long, value_enum, default_value = "table")]
+        format: ops::Format,
+    },
     Agents {
         #[command(subcommand)]
         command: Option<AgentsCommand>,
@@ -239,6 +245,7 @@ async fn main() {
         Command::Token { command: TokenCommand::List { format } } => tokens::list(&conn, format).await,
         Command::Agents { command: Some(AgentsCommand::Forget { name }), .. } => ops::forget(&conn, &name).await,
         Command::Agents { command: None, format } => ops::agents(&conn, format).await,
+        Command::Status { format } => status::status(&conn, format).await,
         Command::Cordon { agent } => ops::steer(&conn, &agent, "cordon").await,
         Command::Uncordon { agent } => ops::steer(&conn, &agent, "uncordon").await,
         Command::Drain { agent } => ops::steer(&conn, &agent, "drain").await,
