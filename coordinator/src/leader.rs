@@ -1,7 +1,10 @@
-//! Which of several coordinators on one PostgreSQL database leads: a lease
-//! row (`braid_leader`: term, holder, address, expiry in the database's
-//! clock). A coordinator takes it, with term + 1, only once it has expired;
-//! the leader renews it every lease/5. Every write the leader makes checks
+//! Which of several coordinators on one PostgreSQL database leads: a
+//! leader row (`braid_leader`: term, holder, address, since) and a lease row
+//! (`braid_lease`: expiry in the database's clock). A coordinator takes the
+//! lease, with term + 1, only once it has expired; the leader renews it
+//! every lease/5. They are two rows so that a renewal never waits for the
+//! leader's own writes, which hold the term's row FOR SHARE, while a
+//! takeover (which changes the term) does. Every write the leader makes checks
 //! the row's term first (pgstore.rs, `fenced`), so a leader that was stopped
 //! or cut off past its lease writes nothing: it finds the new term and exits
 //! (its supervisor starts it again, as a follower).
@@ -24,6 +27,9 @@ pub struct Leadership {
     pub leader_address: Mutex<String>,
     /// "sqlite" or "postgres".
     pub store_kind: &'static str,
+    /// Set when this coordinator stops: the lease is given up at once, so
+    /// a follower need not wait for it to lapse.
+    pub release: AtomicBool,
 }
 
 impl Leadership {
@@ -34,6 +40,7 @@ impl Leadership {
             term: AtomicI64::new(0),
             leader_address: Mutex::new(address),
             store_kind: "sqlite",
+            release: AtomicBool::new(false),
         })
     }
 
@@ -84,6 +91,18 @@ impl Leadership {
     }
 }
 
+impl Leadership {
+    /// Gives up the lease (a stopping leader, after its last write) and
+    /// waits up to `wait` for the lease thread to have done it.
+    pub fn give_up(&self, wait: Duration) {
+        self.release.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + wait;
+        while self.is_leader() && self.store_kind == "postgres" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// Exits at once: another coordinator leads with a newer term, so nothing
 /// more may be written.
 pub fn deposed(mine: i64, current: i64) -> ! {
@@ -103,6 +122,7 @@ pub fn start(
         term: AtomicI64::new(0),
         leader_address: Mutex::new(String::new()),
         store_kind: "postgres",
+        release: AtomicBool::new(false),
     });
     let (tx, rx) = watch::channel(0);
     let holder = format!("{}@{}", std::process::id(), address);
@@ -130,6 +150,20 @@ impl Lease {
         let tick = (self.lease / 5).max(Duration::from_millis(200));
         loop {
             let term = self.state.term.load(Ordering::SeqCst);
+            if self.state.release.load(Ordering::SeqCst) {
+                if let (Some(c), Some(_)) = (client.as_mut(), renewed) {
+                    match c.execute(
+                        "UPDATE braid_lease SET expires = 'epoch' \
+                         WHERE id = 1 AND (SELECT term FROM braid_leader WHERE id = 1) = $1",
+                        &[&term],
+                    ) {
+                        Ok(_) => tracing::info!(term, "lease given up"),
+                        Err(e) => tracing::warn!(error = %e, "giving up the lease failed; it lapses instead"),
+                    }
+                }
+                self.state.leader.store(false, Ordering::SeqCst);
+                return;
+            }
             if let Some(at) = renewed
                 && at.elapsed() > self.lease
             {
@@ -178,22 +212,35 @@ impl Lease {
         let secs = self.lease.as_secs_f64();
         if let Some(term) = leading {
             let n = c.execute(
-                "UPDATE braid_leader SET expires = clock_timestamp() + make_interval(secs => $2) WHERE id = 1 AND term = $1",
+                "UPDATE braid_lease SET expires = clock_timestamp() + make_interval(secs => $2) \
+                 WHERE id = 1 AND (SELECT term FROM braid_leader WHERE id = 1) = $1",
                 &[&term, &secs],
             )?;
             return Ok((n == 1).then_some(term));
         }
-        let taken = c.query_opt(
-            "UPDATE braid_leader SET term = term + 1, holder = $1, address = $2, since = clock_timestamp(), \
-             expires = clock_timestamp() + make_interval(secs => $3) \
-             WHERE id = 1 AND expires < clock_timestamp() RETURNING term",
-            &[&self.holder, &self.address, &secs],
+        // Taking a lapsed lease: the lease row first (one taker wins), then
+        // the term, which waits for any write of the old leader in flight.
+        let mut tx = c.transaction()?;
+        let lapsed = tx.execute(
+            "UPDATE braid_lease SET expires = clock_timestamp() + make_interval(secs => $1) \
+             WHERE id = 1 AND expires < clock_timestamp()",
+            &[&secs],
         )?;
-        if let Some(row) = taken {
+        if lapsed == 1 {
+            let row = tx.query_one(
+                "UPDATE braid_leader SET term = term + 1, holder = $1, address = $2, since = clock_timestamp() \
+                 WHERE id = 1 RETURNING term",
+                &[&self.holder, &self.address],
+            )?;
+            tx.commit()?;
             return Ok(Some(row.get(0)));
         }
-        let row =
-            c.query_one("SELECT term, address, expires > clock_timestamp() FROM braid_leader WHERE id = 1", &[])?;
+        tx.rollback()?;
+        let row = c.query_one(
+            "SELECT l.term, l.address, s.expires > clock_timestamp() FROM braid_leader l, braid_lease s \
+             WHERE l.id = 1 AND s.id = 1",
+            &[],
+        )?;
         let live: bool = row.get(2);
         self.state.term.store(row.get(0), Ordering::SeqCst);
         *self.state.leader_address.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =

@@ -131,7 +131,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let coordinator =
         Coordinator::open_with(settings, store, leadership).context("opening the coordinator's data directory")?;
+    let leadership = coordinator.leadership.clone();
     server::serve(coordinator, addr, http_addr, telemetry::shutdown_signal()).await?;
+    // Everything is stored: a follower may lead at once.
+    let _ = tokio::task::spawn_blocking(move || leadership.give_up(std::time::Duration::from_secs(3))).await;
     tracing::info!("coordinator stopped");
     Ok(())
 }

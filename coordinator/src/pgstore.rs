@@ -31,10 +31,14 @@ CREATE TABLE braid_leader (
     term    BIGINT NOT NULL,
     holder  TEXT NOT NULL,
     address TEXT NOT NULL,
-    expires TIMESTAMPTZ NOT NULL,
     since   TIMESTAMPTZ NOT NULL
 );
-INSERT INTO braid_leader VALUES (1, 0, '', '', 'epoch', 'epoch');
+INSERT INTO braid_leader VALUES (1, 0, '', '', 'epoch');
+CREATE TABLE braid_lease (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    expires TIMESTAMPTZ NOT NULL
+);
+INSERT INTO braid_lease VALUES (1, 'epoch');
 CREATE TABLE builds (
     id      TEXT PRIMARY KEY,
     created BIGINT NOT NULL,

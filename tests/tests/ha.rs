@@ -224,3 +224,28 @@ fn a_schema_newer_than_known_is_refused_naming_both_versions() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("schema is version 7, newer than this coordinator's 1"), "{text}");
 }
+
+#[test]
+fn a_leader_stopped_with_sigterm_gives_up_its_lease_at_once() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(tmp.path()).unwrap();
+    let (_farm, mut coordinators) = ha::start_farm(tmp.path(), &pg, "127.0.0.1:1", 2, &[]).unwrap();
+    let old = ha::wait_leader(&coordinators, Duration::from_secs(10)).unwrap();
+    send_signal(coordinators[old].proc.as_ref().unwrap().pid(), "TERM");
+    let status = eventually(Duration::from_secs(20), "the leader to stop", || {
+        coordinators[old].proc.as_mut().unwrap().try_wait()
+    })
+    .unwrap();
+    let exited_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    assert!(status.success(), "a stopping leader exits 0: {status:?}");
+    assert!(coordinators[old].log_text().contains("lease given up"), "{}", coordinators[old].log_text());
+    coordinators[old].proc = None;
+    let next = ha::wait_leader(&coordinators, Duration::from_secs(10)).unwrap();
+    assert_ne!(next, old);
+    assert_eq!(pg.number("SELECT term FROM braid_leader"), 2);
+    // The lease (3 s, renewed every 0.6 s) did not have to lapse: waiting
+    // for it would have put the takeover 2.4 s or more after the exit.
+    let since_ms = pg.number("SELECT (extract(epoch FROM since) * 1000)::bigint FROM braid_leader");
+    assert!(since_ms - exited_ms < 2000, "taken over {} ms after the exit", since_ms - exited_ms);
+}
