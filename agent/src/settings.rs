@@ -428,6 +428,18 @@ mod tests {
         assert_eq!(found, ["linux/arm64", "linux/riscv64"]);
     }
 
+    /// Several coordinators: each address is checked as one would be, and
+    /// they all speak the same scheme.
+    #[test]
+    fn several_coordinators_are_each_checked() {
+        let v = with("http://127.0.0.1:7700, http://127.0.0.1:7701").validate().unwrap();
+        assert_eq!(coordinator_urls(&v.settings.coordinator), ["http://127.0.0.1:7700", "http://127.0.0.1:7701"]);
+        let e = with("http://127.0.0.1:7700,http://10.1.2.3:7700").validate().unwrap_err().to_string();
+        assert!(e.contains("invalid setting coordinator") && e.contains("10.1.2.3"), "{e}");
+        let e = with("http://127.0.0.1:7700,https://c2:7700").validate().unwrap_err().to_string();
+        assert!(e.contains("every address https://"), "{e}");
+    }
+
     #[test]
     fn validates_each_key() {
         let v = with("http://127.0.0.1:7700").validate().unwrap();

@@ -556,7 +556,9 @@ fn write_all(
 ) -> Result<(), postgres::Error> {
     let insert = tx.prepare("INSERT INTO builds (id, created, spec, record, term) VALUES ($1, $2, $3, $4, $5)")?;
     let update = tx.prepare("UPDATE builds SET record = $2, term = $3, written = clock_timestamp() WHERE id = $1")?;
-    let event = tx.prepare("INSERT INTO events (build_id, seq, body, term) VALUES ($1, $2, $3, $4)")?;
+    // Every event of the batch in one statement: one round trip, not one
+    // per event.
+    let (mut ids, mut seqs, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
     for (w, json) in writes.iter().zip(records) {
         match (w, json) {
             (Write::Insert(r, spec), Some(json)) => {
@@ -567,7 +569,9 @@ fn write_all(
             }
             (Write::Events(events), _) => {
                 for e in *events {
-                    tx.execute(&event, &[&e.build_id, &(e.seq as i64), &e.encode_to_vec(), &term])?;
+                    ids.push(e.build_id.as_str());
+                    seqs.push(e.seq as i64);
+                    bodies.push(e.encode_to_vec());
                 }
             }
             (Write::Cordon(agent, true), _) => {
@@ -607,6 +611,13 @@ fn write_all(
             }
             _ => {}
         }
+    }
+    if !ids.is_empty() {
+        tx.execute(
+            "INSERT INTO events (build_id, seq, body, term) \
+             SELECT b, s, d, $4 FROM unnest($1::text[], $2::int8[], $3::bytea[]) AS t(b, s, d)",
+            &[&ids, &seqs, &bodies, &term],
+        )?;
     }
     Ok(())
 }
