@@ -3,6 +3,7 @@
 # every benchmark (or the one named) and prints its tables.
 #
 #   bash tests/bench.sh [overhead|scale|events|context|footprint|emulation|cache]
+#   BRAID_BENCH_STORE=postgres bash tests/bench.sh scale   (or events): the same on PostgreSQL
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"

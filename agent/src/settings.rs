@@ -14,7 +14,9 @@ use braid_shared::telemetry::LogFormat;
 #[derive(Debug, Clone, clap::Args, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
-    /// Coordinator URL: https://HOST:PORT, or http:// with --insecure
+    /// Coordinator URL: https://HOST:PORT, or http:// with --insecure;
+    /// several coordinators on one database: comma-separated, tried in turn
+    /// until the one that leads answers
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:7700")]
     pub coordinator: String,
     /// Name of this agent, unique in the farm [default: the host name]
@@ -199,8 +201,31 @@ impl std::fmt::Debug for TlsFiles {
 impl Valid {
     /// A channel to the coordinator, over TLS with this agent's certificate
     /// when the URL is https://.
+    /// With several coordinators, each is tried in turn from the one that
+    /// answered last: only the leader listens for gRPC.
     pub async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
-        let mut endpoint = Endpoint::from_shared(self.settings.coordinator.clone())?
+        static LAST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let urls = coordinator_urls(&self.settings.coordinator);
+        let first = LAST.load(std::sync::atomic::Ordering::Relaxed);
+        let mut last_error = None;
+        for i in 0..urls.len() {
+            let at = (first + i) % urls.len();
+            match self.connect_to(urls[at]).await {
+                Ok(channel) => {
+                    LAST.store(at, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(channel);
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        match last_error {
+            Some(e) => Err(e),
+            None => self.connect_to(&self.settings.coordinator).await,
+        }
+    }
+
+    async fn connect_to(&self, url: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut endpoint = Endpoint::from_shared(url.to_owned())?
             .connect_timeout(std::time::Duration::from_secs(10))
             .http2_keep_alive_interval(std::time::Duration::from_secs(20));
         if let Some(tls) = &self.tls {
@@ -213,6 +238,11 @@ impl Valid {
         }
         endpoint.connect().await
     }
+}
+
+/// The coordinator setting's addresses (comma-separated).
+pub fn coordinator_urls(setting: &str) -> Vec<&str> {
+    setting.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
 }
 
 /// Where `braid-agent join` keeps what it enrolled with.
@@ -285,7 +315,22 @@ impl Settings {
 
     pub fn validate(mut self) -> Result<Valid, SettingsError> {
         let invalid = |key, message: String| SettingsError::Invalid { key, message };
-        let tls = self.check_transport()?;
+        let all = self.coordinator.clone();
+        let urls: Vec<String> = coordinator_urls(&all).into_iter().map(str::to_owned).collect();
+        if urls.len() > 16 {
+            return Err(invalid("coordinator", format!("{} addresses: at most 16", urls.len())));
+        }
+        if urls.iter().any(|u| u.starts_with("https://")) && !urls.iter().all(|u| u.starts_with("https://")) {
+            return Err(invalid("coordinator", "every address https://, or every one http://".into()));
+        }
+        let mut tls = None;
+        for url in urls.iter().skip(1) {
+            self.coordinator = url.clone();
+            tls = self.check_transport()?;
+        }
+        self.coordinator = urls.first().cloned().unwrap_or_default();
+        tls = self.check_transport()?.or(tls);
+        self.coordinator = all;
         if self.name.is_empty() {
             self.name = std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_owned()).unwrap_or_default();
         }
@@ -409,6 +454,18 @@ mod tests {
         std::fs::write(dir.path().join("qemu-riscv64"), "enabled\n").unwrap();
         let found: Vec<String> = binfmt_platforms(dir.path()).iter().map(ToString::to_string).collect();
         assert_eq!(found, ["linux/arm64", "linux/riscv64"]);
+    }
+
+    /// Several coordinators: each address is checked as one would be, and
+    /// they all speak the same scheme.
+    #[test]
+    fn several_coordinators_are_each_checked() {
+        let v = with("http://127.0.0.1:7700, http://127.0.0.1:7701").validate().unwrap();
+        assert_eq!(coordinator_urls(&v.settings.coordinator), ["http://127.0.0.1:7700", "http://127.0.0.1:7701"]);
+        let e = with("http://127.0.0.1:7700,http://10.1.2.3:7700").validate().unwrap_err().to_string();
+        assert!(e.contains("invalid setting coordinator") && e.contains("10.1.2.3"), "{e}");
+        let e = with("http://127.0.0.1:7700,https://c2:7700").validate().unwrap_err().to_string();
+        assert!(e.contains("every address https://"), "{e}");
     }
 
     #[test]

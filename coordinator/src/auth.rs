@@ -9,7 +9,7 @@ use tonic::{Request, Status};
 use crate::error::{CoordinatorError, Result};
 pub use crate::model::{Caller, Role, TokenRecord};
 use crate::model::{now_ms, valid_agent_name};
-use crate::store::Store;
+use crate::stores::Store;
 
 /// Only join tokens are bound to a name, and only a bound one may replace:
 /// an unbound `--replace` token would let its holder take over every name.

@@ -13,7 +13,7 @@ use braid_shared::context::HashingWriter;
 use crate::disk::DataDir;
 use crate::error::{CoordinatorError, Result};
 use crate::model::now_ms;
-use crate::store::Store;
+use crate::stores::Store;
 
 pub struct ContextStore {
     dir: PathBuf,

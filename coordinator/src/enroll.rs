@@ -10,7 +10,8 @@ use braid_shared::pki::CertInfo;
 use crate::error::{CoordinatorError, Result};
 pub use crate::model::CertStamp;
 use crate::model::{TokenRecord, now_ms};
-use crate::store::{CertRow, JoinOutcome, OfflineOutcome, Store};
+use crate::store::{CertRow, JoinOutcome, OfflineOutcome};
+use crate::stores::Store;
 
 /// An accepted agent certificate.
 #[derive(Debug, Clone)]

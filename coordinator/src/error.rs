@@ -22,6 +22,10 @@ pub enum CoordinatorError {
     Unauthenticated(String),
     #[error("store: {0}")]
     Store(#[from] rusqlite::Error),
+    /// PostgreSQL refused or could not be reached; `transient`: the same
+    /// call may succeed later (a restart, a lost connection).
+    #[error("store (postgres): {message}")]
+    Postgres { message: String, transient: bool },
     #[error("{0}")]
     Io(#[from] std::io::Error),
     /// The data directory's disk (or quota) is full.
@@ -53,6 +57,10 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Store(e) => {
                 tracing::error!(error = %e, "store failure");
                 Status::internal("the coordinator's store failed; see its log")
+            }
+            CoordinatorError::Postgres { message, .. } => {
+                tracing::error!(error = %message, "store failure");
+                Status::unavailable("the coordinator's store is unreachable; see its log")
             }
             CoordinatorError::Io(e) => {
                 tracing::error!(error = %e, "i/o failure");

@@ -14,7 +14,8 @@ use braid_shared::proto::{self, coordinator_message::Kind as ToAgent};
 
 use crate::farm::{BuildStatus, Effect, Effects, Farm, FarmConfig, JobStatus};
 use crate::model::{CertStamp, ManualClock};
-use crate::store::{Store, Write};
+use crate::store::Write;
+use crate::stores::Store;
 use crate::validate;
 
 #[path = "farm_tests_placement.rs"]

@@ -108,6 +108,7 @@ async fn overview(State(c): State<Arc<Coordinator>>) -> Json<Value> {
         "agents_connected": gauges.agents_connected, "jobs_queued": gauges.jobs_queued,
         "jobs_running": gauges.jobs_running, "platforms": platforms, "queue": queue, "builds": builds,
         "agents": agents, "agent_cards": crate::dashboard_api::agent_cards(&farm), "now": secs(now),
+        "leadership": c.leadership.json(),
     }))
 }
 
@@ -198,6 +199,10 @@ async fn metrics(State(c): State<Arc<Coordinator>>) -> impl IntoResponse {
     gauges.store_writable = writable(&c).await;
     let mut text = c.metrics.render(&gauges);
     text.push_str(&crate::process::render());
+    let (errors, latency) = c.store.postgres().map_or((0, 0), |p| {
+        (p.errors.load(std::sync::atomic::Ordering::Relaxed), p.latency_us.load(std::sync::atomic::Ordering::Relaxed))
+    });
+    c.leadership.render(&mut text, errors, latency);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 
@@ -221,7 +226,14 @@ async fn readyz(State(c): State<Arc<Coordinator>>) -> impl IntoResponse {
         let free = c.disk.free_bytes();
         return (StatusCode::SERVICE_UNAVAILABLE, format!("coordinator data dir full ({free} bytes free)\n"));
     }
-    (StatusCode::OK, "ready\n".to_owned())
+    (
+        StatusCode::OK,
+        format!(
+            "ready: leader (store {}, term {})\n",
+            c.leadership.store_kind,
+            c.store.postgres().map_or(0, |p| p.term())
+        ),
+    )
 }
 
 /// Serves the connections `listener::listen` hands over: HTTP/2 when they

@@ -15,7 +15,8 @@ use braid_shared::proto;
 use crate::disk::DataDir;
 use crate::error::CoordinatorError;
 use crate::model::{BuildRecord, Delivered};
-use crate::store::{self, Store, Write};
+use crate::store::Write;
+use crate::stores::{self as store, Store};
 
 /// Entries written together at most.
 const BATCH: usize = 4096;

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use braid_coordinator::auth::{Role, Tokens};
-use braid_coordinator::store::Store;
+use braid_coordinator::leader;
+use braid_coordinator::stores::Store;
 
 use braid_coordinator::server::{self, Coordinator};
 use braid_coordinator::settings::Settings;
@@ -83,8 +84,7 @@ enum TokenCommand {
 fn create_token_offline(settings: &Settings, create: &TokenCommand) -> anyhow::Result<()> {
     let TokenCommand::Create { role, ttl_seconds, single_use, description, name, replace } = create;
     let role = Role::parse(role).ok_or_else(|| anyhow::anyhow!("invalid role {role:?}: submit, operate or agent"))?;
-    std::fs::create_dir_all(&settings.data_dir)?;
-    let store = Arc::new(Store::open(&settings.data_dir.join("braid.db"))?);
+    let store = Arc::new(Store::open_settings(settings)?);
     let (record, token) = Tokens::new(store, true).create(
         role,
         ttl_seconds.unwrap_or(0),
@@ -112,8 +112,29 @@ async fn main() -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "raising the open-file limit failed"),
     }
     let (addr, http_addr) = settings.validate()?;
-    let coordinator = Coordinator::open(settings).context("opening the coordinator's data directory")?;
+    let store = Arc::new(
+        Store::open_settings(&settings)
+            .with_context(|| format!("opening the store {}", braid_coordinator::settings::redact(&settings.store)))?,
+    );
+    let leadership = match (store.postgres(), settings.postgres()?) {
+        (Some(pg), Some(config)) => {
+            let lease = std::time::Duration::from_secs(settings.lease_seconds.into());
+            let (leadership, became) = leader::start(config, settings.advertised(), lease)?;
+            tracing::info!(store = %braid_coordinator::settings::redact(&settings.store), "following until this coordinator leads");
+            let Some(term) = leader::follow(http_addr, leadership.clone(), became).await? else {
+                return Ok(());
+            };
+            pg.fence(term);
+            leadership
+        }
+        _ => leader::Leadership::alone(settings.advertised()),
+    };
+    let coordinator =
+        Coordinator::open_with(settings, store, leadership).context("opening the coordinator's data directory")?;
+    let leadership = coordinator.leadership.clone();
     server::serve(coordinator, addr, http_addr, telemetry::shutdown_signal()).await?;
+    // Everything is stored: a follower may lead at once.
+    let _ = tokio::task::spawn_blocking(move || leadership.give_up(std::time::Duration::from_secs(3))).await;
     tracing::info!("coordinator stopped");
     Ok(())
 }

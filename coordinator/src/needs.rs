@@ -160,7 +160,8 @@ mod tests {
     /// still show theirs until they reconnect; a forgotten agent's goes.
     #[test]
     fn builders_are_stored_and_forgotten() {
-        use crate::store::{Store, Write};
+        use crate::store::Write;
+        use crate::stores::Store;
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("braid.db")).unwrap();
         let b = crate::model::Builder {

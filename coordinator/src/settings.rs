@@ -119,6 +119,23 @@ pub struct Settings {
     /// issue --kind provenance` [default: none]
     #[arg(long, value_name = "FILE")]
     pub provenance_cert: Option<PathBuf>,
+    /// Where builds, events and tokens are kept: `sqlite` (braid.db in
+    /// --data-dir, one coordinator) or postgres://USER@HOST:PORT/DB (any
+    /// number of coordinators on one database, one of them leading; the
+    /// password from --store-password-file or PGPASSWORD, never the URL)
+    #[arg(long, value_name = "sqlite|URL", default_value = "sqlite")]
+    pub store: String,
+    /// File holding the PostgreSQL password [default: PGPASSWORD, or none]
+    #[arg(long, value_name = "FILE")]
+    pub store_password_file: Option<PathBuf>,
+    /// Seconds a leader's lease lasts without renewal (PostgreSQL store):
+    /// a stopped or cut-off leader is replaced after about this long (2 to 60)
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub lease_seconds: u32,
+    /// The gRPC address other coordinators name as the leader's when this
+    /// one leads [default: http(s)://<listen>]
+    #[arg(long, value_name = "URL")]
+    pub advertise: Option<String>,
 }
 
 /// The keys only the file and variables set (no flag), named in `--help`.
@@ -223,7 +240,57 @@ impl Settings {
                 return Err(invalid(key, format!("{value} is not 1 to 300")));
             }
         }
+        if !(2..=60).contains(&self.lease_seconds) {
+            return Err(invalid("lease_seconds", format!("{} is not 2 to 60", self.lease_seconds)));
+        }
+        self.postgres()?;
         Ok((addr, http))
+    }
+
+    /// The PostgreSQL connection the `store` setting names (None: SQLite).
+    /// A password in the URL is refused, so it never reaches a log, a
+    /// command line or /proc.
+    pub fn postgres(&self) -> Result<Option<postgres::Config>, SettingsError> {
+        let invalid = |key, message: String| SettingsError::Invalid { key, message };
+        if self.store == "sqlite" {
+            return Ok(None);
+        }
+        if !self.store.starts_with("postgres://") && !self.store.starts_with("postgresql://") {
+            return Err(invalid(
+                "store",
+                format!("{:?} is neither sqlite nor postgres://USER@HOST:PORT/DB", redact(&self.store)),
+            ));
+        }
+        let parsed: postgres::Config =
+            self.store.parse().map_err(|e| invalid("store", format!("{}: {e}", redact(&self.store))))?;
+        if parsed.get_password().is_some() {
+            return Err(invalid(
+                "store",
+                "a password in the URL would show in logs and process lists: put it in store_password_file or PGPASSWORD".into(),
+            ));
+        }
+        let password = match &self.store_password_file {
+            Some(file) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| invalid("store_password_file", format!("{}: {e}", file.display())))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+            None => std::env::var("PGPASSWORD").ok(),
+        };
+        let lease = Duration::from_secs(self.lease_seconds.into());
+        crate::pgstore::config(&self.store, password.as_deref(), lease)
+            .map(Some)
+            .map_err(|e| invalid("store", e.to_string()))
+    }
+
+    /// The address other coordinators name as this one's when it leads.
+    pub fn advertised(&self) -> String {
+        match &self.advertise {
+            Some(a) => a.clone(),
+            None if self.tls() => format!("https://{}", self.listen),
+            None => format!("http://{}", self.listen),
+        }
     }
 
     /// The configured registry credentials.
@@ -264,6 +331,19 @@ impl Settings {
     }
 }
 
+/// The store URL with any password replaced, for messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (auth, host) = match rest.split_once('@') {
+        Some((a, h)) => (Some(a), h),
+        None => (None, rest),
+    };
+    match auth.and_then(|a| a.split_once(':')) {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+        None => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,5 +378,29 @@ mod tests {
             assert!(e.contains("max_connections") || e.contains("timeout_seconds"), "{e}");
         }
         assert!(Settings { max_connections: 16, handshake_timeout_seconds: 1, ..ok }.validate().is_ok());
+    }
+
+    /// The store is SQLite unless a postgres:// URL names a database; a
+    /// password never rides in the URL, and messages show none.
+    #[test]
+    fn store_urls_are_checked_and_never_carry_a_password() {
+        let mut s = with("127.0.0.1:7700", true);
+        assert!(s.postgres().unwrap().is_none());
+        s.store = "postgres://braid@db.example.net:5432/braid".into();
+        let config = s.postgres().unwrap().unwrap();
+        assert_eq!(config.get_user(), Some("braid"));
+        s.store = "postgres://braid:hunter2@db:5432/braid".into();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("invalid setting store") && e.contains("store_password_file") && !e.contains("hunter2"),
+            "{e}"
+        );
+        s.store = "mysql://braid:hunter2@db/braid".into();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("neither sqlite nor postgres") && !e.contains("hunter2"), "{e}");
+        assert_eq!(redact("postgres://u:p@h:1/d"), "postgres://u:<redacted>@h:1/d");
+        s.store = "sqlite".into();
+        s.lease_seconds = 1;
+        assert!(s.validate().unwrap_err().to_string().contains("lease_seconds"));
     }
 }

@@ -24,7 +24,7 @@ use crate::merge;
 use crate::metrics::Metrics;
 use crate::model::SystemClock;
 use crate::settings::Settings;
-use crate::store::Store;
+use crate::stores::Store;
 
 /// How long an acknowledging answer waits for a journal that cannot write.
 const STORED_WAIT: Duration = Duration::from_secs(5);
@@ -59,12 +59,25 @@ pub struct Coordinator {
     pub provenance_signer: Option<Arc<braid_shared::dsse::Signer>>,
     /// `braid cache du/prune` requests waiting for agents' answers.
     pub cache_requests: crate::cachecmd::Pending,
+    /// Whether this coordinator leads (always, on SQLite), and its term.
+    pub leadership: Arc<crate::leader::Leadership>,
 }
 
 impl Coordinator {
     pub fn open(settings: Settings) -> Result<Arc<Coordinator>> {
+        let store = Arc::new(Store::open_settings(&settings)?);
+        let leadership = crate::leader::Leadership::alone(settings.advertised());
+        Coordinator::open_with(settings, store, leadership)
+    }
+
+    /// Opens the farm on `store` (already open; for PostgreSQL, once this
+    /// coordinator leads): loads every build, agent and cordon it holds.
+    pub fn open_with(
+        settings: Settings,
+        store: Arc<Store>,
+        leadership: Arc<crate::leader::Leadership>,
+    ) -> Result<Arc<Coordinator>> {
         std::fs::create_dir_all(&settings.data_dir)?;
-        let store = Arc::new(Store::open(&settings.data_dir.join("braid.db"))?);
         let metrics = Arc::new(Metrics::default());
         let disk = Arc::new(DataDir::new(&settings.data_dir, metrics.clone()));
         let contexts = ContextStore::open(
@@ -123,6 +136,7 @@ impl Coordinator {
             ssh: crate::ssh::SshRelay::default(),
             provenance_signer,
             cache_requests: crate::cachecmd::Pending::default(),
+            leadership,
         }))
     }
 

@@ -39,7 +39,7 @@ pub enum Write<'a> {
     Footprint(&'a str, &'a crate::model::Footprint, i64),
 }
 
-pub struct Store {
+pub struct Sqlite {
     conn: Mutex<Connection>,
 }
 
@@ -137,8 +137,8 @@ CREATE TABLE IF NOT EXISTS forgotten_agents (
 );
 ";
 
-impl Store {
-    pub fn open(path: &Path) -> Result<Store> {
+impl Sqlite {
+    pub fn open(path: &Path) -> Result<Sqlite> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -147,7 +147,7 @@ impl Store {
         conn.execute_batch(ENROLLMENT_SCHEMA)?;
         conn.execute_batch(placement::SCHEMA)?;
         Self::add_token_binding_columns(&conn)?;
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(Sqlite { conn: Mutex::new(conn) })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
@@ -396,7 +396,7 @@ impl Store {
     }
 }
 
-impl Store {
+impl Sqlite {
     /// Databases made before join tokens could be bound to a name lack
     /// these columns.
     fn add_token_binding_columns(conn: &Connection) -> rusqlite::Result<()> {
@@ -569,7 +569,7 @@ fn revoke_others(c: &Connection, name: &str, keep: &str) -> rusqlite::Result<u32
     .map(|n| n as u32)
 }
 
-impl Store {
+impl Sqlite {
     pub fn cert_by_serial(&self, serial: &str) -> Result<Option<CertRow>> {
         self.with(|c| cert_by_serial(c, serial))
     }
@@ -668,7 +668,7 @@ mod tests {
     #[test]
     fn forgetting_an_agent_drops_its_delivery_record_and_no_other() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("braid.db")).unwrap();
+        let store = Sqlite::open(&dir.path().join("braid.db")).unwrap();
         let d = Delivered { incarnation: "abc".into(), seq: 7 };
         store.write(&[Write::Delivered("pi-01", &d), Write::Delivered("pi-02", &d)]).unwrap();
         store.forget_agent("pi-01", 1).unwrap();

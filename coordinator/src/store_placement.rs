@@ -5,7 +5,7 @@ use rusqlite::{Transaction, params};
 
 use braid_shared::placement::Labels;
 
-use super::Store;
+use super::Sqlite;
 use crate::error::Result;
 use crate::model::Footprint;
 
@@ -59,7 +59,7 @@ pub(super) fn write_footprint(tx: &Transaction<'_>, key: &str, f: &Footprint, no
     Ok(())
 }
 
-impl Store {
+impl Sqlite {
     /// The footprints jobs left, by "repository|platform".
     pub fn footprints(&self) -> Result<Vec<(String, Footprint)>> {
         self.with(|c| {
@@ -74,7 +74,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use crate::model::{Declared, Footprint};
-    use crate::store::{Store, Write};
+    use crate::store::Write;
+    use crate::stores::Store;
 
     #[test]
     fn labels_and_footprints_survive_a_restart() {

@@ -23,7 +23,7 @@ set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
 T="${BRAID_TIMEOUT:-600}"
-PACKAGES=(buildah podman docker.io docker-registry qemu-user-static binfmt-support skopeo jq curl ca-certificates apache2-utils prometheus chromium openssh-client binutils git python3)
+PACKAGES=(buildah podman docker.io docker-registry qemu-user-static binfmt-support skopeo jq curl ca-certificates apache2-utils prometheus chromium openssh-client binutils git python3 postgresql)
 FOREIGN_ARCHS=(arm64 armhf)
 # fallback applet list if `busybox --list` cannot be executed
 FALLBACK_APPLETS="sh ash uname echo cat mkdir ls test [ [[ cp mv rm rmdir ln chmod chown touch env

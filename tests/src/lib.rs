@@ -3,6 +3,8 @@
 //! `braid` CLI, all started as processes and waited on by health, not sleeps.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod ha;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -557,9 +559,16 @@ impl Farm {
             agent_commands: Vec::new(),
         };
         farm.start_coordinator()?;
+        farm.start_agents(agents)?;
+        Ok(farm)
+    }
+
+    /// Starts `agents`, each given the farm's URL (every coordinator's).
+    fn start_agents(&mut self, agents: &[AgentSpec]) -> anyhow::Result<()> {
+        let dir = self.dir.clone();
         for spec in agents {
             let mut cmd = Command::new(bin("braid-agent"));
-            cmd.args(["--insecure", "--coordinator", &farm.url, "--name", spec.name, "--work-dir"])
+            cmd.args(["--insecure", "--coordinator", &self.url, "--name", spec.name, "--work-dir"])
                 .arg(dir.join(spec.name));
             for p in spec.platforms {
                 cmd.args(["--platform", p]);
@@ -570,11 +579,11 @@ impl Farm {
             }
             cmd.args(&spec.flags);
             cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
-            farm.agents.push(Proc::spawn(spec.name, &mut cmd, &dir.join(format!("{}.log", spec.name)))?);
+            self.agents.push(Proc::spawn(spec.name, &mut cmd, &dir.join(format!("{}.log", spec.name)))?);
             let args = cmd.get_args().map(ToOwned::to_owned).collect();
-            farm.agent_commands.push((spec.name.to_owned(), args, spec.env.clone()));
+            self.agent_commands.push((spec.name.to_owned(), args, spec.env.clone()));
         }
-        Ok(farm)
+        Ok(())
     }
 
     /// Starts agent `name` again with its first arguments (after a crash,

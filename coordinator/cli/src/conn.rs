@@ -38,17 +38,63 @@ pub type Admin = AdminClient<InterceptedService<Channel, Auth>>;
 impl Conn {
     /// Secrets travel only over TLS, or plaintext to this same host.
     pub fn may_carry_secrets(&self) -> bool {
-        if self.url.starts_with("https://") {
-            return true;
-        }
-        let host = self.url.trim_start_matches("http://").split(['/', ':']).next().unwrap_or_default();
-        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        self.urls().iter().all(|url| {
+            if url.starts_with("https://") {
+                return true;
+            }
+            let host = url.trim_start_matches("http://").split(['/', ':']).next().unwrap_or_default();
+            host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        })
     }
 
+    /// The coordinators given (comma-separated: several on one database,
+    /// of which only the leader listens for gRPC).
+    fn urls(&self) -> Vec<&str> {
+        let urls: Vec<&str> = self.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        if urls.is_empty() { vec![self.url.as_str()] } else { urls }
+    }
+
+    /// A channel that dials the first coordinator that answers, at every
+    /// (re)connection: every address given, and every address a name
+    /// resolves to, in turn (only the leader listens for gRPC), so a call
+    /// retried after the leader went away reaches the next one.
     async fn channel(&self) -> anyhow::Result<(Channel, Auth)> {
-        let mut endpoint =
-            Endpoint::from_shared(self.url.clone()).with_context(|| format!("coordinator URL {:?}", self.url))?;
-        if self.url.starts_with("https://") {
+        let urls = self.urls();
+        let mut targets = Vec::new();
+        for url in &urls {
+            let uri: tonic::codegen::http::Uri = url.parse().with_context(|| format!("coordinator URL {url:?}"))?;
+            let port = uri.port_u16().unwrap_or(if url.starts_with("https://") { 443 } else { 80 });
+            let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+            targets.push((host, port));
+        }
+        let connector = tower::service_fn(move |_uri: tonic::codegen::http::Uri| {
+            let targets = targets.clone();
+            async move {
+                let mut last = std::io::Error::other("no coordinator address given");
+                for (host, port) in &targets {
+                    let addrs = match tokio::net::lookup_host((host.as_str(), *port)).await {
+                        Ok(addrs) => addrs,
+                        Err(e) => {
+                            last = e;
+                            continue;
+                        }
+                    };
+                    for addr in addrs {
+                        match tokio::net::TcpStream::connect(addr).await {
+                            Ok(tcp) => {
+                                let _ = tcp.set_nodelay(true);
+                                return Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tcp));
+                            }
+                            Err(e) => last = e,
+                        }
+                    }
+                }
+                Err(last)
+            }
+        });
+        let url = urls.first().copied().unwrap_or_default();
+        let mut endpoint = Endpoint::from_shared(url.to_owned()).with_context(|| format!("coordinator URL {url:?}"))?;
+        if url.starts_with("https://") {
             let mut tls = ClientTlsConfig::new();
             if let Some(ca) = &self.ca {
                 let pem = std::fs::read(ca).with_context(|| format!("reading the cluster CA {ca:?}"))?;
@@ -58,10 +104,12 @@ impl Conn {
             }
             endpoint = endpoint.tls_config(tls)?;
         } else if !self.url.starts_with("http://") {
-            bail!("coordinator URL {:?} must start with https:// (or http:// on loopback)", self.url);
+            bail!("coordinator URL {url:?} must start with https:// (or http:// on loopback)");
         }
-        let channel =
-            endpoint.connect().await.with_context(|| format!("connecting to the coordinator at {}", self.url))?;
+        let channel = endpoint
+            .connect_with_connector(connector)
+            .await
+            .with_context(|| format!("connecting to the coordinator at {}", self.url))?;
         let auth = match &self.token {
             Some(t) => Some(format!("Bearer {t}").parse().context("the token has characters a header cannot carry")?),
             None => None,

@@ -21,6 +21,7 @@ mod reconnect;
 mod secrets;
 mod source;
 mod ssh;
+mod status;
 mod summary;
 mod tokens;
 mod tty;
@@ -35,7 +36,8 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "braid", version = braid_build_info::LONG_VERSION)]
 pub(crate) struct Cli {
-    /// Coordinator URL (plaintext http:// only to a loopback address in this version)
+    /// Coordinator URL (plaintext http:// only to a loopback address in this version); several
+    /// coordinators on one database: comma-separated, the one that leads is found in turn
     #[arg(long, global = true, env = "BRAID_COORDINATOR", default_value = "http://127.0.0.1:7700")]
     coordinator: String,
     /// Bearer token (from `braid token create` or `braid-coordinator token create`)
@@ -92,6 +94,11 @@ enum Command {
     },
     /// List agents: platforms (native, ~emulated), state, slots, last heartbeat, disk free, certificate days left (! close
     /// to expiry), builder (--format json: its version and capabilities, and every health field)
+    /// Which coordinator leads, its term, and the store's kind and health
+    Status {
+        #[arg(long, value_enum, default_value = "table")]
+        format: ops::Format,
+    },
     Agents {
         #[command(subcommand)]
         command: Option<AgentsCommand>,
@@ -258,6 +265,7 @@ async fn main() {
         Command::Token { command: TokenCommand::List { format } } => tokens::list(&conn, format).await,
         Command::Agents { command: Some(AgentsCommand::Forget { name }), .. } => ops::forget(&conn, &name).await,
         Command::Agents { command: None, format, wide } => ops::agents(&conn, format, wide).await,
+        Command::Status { format } => status::status(&conn, format).await,
         Command::Cordon { agent } => ops::steer(&conn, &agent, "cordon").await,
         Command::Uncordon { agent } => ops::steer(&conn, &agent, "uncordon").await,
         Command::Drain { agent } => ops::steer(&conn, &agent, "drain").await,

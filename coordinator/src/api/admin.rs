@@ -152,4 +152,25 @@ impl Admin for AdminService {
     async fn prune_cache(&self, req: Request<proto::CacheRequest>) -> Result<Response<proto::CacheResponse>, Status> {
         crate::cachecmd::run(&self.coordinator, req, true).await
     }
+
+    #[instrument(skip_all, err)]
+    async fn coordinator_status(
+        &self,
+        req: Request<proto::CoordinatorStatusRequest>,
+    ) -> Result<Response<proto::CoordinatorStatusResponse>, Status> {
+        self.coordinator.tokens.authorize(&req, Role::Submit)?;
+        let c = self.coordinator.clone();
+        let store_healthy = tokio::task::spawn_blocking(move || c.store.cordons().is_ok()).await.unwrap_or(false);
+        let c = &self.coordinator;
+        let store_errors = c.store.postgres().map_or(0, |p| p.errors.load(std::sync::atomic::Ordering::Relaxed));
+        Ok(Response::new(proto::CoordinatorStatusResponse {
+            leader: c.leadership.is_leader(),
+            term: c.leadership.term.load(std::sync::atomic::Ordering::SeqCst),
+            leader_address: c.leadership.address(),
+            store: c.leadership.store_kind.to_owned(),
+            store_healthy,
+            store_errors,
+            version: braid_build_info::LONG_VERSION.to_owned(),
+        }))
+    }
 }

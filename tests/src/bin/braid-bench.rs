@@ -177,7 +177,7 @@ fn overhead_bench() -> anyhow::Result<()> {
 
 fn scale_bench() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
-    println!("## Scheduler scale (fake builders that answer at once)\n");
+    println!("## Scheduler scale (fake builders that answer at once){}\n", store_title());
     println!(
         "| agents | builds | rate (builds/s) | dispatched/s | assignment p50 (ms) | p99 (ms) | coordinator RSS (MiB) | RSS per agent (KiB) |"
     );
@@ -185,7 +185,10 @@ fn scale_bench() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     for (agents, builds, rate) in [(100usize, 2000usize, 1000.0), (1000, 2000, 1000.0), (10_000, 2000, 1000.0)] {
         let dir = tmp.path().join(format!("scale-{agents}"));
-        let farm = Farm::start_with(&dir, None, &[], &["--heartbeat-seconds", "30", "--agent-lost-seconds", "120"])?;
+        let (_pg, url) = bench_store(&dir)?;
+        let mut flags = vec!["--heartbeat-seconds", "30", "--agent-lost-seconds", "120"];
+        flags.extend(url.iter().flat_map(|u| ["--store", u.as_str()]));
+        let farm = Farm::start_with(&dir, None, &[], &flags)?;
         let pid = farm.coordinator.as_ref().map(|c| c.pid()).unwrap_or(0);
         let r = runtime.block_on(scale::run(&farm.url, pid, agents, builds, rate))?;
         let per_agent = r.rss_agents_kib.saturating_sub(r.rss_base_kib) as f64 / r.agents as f64;
@@ -206,6 +209,27 @@ fn scale_bench() -> anyhow::Result<()> {
         "\nEach build is one job for `linux/riscv64`, which every fake agent serves; \"dispatched/s\" counts builds whose job reached an agent per second of the run.\n"
     );
     Ok(())
+}
+
+/// BRAID_BENCH_STORE=postgres runs the scale and events benchmarks on a
+/// PostgreSQL server of their own (Debian's, on loopback) instead of SQLite.
+fn postgres_bench() -> bool {
+    std::env::var("BRAID_BENCH_STORE").is_ok_and(|s| s == "postgres")
+}
+
+fn store_title() -> &'static str {
+    if postgres_bench() { " (PostgreSQL store)" } else { "" }
+}
+
+/// The PostgreSQL server and its URL when the benchmark asks for one.
+fn bench_store(dir: &std::path::Path) -> anyhow::Result<(Option<braid_tests::ha::Postgres>, Option<String>)> {
+    if !postgres_bench() {
+        return Ok((None, None));
+    }
+    std::fs::create_dir_all(dir)?;
+    let pg = braid_tests::ha::Postgres::start(dir)?;
+    let url = pg.url();
+    Ok((Some(pg), Some(url)))
 }
 
 /// The machine a table ran on: CPU model, cores and memory.
@@ -248,13 +272,15 @@ fn events_bench() -> anyhow::Result<()> {
     let mut results = Vec::new();
     for lines in RUNS {
         let tmp = tempfile::tempdir()?;
-        let flags = ["--heartbeat-seconds", "30", "--agent-lost-seconds", "120"];
+        let (_pg, url) = bench_store(tmp.path())?;
+        let mut flags = vec!["--heartbeat-seconds", "30", "--agent-lost-seconds", "120"];
+        flags.extend(url.iter().flat_map(|u| ["--store", u.as_str()]));
         let farm = Farm::start_with(&tmp.path().join("farm"), None, &[], &flags)?;
         let pid = farm.coordinator.as_ref().map(|c| c.pid()).unwrap_or(0);
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         results.push(runtime.block_on(events::run(&farm.url, pid, BUILDS, lines))?);
     }
-    println!("## Events through the coordinator (SQLite store)\n");
+    println!("## Events through the coordinator ({} store)\n", if postgres_bench() { "PostgreSQL" } else { "SQLite" });
     println!("Machine: {}; load average {load} when the table started.\n", machine());
     println!(
         "| lines per build | lines received by followers | seconds | lines/s to followers | coordinator CPU per 10,000 lines (ms) | coordinator CPU (% of a core) | waiting for a CPU (% of a core) | disk writes per 10,000 lines (KiB) |"

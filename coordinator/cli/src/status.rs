@@ -1,0 +1,29 @@
+//! `braid status`: which coordinator leads, its term, and the store's kind
+//! and health, as the coordinator that answered sees them.
+
+use braid_shared::proto;
+use serde_json::json;
+
+use crate::conn::Conn;
+use crate::ops::Format;
+
+pub async fn status(conn: &Conn, format: Format) -> anyhow::Result<i32> {
+    let mut admin = conn.admin().await?;
+    let s = admin.coordinator_status(proto::CoordinatorStatusRequest {}).await?.into_inner();
+    if format == Format::Json {
+        let value = json!({
+            "leader": s.leader, "term": s.term, "leader_address": s.leader_address, "store": s.store,
+            "store_healthy": s.store_healthy, "store_errors": s.store_errors, "version": s.version,
+        });
+        outln!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(0);
+    }
+    let role = if s.leader { "leader" } else { "follower" };
+    outln!("role     {role}");
+    outln!("leader   {}", if s.leader_address.is_empty() { "(none)" } else { &s.leader_address });
+    outln!("term     {}", s.term);
+    let health = if s.store_healthy { "healthy" } else { "NOT answering" };
+    outln!("store    {} ({health}, {} failed calls)", s.store, s.store_errors);
+    outln!("version  {}", s.version);
+    Ok(if s.store_healthy { 0 } else { 1 })
+}
