@@ -48,6 +48,11 @@ pub enum RegistryFailure {
     Unreachable,
     /// An answer with this HTTP status (a refused token or login is 401).
     Status(u16),
+    /// The registry lost track of a blob a push had just sent (a manifest
+    /// naming an unknown blob, an upload whose content "did not match"):
+    /// what a registry answers when two agents push one shared layer into
+    /// one repository at once. Pushing again re-sends what is missing.
+    BlobRace,
     /// Anything else: an answer that breaks the protocol, a local error.
     Other,
 }
@@ -55,10 +60,11 @@ pub enum RegistryFailure {
 impl OciError {
     /// Whether the same call may succeed later: the registry was not
     /// reached, or answered 5xx, 408 (timeout) or 429 (too many requests).
-    /// 401, 403 and other 4xx answers will not change by waiting.
+    /// 401, 403 and other 4xx answers will not change by waiting; a
+    /// [`RegistryFailure::BlobRace`] does.
     pub fn is_transient(&self) -> bool {
         match self {
-            OciError::Registry { failure: RegistryFailure::Unreachable, .. } => true,
+            OciError::Registry { failure: RegistryFailure::Unreachable | RegistryFailure::BlobRace, .. } => true,
             OciError::Registry { failure: RegistryFailure::Status(code), .. } => {
                 matches!(code, 408 | 429) || !(400..500).contains(code)
             }

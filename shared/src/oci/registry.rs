@@ -329,16 +329,29 @@ fn failure_of(e: &OciDistributionError) -> RegistryFailure {
             Some(status) => RegistryFailure::Status(status.as_u16()),
             None => RegistryFailure::Unreachable,
         },
-        OciDistributionError::ServerError { code, .. } => RegistryFailure::Status(*code),
+        // A 4xx the client did not parse: its body is the error envelope.
+        OciDistributionError::ServerError { code, message, .. } => {
+            match serde_json::from_str::<oci_client::errors::OciEnvelope>(message) {
+                Ok(envelope) if (400..500).contains(code) && is_blob_race(&envelope) => RegistryFailure::BlobRace,
+                _ => RegistryFailure::Status(*code),
+            }
+        }
         OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => {
             RegistryFailure::Status(401)
         }
         // Only a 4xx answer carries an error envelope; its code names which.
+        OciDistributionError::RegistryError { envelope, .. } if is_blob_race(envelope) => RegistryFailure::BlobRace,
         OciDistributionError::RegistryError { envelope, .. } => {
             RegistryFailure::Status(envelope.errors.first().map_or(400, |e| envelope_status(&e.code)))
         }
         _ => RegistryFailure::Other,
     }
+}
+
+/// Whether an error envelope says a push lost one of its own blobs
+/// ([`RegistryFailure::BlobRace`]).
+fn is_blob_race(envelope: &oci_client::errors::OciEnvelope) -> bool {
+    envelope.errors.iter().any(|e| matches!(e.code, OciErrorCode::ManifestBlobUnknown | OciErrorCode::DigestInvalid))
 }
 
 /// The status the distribution spec gives each error code.
@@ -386,5 +399,20 @@ mod tests {
         assert_eq!(envelope_status(&OciErrorCode::Denied), 403);
         assert_eq!(envelope_status(&OciErrorCode::Toomanyrequests), 429);
         assert_eq!(failure_of(&OciDistributionError::PushNoDataError), RegistryFailure::Other);
+    }
+
+    #[test]
+    fn a_push_that_lost_its_own_blob_is_tried_again() {
+        // docker-registry's answer when two agents pushed one layer into one
+        // repository at once (seen under load in tests/reliability.rs).
+        let message = r#"{"errors":[{"code":"DIGEST_INVALID","message":"provided digest did not match uploaded content"},{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry","detail":"sha256:4bc4"}]}"#;
+        let race = OciDistributionError::ServerError { code: 400, url: "u".into(), message: message.into() };
+        assert_eq!(failure_of(&race), RegistryFailure::BlobRace);
+        assert!(error(RegistryFailure::BlobRace).is_transient());
+        let other = r#"{"errors":[{"code":"MANIFEST_INVALID","message":"manifest invalid"}]}"#;
+        let invalid = OciDistributionError::ServerError { code: 400, url: "u".into(), message: other.into() };
+        assert_eq!(failure_of(&invalid), RegistryFailure::Status(400));
+        let text = OciDistributionError::ServerError { code: 400, url: "u".into(), message: "bad request".into() };
+        assert_eq!(failure_of(&text), RegistryFailure::Status(400));
     }
 }
