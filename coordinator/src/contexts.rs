@@ -13,6 +13,7 @@ use braid_shared::context::HashingWriter;
 use crate::disk::DataDir;
 use crate::error::{CoordinatorError, Result};
 use crate::model::now_ms;
+use crate::remote_contexts::RemoteContexts;
 use crate::stores::Store;
 
 pub struct ContextStore {
@@ -21,6 +22,8 @@ pub struct ContextStore {
     disk: Arc<DataDir>,
     max_bytes: u64,
     store_bytes: u64,
+    /// The registry repository that also keeps every context (`blob_store`).
+    remote: Option<RemoteContexts>,
 }
 
 /// One upload in progress: decompressed and hashed as it arrives, written
@@ -56,7 +59,60 @@ impl ContextStore {
         store_bytes: u64,
     ) -> Result<ContextStore> {
         std::fs::create_dir_all(dir)?;
-        Ok(ContextStore { dir: dir.to_owned(), store, disk, max_bytes, store_bytes })
+        Ok(ContextStore { dir: dir.to_owned(), store, disk, max_bytes, store_bytes, remote: None })
+    }
+
+    /// Keeps every context in `remote` too (the `blob_store` setting).
+    pub fn with_remote(mut self, remote: Option<RemoteContexts>) -> ContextStore {
+        self.remote = remote;
+        self
+    }
+
+    /// Pushes a just-stored context to the `blob_store` registry; if that
+    /// fails the context is forgotten here too, so the client uploads it
+    /// again rather than another coordinator missing it.
+    pub async fn replicate(&self, digest: &Digest) -> Result<()> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let pushed = match tokio::fs::read(self.path(digest)).await {
+            Ok(bytes) => remote.push(digest, &bytes).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = pushed {
+            let _ = std::fs::remove_file(self.path(digest));
+            let _ = self.store.context_delete(digest.as_str());
+            tracing::warn!(error = %e, %digest, "could not keep a context in the blob_store registry");
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Whether the context must be read from the `blob_store` registry
+    /// before it can be served from here.
+    pub fn is_remote_only(&self, digest: &Digest) -> bool {
+        self.remote.is_some() && !self.path(digest).exists()
+    }
+
+    /// Reads a context another coordinator stored from the `blob_store`
+    /// registry (compressed, bounded like an upload).
+    pub async fn pull(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let remote = self.remote.as_ref().ok_or_else(|| CoordinatorError::Internal("no blob_store".into()))?;
+        // Compressed is never much larger than the tar it holds.
+        let limit = usize::try_from(self.max_bytes + self.max_bytes / 4 + (1 << 20)).unwrap_or(usize::MAX);
+        remote.pull(digest, limit).await
+    }
+
+    /// Verifies a pulled context exactly as an upload and keeps it here
+    /// (CPU work: call from a blocking thread).
+    pub fn keep_pulled(&self, digest: &Digest, compressed: &[u8]) -> Result<()> {
+        let mut upload = self.begin(digest.clone())?;
+        for chunk in compressed.chunks(1 << 20) {
+            upload.write(chunk)?;
+        }
+        self.finish_file(upload).map_err(|e| self.disk.check(e))?;
+        self.disk.file_written();
+        Ok(())
     }
 
     /// Removes least recently used contexts until the store fits
@@ -94,7 +150,8 @@ impl ContextStore {
     /// The uncompressed size, if the context is here.
     pub fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
         let size = self.store.context_size(digest.as_str())?;
-        Ok(size.filter(|_| self.path(digest).exists()))
+        // With a blob_store, another coordinator's upload is there too.
+        Ok(size.filter(|_| self.remote.is_some() || self.path(digest).exists()))
     }
 
     /// Marks a context used now, for eviction; best effort (a full disk
@@ -122,6 +179,19 @@ impl ContextStore {
     }
 
     fn finish_inner(&self, upload: Upload) -> Result<(u64, u64)> {
+        let (expected, size, received) = self.finish_file(upload)?;
+        let path = self.path(&expected);
+        if let Err(e) = self.store.context_stored(expected.as_str(), size, received, now_ms()) {
+            // Not recorded, so not kept: a file no row names is never evicted.
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok((size, received))
+    }
+
+    /// Verifies the upload and moves it into place; returns its digest,
+    /// size and compressed bytes.
+    fn finish_file(&self, upload: Upload) -> Result<(Digest, u64, u64)> {
         let Upload { expected, temp, decoder, hash, received, .. } = upload;
         decoder.finish()?;
         let (digest, size, _) = hash.finish();
@@ -133,12 +203,7 @@ impl ContextStore {
         temp.as_file().sync_all()?;
         let path = self.path(&expected);
         temp.persist(&path).map_err(|e| CoordinatorError::Io(e.error))?;
-        if let Err(e) = self.store.context_stored(expected.as_str(), size, received, now_ms()) {
-            // Not recorded, so not kept: a file no row names is never evicted.
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
-        Ok((size, received))
+        Ok((expected, size, received))
     }
 }
 

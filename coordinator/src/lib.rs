@@ -31,6 +31,7 @@ pub mod needs;
 pub mod pgstore;
 mod pgstore_placement;
 pub mod process;
+pub mod remote_contexts;
 pub mod scheduler;
 pub mod server;
 pub mod settings;

@@ -136,6 +136,12 @@ pub struct Settings {
     /// one leads [default: http(s)://<listen>]
     #[arg(long, value_name = "URL")]
     pub advertise: Option<String>,
+    /// Also keep contexts in this registry repository
+    /// (registry://HOST[:PORT]/REPO, credentials from registry_credentials):
+    /// coordinators on PostgreSQL then need no shared --data-dir
+    /// [default: none: contexts only in --data-dir]
+    #[arg(long, value_name = "registry://HOST/REPO")]
+    pub blob_store: Option<String>,
 }
 
 /// The keys only the file and variables set (no flag), named in `--help`.
@@ -244,6 +250,7 @@ impl Settings {
             return Err(invalid("lease_seconds", format!("{} is not 2 to 60", self.lease_seconds)));
         }
         self.postgres()?;
+        self.blob_store_repository()?;
         Ok((addr, http))
     }
 
@@ -303,6 +310,16 @@ impl Settings {
                 password: c.password.clone().into(),
             })
             .collect()
+    }
+
+    /// The registry repository `blob_store` names, if any.
+    pub fn blob_store_repository(&self) -> Result<Option<braid_shared::reference::ImageRef>, SettingsError> {
+        let Some(value) = self.blob_store.as_deref().filter(|v| !v.is_empty()) else {
+            return Ok(None);
+        };
+        crate::remote_contexts::parse(value)
+            .map(Some)
+            .map_err(|message| SettingsError::Invalid { key: "blob_store", message })
     }
 
     /// Whether gRPC is served over TLS (and tokens are required).

@@ -86,7 +86,8 @@ impl Coordinator {
             disk.clone(),
             settings.max_context_bytes,
             settings.context_store_bytes,
-        )?;
+        )?
+        .with_remote(crate::remote_contexts::from_settings(&settings)?);
         let blobs = Arc::new(BlobStore::open(&settings.data_dir.join("blobs/sha256"), settings.blob_store_bytes)?);
         let config = FarmConfig {
             max_attempts: settings.max_attempts,

@@ -165,6 +165,20 @@ pub fn start_farm(
     n: usize,
     agents: &[AgentSpec],
 ) -> anyhow::Result<(Farm, Vec<Coordinator>)> {
+    start_farm_with(dir, pg, registry, n, agents, None)
+}
+
+/// As [`start_farm`]; with `blob_store` (registry://HOST/REPO) each
+/// coordinator has its own data directory and shares contexts only
+/// through that registry repository.
+pub fn start_farm_with(
+    dir: &Path,
+    pg: &Postgres,
+    registry: &str,
+    n: usize,
+    agents: &[AgentSpec],
+    blob_store: Option<&str>,
+) -> anyhow::Result<(Farm, Vec<Coordinator>)> {
     std::fs::create_dir_all(dir)?;
     let mut coordinators = Vec::new();
     for i in 0..n {
@@ -174,9 +188,15 @@ pub fn start_farm(
         cmd.args(["--insecure", "--listen", &format!("127.0.0.1:{port}"), "--http-listen"])
             .arg(format!("127.0.0.1:{http}"))
             .arg("--data-dir")
-            .arg(dir.join("coordinator"))
+            .arg(match blob_store {
+                Some(_) => dir.join(format!("coordinator-{i}")),
+                None => dir.join("coordinator"),
+            })
             .args(["--insecure-registry", registry, "--store", &pg.url(), "--lease-seconds", "3"])
             .args(["--heartbeat-seconds", "1", "--agent-lost-seconds", "20"]);
+        if let Some(store) = blob_store {
+            cmd.args(["--blob-store", store]);
+        }
         let proc = Proc::spawn(&format!("coordinator-{i}"), &mut cmd, &log)?;
         coordinators.push(Coordinator {
             url: format!("http://127.0.0.1:{port}"),

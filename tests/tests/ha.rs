@@ -116,6 +116,54 @@ fn leader_killed_mid_three_platform_build_a_new_one_finishes_it() {
     contiguous(&seqs(&farm, &build_id));
 }
 
+/// Separate data directories, contexts in the registry (`blob_store`): a
+/// context uploaded to a leader that is then killed is served by the next
+/// leader, read back from the registry and verified, to a job that had not
+/// fetched it yet.
+#[test]
+fn contexts_survive_the_leader_without_a_shared_disk() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let (registry, base, pg) = setup(tmp.path());
+    let agents = [AgentSpec::new("amd64-agent", &[]), AgentSpec::new("arm64-agent", &["linux/arm64"])];
+    let store = format!("registry://{}/braid/contexts", registry.addr);
+    let (farm, mut coordinators) =
+        ha::start_farm_with(tmp.path(), &pg, &registry.addr, 3, &agents, Some(&store)).unwrap();
+    wait_agents(&farm, &["amd64-agent", "arm64-agent"]);
+    let leader = ha::wait_leader(&coordinators, Duration::from_secs(10)).unwrap();
+    let ctx = dockerfile_context(tmp.path(), "ctx", &format!("FROM {base}\nRUN echo built-from-the-registry\n"));
+    let first_tag = format!("{}/ha/blobs:amd64", registry.addr);
+    let out = farm.braid(&["build", "--platform", "linux/amd64", "-t", &first_tag, "--push", &ctx]).unwrap();
+    assert!(out.status.success(), "{}", braid_tests::output_text(&out));
+    let tags = std::process::Command::new("curl")
+        .args(["-fsS", &format!("http://{}/v2/braid/contexts/tags/list", registry.addr)])
+        .output()
+        .unwrap();
+    let tags = String::from_utf8_lossy(&tags.stdout).into_owned();
+    assert!(tags.contains("\"context-"), "the context is in the registry: {tags}");
+
+    send_signal(coordinators[leader].proc.as_ref().unwrap().pid(), "KILL");
+    coordinators[leader].proc = None;
+    let next = ha::wait_leader(&coordinators, Duration::from_secs(15)).unwrap();
+    assert_ne!(next, leader);
+    let local = std::fs::read_dir(tmp.path().join(format!("coordinator-{next}/contexts")))
+        .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "zst")).count())
+        .unwrap_or(0);
+    assert_eq!(local, 0, "the new leader's own data dir has no context");
+
+    // The arm64 agent never fetched it: its job reads it from the new leader.
+    let second_tag = format!("{}/ha/blobs:arm64", registry.addr);
+    let out = farm
+        .braid(&["build", "--platform", "linux/arm64", "-t", &second_tag, "--push", "--progress", "plain", &ctx])
+        .unwrap();
+    let text = braid_tests::output_text(&out);
+    assert!(out.status.success(), "the build succeeds on the new leader:\n{text}");
+    assert!(text.contains("built-from-the-registry"), "{text}");
+    let log = coordinators[next].log_text();
+    assert!(log.contains("context read from the blob_store registry"), "{log}");
+    assert!(registry.digest_of("ha/blobs:arm64").is_some(), "the image is pushed");
+}
+
 #[test]
 fn a_leader_stopped_past_its_lease_wakes_deposed_and_writes_nothing() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());

@@ -409,6 +409,12 @@ impl Agents for AgentsService {
         if self.coordinator.contexts.stat(&digest)?.is_none() {
             return Err(Status::not_found(format!("context {digest} is not stored")));
         }
+        if self.coordinator.contexts.is_remote_only(&digest) {
+            let compressed = self.coordinator.contexts.pull(&digest).await?;
+            let (coordinator, wanted) = (self.coordinator.clone(), digest.clone());
+            blocking::run(move || coordinator.contexts.keep_pulled(&wanted, &compressed)).await?;
+            tracing::info!(%digest, "context read from the blob_store registry");
+        }
         let mut file = tokio::fs::File::open(self.coordinator.contexts.path(&digest)).await?;
         self.coordinator.contexts.touch(&digest);
         let coordinator = self.coordinator.clone();

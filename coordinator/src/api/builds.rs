@@ -95,6 +95,7 @@ impl Builds for BuildsService {
         }
         let coordinator = self.coordinator.clone();
         let (size, received) = blocking::run(move || coordinator.contexts.finish(upload)).await?;
+        contexts.replicate(&digest).await?;
         let metrics = &self.coordinator.metrics;
         Metrics::add(&metrics.context_uploads, 1);
         Metrics::add(&metrics.context_bytes_received, received);
