@@ -26,6 +26,7 @@ pub mod merge;
 pub mod metrics;
 pub mod model;
 pub mod needs;
+pub mod resultcache;
 pub mod scheduler;
 pub mod server;
 pub mod settings;

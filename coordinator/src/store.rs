@@ -140,6 +140,7 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(ENROLLMENT_SCHEMA)?;
         Self::add_token_binding_columns(&conn)?;
+        conn.execute_batch(RESULT_CACHE_SCHEMA)?;
         Ok(Store { conn: Mutex::new(conn) })
     }
 
@@ -643,6 +644,63 @@ impl Store {
         })
     }
 }
+
+// ---- Result cache (issue 22): one platform's earlier image by its key ----
+// Self-contained: the table, and the two queries `resultcache` uses.
+
+const RESULT_CACHE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS result_cache (
+    key        TEXT PRIMARY KEY,
+    build_id   TEXT NOT NULL,
+    platform   TEXT NOT NULL,
+    image      TEXT NOT NULL,
+    provenance TEXT NOT NULL,
+    stored     INTEGER NOT NULL
+);
+";
+
+impl Store {
+    /// The entry stored under `key`, if any (one that no longer parses is none).
+    pub fn result_get(&self, key: &str) -> Result<Option<crate::resultcache::Entry>> {
+        let row: Option<(String, String, String, String)> = self.with(|c| {
+            c.query_row(
+                "SELECT build_id, platform, image, provenance FROM result_cache WHERE key = ?1",
+                params![key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+        })?;
+        let Some((build_id, platform, image, provenance)) = row else { return Ok(None) };
+        let (Ok(image), Ok(provenance)) = (serde_json::from_str(&image), serde_json::from_str(&provenance)) else {
+            return Ok(None);
+        };
+        Ok(Some(crate::resultcache::Entry { key: key.to_owned(), build_id, platform, image, provenance }))
+    }
+
+    /// Stores entries (a later build's result replaces an earlier one's).
+    pub fn result_put(&self, entries: &[crate::resultcache::Entry], now_ms: i64) -> Result<()> {
+        let rows: Vec<(&crate::resultcache::Entry, String, String)> = entries
+            .iter()
+            .filter_map(|e| {
+                Some((e, serde_json::to_string(&e.image).ok()?, serde_json::to_string(&e.provenance).ok()?))
+            })
+            .collect();
+        self.with(|c| {
+            let tx = c.transaction()?;
+            for (e, image, provenance) in &rows {
+                tx.execute(
+                    "INSERT INTO result_cache (key, build_id, platform, image, provenance, stored)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT(key) DO UPDATE SET build_id = excluded.build_id, platform = excluded.platform,
+                       image = excluded.image, provenance = excluded.provenance, stored = excluded.stored",
+                    params![e.key, e.build_id, e.platform, image, provenance, now_ms],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+}
+// ---- end of the result cache block ----
 
 #[cfg(test)]
 mod tests {
