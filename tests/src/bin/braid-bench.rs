@@ -26,10 +26,25 @@ mod cache;
 #[path = "../bench/limit.rs"]
 mod limit;
 
+#[path = "../bench/instructions.rs"]
+mod instructions;
+
 fn main() -> anyhow::Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
-    let known =
-        ["all", "users", "limit", "noop", "overhead", "scale", "events", "context", "footprint", "emulation", "cache"];
+    let known = [
+        "all",
+        "users",
+        "limit",
+        "noop",
+        "instructions",
+        "overhead",
+        "scale",
+        "events",
+        "context",
+        "footprint",
+        "emulation",
+        "cache",
+    ];
     if !known.contains(&which.as_str()) {
         anyhow::bail!("unknown benchmark {which:?}: one of {}", known.join(", "));
     }
@@ -67,6 +82,9 @@ fn main() -> anyhow::Result<()> {
     }
     if run("cache") {
         cache::run(&machine())?;
+    }
+    if run("instructions") {
+        instructions::run(&machine())?;
     }
     Ok(())
 }
