@@ -14,7 +14,7 @@ use braid_tests::{Proc, bin, eventually, free_port, send_signal};
 use super::scale;
 
 const AGENTS: usize = 10;
-const RATE: f64 = 10.0;
+const RATE: f64 = 5.0;
 
 /// The instructions callgrind counted for a coordinator that scheduled `builds`.
 fn instructions(dir: &Path, builds: usize) -> anyhow::Result<u64> {
@@ -55,7 +55,7 @@ pub fn run(machine: &str) -> anyhow::Result<()> {
         "valgrind is missing (apt-get install valgrind)"
     );
     let tmp = tempfile::tempdir()?;
-    let (few, many) = (50usize, 250usize);
+    let (few, many) = (20usize, 80usize);
     let a = instructions(&tmp.path().join("few"), few)?;
     let b = instructions(&tmp.path().join("many"), many)?;
     let per_job = b.saturating_sub(a) as f64 / (many - few) as f64;
