@@ -132,6 +132,11 @@ fn phase(job: &proto::Job, name: &str) -> Option<(f64, f64)> {
     Some((ms(&p.start)?, ms(&p.end)?))
 }
 
+/// A job's phase `name` in ms (0 when it has none).
+pub fn phase_ms(job: &proto::Job, name: &str) -> f64 {
+    phase(job, name).map_or(0.0, |(s, e)| e - s)
+}
+
 pub fn distance(wall_ms: f64, b: &proto::Build) -> Distance {
     let dur = |j: &proto::Job, n: &str| phase(j, n).map_or(0.0, |(s, e)| e - s);
     let Some(slowest) = b.jobs.iter().max_by(|a, c| dur(a, "build").total_cmp(&dur(c, "build"))) else {

@@ -29,6 +29,9 @@ mod limit;
 #[path = "../bench/instructions.rs"]
 mod instructions;
 
+#[path = "../bench/concurrent.rs"]
+mod concurrent;
+
 fn main() -> anyhow::Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     let known = [
@@ -82,6 +85,9 @@ fn main() -> anyhow::Result<()> {
     }
     if run("cache") {
         cache::run(&machine())?;
+    }
+    if run("many") {
+        concurrent::run(&machine())?;
     }
     if run("instructions") {
         instructions::run(&machine())?;
