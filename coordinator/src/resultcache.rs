@@ -360,4 +360,24 @@ mod tests {
         assert!(!storable(Some(&p)));
         assert!(!storable(None));
     }
+
+    #[test]
+    fn entries_round_trip_through_the_store_and_a_later_build_replaces_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(crate::store::Store::open(&dir.path().join("db.sqlite")).unwrap());
+        let image = Image {
+            digest: format!("sha256:{}", "c".repeat(64)).parse().unwrap(),
+            size: 10,
+            media_type: braid_shared::oci::OCI_MANIFEST.into(),
+            config_digest: None,
+        };
+        let provenance = JobProvenance { base_images: vec![("b:1".into(), "sha256:1".into())], ..Default::default() };
+        let entry = Entry { key: "k".into(), build_id: "b1".into(), platform: "linux/amd64".into(), image, provenance };
+        assert_eq!(store.result_get("k").unwrap(), None);
+        store.result_put(std::slice::from_ref(&entry), 1).unwrap();
+        assert_eq!(store.result_get("k").unwrap(), Some(entry.clone()));
+        let later = Entry { build_id: "b2".into(), ..entry };
+        store.result_put(std::slice::from_ref(&later), 2).unwrap();
+        assert_eq!(store.result_get("k").unwrap(), Some(later));
+    }
 }
