@@ -39,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         "users",
         "limit",
         "noop",
+        "many",
         "instructions",
         "overhead",
         "scale",
