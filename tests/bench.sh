@@ -2,7 +2,7 @@
 # braid's benchmarks, in one command: builds release binaries, then runs
 # every benchmark (or the one named) and prints its tables.
 #
-#   bash tests/bench.sh [users|limit|noop|overhead|scale|events|context|footprint|emulation|cache]
+#   bash tests/bench.sh [users|limit|noop|many|instructions|overhead|scale|events|context|footprint|emulation|cache]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
