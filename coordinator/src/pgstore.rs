@@ -87,6 +87,8 @@ CREATE TABLE forgotten_agents (name TEXT PRIMARY KEY, at BIGINT NOT NULL);
 ",
     // 2: agents' labels and jobs' footprints (placement).
     crate::pgstore_placement::MIGRATION,
+    // 3: the result cache (issue 22).
+    crate::pgstore_results::MIGRATION,
 ];
 
 /// Serializes migrations between coordinators starting together.

@@ -297,9 +297,13 @@ impl Coordinator {
                     Some(m) => self.merge(&build_id, &m).await,
                     None => Err("a platform has no image".to_owned()),
                 };
-                let mut farm = self.farm();
-                let effects = farm.merged(&build_id, outcome);
-                self.perform(&farm, effects);
+                let (entries, now) = {
+                    let mut farm = self.farm();
+                    let effects = farm.merged(&build_id, outcome);
+                    self.perform(&farm, effects);
+                    (farm.result_entries(&build_id), farm.now())
+                };
+                crate::resultcache::store_results(&self.store, entries, now).await;
             }
             _ => {}
         }

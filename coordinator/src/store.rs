@@ -147,10 +147,11 @@ impl Sqlite {
         conn.execute_batch(ENROLLMENT_SCHEMA)?;
         conn.execute_batch(placement::SCHEMA)?;
         Self::add_token_binding_columns(&conn)?;
+        conn.execute_batch(crate::store_results::SCHEMA)?;
         Ok(Sqlite { conn: Mutex::new(conn) })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
         // A poisoned lock means a panic mid-statement; SQLite's own
         // transaction kept the file consistent, so carry on with it.
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());

@@ -57,6 +57,10 @@ delegate! {
     fn declared(&self) -> Result<Vec<(String, Declared)>>;
     /// The footprints jobs left, by "repository|platform".
     fn footprints(&self) -> Result<Vec<(String, crate::model::Footprint)>>;
+    /// The result cache's entry under `key`, if any.
+    fn result_get(&self, key: &str) -> Result<Option<crate::resultcache::Entry>>;
+    /// Stores result cache entries (a later build's replaces an earlier one's).
+    fn result_put(&self, entries: &[crate::resultcache::Entry], now_ms: i64) -> Result<()>;
     fn cordons(&self) -> Result<Vec<String>>;
     fn context_delete(&self, digest: &str) -> Result<()>;
     fn context_touch(&self, digest: &str, now_ms: i64) -> Result<()>;

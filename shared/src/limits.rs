@@ -161,3 +161,6 @@ pub const JOB_CPU_MILLIS: u32 = 1024 * 1000;
 /// Footprints (repository and platform) the coordinator keeps; past that
 /// the least recently updated go.
 pub const FOOTPRINTS: usize = 100_000;
+/// Entries of the coordinator's result cache (one per platform of a
+/// distinct build); past that the oldest go.
+pub const RESULT_CACHE_ENTRIES: usize = 100_000;

@@ -213,6 +213,10 @@ pub async fn inspect(conn: &Conn, build_id: &str, format: Format) -> anyhow::Res
     if b.jobs.iter().any(|j| j.emulated) {
         outln!("\n* emulated");
     }
+    // Platforms the result cache answered (the coordinator's own words).
+    for j in b.jobs.iter().filter(|j| j.message.contains(": unchanged since build ")) {
+        outln!("{}", j.message);
+    }
     for j in &b.jobs {
         if let Some(step) = &j.failed_step {
             outln!("\n{} failed at {}", j.platform, step.step);

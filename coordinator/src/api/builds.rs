@@ -144,7 +144,11 @@ impl Builds for BuildsService {
             return Err(CoordinatorError::FailedPrecondition(why).into());
         }
         self.coordinator.contexts.touch(&digest);
-        let new = self.coordinator.farm().new_build(
+        let registry = braid_shared::oci::Registry::with_credentials(
+            &self.coordinator.settings.insecure_registries,
+            credentials.clone(),
+        );
+        let mut new = self.coordinator.farm().new_build(
             valid.spec,
             valid.platforms,
             valid.tags,
@@ -152,6 +156,8 @@ impl Builds for BuildsService {
             credentials,
             request.secrets,
         );
+        // A platform built before with the same inputs is answered here.
+        crate::resultcache::lookup(&self.coordinator.store, &registry, &mut new).await;
         // Stored before its id is handed out: a restart keeps every build a
         // client knows of, and a full disk refuses the build.
         let build_id = self.coordinator.submit(new).await?;

@@ -19,12 +19,39 @@ use crate::model::{BuildRecord, BuildStatus, Image, IndexFormat, JobRecord, JobS
 pub struct NewBuild {
     entry: BuildEntry,
     first: proto::BuildEvent,
+    /// Jobs answered from the result cache, applied at `admit`.
+    reused: Vec<(String, crate::resultcache::Entry)>,
 }
 
 impl NewBuild {
     /// What is stored: its record, its spec and its first event.
     pub fn parts(&self) -> (&BuildRecord, &proto::BuildSpec, &proto::BuildEvent) {
         (&self.entry.record, &self.entry.spec, &self.first)
+    }
+
+    /// Its jobs: (job id, platform).
+    pub fn jobs(&self) -> Vec<(String, Platform)> {
+        self.entry.record.jobs.iter().map(|j| (j.id.clone(), j.platform.clone())).collect()
+    }
+
+    pub fn spec(&self) -> &proto::BuildSpec {
+        &self.entry.spec
+    }
+
+    /// The repositories its images go to (checked before reusing a result).
+    pub fn push_repositories(&self) -> Vec<ImageRef> {
+        self.entry.push_repositories()
+    }
+
+    /// Each job's result-cache key (job id -> key).
+    pub fn set_result_keys(&mut self, keys: HashMap<String, String>) {
+        self.entry.result_keys = keys;
+    }
+
+    /// Answers a job with an earlier build's image (checked still valid).
+    pub fn reuse(&mut self, job_id: &str, entry: crate::resultcache::Entry) {
+        self.entry.result_keys.remove(job_id);
+        self.reused.push((job_id.to_owned(), entry));
     }
 }
 use crate::scheduler::{self, AgentView, QueuedJob};
@@ -67,8 +94,18 @@ impl Farm {
         };
         let (events, _) = broadcast::channel(1024);
         NewBuild {
-            entry: BuildEntry { record, spec, tags, events, credentials, secrets, secrets_lost_ms: None },
+            entry: BuildEntry {
+                record,
+                spec,
+                tags,
+                events,
+                credentials,
+                secrets,
+                secrets_lost_ms: None,
+                result_keys: HashMap::new(),
+            },
             first,
+            reused: Vec::new(),
         }
     }
 
@@ -80,7 +117,53 @@ impl Farm {
         }
         self.active.insert(id.clone());
         self.builds.insert(id.clone(), new.entry);
+        // Before any scheduling pass: a reused job is never offered to an agent.
+        for (job_id, entry) in new.reused {
+            self.reuse_result(&id, &job_id, entry);
+        }
         (id, self.take())
+    }
+
+    /// A job answered from the result cache: verified at once with the
+    /// earlier build's image and provenance; the merge runs as usual.
+    fn reuse_result(&mut self, build_id: &str, job_id: &str, entry: crate::resultcache::Entry) {
+        let now = self.now();
+        let Some(job) = self.job_mut(build_id, job_id) else { return };
+        let short = &entry.build_id[..entry.build_id.len().min(8)];
+        let platform = job.platform.to_string();
+        let text = format!("{platform}: unchanged since build {}, reusing {}", entry.build_id, entry.image.digest);
+        job.status = JobStatus::Verified { agent: format!("cache:{short}") };
+        job.message = text.clone();
+        job.result = Some(entry.image);
+        job.provenance = Some(entry.provenance);
+        job.started_ms = Some(now);
+        job.finished_ms = Some(now);
+        let event = Self::job_event(job);
+        tracing::info!(build_id, job_id, from = entry.build_id, "result reused");
+        self.emit(build_id, vec![EventKind::Notice(proto::Notice { platform, text }), event]);
+        self.maybe_merge(build_id)
+    }
+
+    /// What a succeeded build stores in the result cache: each job an agent
+    /// built whose provenance names every base image's digest.
+    pub fn result_entries(&self, build_id: &str) -> Vec<crate::resultcache::Entry> {
+        let Some(b) = self.builds.get(build_id).filter(|b| b.record.status == BuildStatus::Succeeded) else {
+            return Vec::new();
+        };
+        b.record
+            .jobs
+            .iter()
+            .filter(|j| crate::resultcache::storable(j.provenance.as_ref()))
+            .filter_map(|j| {
+                Some(crate::resultcache::Entry {
+                    key: b.result_keys.get(&j.id)?.clone(),
+                    build_id: build_id.to_owned(),
+                    platform: j.platform.to_string(),
+                    image: j.result.clone()?,
+                    provenance: j.provenance.clone()?,
+                })
+            })
+            .collect()
     }
 
     fn build_event_of(state: BuildStatus) -> EventKind {

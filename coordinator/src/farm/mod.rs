@@ -67,6 +67,10 @@ pub struct BuildEntry {
     /// Where stored events are shown to watchers (by the executor, after
     /// they are written).
     pub events: broadcast::Sender<proto::BuildEvent>,
+    /// Each job's result-cache key (job id -> key), memory only: a job
+    /// built by an agent stores its result under it when the build
+    /// succeeds. None for a build that bypasses the cache or reused it.
+    pub result_keys: HashMap<String, String>,
 }
 
 /// The spec lists secrets whose values the client sent.
@@ -326,6 +330,7 @@ impl Farm {
                 events,
                 credentials: Vec::new(),
                 secrets: Vec::new(),
+                result_keys: HashMap::new(),
                 secrets_lost_ms: lost,
             };
             self.builds.insert(entry.record.id.clone(), entry);

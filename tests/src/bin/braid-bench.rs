@@ -23,13 +23,49 @@ mod events;
 #[path = "../bench/cache.rs"]
 mod cache;
 
+#[path = "../bench/limit.rs"]
+mod limit;
+
+#[path = "../bench/instructions.rs"]
+mod instructions;
+
+#[path = "../bench/concurrent.rs"]
+mod concurrent;
+
 fn main() -> anyhow::Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
-    let known = ["all", "overhead", "scale", "events", "context", "footprint", "emulation", "cache"];
+    let known = [
+        "all",
+        "users",
+        "limit",
+        "noop",
+        "many",
+        "instructions",
+        "overhead",
+        "scale",
+        "events",
+        "context",
+        "footprint",
+        "emulation",
+        "cache",
+    ];
     if !known.contains(&which.as_str()) {
         anyhow::bail!("unknown benchmark {which:?}: one of {}", known.join(", "));
     }
     let run = |name: &str| which == "all" || which == name;
+    println!("Machine: {}\n", machine_and_builders());
+    if run("users") || run("limit") || run("noop") {
+        let bench = limit::Bench::start()?;
+        if run("users") {
+            users_bench(&bench)?;
+        }
+        if run("limit") {
+            limit_bench(&bench)?;
+        }
+        if run("noop") {
+            noop_bench(&bench)?;
+        }
+    }
     if run("overhead") {
         overhead_bench()?;
     }
@@ -51,6 +87,136 @@ fn main() -> anyhow::Result<()> {
     if run("cache") {
         cache::run(&machine())?;
     }
+    if run("many") {
+        concurrent::run(&machine())?;
+    }
+    if run("instructions") {
+        instructions::run(&machine())?;
+    }
+    Ok(())
+}
+
+/// The machine, its kernel and the builders' versions.
+fn machine_and_builders() -> String {
+    let version = |cmd: &str, arg: &str| {
+        Command::new(cmd)
+            .arg(arg)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_owned())
+            .unwrap_or_default()
+    };
+    format!(
+        "{}; kernel {}; {}; {}; {}",
+        machine(),
+        version("uname", "-r"),
+        limit::buildah_version(),
+        version("podman", "--version"),
+        version("/usr/bin/docker", "--version")
+    )
+}
+
+/// Table 1: braid against what a buildah user types.
+fn users_bench(b: &limit::Bench) -> anyhow::Result<()> {
+    let workloads = [
+        ("small image (COPY)", format!("FROM {}\nCOPY data.txt /data.txt\n", b.base)),
+        (
+            "a few seconds of RUN work",
+            format!("FROM {}\nRUN i=0; while [ $i -lt 150000 ]; do i=$((i+1)); done; echo $i > /n\n", b.base),
+        ),
+    ];
+    println!("## Against what users type (3 platforms, amd64 + arm64 + arm/v7)\n");
+    println!(
+        "Baseline: `buildah bud --platform {} --jobs 3 --manifest LIST` + `buildah manifest push --all LIST docker://...` ({}).\n",
+        limit::PLATFORMS,
+        limit::buildah_version()
+    );
+    println!("| workload | buildah bud --jobs 3 + manifest push (s) | braid (s) | braid / baseline |");
+    println!("| --- | ---: | ---: | ---: |");
+    let reg = &b.registry.addr;
+    for (i, (name, dockerfile)) in workloads.iter().enumerate() {
+        let ctx = b.context(&format!("users{i}"), dockerfile)?;
+        let root = b.tmp.path().join(format!("users-buildah{i}"));
+        let (mut base, mut braid) = (Vec::new(), Vec::new());
+        for round in 0..3 {
+            base.push(limit::users_buildah(&root, &ctx, reg, &format!("{reg}/bench/users{i}:{round}"))?);
+            braid.push(b.build(&ctx, &format!("{reg}/bench/braid-users{i}:{round}"), &["--no-cache"])?.0);
+        }
+        let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+        let (x, y) = (best(&base), best(&braid));
+        println!("| {name} | {x:.2} | {y:.2} | {:.2} |", y / x);
+    }
+    println!(
+        "\nBest of three runs each (the first pulls the base for buildah), `--no-cache` on both sides, same machine, same registry. Target <= 1.05.\n"
+    );
+    Ok(())
+}
+
+/// Table 2: wall time less the slowest platform's builder time.
+fn limit_bench(b: &limit::Bench) -> anyhow::Result<()> {
+    const BUILDS: usize = 20;
+    let ctx = b.context("limit", &format!("FROM {}\nCOPY data.txt /data.txt\nRUN echo $(uname -m) > /m\n", b.base))?;
+    let reg = &b.registry.addr;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Warm the agents (base pulled, context path exercised).
+    b.build(&ctx, &format!("{reg}/bench/limit:warm"), &["--no-cache"])?;
+    let mut rows = Vec::new();
+    for i in 0..BUILDS {
+        let (wall, id) = b.build(&ctx, &format!("{reg}/bench/limit:{i}"), &["--no-cache"])?;
+        let build = runtime.block_on(limit::get(&b.farm.url, &id))?;
+        rows.push(limit::distance(wall * 1000.0, &build));
+    }
+    println!("## Distance from the limit ({BUILDS} builds of 3 platforms on warm agents)\n");
+    println!("| ms | total | submit to start | context fetch | push | verify | merge | other (upload, watch, gaps) |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+        let col = |f: fn(&limit::Distance) -> f64| limit::pct(&rows.iter().map(f).collect::<Vec<_>>(), q);
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            col(|d| d.total),
+            col(|d| d.submit_to_start),
+            col(|d| d.fetch),
+            col(|d| d.push),
+            col(|d| d.verify),
+            col(|d| d.merge),
+            col(|d| d.other)
+        );
+    }
+    println!(
+        "\nTotal = the CLI's wall time less the slowest platform's `build` phase as its agent measured it (PhaseTiming); the phases are that platform's. `--no-cache` so every build runs on the agents. Targets: total < 300 ms p50, each phase < 100 ms.\n"
+    );
+    Ok(())
+}
+
+/// Table 3: the same build again, nothing changed (the result cache).
+fn noop_bench(b: &limit::Bench) -> anyhow::Result<()> {
+    const ROUNDS: usize = 10;
+    let ctx = b.context("noop", &format!("FROM {}\nCOPY data.txt /data.txt\nRUN echo $(uname -m) > /m\n", b.base))?;
+    let tag = format!("{}/bench/noop:1", b.registry.addr);
+    let (first, _) = b.build(&ctx, &tag, &[])?;
+    let mut cached = Vec::new();
+    let mut layer_cached = Vec::new();
+    for _ in 0..ROUNDS {
+        cached.push(b.build(&ctx, &tag, &[])?.0 * 1000.0);
+        // Bypassing the result cache (--pull) while every layer is cached.
+        layer_cached.push(b.build(&ctx, &tag, &["--pull"])?.0 * 1000.0);
+    }
+    println!("## No-op rebuild (3 platforms, nothing changed)\n");
+    println!("| build | p50 (ms) | p99 (ms) |");
+    println!("| --- | ---: | ---: |");
+    println!("| first build | {:.0} | - |", first * 1000.0);
+    println!(
+        "| again, result cache bypassed (`--pull`: agents run, every step cached) | {:.0} | {:.0} |",
+        limit::pct(&layer_cached, 0.5),
+        limit::pct(&layer_cached, 0.99)
+    );
+    println!(
+        "| again, answered by the result cache | {:.0} | {:.0} |",
+        limit::pct(&cached, 0.5),
+        limit::pct(&cached, 0.99)
+    );
+    println!(
+        "\n{ROUNDS} rounds, the CLI's wall time from start to exit (context hashed and stat'ed, build submitted and watched, index merged). Target < 250 ms.\n"
+    );
     Ok(())
 }
 
