@@ -44,7 +44,7 @@ fn run_flags_reach_buildah_and_the_docker_engine() {
         ("--add-host", "db:300.1.1.1", "--add-host db:\"300.1.1.1\": invalid IP address"),
         ("--add-host", "db:host-gateway", "host-gateway is not supported"),
         ("--ulimit", "files=1", "--ulimit \"files=1:1\": unknown name"),
-        ("--shm-size", "64x", "--shm-size \"64x\": unknown unit"),
+        ("--shm-size", "64x", "--shm-size \"64x\": expected a size like 64m or 1g"),
     ] {
         let out = farm.braid(&["build", flag, value, &ctx]).unwrap();
         assert!(!out.status.success(), "{flag} {value} was accepted");
