@@ -297,3 +297,37 @@ fn a_leader_stopped_with_sigterm_gives_up_its_lease_at_once() {
     let since_ms = pg.number("SELECT (extract(epoch FROM since) * 1000)::bigint FROM braid_leader");
     assert!(since_ms - exited_ms < 2000, "taken over {} ms after the exit", since_ms - exited_ms);
 }
+
+/// Followers listen for gRPC too and answer every call with where the
+/// leader is: a CLI and an agent given only a follower's address reach the
+/// leader, and `braid status` against the follower says it follows.
+#[test]
+fn a_follower_sends_the_cli_and_agents_to_the_leader() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let (registry, base, pg) = setup(tmp.path());
+    let (mut farm, coordinators) = ha::start_farm(tmp.path(), &pg, &registry.addr, 2, &[]).unwrap();
+    let leader = ha::wait_leader(&coordinators, Duration::from_secs(10)).unwrap();
+    let follower = 1 - leader;
+    assert!(coordinators[follower].log_text().contains("follower gRPC listening"));
+    farm.url = coordinators[follower].url.clone();
+
+    let status = farm.braid(&["status"]).unwrap();
+    let text = braid_tests::output_text(&status);
+    assert!(status.status.success(), "{text}");
+    assert!(text.contains("role     follower"), "{text}");
+    assert!(text.contains(&format!("leader   {}", coordinators[leader].url)), "{text}");
+
+    farm.start_agents(&[AgentSpec::new("amd64-agent", &[])]).unwrap();
+    wait_agents(&farm, &["amd64-agent"]);
+    let log = farm.log("amd64-agent");
+    assert!(log.contains("a follower answered: dialing the leader it named"), "{log}");
+
+    let ctx = dockerfile_context(tmp.path(), "ctx", &format!("FROM {base}\nRUN echo via-the-follower\n"));
+    let tag = format!("{}/ha/redirect:1", registry.addr);
+    let out = farm.braid(&["build", "-t", &tag, "--push", "--progress", "plain", &ctx]).unwrap();
+    let text = braid_tests::output_text(&out);
+    assert!(out.status.success(), "a CLI given only a follower builds on the leader:\n{text}");
+    assert!(text.contains("via-the-follower"), "{text}");
+    assert!(registry.digest_of("ha/redirect:1").is_some(), "the image is pushed");
+}
