@@ -336,3 +336,50 @@ fn a_follower_sends_the_cli_and_agents_to_the_leader() {
     assert!(text.contains("via-the-follower"), "{text}");
     assert!(registry.digest_of("ha/redirect:1").is_some(), "the image is pushed");
 }
+
+/// Separate data directories, `blob_store` set: the blobs an agent uploads
+/// for an `--output type=oci` export are pushed to the registry too, so
+/// after the leader is killed -9 the next one, whose own data dir has none of
+/// them, reads them back (verified) instead of asking the agent again, and
+/// serves the export.
+#[test]
+fn export_blobs_survive_the_leader_without_a_shared_disk() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let (registry, base, pg) = setup(tmp.path());
+    let store = format!("registry://{}/braid/blobs", registry.addr);
+    let (farm, mut coordinators) =
+        ha::start_farm_with(tmp.path(), &pg, &registry.addr, 2, &[AgentSpec::new("amd64-agent", &[])], Some(&store))
+            .unwrap();
+    wait_agents(&farm, &["amd64-agent"]);
+    let leader = ha::wait_leader(&coordinators, Duration::from_secs(10)).unwrap();
+    let ctx = dockerfile_context(tmp.path(), "ctx", &format!("FROM {base}\nRUN echo exported > /out.txt\n"));
+    let first = tmp.path().join("first.tar");
+    let out = farm
+        .braid(&["build", "--platform", "linux/amd64", "--output", &format!("type=oci,dest={}", first.display()), &ctx])
+        .unwrap();
+    assert!(out.status.success(), "{}", braid_tests::output_text(&out));
+    assert!(std::fs::metadata(&first).unwrap().len() > 0);
+
+    send_signal(coordinators[leader].proc.as_ref().unwrap().pid(), "KILL");
+    coordinators[leader].proc = None;
+    let next = ha::wait_leader(&coordinators, Duration::from_secs(15)).unwrap();
+    assert_ne!(next, leader);
+    let second = tmp.path().join("second.tar");
+    let out = farm
+        .braid(&[
+            "build",
+            "--platform",
+            "linux/amd64",
+            "--output",
+            &format!("type=oci,dest={}", second.display()),
+            &ctx,
+        ])
+        .unwrap();
+    assert!(out.status.success(), "the export is served by the new leader: {}", braid_tests::output_text(&out));
+    let listing = std::process::Command::new("tar").arg("tf").arg(&second).output().unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    assert!(listing.contains("index.json") && listing.contains("blobs/sha256/"), "{listing}");
+    let log = coordinators[next].log_text();
+    assert!(log.contains("export blob read from the blob_store registry"), "{log}");
+}
