@@ -359,7 +359,15 @@ fn export_blobs_survive_the_leader_without_a_shared_disk() {
         .braid(&["build", "--platform", "linux/amd64", "--output", &format!("type=oci,dest={}", first.display()), &ctx])
         .unwrap();
     assert!(out.status.success(), "{}", braid_tests::output_text(&out));
-    assert!(std::fs::metadata(&first).unwrap().len() > 0);
+    // The layout's root manifest is in the registry repository, by digest.
+    let index = std::process::Command::new("tar").arg("xOf").arg(&first).arg("index.json").output().unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&index.stdout).unwrap();
+    let root = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
+    let head = std::process::Command::new("curl")
+        .args(["-fsSI", &format!("http://{}/v2/braid/blobs/blobs/{root}", registry.addr)])
+        .output()
+        .unwrap();
+    assert!(head.status.success(), "{root} is in the blob_store repository: {}", braid_tests::output_text(&head));
 
     send_signal(coordinators[leader].proc.as_ref().unwrap().pid(), "KILL");
     coordinators[leader].proc = None;
