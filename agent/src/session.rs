@@ -250,7 +250,15 @@ impl Agent {
             .max_decoding_message_size(braid_shared::limits::GRPC_MESSAGE_BYTES);
         let (out_tx, out_rx) = mpsc::unbounded_channel::<proto::AgentMessage>();
         out_tx.send(self.hello())?;
-        let mut inbound = client.session(UnboundedReceiverStream::new(out_rx)).await?.into_inner();
+        let mut inbound = match client.session(UnboundedReceiverStream::new(out_rx)).await {
+            Ok(inbound) => inbound.into_inner(),
+            Err(status) => {
+                if crate::settings::note_leader(&status) {
+                    tracing::info!(answer = %status.message(), "a follower answered: dialing the leader it named");
+                }
+                return Err(status.into());
+            }
+        };
         let first = inbound.message().await?;
         let heartbeat = match first.and_then(|m| m.kind) {
             Some(FromCoordinator::Welcome(w)) => {

@@ -205,6 +205,13 @@ impl Valid {
     /// answered last: only the leader listens for gRPC.
     pub async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
         static LAST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        // The leader a follower named is dialed first, configured or not.
+        if let Some(leader) = leader_hint() {
+            match self.connect_to(&leader).await {
+                Ok(channel) => return Ok(channel),
+                Err(e) => tracing::warn!(leader = %leader, error = %e, "the leader a follower named does not answer"),
+            }
+        }
         let urls = coordinator_urls(&self.settings.coordinator);
         let first = LAST.load(std::sync::atomic::Ordering::Relaxed);
         let mut last_error = None;
@@ -238,6 +245,33 @@ impl Valid {
         }
         endpoint.connect().await
     }
+}
+
+/// The metadata key a follower names the leader in.
+pub const LEADER_HEADER: &str = "x-braid-leader";
+
+static LEADER: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn leader_hint() -> Option<String> {
+    LEADER.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+}
+
+/// Remembers the leader a follower named (an `UNAVAILABLE` answer with
+/// `x-braid-leader`), to be dialed first at the next connection; whether
+/// `status` named one.
+pub fn note_leader(status: &tonic::Status) -> bool {
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let Some(leader) = status.metadata().get(LEADER_HEADER).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let leader = leader.trim();
+    if !(leader.starts_with("http://") || leader.starts_with("https://")) || leader.len() > 512 {
+        return false;
+    }
+    *LEADER.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(leader.to_owned());
+    true
 }
 
 /// The coordinator setting's addresses (comma-separated).

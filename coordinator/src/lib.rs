@@ -32,6 +32,8 @@ pub mod pgstore;
 mod pgstore_placement;
 mod pgstore_results;
 pub mod process;
+pub mod redirect;
+pub mod remote_blobs;
 pub mod remote_contexts;
 pub mod resultcache;
 pub mod scheduler;

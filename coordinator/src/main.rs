@@ -121,7 +121,10 @@ async fn main() -> anyhow::Result<()> {
             let lease = std::time::Duration::from_secs(settings.lease_seconds.into());
             let (leadership, became) = leader::start(config, settings.advertised(), lease)?;
             tracing::info!(store = %braid_coordinator::settings::redact(&settings.store), "following until this coordinator leads");
-            let Some(term) = leader::follow(http_addr, leadership.clone(), became).await? else {
+            let redirect = braid_coordinator::redirect::serve(addr, &settings, leadership.clone()).await?;
+            let followed = leader::follow(http_addr, leadership.clone(), became).await;
+            redirect.abort();
+            let Some(term) = followed? else {
                 return Ok(());
             };
             pg.fence(term);

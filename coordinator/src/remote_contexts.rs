@@ -102,6 +102,25 @@ impl RemoteContexts {
     }
 }
 
+impl RemoteContexts {
+    /// Pushes an export blob under its own digest (no tag: the registry
+    /// checks the digest on upload).
+    pub async fn push_blob(&self, bytes: &[u8]) -> Result<()> {
+        self.registry.push_blob(&self.repository, bytes).await.map_err(|e| failed("pushing a blob", e))?;
+        Ok(())
+    }
+
+    /// Reads an export blob back (at most `limit` bytes), verified.
+    pub async fn pull_blob(&self, digest: &Digest, limit: usize) -> Result<Vec<u8>> {
+        let bytes =
+            self.registry.fetch_blob(&self.repository, digest, limit).await.map_err(|e| failed("reading a blob", e))?;
+        if Digest::of(&bytes) != *digest {
+            return Err(failed("reading a blob", format!("blob {digest} does not match its digest")));
+        }
+        Ok(bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -26,7 +26,7 @@ pub async fn serve(
     http_addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = bind_again(addr).await?;
     let http_listener = tokio::net::TcpListener::bind(http_addr).await?;
     let settings = &coordinator.settings;
     let open_files = braid_shared::telemetry::open_file_limit()?;
@@ -46,6 +46,20 @@ pub async fn serve(
         }
     }
     serve_on(coordinator, listener, grpc_limits, shutdown).await
+}
+
+/// Binds `addr`, waiting up to 3 s for a follower's own listener on it
+/// (redirect.rs) to be closed once this coordinator leads.
+async fn bind_again(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            bound => return bound,
+        }
+    }
 }
 
 /// A TLS handshake on a new connection, run by the listener under its timeout.
@@ -140,7 +154,7 @@ pub async fn serve_on(
 /// TLS for gRPC, as tonic would set it up: the coordinator's certificate,
 /// ALPN h2, and client certificates checked against the cluster CA when
 /// presented (agents must present one; clients may use a bearer token).
-fn grpc_tls(settings: &Settings) -> Result<Option<tokio_rustls::TlsAcceptor>, ServeError> {
+pub(crate) fn grpc_tls(settings: &Settings) -> Result<Option<tokio_rustls::TlsAcceptor>, ServeError> {
     let (Some(cert), Some(key), Some(ca)) = (&settings.tls_cert, &settings.tls_key, &settings.tls_ca) else {
         return Ok(None);
     };

@@ -43,6 +43,8 @@ pub struct Coordinator {
     pub stored: Arc<Stored>,
     pub contexts: ContextStore,
     pub blobs: Arc<BlobStore>,
+    /// The `blob_store` registry repository export blobs are also kept in.
+    pub remote_blobs: Option<Arc<crate::remote_contexts::RemoteContexts>>,
     pub store: Arc<Store>,
     /// Whether the data directory takes writes.
     pub disk: Arc<DataDir>,
@@ -89,6 +91,7 @@ impl Coordinator {
         )?
         .with_remote(crate::remote_contexts::from_settings(&settings)?);
         let blobs = Arc::new(BlobStore::open(&settings.data_dir.join("blobs/sha256"), settings.blob_store_bytes)?);
+        let remote_blobs = crate::remote_contexts::from_settings(&settings)?.map(Arc::new);
         let config = FarmConfig {
             max_attempts: settings.max_attempts,
             insecure_registries: settings.insecure_registries.clone(),
@@ -127,6 +130,7 @@ impl Coordinator {
             stored,
             contexts,
             blobs,
+            remote_blobs,
             store,
             disk,
             settings,
@@ -365,6 +369,7 @@ impl Coordinator {
             })
             .await
             .map_err(|e| format!("storing the index: {}", self.disk.check(e)))?;
+            crate::remote_blobs::push(self, &braid_shared::Digest::of(&index)).await.map_err(|e| e.to_string())?;
         }
         if m.push {
             merge::push(&self.registry_for(build_id), &m.tags, &m.pushed_to, &m.images, &index, &descriptor).await?;

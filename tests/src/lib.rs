@@ -564,7 +564,7 @@ impl Farm {
     }
 
     /// Starts `agents`, each given the farm's URL (every coordinator's).
-    fn start_agents(&mut self, agents: &[AgentSpec]) -> anyhow::Result<()> {
+    pub fn start_agents(&mut self, agents: &[AgentSpec]) -> anyhow::Result<()> {
         let dir = self.dir.clone();
         for spec in agents {
             let mut cmd = Command::new(bin("braid-agent"));

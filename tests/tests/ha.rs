@@ -301,3 +301,92 @@ fn a_leader_stopped_with_sigterm_gives_up_its_lease_at_once() {
     let since_ms = pg.number("SELECT (extract(epoch FROM since) * 1000)::bigint FROM braid_leader");
     assert!(since_ms - exited_ms < 2000, "taken over {} ms after the exit", since_ms - exited_ms);
 }
+
+/// Followers listen for gRPC too and answer every call with where the
+/// leader is: a CLI and an agent given only a follower's address reach the
+/// leader, and `braid status` against the follower says it follows.
+#[test]
+fn a_follower_sends_the_cli_and_agents_to_the_leader() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let (registry, base, pg) = setup(tmp.path());
+    let (mut farm, coordinators) = ha::start_farm(tmp.path(), &pg, &registry.addr, 2, &[]).unwrap();
+    let leader = ha::wait_leader(&coordinators, Duration::from_secs(10)).unwrap();
+    let follower = 1 - leader;
+    assert!(coordinators[follower].log_text().contains("follower gRPC listening"));
+    farm.url = coordinators[follower].url.clone();
+
+    let status = farm.braid(&["status"]).unwrap();
+    let text = braid_tests::output_text(&status);
+    assert!(status.status.success(), "{text}");
+    assert!(text.contains("role     follower"), "{text}");
+    assert!(text.contains(&format!("leader   {}", coordinators[leader].url)), "{text}");
+
+    farm.start_agents(&[AgentSpec::new("amd64-agent", &[])]).unwrap();
+    wait_agents(&farm, &["amd64-agent"]);
+    let log = farm.log("amd64-agent");
+    assert!(log.contains("a follower answered: dialing the leader it named"), "{log}");
+
+    let ctx = dockerfile_context(tmp.path(), "ctx", &format!("FROM {base}\nRUN echo via-the-follower\n"));
+    let tag = format!("{}/ha/redirect:1", registry.addr);
+    let out = farm.braid(&["build", "-t", &tag, "--push", "--progress", "plain", &ctx]).unwrap();
+    let text = braid_tests::output_text(&out);
+    assert!(out.status.success(), "a CLI given only a follower builds on the leader:\n{text}");
+    assert!(text.contains("via-the-follower"), "{text}");
+    assert!(registry.digest_of("ha/redirect:1").is_some(), "the image is pushed");
+}
+
+/// Separate data directories, `blob_store` set: the blobs an agent uploads
+/// for an `--output type=oci` export are pushed to the registry too, so
+/// after the leader is killed -9 the next one, whose own data dir has none of
+/// them, reads them back (verified) instead of asking the agent again, and
+/// serves the export.
+#[test]
+fn export_blobs_survive_the_leader_without_a_shared_disk() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let (registry, base, pg) = setup(tmp.path());
+    let store = format!("registry://{}/braid/blobs", registry.addr);
+    let (farm, mut coordinators) =
+        ha::start_farm_with(tmp.path(), &pg, &registry.addr, 2, &[AgentSpec::new("amd64-agent", &[])], Some(&store))
+            .unwrap();
+    wait_agents(&farm, &["amd64-agent"]);
+    let leader = ha::wait_leader(&coordinators, Duration::from_secs(10)).unwrap();
+    let ctx = dockerfile_context(tmp.path(), "ctx", &format!("FROM {base}\nRUN echo exported > /out.txt\n"));
+    let first = tmp.path().join("first.tar");
+    let out = farm
+        .braid(&["build", "--platform", "linux/amd64", "--output", &format!("type=oci,dest={}", first.display()), &ctx])
+        .unwrap();
+    assert!(out.status.success(), "{}", braid_tests::output_text(&out));
+    // The layout's root manifest is in the registry repository, by digest.
+    let index = std::process::Command::new("tar").arg("xOf").arg(&first).arg("index.json").output().unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&index.stdout).unwrap();
+    let root = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
+    let head = std::process::Command::new("curl")
+        .args(["-fsSI", &format!("http://{}/v2/braid/blobs/blobs/{root}", registry.addr)])
+        .output()
+        .unwrap();
+    assert!(head.status.success(), "{root} is in the blob_store repository: {}", braid_tests::output_text(&head));
+
+    send_signal(coordinators[leader].proc.as_ref().unwrap().pid(), "KILL");
+    coordinators[leader].proc = None;
+    let next = ha::wait_leader(&coordinators, Duration::from_secs(15)).unwrap();
+    assert_ne!(next, leader);
+    let second = tmp.path().join("second.tar");
+    let out = farm
+        .braid(&[
+            "build",
+            "--platform",
+            "linux/amd64",
+            "--output",
+            &format!("type=oci,dest={}", second.display()),
+            &ctx,
+        ])
+        .unwrap();
+    assert!(out.status.success(), "the export is served by the new leader: {}", braid_tests::output_text(&out));
+    let listing = std::process::Command::new("tar").arg("tf").arg(&second).output().unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    assert!(listing.contains("index.json") && listing.contains("blobs/sha256/"), "{listing}");
+    let log = coordinators[next].log_text();
+    assert!(log.contains("export blob read from the blob_store registry"), "{log}");
+}

@@ -58,17 +58,19 @@ impl Conn {
     /// (re)connection: every address given, and every address a name
     /// resolves to, in turn (only the leader listens for gRPC), so a call
     /// retried after the leader went away reaches the next one.
-    async fn channel(&self) -> anyhow::Result<(Channel, Auth)> {
+    async fn channel_here(&self) -> anyhow::Result<(Channel, Auth)> {
         let urls = self.urls();
         let mut targets = Vec::new();
         for url in &urls {
-            let uri: tonic::codegen::http::Uri = url.parse().with_context(|| format!("coordinator URL {url:?}"))?;
-            let port = uri.port_u16().unwrap_or(if url.starts_with("https://") { 443 } else { 80 });
-            let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
-            targets.push((host, port));
+            targets.push(target(url)?);
         }
         let connector = tower::service_fn(move |_uri: tonic::codegen::http::Uri| {
-            let targets = targets.clone();
+            let mut targets = targets.clone();
+            // The leader a follower named is dialed first.
+            if let Some(leader) = leader_hint().and_then(|url| target(&url).ok()) {
+                targets.retain(|t| *t != leader);
+                targets.insert(0, leader);
+            }
             async move {
                 let mut last = std::io::Error::other("no coordinator address given");
                 for (host, port) in &targets {
@@ -117,6 +119,31 @@ impl Conn {
         Ok((channel, Auth(auth)))
     }
 
+    /// A channel to the leader: a follower answers every call with where
+    /// the leader is (redirect.rs in the coordinator), so a first call asks,
+    /// and the channel is dialed again with that leader first.
+    async fn channel(&self) -> anyhow::Result<(Channel, Auth)> {
+        for _ in 0..MAX_REDIRECTS {
+            let (channel, auth) = self.channel_here().await?;
+            let mut probe = AdminClient::with_interceptor(channel.clone(), auth.clone());
+            match probe.coordinator_status(braid_shared::proto::CoordinatorStatusRequest {}).await {
+                Err(status) if note_leader(&status) => continue,
+                _ => return Ok((channel, auth)),
+            }
+        }
+        self.channel_here().await
+    }
+
+    /// An admin client of the one coordinator given, leader or follower
+    /// (`braid status`); of the leader when several are given.
+    pub async fn admin_here(&self) -> anyhow::Result<Admin> {
+        if self.urls().len() > 1 {
+            return self.admin().await;
+        }
+        let (channel, auth) = self.channel_here().await?;
+        Ok(AdminClient::with_interceptor(channel, auth))
+    }
+
     pub async fn builds(&self) -> anyhow::Result<Builds> {
         let (channel, auth) = self.channel().await?;
         Ok(BuildsClient::with_interceptor(channel, auth)
@@ -127,5 +154,65 @@ impl Conn {
     pub async fn admin(&self) -> anyhow::Result<Admin> {
         let (channel, auth) = self.channel().await?;
         Ok(AdminClient::with_interceptor(channel, auth))
+    }
+}
+
+/// How many followers in a row may send a connection on.
+const MAX_REDIRECTS: usize = 4;
+
+/// The metadata key a follower names the leader in.
+pub const LEADER_HEADER: &str = "x-braid-leader";
+
+static LEADER: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn leader_hint() -> Option<String> {
+    LEADER.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+}
+
+/// The leader `status` names when a follower answered; None otherwise.
+pub fn named_leader(status: &tonic::Status) -> Option<String> {
+    if status.code() != tonic::Code::Unavailable {
+        return None;
+    }
+    let leader = status.metadata().get(LEADER_HEADER)?.to_str().ok()?.trim();
+    let valid = (leader.starts_with("http://") || leader.starts_with("https://")) && leader.len() <= 512;
+    valid.then(|| leader.to_owned())
+}
+
+/// Remembers the leader a follower named, to be dialed first from now on;
+/// whether `status` named one.
+pub fn note_leader(status: &tonic::Status) -> bool {
+    match named_leader(status) {
+        Some(leader) => {
+            *LEADER.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(leader);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Host and port of a coordinator URL.
+fn target(url: &str) -> anyhow::Result<(String, u16)> {
+    let uri: tonic::codegen::http::Uri = url.parse().with_context(|| format!("coordinator URL {url:?}"))?;
+    let port = uri.port_u16().unwrap_or(if url.starts_with("https://") { 443 } else { 80 });
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+    Ok((host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_follower_status_names_the_leader() {
+        let mut status = tonic::Status::unavailable("not the leader: the leader is http://10.0.0.2:7000 (term 3)");
+        assert_eq!(named_leader(&status), None);
+        status.metadata_mut().insert(LEADER_HEADER, "http://10.0.0.2:7000".parse().unwrap());
+        assert_eq!(named_leader(&status).as_deref(), Some("http://10.0.0.2:7000"));
+        let mut other = tonic::Status::not_found("x");
+        other.metadata_mut().insert(LEADER_HEADER, "http://10.0.0.2:7000".parse().unwrap());
+        assert_eq!(named_leader(&other), None);
+        assert_eq!(target("http://10.0.0.2:7000").unwrap(), ("10.0.0.2".to_owned(), 7000));
     }
 }

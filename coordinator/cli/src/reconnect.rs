@@ -119,7 +119,10 @@ impl Patience {
                     self.recovered();
                     return Ok(v);
                 }
-                Err(e) if transient(&e) => self.wait(&e.message()).await?,
+                Err(e) if transient(&e) => {
+                    crate::conn::note_leader(&e);
+                    self.wait(&e.message()).await?;
+                }
                 Err(e) => return Err(e.into()),
             }
         }

@@ -294,7 +294,7 @@ impl Agents for AgentsService {
             let digest: Digest = raw.parse().map_err(|e| Status::invalid_argument(format!("digests: {e}")))?;
             if self.coordinator.blobs.has(&digest) {
                 self.coordinator.blobs.touch(&digest);
-            } else {
+            } else if !crate::remote_blobs::pull(&self.coordinator, &digest).await {
                 missing.push(digest.to_string());
             }
         }
@@ -343,6 +343,7 @@ impl Agents for AgentsService {
         let store = blobs.clone();
         blocking::run(move || store.finish(upload)).await.map_err(|e| disk.check(e))?;
         disk.file_written();
+        crate::remote_blobs::push(&self.coordinator, &digest).await.map_err(Status::from)?;
         Metrics::add(&self.coordinator.metrics.blob_bytes_received, first.size);
         Ok(Response::new(proto::PutBlobResponse { digest: digest.to_string(), size: first.size }))
     }

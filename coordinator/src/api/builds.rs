@@ -281,6 +281,9 @@ impl Builds for BuildsService {
             return Err(Status::not_found(format!("build {} has no image for {p}", r.build_id)));
         }
         let index = index.ok_or_else(|| Status::internal("a succeeded exporting build without an index"))?;
+        let mut roots: Vec<Digest> = images.iter().map(|(_, i)| i.digest.clone()).collect();
+        roots.push(index.digest.clone());
+        crate::remote_blobs::fill(&self.coordinator, &roots).await.map_err(Status::from)?;
         let blobs = self.coordinator.blobs.clone();
         let reader = blobs.clone();
         // Reading the manifests back hashes them: a blocking thread's work.
