@@ -257,11 +257,16 @@ fn builds_of_one_repository_stay_warm_and_another_spreads() {
     let agent_for = |repo: &str, n: usize| {
         let meta = tmp.path().join(format!("{}-{n}.json", repo.replace('/', "-")));
         let tag = format!("{}/{repo}:{n}", registry.addr);
+        // A different build arg each time: an identical build would be
+        // answered by the result cache, with no agent at all.
+        let revision = format!("REVISION={n}");
         let out = farm
             .braid(&[
                 "build",
                 "--platform",
                 "linux/arm64",
+                "--build-arg",
+                &revision,
                 "-t",
                 &tag,
                 "--push",
