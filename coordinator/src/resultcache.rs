@@ -172,7 +172,7 @@ const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// as it is. A failed lookup or check only means the agents build it.
 pub async fn lookup(
     store: &std::sync::Arc<crate::stores::Store>,
-    registry: &Registry,
+    make_registry: impl FnOnce() -> Registry,
     new: &mut crate::farm::NewBuild,
 ) {
     if let Some(why) = bypass(new.spec()) {
@@ -183,6 +183,8 @@ pub async fn lookup(
         new.jobs().into_iter().map(|(job_id, platform)| (job_id, key(new.spec(), &platform))).collect();
     new.set_result_keys(keys.clone());
     let repositories = new.push_repositories();
+    let mut make_registry = Some(make_registry);
+    let mut registry: Option<Registry> = None;
     for (job_id, key) in keys {
         let store = store.clone();
         let lookup_key = key.clone();
@@ -195,6 +197,10 @@ pub async fn lookup(
                 continue;
             }
         };
+        if registry.is_none() {
+            registry = make_registry.take().map(|make| make());
+        }
+        let Some(registry) = registry.as_ref() else { continue };
         match tokio::time::timeout(CHECK_TIMEOUT, still_valid(registry, &entry, &repositories)).await {
             Ok(Ok(())) => new.reuse(&job_id, entry),
             Ok(Err(why)) => tracing::info!(job_id, from = entry.build_id, why, "earlier result not reused"),
