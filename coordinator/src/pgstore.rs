@@ -247,22 +247,7 @@ impl Postgres {
                 .collect();
             Ok((rows, last))
         })?;
-        let mut builds = Vec::with_capacity(rows.len());
-        for (id, json, spec) in rows {
-            let record = serde_json::from_str::<BuildRecord>(&json).map_err(|e| e.to_string()).map(|mut r| {
-                let stored = last.get(&id).and_then(|s| u64::try_from(*s).ok()).unwrap_or(0);
-                r.last_seq = r.last_seq.max(stored);
-                r
-            });
-            let spec = proto::BuildSpec::decode(spec.as_slice()).map_err(|e| e.to_string());
-            match (record, spec) {
-                (Ok(record), Ok(spec)) => builds.push((record, spec)),
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::warn!(build_id = %id, error = %e, "stored build skipped: it no longer parses")
-                }
-            }
-        }
-        Ok(builds)
+        Ok(crate::stores::decode_builds(rows, &last))
     }
 
     pub fn events_after(&self, build_id: &str, after_seq: u64, limit: usize) -> Result<Vec<proto::BuildEvent>> {

@@ -266,22 +266,7 @@ impl Sqlite {
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
         })?;
-        let mut builds = Vec::with_capacity(rows.len());
-        for (id, json, spec) in rows {
-            let record = serde_json::from_str::<BuildRecord>(&json).map_err(|e| e.to_string()).map(|mut r| {
-                let stored = last_seqs.get(&id).and_then(|s| u64::try_from(*s).ok()).unwrap_or(0);
-                r.last_seq = r.last_seq.max(stored);
-                r
-            });
-            let spec = proto::BuildSpec::decode(spec.as_slice()).map_err(|e| e.to_string());
-            match (record, spec) {
-                (Ok(record), Ok(spec)) => builds.push((record, spec)),
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::warn!(build_id = %id, error = %e, "stored build skipped: it no longer parses")
-                }
-            }
-        }
-        Ok(builds)
+        Ok(crate::stores::decode_builds(rows, &last_seqs))
     }
 
     /// Events of one build after `after_seq`, at most `limit`.

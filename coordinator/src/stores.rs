@@ -123,3 +123,31 @@ impl Store {
         }
     }
 }
+
+/// Stored builds (id, record JSON, encoded spec), with each build's last
+/// event number from the events table (log lines do not rewrite the
+/// record), as both stores load them. A build an older version stored that
+/// no longer parses is left out with a warning rather than keeping the
+/// coordinator from starting.
+pub(crate) fn decode_builds(
+    rows: Vec<(String, String, Vec<u8>)>,
+    last_seqs: &std::collections::HashMap<String, i64>,
+) -> Vec<(BuildRecord, proto::BuildSpec)> {
+    use prost::Message as _;
+    let mut builds = Vec::with_capacity(rows.len());
+    for (id, json, spec) in rows {
+        let record = serde_json::from_str::<BuildRecord>(&json).map_err(|e| e.to_string()).map(|mut r| {
+            let stored = last_seqs.get(&id).and_then(|s| u64::try_from(*s).ok()).unwrap_or(0);
+            r.last_seq = r.last_seq.max(stored);
+            r
+        });
+        let spec = proto::BuildSpec::decode(spec.as_slice()).map_err(|e| e.to_string());
+        match (record, spec) {
+            (Ok(record), Ok(spec)) => builds.push((record, spec)),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(build_id = %id, error = %e, "stored build skipped: it no longer parses")
+            }
+        }
+    }
+    builds
+}
