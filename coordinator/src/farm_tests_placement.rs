@@ -118,10 +118,11 @@ fn out_of_memory_retries_on_a_larger_agent_and_the_footprint_steers_the_next_bui
 fn free_memory_is_the_label_or_the_hosts_available_memory_when_less() {
     use crate::farm::placement_free_memory as free;
     let labels: placement::Labels = [("memory".to_owned(), "2GiB".to_owned())].into_iter().collect();
+    let labels = crate::farm::placement_memory_of(&labels);
     let health = |m: u64| proto::AgentHealth { memory_available_bytes: m, ..Default::default() };
-    assert_eq!(free(&labels, None), 2 << 30);
-    assert_eq!(free(&labels, Some(&health(1 << 30))), 1 << 30);
-    assert_eq!(free(&labels, Some(&health(8 << 30))), 2 << 30);
-    assert_eq!(free(&placement::Labels::new(), Some(&health(3 << 30))), 3 << 30);
-    assert_eq!(free(&placement::Labels::new(), Some(&health(0))), 0);
+    assert_eq!(free(labels, None), 2 << 30);
+    assert_eq!(free(labels, Some(&health(1 << 30))), 1 << 30);
+    assert_eq!(free(labels, Some(&health(8 << 30))), 2 << 30);
+    assert_eq!(free(None, Some(&health(3 << 30))), 3 << 30);
+    assert_eq!(free(None, Some(&health(0))), 0);
 }

@@ -53,14 +53,17 @@ pub fn unmet<'a>(
     let caps = |a: &AgentEntry| a.builder.as_ref().map(|b| b.capabilities).unwrap_or_default();
     let mut refusals = Vec::new();
     for platform in platforms {
-        let candidates: Vec<&AgentEntry> = agents
-            .clone()
-            .filter(|a| {
-                a.platforms.iter().any(|p| p.matches(platform))
-                    || (allow_emulation && a.emulates.iter().any(|p| p.matches(platform)))
-            })
-            .collect();
-        if candidates.is_empty() || candidates.iter().any(|a| caps(a).has_all(needs)) {
+        let builds = |a: &&AgentEntry| {
+            a.platforms.iter().any(|p| p.matches(platform))
+                || (allow_emulation && a.emulates.iter().any(|p| p.matches(platform)))
+        };
+        // Asked under the farm's lock at every submit: stop at the first
+        // agent that has it; gather candidates only to refuse.
+        if agents.clone().filter(builds).any(|a| caps(a).has_all(needs)) {
+            continue;
+        }
+        let candidates: Vec<&AgentEntry> = agents.clone().filter(builds).collect();
+        if candidates.is_empty() {
             continue;
         }
         // What none of them has; else (each has some) what the first lacks.
@@ -125,6 +128,8 @@ mod tests {
                 }
             }),
             health: None,
+            labels: Default::default(),
+            memory_label: None,
         }
     }
 

@@ -132,13 +132,8 @@ impl Builds for BuildsService {
                 return Err(CoordinatorError::FailedPrecondition(why).into());
             }
             let requirements = crate::farm::placement_requirements(&valid.spec);
-            crate::needs::unmet(
-                farm.agent_list().into_iter(),
-                &valid.platforms,
-                valid.spec.allow_emulation,
-                valid.needs,
-            )
-            .or_else(|| farm.unmet_requirements(&valid.platforms, valid.spec.allow_emulation, &requirements))
+            crate::needs::unmet(farm.agents.values(), &valid.platforms, valid.spec.allow_emulation, valid.needs)
+                .or_else(|| farm.unmet_requirements(&valid.platforms, valid.spec.allow_emulation, &requirements))
         };
         if let Some(why) = unmet {
             return Err(CoordinatorError::FailedPrecondition(why).into());

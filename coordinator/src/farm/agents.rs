@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use braid_shared::placement::Labels;
 use braid_shared::proto;
 use braid_shared::{Digest, Platform};
 
@@ -55,6 +56,8 @@ impl Farm {
                     cert: None,
                     builder: None,
                     health: None,
+                    labels: Labels::new(),
+                    memory_label: None,
                 },
             );
         }
@@ -62,9 +65,8 @@ impl Farm {
 
     /// Every known agent, by name.
     pub fn agent_list(&self) -> Vec<&AgentEntry> {
-        let mut agents: Vec<&AgentEntry> = self.agents.values().collect();
-        agents.sort_by(|a, b| a.name.cmp(&b.name));
-        agents
+        // A BTreeMap: already in name order.
+        self.agents.values().collect()
     }
 
     /// Sets or clears an operator's cordon.
@@ -108,12 +110,14 @@ impl Farm {
             )));
         }
         self.metrics.declare_platforms(platforms.iter().chain(&emulates).map(ToString::to_string));
+        // check_hello validated them.
+        let labels: Labels = hello.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let memory_label = super::placement::memory_of(&labels);
         let declared = crate::model::Declared {
             platforms: platforms.clone(),
             emulates: emulates.clone(),
             last_seen_ms: self.clock.now_ms(),
-            // check_hello validated them.
-            labels: hello.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: labels.clone(),
         };
         self.note_declared(&hello.name, Some(declared));
         let session = self.next_session;
@@ -179,6 +183,8 @@ impl Farm {
                 cert,
                 builder,
                 health: None,
+                labels,
+                memory_label,
             },
         );
         let readopted = self.agents.get(&hello.name).map_or(0, |a| a.running.len());

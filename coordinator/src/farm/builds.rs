@@ -190,19 +190,16 @@ impl Farm {
             .agents
             .values()
             .filter(|a| a.connected)
-            .map(|a| {
-                let labels = self.labels_ref(&a.name);
-                AgentView {
-                    name: &a.name,
-                    platforms: &a.platforms,
-                    emulates: &a.emulates,
-                    slots: a.slots,
-                    running: a.running.len() as u32,
-                    schedulable: !a.cordoned && !a.draining,
-                    capabilities: a.builder.as_ref().map(|b| b.capabilities).unwrap_or_default(),
-                    labels,
-                    memory: super::placement::free_memory(labels, a.health.as_ref()),
-                }
+            .map(|a| AgentView {
+                name: &a.name,
+                platforms: &a.platforms,
+                emulates: &a.emulates,
+                slots: a.slots,
+                running: a.running.len() as u32,
+                schedulable: !a.cordoned && !a.draining,
+                capabilities: a.builder.as_ref().map(|b| b.capabilities).unwrap_or_default(),
+                labels: &a.labels,
+                memory: super::placement::free_memory(a.memory_label, a.health.as_ref()),
             })
             .collect();
         // Whether any agent serves a platform, asked once per pass, not per job.

@@ -57,16 +57,15 @@ impl Farm {
     pub fn undeclared(&self, platforms: &[Platform], allow_emulation: bool) -> Option<String> {
         let mut refusals = Vec::new();
         for platform in platforms {
+            // Submit asks this under the farm's lock: the common answer
+            // stops at the first agent, and names are gathered only to refuse.
+            let emulates = |d: &Declared| d.emulates.iter().any(|p| p.matches(platform));
             let native = self.declared.values().any(|d| d.platforms.iter().any(|p| p.matches(platform)));
-            let emulators: Vec<&str> = self
-                .declared
-                .iter()
-                .filter(|(_, d)| d.emulates.iter().any(|p| p.matches(platform)))
-                .map(|(n, _)| n.as_str())
-                .collect();
-            if native || (allow_emulation && !emulators.is_empty()) {
+            if native || (allow_emulation && self.declared.values().any(emulates)) {
                 continue;
             }
+            let emulators: Vec<&str> =
+                self.declared.iter().filter(|(_, d)| emulates(d)).map(|(n, _)| n.as_str()).collect();
             if self.declared.is_empty() {
                 refusals.push(format!(
                     "platform {platform}: no agent has ever connected to this coordinator; start an agent that \

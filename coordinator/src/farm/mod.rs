@@ -13,7 +13,10 @@ pub use agents::Connected;
 mod builds;
 mod declared;
 mod placement;
-pub use placement::{NO_LABELS, free_memory as placement_free_memory, requirements as placement_requirements};
+pub use placement::{
+    NO_LABELS, free_memory as placement_free_memory, memory_of as placement_memory_of,
+    requirements as placement_requirements,
+};
 mod events;
 mod jobs;
 mod secrets;
@@ -27,6 +30,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 use braid_shared::oci::Credential;
+use braid_shared::placement::Labels;
 use braid_shared::proto;
 use braid_shared::{Digest, ImageRef, Platform};
 
@@ -140,6 +144,11 @@ pub struct AgentEntry {
     /// Its latest health report (checked); memory only, None until a
     /// heartbeat of this session brings one.
     pub health: Option<proto::AgentHealth>,
+    /// Its labels as its last hello declared them (empty for an agent
+    /// re-adopted from the store until it reconnects), and its `memory`
+    /// label read once: each placement pass reads every agent's.
+    pub labels: Labels,
+    pub memory_label: Option<u64>,
 }
 
 impl AgentEntry {

@@ -10,7 +10,7 @@ use braid_shared::placement::{self, Labels, Requirement, format_bytes, format_by
 use braid_shared::proto;
 
 use super::{Effect, Farm};
-use crate::model::Footprint;
+use crate::model::{Declared, Footprint};
 
 /// Labels of an agent that reported none.
 pub static NO_LABELS: Labels = Labels::new();
@@ -38,9 +38,9 @@ pub fn memory_of(labels: &Labels) -> Option<u64> {
 /// The memory an agent has for a job, for the footprint preference: its
 /// `memory` label, or its host's available memory as its last heartbeat
 /// reported it when that is less (0: unknown).
-pub fn free_memory(labels: &Labels, health: Option<&proto::AgentHealth>) -> u64 {
+pub fn free_memory(memory_label: Option<u64>, health: Option<&proto::AgentHealth>) -> u64 {
     let available = health.map(|h| h.memory_available_bytes).filter(|&m| m != 0);
-    match (memory_of(labels), available) {
+    match (memory_label, available) {
         (Some(l), Some(a)) => l.min(a),
         (l, a) => l.or(a).unwrap_or(0),
     }
@@ -82,6 +82,15 @@ impl Farm {
         let mut refusals = Vec::new();
         for platform in platforms {
             let reqs: Vec<&Requirement> = requirements.iter().filter(|r| r.applies_to(platform)).collect();
+            let builds = |d: &Declared| {
+                d.platforms.iter().any(|p| p.matches(platform))
+                    || (allow_emulation && d.emulates.iter().any(|p| p.matches(platform)))
+            };
+            // Asked under the farm's lock at every submit: stop at the first
+            // agent that satisfies them; gather the known ones only to refuse.
+            if self.declared.values().any(|d| builds(d) && reqs.iter().all(|r| r.satisfied_by(&d.labels))) {
+                continue;
+            }
             let known: Vec<(&String, &Labels)> = self
                 .declared
                 .iter()
