@@ -7,14 +7,28 @@
 //! The statement is made of the spec (never a secret's value: the spec
 //! holds secret ids only) and the job records; credentials never enter it.
 
+use std::collections::BTreeMap;
+
+use futures::{TryStreamExt, stream};
+
 use braid_shared::buildneeds::Provenance;
 use braid_shared::dsse::Signer;
 use braid_shared::oci::Registry;
 use braid_shared::provenance::{BraidMetadata, DSSE_MEDIA_TYPE, IN_TOTO_MEDIA_TYPE, IN_TOTO_PAYLOAD_TYPE};
 use braid_shared::slsa::{self, StatementInput};
-use braid_shared::{ImageRef, proto};
+use braid_shared::{Digest, ImageRef, proto};
 
 use crate::farm::BuildEntry;
+
+/// Registry requests a merge keeps in flight at once.
+const PUSHES_AT_ONCE: usize = 8;
+
+/// Where a push goes: registry, repository, and the blob or platform.
+type Destination<'a, K> = (&'a str, &'a str, K);
+
+/// A push: the tag naming the repository, the bytes, and the platform
+/// (for the error).
+type Push<'a, B> = (&'a ImageRef, B, &'a str);
 
 /// Each platform's statement input, when the build asked for provenance
 /// (`coordinator` is filled in by the caller).
@@ -63,7 +77,13 @@ pub async fn attach(
     inputs: &[StatementInput],
     index: &[u8],
 ) -> Result<Vec<u8>, String> {
+    // Built first, pushed after: blobs, then the manifests that name them,
+    // each phase concurrently (a merge waits on every round trip). A blob
+    // is pushed once per repository: two uploads of one blob into one
+    // repository at once can lose it in some registries.
     let mut descriptors = Vec::with_capacity(inputs.len());
+    let mut manifests = Vec::with_capacity(inputs.len());
+    let mut blobs: BTreeMap<Destination<Digest>, Push<Vec<u8>>> = BTreeMap::new();
     for input in inputs {
         let statement = slsa::statement(input);
         let predicate_type = statement["predicateType"].as_str().unwrap_or_default().to_owned();
@@ -81,17 +101,36 @@ pub async fn attach(
         let (config, manifest) = slsa::attestation_manifest(&layers);
         for tag in tags {
             for blob in std::iter::once(&config).chain(&layers) {
-                registry
-                    .push_blob(tag, &blob.bytes)
-                    .await
-                    .map_err(|e| format!("pushing the provenance of {} to {}: {e}", input.platform, tag.name()))?;
+                blobs
+                    .entry((tag.registry(), tag.repository(), blob.digest()))
+                    .or_insert_with(|| (tag, blob.bytes.clone(), input.platform.as_str()));
             }
-            registry
-                .push_manifest(tag, &manifest, braid_shared::oci::OCI_MANIFEST)
-                .await
-                .map_err(|e| format!("pushing the attestation of {} to {}: {e}", input.platform, tag.name()))?;
         }
         descriptors.push(slsa::index_descriptor(&manifest, &input.digest));
+        manifests.push((input.platform.as_str(), manifest));
     }
+    stream::iter(blobs.into_values().map(Ok))
+        .try_for_each_concurrent(PUSHES_AT_ONCE, |(tag, bytes, platform)| async move {
+            registry
+                .push_blob(tag, &bytes)
+                .await
+                .map_err(|e| format!("pushing the provenance of {platform} to {}: {e}", tag.name()))
+        })
+        .await?;
+    // Once per repository, whatever the number of its tags.
+    let manifest_pushes: BTreeMap<Destination<&str>, Push<&Vec<u8>>> = manifests
+        .iter()
+        .flat_map(|(platform, manifest)| {
+            tags.iter().map(move |tag| ((tag.registry(), tag.repository(), *platform), (tag, manifest, *platform)))
+        })
+        .collect();
+    stream::iter(manifest_pushes.into_values().map(Ok))
+        .try_for_each_concurrent(PUSHES_AT_ONCE, |(tag, manifest, platform)| async move {
+            registry
+                .push_manifest(tag, manifest, braid_shared::oci::OCI_MANIFEST)
+                .await
+                .map_err(|e| format!("pushing the attestation of {platform} to {}: {e}", tag.name()))
+        })
+        .await?;
     slsa::append_to_index(index, descriptors)
 }

@@ -63,6 +63,11 @@ pub struct Coordinator {
     pub cache_requests: crate::cachecmd::Pending,
     /// Whether this coordinator leads (always, on SQLite), and its term.
     pub leadership: Arc<crate::leader::Leadership>,
+    /// One client for every build without registry credentials: its
+    /// connections and anonymous tokens are reused (a new client loads the
+    /// TLS roots and connects afresh). A build with credentials gets a
+    /// client of its own, so no token outlives or crosses builds.
+    anonymous_registry: Registry,
 }
 
 impl Coordinator {
@@ -123,6 +128,7 @@ impl Coordinator {
             )),
             _ => None,
         };
+        let anonymous_registry = Registry::new(&settings.insecure_registries);
         Ok(Arc::new(Coordinator {
             farm: Mutex::new(farm),
             sessions: Mutex::new(HashMap::new()),
@@ -142,6 +148,7 @@ impl Coordinator {
             provenance_signer,
             cache_requests: crate::cachecmd::Pending::default(),
             leadership,
+            anonymous_registry,
         }))
     }
 
@@ -347,12 +354,12 @@ impl Coordinator {
         m: &crate::farm::MergeInputs,
     ) -> std::result::Result<ImageDescriptor, String> {
         let (mut index, mut descriptor) = merge::index(&m.images, &m.annotations, m.format)?;
+        let registry = self.registry_for(build_id);
         if !m.provenance.is_empty() && m.push {
             let mut inputs = m.provenance.clone();
             for input in &mut inputs {
                 input.metadata.coordinator = self.name();
             }
-            let registry = self.registry_for(build_id);
             index =
                 crate::attest::attach(&registry, self.provenance_signer.as_deref(), &m.tags, &inputs, &index).await?;
             descriptor = ImageDescriptor {
@@ -372,7 +379,7 @@ impl Coordinator {
             crate::remote_blobs::push(self, &braid_shared::Digest::of(&index)).await.map_err(|e| e.to_string())?;
         }
         if m.push {
-            merge::push(&self.registry_for(build_id), &m.tags, &m.pushed_to, &m.images, &index, &descriptor).await?;
+            merge::push(&registry, &m.tags, &m.pushed_to, &m.images, &index, &descriptor).await?;
         }
         Ok(descriptor)
     }
@@ -388,6 +395,14 @@ impl Coordinator {
     /// A registry client with the build's credentials.
     fn registry_for(&self, build_id: &str) -> Registry {
         let credentials = self.farm().credentials_for(build_id);
+        self.registry_with(credentials)
+    }
+
+    /// A registry client with `credentials`: the shared one when there are none.
+    pub fn registry_with(&self, credentials: Vec<braid_shared::oci::Credential>) -> Registry {
+        if credentials.is_empty() {
+            return self.anonymous_registry.clone();
+        }
         Registry::with_credentials(&self.settings.insecure_registries, credentials)
     }
 

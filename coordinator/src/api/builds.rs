@@ -140,10 +140,10 @@ impl Builds for BuildsService {
         }
         self.coordinator.contexts.touch(&digest);
         // Made only when the result cache finds an entry to check: a client
-        // per submission cost more than the rest of Submit (scale benchmark).
-        let insecure = self.coordinator.settings.insecure_registries.clone();
+        // with credentials per submission cost more than the rest of Submit
+        // (scale benchmark).
         let registry_credentials = credentials.clone();
-        let registry = move || braid_shared::oci::Registry::with_credentials(&insecure, registry_credentials);
+        let registry = || self.coordinator.registry_with(registry_credentials);
         let mut new = self.coordinator.farm().new_build(
             valid.spec,
             valid.platforms,
