@@ -111,12 +111,33 @@ pub(super) async fn build_with_containers(
         Ok(id) => id.trim().to_owned(),
         Err(e) => return Err(infra(format!("{} wrote no image id: {e}", env.settings.backend))),
     };
+    export(job, &conf, &image_id, cancel).await?;
+    // The exported config says which platform the image declares: read
+    // there rather than by asking the builder (a process per job).
+    match braid_shared::oci::layout_config_platform(layout).await {
+        Ok(found) if found == *platform => return Ok(()),
+        Ok(found) => tracing::info!(%found, wanted = %platform, "rewriting the image config's platform"),
+        Err(e) => return Err(infra(format!("reading the exported image's platform: {e}"))),
+    }
     let image_id = match stamp_platform(env, &conf, platform, image_id).await {
         Ok(id) => id,
         Err(e) => return Err(infra(format!("setting the image's platform: {e}"))),
     };
+    if let Err(e) = tokio::fs::remove_dir_all(layout).await {
+        return Err(infra(format!("replacing the exported image {}: {e}", layout.display())));
+    }
+    export(job, &conf, &image_id, cancel).await
+}
 
-    let mut export = buildah(env, &conf, platform);
+/// Writes the built image to the job's OCI layout.
+async fn export(
+    job: &BuildJob<'_>,
+    conf: &ContainersConf,
+    image_id: &str,
+    cancel: &CancellationToken,
+) -> Result<(), Outcome> {
+    let BuildJob { env, a, platform, job_dir, layout, .. } = *job;
+    let mut export = buildah(env, conf, platform);
     export
         .arg("push")
         .arg("--signature-policy")
@@ -124,7 +145,7 @@ pub(super) async fn build_with_containers(
         .arg("--format")
         .arg("oci")
         .arg("--quiet")
-        .arg(&image_id)
+        .arg(image_id)
         .arg(format!("oci:{}:image", layout.display()));
     run_logged(env, a, export, job_dir, cancel).await.map_err(|e| infra(format!("exporting the image: {e}")))
 }
@@ -171,33 +192,16 @@ fn run_flags(bud: &mut Command, spec: &braid_shared::proto::BuildSpec) {
     }
 }
 
-/// Makes the image's config name the target platform, as BuildKit does.
-/// buildah 1.28 writes `arm/v7` for `--platform linux/arm/v6` when the base
-/// image (or `scratch`) carries no variant of its own.
+/// Makes the image's config name the target platform, as BuildKit does
+/// (called when the exported config names another). buildah 1.28 writes
+/// `arm/v7` for `--platform linux/arm/v6` when the base image (or
+/// `scratch`) carries no variant of its own.
 async fn stamp_platform(
     env: &JobEnv,
     conf: &ContainersConf,
     platform: &Platform,
     image_id: String,
 ) -> Result<String, String> {
-    let mut inspect = buildah(env, conf, platform);
-    if env.settings.backend == "podman" {
-        inspect.args(["image", "inspect", "--format", "{{.Os}}/{{.Architecture}}/{{.Variant}}"]);
-    } else {
-        inspect.args([
-            "inspect",
-            "--type",
-            "image",
-            "--format",
-            "{{.OCIv1.OS}}/{{.OCIv1.Architecture}}/{{.OCIv1.Variant}}",
-        ]);
-    }
-    let inspect = inspect.arg(&image_id).output().await.map_err(|e| e.to_string())?;
-    let found = String::from_utf8_lossy(&inspect.stdout).trim().trim_end_matches('/').to_owned();
-    if found.parse::<Platform>().is_ok_and(|p| p == *platform) {
-        return Ok(image_id);
-    }
-    tracing::info!(%found, wanted = %platform, "rewriting the image config's platform");
     let run = |args: Vec<String>| {
         // The fix goes through buildah whatever the backend: podman shares
         // its storage, and has no command to rewrite an image's config.

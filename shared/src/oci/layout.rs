@@ -25,6 +25,17 @@ pub async fn layout_config_digest(layout: &Path) -> Result<Digest, OciError> {
     }
 }
 
+/// The platform the config of the single image in an OCI layout declares.
+pub async fn layout_config_platform(layout: &Path) -> Result<crate::platform::Platform, OciError> {
+    let err = |message: String| OciError::Layout { path: layout.to_owned(), message };
+    let digest = layout_config_digest(layout).await?;
+    let config = tokio::fs::read(blob_path(layout, &digest)).await.map_err(|e| err(e.to_string()))?;
+    if Digest::of(&config) != digest {
+        return Err(err(format!("config {digest} does not match its digest")));
+    }
+    super::index::config_platform(&config).map_err(err)
+}
+
 /// The `oci-layout` file of an OCI image layout.
 pub const LAYOUT_VERSION_FILE: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 

@@ -14,7 +14,8 @@ pub use index::{
     index_of, to_docker_manifest,
 };
 pub use layout::{
-    LAYOUT_VERSION_FILE, layout_blobs, layout_config_digest, layout_descriptor, layout_index, layout_to_docker,
+    LAYOUT_VERSION_FILE, layout_blobs, layout_config_digest, layout_config_platform, layout_descriptor, layout_index,
+    layout_to_docker,
 };
 pub use registry::{ImageConfig, Registry};
 
