@@ -688,6 +688,7 @@ fn context_bench() -> anyhow::Result<()> {
         let per_node = summary.size as f64 * platforms as f64;
         println!("| {name} | {:.0} | {:.0} | {:.3} |", sent, per_node, sent / per_node);
     }
+    println!();
     Ok(())
 }
 
