@@ -172,7 +172,7 @@ const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// as it is. A failed lookup or check only means the agents build it.
 pub async fn lookup(
     store: &std::sync::Arc<crate::stores::Store>,
-    make_registry: impl FnOnce() -> Registry,
+    make_registry: impl Fn() -> Registry,
     new: &mut crate::farm::NewBuild,
 ) {
     if let Some(why) = bypass(new.spec()) {
@@ -183,7 +183,7 @@ pub async fn lookup(
         new.jobs().into_iter().map(|(job_id, platform)| (job_id, key(new.spec(), &platform))).collect();
     new.set_result_keys(keys.clone());
     let repositories = new.push_repositories();
-    let mut make_registry = Some(make_registry);
+    // Made when the first entry needs checking (see Submit).
     let mut registry: Option<Registry> = None;
     for (job_id, key) in keys {
         let store = store.clone();
@@ -197,10 +197,7 @@ pub async fn lookup(
                 continue;
             }
         };
-        if registry.is_none() {
-            registry = make_registry.take().map(|make| make());
-        }
-        let Some(registry) = registry.as_ref() else { continue };
+        let registry = registry.get_or_insert_with(&make_registry);
         match tokio::time::timeout(CHECK_TIMEOUT, still_valid(registry, &entry, &repositories)).await {
             Ok(Ok(())) => new.reuse(&job_id, entry),
             Ok(Err(why)) => tracing::info!(job_id, from = entry.build_id, why, "earlier result not reused"),

@@ -354,14 +354,17 @@ impl Coordinator {
         m: &crate::farm::MergeInputs,
     ) -> std::result::Result<ImageDescriptor, String> {
         let (mut index, mut descriptor) = merge::index(&m.images, &m.annotations, m.format)?;
-        let registry = self.registry_for(build_id);
-        if !m.provenance.is_empty() && m.push {
+        // Both the attestations and the index go to the registry: one client.
+        let registry = m.push.then(|| self.registry_for(build_id));
+        if let Some(registry) = &registry
+            && !m.provenance.is_empty()
+        {
             let mut inputs = m.provenance.clone();
             for input in &mut inputs {
                 input.metadata.coordinator = self.name();
             }
             index =
-                crate::attest::attach(&registry, self.provenance_signer.as_deref(), &m.tags, &inputs, &index).await?;
+                crate::attest::attach(registry, self.provenance_signer.as_deref(), &m.tags, &inputs, &index).await?;
             descriptor = ImageDescriptor {
                 digest: braid_shared::Digest::of(&index),
                 size: index.len() as u64,
@@ -378,8 +381,8 @@ impl Coordinator {
             .map_err(|e| format!("storing the index: {}", self.disk.check(e)))?;
             crate::remote_blobs::push(self, &braid_shared::Digest::of(&index)).await.map_err(|e| e.to_string())?;
         }
-        if m.push {
-            merge::push(&registry, &m.tags, &m.pushed_to, &m.images, &index, &descriptor).await?;
+        if let Some(registry) = &registry {
+            merge::push(registry, &m.tags, &m.pushed_to, &m.images, &index, &descriptor).await?;
         }
         Ok(descriptor)
     }

@@ -143,7 +143,7 @@ impl Builds for BuildsService {
         // with credentials per submission cost more than the rest of Submit
         // (scale benchmark).
         let registry_credentials = credentials.clone();
-        let registry = || self.coordinator.registry_with(registry_credentials);
+        let registry = || self.coordinator.registry_with(registry_credentials.clone());
         let mut new = self.coordinator.farm().new_build(
             valid.spec,
             valid.platforms,

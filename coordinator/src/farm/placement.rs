@@ -91,15 +91,8 @@ impl Farm {
             if self.declared.values().any(|d| builds(d) && reqs.iter().all(|r| r.satisfied_by(&d.labels))) {
                 continue;
             }
-            let known: Vec<(&String, &Labels)> = self
-                .declared
-                .iter()
-                .filter(|(_, d)| {
-                    d.platforms.iter().any(|p| p.matches(platform))
-                        || (allow_emulation && d.emulates.iter().any(|p| p.matches(platform)))
-                })
-                .map(|(n, d)| (n, &d.labels))
-                .collect();
+            let known: Vec<(&String, &Labels)> =
+                self.declared.iter().filter(|(_, d)| builds(d)).map(|(n, d)| (n, &d.labels)).collect();
             if reqs.is_empty() || known.is_empty() || known.iter().any(|(_, l)| reqs.iter().all(|r| r.satisfied_by(l)))
             {
                 continue;
